@@ -1,0 +1,199 @@
+//! Talking to the nodes: mutual-TLS channels and concurrent fan-out.
+//!
+//! Every call to every node runs concurrently under its own deadline. A
+//! node that is down, slow or refuses never stops the others: its outcome
+//! says what happened, and the caller decides what a partial answer means.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use fedq_proto::v1::node_client::NodeClient;
+use fedq_proto::v1::{BudgetRequest, BudgetResponse, DescribeRequest, DescribeResponse, QueryRequest, QueryResponse};
+use tokio::task::JoinSet;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::federation::{FederationConfig, NodeEntry};
+
+/// What went wrong with one node.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "message")]
+pub enum Failure {
+    /// No connection (down, wrong address, TLS refused).
+    Unreachable(String),
+    /// No answer within the deadline.
+    TimedOut(String),
+    /// The node answered with an error (invalid query, budget, permission).
+    Refused(String),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Unreachable(m) => write!(f, "unreachable: {m}"),
+            Failure::TimedOut(m) => write!(f, "timed out: {m}"),
+            Failure::Refused(m) => write!(f, "refused: {m}"),
+        }
+    }
+}
+
+/// One node's outcome of a call.
+#[derive(Debug, Clone)]
+pub struct Outcome<T> {
+    /// Node name.
+    pub node: String,
+    /// The answer or what went wrong.
+    pub result: Result<T, Failure>,
+    /// Wall time of the call, connection included.
+    pub elapsed: Duration,
+}
+
+/// A federation ready to be called: its file plus loaded TLS material.
+#[derive(Clone)]
+pub struct Federation {
+    /// The federation file.
+    pub config: FederationConfig,
+    ca: Certificate,
+    identity: Identity,
+}
+
+impl Federation {
+    /// Loads the file and the TLS material it names.
+    pub fn load(path: &std::path::Path) -> anyhow::Result<Federation> {
+        Federation::from_config(FederationConfig::load(path)?)
+    }
+
+    /// Loads the TLS material named in `config`.
+    pub fn from_config(config: FederationConfig) -> anyhow::Result<Federation> {
+        let read = |p: &std::path::Path, what: &str| {
+            let path = config.resolve(p);
+            std::fs::read(&path).with_context(|| format!("cannot read the {what} {}", path.display()))
+        };
+        let ca = Certificate::from_pem(read(&config.tls.ca, "federation CA certificate")?);
+        let identity = Identity::from_pem(
+            read(&config.tls.cert, "client certificate")?,
+            read(&config.tls.key, "client private key")?,
+        );
+        Ok(Federation { config, ca, identity })
+    }
+
+    /// The default per-node deadline.
+    pub fn default_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.config.defaults.timeout_secs)
+    }
+
+    async fn connect(&self, node: &NodeEntry, timeout: Duration) -> Result<NodeClient<Channel>, Failure> {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(self.ca.clone())
+            .identity(self.identity.clone())
+            .domain_name(node.name.clone());
+        let endpoint = Endpoint::from_shared(node.endpoint.clone())
+            .map_err(|e| Failure::Unreachable(format!("invalid endpoint {:?}: {e}", node.endpoint)))?
+            .tls_config(tls)
+            .map_err(|e| Failure::Unreachable(format!("TLS set-up failed: {e}")))?
+            .connect_timeout(timeout)
+            .timeout(timeout);
+        let channel = endpoint.connect().await.map_err(|e| {
+            Failure::Unreachable(format!("cannot connect to {}: {}", node.endpoint, error_chain(&e)))
+        })?;
+        Ok(NodeClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
+    }
+
+    /// Calls every node concurrently with `call`, each under `timeout`.
+    /// Outcomes come back in the order of the federation file.
+    pub async fn fan_out<T, F, Fut>(&self, timeout: Duration, call: F) -> Vec<Outcome<T>>
+    where
+        T: Send + 'static,
+        F: Fn(NodeClient<Channel>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>> + Send,
+    {
+        let mut set = JoinSet::new();
+        for (i, node) in self.config.nodes.iter().enumerate() {
+            let fed = self.clone();
+            let node = node.clone();
+            let call = call.clone();
+            set.spawn(async move {
+                let start = Instant::now();
+                let work = async {
+                    let client = fed.connect(&node, timeout).await?;
+                    call(client).await.map(tonic::Response::into_inner).map_err(status_failure)
+                };
+                let result = match tokio::time::timeout(timeout, work).await {
+                    Ok(r) => r,
+                    Err(_) => Err(Failure::TimedOut(format!("no answer within {:.1} s", timeout.as_secs_f64()))),
+                };
+                (i, Outcome { node: node.name.clone(), result, elapsed: start.elapsed() })
+            });
+        }
+        let mut outcomes: Vec<Option<Outcome<T>>> = (0..self.config.nodes.len()).map(|_| None).collect();
+        while let Some(joined) = set.join_next().await {
+            if let Ok((i, outcome)) = joined {
+                outcomes[i] = Some(outcome);
+            }
+        }
+        outcomes
+            .into_iter()
+            .enumerate()
+            .map(|(i, o)| {
+                o.unwrap_or_else(|| Outcome {
+                    node: self.config.nodes[i].name.clone(),
+                    result: Err(Failure::Unreachable("the call task failed".into())),
+                    elapsed: Duration::ZERO,
+                })
+            })
+            .collect()
+    }
+
+    /// Sends one query (same id to every node) to all nodes.
+    pub async fn query(&self, request: QueryRequest, timeout: Duration) -> Vec<Outcome<QueryResponse>> {
+        self.fan_out(timeout, move |mut c| {
+            let r = request.clone();
+            async move { c.query(r).await }
+        })
+        .await
+    }
+
+    /// Asks every node for its public description.
+    pub async fn describe(&self, timeout: Duration) -> Vec<Outcome<DescribeResponse>> {
+        self.fan_out(timeout, |mut c| async move { c.describe(DescribeRequest {}).await }).await
+    }
+
+    /// Asks every node for the caller's budgets.
+    pub async fn budget(&self, timeout: Duration) -> Vec<Outcome<BudgetResponse>> {
+        self.fan_out(timeout, |mut c| async move { c.budget(BudgetRequest {}).await }).await
+    }
+}
+
+/// A fresh random query id (128 bits, hex).
+pub fn new_query_id() -> String {
+    let mut b = [0u8; 16];
+    // The OS RNG failing is not recoverable in a meaningful way; fall back
+    // to time-based uniqueness rather than aborting the researcher's query.
+    if getrandom::fill(&mut b).is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        b = t.to_be_bytes();
+    }
+    hex::encode(b)
+}
+
+fn status_failure(s: tonic::Status) -> Failure {
+    use tonic::Code;
+    match s.code() {
+        Code::Unavailable => Failure::Unreachable(s.message().to_string()),
+        Code::DeadlineExceeded => Failure::TimedOut(s.message().to_string()),
+        _ => Failure::Refused(format!("{:?}: {}", s.code(), s.message())),
+    }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

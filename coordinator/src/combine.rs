@@ -1,0 +1,363 @@
+//! Combining the nodes' noisy answers into one federated estimate.
+//!
+//! Per cell key: counts and sums add up across nodes; so do the independent
+//! noises, whose sum's 95% interval is computed from the exact
+//! distributions the nodes report (see [`sum_half_width`]). Means are
+//! derived from the combined sum and the combined count. Only noisy values
+//! ever reach this module.
+
+use std::collections::BTreeMap;
+
+use fedq_proto::v1::{OutputKind, QueryResponse};
+use serde::Serialize;
+
+use crate::client::{Failure, Outcome};
+
+/// Significance of every reported interval (95% confidence).
+pub const ALPHA: f64 = 0.05;
+
+/// A combined value and its confidence interval.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Estimate {
+    /// Point estimate (sum of noisy values, or their ratio for AVG).
+    pub value: f64,
+    /// Lower end of the 95% interval.
+    pub ci_low: f64,
+    /// Upper end of the 95% interval.
+    pub ci_high: f64,
+}
+
+/// One output row: a cell key and one estimate per SELECT aggregate.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// GROUP BY values (empty without GROUP BY).
+    pub key: Vec<String>,
+    /// Estimates, in the order of [`Combined::outputs`].
+    pub estimates: Vec<Option<Estimate>>,
+    /// Nodes whose answer includes this key.
+    pub nodes: Vec<String>,
+}
+
+/// How one node fared.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeStatus {
+    /// Node name.
+    pub node: String,
+    /// `answered`, or what went wrong.
+    pub status: String,
+    /// Why, when not answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<Failure>,
+    /// Epsilon this query spent on the node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epsilon_spent: Option<f64>,
+    /// The analyst's remaining epsilon on the dataset at this node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remaining_for_analyst: Option<f64>,
+    /// The dataset's remaining epsilon (all analysts) at this node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remaining_for_dataset: Option<f64>,
+    /// How the node split the epsilon.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epsilon_split: Option<String>,
+    /// The answer was replayed from an earlier release of the same id.
+    pub replayed: bool,
+    /// Milliseconds the call took.
+    pub elapsed_ms: f64,
+}
+
+/// A federated result.
+#[derive(Debug, Clone, Serialize)]
+pub struct Combined {
+    /// The SQL as sent.
+    pub sql: String,
+    /// The query id used on every node.
+    pub query_id: String,
+    /// Epsilon asked of each node.
+    pub epsilon: f64,
+    /// Dataset queried.
+    pub dataset: String,
+    /// GROUP BY column names.
+    pub group_by: Vec<String>,
+    /// Labels of the SELECT aggregates.
+    pub outputs: Vec<String>,
+    /// Rows, one per cell key, in the first answering node's order.
+    pub rows: Vec<Row>,
+    /// Every node's status, in federation order.
+    pub nodes: Vec<NodeStatus>,
+    /// True when some node did not contribute.
+    pub partial: bool,
+    /// True for a dry run: no values, nothing spent.
+    pub dry_run: bool,
+}
+
+/// One node's contribution to one cell of one measurement.
+#[derive(Clone, Copy)]
+struct Part {
+    value: i64,
+    scale: f64,
+}
+
+/// Combines per-node outcomes of one query.
+pub fn combine(sql: &str, query_id: &str, epsilon: f64, outcomes: &[Outcome<QueryResponse>]) -> Combined {
+    let answered: Vec<&QueryResponse> = outcomes.iter().filter_map(|o| o.result.as_ref().ok()).collect();
+    let nodes: Vec<NodeStatus> = outcomes
+        .iter()
+        .map(|o| {
+            let elapsed_ms = o.elapsed.as_secs_f64() * 1e3;
+            match &o.result {
+                Ok(r) => NodeStatus {
+                    node: o.node.clone(),
+                    status: if r.replayed { "answered (replayed)".into() } else { "answered".into() },
+                    failure: None,
+                    epsilon_spent: (!r.dry_run && !r.replayed).then_some(epsilon),
+                    remaining_for_analyst: r.budget.as_ref().map(|b| b.remaining_for_analyst),
+                    remaining_for_dataset: r.budget.as_ref().map(|b| b.remaining_for_dataset),
+                    epsilon_split: Some(r.epsilon_split.clone()),
+                    replayed: r.replayed,
+                    elapsed_ms,
+                },
+                Err(f) => NodeStatus {
+                    node: o.node.clone(),
+                    status: match f {
+                        Failure::Unreachable(_) => "unreachable",
+                        Failure::TimedOut(_) => "timed out",
+                        Failure::Refused(_) => "refused",
+                    }
+                    .into(),
+                    failure: Some(f.clone()),
+                    epsilon_spent: None,
+                    remaining_for_analyst: None,
+                    remaining_for_dataset: None,
+                    epsilon_split: None,
+                    replayed: false,
+                    elapsed_ms,
+                },
+            }
+        })
+        .collect();
+    let first = answered.first();
+    let dataset = first.map(|r| r.dataset.clone()).unwrap_or_default();
+    let group_by = first.map(|r| r.group_by.clone()).unwrap_or_default();
+    let outputs: Vec<String> = first
+        .map(|r| r.outputs.iter().map(|o| o.label.clone()).collect())
+        .unwrap_or_default();
+    let dry_run = first.is_some_and(|r| r.dry_run);
+
+    // key -> (output index -> per-node parts of the main measurement and,
+    // for AVG, of the count), plus contributing nodes.
+    type Cell = (Vec<(Vec<Part>, Vec<Part>)>, Vec<String>);
+    let mut order: Vec<Vec<String>> = Vec::new();
+    let mut cells: BTreeMap<Vec<String>, Cell> = BTreeMap::new();
+    for r in &answered {
+        for (ci, key) in r.cells.iter().enumerate() {
+            let entry = cells.entry(key.values.clone()).or_insert_with(|| {
+                order.push(key.values.clone());
+                ((0..outputs.len()).map(|_| (Vec::new(), Vec::new())).collect(), Vec::new())
+            });
+            entry.1.push(r.node_name.clone());
+            for (oi, out) in r.outputs.iter().enumerate().take(outputs.len()) {
+                let part = |mi: u32| {
+                    r.measurements.get(mi as usize).and_then(|m| {
+                        m.values.get(ci).map(|&value| Part { value, scale: m.scale })
+                    })
+                };
+                if let Some(p) = part(out.measurement) {
+                    entry.0[oi].0.push(p);
+                }
+                if let Some(p) = out.count_measurement.and_then(part) {
+                    entry.0[oi].1.push(p);
+                }
+            }
+        }
+    }
+    let kinds: Vec<(OutputKind, Option<(i64, i64)>)> = first
+        .map(|r| {
+            r.outputs
+                .iter()
+                .map(|o| {
+                    let bounds = o.lower.zip(o.upper);
+                    (OutputKind::try_from(o.kind).unwrap_or(OutputKind::Unspecified), bounds)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let rows = order
+        .into_iter()
+        .map(|key| {
+            let (parts, contributors) = cells.remove(&key).unwrap_or_default();
+            let estimates = parts
+                .iter()
+                .zip(&kinds)
+                .map(|((main, count), (kind, bounds))| {
+                    if dry_run || main.is_empty() {
+                        return None;
+                    }
+                    match kind {
+                        OutputKind::Avg => average(main, count, *bounds),
+                        _ => Some(total(main, ALPHA)),
+                    }
+                })
+                .collect();
+            Row { key, estimates, nodes: contributors }
+        })
+        .collect();
+    Combined {
+        sql: sql.to_string(),
+        query_id: query_id.to_string(),
+        epsilon,
+        dataset,
+        group_by,
+        outputs,
+        rows,
+        partial: answered.len() < outcomes.len(),
+        nodes,
+        dry_run,
+    }
+}
+
+/// Sum of the parts with the interval of the summed noise.
+fn total(parts: &[Part], alpha: f64) -> Estimate {
+    let value: i64 = parts.iter().map(|p| p.value).fold(0i64, i64::saturating_add);
+    let scales: Vec<f64> = parts.iter().map(|p| p.scale).collect();
+    let w = sum_half_width(&scales, alpha);
+    Estimate { value: value as f64, ci_low: value as f64 - w, ci_high: value as f64 + w }
+}
+
+/// Mean from a combined noisy sum and count. The interval holds the true
+/// mean whenever both the sum's and the count's `1 - ALPHA/2` intervals
+/// hold (a union bound), and is cut to the column's declared bounds.
+fn average(sum: &[Part], count: &[Part], bounds: Option<(i64, i64)>) -> Option<Estimate> {
+    if count.is_empty() {
+        return None;
+    }
+    let each = ALPHA / 2.0;
+    let s = total(sum, each);
+    let c = total(count, each);
+    let (lo_b, hi_b) = bounds.map(|(a, b)| (a as f64, b as f64)).unwrap_or((f64::NEG_INFINITY, f64::INFINITY));
+    let value = if c.value > 0.0 { (s.value / c.value).clamp(lo_b, hi_b) } else { f64::NAN };
+    let (ci_low, ci_high) = if c.ci_low > 0.0 {
+        let lows = [s.ci_low / c.ci_low, s.ci_low / c.ci_high];
+        let highs = [s.ci_high / c.ci_low, s.ci_high / c.ci_high];
+        (
+            lows.iter().copied().fold(f64::INFINITY, f64::min).max(lo_b),
+            highs.iter().copied().fold(f64::NEG_INFINITY, f64::max).min(hi_b),
+        )
+    } else {
+        (lo_b, hi_b)
+    };
+    Some(Estimate { value, ci_low, ci_high })
+}
+
+/// Tail `P[X >= k]` of a discrete Laplace variable with parameter
+/// `q = e^{-1/scale}`, for `k >= 1`: `q^k / (1 + q)`.
+fn upper_tail(q: f64, k: i64) -> f64 {
+    if k <= 0 {
+        // P[X >= k] = 1 - P[X <= k - 1] = 1 - P[X >= 1 - k] by symmetry.
+        1.0 - upper_tail(q, 1 - k)
+    } else {
+        q.powi(k.min(i32::MAX as i64) as i32) / (1.0 + q)
+    }
+}
+
+/// Half-width `w` such that the sum of independent discrete Laplace noises
+/// with these scales lies in `[-w, w]` with probability at least `1 - alpha`.
+///
+/// One scale: OpenDP's exact accuracy (via `fedq_node::mechanism`).
+/// Several: the distribution of the sum is computed by convolving the
+/// noises' probability mass functions on a grid of width `h` (1 when the
+/// noise is small, so the result is exact; otherwise about 1/100 of the
+/// sum's standard deviation, with `n h / 2` added so the rounding can only
+/// widen the interval). Mass beyond 1e-12 in each tail is dropped and
+/// counted as lying outside the interval.
+pub fn sum_half_width(scales: &[f64], alpha: f64) -> f64 {
+    match scales {
+        [] => 0.0,
+        [s] => fedq_node::mechanism::discrete_laplace_half_width(*s, alpha).unwrap_or(f64::INFINITY),
+        _ => {
+            let sd: f64 = scales
+                .iter()
+                .map(|&s| fedq_node::mechanism::discrete_laplace_variance(s))
+                .sum::<f64>()
+                .sqrt();
+            let h = (sd / 100.0).floor().max(1.0) as i64;
+            let mut dropped = 0.0;
+            let mut dist: Vec<f64> = vec![1.0];
+            for &s in scales {
+                let q = (-1.0 / s).exp();
+                // Bins b = round(x / h): x in [b h - floor(h/2), b h + ceil(h/2) - 1].
+                let reach = (s * 28.0) as i64 + h; // q^reach < 1e-12
+                let k = reach / h + 1;
+                let lo_edge = |b: i64| b * h - h / 2;
+                let pmf: Vec<f64> = (-k..=k)
+                    .map(|b| upper_tail(q, lo_edge(b)) - upper_tail(q, lo_edge(b + 1)))
+                    .collect();
+                dropped += 2.0 * upper_tail(q, lo_edge(k + 1));
+                let mut next = vec![0.0; dist.len() + pmf.len() - 1];
+                for (i, &a) in dist.iter().enumerate() {
+                    if a == 0.0 {
+                        continue;
+                    }
+                    for (j, &b) in pmf.iter().enumerate() {
+                        next[i + j] += a * b;
+                    }
+                }
+                dist = next;
+            }
+            let center = (dist.len() / 2) as i64;
+            // Smallest w (in bins) with P[|S| > w] <= alpha - dropped.
+            let budget = alpha - dropped;
+            let mut outside: f64 = dist.iter().sum::<f64>();
+            let mut w = 0i64;
+            outside -= dist[center as usize];
+            while outside > budget && w < center {
+                w += 1;
+                outside -= dist[(center - w) as usize] + dist[(center + w) as usize];
+            }
+            let slack = if h == 1 { 0.0 } else { scales.len() as f64 * h as f64 / 2.0 };
+            (w * h) as f64 + slack
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_scale_matches_opendp() {
+        let w = sum_half_width(&[2.0], 0.05);
+        let expected = opendp::accuracy::discrete_laplacian_scale_to_accuracy(2.0, 0.05).unwrap();
+        assert_eq!(w, expected);
+    }
+
+    #[test]
+    fn convolution_agrees_with_brute_force_for_small_scales() {
+        // Brute force the sum of two discrete Laplace(2) by enumeration.
+        let q: f64 = (-0.5f64).exp();
+        let p = |x: i64| (1.0 - q) / (1.0 + q) * q.powi(x.abs() as i32);
+        let mut pmf = std::collections::HashMap::new();
+        for a in -200i64..=200 {
+            for b in -200i64..=200 {
+                *pmf.entry(a + b).or_insert(0.0) += p(a) * p(b);
+            }
+        }
+        let outside = |w: i64| pmf.iter().filter(|(k, _)| k.abs() > w).map(|(_, v)| v).sum::<f64>();
+        let mut w = 0;
+        while outside(w) > 0.05 {
+            w += 1;
+        }
+        assert_eq!(sum_half_width(&[2.0, 2.0], 0.05), w as f64);
+    }
+
+    #[test]
+    fn wider_with_more_nodes_and_close_to_normal_for_many() {
+        let one = sum_half_width(&[100.0], 0.05);
+        let three = sum_half_width(&[100.0; 3], 0.05);
+        assert!(three > one);
+        // Three Laplace(100): sd = 100 * sqrt(6); the 95% half-width lies
+        // between the normal approximation and a Chebyshev bound.
+        let sd = 100.0 * 6f64.sqrt();
+        assert!(three > 1.9 * sd && three < 4.48 * sd, "{three}");
+    }
+}

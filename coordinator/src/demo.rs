@@ -1,0 +1,178 @@
+//! `fedq demo`: a whole federation on this machine, in one command.
+//!
+//! Creates a throw-away CA and certificates, three partners with their own
+//! synthetic CTDC-shaped datasets (different marginals per partner kind),
+//! their own sled stores and `node.toml` files, starts the three nodes on
+//! loopback over mutual TLS, and runs example queries through the same
+//! coordinator code `fedq query` uses.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use fedq_node::config::{BudgetLimits, DatasetConfig, Limits, NodeConfig, NodeSection, TlsSection};
+use fedq_node::pki::{Authority, Role};
+use fedq_node::schema::Schema;
+use fedq_node::synth::{self, Partner};
+use fedq_proto::v1::QueryRequest;
+
+use crate::client::{new_query_id, Federation};
+use crate::combine::combine;
+use crate::federation::{ClientTls, Defaults, FederationConfig, NodeEntry};
+use crate::output::{render, render_budgets, Format};
+
+/// The demo's partners: name, kind, rows and seed.
+const PARTNERS: [(&str, Partner, usize, u64); 3] = [
+    ("ngo-north", Partner::Ngo, 24_000, 11),
+    ("hotline-central", Partner::Hotline, 30_000, 22),
+    ("casework-south", Partner::CaseManagement, 40_000, 33),
+];
+
+/// The example queries and the epsilon each spends per node.
+pub const QUERIES: [(&str, f64); 4] = [
+    ("SELECT gender, COUNT(*) FROM cases WHERE isForcedLabour = 1 GROUP BY gender", 0.5),
+    ("SELECT ageBroad, COUNT(*) FROM cases WHERE isSexualExploit = 1 GROUP BY ageBroad", 0.5),
+    (
+        "SELECT COUNT(*), AVG(traffickMonths) FROM cases WHERE yearOfRegistration BETWEEN 2015 AND 2020",
+        1.0,
+    ),
+    (
+        "SELECT majorityStatus, COUNT(*) FROM cases WHERE isForcedLabour = 1 OR meansOfControlDebtBondage = 1 GROUP BY majorityStatus",
+        0.5,
+    ),
+];
+
+/// Writes a complete federation under `dir`: CA, certificates, data,
+/// ingested stores, `<node>/node.toml` and `federation.toml`. Returns the
+/// paths of the node configs.
+pub fn build_federation(dir: &Path, out: &mut impl std::io::Write) -> anyhow::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let ca = Authority::generate("fedq demo federation CA")?;
+    ca.pem.write(&dir.join("ca"), "ca")?;
+    ca.issue(Role::Analyst, "demo-analyst")?.write(&dir.join("analyst"), "analyst")?;
+    let mut configs = Vec::new();
+    let mut entries = Vec::new();
+    for (name, partner, rows, seed) in PARTNERS {
+        let node_dir = dir.join(name);
+        let certs = node_dir.join("certs");
+        ca.issue(Role::Node, name)?.write(&certs, "node")?;
+        std::fs::write(certs.join("ca.pem"), &ca.pem.cert)?;
+        let csv_path = node_dir.join("cases.csv");
+        let file = std::fs::File::create(&csv_path)?;
+        synth::write_csv(partner, rows, seed, std::io::BufWriter::new(file))?;
+        let port = free_port()?;
+        let config = NodeConfig {
+            node: NodeSection {
+                name: name.to_string(),
+                listen: format!("127.0.0.1:{port}").parse()?,
+                store: "store".into(),
+            },
+            tls: TlsSection { ca: "certs/ca.pem".into(), cert: "certs/node.pem".into(), key: "certs/node.key".into() },
+            limits: Limits::default(),
+            datasets: vec![DatasetConfig {
+                name: "cases".into(),
+                description: format!("synthetic CTDC-shaped victim case records ({} profile)", partner.as_str()),
+                budget: BudgetLimits { per_analyst: 10.0, total: 50.0, per_query_max: 2.0 },
+                columns: synth::ctdc_columns(),
+            }],
+            base_dir: node_dir.clone(),
+        };
+        let path = node_dir.join("node.toml");
+        std::fs::write(&path, toml::to_string_pretty(&config)?)?;
+        let config = NodeConfig::load(&path)?;
+        let ds = &config.datasets[0];
+        let schema = Schema::from_specs(&ds.name, &ds.columns).map_err(anyhow::Error::msg)?;
+        {
+            let store = fedq_node::store::Store::open(&config.resolve(&config.node.store))?;
+            let r = fedq_node::ingest::ingest_csv(&store, "cases", &schema, &csv_path, false)?;
+            writeln!(out, "  {name:<16} {:<16} {} synthetic rows ingested, listening on 127.0.0.1:{port}", partner.as_str(), r.rows_added)?;
+        }
+        entries.push(NodeEntry { name: name.to_string(), endpoint: format!("https://127.0.0.1:{port}") });
+        configs.push(path);
+    }
+    let fed = FederationConfig {
+        tls: ClientTls { ca: "ca/ca.pem".into(), cert: "analyst/analyst.pem".into(), key: "analyst/analyst.key".into() },
+        defaults: Defaults::default(),
+        nodes: entries,
+        base_dir: dir.to_path_buf(),
+    };
+    std::fs::write(dir.join("federation.toml"), toml::to_string_pretty(&fed)?)?;
+    Ok(configs)
+}
+
+/// A port free on loopback right now.
+fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Runs the demo. With `serve`, leaves the nodes running until Ctrl-C.
+pub async fn run(dir: Option<PathBuf>, serve: bool) -> anyhow::Result<()> {
+    let temp;
+    let dir = match dir {
+        Some(d) => d,
+        None => {
+            temp = tempfile::tempdir()?;
+            temp.path().to_path_buf()
+        }
+    };
+    let mut stdout = std::io::stdout();
+    println!("fedq demo: building a three-partner federation in {}", dir.display());
+    let dir_for_build = dir.clone();
+    let configs = tokio::task::spawn_blocking(move || {
+        let mut buf = Vec::new();
+        let r = build_federation(&dir_for_build, &mut buf);
+        (r, buf)
+    })
+    .await?;
+    std::io::Write::write_all(&mut stdout, &configs.1)?;
+    let configs = configs.0?;
+    let mut nodes = Vec::new();
+    for path in &configs {
+        nodes.push(fedq_node::server::start(NodeConfig::load(path)?).await?);
+    }
+    let fed = Federation::load(&dir.join("federation.toml"))?;
+    let timeout = Duration::from_secs(30);
+    println!();
+    for (sql, epsilon) in QUERIES {
+        let query_id = new_query_id();
+        let outcomes = fed
+            .query(QueryRequest { query_id: query_id.clone(), sql: sql.into(), epsilon, dry_run: false }, timeout)
+            .await;
+        let combined = combine(sql, &query_id, epsilon, &outcomes);
+        print!("{}", render(&combined, Format::Table)?);
+        println!();
+    }
+    println!("your remaining budget per node:");
+    print!("{}", render_budgets(&fed.budget(timeout).await, Format::Table)?);
+
+    if serve {
+        println!(
+            "\nthe three nodes keep running until Ctrl-C. In another terminal, try:\n  \
+             cargo run --release --bin fedq -- query --federation {}/federation.toml --epsilon 0.5 \\\n    \
+             \"SELECT gender, COUNT(*) FROM cases WHERE isForcedLabour = 1 GROUP BY gender\"\n  \
+             cargo run --release --bin fedq -- schema --federation {}/federation.toml",
+            dir.display(),
+            dir.display()
+        );
+        println!("after Ctrl-C, each node can be served on its own: fedq-node serve --config {}/<node>/node.toml", dir.display());
+        tokio::signal::ctrl_c().await.map_err(|e| anyhow!("cannot wait for Ctrl-C: {e}"))?;
+    } else {
+        // Show what a researcher sees when a partner is offline.
+        let down = nodes.remove(1);
+        let name = down.name.clone();
+        down.stop().await?;
+        println!("\nstopping {name} to show a partial result:");
+        let (sql, epsilon) = QUERIES[0];
+        let query_id = new_query_id();
+        let outcomes = fed
+            .query(QueryRequest { query_id: query_id.clone(), sql: sql.into(), epsilon, dry_run: false }, Duration::from_secs(5))
+            .await;
+        print!("{}", render(&combine(sql, &query_id, epsilon, &outcomes), Format::Table)?);
+    }
+    for n in nodes {
+        n.stop().await?;
+    }
+    println!("\nall nodes stopped.");
+    Ok(())
+}

@@ -1,0 +1,101 @@
+//! `federation.toml`: which nodes a researcher queries and with which
+//! certificate.
+//!
+//! Relative paths are resolved against the file's directory.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context};
+use serde::{Deserialize, Serialize};
+
+/// The whole federation file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationConfig {
+    /// The researcher's certificate and the CA that signed the nodes'.
+    pub tls: ClientTls,
+    /// Defaults for calls.
+    #[serde(default)]
+    pub defaults: Defaults,
+    /// The nodes, by name.
+    pub nodes: Vec<NodeEntry>,
+    /// Directory of the file; relative paths resolve against it.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+/// `[tls]`: PEM files.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTls {
+    /// The federation CA: node certificates must chain to it.
+    pub ca: PathBuf,
+    /// The researcher's client certificate (its CN is the analyst identity).
+    pub cert: PathBuf,
+    /// The researcher's private key.
+    pub key: PathBuf,
+}
+
+/// `[defaults]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Defaults {
+    /// Per-node deadline for one call, in seconds.
+    pub timeout_secs: f64,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Defaults { timeout_secs: 30.0 }
+    }
+}
+
+/// `[[nodes]]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeEntry {
+    /// The node's name: the DNS name its certificate must carry.
+    pub name: String,
+    /// `https://host:port`.
+    pub endpoint: String,
+}
+
+impl FederationConfig {
+    /// Reads and validates a federation file.
+    pub fn load(path: &Path) -> anyhow::Result<FederationConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read federation file {}", path.display()))?;
+        let mut cfg: FederationConfig =
+            toml::from_str(&text).map_err(|e| anyhow!("invalid federation file {}: {e}", path.display()))?;
+        cfg.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        if cfg.nodes.is_empty() {
+            bail!("{}: no [[nodes]] listed", path.display());
+        }
+        for (i, n) in cfg.nodes.iter().enumerate() {
+            if cfg.nodes[..i].iter().any(|o| o.name == n.name) {
+                bail!("{}: node {:?} is listed twice", path.display(), n.name);
+            }
+            if !n.endpoint.starts_with("https://") {
+                bail!(
+                    "{}: node {:?} endpoint {:?} must start with https:// (every connection is mutual TLS)",
+                    path.display(),
+                    n.name,
+                    n.endpoint
+                );
+            }
+        }
+        if !(cfg.defaults.timeout_secs.is_finite() && cfg.defaults.timeout_secs > 0.0) {
+            bail!("{}: defaults.timeout_secs must be a positive number of seconds", path.display());
+        }
+        Ok(cfg)
+    }
+
+    /// Resolves a path from the file against its directory.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+}

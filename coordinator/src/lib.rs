@@ -1,0 +1,18 @@
+//! `fedq`: the researchers' coordinator.
+//!
+//! It sends one aggregate SQL query to every node of a federation at once
+//! over mutual TLS, and combines the nodes' noisy answers. It never sees raw
+//! records or exact aggregates: only what each node released under
+//! differential privacy. The map:
+//!
+//! - [`federation`]: `federation.toml`, the nodes and the researcher's certificate.
+//! - [`client`]: mutual-TLS channels and concurrent fan-out with deadlines.
+//! - [`combine`]: sums, means and federated confidence intervals.
+//! - [`output`]: tables, JSON and CSV.
+//! - [`demo`]: a complete three-node federation on loopback.
+
+pub mod client;
+pub mod combine;
+pub mod demo;
+pub mod federation;
+pub mod output;

@@ -1,0 +1,283 @@
+//! Rendering results for people (tables) and scripts (JSON, CSV).
+
+use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, CellAlignment, Table};
+use fedq_proto::v1::{column_schema::Kind, BudgetResponse, DescribeResponse};
+
+use crate::client::Outcome;
+use crate::combine::{Combined, Estimate};
+
+/// Output formats of `--output`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// A readable table.
+    Table,
+    /// One JSON document.
+    Json,
+    /// CSV with a header line.
+    Csv,
+}
+
+fn number(v: f64) -> String {
+    if !v.is_finite() {
+        return "n/a".into();
+    }
+    if (v - v.round()).abs() < 1e-9 && v.abs() < 1e15 {
+        let s = format!("{}", v.round() as i64);
+        // Thousands separators for readability.
+        let (sign, digits) = s.strip_prefix('-').map(|d| ("-", d)).unwrap_or(("", &s));
+        let mut out = String::new();
+        for (i, c) in digits.chars().enumerate() {
+            if i > 0 && (digits.len() - i) % 3 == 0 {
+                out.push(',');
+            }
+            out.push(c);
+        }
+        format!("{sign}{out}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn interval(e: &Estimate) -> String {
+    format!("[{}, {}]", number(e.ci_low), number(e.ci_high))
+}
+
+/// Renders a combined result.
+pub fn render(c: &Combined, format: Format) -> anyhow::Result<String> {
+    match format {
+        Format::Json => Ok(serde_json::to_string_pretty(c)? + "\n"),
+        Format::Csv => {
+            let mut w = csv::Writer::from_writer(Vec::new());
+            let mut header: Vec<String> = c.group_by.clone();
+            for o in &c.outputs {
+                header.push(o.clone());
+                header.push(format!("{o} ci95_low"));
+                header.push(format!("{o} ci95_high"));
+            }
+            header.push("nodes".into());
+            w.write_record(&header)?;
+            for r in &c.rows {
+                let mut rec = r.key.clone();
+                for e in &r.estimates {
+                    match e {
+                        Some(e) => rec.extend([e.value, e.ci_low, e.ci_high].map(|v| v.to_string())),
+                        None => rec.extend(["", "", ""].map(String::from)),
+                    }
+                }
+                rec.push(r.nodes.join(" "));
+                w.write_record(&rec)?;
+            }
+            Ok(String::from_utf8(w.into_inner()?)?)
+        }
+        Format::Table => {
+            let mut out = String::new();
+            let answered = c.nodes.iter().filter(|n| n.failure.is_none()).count();
+            out.push_str(&format!(
+                "{}\n{} · dataset {} · epsilon {} per node · {answered}/{} nodes answered{}\n",
+                c.sql,
+                if c.dry_run { "DRY RUN (nothing spent)" } else { "result" },
+                c.dataset,
+                c.epsilon,
+                c.nodes.len(),
+                if c.partial { " · PARTIAL RESULT" } else { "" }
+            ));
+            if !c.rows.is_empty() && !c.dry_run {
+                let mut t = Table::new();
+                t.load_preset(UTF8_FULL_CONDENSED);
+                let mut header: Vec<String> = c.group_by.clone();
+                for o in &c.outputs {
+                    header.push(o.clone());
+                    header.push("95% CI".into());
+                }
+                header.push("nodes".into());
+                t.set_header(header);
+                for r in &c.rows {
+                    let mut cells: Vec<Cell> = r.key.iter().map(Cell::new).collect();
+                    for e in &r.estimates {
+                        match e {
+                            Some(e) => {
+                                cells.push(Cell::new(number(e.value)).set_alignment(CellAlignment::Right));
+                                cells.push(Cell::new(interval(e)));
+                            }
+                            None => {
+                                cells.push(Cell::new("n/a"));
+                                cells.push(Cell::new(""));
+                            }
+                        }
+                    }
+                    cells.push(Cell::new(r.nodes.len().to_string()).set_alignment(CellAlignment::Right));
+                    t.add_row(cells);
+                }
+                out.push_str(&t.to_string());
+                out.push('\n');
+            }
+            out.push_str("nodes:\n");
+            for n in &c.nodes {
+                match &n.failure {
+                    None => out.push_str(&format!(
+                        "  {:<18} {:<20} {:>7.1} ms  remaining epsilon: {} (you), {} (dataset)\n",
+                        n.node,
+                        n.status,
+                        n.elapsed_ms,
+                        n.remaining_for_analyst.map(|v| format!("{v:.3}")).unwrap_or_else(|| "?".into()),
+                        n.remaining_for_dataset.map(|v| format!("{v:.3}")).unwrap_or_else(|| "?".into()),
+                    )),
+                    Some(f) => out.push_str(&format!("  {:<18} {f}\n", n.node)),
+                }
+            }
+            if let Some(split) = c.nodes.iter().find_map(|n| n.epsilon_split.clone()) {
+                out.push_str(&format!("epsilon split: {split}\n"));
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// Renders the nodes' schemas.
+pub fn render_schemas(outcomes: &[Outcome<DescribeResponse>], format: Format) -> anyhow::Result<String> {
+    if format == Format::Json {
+        let v: Vec<serde_json::Value> = outcomes
+            .iter()
+            .map(|o| match &o.result {
+                Ok(d) => serde_json::json!({
+                    "node": o.node,
+                    "software_version": d.software_version,
+                    "api_version": d.api_version,
+                    "capabilities": d.capabilities,
+                    "datasets": d.datasets.iter().map(|ds| serde_json::json!({
+                        "name": ds.name,
+                        "description": ds.description,
+                        "privacy_unit": ds.privacy_unit,
+                        "columns": ds.columns.iter().map(|c| {
+                            let (ty, domain, bounds) = column_parts(c.kind.as_ref());
+                            serde_json::json!({"name": c.name, "type": ty, "domain": domain, "bounds": bounds})
+                        }).collect::<Vec<_>>(),
+                    })).collect::<Vec<_>>(),
+                }),
+                Err(f) => serde_json::json!({"node": o.node, "error": f.to_string()}),
+            })
+            .collect();
+        return Ok(serde_json::to_string_pretty(&v)? + "\n");
+    }
+    let mut w = csv::Writer::from_writer(Vec::new());
+    let mut out = String::new();
+    if format == Format::Csv {
+        w.write_record(["node", "dataset", "column", "type", "domain", "min", "max"])?;
+    }
+    for o in outcomes {
+        match &o.result {
+            Err(f) => {
+                if format == Format::Table {
+                    out.push_str(&format!("node {}: {f}\n\n", o.node));
+                }
+            }
+            Ok(d) => {
+                if format == Format::Table {
+                    out.push_str(&format!(
+                        "node {} (fedq-node {}, API v{})\n",
+                        d.node_name, d.software_version, d.api_version
+                    ));
+                }
+                for ds in &d.datasets {
+                    let mut t = Table::new();
+                    t.load_preset(UTF8_FULL_CONDENSED);
+                    t.set_header(["column", "type", "public domain / bounds"]);
+                    for c in &ds.columns {
+                        let (ty, domain, bounds) = column_parts(c.kind.as_ref());
+                        let shown = match (&domain, bounds) {
+                            (Some(d), _) => d.join(", "),
+                            (None, Some((a, b))) => format!("{a} .. {b}"),
+                            _ => "0, 1".into(),
+                        };
+                        if format == Format::Csv {
+                            let (lo, hi) = bounds.map(|(a, b)| (a.to_string(), b.to_string())).unwrap_or_default();
+                            w.write_record([
+                                o.node.as_str(),
+                                ds.name.as_str(),
+                                c.name.as_str(),
+                                ty,
+                                domain.map(|d| d.join("|")).unwrap_or_default().as_str(),
+                                lo.as_str(),
+                                hi.as_str(),
+                            ])?;
+                        }
+                        t.add_row(vec![c.name.clone(), ty.to_string(), shown]);
+                    }
+                    if format == Format::Table {
+                        out.push_str(&format!(
+                            "dataset {} (privacy unit: one {}){}\n{t}\n",
+                            ds.name,
+                            ds.privacy_unit,
+                            if ds.description.is_empty() { String::new() } else { format!(": {}", ds.description) }
+                        ));
+                    }
+                }
+                if format == Format::Table {
+                    out.push('\n');
+                }
+            }
+        }
+    }
+    if format == Format::Csv {
+        return Ok(String::from_utf8(w.into_inner()?)?);
+    }
+    Ok(out)
+}
+
+fn column_parts(kind: Option<&Kind>) -> (&'static str, Option<Vec<String>>, Option<(i64, i64)>) {
+    match kind {
+        Some(Kind::Categorical(c)) => ("categorical", Some(c.domain.clone()), None),
+        Some(Kind::Integer(i)) => ("integer", None, Some((i.min, i.max))),
+        Some(Kind::Boolean(_)) => ("boolean", None, None),
+        None => ("unknown", None, None),
+    }
+}
+
+/// Renders the caller's budgets.
+pub fn render_budgets(outcomes: &[Outcome<BudgetResponse>], format: Format) -> anyhow::Result<String> {
+    let mut rows: Vec<[String; 6]> = Vec::new();
+    for o in outcomes {
+        match &o.result {
+            Ok(b) => {
+                for x in &b.budgets {
+                    rows.push([
+                        o.node.clone(),
+                        x.dataset.clone(),
+                        format!("{:.4}", x.spent_by_analyst),
+                        format!("{:.4}", x.remaining_for_analyst),
+                        format!("{:.4}", x.remaining_for_dataset),
+                        format!("{}", x.per_query_max),
+                    ]);
+                }
+            }
+            Err(f) => rows.push([o.node.clone(), format!("({f})"), String::new(), String::new(), String::new(), String::new()]),
+        }
+    }
+    let header = ["node", "dataset", "spent by you", "remaining for you", "remaining (dataset)", "per-query max"];
+    match format {
+        Format::Json => {
+            let v: Vec<serde_json::Value> = rows
+                .iter()
+                .map(|r| serde_json::json!(header.iter().zip(r.iter()).map(|(h, v)| (h.replace(' ', "_"), serde_json::Value::String(v.clone()))).collect::<serde_json::Map<_, _>>()))
+                .collect();
+            Ok(serde_json::to_string_pretty(&v)? + "\n")
+        }
+        Format::Csv => {
+            let mut w = csv::Writer::from_writer(Vec::new());
+            w.write_record(header)?;
+            for r in &rows {
+                w.write_record(r)?;
+            }
+            Ok(String::from_utf8(w.into_inner()?)?)
+        }
+        Format::Table => {
+            let mut t = Table::new();
+            t.load_preset(UTF8_FULL_CONDENSED);
+            t.set_header(header);
+            for r in rows {
+                t.add_row(r.to_vec());
+            }
+            Ok(format!("{t}\n"))
+        }
+    }
+}

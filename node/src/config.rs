@@ -1,0 +1,180 @@
+//! `node.toml`: how a partner describes its node.
+//!
+//! Relative paths are resolved against the directory holding the config file,
+//! so a node directory can be moved or mounted anywhere as a whole.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::schema::{ColumnSpec, Schema};
+
+/// The whole node configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Identity and storage of the node.
+    pub node: NodeSection,
+    /// The node's certificate, key and the federation CA it trusts.
+    pub tls: TlsSection,
+    /// Request limits; each has a safe default.
+    #[serde(default)]
+    pub limits: Limits,
+    /// The datasets this node serves.
+    #[serde(default, rename = "datasets")]
+    pub datasets: Vec<DatasetConfig>,
+    /// Directory of the config file; relative paths are resolved against it.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+/// `[node]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// The node's name in the federation; also the DNS name in its
+    /// certificate that coordinators verify.
+    pub name: String,
+    /// Address to listen on, e.g. `127.0.0.1:7001`.
+    pub listen: SocketAddr,
+    /// Directory of the sled store (data, budget ledger).
+    pub store: PathBuf,
+}
+
+/// `[tls]`: PEM files.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// The federation CA; only clients with certificates it issued get in.
+    pub ca: PathBuf,
+    /// The node's certificate chain.
+    pub cert: PathBuf,
+    /// The node's private key.
+    pub key: PathBuf,
+}
+
+/// `[limits]`: bounds on what one request may cost the node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest accepted gRPC request, in bytes.
+    pub max_request_bytes: usize,
+    /// Longest accepted SQL text, in bytes.
+    pub max_sql_bytes: usize,
+    /// Most cells (GROUP BY cross product) one query may release.
+    pub max_cells: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_request_bytes: 64 * 1024,
+            max_sql_bytes: 8 * 1024,
+            max_cells: 10_000,
+        }
+    }
+}
+
+/// `[[datasets]]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetConfig {
+    /// Name used in `FROM`.
+    pub name: String,
+    /// Free text shown to researchers.
+    #[serde(default)]
+    pub description: String,
+    /// Privacy budget limits for this dataset.
+    pub budget: BudgetLimits,
+    /// Declared columns.
+    pub columns: Vec<ColumnSpec>,
+}
+
+/// `[datasets.budget]`: epsilon limits (pure DP, basic composition).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetLimits {
+    /// Total epsilon any one analyst may spend on this dataset.
+    pub per_analyst: f64,
+    /// Total epsilon all analysts together may spend on this dataset.
+    pub total: f64,
+    /// Largest epsilon a single query may ask for.
+    pub per_query_max: f64,
+}
+
+impl NodeConfig {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> anyhow::Result<NodeConfig> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read node config {}: {e}", path.display()))?;
+        let mut cfg: NodeConfig = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("invalid node config {}: {e}", path.display()))?;
+        cfg.base_dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        cfg.validate()
+            .map_err(|e| anyhow::anyhow!("invalid node config {}: {e}", path.display()))?;
+        Ok(cfg)
+    }
+
+    /// Checks everything that TOML types cannot: names, budgets, schemas.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.node.name.is_empty()
+            || !self
+                .node
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        {
+            return Err(format!(
+                "node.name {:?} must be non-empty and use only letters, digits, '-' and '.' (it is a DNS name in the node's certificate)",
+                self.node.name
+            ));
+        }
+        for (i, d) in self.datasets.iter().enumerate() {
+            if self.datasets[..i].iter().any(|o| o.name == d.name) {
+                return Err(format!("dataset {:?} is declared twice", d.name));
+            }
+            if d.name.is_empty() || !d.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(format!(
+                    "dataset name {:?} must be non-empty and use only letters, digits and '_'",
+                    d.name
+                ));
+            }
+            let b = d.budget;
+            for (what, v) in [
+                ("per_analyst", b.per_analyst),
+                ("total", b.total),
+                ("per_query_max", b.per_query_max),
+            ] {
+                if !v.is_finite() || v <= 0.0 {
+                    return Err(format!(
+                        "dataset {:?}: budget.{what} must be a positive, finite epsilon (got {v})",
+                        d.name
+                    ));
+                }
+            }
+            Schema::from_specs(&d.name, &d.columns)?;
+        }
+        if self.limits.max_sql_bytes == 0 || self.limits.max_request_bytes < 1024 || self.limits.max_cells == 0 {
+            return Err("limits must be positive (max_request_bytes at least 1024)".into());
+        }
+        Ok(())
+    }
+
+    /// Resolves a path from the config against the config's directory.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    /// The dataset declaration by name.
+    pub fn dataset(&self, name: &str) -> Option<&DatasetConfig> {
+        self.datasets.iter().find(|d| d.name == name)
+    }
+}

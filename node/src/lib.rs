@@ -1,0 +1,34 @@
+//! `fedq-node`: a partner organisation's node in a fedq federation.
+//!
+//! The node holds the partner's raw case records and answers aggregate SQL
+//! queries with differentially private noise. Raw records and exact
+//! aggregates never leave it. The map:
+//!
+//! - [`config`]: `node.toml`, the partner's single configuration file.
+//! - [`schema`]: declared, public column types, domains and bounds, and how
+//!   cells are encoded. Sensitivity comes only from here.
+//! - [`ingest`]: CSV → validated rows → one atomic, durable store commit.
+//! - [`store`]: the sled database (rows, ledger, answered queries).
+//! - [`table`]: the in-memory columnar view that queries scan.
+//! - [`plan`]: SQL (via `sqlparser`) → a typed, validated query plan.
+//! - [`mechanism`]: OpenDP's discrete Laplace mechanism and its accuracy;
+//!   the only source of noise.
+//! - [`ledger`]: the privacy-budget ledger, debited durably before release.
+//! - [`service`]: the `fedq.v1.Node` gRPC service and the order of
+//!   operations of a query.
+//! - [`server`]: serving over mutual TLS, start and graceful stop.
+//! - [`pki`]: creating certificates and reading identities from them.
+//! - [`synth`]: synthetic CTDC-shaped partner datasets for demos and tests.
+
+pub mod config;
+pub mod ingest;
+pub mod ledger;
+pub mod mechanism;
+pub mod pki;
+pub mod plan;
+pub mod schema;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod synth;
+pub mod table;

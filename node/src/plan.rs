@@ -1,0 +1,689 @@
+//! From SQL text to a typed, validated query plan.
+//!
+//! The SQL subset is parsed with `sqlparser` and then validated against the
+//! dataset's declared schema. Everything the privacy analysis needs is fixed
+//! here, before any data is touched: which measurements are released, their
+//! sensitivities (from declared bounds only), and the cells (the declared
+//! domain cross product of the GROUP BY columns).
+//!
+//! Errors name the unsupported or invalid part and depend only on the query
+//! and the schema, never on the data (DESIGN invariant 2).
+
+use sqlparser::ast::{
+    BinaryOperator, Expr, FunctionArg, FunctionArgExpr, FunctionArguments, GroupByExpr,
+    ObjectNamePart, SelectItem, SetExpr, Statement, TableFactor, UnaryOperator, Value,
+};
+use sqlparser::dialect::GenericDialect;
+use sqlparser::parser::Parser;
+
+use crate::schema::{parse_bool, Column, Schema};
+
+/// A query that failed validation, with a message meant for the analyst.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct PlanError(pub String);
+
+fn err<T>(msg: impl Into<String>) -> Result<T, PlanError> {
+    Err(PlanError(msg.into()))
+}
+
+/// What one item of the SELECT list asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputKind {
+    /// `COUNT(*)` or `COUNT(col)`.
+    Count,
+    /// `SUM(col)` of values clamped to the declared bounds.
+    Sum,
+    /// `AVG(col)`: a noisy sum divided by a noisy count of non-missing values.
+    Avg,
+}
+
+/// One aggregate of the SELECT list, mapped to the measurements it needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Output {
+    /// As the analyst wrote it (normalised), e.g. `AVG(traffickMonths)`.
+    pub label: String,
+    /// What is computed from the measurements.
+    pub kind: OutputKind,
+    /// The count (COUNT) or the sum (SUM, AVG) measurement.
+    pub measurement: usize,
+    /// AVG only: the count of non-missing values.
+    pub count_measurement: Option<usize>,
+    /// SUM and AVG: the declared bounds values are clamped to.
+    pub bounds: Option<(i64, i64)>,
+}
+
+/// One vector of values released with noise: one value per cell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MeasurementSpec {
+    /// Number of records in the cell.
+    CountRows,
+    /// Number of records in the cell whose column is not missing.
+    CountPresent {
+        /// Column index.
+        column: usize,
+    },
+    /// Sum of the column clamped to `[min, max]`; missing values add nothing.
+    Sum {
+        /// Column index.
+        column: usize,
+        /// Declared lower bound.
+        min: i64,
+        /// Declared upper bound.
+        max: i64,
+    },
+}
+
+impl MeasurementSpec {
+    /// L1 sensitivity of the whole vector of cell values under adding or
+    /// removing one record (the privacy unit). Each record falls in exactly
+    /// one cell, so the vector's sensitivity equals one cell's:
+    /// 1 for counts, `max(|min|, |max|)` for clamped sums. Computed from
+    /// declared bounds only (DESIGN invariant 4).
+    pub fn sensitivity(&self) -> i64 {
+        match self {
+            MeasurementSpec::CountRows | MeasurementSpec::CountPresent { .. } => 1,
+            MeasurementSpec::Sum { min, max, .. } => min.unsigned_abs().max(max.unsigned_abs()).max(1) as i64,
+        }
+    }
+
+    /// Label shown to the analyst, e.g. `SUM(traffickMonths)`.
+    pub fn label(&self, schema: &Schema) -> String {
+        match self {
+            MeasurementSpec::CountRows => "COUNT(*)".into(),
+            MeasurementSpec::CountPresent { column } => {
+                format!("COUNT({})", schema.columns[*column].name())
+            }
+            MeasurementSpec::Sum { column, .. } => format!("SUM({})", schema.columns[*column].name()),
+        }
+    }
+}
+
+/// Comparison operators of the WHERE clause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CmpOp {
+    /// `=`
+    Eq,
+    /// `<>` or `!=`
+    Ne,
+    /// `<`
+    Lt,
+    /// `<=`
+    Le,
+    /// `>`
+    Gt,
+    /// `>=`
+    Ge,
+}
+
+/// A WHERE condition over value codes, with SQL's three-valued logic: a
+/// condition on a missing value is unknown, and unknown rows are excluded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Predicate {
+    /// Both hold.
+    And(Box<Predicate>, Box<Predicate>),
+    /// Either holds.
+    Or(Box<Predicate>, Box<Predicate>),
+    /// The negation (unknown stays unknown).
+    Not(Box<Predicate>),
+    /// `col op value`.
+    Cmp {
+        /// Column index.
+        column: usize,
+        /// Operator.
+        op: CmpOp,
+        /// Code of the literal.
+        value: i64,
+    },
+    /// `col [NOT] IN (...)`.
+    In {
+        /// Column index.
+        column: usize,
+        /// Codes of the literals.
+        values: Vec<i64>,
+        /// `NOT IN`.
+        negated: bool,
+    },
+    /// `col [NOT] BETWEEN low AND high`.
+    Between {
+        /// Column index.
+        column: usize,
+        /// Inclusive lower literal.
+        low: i64,
+        /// Inclusive upper literal.
+        high: i64,
+        /// `NOT BETWEEN`.
+        negated: bool,
+    },
+    /// `col IS [NOT] NULL`: whether the value is missing (never unknown).
+    IsMissing {
+        /// Column index.
+        column: usize,
+        /// `IS NOT NULL`.
+        negated: bool,
+    },
+}
+
+/// A validated query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// Dataset of the FROM clause.
+    pub dataset: String,
+    /// GROUP BY column indices, in order.
+    pub group_by: Vec<usize>,
+    /// Domain size of each GROUP BY column.
+    pub group_sizes: Vec<usize>,
+    /// Aggregates of the SELECT list, in order.
+    pub outputs: Vec<Output>,
+    /// Distinct measurements, in first-use order; the epsilon is split
+    /// evenly across them.
+    pub measurements: Vec<MeasurementSpec>,
+    /// The WHERE clause.
+    pub filter: Option<Predicate>,
+}
+
+impl Plan {
+    /// Number of released cells: the product of the GROUP BY domain sizes.
+    pub fn cell_count(&self) -> usize {
+        self.group_sizes.iter().product()
+    }
+}
+
+/// Extracts the dataset named in FROM, so the caller can fetch its schema.
+pub fn dataset_of(sql: &str) -> Result<String, PlanError> {
+    let select = parse_select(sql)?;
+    table_name(&select.from)
+}
+
+/// Parses and validates `sql` against `schema`. `max_cells` bounds the GROUP
+/// BY cross product.
+pub fn plan(sql: &str, schema: &Schema, max_cells: usize) -> Result<Plan, PlanError> {
+    let select = parse_select(sql)?;
+    let dataset = table_name(&select.from)?;
+
+    let group_exprs = match &select.group_by {
+        GroupByExpr::Expressions(exprs, modifiers) => {
+            if !modifiers.is_empty() {
+                return err("GROUP BY modifiers (ROLLUP, CUBE, ...) are not supported");
+            }
+            exprs.clone()
+        }
+        GroupByExpr::All(_) => return err("GROUP BY ALL is not supported; list the columns"),
+    };
+    let mut group_by = Vec::new();
+    for e in &group_exprs {
+        let name = column_name(e).ok_or_else(|| {
+            PlanError(format!("GROUP BY {e}: only plain column names can be grouped by"))
+        })?;
+        let (idx, col) = schema.column(&name).map_err(PlanError)?;
+        if col.domain_size().is_none() {
+            return err(format!(
+                "GROUP BY {name}: {name} is an integer column; only categorical and boolean columns (with a declared domain) can be grouped by"
+            ));
+        }
+        if group_by.contains(&idx) {
+            return err(format!("GROUP BY lists {name} twice"));
+        }
+        group_by.push(idx);
+    }
+    let group_sizes: Vec<usize> = group_by
+        .iter()
+        .map(|&i| schema.columns[i].domain_size().unwrap_or(1))
+        .collect();
+    let cells = group_sizes
+        .iter()
+        .try_fold(1usize, |acc, &n| acc.checked_mul(n))
+        .unwrap_or(usize::MAX);
+    if cells > max_cells {
+        return err(format!(
+            "GROUP BY would release {cells} cells (the product of the declared domain sizes), more than this node's limit of {max_cells}; group by fewer or smaller columns"
+        ));
+    }
+
+    let mut outputs = Vec::new();
+    let mut measurements: Vec<MeasurementSpec> = Vec::new();
+    let mut intern = |m: MeasurementSpec| -> usize {
+        if let Some(i) = measurements.iter().position(|x| *x == m) {
+            i
+        } else {
+            measurements.push(m);
+            measurements.len() - 1
+        }
+    };
+    for item in &select.projection {
+        let expr = match item {
+            SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => e,
+            SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(..) => {
+                return err("SELECT * is not supported: fedq releases aggregates only (COUNT(*), SUM(col), AVG(col)) and the GROUP BY columns")
+            }
+        };
+        if let Some(name) = column_name(expr) {
+            let (idx, _) = schema.column(&name).map_err(PlanError)?;
+            if !group_by.contains(&idx) {
+                return err(format!(
+                    "column {name} is selected but not aggregated; select it only if it is in GROUP BY, or wrap it in an aggregate"
+                ));
+            }
+            continue;
+        }
+        let Expr::Function(f) = expr else {
+            return err(format!(
+                "SELECT {expr}: only COUNT(*), COUNT(col), SUM(col), AVG(col) and GROUP BY columns can be selected"
+            ));
+        };
+        let fname = f.name.to_string().to_ascii_uppercase();
+        if f.filter.is_some() || f.over.is_some() || f.null_treatment.is_some() || !f.within_group.is_empty() {
+            return err(format!("{expr}: FILTER, OVER and WITHIN GROUP are not supported"));
+        }
+        let args = match &f.args {
+            FunctionArguments::List(list) => {
+                if list.duplicate_treatment.is_some() {
+                    return err(format!("{expr}: DISTINCT and ALL inside aggregates are not supported"));
+                }
+                if !list.clauses.is_empty() {
+                    return err(format!("{expr}: clauses inside aggregates are not supported"));
+                }
+                &list.args
+            }
+            _ => return err(format!("{expr}: expected an aggregate with one argument")),
+        };
+        let arg = match args.as_slice() {
+            [FunctionArg::Unnamed(a)] => a,
+            _ => return err(format!("{expr}: aggregates take exactly one argument")),
+        };
+        let (kind, measurement, count_measurement, bounds) = match (fname.as_str(), arg) {
+            ("COUNT", FunctionArgExpr::Wildcard) => {
+                (OutputKind::Count, intern(MeasurementSpec::CountRows), None, None)
+            }
+            ("COUNT", FunctionArgExpr::Expr(e)) => {
+                let (column, _) = aggregate_column(schema, e, &fname, false)?;
+                (OutputKind::Count, intern(MeasurementSpec::CountPresent { column }), None, None)
+            }
+            ("SUM" | "AVG", FunctionArgExpr::Expr(e)) => {
+                let (column, (min, max)) = aggregate_column(schema, e, &fname, true)?;
+                let sum = intern(MeasurementSpec::Sum { column, min, max });
+                if fname == "SUM" {
+                    (OutputKind::Sum, sum, None, Some((min, max)))
+                } else {
+                    let count = intern(MeasurementSpec::CountPresent { column });
+                    (OutputKind::Avg, sum, Some(count), Some((min, max)))
+                }
+            }
+            ("SUM" | "AVG", _) => return err(format!("{expr}: {fname} needs a column")),
+            _ => {
+                return err(format!(
+                    "{expr}: aggregate {fname} is not supported; use COUNT(*), COUNT(col), SUM(col) or AVG(col)"
+                ))
+            }
+        };
+        outputs.push(Output {
+            label: expr.to_string(),
+            kind,
+            measurement,
+            count_measurement,
+            bounds,
+        });
+    }
+    if outputs.is_empty() {
+        return err("the SELECT list has no aggregate; add COUNT(*), SUM(col) or AVG(col)");
+    }
+
+    let filter = match &select.selection {
+        Some(e) => Some(predicate(schema, e)?),
+        None => None,
+    };
+
+    Ok(Plan {
+        dataset,
+        group_by,
+        group_sizes,
+        outputs,
+        measurements,
+        filter,
+    })
+}
+
+fn parse_select(sql: &str) -> Result<Box<sqlparser::ast::Select>, PlanError> {
+    let statements = Parser::parse_sql(&GenericDialect {}, sql)
+        .map_err(|e| PlanError(format!("SQL syntax error: {e}")))?;
+    let statement = match statements.as_slice() {
+        [s] => s.clone(),
+        [] => return err("the query is empty; expected SELECT ... FROM dataset"),
+        _ => return err("send one SELECT statement per query"),
+    };
+    let Statement::Query(query) = statement else {
+        return err("only SELECT queries are supported");
+    };
+    if query.with.is_some() {
+        return err("WITH (common table expressions) is not supported");
+    }
+    if query.order_by.is_some() {
+        return err("ORDER BY is not supported: every cell of the declared domain is returned; sort the output instead");
+    }
+    if query.limit_clause.is_some() || query.fetch.is_some() {
+        return err("LIMIT/FETCH is not supported: every cell of the declared domain is returned");
+    }
+    if !query.locks.is_empty() || query.for_clause.is_some() || query.settings.is_some() || query.format_clause.is_some() || !query.pipe_operators.is_empty() {
+        return err("only a plain SELECT ... FROM ... [WHERE ...] [GROUP BY ...] is supported");
+    }
+    let SetExpr::Select(select) = *query.body else {
+        return err("UNION, INTERSECT, EXCEPT, VALUES and subqueries are not supported");
+    };
+    if select.distinct.is_some() {
+        return err("SELECT DISTINCT is not supported");
+    }
+    if select.top.is_some() || select.into.is_some() {
+        return err("TOP and INTO are not supported");
+    }
+    if select.having.is_some() {
+        return err("HAVING is not supported: filtering on noisy values is done after release, by you");
+    }
+    if select.prewhere.is_some()
+        || select.qualify.is_some()
+        || !select.lateral_views.is_empty()
+        || !select.named_window.is_empty()
+        || !select.cluster_by.is_empty()
+        || !select.distribute_by.is_empty()
+        || !select.sort_by.is_empty()
+        || select.connect_by.is_some()
+        || select.exclude.is_some()
+    {
+        return err("only a plain SELECT ... FROM ... [WHERE ...] [GROUP BY ...] is supported");
+    }
+    Ok(select)
+}
+
+fn table_name(from: &[sqlparser::ast::TableWithJoins]) -> Result<String, PlanError> {
+    let [table] = from else {
+        return if from.is_empty() {
+            err("the query needs FROM <dataset>")
+        } else {
+            err("joins and several tables are not supported: query one dataset")
+        };
+    };
+    if !table.joins.is_empty() {
+        return err("JOIN is not supported: query one dataset");
+    }
+    match &table.relation {
+        TableFactor::Table { name, args: None, .. } => match name.0.as_slice() {
+            [ObjectNamePart::Identifier(id)] => Ok(id.value.clone()),
+            _ => err(format!("FROM {name}: name the dataset without a schema prefix")),
+        },
+        TableFactor::Derived { .. } => err("subqueries are not supported: query one dataset"),
+        other => err(format!("FROM {other}: only a dataset name is supported")),
+    }
+}
+
+fn column_name(e: &Expr) -> Option<String> {
+    match e {
+        Expr::Identifier(id) => Some(id.value.clone()),
+        Expr::CompoundIdentifier(parts) if parts.len() == 2 => Some(parts[1].value.clone()),
+        Expr::Nested(inner) => column_name(inner),
+        _ => None,
+    }
+}
+
+fn aggregate_column(
+    schema: &Schema,
+    e: &Expr,
+    fname: &str,
+    numeric: bool,
+) -> Result<(usize, (i64, i64)), PlanError> {
+    let name = column_name(e)
+        .ok_or_else(|| PlanError(format!("{fname}({e}): only a plain column can be aggregated")))?;
+    let (idx, col) = schema.column(&name).map_err(PlanError)?;
+    match col {
+        Column::Integer { min, max, .. } => Ok((idx, (*min, *max))),
+        _ if !numeric => Ok((idx, (0, 0))),
+        _ => err(format!(
+            "{fname}({name}): {name} is not an integer column; {fname} needs an integer column with declared bounds"
+        )),
+    }
+}
+
+fn predicate(schema: &Schema, e: &Expr) -> Result<Predicate, PlanError> {
+    match e {
+        Expr::Nested(inner) => predicate(schema, inner),
+        Expr::UnaryOp { op: UnaryOperator::Not, expr } => {
+            Ok(Predicate::Not(Box::new(predicate(schema, expr)?)))
+        }
+        Expr::BinaryOp { left, op: BinaryOperator::And, right } => Ok(Predicate::And(
+            Box::new(predicate(schema, left)?),
+            Box::new(predicate(schema, right)?),
+        )),
+        Expr::BinaryOp { left, op: BinaryOperator::Or, right } => Ok(Predicate::Or(
+            Box::new(predicate(schema, left)?),
+            Box::new(predicate(schema, right)?),
+        )),
+        Expr::BinaryOp { left, op, right } => {
+            let op = match op {
+                BinaryOperator::Eq => CmpOp::Eq,
+                BinaryOperator::NotEq => CmpOp::Ne,
+                BinaryOperator::Lt => CmpOp::Lt,
+                BinaryOperator::LtEq => CmpOp::Le,
+                BinaryOperator::Gt => CmpOp::Gt,
+                BinaryOperator::GtEq => CmpOp::Ge,
+                other => {
+                    return err(format!(
+                        "operator {other} in WHERE is not supported; use =, <>, <, <=, >, >=, IN, BETWEEN, IS NULL, AND, OR, NOT"
+                    ))
+                }
+            };
+            // Accept both `col op literal` and `literal op col`.
+            let (col_expr, lit, op) = if column_name(left).is_some() {
+                (left, right, op)
+            } else if column_name(right).is_some() {
+                let flipped = match op {
+                    CmpOp::Lt => CmpOp::Gt,
+                    CmpOp::Le => CmpOp::Ge,
+                    CmpOp::Gt => CmpOp::Lt,
+                    CmpOp::Ge => CmpOp::Le,
+                    o => o,
+                };
+                (right, left, flipped)
+            } else {
+                return err(format!("{e}: a comparison needs a column on one side and a literal on the other"));
+            };
+            let (column, col) = where_column(schema, col_expr)?;
+            if matches!(col, Column::Categorical { .. } | Column::Boolean { .. })
+                && !matches!(op, CmpOp::Eq | CmpOp::Ne)
+            {
+                return err(format!(
+                    "{e}: {} is not an integer column; only =, <> and IN apply to it",
+                    col.name()
+                ));
+            }
+            let value = literal(col, lit)?;
+            Ok(Predicate::Cmp { column, op, value })
+        }
+        Expr::InList { expr, list, negated } => {
+            let (column, col) = where_column(schema, expr)?;
+            if list.is_empty() {
+                return err(format!("{e}: the IN list is empty"));
+            }
+            let values = list.iter().map(|l| literal(col, l)).collect::<Result<_, _>>()?;
+            Ok(Predicate::In { column, values, negated: *negated })
+        }
+        Expr::Between { expr, negated, low, high } => {
+            let (column, col) = where_column(schema, expr)?;
+            if !matches!(col, Column::Integer { .. }) {
+                return err(format!("{e}: BETWEEN applies to integer columns only"));
+            }
+            Ok(Predicate::Between {
+                column,
+                low: literal(col, low)?,
+                high: literal(col, high)?,
+                negated: *negated,
+            })
+        }
+        Expr::IsNull(inner) | Expr::IsNotNull(inner) => {
+            let (column, _) = where_column(schema, inner)?;
+            Ok(Predicate::IsMissing { column, negated: matches!(e, Expr::IsNotNull(_)) })
+        }
+        Expr::Subquery(_) | Expr::InSubquery { .. } | Expr::Exists { .. } => {
+            err("subqueries are not supported")
+        }
+        other => err(format!(
+            "WHERE {other}: not supported; use comparisons of a column with a literal, IN, BETWEEN, IS [NOT] NULL, AND, OR, NOT"
+        )),
+    }
+}
+
+fn where_column<'s>(schema: &'s Schema, e: &Expr) -> Result<(usize, &'s Column), PlanError> {
+    let name = column_name(e).ok_or_else(|| {
+        PlanError(format!("{e}: expected a column name (expressions on columns are not supported)"))
+    })?;
+    schema.column(&name).map_err(PlanError)
+}
+
+/// Turns a literal into the code it would have in `col`. Validation uses the
+/// declared domain only.
+fn literal(col: &Column, e: &Expr) -> Result<i64, PlanError> {
+    let (text, quoted) = match e {
+        Expr::Value(v) => match &v.value {
+            Value::SingleQuotedString(s) => (s.clone(), true),
+            Value::Number(n, _) => (n.clone(), false),
+            Value::Boolean(b) => (if *b { "1" } else { "0" }.to_string(), false),
+            Value::Null => {
+                return err(format!(
+                    "comparison with NULL is never true; use {} IS NULL",
+                    col.name()
+                ))
+            }
+            other => return err(format!("literal {other} is not supported")),
+        },
+        Expr::UnaryOp { op: UnaryOperator::Minus, expr } => match expr.as_ref() {
+            Expr::Value(v) => match &v.value {
+                Value::Number(n, _) => (format!("-{n}"), false),
+                _ => return err(format!("{e}: expected a number")),
+            },
+            _ => return err(format!("{e}: expected a literal")),
+        },
+        other => return err(format!("{other}: expected a literal value")),
+    };
+    match col {
+        Column::Categorical { name, domain } => {
+            if !quoted {
+                return err(format!(
+                    "{name} is categorical: compare it with a quoted string, e.g. {name} = '{}'",
+                    domain[0]
+                ));
+            }
+            domain
+                .iter()
+                .position(|d| *d == text)
+                .map(|i| i as i64)
+                .ok_or_else(|| {
+                    PlanError(format!(
+                        "{text:?} is not in the declared domain of {name}: expected {}",
+                        col.expectation().trim_end_matches(", or -99/empty for missing")
+                    ))
+                })
+        }
+        Column::Integer { name, .. } => {
+            if quoted {
+                return err(format!("{name} is an integer column: compare it with a number, not a string"));
+            }
+            text.parse::<i64>()
+                .map_err(|_| PlanError(format!("{text}: {name} is an integer column; expected an integer literal")))
+        }
+        Column::Boolean { name } => parse_bool(&text).map(i64::from).ok_or_else(|| {
+            PlanError(format!("{text:?}: {name} is boolean; compare it with 0, 1, true or false"))
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::{ColumnSpec, ColumnType};
+
+    fn schema() -> Schema {
+        let col = |name: &str, kind, domain: Option<&[&str]>, b: Option<(i64, i64)>| ColumnSpec {
+            name: name.into(),
+            kind,
+            domain: domain.map(|d| d.iter().map(|s| s.to_string()).collect()),
+            min: b.map(|b| b.0),
+            max: b.map(|b| b.1),
+        };
+        Schema::from_specs(
+            "cases",
+            &[
+                col("gender", ColumnType::Categorical, Some(&["Female", "Male", "Trans"]), None),
+                col("ageBroad", ColumnType::Categorical, Some(&["0--8", "9--17", "18+"]), None),
+                col("isForcedLabour", ColumnType::Boolean, None, None),
+                col("yearOfRegistration", ColumnType::Integer, None, Some((2002, 2025))),
+                col("traffickMonths", ColumnType::Integer, None, Some((0, 120))),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn fails(sql: &str, needle: &str) {
+        let e = plan(sql, &schema(), 10_000).unwrap_err().0;
+        assert!(e.contains(needle), "error for {sql:?} was {e:?}, expected it to mention {needle:?}");
+    }
+
+    #[test]
+    fn plans_the_design_example() {
+        let p = plan(
+            "SELECT gender, ageBroad, COUNT(*) FROM cases WHERE isForcedLabour = 1 AND yearOfRegistration BETWEEN 2015 AND 2020 GROUP BY gender, ageBroad",
+            &schema(),
+            10_000,
+        )
+        .unwrap();
+        assert_eq!(p.dataset, "cases");
+        assert_eq!(p.group_by, vec![0, 1]);
+        assert_eq!(p.cell_count(), 9);
+        assert_eq!(p.measurements, vec![MeasurementSpec::CountRows]);
+        assert!(matches!(p.filter, Some(Predicate::And(..))));
+    }
+
+    #[test]
+    fn avg_shares_the_sum_with_sum() {
+        let p = plan("SELECT SUM(traffickMonths), AVG(traffickMonths), COUNT(*) FROM cases", &schema(), 10).unwrap();
+        assert_eq!(p.measurements.len(), 3);
+        assert_eq!(p.outputs[0].measurement, p.outputs[1].measurement);
+        assert_eq!(p.measurements[0].sensitivity(), 120);
+        assert_eq!(p.outputs[1].count_measurement, Some(1));
+    }
+
+    #[test]
+    fn literal_flipped_and_negative() {
+        let p = plan("SELECT COUNT(*) FROM cases WHERE 2015 <= yearOfRegistration AND traffickMonths > -1", &schema(), 10).unwrap();
+        let Some(Predicate::And(a, b)) = p.filter else { panic!() };
+        assert_eq!(*a, Predicate::Cmp { column: 3, op: CmpOp::Ge, value: 2015 });
+        assert_eq!(*b, Predicate::Cmp { column: 4, op: CmpOp::Gt, value: -1 });
+    }
+
+    #[test]
+    fn clear_errors_for_everything_outside_the_subset() {
+        fails("SELEC COUNT(*) FROM cases", "syntax");
+        fails("SELECT * FROM cases", "SELECT *");
+        fails("SELECT COUNT(*) FROM cases a JOIN other b ON a.x = b.x", "JOIN");
+        fails("SELECT COUNT(*) FROM (SELECT * FROM cases) t", "subqueries");
+        fails("SELECT COUNT(*) FROM cases WHERE nope = 1", "unknown column \"nope\"");
+        fails("SELECT COUNT(*) FROM cases GROUP BY traffickMonths", "integer column");
+        fails("SELECT SUM(gender) FROM cases", "not an integer column");
+        fails("SELECT MAX(traffickMonths) FROM cases", "MAX is not supported");
+        fails("SELECT COUNT(*) FROM cases WHERE gender = 'Femal'", "not in the declared domain of gender");
+        fails("SELECT COUNT(*) FROM cases WHERE gender = 1", "quoted string");
+        fails("SELECT COUNT(*) FROM cases WHERE gender > 'Female'", "only =, <> and IN");
+        fails("SELECT COUNT(*) FROM cases ORDER BY 1", "ORDER BY");
+        fails("SELECT COUNT(*) FROM cases LIMIT 3", "LIMIT");
+        fails("SELECT gender, COUNT(*) FROM cases", "not aggregated");
+        fails("SELECT gender FROM cases GROUP BY gender", "no aggregate");
+        fails("SELECT COUNT(DISTINCT gender) FROM cases", "DISTINCT");
+        fails("SELECT COUNT(*) FROM cases; SELECT COUNT(*) FROM cases", "one SELECT");
+        fails("DELETE FROM cases", "only SELECT");
+        fails("SELECT COUNT(*) FROM cases WHERE traffickMonths = NULL", "IS NULL");
+        fails("SELECT COUNT(*) FROM cases HAVING COUNT(*) > 3", "HAVING");
+        fails("SELECT COUNT(*) FROM cases WHERE traffickMonths + 1 > 3", "column on one side");
+    }
+
+    #[test]
+    fn cell_limit_is_enforced() {
+        let e = plan("SELECT gender, ageBroad, COUNT(*) FROM cases GROUP BY gender, ageBroad", &schema(), 8).unwrap_err();
+        assert!(e.0.contains("9 cells"), "{e}");
+    }
+}

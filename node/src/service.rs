@@ -1,0 +1,406 @@
+//! The `fedq.v1.Node` gRPC service: who may call, what a query costs, and
+//! the order of operations that keeps the privacy invariants.
+//!
+//! A query goes: identify the caller from its certificate → validate sizes
+//! and epsilon → plan against the declared schema → fix every mechanism and
+//! scale (nothing data-dependent so far, nothing spent) → in a blocking
+//! task: durably debit (or recognise a retry) → compute exact aggregates →
+//! add OpenDP noise → store the response for retries → answer. Any refusal
+//! before the debit spends nothing.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use fedq_proto::v1::node_server::Node;
+use fedq_proto::v1::{
+    Budget, BudgetRequest, BudgetResponse, CellKey, DatasetSchema, DescribeRequest,
+    DescribeResponse, Measurement, OutputColumn, OutputKind, QueryRequest, QueryResponse,
+};
+use prost::Message;
+use sha2::{Digest, Sha256};
+use tonic::{Request, Response, Status};
+
+use crate::config::{DatasetConfig, NodeConfig};
+use crate::ledger::{Admission, BudgetState, Ledger};
+use crate::mechanism;
+use crate::pki::{caller_from_der, Caller};
+use crate::plan::{self, Plan};
+use crate::schema::Schema;
+use crate::store::Store;
+use crate::table::{cell_keys, Table};
+
+/// What this node can do, reported in `Describe` so coordinators can adapt.
+pub const CAPABILITIES: &[&str] = &[
+    "count",
+    "count_column",
+    "sum",
+    "avg",
+    "group_by",
+    "where",
+    "dry_run",
+    "idempotent_query_id",
+    "discrete_laplace",
+];
+
+/// Longest accepted query id.
+const MAX_QUERY_ID: usize = 128;
+
+/// One served dataset: its declaration, validated schema and rows.
+pub struct Dataset {
+    /// The declaration from `node.toml`.
+    pub config: DatasetConfig,
+    /// The validated schema.
+    pub schema: Schema,
+    /// The rows, shared read-only with query tasks.
+    pub table: Arc<Table>,
+}
+
+/// Everything a request handler needs, shared across requests.
+pub struct NodeState {
+    /// The node's configuration.
+    pub config: NodeConfig,
+    /// Served datasets by name.
+    pub datasets: HashMap<String, Dataset>,
+    /// The budget ledger.
+    pub ledger: Ledger,
+    /// `(analyst, query id)` pairs being computed right now: a concurrent
+    /// retry of the same id must wait, or it could release twice under one
+    /// debit.
+    in_flight: Mutex<HashSet<(String, String)>>,
+}
+
+impl NodeState {
+    /// Opens the store and loads every configured dataset into memory.
+    pub fn open(config: NodeConfig) -> anyhow::Result<NodeState> {
+        let store = Store::open(&config.resolve(&config.node.store))?;
+        let mut datasets = HashMap::new();
+        for d in &config.datasets {
+            let schema = Schema::from_specs(&d.name, &d.columns).map_err(anyhow::Error::msg)?;
+            let table = store.load_table(&d.name, &schema)?;
+            datasets.insert(
+                d.name.clone(),
+                Dataset {
+                    config: d.clone(),
+                    schema,
+                    table: Arc::new(table),
+                },
+            );
+        }
+        Ok(NodeState {
+            config,
+            datasets,
+            ledger: Ledger::new(store),
+            in_flight: Mutex::new(HashSet::new()),
+        })
+    }
+}
+
+/// The gRPC service.
+#[derive(Clone)]
+pub struct NodeService {
+    state: Arc<NodeState>,
+}
+
+impl NodeService {
+    /// A service over `state`.
+    pub fn new(state: Arc<NodeState>) -> NodeService {
+        NodeService { state }
+    }
+}
+
+/// The verified caller of a request, or UNAUTHENTICATED.
+fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
+    let certs = req
+        .peer_certs()
+        .ok_or_else(|| Status::unauthenticated("a client certificate issued by the federation CA is required"))?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| Status::unauthenticated("a client certificate issued by the federation CA is required"))?;
+    caller_from_der(leaf.as_ref())
+        .ok_or_else(|| Status::unauthenticated("the client certificate has no subject common name"))
+}
+
+fn require_analyst(c: &Caller) -> Result<(), Status> {
+    if c.role == "analyst" {
+        Ok(())
+    } else {
+        Err(Status::permission_denied(format!(
+            "certificate {:?} has role {:?}; queries need an analyst certificate",
+            c.name, c.role
+        )))
+    }
+}
+
+fn budget_proto(analyst: &str, dataset: &DatasetConfig, s: BudgetState) -> Budget {
+    Budget {
+        analyst: analyst.to_string(),
+        dataset: dataset.name.clone(),
+        spent_by_analyst: s.spent_by_analyst,
+        remaining_for_analyst: s.remaining_for_analyst,
+        remaining_for_dataset: s.remaining_for_dataset,
+        per_query_max: dataset.budget.per_query_max,
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    tracing::error!(error = %e, "internal error");
+    Status::internal("the node hit an internal error; nothing was released (see the node's log)")
+}
+
+/// Checks the request fields that do not need the schema.
+fn validate_request(q: &QueryRequest, max_sql: usize) -> Result<(), Status> {
+    if q.query_id.is_empty() || q.query_id.len() > MAX_QUERY_ID || !q.query_id.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(Status::invalid_argument(format!(
+            "query_id must be 1 to {MAX_QUERY_ID} printable ASCII characters without spaces"
+        )));
+    }
+    if q.sql.len() > max_sql {
+        return Err(Status::invalid_argument(format!(
+            "the SQL text is {} bytes, more than this node's limit of {max_sql}",
+            q.sql.len()
+        )));
+    }
+    let e = q.epsilon;
+    if e.is_nan() {
+        return Err(Status::invalid_argument("epsilon is NaN; give a positive number such as 0.5"));
+    }
+    if e.is_infinite() {
+        return Err(Status::invalid_argument("epsilon is infinite, which would release exact values; give a positive finite number such as 0.5"));
+    }
+    if e <= 0.0 {
+        return Err(Status::invalid_argument(format!("epsilon must be greater than 0 (got {e}); give a positive number such as 0.5")));
+    }
+    Ok(())
+}
+
+/// The response skeleton: everything but the noisy values and the budget.
+fn describe_release(node: &str, q: &QueryRequest, ds: &Dataset, plan: &Plan) -> Result<QueryResponse, Status> {
+    let m = plan.measurements.len();
+    let per = q.epsilon / m as f64;
+    let mut measurements = Vec::with_capacity(m);
+    for spec in &plan.measurements {
+        let sensitivity = spec.sensitivity();
+        let scale = mechanism::discrete_laplace_scale(sensitivity, per).map_err(Status::invalid_argument)?;
+        let ci = mechanism::discrete_laplace_half_width(scale, mechanism::CI_ALPHA).map_err(internal)?;
+        measurements.push(Measurement {
+            label: spec.label(&ds.schema),
+            mechanism: mechanism::DISCRETE_LAPLACE.into(),
+            scale,
+            sensitivity: sensitivity as f64,
+            epsilon: per,
+            noise_variance: mechanism::discrete_laplace_variance(scale),
+            ci95_half_width: ci,
+            values: Vec::new(),
+        });
+    }
+    let outputs = plan
+        .outputs
+        .iter()
+        .map(|o| OutputColumn {
+            label: o.label.clone(),
+            kind: match o.kind {
+                plan::OutputKind::Count => OutputKind::Count,
+                plan::OutputKind::Sum => OutputKind::Sum,
+                plan::OutputKind::Avg => OutputKind::Avg,
+            } as i32,
+            measurement: o.measurement as u32,
+            count_measurement: o.count_measurement.map(|c| c as u32),
+            lower: o.bounds.map(|b| b.0),
+            upper: o.bounds.map(|b| b.1),
+        })
+        .collect();
+    let split = if m == 1 {
+        format!("all of epsilon {} to {}", q.epsilon, measurements[0].label)
+    } else {
+        format!(
+            "epsilon {} split evenly over {m} measurements ({}): {per} each; cells of a GROUP BY are disjoint, so each measurement covers all cells (parallel composition)",
+            q.epsilon,
+            measurements.iter().map(|x| x.label.as_str()).collect::<Vec<_>>().join(", ")
+        )
+    };
+    Ok(QueryResponse {
+        query_id: q.query_id.clone(),
+        node_name: node.to_string(),
+        dataset: plan.dataset.clone(),
+        group_by: plan.group_by.iter().map(|&i| ds.schema.columns[i].name().to_string()).collect(),
+        cells: cell_keys(plan, &ds.schema).into_iter().map(|values| CellKey { values }).collect(),
+        outputs,
+        measurements,
+        budget: None,
+        replayed: false,
+        dry_run: q.dry_run,
+        epsilon_split: split,
+    })
+}
+
+fn query_digest(q: &QueryRequest) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(q.sql.as_bytes());
+    h.update([0]);
+    h.update(q.epsilon.to_bits().to_be_bytes());
+    h.update([u8::from(q.dry_run)]);
+    h.finalize().into()
+}
+
+/// Removes an in-flight marker when the computation ends, however it ends.
+struct InFlight<'a> {
+    set: &'a Mutex<HashSet<(String, String)>>,
+    key: (String, String),
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.set.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.key);
+    }
+}
+
+/// The blocking part of a query: debit, compute, add noise, record.
+fn run_query(
+    state: &NodeState,
+    analyst: &str,
+    q: &QueryRequest,
+    plan: &Plan,
+    mut response: QueryResponse,
+) -> Result<QueryResponse, Status> {
+    let ds = &state.datasets[&plan.dataset];
+    let key = (analyst.to_string(), q.query_id.clone());
+    {
+        let mut set = state.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        if !set.insert(key.clone()) {
+            return Err(Status::aborted(format!(
+                "query id {:?} is being answered right now; retry it in a moment to get the same release",
+                q.query_id
+            )));
+        }
+    }
+    let _guard = InFlight { set: &state.in_flight, key };
+    let digest = query_digest(q);
+    let admission = state
+        .ledger
+        .admit(analyst, &plan.dataset, &q.query_id, digest, q.epsilon, &ds.config.budget)
+        .map_err(internal)?
+        .map_err(|refusal| match refusal {
+            crate::ledger::Refusal::IdReused(_) => Status::already_exists(refusal.to_string()),
+            _ => Status::resource_exhausted(format!("{refusal}; nothing was released or spent")),
+        })?;
+    let budget = match admission {
+        Admission::Replay(bytes) => {
+            let mut stored = QueryResponse::decode(bytes.as_slice()).map_err(internal)?;
+            stored.replayed = true;
+            tracing::info!(analyst, query_id = %q.query_id, dataset = %plan.dataset, "replayed a stored release; nothing spent");
+            return Ok(stored);
+        }
+        Admission::Debited(b) | Admission::Resume(b) => b,
+    };
+    let exact = ds.table.exact(plan);
+    for (m, values) in response.measurements.iter_mut().zip(exact) {
+        m.values = mechanism::release_discrete_laplace(&values, m.scale).map_err(|e| {
+            tracing::error!(query_id = %q.query_id, error = %e, "noise failed after the debit");
+            Status::internal(
+                "adding noise failed; nothing was released; retry with the same query id to get a release without spending again",
+            )
+        })?;
+    }
+    response.budget = Some(budget_proto(analyst, &ds.config, budget));
+    state
+        .ledger
+        .record_release(analyst, &q.query_id, digest, response.encode_to_vec())
+        .map_err(internal)?;
+    tracing::info!(
+        analyst,
+        query_id = %q.query_id,
+        dataset = %plan.dataset,
+        epsilon = q.epsilon,
+        cells = response.cells.len(),
+        measurements = response.measurements.len(),
+        "released"
+    );
+    Ok(response)
+}
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    async fn describe(&self, _req: Request<DescribeRequest>) -> Result<Response<DescribeResponse>, Status> {
+        let mut names: Vec<&String> = self.state.datasets.keys().collect();
+        names.sort();
+        let datasets = names
+            .into_iter()
+            .map(|n| {
+                let d = &self.state.datasets[n];
+                DatasetSchema {
+                    name: n.clone(),
+                    description: d.config.description.clone(),
+                    columns: d.schema.to_proto(),
+                    privacy_unit: "record".into(),
+                }
+            })
+            .collect();
+        Ok(Response::new(DescribeResponse {
+            node_name: self.state.config.node.name.clone(),
+            software_version: env!("CARGO_PKG_VERSION").into(),
+            api_version: fedq_proto::API_VERSION,
+            capabilities: CAPABILITIES.iter().map(|s| s.to_string()).collect(),
+            datasets,
+        }))
+    }
+
+    async fn query(&self, req: Request<QueryRequest>) -> Result<Response<QueryResponse>, Status> {
+        let who = caller(&req)?;
+        require_analyst(&who)?;
+        let q = req.into_inner();
+        let state = &self.state;
+        let refuse = |s: Status| {
+            tracing::info!(analyst = %who.name, query_id = %q.query_id, reason = %s.message(), "refused; nothing spent");
+            s
+        };
+        validate_request(&q, state.config.limits.max_sql_bytes).map_err(refuse)?;
+        let name = plan::dataset_of(&q.sql).map_err(|e| refuse(Status::invalid_argument(e.0)))?;
+        let ds = state.datasets.get(&name).ok_or_else(|| {
+            let mut known: Vec<&str> = state.datasets.keys().map(String::as_str).collect();
+            known.sort();
+            refuse(Status::not_found(format!(
+                "dataset {name:?} is not served by node {}; it serves: {}",
+                state.config.node.name,
+                known.join(", ")
+            )))
+        })?;
+        let plan = plan::plan(&q.sql, &ds.schema, state.config.limits.max_cells)
+            .map_err(|e| refuse(Status::invalid_argument(e.0)))?;
+        let max = ds.config.budget.per_query_max;
+        if q.epsilon > max {
+            return Err(refuse(Status::invalid_argument(format!(
+                "epsilon {} is above node {}'s per-query maximum of {max} for dataset {name:?}; ask for at most {max}",
+                q.epsilon, state.config.node.name
+            ))));
+        }
+        let mut response = describe_release(&state.config.node.name, &q, ds, &plan).map_err(refuse)?;
+        if q.dry_run {
+            let b = state.ledger.state(&who.name, &name, &ds.config.budget).map_err(internal)?;
+            response.budget = Some(budget_proto(&who.name, &ds.config, b));
+            return Ok(Response::new(response));
+        }
+        let state = Arc::clone(&self.state);
+        let analyst = who.name.clone();
+        let answer = tokio::task::spawn_blocking(move || run_query(&state, &analyst, &q, &plan, response))
+            .await
+            .map_err(internal)??;
+        Ok(Response::new(answer))
+    }
+
+    async fn budget(&self, req: Request<BudgetRequest>) -> Result<Response<BudgetResponse>, Status> {
+        let who = caller(&req)?;
+        require_analyst(&who)?;
+        let mut budgets = Vec::new();
+        let mut names: Vec<&String> = self.state.datasets.keys().collect();
+        names.sort();
+        for n in names {
+            let d = &self.state.datasets[n];
+            let s = self.state.ledger.state(&who.name, n, &d.config.budget).map_err(internal)?;
+            budgets.push(budget_proto(&who.name, &d.config, s));
+        }
+        Ok(Response::new(BudgetResponse {
+            node_name: self.state.config.node.name.clone(),
+            budgets,
+        }))
+    }
+}

@@ -1,0 +1,197 @@
+//! The node's sled store: dataset rows, the privacy-budget ledger and the
+//! record of answered queries.
+//!
+//! Layout (one sled database per node):
+//! - tree `data`: `meta/format` = [`FORMAT_VERSION`]; per dataset
+//!   `meta/<ds>/schema` (schema digest), `meta/<ds>/rows` (row count, u64 BE),
+//!   `meta/<ds>/chunks` (chunk count), `ingest/<ds>/<sha256 of file>` (one
+//!   marker per ingested file), and `rows/<ds>/<chunk u64 BE>` holding up to
+//!   [`CHUNK_ROWS`] rows as little-endian `i64` codes, row-major.
+//! - tree `ledger`: see [`crate::ledger`].
+//!
+//! An ingest is one `apply_batch` on `data` followed by a flush: it lands
+//! whole or not at all.
+
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context};
+
+use crate::schema::Schema;
+use crate::table::Table;
+
+/// Version of the on-disk layout. A node refuses a store written with a
+/// different version rather than misreading it.
+pub const FORMAT_VERSION: u64 = 1;
+
+/// Rows per stored chunk.
+pub const CHUNK_ROWS: usize = 8192;
+
+/// An open store. Cloning shares the same database.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    data: sled::Tree,
+    /// The budget ledger tree, used by [`crate::ledger::Ledger`].
+    pub ledger: sled::Tree,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `dir`. Fails clearly when
+    /// another process holds it or it was written by an incompatible build.
+    pub fn open(dir: &Path) -> anyhow::Result<Store> {
+        let db = open_with_retry(dir)?;
+        let data = db.open_tree("data")?;
+        let ledger = db.open_tree("ledger")?;
+        match data.get("meta/format")? {
+            None => {
+                data.insert("meta/format", &FORMAT_VERSION.to_be_bytes())?;
+                db.flush()?;
+            }
+            Some(v) => {
+                let found = decode_u64(&v);
+                if found != FORMAT_VERSION {
+                    bail!(
+                        "store {} has format version {found}, this build reads version {FORMAT_VERSION}; \
+                         run the fedq-node version that wrote it, or migrate the store (see deploy/README.md); nothing was changed",
+                        dir.display()
+                    );
+                }
+            }
+        }
+        Ok(Store { db, data, ledger })
+    }
+
+    /// Forces everything written so far to disk.
+    pub fn flush(&self) -> anyhow::Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The schema digest a dataset's rows were ingested under, if any rows
+    /// were ever ingested.
+    pub fn schema_digest(&self, dataset: &str) -> anyhow::Result<Option<String>> {
+        Ok(self
+            .data
+            .get(format!("meta/{dataset}/schema"))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Whether a file with this digest was already ingested into `dataset`.
+    pub fn was_ingested(&self, dataset: &str, file_sha256: &str) -> anyhow::Result<bool> {
+        Ok(self.data.contains_key(format!("ingest/{dataset}/{file_sha256}"))?)
+    }
+
+    /// Appends encoded rows (row-major) to `dataset` in one atomic, durable
+    /// commit. `schema` must be the dataset's declared schema.
+    pub fn append_rows(
+        &self,
+        dataset: &str,
+        schema: &Schema,
+        codes: &[i64],
+        file_sha256: &str,
+    ) -> anyhow::Result<u64> {
+        let width = schema.columns.len();
+        let digest = schema.digest();
+        if let Some(stored) = self.schema_digest(dataset)? {
+            if stored != digest {
+                bail!(
+                    "dataset {dataset:?} in this store was ingested under a different schema; \
+                     keep the schema it was ingested with, or ingest into a new store"
+                );
+            }
+        }
+        let rows_before = self.get_u64(&format!("meta/{dataset}/rows"))?;
+        let chunks_before = self.get_u64(&format!("meta/{dataset}/chunks"))?;
+        let mut batch = sled::Batch::default();
+        let mut chunk_id = chunks_before;
+        for chunk in codes.chunks(CHUNK_ROWS * width) {
+            let mut bytes = Vec::with_capacity(chunk.len() * 8);
+            for v in chunk {
+                bytes.extend_from_slice(&v.to_le_bytes());
+            }
+            batch.insert(rows_key(dataset, chunk_id), bytes);
+            chunk_id += 1;
+        }
+        let added = (codes.len() / width) as u64;
+        batch.insert(format!("meta/{dataset}/rows").as_bytes(), &(rows_before + added).to_be_bytes());
+        batch.insert(format!("meta/{dataset}/chunks").as_bytes(), &chunk_id.to_be_bytes());
+        batch.insert(format!("meta/{dataset}/schema").as_bytes(), digest.as_bytes());
+        batch.insert(format!("ingest/{dataset}/{file_sha256}").as_bytes(), &added.to_be_bytes());
+        self.data.apply_batch(batch).context("writing the ingest batch")?;
+        self.flush().context("flushing the ingest to disk")?;
+        Ok(rows_before + added)
+    }
+
+    /// Loads a dataset into memory. Refuses rows stored under a different
+    /// schema than the one now declared.
+    pub fn load_table(&self, dataset: &str, schema: &Schema) -> anyhow::Result<Table> {
+        let mut table = Table::new(schema.clone());
+        let Some(stored) = self.schema_digest(dataset)? else {
+            return Ok(table);
+        };
+        if stored != schema.digest() {
+            bail!(
+                "dataset {dataset:?}: the schema in node.toml differs from the one its rows were ingested under; \
+                 restore the previous schema, or ingest into a new store"
+            );
+        }
+        let width = schema.columns.len();
+        let prefix = format!("rows/{dataset}/");
+        let mut codes = Vec::new();
+        for item in self.data.scan_prefix(prefix.as_bytes()) {
+            let (_, v) = item?;
+            if v.len() % (8 * width) != 0 {
+                bail!("dataset {dataset:?}: a stored chunk is corrupt (length {})", v.len());
+            }
+            codes.clear();
+            codes.extend(v.chunks_exact(8).map(|b| {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(b);
+                i64::from_le_bytes(a)
+            }));
+            table.append_row_major(&codes);
+        }
+        let expected = self.get_u64(&format!("meta/{dataset}/rows"))?;
+        if table.len() as u64 != expected {
+            return Err(anyhow!("dataset {dataset:?}: stored row count does not match its chunks; the store is damaged"));
+        }
+        Ok(table)
+    }
+
+    fn get_u64(&self, key: &str) -> anyhow::Result<u64> {
+        Ok(self.data.get(key)?.map(|v| decode_u64(&v)).unwrap_or(0))
+    }
+}
+
+fn rows_key(dataset: &str, chunk: u64) -> Vec<u8> {
+    let mut k = format!("rows/{dataset}/").into_bytes();
+    k.extend_from_slice(&chunk.to_be_bytes());
+    k
+}
+
+/// Decodes a big-endian u64, treating a malformed value as 0.
+pub fn decode_u64(v: &[u8]) -> u64 {
+    <[u8; 8]>::try_from(v).map(u64::from_be_bytes).unwrap_or(0)
+}
+
+/// sled holds an exclusive lock on the store; when a node restarts within
+/// the same process its previous instance may still be releasing it, so
+/// retry briefly before reporting that another process has it.
+fn open_with_retry(dir: &Path) -> anyhow::Result<sled::Db> {
+    let mut last = None;
+    for _ in 0..50 {
+        match sled::Config::new().path(dir).open() {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("lock") => {
+                last = Some(e);
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(e) => return Err(anyhow!("cannot open store {}: {e}", dir.display())),
+        }
+    }
+    Err(anyhow!(
+        "cannot open store {}: it is in use by another process ({}); stop the running fedq-node first",
+        dir.display(),
+        last.map(|e| e.to_string()).unwrap_or_default()
+    ))
+}
