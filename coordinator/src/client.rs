@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use fedq_proto::v1::node_client::NodeClient;
-use fedq_proto::v1::{BudgetRequest, BudgetResponse, DescribeRequest, DescribeResponse, QueryRequest, QueryResponse};
+use fedq_proto::v1::{
+    BudgetRequest, BudgetResponse, DescribeRequest, DescribeResponse, QueryRequest, QueryResponse,
+};
 use tokio::task::JoinSet;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -66,14 +68,19 @@ impl Federation {
     pub fn from_config(config: FederationConfig) -> anyhow::Result<Federation> {
         let read = |p: &std::path::Path, what: &str| {
             let path = config.resolve(p);
-            std::fs::read(&path).with_context(|| format!("cannot read the {what} {}", path.display()))
+            std::fs::read(&path)
+                .with_context(|| format!("cannot read the {what} {}", path.display()))
         };
         let ca = Certificate::from_pem(read(&config.tls.ca, "federation CA certificate")?);
         let identity = Identity::from_pem(
             read(&config.tls.cert, "client certificate")?,
             read(&config.tls.key, "client private key")?,
         );
-        Ok(Federation { config, ca, identity })
+        Ok(Federation {
+            config,
+            ca,
+            identity,
+        })
     }
 
     /// The default per-node deadline.
@@ -81,19 +88,29 @@ impl Federation {
         Duration::from_secs_f64(self.config.defaults.timeout_secs)
     }
 
-    async fn connect(&self, node: &NodeEntry, timeout: Duration) -> Result<NodeClient<Channel>, Failure> {
+    async fn connect(
+        &self,
+        node: &NodeEntry,
+        timeout: Duration,
+    ) -> Result<NodeClient<Channel>, Failure> {
         let tls = ClientTlsConfig::new()
             .ca_certificate(self.ca.clone())
             .identity(self.identity.clone())
             .domain_name(node.name.clone());
         let endpoint = Endpoint::from_shared(node.endpoint.clone())
-            .map_err(|e| Failure::Unreachable(format!("invalid endpoint {:?}: {e}", node.endpoint)))?
+            .map_err(|e| {
+                Failure::Unreachable(format!("invalid endpoint {:?}: {e}", node.endpoint))
+            })?
             .tls_config(tls)
             .map_err(|e| Failure::Unreachable(format!("TLS set-up failed: {e}")))?
             .connect_timeout(timeout)
             .timeout(timeout);
         let channel = endpoint.connect().await.map_err(|e| {
-            Failure::Unreachable(format!("cannot connect to {}: {}", node.endpoint, error_chain(&e)))
+            Failure::Unreachable(format!(
+                "cannot connect to {}: {}",
+                node.endpoint,
+                error_chain(&e)
+            ))
         })?;
         Ok(NodeClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
     }
@@ -115,16 +132,30 @@ impl Federation {
                 let start = Instant::now();
                 let work = async {
                     let client = fed.connect(&node, timeout).await?;
-                    call(client).await.map(tonic::Response::into_inner).map_err(status_failure)
+                    call(client)
+                        .await
+                        .map(tonic::Response::into_inner)
+                        .map_err(status_failure)
                 };
                 let result = match tokio::time::timeout(timeout, work).await {
                     Ok(r) => r,
-                    Err(_) => Err(Failure::TimedOut(format!("no answer within {:.1} s", timeout.as_secs_f64()))),
+                    Err(_) => Err(Failure::TimedOut(format!(
+                        "no answer within {:.1} s",
+                        timeout.as_secs_f64()
+                    ))),
                 };
-                (i, Outcome { node: node.name.clone(), result, elapsed: start.elapsed() })
+                (
+                    i,
+                    Outcome {
+                        node: node.name.clone(),
+                        result,
+                        elapsed: start.elapsed(),
+                    },
+                )
             });
         }
-        let mut outcomes: Vec<Option<Outcome<T>>> = (0..self.config.nodes.len()).map(|_| None).collect();
+        let mut outcomes: Vec<Option<Outcome<T>>> =
+            (0..self.config.nodes.len()).map(|_| None).collect();
         while let Some(joined) = set.join_next().await {
             if let Ok((i, outcome)) = joined {
                 outcomes[i] = Some(outcome);
@@ -144,7 +175,11 @@ impl Federation {
     }
 
     /// Sends one query (same id to every node) to all nodes.
-    pub async fn query(&self, request: QueryRequest, timeout: Duration) -> Vec<Outcome<QueryResponse>> {
+    pub async fn query(
+        &self,
+        request: QueryRequest,
+        timeout: Duration,
+    ) -> Vec<Outcome<QueryResponse>> {
         self.fan_out(timeout, move |mut c| {
             let r = request.clone();
             async move { c.query(r).await }
@@ -154,12 +189,19 @@ impl Federation {
 
     /// Asks every node for its public description.
     pub async fn describe(&self, timeout: Duration) -> Vec<Outcome<DescribeResponse>> {
-        self.fan_out(timeout, |mut c| async move { c.describe(DescribeRequest {}).await }).await
+        self.fan_out(timeout, |mut c| async move {
+            c.describe(DescribeRequest {}).await
+        })
+        .await
     }
 
     /// Asks every node for the caller's budgets.
     pub async fn budget(&self, timeout: Duration) -> Vec<Outcome<BudgetResponse>> {
-        self.fan_out(timeout, |mut c| async move { c.budget(BudgetRequest {}).await }).await
+        self.fan_out(
+            timeout,
+            |mut c| async move { c.budget(BudgetRequest {}).await },
+        )
+        .await
     }
 }
 
@@ -180,6 +222,25 @@ pub fn new_query_id() -> String {
 
 fn status_failure(s: tonic::Status) -> Failure {
     use tonic::Code;
+    // Transport failures (a TLS alert, a reset) arrive as status errors
+    // whose message says little; their cause says what happened.
+    if std::error::Error::source(&s).is_some()
+        && matches!(
+            s.code(),
+            Code::Unknown | Code::Unavailable | Code::Cancelled
+        )
+    {
+        let chain = error_chain(&s);
+        let hint = if chain.contains("UnknownCA")
+            || chain.contains("BadCertificate")
+            || chain.contains("CertificateRequired")
+        {
+            " (the node does not accept this client certificate: is it issued by the federation's CA?)"
+        } else {
+            ""
+        };
+        return Failure::Unreachable(format!("{chain}{hint}"));
+    }
     match s.code() {
         Code::Unavailable => Failure::Unreachable(s.message().to_string()),
         Code::DeadlineExceeded => Failure::TimedOut(s.message().to_string()),
@@ -188,12 +249,15 @@ fn status_failure(s: tonic::Status) -> Failure {
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
+    // tonic and hyper repeat a cause's text in its parent's; keep each once.
+    let mut parts: Vec<String> = vec![e.to_string()];
     let mut cur = e.source();
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let text = c.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
         cur = c.source();
     }
-    s
+    parts.join(": ")
 }

@@ -99,8 +99,16 @@ struct Part {
 }
 
 /// Combines per-node outcomes of one query.
-pub fn combine(sql: &str, query_id: &str, epsilon: f64, outcomes: &[Outcome<QueryResponse>]) -> Combined {
-    let answered: Vec<&QueryResponse> = outcomes.iter().filter_map(|o| o.result.as_ref().ok()).collect();
+pub fn combine(
+    sql: &str,
+    query_id: &str,
+    epsilon: f64,
+    outcomes: &[Outcome<QueryResponse>],
+) -> Combined {
+    let answered: Vec<&QueryResponse> = outcomes
+        .iter()
+        .filter_map(|o| o.result.as_ref().ok())
+        .collect();
     let nodes: Vec<NodeStatus> = outcomes
         .iter()
         .map(|o| {
@@ -108,7 +116,11 @@ pub fn combine(sql: &str, query_id: &str, epsilon: f64, outcomes: &[Outcome<Quer
             match &o.result {
                 Ok(r) => NodeStatus {
                     node: o.node.clone(),
-                    status: if r.replayed { "answered (replayed)".into() } else { "answered".into() },
+                    status: if r.replayed {
+                        "answered (replayed)".into()
+                    } else {
+                        "answered".into()
+                    },
                     failure: None,
                     epsilon_spent: (!r.dry_run && !r.replayed).then_some(epsilon),
                     remaining_for_analyst: r.budget.as_ref().map(|b| b.remaining_for_analyst),
@@ -153,13 +165,21 @@ pub fn combine(sql: &str, query_id: &str, epsilon: f64, outcomes: &[Outcome<Quer
         for (ci, key) in r.cells.iter().enumerate() {
             let entry = cells.entry(key.values.clone()).or_insert_with(|| {
                 order.push(key.values.clone());
-                ((0..outputs.len()).map(|_| (Vec::new(), Vec::new())).collect(), Vec::new())
+                (
+                    (0..outputs.len())
+                        .map(|_| (Vec::new(), Vec::new()))
+                        .collect(),
+                    Vec::new(),
+                )
             });
             entry.1.push(r.node_name.clone());
             for (oi, out) in r.outputs.iter().enumerate().take(outputs.len()) {
                 let part = |mi: u32| {
                     r.measurements.get(mi as usize).and_then(|m| {
-                        m.values.get(ci).map(|&value| Part { value, scale: m.scale })
+                        m.values.get(ci).map(|&value| Part {
+                            value,
+                            scale: m.scale,
+                        })
                     })
                 };
                 if let Some(p) = part(out.measurement) {
@@ -177,7 +197,10 @@ pub fn combine(sql: &str, query_id: &str, epsilon: f64, outcomes: &[Outcome<Quer
                 .iter()
                 .map(|o| {
                     let bounds = o.lower.zip(o.upper);
-                    (OutputKind::try_from(o.kind).unwrap_or(OutputKind::Unspecified), bounds)
+                    (
+                        OutputKind::try_from(o.kind).unwrap_or(OutputKind::Unspecified),
+                        bounds,
+                    )
                 })
                 .collect()
         })
@@ -199,7 +222,11 @@ pub fn combine(sql: &str, query_id: &str, epsilon: f64, outcomes: &[Outcome<Quer
                     }
                 })
                 .collect();
-            Row { key, estimates, nodes: contributors }
+            Row {
+                key,
+                estimates,
+                nodes: contributors,
+            }
         })
         .collect();
     Combined {
@@ -218,10 +245,17 @@ pub fn combine(sql: &str, query_id: &str, epsilon: f64, outcomes: &[Outcome<Quer
 
 /// Sum of the parts with the interval of the summed noise.
 fn total(parts: &[Part], alpha: f64) -> Estimate {
-    let value: i64 = parts.iter().map(|p| p.value).fold(0i64, i64::saturating_add);
+    let value: i64 = parts
+        .iter()
+        .map(|p| p.value)
+        .fold(0i64, i64::saturating_add);
     let scales: Vec<f64> = parts.iter().map(|p| p.scale).collect();
     let w = sum_half_width(&scales, alpha);
-    Estimate { value: value as f64, ci_low: value as f64 - w, ci_high: value as f64 + w }
+    Estimate {
+        value: value as f64,
+        ci_low: value as f64 - w,
+        ci_high: value as f64 + w,
+    }
 }
 
 /// Mean from a combined noisy sum and count. The interval holds the true
@@ -234,19 +268,33 @@ fn average(sum: &[Part], count: &[Part], bounds: Option<(i64, i64)>) -> Option<E
     let each = ALPHA / 2.0;
     let s = total(sum, each);
     let c = total(count, each);
-    let (lo_b, hi_b) = bounds.map(|(a, b)| (a as f64, b as f64)).unwrap_or((f64::NEG_INFINITY, f64::INFINITY));
-    let value = if c.value > 0.0 { (s.value / c.value).clamp(lo_b, hi_b) } else { f64::NAN };
+    let (lo_b, hi_b) = bounds
+        .map(|(a, b)| (a as f64, b as f64))
+        .unwrap_or((f64::NEG_INFINITY, f64::INFINITY));
+    let value = if c.value > 0.0 {
+        (s.value / c.value).clamp(lo_b, hi_b)
+    } else {
+        f64::NAN
+    };
     let (ci_low, ci_high) = if c.ci_low > 0.0 {
         let lows = [s.ci_low / c.ci_low, s.ci_low / c.ci_high];
         let highs = [s.ci_high / c.ci_low, s.ci_high / c.ci_high];
         (
             lows.iter().copied().fold(f64::INFINITY, f64::min).max(lo_b),
-            highs.iter().copied().fold(f64::NEG_INFINITY, f64::max).min(hi_b),
+            highs
+                .iter()
+                .copied()
+                .fold(f64::NEG_INFINITY, f64::max)
+                .min(hi_b),
         )
     } else {
         (lo_b, hi_b)
     };
-    Some(Estimate { value, ci_low, ci_high })
+    Some(Estimate {
+        value,
+        ci_low,
+        ci_high,
+    })
 }
 
 /// Tail `P[X >= k]` of a discrete Laplace variable with parameter
@@ -273,7 +321,9 @@ fn upper_tail(q: f64, k: i64) -> f64 {
 pub fn sum_half_width(scales: &[f64], alpha: f64) -> f64 {
     match scales {
         [] => 0.0,
-        [s] => fedq_node::mechanism::discrete_laplace_half_width(*s, alpha).unwrap_or(f64::INFINITY),
+        [s] => {
+            fedq_node::mechanism::discrete_laplace_half_width(*s, alpha).unwrap_or(f64::INFINITY)
+        }
         _ => {
             let sd: f64 = scales
                 .iter()
@@ -314,7 +364,11 @@ pub fn sum_half_width(scales: &[f64], alpha: f64) -> f64 {
                 w += 1;
                 outside -= dist[(center - w) as usize] + dist[(center + w) as usize];
             }
-            let slack = if h == 1 { 0.0 } else { scales.len() as f64 * h as f64 / 2.0 };
+            let slack = if h == 1 {
+                0.0
+            } else {
+                scales.len() as f64 * h as f64 / 2.0
+            };
             (w * h) as f64 + slack
         }
     }
@@ -342,7 +396,12 @@ mod tests {
                 *pmf.entry(a + b).or_insert(0.0) += p(a) * p(b);
             }
         }
-        let outside = |w: i64| pmf.iter().filter(|(k, _)| k.abs() > w).map(|(_, v)| v).sum::<f64>();
+        let outside = |w: i64| {
+            pmf.iter()
+                .filter(|(k, _)| k.abs() > w)
+                .map(|(_, v)| v)
+                .sum::<f64>()
+        };
         let mut w = 0;
         while outside(w) > 0.05 {
             w += 1;

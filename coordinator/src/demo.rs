@@ -49,7 +49,8 @@ pub fn build_federation(dir: &Path, out: &mut impl std::io::Write) -> anyhow::Re
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let ca = Authority::generate("fedq demo federation CA")?;
     ca.pem.write(&dir.join("ca"), "ca")?;
-    ca.issue(Role::Analyst, "demo-analyst")?.write(&dir.join("analyst"), "analyst")?;
+    ca.issue(Role::Analyst, "demo-analyst")?
+        .write(&dir.join("analyst"), "analyst")?;
     let mut configs = Vec::new();
     let mut entries = Vec::new();
     for (name, partner, rows, seed) in PARTNERS {
@@ -67,12 +68,23 @@ pub fn build_federation(dir: &Path, out: &mut impl std::io::Write) -> anyhow::Re
                 listen: format!("127.0.0.1:{port}").parse()?,
                 store: "store".into(),
             },
-            tls: TlsSection { ca: "certs/ca.pem".into(), cert: "certs/node.pem".into(), key: "certs/node.key".into() },
+            tls: TlsSection {
+                ca: "certs/ca.pem".into(),
+                cert: "certs/node.pem".into(),
+                key: "certs/node.key".into(),
+            },
             limits: Limits::default(),
             datasets: vec![DatasetConfig {
                 name: "cases".into(),
-                description: format!("synthetic CTDC-shaped victim case records ({} profile)", partner.as_str()),
-                budget: BudgetLimits { per_analyst: 10.0, total: 50.0, per_query_max: 2.0 },
+                description: format!(
+                    "synthetic CTDC-shaped victim case records ({} profile)",
+                    partner.as_str()
+                ),
+                budget: BudgetLimits {
+                    per_analyst: 10.0,
+                    total: 50.0,
+                    per_query_max: 2.0,
+                },
                 columns: synth::ctdc_columns(),
             }],
             base_dir: node_dir.clone(),
@@ -85,13 +97,25 @@ pub fn build_federation(dir: &Path, out: &mut impl std::io::Write) -> anyhow::Re
         {
             let store = fedq_node::store::Store::open(&config.resolve(&config.node.store))?;
             let r = fedq_node::ingest::ingest_csv(&store, "cases", &schema, &csv_path, false)?;
-            writeln!(out, "  {name:<16} {:<16} {} synthetic rows ingested, listening on 127.0.0.1:{port}", partner.as_str(), r.rows_added)?;
+            writeln!(
+                out,
+                "  {name:<16} {:<16} {} synthetic rows ingested, listening on 127.0.0.1:{port}",
+                partner.as_str(),
+                r.rows_added
+            )?;
         }
-        entries.push(NodeEntry { name: name.to_string(), endpoint: format!("https://127.0.0.1:{port}") });
+        entries.push(NodeEntry {
+            name: name.to_string(),
+            endpoint: format!("https://127.0.0.1:{port}"),
+        });
         configs.push(path);
     }
     let fed = FederationConfig {
-        tls: ClientTls { ca: "ca/ca.pem".into(), cert: "analyst/analyst.pem".into(), key: "analyst/analyst.key".into() },
+        tls: ClientTls {
+            ca: "ca/ca.pem".into(),
+            cert: "analyst/analyst.pem".into(),
+            key: "analyst/analyst.key".into(),
+        },
         defaults: Defaults::default(),
         nodes: entries,
         base_dir: dir.to_path_buf(),
@@ -117,7 +141,10 @@ pub async fn run(dir: Option<PathBuf>, serve: bool) -> anyhow::Result<()> {
         }
     };
     let mut stdout = std::io::stdout();
-    println!("fedq demo: building a three-partner federation in {}", dir.display());
+    println!(
+        "fedq demo: building a three-partner federation in {}",
+        dir.display()
+    );
     let dir_for_build = dir.clone();
     let configs = tokio::task::spawn_blocking(move || {
         let mut buf = Vec::new();
@@ -137,14 +164,25 @@ pub async fn run(dir: Option<PathBuf>, serve: bool) -> anyhow::Result<()> {
     for (sql, epsilon) in QUERIES {
         let query_id = new_query_id();
         let outcomes = fed
-            .query(QueryRequest { query_id: query_id.clone(), sql: sql.into(), epsilon, dry_run: false }, timeout)
+            .query(
+                QueryRequest {
+                    query_id: query_id.clone(),
+                    sql: sql.into(),
+                    epsilon,
+                    dry_run: false,
+                },
+                timeout,
+            )
             .await;
         let combined = combine(sql, &query_id, epsilon, &outcomes);
         print!("{}", render(&combined, Format::Table)?);
         println!();
     }
     println!("your remaining budget per node:");
-    print!("{}", render_budgets(&fed.budget(timeout).await, Format::Table)?);
+    print!(
+        "{}",
+        render_budgets(&fed.budget(timeout).await, Format::Table)?
+    );
 
     if serve {
         println!(
@@ -156,7 +194,9 @@ pub async fn run(dir: Option<PathBuf>, serve: bool) -> anyhow::Result<()> {
             dir.display()
         );
         println!("after Ctrl-C, each node can be served on its own: fedq-node serve --config {}/<node>/node.toml", dir.display());
-        tokio::signal::ctrl_c().await.map_err(|e| anyhow!("cannot wait for Ctrl-C: {e}"))?;
+        tokio::signal::ctrl_c()
+            .await
+            .map_err(|e| anyhow!("cannot wait for Ctrl-C: {e}"))?;
     } else {
         // Show what a researcher sees when a partner is offline.
         let down = nodes.remove(1);
@@ -166,9 +206,20 @@ pub async fn run(dir: Option<PathBuf>, serve: bool) -> anyhow::Result<()> {
         let (sql, epsilon) = QUERIES[0];
         let query_id = new_query_id();
         let outcomes = fed
-            .query(QueryRequest { query_id: query_id.clone(), sql: sql.into(), epsilon, dry_run: false }, Duration::from_secs(5))
+            .query(
+                QueryRequest {
+                    query_id: query_id.clone(),
+                    sql: sql.into(),
+                    epsilon,
+                    dry_run: false,
+                },
+                Duration::from_secs(5),
+            )
             .await;
-        print!("{}", render(&combine(sql, &query_id, epsilon, &outcomes), Format::Table)?);
+        print!(
+            "{}",
+            render(&combine(sql, &query_id, epsilon, &outcomes), Format::Table)?
+        );
     }
     for n in nodes {
         n.stop().await?;

@@ -65,9 +65,12 @@ impl FederationConfig {
     pub fn load(path: &Path) -> anyhow::Result<FederationConfig> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read federation file {}", path.display()))?;
-        let mut cfg: FederationConfig =
-            toml::from_str(&text).map_err(|e| anyhow!("invalid federation file {}: {e}", path.display()))?;
-        cfg.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        let mut cfg: FederationConfig = toml::from_str(&text)
+            .map_err(|e| anyhow!("invalid federation file {}: {e}", path.display()))?;
+        cfg.base_dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
         if cfg.nodes.is_empty() {
             bail!("{}: no [[nodes]] listed", path.display());
         }
@@ -85,7 +88,10 @@ impl FederationConfig {
             }
         }
         if !(cfg.defaults.timeout_secs.is_finite() && cfg.defaults.timeout_secs > 0.0) {
-            bail!("{}: defaults.timeout_secs must be a positive number of seconds", path.display());
+            bail!(
+                "{}: defaults.timeout_secs must be a positive number of seconds",
+                path.display()
+            );
         }
         Ok(cfg)
     }

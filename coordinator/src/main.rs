@@ -85,7 +85,9 @@ Retrying with the same --query-id returns the same release without spending agai
         output: Format,
     },
     /// Start a three-partner demo federation on loopback and run example queries.
-    #[command(after_help = "Examples:\n  fedq demo\n  fedq demo --dir ./demo-federation --serve   (keep the nodes running; query them by hand)")]
+    #[command(
+        after_help = "Examples:\n  fedq demo\n  fedq demo --dir ./demo-federation --serve   (keep the nodes running; query them by hand)"
+    )]
     Demo {
         /// Keep everything under this directory (default: a temporary one).
         #[arg(long)]
@@ -123,7 +125,15 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
-        Command::Query { federation, epsilon, output, timeout, dry_run, query_id, sql } => {
+        Command::Query {
+            federation,
+            epsilon,
+            output,
+            timeout,
+            dry_run,
+            query_id,
+            sql,
+        } => {
             if !(epsilon.is_finite() && epsilon > 0.0) {
                 bail!("--epsilon must be a positive, finite number such as 0.5 (got {epsilon})");
             }
@@ -135,11 +145,23 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             };
             let query_id = query_id.unwrap_or_else(new_query_id);
             let outcomes = fed
-                .query(QueryRequest { query_id: query_id.clone(), sql: sql.clone(), epsilon, dry_run }, timeout)
+                .query(
+                    QueryRequest {
+                        query_id: query_id.clone(),
+                        sql: sql.clone(),
+                        epsilon,
+                        dry_run,
+                    },
+                    timeout,
+                )
                 .await;
             let combined = combine(&sql, &query_id, epsilon, &outcomes);
             print!("{}", render(&combined, output)?);
-            let answered = combined.nodes.iter().filter(|n| n.failure.is_none()).count();
+            let answered = combined
+                .nodes
+                .iter()
+                .filter(|n| n.failure.is_none())
+                .count();
             if answered == 0 {
                 // Every node refused for the same reason (a bad query, say):
                 // say it once, plainly.
@@ -150,7 +172,11 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                     .collect();
                 bail!("no node answered:\n  {}", reasons.join("\n  "));
             }
-            Ok(if combined.partial { EXIT_PARTIAL } else { EXIT_OK })
+            Ok(if combined.partial {
+                EXIT_PARTIAL
+            } else {
+                EXIT_OK
+            })
         }
         Command::Schema { federation, output } => {
             let fed = Federation::load(&federation)?;

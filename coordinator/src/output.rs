@@ -60,7 +60,9 @@ pub fn render(c: &Combined, format: Format) -> anyhow::Result<String> {
                 let mut rec = r.key.clone();
                 for e in &r.estimates {
                     match e {
-                        Some(e) => rec.extend([e.value, e.ci_low, e.ci_high].map(|v| v.to_string())),
+                        Some(e) => {
+                            rec.extend([e.value, e.ci_low, e.ci_high].map(|v| v.to_string()))
+                        }
                         None => rec.extend(["", "", ""].map(String::from)),
                     }
                 }
@@ -75,7 +77,11 @@ pub fn render(c: &Combined, format: Format) -> anyhow::Result<String> {
             out.push_str(&format!(
                 "{}\n{} · dataset {} · epsilon {} per node · {answered}/{} nodes answered{}\n",
                 c.sql,
-                if c.dry_run { "DRY RUN (nothing spent)" } else { "result" },
+                if c.dry_run {
+                    "DRY RUN (nothing spent)"
+                } else {
+                    "result"
+                },
                 c.dataset,
                 c.epsilon,
                 c.nodes.len(),
@@ -96,7 +102,9 @@ pub fn render(c: &Combined, format: Format) -> anyhow::Result<String> {
                     for e in &r.estimates {
                         match e {
                             Some(e) => {
-                                cells.push(Cell::new(number(e.value)).set_alignment(CellAlignment::Right));
+                                cells.push(
+                                    Cell::new(number(e.value)).set_alignment(CellAlignment::Right),
+                                );
                                 cells.push(Cell::new(interval(e)));
                             }
                             None => {
@@ -105,7 +113,9 @@ pub fn render(c: &Combined, format: Format) -> anyhow::Result<String> {
                             }
                         }
                     }
-                    cells.push(Cell::new(r.nodes.len().to_string()).set_alignment(CellAlignment::Right));
+                    cells.push(
+                        Cell::new(r.nodes.len().to_string()).set_alignment(CellAlignment::Right),
+                    );
                     t.add_row(cells);
                 }
                 out.push_str(&t.to_string());
@@ -119,8 +129,12 @@ pub fn render(c: &Combined, format: Format) -> anyhow::Result<String> {
                         n.node,
                         n.status,
                         n.elapsed_ms,
-                        n.remaining_for_analyst.map(|v| format!("{v:.3}")).unwrap_or_else(|| "?".into()),
-                        n.remaining_for_dataset.map(|v| format!("{v:.3}")).unwrap_or_else(|| "?".into()),
+                        n.remaining_for_analyst
+                            .map(|v| format!("{v:.3}"))
+                            .unwrap_or_else(|| "?".into()),
+                        n.remaining_for_dataset
+                            .map(|v| format!("{v:.3}"))
+                            .unwrap_or_else(|| "?".into()),
                     )),
                     Some(f) => out.push_str(&format!("  {:<18} {f}\n", n.node)),
                 }
@@ -134,7 +148,10 @@ pub fn render(c: &Combined, format: Format) -> anyhow::Result<String> {
 }
 
 /// Renders the nodes' schemas.
-pub fn render_schemas(outcomes: &[Outcome<DescribeResponse>], format: Format) -> anyhow::Result<String> {
+pub fn render_schemas(
+    outcomes: &[Outcome<DescribeResponse>],
+    format: Format,
+) -> anyhow::Result<String> {
     if format == Format::Json {
         let v: Vec<serde_json::Value> = outcomes
             .iter()
@@ -190,7 +207,9 @@ pub fn render_schemas(outcomes: &[Outcome<DescribeResponse>], format: Format) ->
                             _ => "0, 1".into(),
                         };
                         if format == Format::Csv {
-                            let (lo, hi) = bounds.map(|(a, b)| (a.to_string(), b.to_string())).unwrap_or_default();
+                            let (lo, hi) = bounds
+                                .map(|(a, b)| (a.to_string(), b.to_string()))
+                                .unwrap_or_default();
                             w.write_record([
                                 o.node.as_str(),
                                 ds.name.as_str(),
@@ -208,7 +227,11 @@ pub fn render_schemas(outcomes: &[Outcome<DescribeResponse>], format: Format) ->
                             "dataset {} (privacy unit: one {}){}\n{t}\n",
                             ds.name,
                             ds.privacy_unit,
-                            if ds.description.is_empty() { String::new() } else { format!(": {}", ds.description) }
+                            if ds.description.is_empty() {
+                                String::new()
+                            } else {
+                                format!(": {}", ds.description)
+                            }
                         ));
                     }
                 }
@@ -224,7 +247,10 @@ pub fn render_schemas(outcomes: &[Outcome<DescribeResponse>], format: Format) ->
     Ok(out)
 }
 
-fn column_parts(kind: Option<&Kind>) -> (&'static str, Option<Vec<String>>, Option<(i64, i64)>) {
+/// A column's type name, categorical domain and integer bounds.
+type ColumnParts = (&'static str, Option<Vec<String>>, Option<(i64, i64)>);
+
+fn column_parts(kind: Option<&Kind>) -> ColumnParts {
     match kind {
         Some(Kind::Categorical(c)) => ("categorical", Some(c.domain.clone()), None),
         Some(Kind::Integer(i)) => ("integer", None, Some((i.min, i.max))),
@@ -234,7 +260,10 @@ fn column_parts(kind: Option<&Kind>) -> (&'static str, Option<Vec<String>>, Opti
 }
 
 /// Renders the caller's budgets.
-pub fn render_budgets(outcomes: &[Outcome<BudgetResponse>], format: Format) -> anyhow::Result<String> {
+pub fn render_budgets(
+    outcomes: &[Outcome<BudgetResponse>],
+    format: Format,
+) -> anyhow::Result<String> {
     let mut rows: Vec<[String; 6]> = Vec::new();
     for o in outcomes {
         match &o.result {
@@ -250,15 +279,35 @@ pub fn render_budgets(outcomes: &[Outcome<BudgetResponse>], format: Format) -> a
                     ]);
                 }
             }
-            Err(f) => rows.push([o.node.clone(), format!("({f})"), String::new(), String::new(), String::new(), String::new()]),
+            Err(f) => rows.push([
+                o.node.clone(),
+                format!("({f})"),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+            ]),
         }
     }
-    let header = ["node", "dataset", "spent by you", "remaining for you", "remaining (dataset)", "per-query max"];
+    let header = [
+        "node",
+        "dataset",
+        "spent by you",
+        "remaining for you",
+        "remaining (dataset)",
+        "per-query max",
+    ];
     match format {
         Format::Json => {
             let v: Vec<serde_json::Value> = rows
                 .iter()
-                .map(|r| serde_json::json!(header.iter().zip(r.iter()).map(|(h, v)| (h.replace(' ', "_"), serde_json::Value::String(v.clone()))).collect::<serde_json::Map<_, _>>()))
+                .map(|r| {
+                    serde_json::json!(header
+                        .iter()
+                        .zip(r.iter())
+                        .map(|(h, v)| (h.replace(' ', "_"), serde_json::Value::String(v.clone())))
+                        .collect::<serde_json::Map<_, _>>())
+                })
                 .collect();
             Ok(serde_json::to_string_pretty(&v)? + "\n")
         }

@@ -137,7 +137,12 @@ impl NodeConfig {
             if self.datasets[..i].iter().any(|o| o.name == d.name) {
                 return Err(format!("dataset {:?} is declared twice", d.name));
             }
-            if d.name.is_empty() || !d.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            if d.name.is_empty()
+                || !d
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
                 return Err(format!(
                     "dataset name {:?} must be non-empty and use only letters, digits and '_'",
                     d.name
@@ -158,7 +163,10 @@ impl NodeConfig {
             }
             Schema::from_specs(&d.name, &d.columns)?;
         }
-        if self.limits.max_sql_bytes == 0 || self.limits.max_request_bytes < 1024 || self.limits.max_cells == 0 {
+        if self.limits.max_sql_bytes == 0
+            || self.limits.max_request_bytes < 1024
+            || self.limits.max_cells == 0
+        {
             return Err("limits must be positive (max_request_bytes at least 1024)".into());
         }
         Ok(())

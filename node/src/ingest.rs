@@ -85,7 +85,9 @@ pub fn ingest_csv(
             Err(e) => {
                 let line = e.position().map(|p| p.line()).unwrap_or(0);
                 let what = match e.kind() {
-                    csv::ErrorKind::UnequalLengths { expected_len, len, .. } => {
+                    csv::ErrorKind::UnequalLengths {
+                        expected_len, len, ..
+                    } => {
                         format!("the row has {len} fields, the header has {expected_len}")
                     }
                     csv::ErrorKind::Utf8 { .. } => "the row is not valid UTF-8".to_string(),

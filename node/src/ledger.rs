@@ -170,14 +170,19 @@ impl Ledger {
             let d_spent = tx.get(&dkey)?.map(|v| decode_u64(&v)).unwrap_or(0);
             let state = |a: u64, d: u64| BudgetState {
                 spent_by_analyst: from_nano(a),
-                remaining_for_analyst: from_nano(a_limit.saturating_sub(a).min(d_limit.saturating_sub(d))),
+                remaining_for_analyst: from_nano(
+                    a_limit.saturating_sub(a).min(d_limit.saturating_sub(d)),
+                ),
                 remaining_for_dataset: from_nano(d_limit.saturating_sub(d)),
             };
             if let Some(existing) = tx.get(&qkey)? {
-                let rec = QueryRecord::decode(&existing)
-                    .ok_or_else(|| ConflictableTransactionError::Abort(Refusal::IdReused(query_id.to_string())))?;
+                let rec = QueryRecord::decode(&existing).ok_or_else(|| {
+                    ConflictableTransactionError::Abort(Refusal::IdReused(query_id.to_string()))
+                })?;
                 if rec.digest != digest {
-                    return Err(ConflictableTransactionError::Abort(Refusal::IdReused(query_id.to_string())));
+                    return Err(ConflictableTransactionError::Abort(Refusal::IdReused(
+                        query_id.to_string(),
+                    )));
                 }
                 return Ok(match rec.response {
                     Some(r) => Admission::Replay(r),
@@ -185,25 +190,36 @@ impl Ledger {
                 });
             }
             if a_spent.saturating_add(debit) > a_limit {
-                return Err(ConflictableTransactionError::Abort(Refusal::AnalystBudget {
-                    dataset: dataset.to_string(),
-                    asked: epsilon,
-                    remaining: from_nano(a_limit.saturating_sub(a_spent)),
-                    limit: limits.per_analyst,
-                }));
+                return Err(ConflictableTransactionError::Abort(
+                    Refusal::AnalystBudget {
+                        dataset: dataset.to_string(),
+                        asked: epsilon,
+                        remaining: from_nano(a_limit.saturating_sub(a_spent)),
+                        limit: limits.per_analyst,
+                    },
+                ));
             }
             if d_spent.saturating_add(debit) > d_limit {
-                return Err(ConflictableTransactionError::Abort(Refusal::DatasetBudget {
-                    dataset: dataset.to_string(),
-                    asked: epsilon,
-                    remaining: from_nano(d_limit.saturating_sub(d_spent)),
-                    limit: limits.total,
-                }));
+                return Err(ConflictableTransactionError::Abort(
+                    Refusal::DatasetBudget {
+                        dataset: dataset.to_string(),
+                        asked: epsilon,
+                        remaining: from_nano(d_limit.saturating_sub(d_spent)),
+                        limit: limits.total,
+                    },
+                ));
             }
             let (a_new, d_new) = (a_spent + debit, d_spent + debit);
             tx.insert(akey.as_bytes(), &a_new.to_be_bytes())?;
             tx.insert(dkey.as_bytes(), &d_new.to_be_bytes())?;
-            tx.insert(qkey.as_bytes(), QueryRecord { digest, response: None }.encode())?;
+            tx.insert(
+                qkey.as_bytes(),
+                QueryRecord {
+                    digest,
+                    response: None,
+                }
+                .encode(),
+            )?;
             Ok(Admission::Debited(state(a_new, d_new)))
         });
         match outcome {
@@ -228,20 +244,42 @@ impl Ledger {
         digest: [u8; 32],
         response: Vec<u8>,
     ) -> anyhow::Result<()> {
-        let rec = QueryRecord { digest, response: Some(response) };
-        self.tree.insert(query_key(analyst, query_id), rec.encode())?;
+        let rec = QueryRecord {
+            digest,
+            response: Some(response),
+        };
+        self.tree
+            .insert(query_key(analyst, query_id), rec.encode())?;
         self.store.flush()?;
         Ok(())
     }
 
     /// The analyst's budget on a dataset, without spending anything.
-    pub fn state(&self, analyst: &str, dataset: &str, limits: &BudgetLimits) -> anyhow::Result<BudgetState> {
-        let a = self.tree.get(analyst_key(dataset, analyst))?.map(|v| decode_u64(&v)).unwrap_or(0);
-        let d = self.tree.get(dataset_key(dataset))?.map(|v| decode_u64(&v)).unwrap_or(0);
-        let (a_limit, d_limit) = (to_nano_floor(limits.per_analyst), to_nano_floor(limits.total));
+    pub fn state(
+        &self,
+        analyst: &str,
+        dataset: &str,
+        limits: &BudgetLimits,
+    ) -> anyhow::Result<BudgetState> {
+        let a = self
+            .tree
+            .get(analyst_key(dataset, analyst))?
+            .map(|v| decode_u64(&v))
+            .unwrap_or(0);
+        let d = self
+            .tree
+            .get(dataset_key(dataset))?
+            .map(|v| decode_u64(&v))
+            .unwrap_or(0);
+        let (a_limit, d_limit) = (
+            to_nano_floor(limits.per_analyst),
+            to_nano_floor(limits.total),
+        );
         Ok(BudgetState {
             spent_by_analyst: from_nano(a),
-            remaining_for_analyst: from_nano(a_limit.saturating_sub(a).min(d_limit.saturating_sub(d))),
+            remaining_for_analyst: from_nano(
+                a_limit.saturating_sub(a).min(d_limit.saturating_sub(d)),
+            ),
             remaining_for_dataset: from_nano(d_limit.saturating_sub(d)),
         })
     }
@@ -264,7 +302,11 @@ mod tests {
     use super::*;
 
     fn limits() -> BudgetLimits {
-        BudgetLimits { per_analyst: 1.0, total: 1.5, per_query_max: 1.0 }
+        BudgetLimits {
+            per_analyst: 1.0,
+            total: 1.5,
+            per_query_max: 1.0,
+        }
     }
 
     #[test]
@@ -273,22 +315,51 @@ mod tests {
         let store = crate::store::Store::open(dir.path()).unwrap();
         let ledger = Ledger::new(store);
         let l = limits();
-        let a = ledger.admit("alice", "cases", "q1", [1; 32], 0.6, &l).unwrap().unwrap();
+        let a = ledger
+            .admit("alice", "cases", "q1", [1; 32], 0.6, &l)
+            .unwrap()
+            .unwrap();
         assert!(matches!(a, Admission::Debited(s) if (s.remaining_for_analyst - 0.4).abs() < 1e-9));
         // Over alice's own limit: refused, nothing written.
-        let r = ledger.admit("alice", "cases", "q2", [2; 32], 0.5, &l).unwrap().unwrap_err();
+        let r = ledger
+            .admit("alice", "cases", "q2", [2; 32], 0.5, &l)
+            .unwrap()
+            .unwrap_err();
         assert!(matches!(r, Refusal::AnalystBudget { .. }), "{r}");
         assert!((ledger.state("alice", "cases", &l).unwrap().spent_by_analyst - 0.6).abs() < 1e-9);
         // Same id, different query: refused.
-        let r = ledger.admit("alice", "cases", "q1", [9; 32], 0.1, &l).unwrap().unwrap_err();
+        let r = ledger
+            .admit("alice", "cases", "q1", [9; 32], 0.1, &l)
+            .unwrap()
+            .unwrap_err();
         assert_eq!(r, Refusal::IdReused("q1".into()));
         // Same id, same query, not yet released: resume without a new debit.
-        assert!(matches!(ledger.admit("alice", "cases", "q1", [1; 32], 0.6, &l).unwrap().unwrap(), Admission::Resume(_)));
-        ledger.record_release("alice", "q1", [1; 32], b"resp".to_vec()).unwrap();
-        assert_eq!(ledger.admit("alice", "cases", "q1", [1; 32], 0.6, &l).unwrap().unwrap(), Admission::Replay(b"resp".to_vec()));
+        assert!(matches!(
+            ledger
+                .admit("alice", "cases", "q1", [1; 32], 0.6, &l)
+                .unwrap()
+                .unwrap(),
+            Admission::Resume(_)
+        ));
+        ledger
+            .record_release("alice", "q1", [1; 32], b"resp".to_vec())
+            .unwrap();
+        assert_eq!(
+            ledger
+                .admit("alice", "cases", "q1", [1; 32], 0.6, &l)
+                .unwrap()
+                .unwrap(),
+            Admission::Replay(b"resp".to_vec())
+        );
         // Bob hits the dataset total (1.5) before his own limit.
-        ledger.admit("bob", "cases", "q1", [3; 32], 0.8, &l).unwrap().unwrap();
-        let r = ledger.admit("bob", "cases", "q2", [4; 32], 0.2, &l).unwrap().unwrap_err();
+        ledger
+            .admit("bob", "cases", "q1", [3; 32], 0.8, &l)
+            .unwrap()
+            .unwrap();
+        let r = ledger
+            .admit("bob", "cases", "q2", [4; 32], 0.2, &l)
+            .unwrap()
+            .unwrap_err();
         assert!(matches!(r, Refusal::DatasetBudget { .. }), "{r}");
     }
 
@@ -296,9 +367,18 @@ mod tests {
     fn rounding_never_lets_ten_tenths_exceed_one() {
         let dir = tempfile::tempdir().unwrap();
         let ledger = Ledger::new(crate::store::Store::open(dir.path()).unwrap());
-        let l = BudgetLimits { per_analyst: 1.0, total: 10.0, per_query_max: 1.0 };
+        let l = BudgetLimits {
+            per_analyst: 1.0,
+            total: 10.0,
+            per_query_max: 1.0,
+        };
         let ok = (0..12)
-            .filter(|i| ledger.admit("a", "d", &format!("q{i}"), [*i as u8; 32], 0.1, &l).unwrap().is_ok())
+            .filter(|i| {
+                ledger
+                    .admit("a", "d", &format!("q{i}"), [*i as u8; 32], 0.1, &l)
+                    .unwrap()
+                    .is_ok()
+            })
             .count();
         assert_eq!(ok, 10);
     }

@@ -28,7 +28,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the fedq.v1 gRPC API over mutual TLS until Ctrl-C or SIGTERM.
-    #[command(after_help = "Example:\n  fedq-node serve --config /etc/fedq/node.toml\n\nLog verbosity follows RUST_LOG (default: info).")]
+    #[command(
+        after_help = "Example:\n  fedq-node serve --config /etc/fedq/node.toml\n\nLog verbosity follows RUST_LOG (default: info)."
+    )]
     Serve {
         /// Path to node.toml.
         #[arg(long)]
@@ -36,8 +38,10 @@ enum Command {
     },
     /// Validate a CSV against a dataset's declared schema and store it, all
     /// or nothing. Stop the node first: the store is opened exclusively.
-    #[command(after_help = "Example:\n  fedq-node ingest --config node.toml --dataset cases --csv export-2026-11.csv\n\n\
-Cells -99 or empty are missing. One bad row fails the whole ingest with file:line, column and what was expected; nothing is stored.")]
+    #[command(
+        after_help = "Example:\n  fedq-node ingest --config node.toml --dataset cases --csv export-2026-11.csv\n\n\
+Cells -99 or empty are missing. One bad row fails the whole ingest with file:line, column and what was expected; nothing is stored."
+    )]
     Ingest {
         /// Path to node.toml.
         #[arg(long)]
@@ -60,7 +64,9 @@ Cells -99 or empty are missing. One bad row fails the whole ingest with file:lin
     },
     /// Write a synthetic CTDC-shaped dataset (never real data) for demos and
     /// tests, and print the matching schema block for node.toml.
-    #[command(after_help = "Example:\n  fedq-node synth --partner hotline --rows 50000 --seed 7 --out cases.csv > schema.toml")]
+    #[command(
+        after_help = "Example:\n  fedq-node synth --partner hotline --rows 50000 --seed 7 --out cases.csv > schema.toml"
+    )]
     Synth {
         /// Profile of the data (only `ctdc` for now).
         #[arg(long, default_value = "ctdc")]
@@ -105,32 +111,50 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(fedq_node::server::serve_until(cfg, shutdown_signal()))
         }
-        Command::Ingest { config, dataset, csv, allow_duplicate } => {
+        Command::Ingest {
+            config,
+            dataset,
+            csv,
+            allow_duplicate,
+        } => {
             let cfg = NodeConfig::load(&config)?;
             let ds = cfg.dataset(&dataset).ok_or_else(|| {
                 anyhow!(
                     "dataset {dataset:?} is not declared in {}; declared: {}",
                     config.display(),
-                    cfg.datasets.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ")
+                    cfg.datasets
+                        .iter()
+                        .map(|d| d.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )
             })?;
             let schema = Schema::from_specs(&ds.name, &ds.columns).map_err(anyhow::Error::msg)?;
             let store = fedq_node::store::Store::open(&cfg.resolve(&cfg.node.store))?;
-            let r = fedq_node::ingest::ingest_csv(&store, &dataset, &schema, &csv, allow_duplicate)?;
+            let r =
+                fedq_node::ingest::ingest_csv(&store, &dataset, &schema, &csv, allow_duplicate)?;
             println!(
                 "ingested {} rows into {dataset:?} ({} rows in total); file sha256 {}",
                 r.rows_added, r.rows_total, r.file_sha256
             );
             if !r.ignored_columns.is_empty() {
-                println!("ignored undeclared columns: {}", r.ignored_columns.join(", "));
+                println!(
+                    "ignored undeclared columns: {}",
+                    r.ignored_columns.join(", ")
+                );
             }
             Ok(())
         }
         Command::Check { config } => {
             let cfg = NodeConfig::load(&config)?;
-            for (what, p) in [("ca", &cfg.tls.ca), ("cert", &cfg.tls.cert), ("key", &cfg.tls.key)] {
+            for (what, p) in [
+                ("ca", &cfg.tls.ca),
+                ("cert", &cfg.tls.cert),
+                ("key", &cfg.tls.key),
+            ] {
                 let path = cfg.resolve(p);
-                std::fs::metadata(&path).with_context(|| format!("tls.{what}: cannot read {}", path.display()))?;
+                std::fs::metadata(&path)
+                    .with_context(|| format!("tls.{what}: cannot read {}", path.display()))?;
             }
             println!(
                 "{}: node {:?}, {} dataset(s), listening on {}: OK",
@@ -141,15 +165,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Synth { profile, partner, rows, seed, out } => {
+        Command::Synth {
+            profile,
+            partner,
+            rows,
+            seed,
+            out,
+        } => {
             if profile != "ctdc" {
-                return Err(anyhow!("unknown profile {profile:?}; the only profile is ctdc"));
+                return Err(anyhow!(
+                    "unknown profile {profile:?}; the only profile is ctdc"
+                ));
             }
-            let partner = Partner::parse(&partner)
-                .ok_or_else(|| anyhow!("unknown partner kind {partner:?}; use case-management, hotline or ngo"))?;
-            let file = std::fs::File::create(&out).with_context(|| format!("cannot create {}", out.display()))?;
+            let partner = Partner::parse(&partner).ok_or_else(|| {
+                anyhow!("unknown partner kind {partner:?}; use case-management, hotline or ngo")
+            })?;
+            let file = std::fs::File::create(&out)
+                .with_context(|| format!("cannot create {}", out.display()))?;
             synth::write_csv(partner, rows, seed, std::io::BufWriter::new(file))?;
-            eprintln!("wrote {rows} synthetic rows to {}; schema for node.toml follows", out.display());
+            eprintln!(
+                "wrote {rows} synthetic rows to {}; schema for node.toml follows",
+                out.display()
+            );
             print!("{}", synth::schema_toml());
             Ok(())
         }

@@ -27,26 +27,36 @@ pub const DISCRETE_LAPLACE: &str = "discrete_laplace";
 /// Significance of reported intervals: they are 95% confidence intervals.
 pub const CI_ALPHA: f64 = 0.05;
 
-fn measurement(
-    scale: f64,
-) -> opendp::error::Fallible<
-    opendp::core::Measurement<VectorDomain<AtomDomain<i64>>, L1Distance<i64>, MaxDivergence, Vec<i64>>,
-> {
-    make_laplace(VectorDomain::new(AtomDomain::<i64>::default()), L1Distance::<i64>::default(), scale, None)
+/// OpenDP's vector discrete Laplace measurement under pure DP.
+type VectorLaplace =
+    opendp::core::Measurement<VectorDomain<AtomDomain<i64>>, L1Distance<i64>, MaxDivergence, Vec<i64>>;
+
+fn measurement(scale: f64) -> opendp::error::Fallible<VectorLaplace> {
+    make_laplace(
+        VectorDomain::new(AtomDomain::<i64>::default()),
+        L1Distance::<i64>::default(),
+        scale,
+        None,
+    )
 }
 
 /// The smallest scale (up to float rounding) whose OpenDP privacy map gives
 /// a loss of at most `epsilon` for a vector of L1 sensitivity `sensitivity`.
 pub fn discrete_laplace_scale(sensitivity: i64, epsilon: f64) -> Result<f64, String> {
     if !(epsilon.is_finite() && epsilon > 0.0) {
-        return Err(format!("epsilon must be positive and finite, got {epsilon}"));
+        return Err(format!(
+            "epsilon must be positive and finite, got {epsilon}"
+        ));
     }
     let mut scale = sensitivity as f64 / epsilon;
     // OpenDP rounds its map conservatively (upwards); nudge the scale up
     // until the reported loss fits.
     for _ in 0..64 {
-        let m = measurement(scale).map_err(|e| format!("cannot build the mechanism: {:?}", e.variant))?;
-        let loss = m.map(&sensitivity).map_err(|e| format!("cannot compute the privacy loss: {:?}", e.variant))?;
+        let m = measurement(scale)
+            .map_err(|e| format!("cannot build the mechanism: {:?}", e.variant))?;
+        let loss = m
+            .map(&sensitivity)
+            .map_err(|e| format!("cannot compute the privacy loss: {:?}", e.variant))?;
         if loss <= epsilon {
             return Ok(scale);
         }
@@ -58,8 +68,10 @@ pub fn discrete_laplace_scale(sensitivity: i64, epsilon: f64) -> Result<f64, Str
 /// Adds discrete Laplace noise of `scale` to each value, with OpenDP.
 /// On failure returns a message that contains no value of the input.
 pub fn release_discrete_laplace(exact: &Vec<i64>, scale: f64) -> Result<Vec<i64>, String> {
-    let m = measurement(scale).map_err(|e| format!("cannot build the mechanism: {:?}", e.variant))?;
-    m.invoke(exact).map_err(|e| format!("the noise sampler failed ({:?})", e.variant))
+    let m =
+        measurement(scale).map_err(|e| format!("cannot build the mechanism: {:?}", e.variant))?;
+    m.invoke(exact)
+        .map_err(|e| format!("the noise sampler failed ({:?})", e.variant))
 }
 
 /// Variance of discrete Laplace noise with `scale` t:

@@ -9,8 +9,8 @@
 use std::path::Path;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
 };
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -92,7 +92,12 @@ impl Authority {
     /// names, so coordinators can verify them by node name.
     pub fn issue(&self, role: Role, name: &str) -> Result<PemPair, rcgen::Error> {
         let sans = match role {
-            Role::Node => vec![name.to_string(), "localhost".into(), "127.0.0.1".into(), "::1".into()],
+            Role::Node => vec![
+                name.to_string(),
+                "localhost".into(),
+                "127.0.0.1".into(),
+                "::1".into(),
+            ],
             Role::Analyst => vec![],
         };
         let mut params = CertificateParams::new(sans)?;
@@ -100,7 +105,10 @@ impl Authority {
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = match role {
-            Role::Node => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
+            Role::Node => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
             Role::Analyst => vec![ExtendedKeyUsagePurpose::ClientAuth],
         };
         let now = std::time::SystemTime::now();
@@ -137,7 +145,12 @@ pub struct Caller {
 pub fn caller_from_der(der: &[u8]) -> Option<Caller> {
     let (_, cert) = X509Certificate::from_der(der).ok()?;
     let subject = cert.subject();
-    let name = subject.iter_common_name().next()?.as_str().ok()?.to_string();
+    let name = subject
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_string();
     let role = subject
         .iter_organizational_unit()
         .next()
@@ -155,10 +168,16 @@ mod tests {
     fn issued_certificate_carries_name_and_role() {
         let ca = Authority::generate("test ca").unwrap();
         let pair = ca.issue(Role::Analyst, "alice@uni").unwrap();
-        let der = x509_parser::pem::parse_x509_pem(pair.cert.as_bytes()).unwrap().1.contents;
+        let der = x509_parser::pem::parse_x509_pem(pair.cert.as_bytes())
+            .unwrap()
+            .1
+            .contents;
         assert_eq!(
             caller_from_der(&der),
-            Some(Caller { name: "alice@uni".into(), role: "analyst".into() })
+            Some(Caller {
+                name: "alice@uni".into(),
+                role: "analyst".into()
+            })
         );
     }
 }

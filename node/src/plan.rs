@@ -83,7 +83,9 @@ impl MeasurementSpec {
     pub fn sensitivity(&self) -> i64 {
         match self {
             MeasurementSpec::CountRows | MeasurementSpec::CountPresent { .. } => 1,
-            MeasurementSpec::Sum { min, max, .. } => min.unsigned_abs().max(max.unsigned_abs()).max(1) as i64,
+            MeasurementSpec::Sum { min, max, .. } => {
+                min.unsigned_abs().max(max.unsigned_abs()).max(1) as i64
+            }
         }
     }
 
@@ -94,7 +96,9 @@ impl MeasurementSpec {
             MeasurementSpec::CountPresent { column } => {
                 format!("COUNT({})", schema.columns[*column].name())
             }
-            MeasurementSpec::Sum { column, .. } => format!("SUM({})", schema.columns[*column].name()),
+            MeasurementSpec::Sum { column, .. } => {
+                format!("SUM({})", schema.columns[*column].name())
+            }
         }
     }
 }
@@ -213,7 +217,9 @@ pub fn plan(sql: &str, schema: &Schema, max_cells: usize) -> Result<Plan, PlanEr
     let mut group_by = Vec::new();
     for e in &group_exprs {
         let name = column_name(e).ok_or_else(|| {
-            PlanError(format!("GROUP BY {e}: only plain column names can be grouped by"))
+            PlanError(format!(
+                "GROUP BY {e}: only plain column names can be grouped by"
+            ))
         })?;
         let (idx, col) = schema.column(&name).map_err(PlanError)?;
         if col.domain_size().is_none() {
@@ -272,16 +278,26 @@ pub fn plan(sql: &str, schema: &Schema, max_cells: usize) -> Result<Plan, PlanEr
             ));
         };
         let fname = f.name.to_string().to_ascii_uppercase();
-        if f.filter.is_some() || f.over.is_some() || f.null_treatment.is_some() || !f.within_group.is_empty() {
-            return err(format!("{expr}: FILTER, OVER and WITHIN GROUP are not supported"));
+        if f.filter.is_some()
+            || f.over.is_some()
+            || f.null_treatment.is_some()
+            || !f.within_group.is_empty()
+        {
+            return err(format!(
+                "{expr}: FILTER, OVER and WITHIN GROUP are not supported"
+            ));
         }
         let args = match &f.args {
             FunctionArguments::List(list) => {
                 if list.duplicate_treatment.is_some() {
-                    return err(format!("{expr}: DISTINCT and ALL inside aggregates are not supported"));
+                    return err(format!(
+                        "{expr}: DISTINCT and ALL inside aggregates are not supported"
+                    ));
                 }
                 if !list.clauses.is_empty() {
-                    return err(format!("{expr}: clauses inside aggregates are not supported"));
+                    return err(format!(
+                        "{expr}: clauses inside aggregates are not supported"
+                    ));
                 }
                 &list.args
             }
@@ -363,7 +379,12 @@ fn parse_select(sql: &str) -> Result<Box<sqlparser::ast::Select>, PlanError> {
     if query.limit_clause.is_some() || query.fetch.is_some() {
         return err("LIMIT/FETCH is not supported: every cell of the declared domain is returned");
     }
-    if !query.locks.is_empty() || query.for_clause.is_some() || query.settings.is_some() || query.format_clause.is_some() || !query.pipe_operators.is_empty() {
+    if !query.locks.is_empty()
+        || query.for_clause.is_some()
+        || query.settings.is_some()
+        || query.format_clause.is_some()
+        || !query.pipe_operators.is_empty()
+    {
         return err("only a plain SELECT ... FROM ... [WHERE ...] [GROUP BY ...] is supported");
     }
     let SetExpr::Select(select) = *query.body else {
@@ -376,7 +397,9 @@ fn parse_select(sql: &str) -> Result<Box<sqlparser::ast::Select>, PlanError> {
         return err("TOP and INTO are not supported");
     }
     if select.having.is_some() {
-        return err("HAVING is not supported: filtering on noisy values is done after release, by you");
+        return err(
+            "HAVING is not supported: filtering on noisy values is done after release, by you",
+        );
     }
     if select.prewhere.is_some()
         || select.qualify.is_some()
@@ -405,9 +428,13 @@ fn table_name(from: &[sqlparser::ast::TableWithJoins]) -> Result<String, PlanErr
         return err("JOIN is not supported: query one dataset");
     }
     match &table.relation {
-        TableFactor::Table { name, args: None, .. } => match name.0.as_slice() {
+        TableFactor::Table {
+            name, args: None, ..
+        } => match name.0.as_slice() {
             [ObjectNamePart::Identifier(id)] => Ok(id.value.clone()),
-            _ => err(format!("FROM {name}: name the dataset without a schema prefix")),
+            _ => err(format!(
+                "FROM {name}: name the dataset without a schema prefix"
+            )),
         },
         TableFactor::Derived { .. } => err("subqueries are not supported: query one dataset"),
         other => err(format!("FROM {other}: only a dataset name is supported")),
@@ -429,8 +456,11 @@ fn aggregate_column(
     fname: &str,
     numeric: bool,
 ) -> Result<(usize, (i64, i64)), PlanError> {
-    let name = column_name(e)
-        .ok_or_else(|| PlanError(format!("{fname}({e}): only a plain column can be aggregated")))?;
+    let name = column_name(e).ok_or_else(|| {
+        PlanError(format!(
+            "{fname}({e}): only a plain column can be aggregated"
+        ))
+    })?;
     let (idx, col) = schema.column(&name).map_err(PlanError)?;
     match col {
         Column::Integer { min, max, .. } => Ok((idx, (*min, *max))),
@@ -531,7 +561,9 @@ fn predicate(schema: &Schema, e: &Expr) -> Result<Predicate, PlanError> {
 
 fn where_column<'s>(schema: &'s Schema, e: &Expr) -> Result<(usize, &'s Column), PlanError> {
     let name = column_name(e).ok_or_else(|| {
-        PlanError(format!("{e}: expected a column name (expressions on columns are not supported)"))
+        PlanError(format!(
+            "{e}: expected a column name (expressions on columns are not supported)"
+        ))
     })?;
     schema.column(&name).map_err(PlanError)
 }
@@ -552,7 +584,10 @@ fn literal(col: &Column, e: &Expr) -> Result<i64, PlanError> {
             }
             other => return err(format!("literal {other} is not supported")),
         },
-        Expr::UnaryOp { op: UnaryOperator::Minus, expr } => match expr.as_ref() {
+        Expr::UnaryOp {
+            op: UnaryOperator::Minus,
+            expr,
+        } => match expr.as_ref() {
             Expr::Value(v) => match &v.value {
                 Value::Number(n, _) => (format!("-{n}"), false),
                 _ => return err(format!("{e}: expected a number")),
@@ -576,19 +611,27 @@ fn literal(col: &Column, e: &Expr) -> Result<i64, PlanError> {
                 .ok_or_else(|| {
                     PlanError(format!(
                         "{text:?} is not in the declared domain of {name}: expected {}",
-                        col.expectation().trim_end_matches(", or -99/empty for missing")
+                        col.expectation()
+                            .trim_end_matches(", or -99/empty for missing")
                     ))
                 })
         }
         Column::Integer { name, .. } => {
             if quoted {
-                return err(format!("{name} is an integer column: compare it with a number, not a string"));
+                return err(format!(
+                    "{name} is an integer column: compare it with a number, not a string"
+                ));
             }
-            text.parse::<i64>()
-                .map_err(|_| PlanError(format!("{text}: {name} is an integer column; expected an integer literal")))
+            text.parse::<i64>().map_err(|_| {
+                PlanError(format!(
+                    "{text}: {name} is an integer column; expected an integer literal"
+                ))
+            })
         }
         Column::Boolean { name } => parse_bool(&text).map(i64::from).ok_or_else(|| {
-            PlanError(format!("{text:?}: {name} is boolean; compare it with 0, 1, true or false"))
+            PlanError(format!(
+                "{text:?}: {name} is boolean; compare it with 0, 1, true or false"
+            ))
         }),
     }
 }
@@ -609,10 +652,25 @@ mod tests {
         Schema::from_specs(
             "cases",
             &[
-                col("gender", ColumnType::Categorical, Some(&["Female", "Male", "Trans"]), None),
-                col("ageBroad", ColumnType::Categorical, Some(&["0--8", "9--17", "18+"]), None),
+                col(
+                    "gender",
+                    ColumnType::Categorical,
+                    Some(&["Female", "Male", "Trans"]),
+                    None,
+                ),
+                col(
+                    "ageBroad",
+                    ColumnType::Categorical,
+                    Some(&["0--8", "9--17", "18+"]),
+                    None,
+                ),
                 col("isForcedLabour", ColumnType::Boolean, None, None),
-                col("yearOfRegistration", ColumnType::Integer, None, Some((2002, 2025))),
+                col(
+                    "yearOfRegistration",
+                    ColumnType::Integer,
+                    None,
+                    Some((2002, 2025)),
+                ),
                 col("traffickMonths", ColumnType::Integer, None, Some((0, 120))),
             ],
         )
@@ -621,7 +679,10 @@ mod tests {
 
     fn fails(sql: &str, needle: &str) {
         let e = plan(sql, &schema(), 10_000).unwrap_err().0;
-        assert!(e.contains(needle), "error for {sql:?} was {e:?}, expected it to mention {needle:?}");
+        assert!(
+            e.contains(needle),
+            "error for {sql:?} was {e:?}, expected it to mention {needle:?}"
+        );
     }
 
     #[test]
@@ -641,7 +702,12 @@ mod tests {
 
     #[test]
     fn avg_shares_the_sum_with_sum() {
-        let p = plan("SELECT SUM(traffickMonths), AVG(traffickMonths), COUNT(*) FROM cases", &schema(), 10).unwrap();
+        let p = plan(
+            "SELECT SUM(traffickMonths), AVG(traffickMonths), COUNT(*) FROM cases",
+            &schema(),
+            10,
+        )
+        .unwrap();
         assert_eq!(p.measurements.len(), 3);
         assert_eq!(p.outputs[0].measurement, p.outputs[1].measurement);
         assert_eq!(p.measurements[0].sensitivity(), 120);
@@ -650,40 +716,96 @@ mod tests {
 
     #[test]
     fn literal_flipped_and_negative() {
-        let p = plan("SELECT COUNT(*) FROM cases WHERE 2015 <= yearOfRegistration AND traffickMonths > -1", &schema(), 10).unwrap();
-        let Some(Predicate::And(a, b)) = p.filter else { panic!() };
-        assert_eq!(*a, Predicate::Cmp { column: 3, op: CmpOp::Ge, value: 2015 });
-        assert_eq!(*b, Predicate::Cmp { column: 4, op: CmpOp::Gt, value: -1 });
+        let p = plan(
+            "SELECT COUNT(*) FROM cases WHERE 2015 <= yearOfRegistration AND traffickMonths > -1",
+            &schema(),
+            10,
+        )
+        .unwrap();
+        let Some(Predicate::And(a, b)) = p.filter else {
+            panic!()
+        };
+        assert_eq!(
+            *a,
+            Predicate::Cmp {
+                column: 3,
+                op: CmpOp::Ge,
+                value: 2015
+            }
+        );
+        assert_eq!(
+            *b,
+            Predicate::Cmp {
+                column: 4,
+                op: CmpOp::Gt,
+                value: -1
+            }
+        );
     }
 
     #[test]
     fn clear_errors_for_everything_outside_the_subset() {
         fails("SELEC COUNT(*) FROM cases", "syntax");
         fails("SELECT * FROM cases", "SELECT *");
-        fails("SELECT COUNT(*) FROM cases a JOIN other b ON a.x = b.x", "JOIN");
+        fails(
+            "SELECT COUNT(*) FROM cases a JOIN other b ON a.x = b.x",
+            "JOIN",
+        );
         fails("SELECT COUNT(*) FROM (SELECT * FROM cases) t", "subqueries");
-        fails("SELECT COUNT(*) FROM cases WHERE nope = 1", "unknown column \"nope\"");
-        fails("SELECT COUNT(*) FROM cases GROUP BY traffickMonths", "integer column");
+        fails(
+            "SELECT COUNT(*) FROM cases WHERE nope = 1",
+            "unknown column \"nope\"",
+        );
+        fails(
+            "SELECT COUNT(*) FROM cases GROUP BY traffickMonths",
+            "integer column",
+        );
         fails("SELECT SUM(gender) FROM cases", "not an integer column");
-        fails("SELECT MAX(traffickMonths) FROM cases", "MAX is not supported");
-        fails("SELECT COUNT(*) FROM cases WHERE gender = 'Femal'", "not in the declared domain of gender");
-        fails("SELECT COUNT(*) FROM cases WHERE gender = 1", "quoted string");
-        fails("SELECT COUNT(*) FROM cases WHERE gender > 'Female'", "only =, <> and IN");
+        fails(
+            "SELECT MAX(traffickMonths) FROM cases",
+            "MAX is not supported",
+        );
+        fails(
+            "SELECT COUNT(*) FROM cases WHERE gender = 'Femal'",
+            "not in the declared domain of gender",
+        );
+        fails(
+            "SELECT COUNT(*) FROM cases WHERE gender = 1",
+            "quoted string",
+        );
+        fails(
+            "SELECT COUNT(*) FROM cases WHERE gender > 'Female'",
+            "only =, <> and IN",
+        );
         fails("SELECT COUNT(*) FROM cases ORDER BY 1", "ORDER BY");
         fails("SELECT COUNT(*) FROM cases LIMIT 3", "LIMIT");
         fails("SELECT gender, COUNT(*) FROM cases", "not aggregated");
         fails("SELECT gender FROM cases GROUP BY gender", "no aggregate");
         fails("SELECT COUNT(DISTINCT gender) FROM cases", "DISTINCT");
-        fails("SELECT COUNT(*) FROM cases; SELECT COUNT(*) FROM cases", "one SELECT");
+        fails(
+            "SELECT COUNT(*) FROM cases; SELECT COUNT(*) FROM cases",
+            "one SELECT",
+        );
         fails("DELETE FROM cases", "only SELECT");
-        fails("SELECT COUNT(*) FROM cases WHERE traffickMonths = NULL", "IS NULL");
+        fails(
+            "SELECT COUNT(*) FROM cases WHERE traffickMonths = NULL",
+            "IS NULL",
+        );
         fails("SELECT COUNT(*) FROM cases HAVING COUNT(*) > 3", "HAVING");
-        fails("SELECT COUNT(*) FROM cases WHERE traffickMonths + 1 > 3", "column on one side");
+        fails(
+            "SELECT COUNT(*) FROM cases WHERE traffickMonths + 1 > 3",
+            "column on one side",
+        );
     }
 
     #[test]
     fn cell_limit_is_enforced() {
-        let e = plan("SELECT gender, ageBroad, COUNT(*) FROM cases GROUP BY gender, ageBroad", &schema(), 8).unwrap_err();
+        let e = plan(
+            "SELECT gender, ageBroad, COUNT(*) FROM cases GROUP BY gender, ageBroad",
+            &schema(),
+            8,
+        )
+        .unwrap_err();
         assert!(e.0.contains("9 cells"), "{e}");
     }
 }

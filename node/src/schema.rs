@@ -119,9 +119,7 @@ impl Column {
                     .parse()
                     .map_err(|_| format!("{cell:?} is not an integer"))?;
                 if v < *min || v > *max {
-                    return Err(format!(
-                        "{v} is outside the declared bounds [{min}, {max}]"
-                    ));
+                    return Err(format!("{v} is outside the declared bounds [{min}, {max}]"));
                 }
                 Ok(v)
             }
@@ -304,7 +302,9 @@ impl Schema {
                         h.update([0u8]);
                     }
                 }
-                Column::Integer { name, min, max } => h.update(format!("i\0{name}\0{min}\0{max}\0")),
+                Column::Integer { name, min, max } => {
+                    h.update(format!("i\0{name}\0{min}\0{max}\0"))
+                }
                 Column::Boolean { name } => h.update(format!("b\0{name}\0")),
             }
         }
@@ -369,12 +369,18 @@ mod tests {
     #[test]
     fn rejects_bad_declarations() {
         let no_bounds = spec("m", ColumnType::Integer);
-        assert!(Schema::from_specs("d", &[no_bounds]).unwrap_err().contains("min"));
+        assert!(Schema::from_specs("d", &[no_bounds])
+            .unwrap_err()
+            .contains("min"));
         let mut dup = spec("g", ColumnType::Categorical);
         dup.domain = Some(vec!["a".into(), "a".into()]);
-        assert!(Schema::from_specs("d", &[dup]).unwrap_err().contains("twice"));
+        assert!(Schema::from_specs("d", &[dup])
+            .unwrap_err()
+            .contains("twice"));
         let b = spec("b", ColumnType::Boolean);
-        assert!(Schema::from_specs("d", &[b.clone(), b]).unwrap_err().contains("twice"));
+        assert!(Schema::from_specs("d", &[b.clone(), b])
+            .unwrap_err()
+            .contains("twice"));
     }
 
     #[test]

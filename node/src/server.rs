@@ -42,7 +42,8 @@ impl RunningNode {
 fn tls_config(cfg: &NodeConfig) -> anyhow::Result<ServerTlsConfig> {
     let read = |p: &std::path::Path, what: &str| {
         let path = cfg.resolve(p);
-        std::fs::read(&path).with_context(|| format!("cannot read the node's {what} {}", path.display()))
+        std::fs::read(&path)
+            .with_context(|| format!("cannot read the node's {what} {}", path.display()))
     };
     let cert = read(&cfg.tls.cert, "certificate")?;
     let key = read(&cfg.tls.key, "private key")?;

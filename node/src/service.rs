@@ -110,12 +110,12 @@ impl NodeService {
 
 /// The verified caller of a request, or UNAUTHENTICATED.
 fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
-    let certs = req
-        .peer_certs()
-        .ok_or_else(|| Status::unauthenticated("a client certificate issued by the federation CA is required"))?;
-    let leaf = certs
-        .first()
-        .ok_or_else(|| Status::unauthenticated("a client certificate issued by the federation CA is required"))?;
+    let certs = req.peer_certs().ok_or_else(|| {
+        Status::unauthenticated("a client certificate issued by the federation CA is required")
+    })?;
+    let leaf = certs.first().ok_or_else(|| {
+        Status::unauthenticated("a client certificate issued by the federation CA is required")
+    })?;
     caller_from_der(leaf.as_ref())
         .ok_or_else(|| Status::unauthenticated("the client certificate has no subject common name"))
 }
@@ -149,7 +149,10 @@ fn internal(e: impl std::fmt::Display) -> Status {
 
 /// Checks the request fields that do not need the schema.
 fn validate_request(q: &QueryRequest, max_sql: usize) -> Result<(), Status> {
-    if q.query_id.is_empty() || q.query_id.len() > MAX_QUERY_ID || !q.query_id.chars().all(|c| c.is_ascii_graphic()) {
+    if q.query_id.is_empty()
+        || q.query_id.len() > MAX_QUERY_ID
+        || !q.query_id.chars().all(|c| c.is_ascii_graphic())
+    {
         return Err(Status::invalid_argument(format!(
             "query_id must be 1 to {MAX_QUERY_ID} printable ASCII characters without spaces"
         )));
@@ -162,26 +165,37 @@ fn validate_request(q: &QueryRequest, max_sql: usize) -> Result<(), Status> {
     }
     let e = q.epsilon;
     if e.is_nan() {
-        return Err(Status::invalid_argument("epsilon is NaN; give a positive number such as 0.5"));
+        return Err(Status::invalid_argument(
+            "epsilon is NaN; give a positive number such as 0.5",
+        ));
     }
     if e.is_infinite() {
         return Err(Status::invalid_argument("epsilon is infinite, which would release exact values; give a positive finite number such as 0.5"));
     }
     if e <= 0.0 {
-        return Err(Status::invalid_argument(format!("epsilon must be greater than 0 (got {e}); give a positive number such as 0.5")));
+        return Err(Status::invalid_argument(format!(
+            "epsilon must be greater than 0 (got {e}); give a positive number such as 0.5"
+        )));
     }
     Ok(())
 }
 
 /// The response skeleton: everything but the noisy values and the budget.
-fn describe_release(node: &str, q: &QueryRequest, ds: &Dataset, plan: &Plan) -> Result<QueryResponse, Status> {
+fn describe_release(
+    node: &str,
+    q: &QueryRequest,
+    ds: &Dataset,
+    plan: &Plan,
+) -> Result<QueryResponse, Status> {
     let m = plan.measurements.len();
     let per = q.epsilon / m as f64;
     let mut measurements = Vec::with_capacity(m);
     for spec in &plan.measurements {
         let sensitivity = spec.sensitivity();
-        let scale = mechanism::discrete_laplace_scale(sensitivity, per).map_err(Status::invalid_argument)?;
-        let ci = mechanism::discrete_laplace_half_width(scale, mechanism::CI_ALPHA).map_err(internal)?;
+        let scale = mechanism::discrete_laplace_scale(sensitivity, per)
+            .map_err(Status::invalid_argument)?;
+        let ci =
+            mechanism::discrete_laplace_half_width(scale, mechanism::CI_ALPHA).map_err(internal)?;
         measurements.push(Measurement {
             label: spec.label(&ds.schema),
             mechanism: mechanism::DISCRETE_LAPLACE.into(),
@@ -222,8 +236,15 @@ fn describe_release(node: &str, q: &QueryRequest, ds: &Dataset, plan: &Plan) -> 
         query_id: q.query_id.clone(),
         node_name: node.to_string(),
         dataset: plan.dataset.clone(),
-        group_by: plan.group_by.iter().map(|&i| ds.schema.columns[i].name().to_string()).collect(),
-        cells: cell_keys(plan, &ds.schema).into_iter().map(|values| CellKey { values }).collect(),
+        group_by: plan
+            .group_by
+            .iter()
+            .map(|&i| ds.schema.columns[i].name().to_string())
+            .collect(),
+        cells: cell_keys(plan, &ds.schema)
+            .into_iter()
+            .map(|values| CellKey { values })
+            .collect(),
         outputs,
         measurements,
         budget: None,
@@ -250,7 +271,10 @@ struct InFlight<'a> {
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.set.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.key);
+        self.set
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
     }
 }
 
@@ -273,11 +297,21 @@ fn run_query(
             )));
         }
     }
-    let _guard = InFlight { set: &state.in_flight, key };
+    let _guard = InFlight {
+        set: &state.in_flight,
+        key,
+    };
     let digest = query_digest(q);
     let admission = state
         .ledger
-        .admit(analyst, &plan.dataset, &q.query_id, digest, q.epsilon, &ds.config.budget)
+        .admit(
+            analyst,
+            &plan.dataset,
+            &q.query_id,
+            digest,
+            q.epsilon,
+            &ds.config.budget,
+        )
         .map_err(internal)?
         .map_err(|refusal| match refusal {
             crate::ledger::Refusal::IdReused(_) => Status::already_exists(refusal.to_string()),
@@ -320,7 +354,10 @@ fn run_query(
 
 #[tonic::async_trait]
 impl Node for NodeService {
-    async fn describe(&self, _req: Request<DescribeRequest>) -> Result<Response<DescribeResponse>, Status> {
+    async fn describe(
+        &self,
+        _req: Request<DescribeRequest>,
+    ) -> Result<Response<DescribeResponse>, Status> {
         let mut names: Vec<&String> = self.state.datasets.keys().collect();
         names.sort();
         let datasets = names
@@ -373,21 +410,29 @@ impl Node for NodeService {
                 q.epsilon, state.config.node.name
             ))));
         }
-        let mut response = describe_release(&state.config.node.name, &q, ds, &plan).map_err(refuse)?;
+        let mut response =
+            describe_release(&state.config.node.name, &q, ds, &plan).map_err(refuse)?;
         if q.dry_run {
-            let b = state.ledger.state(&who.name, &name, &ds.config.budget).map_err(internal)?;
+            let b = state
+                .ledger
+                .state(&who.name, &name, &ds.config.budget)
+                .map_err(internal)?;
             response.budget = Some(budget_proto(&who.name, &ds.config, b));
             return Ok(Response::new(response));
         }
         let state = Arc::clone(&self.state);
         let analyst = who.name.clone();
-        let answer = tokio::task::spawn_blocking(move || run_query(&state, &analyst, &q, &plan, response))
-            .await
-            .map_err(internal)??;
+        let answer =
+            tokio::task::spawn_blocking(move || run_query(&state, &analyst, &q, &plan, response))
+                .await
+                .map_err(internal)??;
         Ok(Response::new(answer))
     }
 
-    async fn budget(&self, req: Request<BudgetRequest>) -> Result<Response<BudgetResponse>, Status> {
+    async fn budget(
+        &self,
+        req: Request<BudgetRequest>,
+    ) -> Result<Response<BudgetResponse>, Status> {
         let who = caller(&req)?;
         require_analyst(&who)?;
         let mut budgets = Vec::new();
@@ -395,7 +440,11 @@ impl Node for NodeService {
         names.sort();
         for n in names {
             let d = &self.state.datasets[n];
-            let s = self.state.ledger.state(&who.name, n, &d.config.budget).map_err(internal)?;
+            let s = self
+                .state
+                .ledger
+                .state(&who.name, n, &d.config.budget)
+                .map_err(internal)?;
             budgets.push(budget_proto(&who.name, &d.config, s));
         }
         Ok(Response::new(BudgetResponse {

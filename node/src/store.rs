@@ -78,7 +78,9 @@ impl Store {
 
     /// Whether a file with this digest was already ingested into `dataset`.
     pub fn was_ingested(&self, dataset: &str, file_sha256: &str) -> anyhow::Result<bool> {
-        Ok(self.data.contains_key(format!("ingest/{dataset}/{file_sha256}"))?)
+        Ok(self
+            .data
+            .contains_key(format!("ingest/{dataset}/{file_sha256}"))?)
     }
 
     /// Appends encoded rows (row-major) to `dataset` in one atomic, durable
@@ -113,11 +115,25 @@ impl Store {
             chunk_id += 1;
         }
         let added = (codes.len() / width) as u64;
-        batch.insert(format!("meta/{dataset}/rows").as_bytes(), &(rows_before + added).to_be_bytes());
-        batch.insert(format!("meta/{dataset}/chunks").as_bytes(), &chunk_id.to_be_bytes());
-        batch.insert(format!("meta/{dataset}/schema").as_bytes(), digest.as_bytes());
-        batch.insert(format!("ingest/{dataset}/{file_sha256}").as_bytes(), &added.to_be_bytes());
-        self.data.apply_batch(batch).context("writing the ingest batch")?;
+        batch.insert(
+            format!("meta/{dataset}/rows").as_bytes(),
+            &(rows_before + added).to_be_bytes(),
+        );
+        batch.insert(
+            format!("meta/{dataset}/chunks").as_bytes(),
+            &chunk_id.to_be_bytes(),
+        );
+        batch.insert(
+            format!("meta/{dataset}/schema").as_bytes(),
+            digest.as_bytes(),
+        );
+        batch.insert(
+            format!("ingest/{dataset}/{file_sha256}").as_bytes(),
+            &added.to_be_bytes(),
+        );
+        self.data
+            .apply_batch(batch)
+            .context("writing the ingest batch")?;
         self.flush().context("flushing the ingest to disk")?;
         Ok(rows_before + added)
     }
@@ -141,7 +157,10 @@ impl Store {
         for item in self.data.scan_prefix(prefix.as_bytes()) {
             let (_, v) = item?;
             if v.len() % (8 * width) != 0 {
-                bail!("dataset {dataset:?}: a stored chunk is corrupt (length {})", v.len());
+                bail!(
+                    "dataset {dataset:?}: a stored chunk is corrupt (length {})",
+                    v.len()
+                );
             }
             codes.clear();
             codes.extend(v.chunks_exact(8).map(|b| {
@@ -182,7 +201,9 @@ fn open_with_retry(dir: &Path) -> anyhow::Result<sled::Db> {
     for _ in 0..50 {
         match sled::Config::new().path(dir).open() {
             Ok(db) => return Ok(db),
-            Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("lock") => {
+            Err(sled::Error::Io(e))
+                if e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("lock") =>
+            {
                 last = Some(e);
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }

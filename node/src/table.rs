@@ -144,12 +144,17 @@ impl Table {
                 };
                 self.map_present(*column, |v| test(v, value))
             }
-            Predicate::In { column, values, negated } => {
-                self.map_present(*column, |v| values.contains(&v) != *negated)
-            }
-            Predicate::Between { column, low, high, negated } => {
-                self.map_present(*column, |v| (v >= *low && v <= *high) != *negated)
-            }
+            Predicate::In {
+                column,
+                values,
+                negated,
+            } => self.map_present(*column, |v| values.contains(&v) != *negated),
+            Predicate::Between {
+                column,
+                low,
+                high,
+                negated,
+            } => self.map_present(*column, |v| (v >= *low && v <= *high) != *negated),
             Predicate::IsMissing { column, negated } => self.columns[*column]
                 .iter()
                 .map(|&v| u8::from((v == MISSING) != *negated))
@@ -160,7 +165,13 @@ impl Table {
     fn map_present(&self, column: usize, f: impl Fn(i64) -> bool) -> Vec<u8> {
         self.columns[column]
             .iter()
-            .map(|&v| if v == MISSING { UNKNOWN } else { u8::from(f(v)) })
+            .map(|&v| {
+                if v == MISSING {
+                    UNKNOWN
+                } else {
+                    u8::from(f(v))
+                }
+            })
             .collect()
     }
 }
@@ -206,9 +217,27 @@ mod tests {
         let schema = Schema::from_specs(
             "t",
             &[
-                ColumnSpec { name: "g".into(), kind: ColumnType::Categorical, domain: Some(vec!["a".into(), "b".into()]), min: None, max: None },
-                ColumnSpec { name: "f".into(), kind: ColumnType::Boolean, domain: None, min: None, max: None },
-                ColumnSpec { name: "m".into(), kind: ColumnType::Integer, domain: None, min: Some(0), max: Some(10) },
+                ColumnSpec {
+                    name: "g".into(),
+                    kind: ColumnType::Categorical,
+                    domain: Some(vec!["a".into(), "b".into()]),
+                    min: None,
+                    max: None,
+                },
+                ColumnSpec {
+                    name: "f".into(),
+                    kind: ColumnType::Boolean,
+                    domain: None,
+                    min: None,
+                    max: None,
+                },
+                ColumnSpec {
+                    name: "m".into(),
+                    kind: ColumnType::Integer,
+                    domain: None,
+                    min: Some(0),
+                    max: Some(10),
+                },
             ],
         )
         .unwrap();
@@ -226,8 +255,16 @@ mod tests {
     #[test]
     fn grouped_counts_include_missing_and_empty_keys() {
         let t = table();
-        let p = plan("SELECT g, COUNT(*), SUM(m), AVG(m) FROM t WHERE f = 1 GROUP BY g", &t.schema, 100).unwrap();
-        assert_eq!(cell_keys(&p, &t.schema), vec![vec!["a"], vec!["b"], vec![MISSING_KEY]]);
+        let p = plan(
+            "SELECT g, COUNT(*), SUM(m), AVG(m) FROM t WHERE f = 1 GROUP BY g",
+            &t.schema,
+            100,
+        )
+        .unwrap();
+        assert_eq!(
+            cell_keys(&p, &t.schema),
+            vec![vec!["a"], vec!["b"], vec![MISSING_KEY]]
+        );
         let exact = t.exact(&p);
         assert_eq!(exact[0], vec![1, 1, 1]); // COUNT(*) where f = 1
         assert_eq!(exact[1], vec![5, 0, 3]); // SUM(m)
@@ -239,9 +276,19 @@ mod tests {
         let t = table();
         let p = plan("SELECT COUNT(*) FROM t WHERE NOT f = 1", &t.schema, 100).unwrap();
         assert_eq!(t.exact(&p), vec![vec![1]]);
-        let p = plan("SELECT COUNT(*) FROM t WHERE f IS NULL OR m BETWEEN 6 AND 9", &t.schema, 100).unwrap();
+        let p = plan(
+            "SELECT COUNT(*) FROM t WHERE f IS NULL OR m BETWEEN 6 AND 9",
+            &t.schema,
+            100,
+        )
+        .unwrap();
         assert_eq!(t.exact(&p), vec![vec![2]]);
-        let p = plan("SELECT COUNT(*) FROM t WHERE g NOT IN ('a')", &t.schema, 100).unwrap();
+        let p = plan(
+            "SELECT COUNT(*) FROM t WHERE g NOT IN ('a')",
+            &t.schema,
+            100,
+        )
+        .unwrap();
         assert_eq!(t.exact(&p), vec![vec![2]]);
     }
 }

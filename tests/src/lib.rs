@@ -1,0 +1,247 @@
+//! Shared set-up for fedq's end-to-end tests: real `fedq-node` servers with
+//! real sled stores in temporary directories, certificates from a real
+//! (throw-away) CA, and the real coordinator library talking mutual-TLS gRPC
+//! over loopback. Nothing of ours is mocked.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fedq::client::Federation;
+use fedq::federation::{ClientTls, Defaults, FederationConfig, NodeEntry};
+use fedq_node::config::{BudgetLimits, DatasetConfig, Limits, NodeConfig, NodeSection, TlsSection};
+use fedq_node::pki::{Authority, Role};
+use fedq_node::schema::Schema;
+use fedq_node::server::RunningNode;
+use fedq_node::synth::{self, Partner};
+use fedq_proto::v1::node_client::NodeClient;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// One test node: its directory, config and (when running) server.
+pub struct TestNode {
+    /// The node's name (also its certificate's DNS name).
+    pub name: String,
+    /// The node's config (listen address fixed after the first start).
+    pub config: NodeConfig,
+    /// The synthetic CSV it ingested.
+    pub csv: PathBuf,
+    /// The running server, if started.
+    pub running: Option<RunningNode>,
+}
+
+/// A federation of test nodes sharing one CA.
+pub struct TestFederation {
+    /// Everything lives here and is deleted at the end.
+    pub dir: tempfile::TempDir,
+    /// The federation CA.
+    pub ca: Authority,
+    /// The nodes.
+    pub nodes: Vec<TestNode>,
+}
+
+/// Budget limits generous enough not to interfere.
+pub fn roomy_budget() -> BudgetLimits {
+    BudgetLimits {
+        per_analyst: 1000.0,
+        total: 10_000.0,
+        per_query_max: 10.0,
+    }
+}
+
+impl TestFederation {
+    /// Creates `partners.len()` nodes with synthetic data (kind, rows,
+    /// seed), each ingested into its own store, and starts them.
+    pub async fn start(partners: &[(Partner, usize, u64)], budget: BudgetLimits) -> TestFederation {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = Authority::generate("test federation CA").expect("CA");
+        ca.pem
+            .write(&dir.path().join("ca"), "ca")
+            .expect("write CA");
+        let mut nodes = Vec::new();
+        for (i, &(partner, rows, seed)) in partners.iter().enumerate() {
+            let name = format!("node-{i}");
+            let node_dir = dir.path().join(&name);
+            let csv = node_dir.join("cases.csv");
+            std::fs::create_dir_all(&node_dir).unwrap();
+            synth::write_csv(partner, rows, seed, std::fs::File::create(&csv).unwrap()).unwrap();
+            let config = node_config(&ca, &node_dir, &name, budget);
+            let schema = Schema::from_specs("cases", &config.datasets[0].columns).unwrap();
+            {
+                let store =
+                    fedq_node::store::Store::open(&config.resolve(&config.node.store)).unwrap();
+                fedq_node::ingest::ingest_csv(&store, "cases", &schema, &csv, false).unwrap();
+            }
+            nodes.push(TestNode {
+                name,
+                config,
+                csv,
+                running: None,
+            });
+        }
+        let mut fed = TestFederation { dir, ca, nodes };
+        for i in 0..fed.nodes.len() {
+            fed.start_node(i).await;
+        }
+        fed
+    }
+
+    /// Starts node `i` (again), on the same address as before if it ran.
+    pub async fn start_node(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        assert!(node.running.is_none(), "node {i} is already running");
+        let running = fedq_node::server::start(node.config.clone())
+            .await
+            .expect("start node");
+        node.config.node.listen = running.addr;
+        node.running = Some(running);
+    }
+
+    /// Stops node `i` gracefully.
+    pub async fn stop_node(&mut self, i: usize) {
+        if let Some(r) = self.nodes[i].running.take() {
+            r.stop().await.expect("stop node");
+        }
+    }
+
+    /// Writes a certificate for `name` with `role` and returns its paths.
+    pub fn client_cert(&self, role: Role, name: &str) -> (PathBuf, PathBuf) {
+        let d = self.dir.path().join("clients");
+        self.ca.issue(role, name).unwrap().write(&d, name).unwrap();
+        (d.join(format!("{name}.pem")), d.join(format!("{name}.key")))
+    }
+
+    /// A coordinator federation over all nodes, as analyst `analyst`.
+    pub fn federation(&self, analyst: &str) -> Federation {
+        let (cert, key) = self.client_cert(Role::Analyst, analyst);
+        let config = FederationConfig {
+            tls: ClientTls {
+                ca: self.dir.path().join("ca/ca.pem"),
+                cert,
+                key,
+            },
+            defaults: Defaults { timeout_secs: 30.0 },
+            nodes: self
+                .nodes
+                .iter()
+                .map(|n| NodeEntry {
+                    name: n.name.clone(),
+                    endpoint: format!("https://{}", n.config.node.listen),
+                })
+                .collect(),
+            base_dir: self.dir.path().to_path_buf(),
+        };
+        Federation::from_config(config).unwrap()
+    }
+
+    /// A raw gRPC client to node `i` as `name` in `role`, for tests that
+    /// need the node's own status codes.
+    pub async fn raw_client(&self, i: usize, role: Role, name: &str) -> NodeClient<Channel> {
+        let (cert, key) = self.client_cert(role, name);
+        connect(
+            &self.nodes[i],
+            &self.dir.path().join("ca/ca.pem"),
+            &cert,
+            &key,
+        )
+        .await
+        .expect("connect")
+    }
+}
+
+/// Connects to a node with the given client certificate files.
+pub async fn connect(
+    node: &TestNode,
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+) -> Result<NodeClient<Channel>, tonic::transport::Error> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()))
+        .identity(Identity::from_pem(
+            std::fs::read(cert).unwrap(),
+            std::fs::read(key).unwrap(),
+        ))
+        .domain_name(node.name.clone());
+    let ch = Endpoint::from_shared(format!("https://{}", node.config.node.listen))
+        .unwrap()
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(10))
+        .connect()
+        .await?;
+    Ok(NodeClient::new(ch))
+}
+
+/// A node config under `dir` with a fresh node certificate, the synthetic
+/// CTDC schema for dataset `cases`, and a free loopback port.
+pub fn node_config(ca: &Authority, dir: &Path, name: &str, budget: BudgetLimits) -> NodeConfig {
+    let certs = dir.join("certs");
+    ca.issue(Role::Node, name)
+        .unwrap()
+        .write(&certs, "node")
+        .unwrap();
+    std::fs::write(certs.join("ca.pem"), &ca.pem.cert).unwrap();
+    NodeConfig {
+        node: NodeSection {
+            name: name.into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            store: "store".into(),
+        },
+        tls: TlsSection {
+            ca: "certs/ca.pem".into(),
+            cert: "certs/node.pem".into(),
+            key: "certs/node.key".into(),
+        },
+        limits: Limits::default(),
+        datasets: vec![DatasetConfig {
+            name: "cases".into(),
+            description: String::new(),
+            budget,
+            columns: synth::ctdc_columns(),
+        }],
+        base_dir: dir.to_path_buf(),
+    }
+}
+
+/// Exact counts per GROUP BY key straight from a CSV file, computed here
+/// independently of the node's own code: `filter` picks rows (given a
+/// header-to-cell lookup), `group` names the grouping columns; a missing
+/// cell (`-99` or empty) is the key `(missing)`.
+pub fn exact_counts(
+    csv_path: &Path,
+    group: &[&str],
+    filter: impl Fn(&dyn Fn(&str) -> String) -> bool,
+) -> HashMap<Vec<String>, i64> {
+    let mut r = csv::Reader::from_path(csv_path).unwrap();
+    let headers = r.headers().unwrap().clone();
+    let idx: HashMap<String, usize> = headers
+        .iter()
+        .enumerate()
+        .map(|(i, h)| (h.to_string(), i))
+        .collect();
+    let mut out = HashMap::new();
+    for rec in r.records() {
+        let rec = rec.unwrap();
+        let get = |c: &str| rec.get(idx[c]).unwrap_or("").to_string();
+        if !filter(&get) {
+            continue;
+        }
+        let key = group
+            .iter()
+            .map(|g| {
+                let v = get(g);
+                if v.is_empty() || v == "-99" {
+                    "(missing)".to_string()
+                } else {
+                    v
+                }
+            })
+            .collect();
+        *out.entry(key).or_insert(0) += 1;
+    }
+    out
+}
+
+/// OpenDP's bound: `|noise| < a` with probability at least `1 - alpha`.
+pub fn opendp_accuracy(scale: f64, alpha: f64) -> f64 {
+    opendp::accuracy::discrete_laplacian_scale_to_accuracy(scale, alpha).unwrap()
+}
