@@ -88,6 +88,31 @@ impl Federation {
         Duration::from_secs_f64(self.config.defaults.timeout_secs)
     }
 
+    /// A client for one node by name.
+    pub async fn client(
+        &self,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<NodeClient<Channel>, Failure> {
+        let node = self
+            .config
+            .nodes
+            .iter()
+            .find(|n| n.name == name)
+            .ok_or_else(|| {
+                Failure::Unreachable(format!(
+                    "no node named {name:?} in the federation file; it lists: {}",
+                    self.config
+                        .nodes
+                        .iter()
+                        .map(|n| n.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })?;
+        self.connect(node, timeout).await
+    }
+
     async fn connect(
         &self,
         node: &NodeEntry,
@@ -220,7 +245,8 @@ pub fn new_query_id() -> String {
     hex::encode(b)
 }
 
-fn status_failure(s: tonic::Status) -> Failure {
+/// What a gRPC status means for the researcher.
+pub fn status_failure(s: tonic::Status) -> Failure {
     use tonic::Code;
     // Transport failures (a TLS alert, a reset) arrive as status errors
     // whose message says little; their cause says what happened.

@@ -74,6 +74,8 @@ pub fn build_federation(dir: &Path, out: &mut impl std::io::Write) -> anyhow::Re
                 key: "certs/node.key".into(),
             },
             limits: Limits::default(),
+            audit: Default::default(),
+            source_sha256: String::new(),
             datasets: vec![DatasetConfig {
                 name: "cases".into(),
                 description: format!(
@@ -97,6 +99,15 @@ pub fn build_federation(dir: &Path, out: &mut impl std::io::Write) -> anyhow::Re
         {
             let store = fedq_node::store::Store::open(&config.resolve(&config.node.store))?;
             let r = fedq_node::ingest::ingest_csv(&store, "cases", &schema, &csv_path, false)?;
+            fedq_node::service::open_audit(&config, &store)?.append(
+                fedq_node::audit::Event::Ingested {
+                    dataset: "cases".into(),
+                    rows: r.rows_added,
+                    rows_total: r.rows_total,
+                    file_sha256: r.file_sha256.clone(),
+                },
+            )?;
+            store.flush()?;
             writeln!(
                 out,
                 "  {name:<16} {:<16} {} synthetic rows ingested, listening on 127.0.0.1:{port}",
@@ -174,6 +185,7 @@ pub async fn run(dir: Option<PathBuf>, serve: bool) -> anyhow::Result<()> {
                 timeout,
             )
             .await;
+        crate::audit::record_heads(&fed, &outcomes)?;
         let combined = combine(sql, &query_id, epsilon, &outcomes);
         print!("{}", render(&combined, Format::Table)?);
         println!();

@@ -42,11 +42,16 @@ pub struct ClientTls {
 pub struct Defaults {
     /// Per-node deadline for one call, in seconds.
     pub timeout_secs: f64,
+    /// Where the audit heads seen in answers are kept (see `fedq audit check-heads`).
+    pub heads_file: PathBuf,
 }
 
 impl Default for Defaults {
     fn default() -> Self {
-        Defaults { timeout_secs: 30.0 }
+        Defaults {
+            timeout_secs: 30.0,
+            heads_file: "fedq-heads.json".into(),
+        }
     }
 }
 

@@ -5,12 +5,14 @@
 //! records or exact aggregates: only what each node released under
 //! differential privacy. The map:
 //!
+//! - [`audit`]: the audit heads seen in answers, pulling and checking node logs.
 //! - [`federation`]: `federation.toml`, the nodes and the researcher's certificate.
 //! - [`client`]: mutual-TLS channels and concurrent fan-out with deadlines.
 //! - [`combine`]: sums, means and federated confidence intervals.
 //! - [`output`]: tables, JSON and CSV.
 //! - [`demo`]: a complete three-node federation on loopback.
 
+pub mod audit;
 pub mod client;
 pub mod combine;
 pub mod demo;

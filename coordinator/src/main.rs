@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use fedq::client::{new_query_id, Federation};
 use fedq::combine::combine;
@@ -84,6 +84,9 @@ Retrying with the same --query-id returns the same release without spending agai
         #[arg(long, value_enum, default_value_t = Format::Table)]
         output: Format,
     },
+    /// Audit: pull a node's signed log, check it against the heads seen in answers.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Start a three-partner demo federation on loopback and run example queries.
     #[command(
         after_help = "Examples:\n  fedq demo\n  fedq demo --dir ./demo-federation --serve   (keep the nodes running; query them by hand)"
@@ -95,6 +98,52 @@ Retrying with the same --query-id returns the same release without spending agai
         /// Leave the nodes running until Ctrl-C.
         #[arg(long)]
         serve: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Download a node's audit log (needs an auditor certificate the node lists).
+    #[command(
+        after_help = "Example:\n  fedq audit pull --federation auditor.toml --node ngo-north --out ngo-north.jsonl\n  \
+fedq-node audit verify --log ngo-north.jsonl --pubkey ngo-north.jsonl.pub"
+    )]
+    Pull {
+        /// Path to federation.toml (with your auditor certificate).
+        #[arg(long)]
+        federation: PathBuf,
+        /// Node name.
+        #[arg(long)]
+        node: String,
+        /// Output file (JSON lines); the node's public key goes to FILE.pub.
+        #[arg(long)]
+        out: PathBuf,
+        /// First sequence number.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+    },
+    /// Check that every audit head seen in answers is still in each node's log.
+    #[command(
+        after_help = "Pulls each node's log (auditor certificate), or checks one exported log:\n  \
+fedq audit check-heads --federation fed.toml\n  fedq audit check-heads --federation fed.toml --node ngo-north --log ngo-north.jsonl --pubkey ngo-north.pub\n\n\
+Exit codes: 0 every checked node is consistent; 1 a node diverged or could not be checked."
+    )]
+    CheckHeads {
+        /// Path to federation.toml (its heads file holds the heads seen).
+        #[arg(long)]
+        federation: PathBuf,
+        /// Only this node.
+        #[arg(long)]
+        node: Option<String>,
+        /// Use this exported log instead of pulling (needs --node).
+        #[arg(long, requires = "node")]
+        log: Option<PathBuf>,
+        /// The node's public key file, with --log (default: the pinned key).
+        #[arg(long, requires = "log")]
+        pubkey: Option<PathBuf>,
+        /// Heads file (default: the federation file's heads_file).
+        #[arg(long)]
+        heads: Option<PathBuf>,
     },
 }
 
@@ -156,6 +205,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 )
                 .await;
             let combined = combine(&sql, &query_id, epsilon, &outcomes);
+            if let Err(e) = fedq::audit::record_heads(&fed, &outcomes) {
+                eprintln!("warning: could not record the nodes' audit heads: {e:#}");
+            }
             print!("{}", render(&combined, output)?);
             let answered = combined
                 .nodes
@@ -189,6 +241,86 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             let outcomes = fed.budget(fed.default_timeout()).await;
             print!("{}", render_budgets(&outcomes, output)?);
             Ok(exit_for(outcomes.iter().map(|o| o.result.is_ok())))
+        }
+        Command::Audit(AuditCommand::Pull {
+            federation,
+            node,
+            out,
+            since,
+        }) => {
+            let fed = Federation::load(&federation)?;
+            let (text, key) = fedq::audit::pull(&fed, &node, since, fed.default_timeout()).await?;
+            std::fs::write(&out, &text)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            let key_path = PathBuf::from(format!("{}.pub", out.display()));
+            std::fs::write(&key_path, format!("{key}\n"))?;
+            println!(
+                "wrote {} entries to {} and the node's public key to {}",
+                text.lines().count(),
+                out.display(),
+                key_path.display()
+            );
+            Ok(EXIT_OK)
+        }
+        Command::Audit(AuditCommand::CheckHeads {
+            federation,
+            node,
+            log,
+            pubkey,
+            heads,
+        }) => {
+            let fed = Federation::load(&federation)?;
+            let heads_path =
+                heads.unwrap_or_else(|| fed.config.resolve(&fed.config.defaults.heads_file));
+            let mut file = fedq::audit::HeadsFile::load(&heads_path)?;
+            let names: Vec<String> = match &node {
+                Some(n) => vec![n.clone()],
+                None => fed.config.nodes.iter().map(|n| n.name.clone()).collect(),
+            };
+            let mut all_ok = true;
+            for name in names {
+                let known = file.nodes.entry(name.clone()).or_default();
+                let fetched = match &log {
+                    Some(path) => {
+                        let text = std::fs::read_to_string(path)
+                            .with_context(|| format!("cannot read {}", path.display()))?;
+                        let key = match &pubkey {
+                            Some(p) => std::fs::read_to_string(p)
+                                .with_context(|| format!("cannot read {}", p.display()))?,
+                            None => known.public_key.clone().ok_or_else(|| {
+                                anyhow::anyhow!("no public key pinned for {name}; pass --pubkey")
+                            })?,
+                        };
+                        Ok((text, key))
+                    }
+                    None => fedq::audit::pull(&fed, &name, 0, fed.default_timeout()).await,
+                };
+                let verdict = match fetched {
+                    Ok((text, key)) => fedq::audit::check(&name, &text, &key, known),
+                    Err(e) => fedq::audit::HeadCheck {
+                        node: name.clone(),
+                        consistent: false,
+                        detail: format!("could not check: {e:#}"),
+                    },
+                };
+                all_ok &= verdict.consistent;
+                println!(
+                    "{:<18} {:<12} {}",
+                    verdict.node,
+                    if verdict.consistent {
+                        "consistent"
+                    } else {
+                        "DIVERGED"
+                    },
+                    verdict.detail
+                );
+            }
+            file.save(&heads_path)?;
+            if all_ok {
+                Ok(EXIT_OK)
+            } else {
+                Ok(EXIT_ERROR)
+            }
         }
         Command::Demo { dir, serve } => {
             fedq::demo::run(dir, serve).await?;

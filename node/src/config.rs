@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use sha2::Digest;
 
 use crate::schema::{ColumnSpec, Schema};
 
@@ -21,9 +22,15 @@ pub struct NodeConfig {
     /// Request limits; each has a safe default.
     #[serde(default)]
     pub limits: Limits,
+    /// The audit log's key files and who may export the log.
+    #[serde(default)]
+    pub audit: AuditSection,
     /// The datasets this node serves.
     #[serde(default, rename = "datasets")]
     pub datasets: Vec<DatasetConfig>,
+    /// SHA-256 of the config file's text, recorded in the audit log at start.
+    #[serde(skip)]
+    pub source_sha256: String,
     /// Directory of the config file; relative paths are resolved against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -52,6 +59,29 @@ pub struct TlsSection {
     pub cert: PathBuf,
     /// The node's private key.
     pub key: PathBuf,
+}
+
+/// `[audit]`: the audit log's signing key and its auditors.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditSection {
+    /// The ed25519 signing key (hex seed), created on first start. Keep it
+    /// secret and backed up with the store.
+    pub key: PathBuf,
+    /// Where the public key (hex) is written; give it to auditors.
+    pub public_key: PathBuf,
+    /// Certificate names (CN, with OU `auditor`) allowed to export the log.
+    pub auditors: Vec<String>,
+}
+
+impl Default for AuditSection {
+    fn default() -> Self {
+        AuditSection {
+            key: "audit.key".into(),
+            public_key: "audit.pub".into(),
+            auditors: Vec::new(),
+        }
+    }
 }
 
 /// `[limits]`: bounds on what one request may cost the node.
@@ -110,6 +140,7 @@ impl NodeConfig {
             .map_err(|e| anyhow::anyhow!("cannot read node config {}: {e}", path.display()))?;
         let mut cfg: NodeConfig = toml::from_str(&text)
             .map_err(|e| anyhow::anyhow!("invalid node config {}: {e}", path.display()))?;
+        cfg.source_sha256 = hex::encode(sha2::Sha256::digest(text.as_bytes()));
         cfg.base_dir = path
             .parent()
             .map(Path::to_path_buf)

@@ -5,12 +5,13 @@
 //! message quotes only the offending cell of the partner's own file, on the
 //! partner's own machine; ingest errors never travel to analysts.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{anyhow, bail};
 use sha2::{Digest, Sha256};
 
-use crate::schema::Schema;
+use crate::schema::{Column, Schema, MISSING};
 use crate::store::Store;
 
 /// What an ingest did.
@@ -76,6 +77,7 @@ pub fn ingest_csv(
         .map(str::to_string)
         .collect();
 
+    let encoders: Vec<Encoder> = schema.columns.iter().map(Encoder::new).collect();
     let mut codes = Vec::new();
     let mut record = csv::StringRecord::new();
     loop {
@@ -96,16 +98,21 @@ pub fn ingest_csv(
                 bail!("{file}:{line}: {what}; nothing was stored");
             }
         }
-        let line = record.position().map(|p| p.line()).unwrap_or(0);
-        for (col, &pos) in schema.columns.iter().zip(&positions) {
+        for ((col, enc), &pos) in schema.columns.iter().zip(&encoders).zip(&positions) {
             let cell = record.get(pos).unwrap_or("");
-            let code = col.encode(cell).map_err(|why| {
-                anyhow!(
-                    "{file}:{line}: column {:?}: {why}; expected {}; nothing was stored",
-                    col.name(),
-                    col.expectation()
-                )
-            })?;
+            let code = match enc.encode(cell) {
+                Some(code) => code,
+                // The slow path gives the exact error message (or, for a
+                // spelling the fast path does not know, the code).
+                None => col.encode(cell).map_err(|why| {
+                    let line = record.position().map(|p| p.line()).unwrap_or(0);
+                    anyhow!(
+                        "{file}:{line}: column {:?}: {why}; expected {}; nothing was stored",
+                        col.name(),
+                        col.expectation()
+                    )
+                })?,
+            };
             codes.push(code);
         }
     }
@@ -117,4 +124,74 @@ pub fn ingest_csv(
         file_sha256,
         ignored_columns,
     })
+}
+
+/// A fast path for the common spellings of a column's cells: untrimmed
+/// domain values, plain decimal integers, `0`/`1`, and the missing
+/// spellings. Anything else (and every invalid cell) goes through
+/// [`crate::schema::Column::encode`], which stays the one definition of
+/// what a cell means; this only answers sooner for cells it recognises.
+enum Encoder {
+    /// Domain value → code.
+    Categorical(HashMap<String, i64>),
+    /// Declared bounds.
+    Integer {
+        min: i64,
+        max: i64,
+    },
+    Boolean,
+}
+
+impl Encoder {
+    fn new(column: &Column) -> Encoder {
+        match column {
+            Column::Categorical { domain, .. } => Encoder::Categorical(
+                domain
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| (d.clone(), i as i64))
+                    .collect(),
+            ),
+            Column::Integer { min, max, .. } => Encoder::Integer {
+                min: *min,
+                max: *max,
+            },
+            Column::Boolean { .. } => Encoder::Boolean,
+        }
+    }
+
+    /// The code of `cell`, or `None` to take the slow path.
+    #[inline]
+    fn encode(&self, cell: &str) -> Option<i64> {
+        if cell.is_empty() || cell == "-99" {
+            return Some(MISSING);
+        }
+        match self {
+            Encoder::Categorical(codes) => codes.get(cell).copied(),
+            Encoder::Integer { min, max } => {
+                let b = cell.as_bytes();
+                let (neg, digits) = match b.split_first() {
+                    Some((b'-', rest)) => (true, rest),
+                    _ => (false, b),
+                };
+                if digits.is_empty() || digits.len() > 15 {
+                    return None;
+                }
+                let mut v = 0i64;
+                for &d in digits {
+                    if !d.is_ascii_digit() {
+                        return None;
+                    }
+                    v = v * 10 + i64::from(d - b'0');
+                }
+                let v = if neg { -v } else { v };
+                (*min..=*max).contains(&v).then_some(v)
+            }
+            Encoder::Boolean => match cell {
+                "0" => Some(0),
+                "1" => Some(1),
+                _ => None,
+            },
+        }
+    }
 }

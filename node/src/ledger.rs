@@ -12,14 +12,21 @@
 //! Amounts are kept as integer nano-epsilon (`u64`): a debit is rounded up
 //! and a limit rounded down, so rounding never favours the analyst.
 //!
+//! Every debit, release and grant is appended to the audit log inside the
+//! same multi-tree transaction as the ledger write it records, so neither
+//! can exist without the other, even after a crash (DESIGN invariant 7).
+//!
 //! Keys of the `ledger` tree:
 //! - `spent/analyst/<dataset>/<analyst>` and `spent/dataset/<dataset>`: u64 BE nano-epsilon;
+//! - `grant/<dataset>/<analyst>`: u64 BE nano-epsilon added to the analyst's limit;
 //! - `query/<analyst>/<query id>`: a [`QueryRecord`] (DESIGN invariant 6).
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sha2::{Digest, Sha256};
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
+use crate::audit::{append_in, AuditLog, Event, Head, ReleasedMeasurement};
 use crate::config::BudgetLimits;
 use crate::store::decode_u64;
 
@@ -133,16 +140,24 @@ pub struct BudgetState {
 pub struct Ledger {
     tree: sled::Tree,
     store: crate::store::Store,
+    /// The audit log that records every ledger change.
+    pub audit: Arc<AuditLog>,
     /// Serialises check-and-debit across concurrent requests.
     admit_lock: Mutex<()>,
 }
 
+/// Aborts a ledger transaction with a refusal.
+fn abort<T>(r: Refusal) -> Result<T, ConflictableTransactionError<Refusal>> {
+    Err(ConflictableTransactionError::Abort(r))
+}
+
 impl Ledger {
-    /// A ledger over `store`.
-    pub fn new(store: crate::store::Store) -> Ledger {
+    /// A ledger over `store`, logging to `audit`.
+    pub fn new(store: crate::store::Store, audit: Arc<AuditLog>) -> Ledger {
         Ledger {
             tree: store.ledger.clone(),
             store,
+            audit,
             admit_lock: Mutex::new(()),
         }
     }
@@ -162,13 +177,15 @@ impl Ledger {
         let akey = analyst_key(dataset, analyst);
         let dkey = dataset_key(dataset);
         let qkey = query_key(analyst, query_id);
+        let gkey = grant_key(dataset, analyst);
         let debit = to_nano_ceil(epsilon);
-        let a_limit = to_nano_floor(limits.per_analyst);
         let d_limit = to_nano_floor(limits.total);
-        let outcome = self.tree.transaction(|tx| {
+        let outcome = (&self.tree, &self.audit.tree).transaction(|(tx, atx)| {
+            let granted = tx.get(&gkey)?.map(|v| decode_u64(&v)).unwrap_or(0);
+            let a_limit = to_nano_floor(limits.per_analyst).saturating_add(granted);
             let a_spent = tx.get(&akey)?.map(|v| decode_u64(&v)).unwrap_or(0);
             let d_spent = tx.get(&dkey)?.map(|v| decode_u64(&v)).unwrap_or(0);
-            let state = |a: u64, d: u64| BudgetState {
+            let state = move |a: u64, d: u64| BudgetState {
                 spent_by_analyst: from_nano(a),
                 remaining_for_analyst: from_nano(
                     a_limit.saturating_sub(a).min(d_limit.saturating_sub(d)),
@@ -176,13 +193,11 @@ impl Ledger {
                 remaining_for_dataset: from_nano(d_limit.saturating_sub(d)),
             };
             if let Some(existing) = tx.get(&qkey)? {
-                let rec = QueryRecord::decode(&existing).ok_or_else(|| {
-                    ConflictableTransactionError::Abort(Refusal::IdReused(query_id.to_string()))
-                })?;
+                let Some(rec) = QueryRecord::decode(&existing) else {
+                    return abort(Refusal::IdReused(query_id.to_string()));
+                };
                 if rec.digest != digest {
-                    return Err(ConflictableTransactionError::Abort(Refusal::IdReused(
-                        query_id.to_string(),
-                    )));
+                    return abort(Refusal::IdReused(query_id.to_string()));
                 }
                 return Ok(match rec.response {
                     Some(r) => Admission::Replay(r),
@@ -190,35 +205,40 @@ impl Ledger {
                 });
             }
             if a_spent.saturating_add(debit) > a_limit {
-                return Err(ConflictableTransactionError::Abort(
-                    Refusal::AnalystBudget {
-                        dataset: dataset.to_string(),
-                        asked: epsilon,
-                        remaining: from_nano(a_limit.saturating_sub(a_spent)),
-                        limit: limits.per_analyst,
-                    },
-                ));
+                return abort(Refusal::AnalystBudget {
+                    dataset: dataset.to_string(),
+                    asked: epsilon,
+                    remaining: from_nano(a_limit.saturating_sub(a_spent)),
+                    limit: from_nano(a_limit),
+                });
             }
             if d_spent.saturating_add(debit) > d_limit {
-                return Err(ConflictableTransactionError::Abort(
-                    Refusal::DatasetBudget {
-                        dataset: dataset.to_string(),
-                        asked: epsilon,
-                        remaining: from_nano(d_limit.saturating_sub(d_spent)),
-                        limit: limits.total,
-                    },
-                ));
+                return abort(Refusal::DatasetBudget {
+                    dataset: dataset.to_string(),
+                    asked: epsilon,
+                    remaining: from_nano(d_limit.saturating_sub(d_spent)),
+                    limit: limits.total,
+                });
             }
             let (a_new, d_new) = (a_spent + debit, d_spent + debit);
             tx.insert(akey.as_bytes(), &a_new.to_be_bytes())?;
             tx.insert(dkey.as_bytes(), &d_new.to_be_bytes())?;
-            tx.insert(
-                qkey.as_bytes(),
-                QueryRecord {
-                    digest,
-                    response: None,
-                }
-                .encode(),
+            let pending = QueryRecord {
+                digest,
+                response: None,
+            };
+            tx.insert(qkey.as_bytes(), pending.encode())?;
+            append_in(
+                atx,
+                &self.audit.key,
+                Event::Debited {
+                    analyst: analyst.to_string(),
+                    query_id: query_id.to_string(),
+                    dataset: dataset.to_string(),
+                    epsilon: from_nano(debit),
+                    analyst_spent: from_nano(a_new),
+                    dataset_spent: from_nano(d_new),
+                },
             )?;
             Ok(Admission::Debited(state(a_new, d_new)))
         });
@@ -236,22 +256,75 @@ impl Ledger {
     }
 
     /// Stores the released response under its query id (for replays) and
-    /// flushes it, before the response is sent.
+    /// logs the release, in one commit, and flushes both before the response
+    /// is sent. The stored copy and `response` get the audit head after the
+    /// release entry, which is also returned.
     pub fn record_release(
         &self,
         analyst: &str,
         query_id: &str,
+        dataset: &str,
         digest: [u8; 32],
-        response: Vec<u8>,
-    ) -> anyhow::Result<()> {
-        let rec = QueryRecord {
-            digest,
-            response: Some(response),
+        measurements: Vec<ReleasedMeasurement>,
+        response: &mut fedq_proto::v1::QueryResponse,
+    ) -> anyhow::Result<Head> {
+        use prost::Message;
+        let response_sha256 = hex::encode(Sha256::digest(response.encode_to_vec()));
+        let qkey = query_key(analyst, query_id);
+        let event = Event::Released {
+            analyst: analyst.to_string(),
+            query_id: query_id.to_string(),
+            dataset: dataset.to_string(),
+            measurements,
+            response_sha256,
         };
-        self.tree
-            .insert(query_key(analyst, query_id), rec.encode())?;
+        let head = (&self.tree, &self.audit.tree)
+            .transaction(|(tx, atx)| {
+                let head = append_in::<()>(atx, &self.audit.key, event.clone())?;
+                let mut stored = response.clone();
+                stored.audit_head = Some(head.to_proto());
+                let rec = QueryRecord {
+                    digest,
+                    response: Some(stored.encode_to_vec()),
+                };
+                tx.insert(qkey.as_bytes(), rec.encode())?;
+                Ok(head)
+            })
+            .map_err(|e| anyhow::anyhow!("cannot record the release: {e:?}"))?;
         self.store.flush()?;
-        Ok(())
+        response.audit_head = Some(head.to_proto());
+        Ok(head)
+    }
+
+    /// Raises `analyst`'s limit on `dataset` by `epsilon`, logged in the
+    /// same commit. Returns the analyst's total grants after it.
+    pub fn grant(&self, analyst: &str, dataset: &str, epsilon: f64) -> anyhow::Result<f64> {
+        if !(epsilon.is_finite() && epsilon > 0.0) {
+            anyhow::bail!("a grant must be a positive, finite epsilon (got {epsilon})");
+        }
+        let _guard = self.admit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let gkey = grant_key(dataset, analyst);
+        let add = to_nano_floor(epsilon);
+        let total = (&self.tree, &self.audit.tree)
+            .transaction(|(tx, atx)| {
+                let before = tx.get(&gkey)?.map(|v| decode_u64(&v)).unwrap_or(0);
+                let after = before.saturating_add(add);
+                tx.insert(gkey.as_bytes(), &after.to_be_bytes())?;
+                append_in::<()>(
+                    atx,
+                    &self.audit.key,
+                    Event::BudgetGranted {
+                        analyst: analyst.to_string(),
+                        dataset: dataset.to_string(),
+                        epsilon: from_nano(add),
+                        granted_total: from_nano(after),
+                    },
+                )?;
+                Ok(after)
+            })
+            .map_err(|e| anyhow::anyhow!("cannot record the grant: {e:?}"))?;
+        self.store.flush()?;
+        Ok(from_nano(total))
     }
 
     /// The analyst's budget on a dataset, without spending anything.
@@ -289,6 +362,35 @@ fn analyst_key(dataset: &str, analyst: &str) -> String {
     format!("spent/analyst/{dataset}/{analyst}")
 }
 
+fn grant_key(dataset: &str, analyst: &str) -> String {
+    format!("grant/{dataset}/{analyst}")
+}
+
+/// Every analyst with a ledger entry on `dataset`, for `budget show`.
+impl Ledger {
+    /// `(analyst, spent, granted)` for every analyst known on `dataset`.
+    pub fn analysts(&self, dataset: &str) -> anyhow::Result<Vec<(String, f64, f64)>> {
+        let mut out: Vec<(String, f64, f64)> = Vec::new();
+        let prefix = format!("spent/analyst/{dataset}/");
+        for item in self.tree.scan_prefix(prefix.as_bytes()) {
+            let (k, v) = item?;
+            let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            out.push((name, from_nano(decode_u64(&v)), 0.0));
+        }
+        let gprefix = format!("grant/{dataset}/");
+        for item in self.tree.scan_prefix(gprefix.as_bytes()) {
+            let (k, v) = item?;
+            let name = String::from_utf8_lossy(&k[gprefix.len()..]).into_owned();
+            match out.iter_mut().find(|(n, _, _)| *n == name) {
+                Some(e) => e.2 = from_nano(decode_u64(&v)),
+                None => out.push((name, 0.0, from_nano(decode_u64(&v)))),
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+}
+
 fn dataset_key(dataset: &str) -> String {
     format!("spent/dataset/{dataset}")
 }
@@ -301,6 +403,43 @@ fn query_key(analyst: &str, query_id: &str) -> String {
 mod tests {
     use super::*;
 
+    fn test_ledger(dir: &std::path::Path) -> Ledger {
+        let store = crate::store::Store::open(&dir.join("store")).unwrap();
+        let key = crate::audit::AuditKey::load_or_create(&dir.join("k"), &dir.join("p")).unwrap();
+        let audit = Arc::new(AuditLog {
+            tree: store.audit.clone(),
+            key,
+        });
+        Ledger::new(store, audit)
+    }
+
+    #[test]
+    fn grants_raise_the_limit_and_are_logged() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = test_ledger(dir.path());
+        let l = limits();
+        ledger
+            .admit("alice", "cases", "q1", [1; 32], 1.0, &l)
+            .unwrap()
+            .unwrap();
+        assert!(ledger
+            .admit("alice", "cases", "q2", [2; 32], 0.3, &l)
+            .unwrap()
+            .is_err());
+        assert_eq!(ledger.grant("alice", "cases", 0.5).unwrap(), 0.5);
+        ledger
+            .admit("alice", "cases", "q2", [2; 32], 0.3, &l)
+            .unwrap()
+            .unwrap();
+        let kinds: Vec<String> = ledger
+            .audit
+            .entries(0)
+            .map(|e| e.unwrap().event.kind().to_string())
+            .collect();
+        assert_eq!(kinds, vec!["debited", "budget_granted", "debited"]);
+        assert!(ledger.grant("alice", "cases", f64::NAN).is_err());
+    }
+
     fn limits() -> BudgetLimits {
         BudgetLimits {
             per_analyst: 1.0,
@@ -312,8 +451,7 @@ mod tests {
     #[test]
     fn debits_refuses_and_replays() {
         let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::Store::open(dir.path()).unwrap();
-        let ledger = Ledger::new(store);
+        let ledger = test_ledger(dir.path());
         let l = limits();
         let a = ledger
             .admit("alice", "cases", "q1", [1; 32], 0.6, &l)
@@ -341,15 +479,21 @@ mod tests {
                 .unwrap(),
             Admission::Resume(_)
         ));
-        ledger
-            .record_release("alice", "q1", [1; 32], b"resp".to_vec())
+        let mut resp = fedq_proto::v1::QueryResponse {
+            query_id: "q1".into(),
+            ..Default::default()
+        };
+        let head = ledger
+            .record_release("alice", "q1", "cases", [1; 32], vec![], &mut resp)
             .unwrap();
+        assert_eq!(resp.audit_head, Some(head.to_proto()));
+        use prost::Message;
         assert_eq!(
             ledger
                 .admit("alice", "cases", "q1", [1; 32], 0.6, &l)
                 .unwrap()
                 .unwrap(),
-            Admission::Replay(b"resp".to_vec())
+            Admission::Replay(resp.encode_to_vec())
         );
         // Bob hits the dataset total (1.5) before his own limit.
         ledger
@@ -366,7 +510,7 @@ mod tests {
     #[test]
     fn rounding_never_lets_ten_tenths_exceed_one() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::new(crate::store::Store::open(dir.path()).unwrap());
+        let ledger = test_ledger(dir.path());
         let l = BudgetLimits {
             per_analyst: 1.0,
             total: 10.0,

@@ -4,6 +4,8 @@
 //! queries with differentially private noise. Raw records and exact
 //! aggregates never leave it. The map:
 //!
+//! - [`audit`]: the signed, hash-chained audit log and its offline verifier.
+//! - [`audit_report`]: audit summaries and the self-contained HTML report.
 //! - [`config`]: `node.toml`, the partner's single configuration file.
 //! - [`schema`]: declared, public column types, domains and bounds, and how
 //!   cells are encoded. Sensitivity comes only from here.
@@ -20,6 +22,8 @@
 //! - [`pki`]: creating certificates and reading identities from them.
 //! - [`synth`]: synthetic CTDC-shaped partner datasets for demos and tests.
 
+pub mod audit;
+pub mod audit_report;
 pub mod config;
 pub mod ingest;
 pub mod ledger;

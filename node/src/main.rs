@@ -1,10 +1,12 @@
 //! The `fedq-node` command: what a partner organisation runs.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{anyhow, Context};
 use clap::{Parser, Subcommand};
+use fedq_node::audit::{self, Entry};
 use fedq_node::config::NodeConfig;
 use fedq_node::schema::Schema;
 use fedq_node::synth::{self, Partner};
@@ -62,6 +64,12 @@ Cells -99 or empty are missing. One bad row fails the whole ingest with file:lin
         #[arg(long)]
         config: PathBuf,
     },
+    /// Audit log: export, verify offline, summarise, report.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Privacy budget: show what each analyst spent, grant more.
+    #[command(subcommand)]
+    Budget(BudgetCommand),
     /// Write a synthetic CTDC-shaped dataset (never real data) for demos and
     /// tests, and print the matching schema block for node.toml.
     #[command(
@@ -84,6 +92,327 @@ Cells -99 or empty are missing. One bad row fails the whole ingest with file:lin
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Export the log (stop the node first, or use `fedq audit pull`).
+    #[command(
+        after_help = "Example:\n  fedq-node audit export --config node.toml --format jsonl --out audit.jsonl\n\n\
+jsonl is what `audit verify` checks; csv is for spreadsheets."
+    )]
+    Export {
+        /// Path to node.toml.
+        #[arg(long)]
+        config: PathBuf,
+        /// jsonl or csv.
+        #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
+        format: ExportFormat,
+        /// First sequence number to export.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// Output file (default: standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Verify an exported log offline with only the node's public key.
+    #[command(
+        after_help = "Example:\n  fedq-node audit verify --log audit.jsonl --pubkey audit.pub --head 41:9f86d081884c7d65...\n\n\
+Exit codes: 0 intact; 1 tampered or unreadable (the message names the first bad entry)."
+    )]
+    Verify {
+        /// The export (JSON lines).
+        #[arg(long)]
+        log: PathBuf,
+        /// The node's audit public key file (hex).
+        #[arg(long)]
+        pubkey: PathBuf,
+        /// A head seen earlier, SEQ:HASH: the log must contain it.
+        #[arg(long)]
+        head: Vec<String>,
+        /// The export starts at this sequence number (for `export --since`).
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+    },
+    /// Per analyst and dataset: queries answered and refused, epsilon spent, remaining.
+    Summary {
+        /// Read the node's own log (node stopped) ...
+        #[arg(long, conflicts_with = "log", required_unless_present = "log")]
+        config: Option<PathBuf>,
+        /// ... or an exported log (JSON lines).
+        #[arg(long)]
+        log: Option<PathBuf>,
+    },
+    /// Write a self-contained HTML report with charts of budget spent over time.
+    Report {
+        /// Read the node's own log (node stopped) ...
+        #[arg(long, conflicts_with = "log", required_unless_present = "log")]
+        config: Option<PathBuf>,
+        /// ... or an exported log (JSON lines).
+        #[arg(long)]
+        log: Option<PathBuf>,
+        /// With --log: the public key to verify it with first.
+        #[arg(long)]
+        pubkey: Option<PathBuf>,
+        /// Output HTML file.
+        #[arg(long)]
+        html: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum BudgetCommand {
+    /// Show each dataset's limits and every analyst's spending (node stopped).
+    Show {
+        /// Path to node.toml.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Raise one analyst's limit on a dataset (recorded in the audit log).
+    #[command(
+        after_help = "Example:\n  fedq-node budget grant --config node.toml --analyst alice@uni --dataset cases --epsilon 2"
+    )]
+    Grant {
+        /// Path to node.toml.
+        #[arg(long)]
+        config: PathBuf,
+        /// Analyst identity (certificate CN).
+        #[arg(long)]
+        analyst: String,
+        /// Dataset.
+        #[arg(long)]
+        dataset: String,
+        /// Epsilon to add to the analyst's limit.
+        #[arg(long)]
+        epsilon: f64,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ExportFormat {
+    Jsonl,
+    Csv,
+}
+
+/// Opens the store and audit log of a stopped node.
+fn open_node(
+    config: &std::path::Path,
+) -> anyhow::Result<(
+    NodeConfig,
+    fedq_node::store::Store,
+    fedq_node::audit::AuditLog,
+)> {
+    let cfg = NodeConfig::load(config)?;
+    let store = fedq_node::store::Store::open(&cfg.resolve(&cfg.node.store))?;
+    let audit = fedq_node::service::open_audit(&cfg, &store)?;
+    Ok((cfg, store, audit))
+}
+
+/// Reads entries from an export file or a stopped node's store.
+fn load_entries(
+    config: Option<&std::path::Path>,
+    log: Option<&std::path::Path>,
+) -> anyhow::Result<(String, Vec<Entry>)> {
+    if let Some(path) = log {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let mut entries = Vec::new();
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            entries.push(
+                serde_json::from_str(line).map_err(|e| {
+                    anyhow!("{}:{}: not an audit entry: {e}", path.display(), i + 1)
+                })?,
+            );
+        }
+        return Ok((path.display().to_string(), entries));
+    }
+    let config = config.ok_or_else(|| anyhow!("give --config or --log"))?;
+    let (cfg, _store, audit) = open_node(config)?;
+    let entries = audit.entries(0).collect::<anyhow::Result<Vec<_>>>()?;
+    Ok((cfg.node.name, entries))
+}
+
+fn audit_command(cmd: AuditCommand) -> anyhow::Result<()> {
+    match cmd {
+        AuditCommand::Export {
+            config,
+            format,
+            since,
+            out,
+        } => {
+            let (_cfg, _store, audit) = open_node(&config)?;
+            let mut w: Box<dyn std::io::Write> = match &out {
+                Some(p) => Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(p)
+                        .with_context(|| format!("cannot create {}", p.display()))?,
+                )),
+                None => Box::new(std::io::stdout().lock()),
+            };
+            let mut csv_out =
+                (format == ExportFormat::Csv).then(|| csv::Writer::from_writer(Vec::new()));
+            if let Some(c) = csv_out.as_mut() {
+                c.write_record(["seq", "time_utc", "type", "event", "prev", "hash", "sig"])?;
+            }
+            let mut n = 0u64;
+            for entry in audit.entries(since) {
+                let e = entry?;
+                match csv_out.as_mut() {
+                    None => writeln!(w, "{}", serde_json::to_string(&e)?)?,
+                    Some(c) => c.write_record([
+                        e.seq.to_string(),
+                        fedq_node::audit_report::utc(e.time_ms),
+                        e.event.kind().to_string(),
+                        serde_json::to_string(&e.event)?,
+                        e.prev.clone(),
+                        e.hash.clone(),
+                        e.sig.clone(),
+                    ])?,
+                }
+                n += 1;
+            }
+            if let Some(c) = csv_out {
+                w.write_all(&c.into_inner()?)?;
+            }
+            w.flush()?;
+            eprintln!("exported {n} entries");
+            Ok(())
+        }
+        AuditCommand::Verify {
+            log,
+            pubkey,
+            head,
+            since,
+        } => {
+            let text = std::fs::read_to_string(&log)
+                .with_context(|| format!("cannot read {}", log.display()))?;
+            let key_text = std::fs::read_to_string(&pubkey)
+                .with_context(|| format!("cannot read {}", pubkey.display()))?;
+            let public = audit::parse_public_key(&key_text)?;
+            let heads = head
+                .iter()
+                .map(|h| audit::parse_head(h))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let mut result = audit::verify(&text, &public, since, None);
+            for (seq, hash) in &heads {
+                if result.is_err() {
+                    break;
+                }
+                result = audit::verify(&text, &public, since, Some((*seq, hash)));
+            }
+            match result {
+                Ok(v) => {
+                    match v.last {
+                        Some((seq, hash)) => println!(
+                            "OK: {} entries verified; chain intact; last entry {seq}:{hash}{}",
+                            v.entries,
+                            if heads.is_empty() {
+                                String::new()
+                            } else {
+                                format!("; contains {} known head(s)", heads.len())
+                            }
+                        ),
+                        None => println!("OK: the log is empty"),
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(anyhow!("{}: TAMPERED OR DAMAGED at {e}", log.display())),
+            }
+        }
+        AuditCommand::Summary { config, log } => {
+            let (_, entries) = load_entries(config.as_deref(), log.as_deref())?;
+            print!(
+                "{}",
+                fedq_node::audit_report::summary_table(&fedq_node::audit_report::summarize(
+                    &entries
+                ))
+            );
+            Ok(())
+        }
+        AuditCommand::Report {
+            config,
+            log,
+            pubkey,
+            html,
+        } => {
+            let (name, entries) = load_entries(config.as_deref(), log.as_deref())?;
+            let note = match (&log, &pubkey) {
+                (Some(l), Some(p)) => {
+                    let public = audit::parse_public_key(&std::fs::read_to_string(p)?)?;
+                    audit::verify(
+                        &std::fs::read_to_string(l)?,
+                        &public,
+                        entries.first().map_or(0, |e| e.seq),
+                        None,
+                    )
+                    .map_err(|e| {
+                        anyhow!(
+                            "{}: refusing to report on a log that does not verify: {e}",
+                            l.display()
+                        )
+                    })?;
+                    "The chain and every signature were verified with the given public key."
+                        .to_string()
+                }
+                (Some(_), None) => {
+                    "Not verified: pass --pubkey to verify the export first.".to_string()
+                }
+                _ => "Read from the node's own store.".to_string(),
+            };
+            std::fs::write(&html, fedq_node::audit_report::html(&name, &entries, &note))
+                .with_context(|| format!("cannot write {}", html.display()))?;
+            println!("wrote {} ({} entries)", html.display(), entries.len());
+            Ok(())
+        }
+    }
+}
+
+fn budget_command(cmd: BudgetCommand) -> anyhow::Result<()> {
+    match cmd {
+        BudgetCommand::Show { config } => {
+            let (cfg, store, audit) = open_node(&config)?;
+            let ledger = fedq_node::ledger::Ledger::new(store, std::sync::Arc::new(audit));
+            for d in &cfg.datasets {
+                println!(
+                    "dataset {}: per analyst {}, total {}, per query at most {}",
+                    d.name, d.budget.per_analyst, d.budget.total, d.budget.per_query_max
+                );
+                let analysts = ledger.analysts(&d.name)?;
+                if analysts.is_empty() {
+                    println!("  no analyst has spent anything");
+                }
+                for (name, spent, granted) in analysts {
+                    let s = ledger.state(&name, &d.name, &d.budget)?;
+                    println!(
+                        "  {name:<24} spent {spent:>9.4}  granted {granted:>8.4}  remaining {:>9.4}",
+                        s.remaining_for_analyst
+                    );
+                }
+            }
+            Ok(())
+        }
+        BudgetCommand::Grant {
+            config,
+            analyst,
+            dataset,
+            epsilon,
+        } => {
+            let (cfg, store, audit) = open_node(&config)?;
+            if cfg.dataset(&dataset).is_none() {
+                return Err(anyhow!(
+                    "dataset {dataset:?} is not declared in {}",
+                    config.display()
+                ));
+            }
+            let ledger = fedq_node::ledger::Ledger::new(store, std::sync::Arc::new(audit));
+            let total = ledger.grant(&analyst, &dataset, epsilon)?;
+            println!("granted {analyst} {epsilon} more epsilon on {dataset} ({total} granted in total); recorded in the audit log");
+            Ok(())
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -165,6 +494,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Audit(cmd) => audit_command(cmd),
+        Command::Budget(cmd) => budget_command(cmd),
         Command::Synth {
             profile,
             partner,

@@ -28,8 +28,12 @@ pub const DISCRETE_LAPLACE: &str = "discrete_laplace";
 pub const CI_ALPHA: f64 = 0.05;
 
 /// OpenDP's vector discrete Laplace measurement under pure DP.
-type VectorLaplace =
-    opendp::core::Measurement<VectorDomain<AtomDomain<i64>>, L1Distance<i64>, MaxDivergence, Vec<i64>>;
+type VectorLaplace = opendp::core::Measurement<
+    VectorDomain<AtomDomain<i64>>,
+    L1Distance<i64>,
+    MaxDivergence,
+    Vec<i64>,
+>;
 
 fn measurement(scale: f64) -> opendp::error::Fallible<VectorLaplace> {
     make_laplace(

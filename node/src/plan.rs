@@ -345,7 +345,15 @@ pub fn plan(sql: &str, schema: &Schema, max_cells: usize) -> Result<Plan, PlanEr
     }
 
     let filter = match &select.selection {
-        Some(e) => Some(predicate(schema, e)?),
+        Some(e) => {
+            let depth = nesting_depth(e);
+            if depth > MAX_WHERE_DEPTH {
+                return err(format!(
+                    "the WHERE clause nests {depth} levels of AND/OR/NOT, more than {MAX_WHERE_DEPTH}; use col IN (...) for long lists of alternatives"
+                ));
+            }
+            Some(predicate(schema, e)?)
+        }
         None => None,
     };
 
@@ -357,6 +365,28 @@ pub fn plan(sql: &str, schema: &Schema, max_cells: usize) -> Result<Plan, PlanEr
         measurements,
         filter,
     })
+}
+
+/// Deepest AND/OR/NOT nesting accepted in WHERE: keeps evaluation (which
+/// recurses) far from any stack limit, whatever a hostile query sends.
+pub const MAX_WHERE_DEPTH: usize = 64;
+
+/// Nesting depth of an expression tree, computed without recursion.
+fn nesting_depth(root: &Expr) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(root, 1usize)];
+    while let Some((e, d)) = stack.pop() {
+        deepest = deepest.max(d);
+        match e {
+            Expr::BinaryOp { left, right, .. } => {
+                stack.push((left, d + 1));
+                stack.push((right, d + 1));
+            }
+            Expr::UnaryOp { expr, .. } | Expr::Nested(expr) => stack.push((expr, d + 1)),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 fn parse_select(sql: &str) -> Result<Box<sqlparser::ast::Select>, PlanError> {

@@ -96,6 +96,7 @@ async fn serve_on(
     let state = tokio::task::spawn_blocking(move || NodeState::open(config))
         .await
         .context("loading the store panicked")??;
+    state.log_start()?;
     let datasets = state.datasets.len();
     let service = NodeServer::new(NodeService::new(Arc::new(state)))
         .max_decoding_message_size(max_request)

@@ -13,13 +13,15 @@ use std::sync::{Arc, Mutex};
 
 use fedq_proto::v1::node_server::Node;
 use fedq_proto::v1::{
-    Budget, BudgetRequest, BudgetResponse, CellKey, DatasetSchema, DescribeRequest,
-    DescribeResponse, Measurement, OutputColumn, OutputKind, QueryRequest, QueryResponse,
+    AuditLine, Budget, BudgetRequest, BudgetResponse, CellKey, DatasetSchema, DescribeRequest,
+    DescribeResponse, ExportAuditRequest, Measurement, OutputColumn, OutputKind, QueryRequest,
+    QueryResponse,
 };
 use prost::Message;
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
+use crate::audit::{AuditKey, AuditLog, DatasetLimits, Event, ReleasedMeasurement};
 use crate::config::{DatasetConfig, NodeConfig};
 use crate::ledger::{Admission, BudgetState, Ledger};
 use crate::mechanism;
@@ -40,6 +42,8 @@ pub const CAPABILITIES: &[&str] = &[
     "dry_run",
     "idempotent_query_id",
     "discrete_laplace",
+    "audit_log",
+    "audit_export",
 ];
 
 /// Longest accepted query id.
@@ -86,13 +90,67 @@ impl NodeState {
                 },
             );
         }
+        let audit = Arc::new(open_audit(&config, &store)?);
         Ok(NodeState {
             config,
             datasets,
-            ledger: Ledger::new(store),
+            ledger: Ledger::new(store, audit),
             in_flight: Mutex::new(HashSet::new()),
         })
     }
+
+    /// The audit log.
+    pub fn audit(&self) -> &AuditLog {
+        &self.ledger.audit
+    }
+
+    /// Records that the node started, with its version, config digest and
+    /// budget limits, and flushes.
+    pub fn log_start(&self) -> anyhow::Result<()> {
+        let limits = self
+            .config
+            .datasets
+            .iter()
+            .map(|d| DatasetLimits {
+                dataset: d.name.clone(),
+                per_analyst: d.budget.per_analyst,
+                total: d.budget.total,
+                per_query_max: d.budget.per_query_max,
+            })
+            .collect();
+        self.audit().append(Event::NodeStarted {
+            version: env!("CARGO_PKG_VERSION").into(),
+            config_sha256: self.config.source_sha256.clone(),
+            audit_public_key: self.audit().key.public_hex(),
+            limits,
+        })?;
+        self.audit().tree.flush()?;
+        Ok(())
+    }
+
+    /// Logs a refusal (best effort: a failure to log is itself logged).
+    fn log_refusal(&self, analyst: &str, query_id: &str, reason: &str) {
+        let event = Event::Refused {
+            analyst: analyst.into(),
+            query_id: query_id.into(),
+            reason: reason.into(),
+        };
+        if let Err(e) = self.audit().append(event) {
+            tracing::error!(error = %e, "cannot log a refusal");
+        }
+    }
+}
+
+/// Opens the node's audit log, creating its key on first use.
+pub fn open_audit(config: &NodeConfig, store: &Store) -> anyhow::Result<AuditLog> {
+    let key = AuditKey::load_or_create(
+        &config.resolve(&config.audit.key),
+        &config.resolve(&config.audit.public_key),
+    )?;
+    Ok(AuditLog {
+        tree: store.audit.clone(),
+        key,
+    })
 }
 
 /// The gRPC service.
@@ -251,6 +309,7 @@ fn describe_release(
         replayed: false,
         dry_run: q.dry_run,
         epsilon_split: split,
+        audit_head: None,
     })
 }
 
@@ -316,11 +375,19 @@ fn run_query(
         .map_err(|refusal| match refusal {
             crate::ledger::Refusal::IdReused(_) => Status::already_exists(refusal.to_string()),
             _ => Status::resource_exhausted(format!("{refusal}; nothing was released or spent")),
-        })?;
+        })
+        .inspect_err(|s| state.log_refusal(analyst, &q.query_id, s.message()))?;
     let budget = match admission {
         Admission::Replay(bytes) => {
             let mut stored = QueryResponse::decode(bytes.as_slice()).map_err(internal)?;
             stored.replayed = true;
+            state
+                .audit()
+                .append(Event::Replayed {
+                    analyst: analyst.into(),
+                    query_id: q.query_id.clone(),
+                })
+                .map_err(internal)?;
             tracing::info!(analyst, query_id = %q.query_id, dataset = %plan.dataset, "replayed a stored release; nothing spent");
             return Ok(stored);
         }
@@ -336,9 +403,27 @@ fn run_query(
         })?;
     }
     response.budget = Some(budget_proto(analyst, &ds.config, budget));
+    let logged = response
+        .measurements
+        .iter()
+        .map(|m| ReleasedMeasurement {
+            label: m.label.clone(),
+            mechanism: m.mechanism.clone(),
+            scale: m.scale,
+            epsilon: m.epsilon,
+            values: m.values.len() as u64,
+        })
+        .collect();
     state
         .ledger
-        .record_release(analyst, &q.query_id, digest, response.encode_to_vec())
+        .record_release(
+            analyst,
+            &q.query_id,
+            &plan.dataset,
+            digest,
+            logged,
+            &mut response,
+        )
         .map_err(internal)?;
     tracing::info!(
         analyst,
@@ -378,7 +463,60 @@ impl Node for NodeService {
             api_version: fedq_proto::API_VERSION,
             capabilities: CAPABILITIES.iter().map(|s| s.to_string()).collect(),
             datasets,
+            audit_public_key: self.state.audit().key.public_hex(),
+            audit_head: self
+                .state
+                .audit()
+                .head()
+                .map_err(internal)?
+                .map(|h| h.to_proto()),
         }))
+    }
+
+    type ExportAuditStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<AuditLine, Status>> + Send>>;
+
+    async fn export_audit(
+        &self,
+        req: Request<ExportAuditRequest>,
+    ) -> Result<Response<Self::ExportAuditStream>, Status> {
+        let who = caller(&req)?;
+        let allowed = who.role == "auditor"
+            && self
+                .state
+                .config
+                .audit
+                .auditors
+                .iter()
+                .any(|a| *a == who.name);
+        if !allowed {
+            self.state.log_refusal(
+                &who.name,
+                "",
+                "audit export refused: not a configured auditor",
+            );
+            return Err(Status::permission_denied(format!(
+                "certificate {:?} (role {:?}) may not export the audit log; the node's [audit] auditors list must name it and its certificate must have role auditor",
+                who.name, who.role
+            )));
+        }
+        let since = req.into_inner().since_seq;
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let state = Arc::clone(&self.state);
+        tokio::task::spawn_blocking(move || {
+            for entry in state.audit().entries(since) {
+                let item = entry
+                    .and_then(|e| Ok(serde_json::to_string(&e)?))
+                    .map(|json| AuditLine { json })
+                    .map_err(internal);
+                if tx.blocking_send(item).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn query(&self, req: Request<QueryRequest>) -> Result<Response<QueryResponse>, Status> {
@@ -386,8 +524,33 @@ impl Node for NodeService {
         require_analyst(&who)?;
         let q = req.into_inner();
         let state = &self.state;
+        // Parse nothing longer than the limit, not even to log it.
+        let dataset_guess = if q.sql.len() <= state.config.limits.max_sql_bytes {
+            plan::dataset_of(&q.sql).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        // Bound what a hostile request can make the log store.
+        let logged_sql: String = q
+            .sql
+            .chars()
+            .take(state.config.limits.max_sql_bytes)
+            .collect();
+        let logged_id: String = q.query_id.chars().take(MAX_QUERY_ID).collect();
+        state
+            .audit()
+            .append(Event::QueryReceived {
+                analyst: who.name.clone(),
+                query_id: logged_id.clone(),
+                dataset: dataset_guess,
+                sql: logged_sql,
+                epsilon: q.epsilon,
+                dry_run: q.dry_run,
+            })
+            .map_err(internal)?;
         let refuse = |s: Status| {
-            tracing::info!(analyst = %who.name, query_id = %q.query_id, reason = %s.message(), "refused; nothing spent");
+            tracing::info!(analyst = %who.name, query_id = %logged_id, reason = %s.message(), "refused; nothing spent");
+            state.log_refusal(&who.name, &logged_id, s.message());
             s
         };
         validate_request(&q, state.config.limits.max_sql_bytes).map_err(refuse)?;

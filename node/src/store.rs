@@ -6,8 +6,11 @@
 //!   `meta/<ds>/schema` (schema digest), `meta/<ds>/rows` (row count, u64 BE),
 //!   `meta/<ds>/chunks` (chunk count), `ingest/<ds>/<sha256 of file>` (one
 //!   marker per ingested file), and `rows/<ds>/<chunk u64 BE>` holding up to
-//!   [`CHUNK_ROWS`] rows as little-endian `i64` codes, row-major.
+//!   [`CHUNK_ROWS`] rows column-major, each column packed as the in-memory
+//!   table packs it (see `table::encode_chunk`; format version 2). Format
+//!   version 1 stored row-major `i64` codes; such a store is refused.
 //! - tree `ledger`: see [`crate::ledger`].
+//! - tree `audit`: see [`crate::audit`].
 //!
 //! An ingest is one `apply_batch` on `data` followed by a flush: it lands
 //! whole or not at all.
@@ -17,14 +20,16 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context};
 
 use crate::schema::Schema;
-use crate::table::Table;
+use crate::table::{encode_chunk, Table};
 
 /// Version of the on-disk layout. A node refuses a store written with a
 /// different version rather than misreading it.
-pub const FORMAT_VERSION: u64 = 1;
+pub const FORMAT_VERSION: u64 = 2;
 
-/// Rows per stored chunk.
-pub const CHUNK_ROWS: usize = 8192;
+/// Rows per stored chunk: large enough that loading a million rows reads
+/// a handful of values (about 2 MB each for the CTDC schema), small enough
+/// that encoding one is cheap.
+pub const CHUNK_ROWS: usize = 65_536;
 
 /// An open store. Cloning shares the same database.
 #[derive(Clone)]
@@ -33,6 +38,8 @@ pub struct Store {
     data: sled::Tree,
     /// The budget ledger tree, used by [`crate::ledger::Ledger`].
     pub ledger: sled::Tree,
+    /// The audit log tree, used by [`crate::audit::AuditLog`].
+    pub audit: sled::Tree,
 }
 
 impl Store {
@@ -42,6 +49,7 @@ impl Store {
         let db = open_with_retry(dir)?;
         let data = db.open_tree("data")?;
         let ledger = db.open_tree("ledger")?;
+        let audit = db.open_tree("audit")?;
         match data.get("meta/format")? {
             None => {
                 data.insert("meta/format", &FORMAT_VERSION.to_be_bytes())?;
@@ -58,7 +66,12 @@ impl Store {
                 }
             }
         }
-        Ok(Store { db, data, ledger })
+        Ok(Store {
+            db,
+            data,
+            ledger,
+            audit,
+        })
     }
 
     /// Forces everything written so far to disk.
@@ -107,10 +120,7 @@ impl Store {
         let mut batch = sled::Batch::default();
         let mut chunk_id = chunks_before;
         for chunk in codes.chunks(CHUNK_ROWS * width) {
-            let mut bytes = Vec::with_capacity(chunk.len() * 8);
-            for v in chunk {
-                bytes.extend_from_slice(&v.to_le_bytes());
-            }
+            let bytes = encode_chunk(schema, chunk).map_err(anyhow::Error::msg)?;
             batch.insert(rows_key(dataset, chunk_id), bytes);
             chunk_id += 1;
         }
@@ -151,24 +161,12 @@ impl Store {
                  restore the previous schema, or ingest into a new store"
             );
         }
-        let width = schema.columns.len();
         let prefix = format!("rows/{dataset}/");
-        let mut codes = Vec::new();
         for item in self.data.scan_prefix(prefix.as_bytes()) {
             let (_, v) = item?;
-            if v.len() % (8 * width) != 0 {
-                bail!(
-                    "dataset {dataset:?}: a stored chunk is corrupt (length {})",
-                    v.len()
-                );
-            }
-            codes.clear();
-            codes.extend(v.chunks_exact(8).map(|b| {
-                let mut a = [0u8; 8];
-                a.copy_from_slice(b);
-                i64::from_le_bytes(a)
-            }));
-            table.append_row_major(&codes);
+            table
+                .append_chunk(&v)
+                .map_err(|why| anyhow!("dataset {dataset:?}: {why}; the store is damaged"))?;
         }
         let expected = self.get_u64(&format!("meta/{dataset}/rows"))?;
         if table.len() as u64 != expected {

@@ -119,7 +119,10 @@ impl TestFederation {
                 cert,
                 key,
             },
-            defaults: Defaults { timeout_secs: 30.0 },
+            defaults: Defaults {
+                timeout_secs: 30.0,
+                ..Defaults::default()
+            },
             nodes: self
                 .nodes
                 .iter()
@@ -192,6 +195,8 @@ pub fn node_config(ca: &Authority, dir: &Path, name: &str, budget: BudgetLimits)
             key: "certs/node.key".into(),
         },
         limits: Limits::default(),
+        audit: Default::default(),
+        source_sha256: String::new(),
         datasets: vec![DatasetConfig {
             name: "cases".into(),
             description: String::new(),

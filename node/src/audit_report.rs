@@ -1,0 +1,436 @@
+//! What auditors read: a per-analyst, per-dataset summary of an audit log,
+//! and a self-contained HTML report (inline SVG chart, no external assets).
+//!
+//! Both work from verified or unverified entries alike; verify an export
+//! first with [`crate::audit::verify`] when it came from elsewhere.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+
+use crate::audit::{Entry, Event};
+
+/// One line of the summary.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SummaryRow {
+    /// Analyst identity.
+    pub analyst: String,
+    /// Dataset.
+    pub dataset: String,
+    /// Queries released.
+    pub answered: u64,
+    /// Queries refused.
+    pub refused: u64,
+    /// Epsilon debited.
+    pub spent: f64,
+    /// Epsilon granted on top of the configured limit.
+    pub granted: f64,
+    /// Left for this analyst under the latest logged limits, if known.
+    pub remaining: Option<f64>,
+}
+
+/// Summarises entries per analyst and dataset, sorted.
+pub fn summarize(entries: &[Entry]) -> Vec<SummaryRow> {
+    let mut rows: BTreeMap<(String, String), SummaryRow> = BTreeMap::new();
+    let mut dataset_of: HashMap<(String, String), String> = HashMap::new();
+    let mut limits: HashMap<String, (f64, f64)> = HashMap::new();
+    let mut dataset_spent: HashMap<String, f64> = HashMap::new();
+    let row = |a: &str, d: &str| -> (String, String) { (a.to_string(), d.to_string()) };
+    for e in entries {
+        match &e.event {
+            Event::NodeStarted { limits: l, .. } => {
+                for x in l {
+                    limits.insert(x.dataset.clone(), (x.per_analyst, x.total));
+                }
+            }
+            Event::QueryReceived {
+                analyst,
+                query_id,
+                dataset,
+                ..
+            } => {
+                dataset_of.insert((analyst.clone(), query_id.clone()), dataset.clone());
+            }
+            Event::Refused {
+                analyst, query_id, ..
+            } => {
+                let d = dataset_of
+                    .get(&(analyst.clone(), query_id.clone()))
+                    .cloned()
+                    .unwrap_or_default();
+                rows.entry(row(analyst, &d)).or_default().refused += 1;
+            }
+            Event::Debited {
+                analyst,
+                dataset,
+                epsilon,
+                ..
+            } => {
+                rows.entry(row(analyst, dataset)).or_default().spent += epsilon;
+                *dataset_spent.entry(dataset.clone()).or_default() += epsilon;
+            }
+            Event::Released {
+                analyst, dataset, ..
+            } => {
+                rows.entry(row(analyst, dataset)).or_default().answered += 1;
+            }
+            Event::BudgetGranted {
+                analyst,
+                dataset,
+                epsilon,
+                ..
+            } => {
+                rows.entry(row(analyst, dataset)).or_default().granted += epsilon;
+            }
+            Event::Ingested { .. } | Event::Replayed { .. } => {}
+        }
+    }
+    rows.into_iter()
+        .map(|((analyst, dataset), mut r)| {
+            r.remaining = limits.get(&dataset).map(|&(per_analyst, total)| {
+                let own = per_analyst + r.granted - r.spent;
+                let all = total - dataset_spent.get(&dataset).copied().unwrap_or(0.0);
+                own.min(all).max(0.0)
+            });
+            r.analyst = analyst;
+            r.dataset = dataset;
+            r
+        })
+        .collect()
+}
+
+/// The summary as a plain-text table.
+pub fn summary_table(rows: &[SummaryRow]) -> String {
+    let mut out = format!(
+        "{:<24} {:<12} {:>8} {:>8} {:>10} {:>9} {:>10}\n",
+        "analyst", "dataset", "answered", "refused", "eps spent", "granted", "remaining"
+    );
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "{:<24} {:<12} {:>8} {:>8} {:>10.4} {:>9.4} {:>10}",
+            r.analyst,
+            if r.dataset.is_empty() {
+                "?"
+            } else {
+                &r.dataset
+            },
+            r.answered,
+            r.refused,
+            r.spent,
+            r.granted,
+            r.remaining
+                .map(|v| format!("{v:.4}"))
+                .unwrap_or_else(|| "?".into())
+        );
+    }
+    out
+}
+
+/// `YYYY-MM-DD HH:MM:SS` UTC for milliseconds since the epoch.
+pub fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+const PALETTE: [&str; 8] = [
+    "#1b6ca8", "#d1495b", "#2e933c", "#edae49", "#6a4c93", "#00798c", "#8c564b", "#555555",
+];
+
+/// Cumulative epsilon over time for each series key.
+fn series(
+    entries: &[Entry],
+    key: impl Fn(&str, &str) -> String,
+) -> BTreeMap<String, Vec<(u64, f64)>> {
+    let mut out: BTreeMap<String, Vec<(u64, f64)>> = BTreeMap::new();
+    for e in entries {
+        if let Event::Debited {
+            analyst,
+            dataset,
+            epsilon,
+            ..
+        } = &e.event
+        {
+            let s = out.entry(key(analyst, dataset)).or_default();
+            let before = s.last().map_or(0.0, |p| p.1);
+            s.push((e.time_ms, before + epsilon));
+        }
+    }
+    out
+}
+
+fn chart(title: &str, data: &BTreeMap<String, Vec<(u64, f64)>>, t0: u64, t1: u64) -> String {
+    let (w, h, pad) = (760.0, 260.0, 48.0);
+    let ymax = data
+        .values()
+        .flat_map(|s| s.iter().map(|p| p.1))
+        .fold(0.0f64, f64::max)
+        .max(1e-9);
+    let span = (t1.saturating_sub(t0)).max(1) as f64;
+    let x = |t: u64| pad + (t.saturating_sub(t0)) as f64 / span * (w - 2.0 * pad);
+    let y = |v: f64| h - pad - v / ymax * (h - 2.0 * pad);
+    let mut svg = format!(
+        "<h2>{}</h2><svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" role=\"img\" aria-label=\"{}\">\
+<rect width=\"100%\" height=\"100%\" fill=\"#fff\"/>\
+<line x1=\"{pad}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"#999\"/><line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{}\" stroke=\"#999\"/>\
+<text x=\"4\" y=\"{}\" font-size=\"11\">{ymax:.3}</text><text x=\"4\" y=\"{}\" font-size=\"11\">0</text>\
+<text x=\"{pad}\" y=\"{}\" font-size=\"11\">{}</text><text x=\"{}\" y=\"{}\" font-size=\"11\" text-anchor=\"end\">{}</text>",
+        escape(title),
+        escape(title),
+        h - pad,
+        w - pad,
+        h - pad,
+        h - pad,
+        pad + 4.0,
+        h - pad,
+        h - pad + 16.0,
+        utc(t0),
+        w - pad,
+        h - pad + 16.0,
+        utc(t1)
+    );
+    for (i, (name, points)) in data.iter().enumerate() {
+        let color = PALETTE[i % PALETTE.len()];
+        let mut path = format!("M{:.1},{:.1}", x(points[0].0), y(0.0));
+        let mut last = 0.0;
+        for &(t, v) in points {
+            let _ = write!(
+                path,
+                " L{:.1},{:.1} L{:.1},{:.1}",
+                x(t),
+                y(last),
+                x(t),
+                y(v)
+            );
+            last = v;
+        }
+        let _ = write!(path, " L{:.1},{:.1}", x(t1), y(last));
+        let _ = write!(
+            svg,
+            "<path d=\"{path}\" fill=\"none\" stroke=\"{color}\" stroke-width=\"2\"/>\
+<text x=\"{}\" y=\"{}\" font-size=\"12\" fill=\"{color}\">{} ({last:.3})</text>",
+            w - pad + 4.0 - 200.0,
+            pad + 14.0 * (i as f64 + 1.0),
+            escape(name)
+        );
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+/// One self-contained HTML page: summary, charts of epsilon spent over time
+/// per analyst and per dataset, and the table of events.
+pub fn html(node: &str, entries: &[Entry], verified: &str) -> String {
+    let t0 = entries.first().map_or(0, |e| e.time_ms);
+    let t1 = entries.last().map_or(1, |e| e.time_ms).max(t0 + 1);
+    let mut page = format!(
+        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>fedq audit report: {n}</title>\
+<style>body{{font-family:system-ui,sans-serif;margin:2em;color:#222}}table{{border-collapse:collapse;font-size:13px}}\
+td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top}}th{{background:#f3f3f3}}\
+code{{font-size:12px;word-break:break-all}}</style></head><body>\
+<h1>Audit report: {n}</h1><p>{} entries, {} to {} (UTC). {}</p>",
+        entries.len(),
+        utc(t0),
+        utc(t1),
+        escape(verified),
+        n = escape(node)
+    );
+    page.push_str("<h2>Budget per analyst and dataset</h2><table><tr><th>analyst</th><th>dataset</th><th>answered</th><th>refused</th><th>epsilon spent</th><th>granted</th><th>remaining</th></tr>");
+    for r in summarize(entries) {
+        let _ = write!(
+            page,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.4}</td><td>{:.4}</td><td>{}</td></tr>",
+            escape(&r.analyst),
+            escape(&r.dataset),
+            r.answered,
+            r.refused,
+            r.spent,
+            r.granted,
+            r.remaining.map(|v| format!("{v:.4}")).unwrap_or_else(|| "?".into())
+        );
+    }
+    page.push_str("</table>");
+    let per_analyst = series(entries, |a, _| a.to_string());
+    let per_dataset = series(entries, |_, d| d.to_string());
+    if per_analyst.is_empty() {
+        page.push_str("<p>No budget was spent in this log.</p>");
+    } else {
+        page.push_str(&chart(
+            "Epsilon spent over time, per analyst",
+            &per_analyst,
+            t0,
+            t1,
+        ));
+        page.push_str(&chart(
+            "Epsilon spent over time, per dataset",
+            &per_dataset,
+            t0,
+            t1,
+        ));
+    }
+    page.push_str("<h2>Events</h2><table><tr><th>seq</th><th>time (UTC)</th><th>event</th><th>details</th><th>hash</th></tr>");
+    for e in entries {
+        let details = serde_json::to_value(&e.event)
+            .map(|mut v| {
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("type");
+                }
+                v.to_string()
+            })
+            .unwrap_or_default();
+        let _ = write!(
+            page,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td><td><code>{}…</code></td></tr>",
+            e.seq,
+            utc(e.time_ms),
+            e.event.kind(),
+            escape(&details),
+            &e.hash[..12.min(e.hash.len())]
+        );
+    }
+    page.push_str("</table></body></html>\n");
+    page
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(seq: u64, time_ms: u64, event: Event) -> Entry {
+        Entry {
+            seq,
+            time_ms,
+            prev: String::new(),
+            event,
+            hash: "ab".repeat(32),
+            sig: String::new(),
+        }
+    }
+
+    #[test]
+    fn utc_formats_known_instants() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00");
+        assert_eq!(utc(1_795_000_000_000), "2026-11-18 11:06:40");
+    }
+
+    #[test]
+    fn summary_counts_and_remaining() {
+        let entries = vec![
+            entry(
+                0,
+                1000,
+                Event::NodeStarted {
+                    version: "0".into(),
+                    config_sha256: String::new(),
+                    audit_public_key: String::new(),
+                    limits: vec![crate::audit::DatasetLimits {
+                        dataset: "cases".into(),
+                        per_analyst: 1.0,
+                        total: 5.0,
+                        per_query_max: 1.0,
+                    }],
+                },
+            ),
+            entry(
+                1,
+                2000,
+                Event::QueryReceived {
+                    analyst: "a".into(),
+                    query_id: "q1".into(),
+                    dataset: "cases".into(),
+                    sql: String::new(),
+                    epsilon: 0.4,
+                    dry_run: false,
+                },
+            ),
+            entry(
+                2,
+                2001,
+                Event::Debited {
+                    analyst: "a".into(),
+                    query_id: "q1".into(),
+                    dataset: "cases".into(),
+                    epsilon: 0.4,
+                    analyst_spent: 0.4,
+                    dataset_spent: 0.4,
+                },
+            ),
+            entry(
+                3,
+                2002,
+                Event::Released {
+                    analyst: "a".into(),
+                    query_id: "q1".into(),
+                    dataset: "cases".into(),
+                    measurements: vec![],
+                    response_sha256: String::new(),
+                },
+            ),
+            entry(
+                4,
+                3000,
+                Event::QueryReceived {
+                    analyst: "a".into(),
+                    query_id: "q2".into(),
+                    dataset: "cases".into(),
+                    sql: String::new(),
+                    epsilon: 0.9,
+                    dry_run: false,
+                },
+            ),
+            entry(
+                5,
+                3001,
+                Event::Refused {
+                    analyst: "a".into(),
+                    query_id: "q2".into(),
+                    reason: "over budget".into(),
+                },
+            ),
+            entry(
+                6,
+                4000,
+                Event::BudgetGranted {
+                    analyst: "a".into(),
+                    dataset: "cases".into(),
+                    epsilon: 0.5,
+                    granted_total: 0.5,
+                },
+            ),
+        ];
+        let rows = summarize(&entries);
+        assert_eq!(rows.len(), 1);
+        let r = &rows[0];
+        assert_eq!((r.answered, r.refused), (1, 1));
+        assert!((r.spent - 0.4).abs() < 1e-12 && (r.granted - 0.5).abs() < 1e-12);
+        assert!((r.remaining.unwrap() - 1.1).abs() < 1e-12);
+        let page = html("n<1>", &entries, "verified");
+        assert!(page.contains("<svg") && page.contains("n&lt;1&gt;"));
+        assert!(
+            !page.contains("<script") && !page.contains("src="),
+            "self-contained"
+        );
+    }
+}
