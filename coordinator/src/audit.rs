@@ -182,13 +182,15 @@ pub fn check(node: &str, export: &str, public_key: &str, known: &mut NodeHeads) 
     for h in &known.heads {
         match hashes.get(&h.seq) {
             Some(hash) if *hash == h.hash => {}
-            Some(hash) => return verdict(
-                false,
-                format!(
+            Some(hash) => {
+                return verdict(
+                    false,
+                    format!(
                     "history was rewritten: head {}:{} seen earlier, the log now has {hash} there",
                     h.seq, h.hash
                 ),
-            ),
+                )
+            }
             None => {
                 return verdict(
                     false,

@@ -74,7 +74,10 @@ pub fn build_federation(dir: &Path, out: &mut impl std::io::Write) -> anyhow::Re
                 key: "certs/node.key".into(),
             },
             limits: Limits::default(),
-            audit: Default::default(),
+            audit: fedq_node::config::AuditSection {
+                auditors: vec!["demo-auditor".into()],
+                ..Default::default()
+            },
             source_sha256: String::new(),
             datasets: vec![DatasetConfig {
                 name: "cases".into(),
@@ -132,6 +135,19 @@ pub fn build_federation(dir: &Path, out: &mut impl std::io::Write) -> anyhow::Re
         base_dir: dir.to_path_buf(),
     };
     std::fs::write(dir.join("federation.toml"), toml::to_string_pretty(&fed)?)?;
+    // The same federation seen by an auditor (for `fedq audit pull` and
+    // `fedq audit check-heads`), sharing the researcher's heads file.
+    ca.issue(Role::Auditor, "demo-auditor")?
+        .write(&dir.join("auditor"), "auditor")?;
+    let auditor = FederationConfig {
+        tls: ClientTls {
+            ca: "ca/ca.pem".into(),
+            cert: "auditor/auditor.pem".into(),
+            key: "auditor/auditor.key".into(),
+        },
+        ..fed
+    };
+    std::fs::write(dir.join("auditor.toml"), toml::to_string_pretty(&auditor)?)?;
     Ok(configs)
 }
 
@@ -152,19 +168,47 @@ pub async fn run(dir: Option<PathBuf>, serve: bool) -> anyhow::Result<()> {
         }
     };
     let mut stdout = std::io::stdout();
-    println!(
-        "fedq demo: building a three-partner federation in {}",
-        dir.display()
-    );
-    let dir_for_build = dir.clone();
-    let configs = tokio::task::spawn_blocking(move || {
-        let mut buf = Vec::new();
-        let r = build_federation(&dir_for_build, &mut buf);
-        (r, buf)
-    })
-    .await?;
-    std::io::Write::write_all(&mut stdout, &configs.1)?;
-    let configs = configs.0?;
+    let configs = if dir.join("federation.toml").exists() {
+        // A federation built by an earlier `fedq demo --dir`: serve it again
+        // as it is (same CA, certificates, ports, stores and spent budget)
+        // rather than overwrite half of it.
+        println!(
+            "fedq demo: reusing the federation in {} (its budgets keep what was spent)",
+            dir.display()
+        );
+        let configs: Vec<PathBuf> = PARTNERS
+            .iter()
+            .map(|(name, ..)| dir.join(name).join("node.toml"))
+            .collect();
+        if let Some(missing) = configs.iter().find(|p| !p.exists()) {
+            return Err(anyhow!(
+                "{} has a federation.toml but no {}; it is not a complete demo federation: choose another --dir",
+                dir.display(),
+                missing.display()
+            ));
+        }
+        configs
+    } else {
+        if dir.exists() && std::fs::read_dir(&dir)?.next().is_some() {
+            return Err(anyhow!(
+                "{} exists and is not empty; give a new or empty directory to --dir",
+                dir.display()
+            ));
+        }
+        println!(
+            "fedq demo: building a three-partner federation in {}",
+            dir.display()
+        );
+        let dir_for_build = dir.clone();
+        let (result, log) = tokio::task::spawn_blocking(move || {
+            let mut buf = Vec::new();
+            let r = build_federation(&dir_for_build, &mut buf);
+            (r, buf)
+        })
+        .await?;
+        std::io::Write::write_all(&mut stdout, &log)?;
+        result?
+    };
     let mut nodes = Vec::new();
     for path in &configs {
         nodes.push(fedq_node::server::start(NodeConfig::load(path)?).await?);
@@ -203,6 +247,14 @@ pub async fn run(dir: Option<PathBuf>, serve: bool) -> anyhow::Result<()> {
              \"SELECT gender, COUNT(*) FROM cases WHERE isForcedLabour = 1 GROUP BY gender\"\n  \
              cargo run --release --bin fedq -- schema --federation {}/federation.toml",
             dir.display(),
+            dir.display()
+        );
+        println!(
+            "as an auditor: cargo run --release --bin fedq -- audit check-heads --federation {}/auditor.toml",
+            dir.display()
+        );
+        println!(
+            "as an auditor: cargo run --release --bin fedq -- audit check-heads --federation {}/auditor.toml",
             dir.display()
         );
         println!("after Ctrl-C, each node can be served on its own: fedq-node serve --config {}/<node>/node.toml", dir.display());

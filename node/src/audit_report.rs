@@ -50,6 +50,8 @@ pub fn summarize(entries: &[Entry]) -> Vec<SummaryRow> {
             } => {
                 dataset_of.insert((analyst.clone(), query_id.clone()), dataset.clone());
             }
+            // Refusals of other calls (an audit export, say) carry no query id.
+            Event::Refused { query_id, .. } if query_id.is_empty() => {}
             Event::Refused {
                 analyst, query_id, ..
             } => {

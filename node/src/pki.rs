@@ -21,6 +21,8 @@ pub enum Role {
     Node,
     /// A researcher who queries through the coordinator.
     Analyst,
+    /// Someone who may export a node's audit log (when the node lists them).
+    Auditor,
 }
 
 impl Role {
@@ -29,6 +31,7 @@ impl Role {
         match self {
             Role::Node => "node",
             Role::Analyst => "analyst",
+            Role::Auditor => "auditor",
         }
     }
 }
@@ -98,7 +101,7 @@ impl Authority {
                 "127.0.0.1".into(),
                 "::1".into(),
             ],
-            Role::Analyst => vec![],
+            Role::Analyst | Role::Auditor => vec![],
         };
         let mut params = CertificateParams::new(sans)?;
         params.distinguished_name = distinguished(name, role.as_str());
@@ -109,7 +112,7 @@ impl Authority {
                 ExtendedKeyUsagePurpose::ServerAuth,
                 ExtendedKeyUsagePurpose::ClientAuth,
             ],
-            Role::Analyst => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            Role::Analyst | Role::Auditor => vec![ExtendedKeyUsagePurpose::ClientAuth],
         };
         let now = std::time::SystemTime::now();
         params.not_before = (now - std::time::Duration::from_secs(3600)).into();

@@ -481,14 +481,7 @@ impl Node for NodeService {
         req: Request<ExportAuditRequest>,
     ) -> Result<Response<Self::ExportAuditStream>, Status> {
         let who = caller(&req)?;
-        let allowed = who.role == "auditor"
-            && self
-                .state
-                .config
-                .audit
-                .auditors
-                .iter()
-                .any(|a| *a == who.name);
+        let allowed = who.role == "auditor" && self.state.config.audit.auditors.contains(&who.name);
         if !allowed {
             self.state.log_refusal(
                 &who.name,

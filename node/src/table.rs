@@ -524,16 +524,28 @@ fn write_column<'a, T: Code>(
     Ok(())
 }
 
-/// One bit per value of `v`: whether `test` holds. Written 64 values at a
-/// time so the compiler can keep the word in a register.
+/// One bit per value of `v`: whether `test` holds.
+///
+/// Written for the vectoriser: 64 tests at a time into a byte mask (one
+/// compare per lane), then each 8 mask bytes (0 or 1) folded into 8 bits
+/// with one multiplication: byte `i` is moved to bit `56 + i` by the term
+/// `2^(56 - 7i)` of the magic, and every other partial product lands on a
+/// distinct bit below 56, so nothing carries into the result.
 #[inline(always)]
 fn pack_bits<T: Code>(v: &[T], test: impl Fn(T) -> bool) -> Bits {
+    const GATHER: u64 = 0x0102_0408_1020_4080;
     let mut out = Vec::with_capacity(v.len().div_ceil(64));
     let mut chunks = v.chunks_exact(64);
+    let mut mask = [0u8; 64];
     for chunk in &mut chunks {
+        for (m, &c) in mask.iter_mut().zip(chunk) {
+            *m = u8::from(test(c));
+        }
         let mut w = 0u64;
-        for (i, &c) in chunk.iter().enumerate() {
-            w |= u64::from(test(c)) << i;
+        for (k, bytes) in mask.chunks_exact(8).enumerate() {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(bytes);
+            w |= (u64::from_le_bytes(b).wrapping_mul(GATHER) >> 56) << (8 * k);
         }
         out.push(w);
     }

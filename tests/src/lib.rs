@@ -250,3 +250,29 @@ pub fn exact_counts(
 pub fn opendp_accuracy(scale: f64, alpha: f64) -> f64 {
     opendp::accuracy::discrete_laplacian_scale_to_accuracy(scale, alpha).unwrap()
 }
+
+/// The `fedq-node` binary, built once per test process (a no-op when it is
+/// up to date), for tests that need a real node process (to kill it, say).
+pub fn node_binary() -> PathBuf {
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .args(["build", "-p", "fedq-node", "--bin", "fedq-node"])
+            .current_dir(&workspace)
+            .status()
+            .expect("run cargo build for fedq-node");
+        assert!(status.success(), "building fedq-node failed");
+        // This test binary lives in <target>/<profile>/deps/.
+        let exe = std::env::current_exe().expect("test executable path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target profile dir");
+        let path = profile_dir.join(format!("fedq-node{}", std::env::consts::EXE_SUFFIX));
+        assert!(path.exists(), "no fedq-node binary at {}", path.display());
+        path
+    })
+    .clone()
+}
