@@ -63,6 +63,16 @@ pub enum Event {
         /// Budget limits in force.
         limits: Vec<DatasetLimits>,
     },
+    /// A dataset's budget limits differ from those in force at the previous
+    /// start (recorded at start, right after `node_started`).
+    LimitsChanged {
+        /// Dataset.
+        dataset: String,
+        /// Limits before (none if the dataset is new).
+        before: Option<DatasetLimits>,
+        /// Limits now.
+        after: DatasetLimits,
+    },
     /// Rows were ingested.
     Ingested {
         /// Dataset.
@@ -151,6 +161,7 @@ impl Event {
     pub fn kind(&self) -> &'static str {
         match self {
             Event::NodeStarted { .. } => "node_started",
+            Event::LimitsChanged { .. } => "limits_changed",
             Event::Ingested { .. } => "ingested",
             Event::QueryReceived { .. } => "query_received",
             Event::Refused { .. } => "refused",
@@ -365,6 +376,22 @@ impl AuditLog {
         self.tree
             .transaction(|tx| append_in::<()>(tx, &self.key, event.clone()))
             .map_err(|e| anyhow!("cannot append to the audit log: {e:?}"))
+    }
+
+    /// The limits recorded by the latest `node_started` entry, if any.
+    pub fn last_limits(&self) -> anyhow::Result<Option<Vec<DatasetLimits>>> {
+        for item in self.tree.range(entry_key(0)..).rev() {
+            let (k, v) = item?;
+            if k.first() != Some(&b'e') {
+                continue;
+            }
+            let e: Entry = serde_json::from_slice(&v)
+                .map_err(|e| anyhow!("a stored audit entry is unreadable: {e}"))?;
+            if let Event::NodeStarted { limits, .. } = e.event {
+                return Ok(Some(limits));
+            }
+        }
+        Ok(None)
     }
 
     /// The latest head, if the log is not empty.

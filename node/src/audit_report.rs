@@ -42,6 +42,9 @@ pub fn summarize(entries: &[Entry]) -> Vec<SummaryRow> {
                     limits.insert(x.dataset.clone(), (x.per_analyst, x.total));
                 }
             }
+            Event::LimitsChanged { after, .. } => {
+                limits.insert(after.dataset.clone(), (after.per_analyst, after.total));
+            }
             Event::QueryReceived {
                 analyst,
                 query_id,

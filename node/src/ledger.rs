@@ -344,10 +344,13 @@ impl Ledger {
             .get(dataset_key(dataset))?
             .map(|v| decode_u64(&v))
             .unwrap_or(0);
-        let (a_limit, d_limit) = (
-            to_nano_floor(limits.per_analyst),
-            to_nano_floor(limits.total),
-        );
+        let granted = self
+            .tree
+            .get(grant_key(dataset, analyst))?
+            .map(|v| decode_u64(&v))
+            .unwrap_or(0);
+        let a_limit = to_nano_floor(limits.per_analyst).saturating_add(granted);
+        let d_limit = to_nano_floor(limits.total);
         Ok(BudgetState {
             spent_by_analyst: from_nano(a),
             remaining_for_analyst: from_nano(

@@ -107,7 +107,7 @@ impl NodeState {
     /// Records that the node started, with its version, config digest and
     /// budget limits, and flushes.
     pub fn log_start(&self) -> anyhow::Result<()> {
-        let limits = self
+        let current: Vec<DatasetLimits> = self
             .config
             .datasets
             .iter()
@@ -118,12 +118,25 @@ impl NodeState {
                 per_query_max: d.budget.per_query_max,
             })
             .collect();
+        let previous = self.audit().last_limits()?;
         self.audit().append(Event::NodeStarted {
             version: env!("CARGO_PKG_VERSION").into(),
             config_sha256: self.config.source_sha256.clone(),
             audit_public_key: self.audit().key.public_hex(),
-            limits,
+            limits: current.clone(),
         })?;
+        if let Some(previous) = previous {
+            for now in &current {
+                let before = previous.iter().find(|p| p.dataset == now.dataset).cloned();
+                if before.as_ref() != Some(now) {
+                    self.audit().append(Event::LimitsChanged {
+                        dataset: now.dataset.clone(),
+                        before,
+                        after: now.clone(),
+                    })?;
+                }
+            }
+        }
         self.audit().tree.flush()?;
         Ok(())
     }

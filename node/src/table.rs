@@ -368,7 +368,7 @@ impl Table {
     /// Rows where `column` is not missing.
     fn present(&self, column: usize) -> Bits {
         let p = &self.columns[column];
-        with_codes!(&p.codes, v => pack_bits(v, |c| c.to_u64() != p.span))
+        with_codes!(&p.codes, v => present_bits(v, p.span))
     }
 
     /// Evaluates a predicate over all rows, three-valued.
@@ -558,6 +558,14 @@ fn pack_bits<T: Code>(v: &[T], test: impl Fn(T) -> bool) -> Bits {
         out.push(w);
     }
     out
+}
+
+/// One bit per value: whether it is not the missing code `span`
+/// (compared in the column's own width, so a lane holds as many values
+/// as possible).
+fn present_bits<T: Code>(v: &[T], span: u64) -> Bits {
+    let missing = T::from_u64(span);
+    pack_bits(v, |c| c != missing)
 }
 
 /// One bit per value: whether it lies in `lo..=hi`, with one unsigned

@@ -472,3 +472,52 @@ async fn the_auditor_cli_verifies_summarises_and_reports_an_export() {
         "self-contained"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_grants_and_limit_changes_are_logged() {
+    let mut fed = TestFederation::start(&[(Partner::Ngo, 200, 7)], roomy_budget()).await;
+    fed.stop_node(0).await;
+    with_auditor(&mut fed);
+    fed.nodes[0].config.datasets[0].budget.per_analyst = 3.0;
+    fed.start_node(0).await;
+    fed.stop_node(0).await;
+    // A grant by the partner's admin, on the stopped node's store.
+    {
+        let cfg = &fed.nodes[0].config;
+        let store = fedq_node::store::Store::open(&cfg.resolve(&cfg.node.store)).unwrap();
+        let audit = std::sync::Arc::new(fedq_node::service::open_audit(cfg, &store).unwrap());
+        let ledger = fedq_node::ledger::Ledger::new(store, audit);
+        assert_eq!(ledger.grant("alice", "cases", 1.5).unwrap(), 1.5);
+    }
+    fed.start_node(0).await;
+    let mut alice = fed.raw_client(0, Role::Analyst, "alice").await;
+    let b = alice
+        .budget(BudgetRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .budgets[0]
+        .clone();
+    assert!(
+        (b.remaining_for_analyst - 4.5).abs() < 1e-9,
+        "3.0 configured + 1.5 granted: {b:?}"
+    );
+    let (text, entries, key) = pull(&fed, 0).await;
+    verify(&text, &parse_public_key(&key).unwrap(), 0, None).unwrap();
+    let kinds: Vec<&str> = entries.iter().map(|e| e.event.kind()).collect();
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "node_started").count(),
+        3,
+        "{kinds:?}"
+    );
+    let change = entries
+        .iter()
+        .find_map(|e| match &e.event {
+            Event::LimitsChanged { before, after, .. } => Some((before.clone(), after.clone())),
+            _ => None,
+        })
+        .expect("the limit change is logged");
+    assert_eq!(change.0.map(|b| b.per_analyst), Some(1000.0));
+    assert_eq!(change.1.per_analyst, 3.0);
+    assert!(kinds.contains(&"budget_granted"));
+}
