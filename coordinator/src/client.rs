@@ -28,6 +28,18 @@ pub enum Failure {
     Refused(String),
 }
 
+impl Failure {
+    /// Whether trying again later may succeed: no connection, no answer in
+    /// time, or the same query id still being computed on the node.
+    pub fn retryable(&self) -> bool {
+        match self {
+            Failure::Unreachable(m) => !m.contains("does not accept this client certificate"),
+            Failure::TimedOut(_) => true,
+            Failure::Refused(m) => m.starts_with("Aborted"),
+        }
+    }
+}
+
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -49,6 +61,15 @@ pub struct Outcome<T> {
     pub elapsed: Duration,
 }
 
+/// How to call nodes: a per-node deadline and how many retries fit in it.
+#[derive(Debug, Clone, Copy)]
+pub struct Calls {
+    /// Each node's deadline, retries included.
+    pub timeout: Duration,
+    /// Retries of a failed call that may succeed later.
+    pub retries: u32,
+}
+
 /// A federation ready to be called: its file plus loaded TLS material.
 #[derive(Clone)]
 pub struct Federation {
@@ -56,6 +77,8 @@ pub struct Federation {
     pub config: FederationConfig,
     ca: Certificate,
     identity: Identity,
+    /// Calls in flight per node (shared by clones), for progress displays.
+    pending: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, Instant>>>,
 }
 
 impl Federation {
@@ -80,6 +103,7 @@ impl Federation {
             config,
             ca,
             identity,
+            pending: Default::default(),
         })
     }
 
@@ -140,7 +164,7 @@ impl Federation {
         Ok(NodeClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
     }
 
-    /// Calls every node concurrently with `call`, each under `timeout`.
+    /// Calls every node concurrently with `call`, each under `timeout`, once.
     /// Outcomes come back in the order of the federation file.
     pub async fn fan_out<T, F, Fut>(&self, timeout: Duration, call: F) -> Vec<Outcome<T>>
     where
@@ -148,27 +172,75 @@ impl Federation {
         F: Fn(NodeClient<Channel>) -> Fut + Clone + Send + Sync + 'static,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>> + Send,
     {
+        let nodes = self.config.nodes.clone();
+        self.call_nodes(
+            &nodes,
+            Calls {
+                timeout,
+                retries: 0,
+            },
+            call,
+        )
+        .await
+    }
+
+    /// Calls `nodes` concurrently with `call`. Each node has `calls.timeout`
+    /// in all (its deadline); a failed call that may succeed later (no
+    /// connection, no answer yet, the same query still running) is retried
+    /// up to `calls.retries` times within that deadline, with backoff.
+    /// Callers retry only idempotent calls (the same query id replays on the
+    /// node, so a retry never spends twice). Outcomes follow `nodes`' order.
+    pub async fn call_nodes<T, F, Fut>(
+        &self,
+        nodes: &[NodeEntry],
+        calls: Calls,
+        call: F,
+    ) -> Vec<Outcome<T>>
+    where
+        T: Send + 'static,
+        F: Fn(NodeClient<Channel>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>> + Send,
+    {
         let mut set = JoinSet::new();
-        for (i, node) in self.config.nodes.iter().enumerate() {
+        for (i, node) in nodes.iter().enumerate() {
             let fed = self.clone();
             let node = node.clone();
             let call = call.clone();
             set.spawn(async move {
                 let start = Instant::now();
-                let work = async {
-                    let client = fed.connect(&node, timeout).await?;
-                    call(client)
-                        .await
-                        .map(tonic::Response::into_inner)
-                        .map_err(status_failure)
+                fed.pending_insert(&node.name);
+                let deadline = start + calls.timeout;
+                let mut attempt = 0u32;
+                let result = loop {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let work = async {
+                        let client = fed.connect(&node, left).await?;
+                        call(client)
+                            .await
+                            .map(tonic::Response::into_inner)
+                            .map_err(status_failure)
+                    };
+                    let result = match tokio::time::timeout(left, work).await {
+                        Ok(r) => r,
+                        Err(_) => Err(Failure::TimedOut(format!(
+                            "no answer within {:.1} s",
+                            calls.timeout.as_secs_f64()
+                        ))),
+                    };
+                    match result {
+                        Err(f) if f.retryable() && attempt < calls.retries => {
+                            let backoff = Duration::from_millis(250 << attempt.min(4));
+                            if Instant::now() + backoff >= deadline {
+                                break Err(f);
+                            }
+                            tracing::info!(node = %node.name, attempt, failure = %f, "retrying");
+                            tokio::time::sleep(backoff).await;
+                            attempt += 1;
+                        }
+                        other => break other,
+                    }
                 };
-                let result = match tokio::time::timeout(timeout, work).await {
-                    Ok(r) => r,
-                    Err(_) => Err(Failure::TimedOut(format!(
-                        "no answer within {:.1} s",
-                        timeout.as_secs_f64()
-                    ))),
-                };
+                fed.pending_remove(&node.name);
                 (
                     i,
                     Outcome {
@@ -179,8 +251,7 @@ impl Federation {
                 )
             });
         }
-        let mut outcomes: Vec<Option<Outcome<T>>> =
-            (0..self.config.nodes.len()).map(|_| None).collect();
+        let mut outcomes: Vec<Option<Outcome<T>>> = (0..nodes.len()).map(|_| None).collect();
         while let Some(joined) = set.join_next().await {
             if let Ok((i, outcome)) = joined {
                 outcomes[i] = Some(outcome);
@@ -191,11 +262,36 @@ impl Federation {
             .enumerate()
             .map(|(i, o)| {
                 o.unwrap_or_else(|| Outcome {
-                    node: self.config.nodes[i].name.clone(),
+                    node: nodes[i].name.clone(),
                     result: Err(Failure::Unreachable("the call task failed".into())),
                     elapsed: Duration::ZERO,
                 })
             })
+            .collect()
+    }
+
+    fn pending_insert(&self, node: &str) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node.to_string(), Instant::now());
+    }
+
+    fn pending_remove(&self, node: &str) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(node);
+    }
+
+    /// Nodes whose call is still running, with when it started (for a
+    /// progress display).
+    pub fn pending(&self) -> Vec<(String, Duration)> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(n, t)| (n.clone(), t.elapsed()))
             .collect()
     }
 

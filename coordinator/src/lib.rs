@@ -10,6 +10,7 @@
 //! - [`client`]: mutual-TLS channels and concurrent fan-out with deadlines.
 //! - [`combine`]: sums, means and federated confidence intervals.
 //! - [`output`]: tables, JSON and CSV.
+//! - [`run`]: one query across the federation: capability checks, retries, quorum (two phases).
 //! - [`demo`]: a complete three-node federation on loopback.
 
 pub mod audit;
@@ -18,3 +19,4 @@ pub mod combine;
 pub mod demo;
 pub mod federation;
 pub mod output;
+pub mod run;

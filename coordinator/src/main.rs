@@ -6,10 +6,14 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use fedq::client::{new_query_id, Federation};
+use std::io::IsTerminal;
+
+use fedq::client::{new_query_id, Calls, Federation, Outcome};
 use fedq::combine::combine;
-use fedq::output::{render, render_budgets, render_schemas, Format};
-use fedq_proto::v1::QueryRequest;
+use fedq::output::{
+    render_budgets, render_nodes, render_plan, render_schemas, render_with, Format,
+};
+use fedq::run::{run_query, QueryOptions};
 
 /// Exit code when every node answered.
 const EXIT_OK: u8 = 0;
@@ -48,23 +52,57 @@ Retrying with the same --query-id returns the same release without spending agai
         /// Path to federation.toml.
         #[arg(long)]
         federation: PathBuf,
-        /// Privacy cost per node (pure epsilon-DP), e.g. 0.5.
-        #[arg(long, allow_negative_numbers = true)]
-        epsilon: f64,
+        /// Privacy cost per node (pure epsilon-DP), e.g. 0.5; with --file, the
+        /// total, split evenly across the file's queries.
+        #[arg(
+            long,
+            allow_negative_numbers = true,
+            required_unless_present = "target_ci"
+        )]
+        epsilon: Option<f64>,
+        /// Pick the smallest epsilon whose expected combined 95% CI half-width
+        /// is at most this (for every released count and sum); asks to confirm.
+        #[arg(long, conflicts_with_all = ["epsilon", "file"])]
+        target_ci: Option<f64>,
+        /// Do not ask for confirmation (with --target-ci).
+        #[arg(long)]
+        yes: bool,
         /// Output format.
         #[arg(long, value_enum, default_value_t = Format::Table)]
         output: Format,
-        /// Per-node deadline in seconds (default: the federation file's).
+        /// Per-node deadline in seconds, retries included (default: the federation file's).
         #[arg(long)]
         timeout: Option<f64>,
-        /// Report mechanisms, scales and the cost without spending anything.
+        /// Retries of a node that did not answer (same query id: never spends twice).
+        #[arg(long, default_value_t = 2)]
+        retries: u32,
+        /// Release only if at least N nodes accept; otherwise nothing is spent anywhere.
+        #[arg(long)]
+        min_nodes: Option<usize>,
+        /// Report mechanisms, scales and expected intervals without spending anything.
         #[arg(long)]
         dry_run: bool,
         /// Query id; reuse one to retry a query without spending twice.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "file")]
         query_id: Option<String>,
+        /// Read queries from a file, separated by `;`.
+        #[arg(long, conflicts_with = "sql")]
+        file: Option<PathBuf>,
+        /// Also write the result to FILE (.json, .csv, anything else: the table).
+        #[arg(long)]
+        save: Option<PathBuf>,
         /// The SQL query.
-        sql: String,
+        #[arg(required_unless_present = "file")]
+        sql: Option<String>,
+    },
+    /// Show each node's reachability, software and API version, capabilities and round-trip time.
+    Nodes {
+        /// Path to federation.toml.
+        #[arg(long)]
+        federation: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        output: Format,
     },
     /// List each node's datasets, columns, types and public bounds/domains.
     Schema {
@@ -177,58 +215,138 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Query {
             federation,
             epsilon,
+            target_ci,
+            yes,
             output,
             timeout,
+            retries,
+            min_nodes,
             dry_run,
             query_id,
+            file,
+            save,
             sql,
         } => {
-            if !(epsilon.is_finite() && epsilon > 0.0) {
-                bail!("--epsilon must be a positive, finite number such as 0.5 (got {epsilon})");
-            }
             let fed = Federation::load(&federation)?;
             let timeout = match timeout {
                 Some(t) if t.is_finite() && t > 0.0 => Duration::from_secs_f64(t),
                 Some(t) => bail!("--timeout must be a positive number of seconds (got {t})"),
                 None => fed.default_timeout(),
             };
-            let query_id = query_id.unwrap_or_else(new_query_id);
-            let outcomes = fed
-                .query(
-                    QueryRequest {
-                        query_id: query_id.clone(),
-                        sql: sql.clone(),
-                        epsilon,
-                        dry_run,
-                    },
-                    timeout,
-                )
-                .await;
-            let combined = combine(&sql, &query_id, epsilon, &outcomes);
-            if let Err(e) = fedq::audit::record_heads(&fed, &outcomes) {
-                eprintln!("warning: could not record the nodes' audit heads: {e:#}");
+            let calls = Calls { timeout, retries };
+            if min_nodes == Some(0) || min_nodes.is_some_and(|n| n > fed.config.nodes.len()) {
+                bail!(
+                    "--min-nodes must be between 1 and the {} nodes of the federation",
+                    fed.config.nodes.len()
+                );
             }
-            print!("{}", render(&combined, output)?);
-            let answered = combined
-                .nodes
-                .iter()
-                .filter(|n| n.failure.is_none())
-                .count();
-            if answered == 0 {
-                // Every node refused for the same reason (a bad query, say):
-                // say it once, plainly.
-                let reasons: Vec<String> = combined
+            let queries: Vec<String> = match (&file, sql) {
+                (Some(path), _) => {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("cannot read {}", path.display()))?;
+                    let qs: Vec<String> = text
+                        .split(';')
+                        .map(str::trim)
+                        .filter(|q| !q.is_empty())
+                        .map(String::from)
+                        .collect();
+                    if qs.is_empty() {
+                        bail!("{} holds no query", path.display());
+                    }
+                    qs
+                }
+                (None, Some(sql)) => vec![sql],
+                (None, None) => bail!("give a SQL query or --file"),
+            };
+            let epsilon = match (epsilon, target_ci) {
+                (Some(e), _) => e,
+                (None, Some(w)) => {
+                    let e = pick_epsilon(&fed, &queries[0], w, calls).await?;
+                    if !yes {
+                        confirm(&format!("spend epsilon {e} per node?"))?;
+                    }
+                    e
+                }
+                (None, None) => bail!("give --epsilon or --target-ci"),
+            };
+            if !(epsilon.is_finite() && epsilon > 0.0) {
+                bail!("--epsilon must be a positive, finite number such as 0.5 (got {epsilon})");
+            }
+            let each = epsilon / queries.len() as f64;
+            if queries.len() > 1 {
+                eprintln!(
+                    "{} queries; epsilon {epsilon} split evenly: {each} each",
+                    queries.len()
+                );
+            }
+            let terminal = std::io::stdout().is_terminal();
+            let mut saved = Vec::new();
+            let mut code = EXIT_OK;
+            for sql in &queries {
+                let opts = QueryOptions {
+                    epsilon: each,
+                    dry_run,
+                    calls,
+                    min_nodes,
+                    query_id: query_id.clone().unwrap_or_else(new_query_id),
+                };
+                let progress = Progress::start(&fed);
+                let result = run_query(&fed, sql, &opts).await;
+                progress.stop().await;
+                let outcomes = match result {
+                    Ok(o) => o,
+                    Err(quorum) => {
+                        eprintln!("error: {quorum}");
+                        code = EXIT_ERROR;
+                        continue;
+                    }
+                };
+                if !dry_run {
+                    if let Err(e) = fedq::audit::record_heads(&fed, &outcomes) {
+                        eprintln!("warning: could not record the nodes' audit heads: {e:#}");
+                    }
+                }
+                let combined = combine(sql, &opts.query_id, each, &outcomes);
+                let text = if dry_run {
+                    render_plan(sql, &outcomes, output)?
+                } else {
+                    render_with(&combined, output, terminal && output == Format::Table)?
+                };
+                print!("{text}");
+                if queries.len() > 1 && output == Format::Table {
+                    println!();
+                }
+                saved.push((combined.clone(), outcomes.clone()));
+                let answered = combined
                     .nodes
                     .iter()
-                    .filter_map(|n| n.failure.as_ref().map(|f| format!("{}: {f}", n.node)))
-                    .collect();
-                bail!("no node answered:\n  {}", reasons.join("\n  "));
+                    .filter(|n| n.failure.is_none())
+                    .count();
+                code = code.max(if answered == 0 {
+                    let reasons: Vec<String> = combined
+                        .nodes
+                        .iter()
+                        .filter_map(|n| n.failure.as_ref().map(|f| format!("{}: {f}", n.node)))
+                        .collect();
+                    eprintln!("error: no node answered:\n  {}", reasons.join("\n  "));
+                    EXIT_ERROR
+                } else if combined.partial {
+                    EXIT_PARTIAL
+                } else {
+                    EXIT_OK
+                });
             }
-            Ok(if combined.partial {
-                EXIT_PARTIAL
-            } else {
-                EXIT_OK
-            })
+            if let Some(path) = save {
+                save_results(&path, &saved, dry_run)?;
+            }
+            // An error outranks a partial result.
+            Ok(if code == EXIT_ERROR { EXIT_ERROR } else { code })
+        }
+        Command::Nodes { federation, output } => {
+            let fed = Federation::load(&federation)?;
+            let outcomes = fed.describe(fed.default_timeout()).await;
+            print!("{}", render_nodes(&fed, &outcomes, output)?);
+            Ok(exit_for(outcomes.iter().map(|o| o.result.is_ok())))
         }
         Command::Schema { federation, output } => {
             let fed = Federation::load(&federation)?;
@@ -327,6 +445,182 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             Ok(EXIT_OK)
         }
     }
+}
+
+/// A one-line "waiting for ..." display on stderr while nodes are slow,
+/// only on a terminal (never in pipes or logs).
+struct Progress {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Progress {
+    fn start(fed: &Federation) -> Progress {
+        let (stop, mut rx) = tokio::sync::oneshot::channel();
+        let fed = fed.clone();
+        let show = std::io::stderr().is_terminal();
+        let task = tokio::spawn(async move {
+            let mut drawn = false;
+            loop {
+                tokio::select! {
+                    _ = &mut rx => break,
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                }
+                let slow: Vec<String> = fed
+                    .pending()
+                    .into_iter()
+                    .filter(|(_, t)| *t > Duration::from_millis(500))
+                    .map(|(n, t)| format!("{n} ({:.1} s)", t.as_secs_f64()))
+                    .collect();
+                if show && !slow.is_empty() {
+                    eprint!("\r\x1b[2Kwaiting for {}", slow.join(", "));
+                    drawn = true;
+                }
+            }
+            if drawn {
+                eprint!("\r\x1b[2K");
+            }
+        });
+        Progress { stop, task }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+/// Asks on the terminal; refuses to guess when there is no terminal.
+fn confirm(question: &str) -> anyhow::Result<()> {
+    if !std::io::stdin().is_terminal() {
+        bail!("{question} needs a confirmation: run it on a terminal or add --yes");
+    }
+    eprint!("{question} [y/N] ");
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    if matches!(answer.trim(), "y" | "Y" | "yes" | "Yes") {
+        Ok(())
+    } else {
+        bail!("not confirmed; nothing was spent")
+    }
+}
+
+/// The smallest epsilon (3 significant digits, rounded up) whose expected
+/// combined 95% CI half-width is at most `target` for every measurement,
+/// from a dry run (nothing spent, nothing data-dependent).
+async fn pick_epsilon(
+    fed: &Federation,
+    sql: &str,
+    target: f64,
+    calls: Calls,
+) -> anyhow::Result<f64> {
+    if !(target.is_finite() && target > 0.0) {
+        bail!("--target-ci must be a positive number (got {target})");
+    }
+    let probe = 1e-3;
+    let opts = QueryOptions {
+        epsilon: probe,
+        dry_run: true,
+        calls,
+        min_nodes: None,
+        query_id: new_query_id(),
+    };
+    let outcomes = run_query(fed, sql, &opts)
+        .await
+        .map_err(|q| anyhow::anyhow!("{q}"))?;
+    let plans: Vec<&fedq_proto::v1::QueryResponse> = outcomes
+        .iter()
+        .filter_map(|o| o.result.as_ref().ok())
+        .collect();
+    if plans.is_empty() {
+        let why: Vec<String> = outcomes
+            .iter()
+            .filter_map(|o| o.result.as_ref().err().map(|f| format!("{}: {f}", o.node)))
+            .collect();
+        bail!("no node accepted the dry run:\n  {}", why.join("\n  "));
+    }
+    let cap = plans
+        .iter()
+        .filter_map(|r| {
+            r.budget
+                .as_ref()
+                .map(|b| b.per_query_max.min(b.remaining_for_analyst))
+        })
+        .fold(f64::INFINITY, f64::min);
+    // Each measurement's scale is sensitivity / (epsilon / m) on every node.
+    let half_width = |eps: f64| -> f64 {
+        let m = plans[0].measurements.len();
+        (0..m)
+            .map(|i| {
+                let scales: Vec<f64> = plans
+                    .iter()
+                    .filter_map(|r| r.measurements.get(i))
+                    .map(|x| x.sensitivity * m as f64 / eps)
+                    .collect();
+                fedq::combine::sum_half_width(&scales, fedq::combine::ALPHA)
+            })
+            .fold(0.0, f64::max)
+    };
+    if !cap.is_finite() || half_width(cap) > target {
+        bail!(
+            "even epsilon {cap} (the most a node allows you now) gives an expected 95% CI of ± {:.1}; ask for a wider --target-ci",
+            half_width(cap)
+        );
+    }
+    let (mut lo, mut hi) = (1e-6_f64, cap);
+    for _ in 0..60 {
+        let mid = (lo * hi).sqrt();
+        if half_width(mid) <= target {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    let digits = 10f64.powi(2 - hi.log10().floor() as i32);
+    let eps = ((hi * digits).ceil() / digits).min(cap);
+    eprintln!(
+        "epsilon {eps} per node gives an expected combined 95% CI of ± {:.1} (target ± {target}) over {} node(s)",
+        half_width(eps),
+        plans.len()
+    );
+    Ok(eps)
+}
+
+/// Writes results to `path` in the format its extension names.
+fn save_results(
+    path: &std::path::Path,
+    results: &[(
+        fedq::combine::Combined,
+        Vec<Outcome<fedq_proto::v1::QueryResponse>>,
+    )],
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    let format = match path.extension().and_then(|e| e.to_str()) {
+        Some("json") => Format::Json,
+        Some("csv") => Format::Csv,
+        _ => Format::Table,
+    };
+    let text = if format == Format::Json && !dry_run {
+        let all: Vec<&fedq::combine::Combined> = results.iter().map(|(c, _)| c).collect();
+        if all.len() == 1 {
+            serde_json::to_string_pretty(all[0])? + "\n"
+        } else {
+            serde_json::to_string_pretty(&all)? + "\n"
+        }
+    } else {
+        let mut text = String::new();
+        for (c, outcomes) in results {
+            text.push_str(&if dry_run {
+                render_plan(&c.sql, outcomes, format)?
+            } else {
+                render_with(c, format, false)?
+            });
+        }
+        text
+    };
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    eprintln!("saved to {}", path.display());
+    Ok(())
 }
 
 fn exit_for(ok: impl Iterator<Item = bool>) -> u8 {

@@ -44,6 +44,26 @@ fn interval(e: &Estimate) -> String {
 
 /// Renders a combined result.
 pub fn render(c: &Combined, format: Format) -> anyhow::Result<String> {
+    render_with(c, format, false)
+}
+
+/// A bar of `width` cells for `v` out of `max` (eighth-block resolution).
+fn bar(v: f64, max: f64, width: usize) -> String {
+    if !(v > 0.0 && max > 0.0) {
+        return String::new();
+    }
+    const EIGHTHS: [char; 8] = ['▏', '▎', '▍', '▌', '▋', '▊', '▉', '█'];
+    let eighths = ((v / max).min(1.0) * (width * 8) as f64).round() as usize;
+    let mut s = "█".repeat(eighths / 8);
+    if eighths % 8 > 0 {
+        s.push(EIGHTHS[eighths % 8 - 1]);
+    }
+    s
+}
+
+/// Renders a combined result; with `bars`, a GROUP BY table gets a small
+/// bar chart of its first aggregate (for terminals).
+pub fn render_with(c: &Combined, format: Format, bars: bool) -> anyhow::Result<String> {
     match format {
         Format::Json => Ok(serde_json::to_string_pretty(c)? + "\n"),
         Format::Csv => {
@@ -96,6 +116,16 @@ pub fn render(c: &Combined, format: Format) -> anyhow::Result<String> {
                     header.push("95% CI".into());
                 }
                 header.push("nodes".into());
+                let bars = bars && !c.group_by.is_empty();
+                let max = c
+                    .rows
+                    .iter()
+                    .filter_map(|r| r.estimates.first().copied().flatten())
+                    .map(|e| e.value)
+                    .fold(0.0f64, f64::max);
+                if bars {
+                    header.push(String::new());
+                }
                 t.set_header(header);
                 for r in &c.rows {
                     let mut cells: Vec<Cell> = r.key.iter().map(Cell::new).collect();
@@ -116,6 +146,15 @@ pub fn render(c: &Combined, format: Format) -> anyhow::Result<String> {
                     cells.push(
                         Cell::new(r.nodes.len().to_string()).set_alignment(CellAlignment::Right),
                     );
+                    if bars {
+                        let v = r
+                            .estimates
+                            .first()
+                            .copied()
+                            .flatten()
+                            .map_or(0.0, |e| e.value);
+                        cells.push(Cell::new(bar(v, max, 20)));
+                    }
                     t.add_row(cells);
                 }
                 out.push_str(&t.to_string());
@@ -307,6 +346,225 @@ pub fn render_budgets(
                         .zip(r.iter())
                         .map(|(h, v)| (h.replace(' ', "_"), serde_json::Value::String(v.clone())))
                         .collect::<serde_json::Map<_, _>>())
+                })
+                .collect();
+            Ok(serde_json::to_string_pretty(&v)? + "\n")
+        }
+        Format::Csv => {
+            let mut w = csv::Writer::from_writer(Vec::new());
+            w.write_record(header)?;
+            for r in &rows {
+                w.write_record(r)?;
+            }
+            Ok(String::from_utf8(w.into_inner()?)?)
+        }
+        Format::Table => {
+            let mut t = Table::new();
+            t.load_preset(UTF8_FULL_CONDENSED);
+            t.set_header(header);
+            for r in rows {
+                t.add_row(r.to_vec());
+            }
+            Ok(format!("{t}\n"))
+        }
+    }
+}
+
+/// Renders a dry run: per node and combined, the cost, mechanism, scale and
+/// expected 95% interval half-width of every measurement. Nothing in it
+/// depends on data.
+pub fn render_plan(
+    sql: &str,
+    outcomes: &[Outcome<fedq_proto::v1::QueryResponse>],
+    format: Format,
+) -> anyhow::Result<String> {
+    let answered: Vec<&fedq_proto::v1::QueryResponse> = outcomes
+        .iter()
+        .filter_map(|o| o.result.as_ref().ok())
+        .collect();
+    let labels: Vec<String> = answered
+        .first()
+        .map(|r| r.measurements.iter().map(|m| m.label.clone()).collect())
+        .unwrap_or_default();
+    // (label, node, epsilon, mechanism, scale, half-width)
+    let mut rows: Vec<(String, String, f64, String, f64, f64)> = Vec::new();
+    for label in &labels {
+        let mut scales = Vec::new();
+        for r in &answered {
+            if let Some(m) = r.measurements.iter().find(|m| &m.label == label) {
+                rows.push((
+                    label.clone(),
+                    r.node_name.clone(),
+                    m.epsilon,
+                    m.mechanism.clone(),
+                    m.scale,
+                    m.ci95_half_width,
+                ));
+                scales.push(m.scale);
+            }
+        }
+        let combined = crate::combine::sum_half_width(&scales, crate::combine::ALPHA);
+        rows.push((
+            label.clone(),
+            format!("combined ({} nodes)", scales.len()),
+            f64::NAN,
+            String::new(),
+            f64::NAN,
+            combined,
+        ));
+    }
+    let cells = answered.first().map_or(0, |r| r.cells.len());
+    match format {
+        Format::Json => {
+            let v = serde_json::json!({
+                "sql": sql,
+                "dry_run": true,
+                "cells": cells,
+                "measurements": rows.iter().map(|(l, n, e, m, sc, hw)| serde_json::json!({
+                    "measurement": l, "node": n,
+                    "epsilon": e.is_finite().then_some(*e), "mechanism": (!m.is_empty()).then_some(m),
+                    "scale": sc.is_finite().then_some(*sc), "ci95_half_width": hw,
+                })).collect::<Vec<_>>(),
+                "nodes": outcomes.iter().map(|o| serde_json::json!({
+                    "node": o.node,
+                    "status": match &o.result { Ok(_) => "accepted".to_string(), Err(f) => f.to_string() },
+                    "remaining_for_analyst": o.result.as_ref().ok().and_then(|r| r.budget.as_ref()).map(|b| b.remaining_for_analyst),
+                })).collect::<Vec<_>>(),
+            });
+            Ok(serde_json::to_string_pretty(&v)? + "\n")
+        }
+        Format::Csv => {
+            let mut w = csv::Writer::from_writer(Vec::new());
+            w.write_record([
+                "measurement",
+                "node",
+                "epsilon",
+                "mechanism",
+                "scale",
+                "ci95_half_width",
+            ])?;
+            for (l, n, e, m, sc, hw) in &rows {
+                let num = |x: &f64| {
+                    if x.is_finite() {
+                        x.to_string()
+                    } else {
+                        String::new()
+                    }
+                };
+                w.write_record([
+                    l.clone(),
+                    n.clone(),
+                    num(e),
+                    m.clone(),
+                    num(sc),
+                    hw.to_string(),
+                ])?;
+            }
+            Ok(String::from_utf8(w.into_inner()?)?)
+        }
+        Format::Table => {
+            let mut t = Table::new();
+            t.load_preset(UTF8_FULL_CONDENSED);
+            t.set_header([
+                "measurement",
+                "node",
+                "epsilon",
+                "mechanism",
+                "scale",
+                "expected 95% CI",
+            ]);
+            for (l, n, e, m, sc, hw) in &rows {
+                let num = |x: &f64| {
+                    if x.is_finite() {
+                        format!("{x:.4}")
+                    } else {
+                        String::new()
+                    }
+                };
+                t.add_row(vec![
+                    l.clone(),
+                    n.clone(),
+                    num(e),
+                    m.clone(),
+                    num(sc),
+                    format!("± {}", number(hw.ceil())),
+                ]);
+            }
+            let mut out = format!("{sql}\nDRY RUN: nothing was spent · {cells} cell(s) per measurement · the intervals depend only on the mechanism\n{t}\n");
+            for o in outcomes {
+                match &o.result {
+                    Ok(r) => {
+                        let left = r
+                            .budget
+                            .as_ref()
+                            .map(|b| format!("{:.3}", b.remaining_for_analyst))
+                            .unwrap_or_else(|| "?".into());
+                        out.push_str(&format!(
+                            "  {:<18} would accept · your remaining epsilon there: {left}\n",
+                            o.node
+                        ));
+                    }
+                    Err(f) => out.push_str(&format!("  {:<18} {f}\n", o.node)),
+                }
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// Renders `fedq nodes`.
+pub fn render_nodes(
+    fed: &crate::client::Federation,
+    outcomes: &[Outcome<DescribeResponse>],
+    format: Format,
+) -> anyhow::Result<String> {
+    let rows: Vec<[String; 7]> = fed
+        .config
+        .nodes
+        .iter()
+        .zip(outcomes)
+        .map(|(n, o)| match &o.result {
+            Ok(d) => [
+                n.name.clone(),
+                n.endpoint.clone(),
+                "reachable".into(),
+                d.software_version.clone(),
+                format!("v{}", d.api_version),
+                d.capabilities.join(" "),
+                format!("{:.1}", o.elapsed.as_secs_f64() * 1e3),
+            ],
+            Err(f) => [
+                n.name.clone(),
+                n.endpoint.clone(),
+                f.to_string(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+            ],
+        })
+        .collect();
+    let header = [
+        "node",
+        "endpoint",
+        "status",
+        "software",
+        "api",
+        "capabilities",
+        "rtt_ms",
+    ];
+    match format {
+        Format::Json => {
+            let v: Vec<serde_json::Value> = rows
+                .iter()
+                .map(|r| {
+                    serde_json::Value::Object(
+                        header
+                            .iter()
+                            .zip(r.iter())
+                            .map(|(h, v)| (h.to_string(), serde_json::Value::String(v.clone())))
+                            .collect(),
+                    )
                 })
                 .collect();
             Ok(serde_json::to_string_pretty(&v)? + "\n")

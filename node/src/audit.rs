@@ -123,6 +123,38 @@ pub enum Event {
         /// The dataset's total spent after the debit.
         dataset_spent: f64,
     },
+    /// Budget was reserved by a two-phase Prepare (a debit until committed,
+    /// cancelled or expired).
+    Reserved {
+        /// Analyst identity.
+        analyst: String,
+        /// Query id.
+        query_id: String,
+        /// Dataset.
+        dataset: String,
+        /// Epsilon reserved.
+        epsilon: f64,
+        /// The analyst's total spent (reservations included) after it.
+        analyst_spent: f64,
+        /// The dataset's total spent after it.
+        dataset_spent: f64,
+        /// When it expires (ms since the Unix epoch).
+        expires_ms: u64,
+    },
+    /// A reservation's budget came back: cancelled by the coordinator, or
+    /// expired without a Commit. Nothing was released under it.
+    ReservationReturned {
+        /// Analyst identity.
+        analyst: String,
+        /// Query id.
+        query_id: String,
+        /// Dataset.
+        dataset: String,
+        /// Epsilon returned.
+        epsilon: f64,
+        /// `cancelled` or `expired`.
+        reason: String,
+    },
     /// Noisy values were released (in the same commit as the stored response).
     Released {
         /// Analyst identity.
@@ -166,6 +198,8 @@ impl Event {
             Event::QueryReceived { .. } => "query_received",
             Event::Refused { .. } => "refused",
             Event::Debited { .. } => "debited",
+            Event::Reserved { .. } => "reserved",
+            Event::ReservationReturned { .. } => "reservation_returned",
             Event::Released { .. } => "released",
             Event::Replayed { .. } => "replayed",
             Event::BudgetGranted { .. } => "budget_granted",

@@ -73,6 +73,24 @@ pub fn summarize(entries: &[Entry]) -> Vec<SummaryRow> {
                 rows.entry(row(analyst, dataset)).or_default().spent += epsilon;
                 *dataset_spent.entry(dataset.clone()).or_default() += epsilon;
             }
+            Event::Reserved {
+                analyst,
+                dataset,
+                epsilon,
+                ..
+            } => {
+                rows.entry(row(analyst, dataset)).or_default().spent += epsilon;
+                *dataset_spent.entry(dataset.clone()).or_default() += epsilon;
+            }
+            Event::ReservationReturned {
+                analyst,
+                dataset,
+                epsilon,
+                ..
+            } => {
+                rows.entry(row(analyst, dataset)).or_default().spent -= epsilon;
+                *dataset_spent.entry(dataset.clone()).or_default() -= epsilon;
+            }
             Event::Released {
                 analyst, dataset, ..
             } => {

@@ -94,6 +94,9 @@ pub struct Limits {
     pub max_sql_bytes: usize,
     /// Most cells (GROUP BY cross product) one query may release.
     pub max_cells: usize,
+    /// Longest a two-phase reservation may wait for Commit, in milliseconds;
+    /// after that its budget comes back.
+    pub max_reservation_ms: u64,
 }
 
 impl Default for Limits {
@@ -102,6 +105,7 @@ impl Default for Limits {
             max_request_bytes: 64 * 1024,
             max_sql_bytes: 8 * 1024,
             max_cells: 10_000,
+            max_reservation_ms: 60_000,
         }
     }
 }

@@ -47,24 +47,63 @@ pub fn from_nano(n: u64) -> f64 {
     n as f64 / NANO
 }
 
-/// The state of an answered or in-progress query id.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A budget reservation of a two-phase query, waiting for Commit.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Reservation {
+    /// Dataset.
+    pub dataset: String,
+    /// The SQL to run on Commit.
+    pub sql: String,
+    /// The epsilon asked for.
+    pub epsilon: f64,
+    /// The nano-epsilon debited.
+    pub nano: u64,
+    /// When it expires (ms since the Unix epoch).
+    pub expires_ms: u64,
+}
+
+/// Where a query id stands.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RecordState {
+    /// Debited, not yet released (the node may have stopped in between);
+    /// for a committed two-phase query, its reservation (to resume it).
+    Pending(Option<Reservation>),
+    /// Released; the encoded response, for replays.
+    Released(Vec<u8>),
+    /// Reserved by Prepare, waiting for Commit or Cancel.
+    Reserved(Reservation),
+    /// A reservation that was cancelled or expired; its budget came back.
+    Returned,
+}
+
+/// The state of a query id, with the digest of what was asked under it.
+#[derive(Debug, Clone, PartialEq)]
 pub struct QueryRecord {
-    /// SHA-256 of what was asked (dataset, SQL, epsilon).
+    /// SHA-256 of what was asked (SQL, epsilon).
     pub digest: [u8; 32],
-    /// The encoded response, once released. `None` means debited but not yet
-    /// released (the node stopped in between).
-    pub response: Option<Vec<u8>>,
+    /// Where it stands.
+    pub state: RecordState,
 }
 
 impl QueryRecord {
     fn encode(&self) -> Vec<u8> {
         let mut v = self.digest.to_vec();
-        if let Some(r) = &self.response {
-            v.push(1);
-            v.extend_from_slice(r);
-        } else {
-            v.push(0);
+        match &self.state {
+            RecordState::Pending(r) => {
+                v.push(0);
+                if let Some(r) = r {
+                    v.extend_from_slice(&serde_json::to_vec(r).unwrap_or_default());
+                }
+            }
+            RecordState::Released(r) => {
+                v.push(1);
+                v.extend_from_slice(r);
+            }
+            RecordState::Reserved(r) => {
+                v.push(2);
+                v.extend_from_slice(&serde_json::to_vec(r).unwrap_or_default());
+            }
+            RecordState::Returned => v.push(3),
         }
         v
     }
@@ -75,9 +114,25 @@ impl QueryRecord {
         }
         let mut digest = [0u8; 32];
         digest.copy_from_slice(&v[..32]);
-        let response = (v[32] == 1).then(|| v[33..].to_vec());
-        Some(QueryRecord { digest, response })
+        let state = match v[32] {
+            0 if v.len() == 33 => RecordState::Pending(None),
+            0 => RecordState::Pending(Some(serde_json::from_slice(&v[33..]).ok()?)),
+            1 => RecordState::Released(v[33..].to_vec()),
+            2 => RecordState::Reserved(serde_json::from_slice(&v[33..]).ok()?),
+            3 => RecordState::Returned,
+            _ => return None,
+        };
+        Some(QueryRecord { digest, state })
     }
+}
+
+/// What [`Ledger::reserve`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReserveOutcome {
+    /// Reserved now (or already reserved by an earlier Prepare of the same query).
+    Reserved(BudgetState, u64),
+    /// This query id was already released: Commit will replay it.
+    AlreadyReleased,
 }
 
 /// What [`Ledger::admit`] decided.
@@ -123,6 +178,12 @@ pub enum Refusal {
     /// The query id was used before for a different query.
     #[error("query id {0:?} was already used for a different query; use a new id")]
     IdReused(String),
+    /// The query id holds a two-phase reservation.
+    #[error("query id {0:?} holds a reservation of a two-phase query; commit or cancel it")]
+    Reserved(String),
+    /// Commit without a live reservation.
+    #[error("query id {0:?} has no live reservation (never prepared, cancelled or expired); prepare it again")]
+    NoReservation(String),
 }
 
 /// Spent and remaining budget of one analyst on one dataset.
@@ -199,10 +260,17 @@ impl Ledger {
                 if rec.digest != digest {
                     return abort(Refusal::IdReused(query_id.to_string()));
                 }
-                return Ok(match rec.response {
-                    Some(r) => Admission::Replay(r),
-                    None => Admission::Resume(state(a_spent, d_spent)),
-                });
+                match rec.state {
+                    RecordState::Released(r) => return Ok(Admission::Replay(r)),
+                    RecordState::Pending(_) => {
+                        return Ok(Admission::Resume(state(a_spent, d_spent)))
+                    }
+                    RecordState::Reserved(_) => {
+                        return abort(Refusal::Reserved(query_id.to_string()))
+                    }
+                    // A returned reservation: the same query may now run afresh.
+                    RecordState::Returned => {}
+                }
             }
             if a_spent.saturating_add(debit) > a_limit {
                 return abort(Refusal::AnalystBudget {
@@ -225,7 +293,7 @@ impl Ledger {
             tx.insert(dkey.as_bytes(), &d_new.to_be_bytes())?;
             let pending = QueryRecord {
                 digest,
-                response: None,
+                state: RecordState::Pending(None),
             };
             tx.insert(qkey.as_bytes(), pending.encode())?;
             append_in(
@@ -285,7 +353,7 @@ impl Ledger {
                 stored.audit_head = Some(head.to_proto());
                 let rec = QueryRecord {
                     digest,
-                    response: Some(stored.encode_to_vec()),
+                    state: RecordState::Released(stored.encode_to_vec()),
                 };
                 tx.insert(qkey.as_bytes(), rec.encode())?;
                 Ok(head)
@@ -294,6 +362,251 @@ impl Ledger {
         self.store.flush()?;
         response.audit_head = Some(head.to_proto());
         Ok(head)
+    }
+
+    /// Checks limits and durably reserves `epsilon` for a two-phase query
+    /// (counted as spent until committed, cancelled or expired), logged in
+    /// the same commit. Preparing the same query id again is idempotent.
+    #[allow(clippy::too_many_arguments)]
+    pub fn reserve(
+        &self,
+        analyst: &str,
+        dataset: &str,
+        query_id: &str,
+        digest: [u8; 32],
+        epsilon: f64,
+        limits: &BudgetLimits,
+        sql: &str,
+        expires_ms: u64,
+    ) -> anyhow::Result<Result<ReserveOutcome, Refusal>> {
+        let _guard = self.admit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let akey = analyst_key(dataset, analyst);
+        let dkey = dataset_key(dataset);
+        let qkey = query_key(analyst, query_id);
+        let gkey = grant_key(dataset, analyst);
+        let debit = to_nano_ceil(epsilon);
+        let d_limit = to_nano_floor(limits.total);
+        let outcome = (&self.tree, &self.audit.tree).transaction(|(tx, atx)| {
+            let granted = tx.get(&gkey)?.map(|v| decode_u64(&v)).unwrap_or(0);
+            let a_limit = to_nano_floor(limits.per_analyst).saturating_add(granted);
+            let a_spent = tx.get(&akey)?.map(|v| decode_u64(&v)).unwrap_or(0);
+            let d_spent = tx.get(&dkey)?.map(|v| decode_u64(&v)).unwrap_or(0);
+            let state = move |a: u64, d: u64| BudgetState {
+                spent_by_analyst: from_nano(a),
+                remaining_for_analyst: from_nano(
+                    a_limit.saturating_sub(a).min(d_limit.saturating_sub(d)),
+                ),
+                remaining_for_dataset: from_nano(d_limit.saturating_sub(d)),
+            };
+            if let Some(existing) = tx.get(&qkey)? {
+                let Some(rec) = QueryRecord::decode(&existing) else {
+                    return abort(Refusal::IdReused(query_id.to_string()));
+                };
+                if rec.digest != digest {
+                    return abort(Refusal::IdReused(query_id.to_string()));
+                }
+                match rec.state {
+                    RecordState::Reserved(r) => {
+                        return Ok(ReserveOutcome::Reserved(
+                            state(a_spent, d_spent),
+                            r.expires_ms,
+                        ))
+                    }
+                    RecordState::Released(_) | RecordState::Pending(_) => {
+                        return Ok(ReserveOutcome::AlreadyReleased)
+                    }
+                    RecordState::Returned => {}
+                }
+            }
+            if a_spent.saturating_add(debit) > a_limit {
+                return abort(Refusal::AnalystBudget {
+                    dataset: dataset.to_string(),
+                    asked: epsilon,
+                    remaining: from_nano(a_limit.saturating_sub(a_spent)),
+                    limit: from_nano(a_limit),
+                });
+            }
+            if d_spent.saturating_add(debit) > d_limit {
+                return abort(Refusal::DatasetBudget {
+                    dataset: dataset.to_string(),
+                    asked: epsilon,
+                    remaining: from_nano(d_limit.saturating_sub(d_spent)),
+                    limit: limits.total,
+                });
+            }
+            let (a_new, d_new) = (a_spent + debit, d_spent + debit);
+            tx.insert(akey.as_bytes(), &a_new.to_be_bytes())?;
+            tx.insert(dkey.as_bytes(), &d_new.to_be_bytes())?;
+            let reservation = Reservation {
+                dataset: dataset.to_string(),
+                sql: sql.to_string(),
+                epsilon,
+                nano: debit,
+                expires_ms,
+            };
+            tx.insert(
+                qkey.as_bytes(),
+                QueryRecord {
+                    digest,
+                    state: RecordState::Reserved(reservation),
+                }
+                .encode(),
+            )?;
+            tx.insert(expiry_key(expires_ms, analyst, query_id), &[])?;
+            append_in(
+                atx,
+                &self.audit.key,
+                Event::Reserved {
+                    analyst: analyst.to_string(),
+                    query_id: query_id.to_string(),
+                    dataset: dataset.to_string(),
+                    epsilon: from_nano(debit),
+                    analyst_spent: from_nano(a_new),
+                    dataset_spent: from_nano(d_new),
+                    expires_ms,
+                },
+            )?;
+            Ok(ReserveOutcome::Reserved(state(a_new, d_new), expires_ms))
+        });
+        match outcome {
+            Ok(o) => {
+                self.store.flush()?;
+                Ok(Ok(o))
+            }
+            Err(TransactionError::Abort(refusal)) => Ok(Err(refusal)),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
+    }
+
+    /// Turns a live reservation into a pending release (the caller then
+    /// computes and records it). A released id replays; a pending one resumes.
+    pub fn commit(
+        &self,
+        analyst: &str,
+        query_id: &str,
+        now_ms: u64,
+    ) -> anyhow::Result<Result<(Admission, Option<Reservation>, [u8; 32]), Refusal>> {
+        let _guard = self.admit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let qkey = query_key(analyst, query_id);
+        let outcome = self.tree.transaction(|tx| {
+            let Some(rec) = tx.get(&qkey)?.and_then(|v| QueryRecord::decode(&v)) else {
+                return abort(Refusal::NoReservation(query_id.to_string()));
+            };
+            let zero = BudgetState {
+                spent_by_analyst: 0.0,
+                remaining_for_analyst: 0.0,
+                remaining_for_dataset: 0.0,
+            };
+            match rec.state {
+                RecordState::Released(r) => Ok((Admission::Replay(r), None, rec.digest)),
+                RecordState::Pending(r) => Ok((Admission::Resume(zero), r, rec.digest)),
+                RecordState::Returned => abort(Refusal::NoReservation(query_id.to_string())),
+                RecordState::Reserved(r) if r.expires_ms <= now_ms => {
+                    abort(Refusal::NoReservation(query_id.to_string()))
+                }
+                RecordState::Reserved(r) => {
+                    let pending = RecordState::Pending(Some(r.clone()));
+                    tx.insert(
+                        qkey.as_bytes(),
+                        QueryRecord {
+                            digest: rec.digest,
+                            state: pending,
+                        }
+                        .encode(),
+                    )?;
+                    tx.remove(expiry_key(r.expires_ms, analyst, query_id))?;
+                    Ok((Admission::Resume(zero), Some(r), rec.digest))
+                }
+            }
+        });
+        match outcome {
+            Ok(o) => {
+                self.store.flush()?;
+                Ok(Ok(o))
+            }
+            Err(TransactionError::Abort(refusal)) => Ok(Err(refusal)),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
+    }
+
+    /// Returns a reservation's budget (cancelled or expired), logged in the
+    /// same commit. Returns the epsilon given back (0 if nothing was reserved).
+    pub fn give_back(
+        &self,
+        analyst: &str,
+        query_id: &str,
+        reason: &str,
+        now_ms: Option<u64>,
+    ) -> anyhow::Result<f64> {
+        let _guard = self.admit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let qkey = query_key(analyst, query_id);
+        let returned = (&self.tree, &self.audit.tree)
+            .transaction(|(tx, atx)| {
+                let Some(rec) = tx.get(&qkey)?.and_then(|v| QueryRecord::decode(&v)) else {
+                    return Ok(0);
+                };
+                let RecordState::Reserved(r) = rec.state else {
+                    return Ok(0);
+                };
+                if now_ms.is_some_and(|now| r.expires_ms > now) {
+                    return Ok(0);
+                }
+                let akey = analyst_key(&r.dataset, analyst);
+                let dkey = dataset_key(&r.dataset);
+                let a = tx.get(&akey)?.map(|v| decode_u64(&v)).unwrap_or(0);
+                let d = tx.get(&dkey)?.map(|v| decode_u64(&v)).unwrap_or(0);
+                tx.insert(akey.as_bytes(), &a.saturating_sub(r.nano).to_be_bytes())?;
+                tx.insert(dkey.as_bytes(), &d.saturating_sub(r.nano).to_be_bytes())?;
+                tx.insert(
+                    qkey.as_bytes(),
+                    QueryRecord {
+                        digest: rec.digest,
+                        state: RecordState::Returned,
+                    }
+                    .encode(),
+                )?;
+                tx.remove(expiry_key(r.expires_ms, analyst, query_id))?;
+                append_in::<()>(
+                    atx,
+                    &self.audit.key,
+                    Event::ReservationReturned {
+                        analyst: analyst.to_string(),
+                        query_id: query_id.to_string(),
+                        dataset: r.dataset.clone(),
+                        epsilon: from_nano(r.nano),
+                        reason: reason.to_string(),
+                    },
+                )?;
+                Ok(r.nano)
+            })
+            .map_err(|e| anyhow::anyhow!("cannot return the reservation: {e:?}"))?;
+        if returned > 0 {
+            self.store.flush()?;
+        }
+        Ok(from_nano(returned))
+    }
+
+    /// Returns every reservation that expired by `now_ms`. Returns how many.
+    pub fn expire_due(&self, now_ms: u64) -> anyhow::Result<usize> {
+        let mut due = Vec::new();
+        for item in self
+            .tree
+            .range(EXPIRY_PREFIX.as_bytes().to_vec()..expiry_key(now_ms.saturating_add(1), "", ""))
+        {
+            let (k, _) = item?;
+            let rest = &k[EXPIRY_PREFIX.len() + 8..];
+            let mut parts = rest.splitn(2, |b| *b == 0);
+            let analyst = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
+            let query_id = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
+            due.push((analyst, query_id));
+        }
+        let mut n = 0;
+        for (analyst, query_id) in due {
+            if self.give_back(&analyst, &query_id, "expired", Some(now_ms))? > 0.0 {
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// Raises `analyst`'s limit on `dataset` by `epsilon`, logged in the
@@ -363,6 +676,19 @@ impl Ledger {
 
 fn analyst_key(dataset: &str, analyst: &str) -> String {
     format!("spent/analyst/{dataset}/{analyst}")
+}
+
+/// Prefix of the reservation expiry index: `resv/` + expiry (u64 BE) +
+/// analyst + NUL + query id, so due reservations are a range scan.
+const EXPIRY_PREFIX: &str = "resv/";
+
+fn expiry_key(expires_ms: u64, analyst: &str, query_id: &str) -> Vec<u8> {
+    let mut k = EXPIRY_PREFIX.as_bytes().to_vec();
+    k.extend_from_slice(&expires_ms.to_be_bytes());
+    k.extend_from_slice(analyst.as_bytes());
+    k.push(0);
+    k.extend_from_slice(query_id.as_bytes());
+    k
 }
 
 fn grant_key(dataset: &str, analyst: &str) -> String {

@@ -11,6 +11,7 @@
 //!   cells are encoded. Sensitivity comes only from here.
 //! - [`ingest`]: CSV → validated rows → one atomic, durable store commit.
 //! - [`store`]: the sled database (rows, ledger, answered queries).
+//! - [`backup`]: backup and restore of a stopped node's store, never over a newer ledger.
 //! - [`table`]: the in-memory columnar view that queries scan.
 //! - [`plan`]: SQL (via `sqlparser`) → a typed, validated query plan.
 //! - [`mechanism`]: OpenDP's discrete Laplace mechanism and its accuracy;
@@ -24,6 +25,7 @@
 
 pub mod audit;
 pub mod audit_report;
+pub mod backup;
 pub mod config;
 pub mod ingest;
 pub mod ledger;

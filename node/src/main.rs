@@ -70,6 +70,37 @@ Cells -99 or empty are missing. One bad row fails the whole ingest with file:lin
     /// Privacy budget: show what each analyst spent, grant more.
     #[command(subcommand)]
     Budget(BudgetCommand),
+    /// Back up a stopped node: a consistent copy of the store, the audit key
+    /// and a manifest (audit head, budget spent). Raises the high-water mark.
+    #[command(
+        after_help = "Example:\n  systemctl stop fedq-node\n  fedq-node backup --config /etc/fedq/node.toml --out /var/backups/fedq/2026-11-30\n  systemctl start fedq-node\n\n\
+The backup holds the audit signing key: protect it like the key. See deploy/README.md."
+    )]
+    Backup {
+        /// Path to node.toml.
+        #[arg(long)]
+        config: PathBuf,
+        /// New (or empty) directory to write the backup into.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Restore a stopped node's store from a backup. Refused, changing
+    /// nothing, if the backup is older than what the node has reached (it
+    /// would hand back spent budget), damaged, or another node's.
+    #[command(
+        after_help = "Example:\n  systemctl stop fedq-node\n  fedq-node restore --config /etc/fedq/node.toml --from /var/backups/fedq/2026-11-30\n\n\
+The replaced store is kept beside the new one as <store>.before-restore-<time>.\n\
+A backup restores only if its signed audit log contains the node's high-water mark\n\
+(<store>.highwater) and the current store's last audit entry."
+    )]
+    Restore {
+        /// Path to node.toml.
+        #[arg(long)]
+        config: PathBuf,
+        /// The backup directory (written by `fedq-node backup`).
+        #[arg(long)]
+        from: PathBuf,
+    },
     /// Write a synthetic CTDC-shaped dataset (never real data) for demos and
     /// tests, and print the matching schema block for node.toml.
     #[command(
@@ -492,6 +523,57 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.datasets.len(),
                 cfg.node.listen
             );
+            Ok(())
+        }
+        Command::Backup { config, out } => {
+            let cfg = NodeConfig::load(&config)?;
+            let r = fedq_node::backup::backup(&cfg, &out)?;
+            let m = &r.manifest;
+            println!(
+                "backed up node {:?} to {} ({} files); audit head {}",
+                m.node,
+                r.dir.display(),
+                m.files.len(),
+                m.audit_head
+                    .as_ref()
+                    .map_or("(empty log)".to_string(), |h| h.to_string())
+            );
+            for d in &m.ledger {
+                println!(
+                    "  dataset {}: {:.4} epsilon spent by {} analyst(s)",
+                    d.dataset,
+                    d.spent_epsilon,
+                    d.analysts.len()
+                );
+            }
+            println!(
+                "high-water mark: {}",
+                fedq_node::backup::high_water_path(&cfg).display()
+            );
+            Ok(())
+        }
+        Command::Restore { config, from } => {
+            let cfg = NodeConfig::load(&config)?;
+            let r = fedq_node::backup::restore(&cfg, &from)?;
+            let m = &r.manifest;
+            println!(
+                "restored node {:?} from {} (taken {}); audit head {}",
+                m.node,
+                from.display(),
+                m.created_utc,
+                m.audit_head
+                    .as_ref()
+                    .map_or("(empty log)".to_string(), |h| h.to_string())
+            );
+            if let Some(old) = &r.replaced {
+                println!(
+                    "the replaced store is kept at {} (delete it once the node serves)",
+                    old.display()
+                );
+            }
+            if r.installed_audit_key {
+                println!("installed the backed-up audit key (the node had none)");
+            }
             Ok(())
         }
         Command::Audit(cmd) => audit_command(cmd),

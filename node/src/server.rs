@@ -98,17 +98,43 @@ async fn serve_on(
         .context("loading the store panicked")??;
     state.log_start()?;
     let datasets = state.datasets.len();
-    let service = NodeServer::new(NodeService::new(Arc::new(state)))
+    let state = Arc::new(state);
+    let sweeper = tokio::spawn(sweep_reservations(Arc::clone(&state)));
+    let service = NodeServer::new(NodeService::new(state))
         .max_decoding_message_size(max_request)
         .max_encoding_message_size(64 * 1024 * 1024);
     tracing::info!(node = %name, %addr, datasets, "serving fedq.v1 over mutual TLS");
-    Server::builder()
+    let served = Server::builder()
         .tls_config(tls)
         .context("invalid TLS configuration")?
         .add_service(service)
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
-        .await
-        .context("the gRPC server failed")?;
+        .await;
+    // The sweeper holds the store open: stop it before reporting "stopped".
+    sweeper.abort();
+    let _ = sweeper.await;
+    served.context("the gRPC server failed")?;
     tracing::info!(node = %name, "stopped");
     Ok(())
+}
+
+/// Returns the budget of two-phase reservations that were never committed,
+/// once a second (and right away, for those that expired while the node was
+/// down). Each is logged as `reservation_returned`.
+async fn sweep_reservations(state: Arc<NodeState>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let s = Arc::clone(&state);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        match tokio::task::spawn_blocking(move || s.ledger.expire_due(now)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(returned = n, "expired reservations returned their budget"),
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot expire reservations"),
+            Err(_) => return,
+        }
+    }
 }

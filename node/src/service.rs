@@ -13,8 +13,9 @@ use std::sync::{Arc, Mutex};
 
 use fedq_proto::v1::node_server::Node;
 use fedq_proto::v1::{
-    AuditLine, Budget, BudgetRequest, BudgetResponse, CellKey, DatasetSchema, DescribeRequest,
-    DescribeResponse, ExportAuditRequest, Measurement, OutputColumn, OutputKind, QueryRequest,
+    AuditLine, Budget, BudgetRequest, BudgetResponse, CancelRequest, CancelResponse, CellKey,
+    CommitRequest, DatasetSchema, DescribeRequest, DescribeResponse, ExportAuditRequest,
+    Measurement, OutputColumn, OutputKind, PrepareRequest, PrepareResponse, QueryRequest,
     QueryResponse,
 };
 use prost::Message;
@@ -44,6 +45,7 @@ pub const CAPABILITIES: &[&str] = &[
     "discrete_laplace",
     "audit_log",
     "audit_export",
+    "two_phase",
 ];
 
 /// Longest accepted query id.
@@ -350,29 +352,51 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// The blocking part of a query: debit, compute, add noise, record.
+/// Marks `(analyst, query id)` as being computed, or refuses a concurrent
+/// duplicate (which could otherwise release twice under one debit).
+fn enter<'a>(state: &'a NodeState, analyst: &str, query_id: &str) -> Result<InFlight<'a>, Status> {
+    let key = (analyst.to_string(), query_id.to_string());
+    let mut set = state.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+    if !set.insert(key.clone()) {
+        return Err(Status::aborted(format!(
+            "query id {query_id:?} is being answered right now; retry it in a moment to get the same release"
+        )));
+    }
+    Ok(InFlight {
+        set: &state.in_flight,
+        key,
+    })
+}
+
+/// A ledger refusal as a gRPC status, logged.
+fn refusal_status(
+    state: &NodeState,
+    analyst: &str,
+    query_id: &str,
+    refusal: crate::ledger::Refusal,
+) -> Status {
+    use crate::ledger::Refusal;
+    let status = match refusal {
+        Refusal::IdReused(_) => Status::already_exists(refusal.to_string()),
+        Refusal::Reserved(_) | Refusal::NoReservation(_) => {
+            Status::failed_precondition(refusal.to_string())
+        }
+        _ => Status::resource_exhausted(format!("{refusal}; nothing was released or spent")),
+    };
+    state.log_refusal(analyst, query_id, status.message());
+    status
+}
+
+/// The blocking part of a one-phase query: debit, compute, add noise, record.
 fn run_query(
     state: &NodeState,
     analyst: &str,
     q: &QueryRequest,
     plan: &Plan,
-    mut response: QueryResponse,
+    response: QueryResponse,
 ) -> Result<QueryResponse, Status> {
     let ds = &state.datasets[&plan.dataset];
-    let key = (analyst.to_string(), q.query_id.clone());
-    {
-        let mut set = state.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-        if !set.insert(key.clone()) {
-            return Err(Status::aborted(format!(
-                "query id {:?} is being answered right now; retry it in a moment to get the same release",
-                q.query_id
-            )));
-        }
-    }
-    let _guard = InFlight {
-        set: &state.in_flight,
-        key,
-    };
+    let _guard = enter(state, analyst, &q.query_id)?;
     let digest = query_digest(q);
     let admission = state
         .ledger
@@ -385,27 +409,51 @@ fn run_query(
             &ds.config.budget,
         )
         .map_err(internal)?
-        .map_err(|refusal| match refusal {
-            crate::ledger::Refusal::IdReused(_) => Status::already_exists(refusal.to_string()),
-            _ => Status::resource_exhausted(format!("{refusal}; nothing was released or spent")),
-        })
-        .inspect_err(|s| state.log_refusal(analyst, &q.query_id, s.message()))?;
-    let budget = match admission {
-        Admission::Replay(bytes) => {
-            let mut stored = QueryResponse::decode(bytes.as_slice()).map_err(internal)?;
-            stored.replayed = true;
-            state
-                .audit()
-                .append(Event::Replayed {
-                    analyst: analyst.into(),
-                    query_id: q.query_id.clone(),
-                })
-                .map_err(internal)?;
-            tracing::info!(analyst, query_id = %q.query_id, dataset = %plan.dataset, "replayed a stored release; nothing spent");
-            return Ok(stored);
+        .map_err(|r| refusal_status(state, analyst, &q.query_id, r))?;
+    match admission {
+        Admission::Replay(bytes) => replay(state, analyst, &q.query_id, &bytes),
+        Admission::Debited(b) | Admission::Resume(b) => {
+            release(state, analyst, q, plan, response, b, digest)
         }
-        Admission::Debited(b) | Admission::Resume(b) => b,
-    };
+    }
+}
+
+/// Answers a retry from the stored release; nothing is spent.
+fn replay(
+    state: &NodeState,
+    analyst: &str,
+    query_id: &str,
+    bytes: &[u8],
+) -> Result<QueryResponse, Status> {
+    let mut stored = QueryResponse::decode(bytes).map_err(internal)?;
+    stored.replayed = true;
+    state
+        .audit()
+        .append(Event::Replayed {
+            analyst: analyst.into(),
+            query_id: query_id.to_string(),
+        })
+        .map_err(internal)?;
+    tracing::info!(
+        analyst,
+        query_id,
+        "replayed a stored release; nothing spent"
+    );
+    Ok(stored)
+}
+
+/// Computes exact aggregates, adds OpenDP noise and records the release.
+/// Only called once the debit (or reservation) is durable.
+fn release(
+    state: &NodeState,
+    analyst: &str,
+    q: &QueryRequest,
+    plan: &Plan,
+    mut response: QueryResponse,
+    budget: BudgetState,
+    digest: [u8; 32],
+) -> Result<QueryResponse, Status> {
+    let ds = &state.datasets[&plan.dataset];
     let exact = ds.table.exact(plan);
     for (m, values) in response.measurements.iter_mut().zip(exact) {
         m.values = mechanism::release_discrete_laplace(&values, m.scale).map_err(|e| {
@@ -448,6 +496,74 @@ fn run_query(
         "released"
     );
     Ok(response)
+}
+
+/// Everything before spending: log the request, validate it, plan it and
+/// fix every mechanism. Refusals are logged and spend nothing.
+fn accept(
+    state: &NodeState,
+    who: &Caller,
+    q: &QueryRequest,
+) -> Result<(Plan, QueryResponse), Status> {
+    // Parse nothing longer than the limit, not even to log it.
+    let dataset_guess = if q.sql.len() <= state.config.limits.max_sql_bytes {
+        plan::dataset_of(&q.sql).unwrap_or_default()
+    } else {
+        String::new()
+    };
+    // Bound what a hostile request can make the log store.
+    let logged_sql: String = q
+        .sql
+        .chars()
+        .take(state.config.limits.max_sql_bytes)
+        .collect();
+    let logged_id: String = q.query_id.chars().take(MAX_QUERY_ID).collect();
+    state
+        .audit()
+        .append(Event::QueryReceived {
+            analyst: who.name.clone(),
+            query_id: logged_id.clone(),
+            dataset: dataset_guess,
+            sql: logged_sql,
+            epsilon: q.epsilon,
+            dry_run: q.dry_run,
+        })
+        .map_err(internal)?;
+    let refuse = |s: Status| {
+        tracing::info!(analyst = %who.name, query_id = %logged_id, reason = %s.message(), "refused; nothing spent");
+        state.log_refusal(&who.name, &logged_id, s.message());
+        s
+    };
+    validate_request(q, state.config.limits.max_sql_bytes).map_err(refuse)?;
+    let name = plan::dataset_of(&q.sql).map_err(|e| refuse(Status::invalid_argument(e.0)))?;
+    let ds = state.datasets.get(&name).ok_or_else(|| {
+        let mut known: Vec<&str> = state.datasets.keys().map(String::as_str).collect();
+        known.sort();
+        refuse(Status::not_found(format!(
+            "dataset {name:?} is not served by node {}; it serves: {}",
+            state.config.node.name,
+            known.join(", ")
+        )))
+    })?;
+    let plan = plan::plan(&q.sql, &ds.schema, state.config.limits.max_cells)
+        .map_err(|e| refuse(Status::invalid_argument(e.0)))?;
+    let max = ds.config.budget.per_query_max;
+    if q.epsilon > max {
+        return Err(refuse(Status::invalid_argument(format!(
+            "epsilon {} is above node {}'s per-query maximum of {max} for dataset {name:?}; ask for at most {max}",
+            q.epsilon, state.config.node.name
+        ))));
+    }
+    let response = describe_release(&state.config.node.name, q, ds, &plan).map_err(refuse)?;
+    Ok((plan, response))
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 #[tonic::async_trait]
@@ -529,73 +645,144 @@ impl Node for NodeService {
         let who = caller(&req)?;
         require_analyst(&who)?;
         let q = req.into_inner();
-        let state = &self.state;
-        // Parse nothing longer than the limit, not even to log it.
-        let dataset_guess = if q.sql.len() <= state.config.limits.max_sql_bytes {
-            plan::dataset_of(&q.sql).unwrap_or_default()
-        } else {
-            String::new()
-        };
-        // Bound what a hostile request can make the log store.
-        let logged_sql: String = q
-            .sql
-            .chars()
-            .take(state.config.limits.max_sql_bytes)
-            .collect();
-        let logged_id: String = q.query_id.chars().take(MAX_QUERY_ID).collect();
-        state
-            .audit()
-            .append(Event::QueryReceived {
-                analyst: who.name.clone(),
-                query_id: logged_id.clone(),
-                dataset: dataset_guess,
-                sql: logged_sql,
-                epsilon: q.epsilon,
-                dry_run: q.dry_run,
-            })
-            .map_err(internal)?;
-        let refuse = |s: Status| {
-            tracing::info!(analyst = %who.name, query_id = %logged_id, reason = %s.message(), "refused; nothing spent");
-            state.log_refusal(&who.name, &logged_id, s.message());
-            s
-        };
-        validate_request(&q, state.config.limits.max_sql_bytes).map_err(refuse)?;
-        let name = plan::dataset_of(&q.sql).map_err(|e| refuse(Status::invalid_argument(e.0)))?;
-        let ds = state.datasets.get(&name).ok_or_else(|| {
-            let mut known: Vec<&str> = state.datasets.keys().map(String::as_str).collect();
-            known.sort();
-            refuse(Status::not_found(format!(
-                "dataset {name:?} is not served by node {}; it serves: {}",
-                state.config.node.name,
-                known.join(", ")
-            )))
-        })?;
-        let plan = plan::plan(&q.sql, &ds.schema, state.config.limits.max_cells)
-            .map_err(|e| refuse(Status::invalid_argument(e.0)))?;
-        let max = ds.config.budget.per_query_max;
-        if q.epsilon > max {
-            return Err(refuse(Status::invalid_argument(format!(
-                "epsilon {} is above node {}'s per-query maximum of {max} for dataset {name:?}; ask for at most {max}",
-                q.epsilon, state.config.node.name
-            ))));
-        }
-        let mut response =
-            describe_release(&state.config.node.name, &q, ds, &plan).map_err(refuse)?;
+        let state = Arc::clone(&self.state);
+        let answer = tokio::task::spawn_blocking(move || {
+            let (plan, mut response) = accept(&state, &who, &q)?;
+            if q.dry_run {
+                let ds = &state.datasets[&plan.dataset];
+                let b = state
+                    .ledger
+                    .state(&who.name, &plan.dataset, &ds.config.budget)
+                    .map_err(internal)?;
+                response.budget = Some(budget_proto(&who.name, &ds.config, b));
+                return Ok(response);
+            }
+            run_query(&state, &who.name, &q, &plan, response)
+        })
+        .await
+        .map_err(internal)??;
+        Ok(Response::new(answer))
+    }
+
+    async fn prepare(
+        &self,
+        req: Request<PrepareRequest>,
+    ) -> Result<Response<PrepareResponse>, Status> {
+        let who = caller(&req)?;
+        require_analyst(&who)?;
+        let PrepareRequest { query, hold_ms } = req.into_inner();
+        let q = query.ok_or_else(|| Status::invalid_argument("Prepare needs a query"))?;
         if q.dry_run {
-            let b = state
-                .ledger
-                .state(&who.name, &name, &ds.config.budget)
-                .map_err(internal)?;
-            response.budget = Some(budget_proto(&who.name, &ds.config, b));
-            return Ok(Response::new(response));
+            return Err(Status::invalid_argument(
+                "a dry run spends nothing: send it with Query, not Prepare",
+            ));
         }
         let state = Arc::clone(&self.state);
-        let analyst = who.name.clone();
-        let answer =
-            tokio::task::spawn_blocking(move || run_query(&state, &analyst, &q, &plan, response))
-                .await
-                .map_err(internal)??;
+        let answer = tokio::task::spawn_blocking(move || {
+            let (plan, _) = accept(&state, &who, &q)?;
+            let ds = &state.datasets[&plan.dataset];
+            let hold = hold_ms.clamp(1000, state.config.limits.max_reservation_ms);
+            let expires = now_ms() + hold;
+            let outcome = state
+                .ledger
+                .reserve(
+                    &who.name,
+                    &plan.dataset,
+                    &q.query_id,
+                    query_digest(&q),
+                    q.epsilon,
+                    &ds.config.budget,
+                    &q.sql,
+                    expires,
+                )
+                .map_err(internal)?
+                .map_err(|r| refusal_status(&state, &who.name, &q.query_id, r))?;
+            let b = state
+                .ledger
+                .state(&who.name, &plan.dataset, &ds.config.budget)
+                .map_err(internal)?;
+            let expires_at_ms = match outcome {
+                crate::ledger::ReserveOutcome::Reserved(_, e) => e,
+                crate::ledger::ReserveOutcome::AlreadyReleased => 0,
+            };
+            Ok::<_, Status>(PrepareResponse {
+                query_id: q.query_id.clone(),
+                epsilon_reserved: q.epsilon,
+                expires_at_ms,
+                budget: Some(budget_proto(&who.name, &ds.config, b)),
+            })
+        })
+        .await
+        .map_err(internal)??;
         Ok(Response::new(answer))
+    }
+
+    async fn commit(&self, req: Request<CommitRequest>) -> Result<Response<QueryResponse>, Status> {
+        let who = caller(&req)?;
+        require_analyst(&who)?;
+        let query_id = req.into_inner().query_id;
+        let state = Arc::clone(&self.state);
+        let answer = tokio::task::spawn_blocking(move || {
+            let _guard = enter(&state, &who.name, &query_id)?;
+            let (admission, reservation, digest) = state
+                .ledger
+                .commit(&who.name, &query_id, now_ms())
+                .map_err(internal)?
+                .map_err(|r| refusal_status(&state, &who.name, &query_id, r))?;
+            if let Admission::Replay(bytes) = admission {
+                return replay(&state, &who.name, &query_id, &bytes);
+            }
+            let r = reservation.ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "query id {query_id:?} was debited by a one-phase query; retry it with Query"
+                ))
+            })?;
+            let q = QueryRequest {
+                query_id: query_id.clone(),
+                sql: r.sql.clone(),
+                epsilon: r.epsilon,
+                dry_run: false,
+            };
+            let ds = state.datasets.get(&r.dataset).ok_or_else(|| {
+                internal(format!(
+                    "reserved dataset {} is no longer served",
+                    r.dataset
+                ))
+            })?;
+            let plan = plan::plan(&q.sql, &ds.schema, state.config.limits.max_cells)
+                .map_err(|e| internal(e.0))?;
+            let response = describe_release(&state.config.node.name, &q, ds, &plan)?;
+            let b = state
+                .ledger
+                .state(&who.name, &plan.dataset, &ds.config.budget)
+                .map_err(internal)?;
+            release(&state, &who.name, &q, &plan, response, b, digest)
+        })
+        .await
+        .map_err(internal)??;
+        Ok(Response::new(answer))
+    }
+
+    async fn cancel(
+        &self,
+        req: Request<CancelRequest>,
+    ) -> Result<Response<CancelResponse>, Status> {
+        let who = caller(&req)?;
+        require_analyst(&who)?;
+        let query_id = req.into_inner().query_id;
+        let state = Arc::clone(&self.state);
+        let returned = tokio::task::spawn_blocking(move || {
+            state
+                .ledger
+                .give_back(&who.name, &query_id, "cancelled", None)
+        })
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+        Ok(Response::new(CancelResponse {
+            query_id: String::new(),
+            epsilon_returned: returned,
+        }))
     }
 
     async fn budget(

@@ -355,12 +355,7 @@ impl Table {
         let (&first, rest) = plan.group_by.split_first()?;
         let mut cells: Vec<u32> = with_codes!(&self.columns[first].codes, v => v.iter().map(|&c| c.to_u64() as u32).collect());
         for (&col, &size) in rest.iter().zip(&plan.group_sizes[1..]) {
-            let radix = size as u32 + 1;
-            with_codes!(&self.columns[col].codes, v => {
-                for (cell, &c) in cells.iter_mut().zip(v.iter()) {
-                    *cell = *cell * radix + c.to_u64() as u32;
-                }
-            });
+            with_codes!(&self.columns[col].codes, v => add_key(&mut cells, v, size as u32 + 1));
         }
         Some(cells)
     }
@@ -615,10 +610,28 @@ fn for_each_bit(bits: &[u64], mut f: impl FnMut(usize)) {
 }
 
 /// Adds one to the cell of every row in `bits`.
+///
+/// Grouped counts go to four interleaved tallies per cell, used in turn, so
+/// that consecutive rows of the same cell do not wait on each other's
+/// increment (most rows fall in a few cells).
 fn count_bits(bits: &[u64], cells: Option<&[u32]>, out: &mut [i64]) {
-    match cells {
-        None => out[0] = bits.iter().map(|w| i64::from(w.count_ones())).sum(),
-        Some(cells) => for_each_bit(bits, |i| out[cells[i] as usize] += 1),
+    let Some(cells) = cells else {
+        out[0] = bits.iter().map(|w| i64::from(w.count_ones())).sum();
+        return;
+    };
+    let mut tally = vec![[0i64; 4]; out.len()];
+    for (wi, &w) in bits.iter().enumerate() {
+        let cells = &cells[wi * 64..];
+        let mut w = w;
+        let mut lane = 0;
+        while w != 0 {
+            tally[cells[w.trailing_zeros() as usize] as usize][lane & 3] += 1;
+            lane += 1;
+            w &= w - 1;
+        }
+    }
+    for (o, t) in out.iter_mut().zip(&tally) {
+        *o = t.iter().sum();
     }
 }
 
@@ -642,6 +655,13 @@ fn sum_bits<T: Code>(
             let c = &mut out[cells[i] as usize];
             *c = c.saturating_add(value(i));
         }),
+    }
+}
+
+/// `cell = cell * radix + key` for every row (one vectorisable pass).
+fn add_key<T: Code>(cells: &mut [u32], keys: &[T], radix: u32) {
+    for (cell, &k) in cells.iter_mut().zip(keys) {
+        *cell = *cell * radix + k.to_u64() as u32;
     }
 }
 

@@ -1,0 +1,278 @@
+//! Running one query across the federation, robustly.
+//!
+//! 1. **Capabilities.** Every node is asked what it speaks (`Describe`);
+//!    a node on another API version, or lacking a capability the query
+//!    needs, is left out and the result says which node lacks what.
+//! 2. **One phase** (default): `Query` on every eligible node, retried with
+//!    the same query id on failures that may pass (the node replays a
+//!    release it already made, so a retry never spends twice).
+//! 3. **Two phases** (`min_nodes`): `Prepare` everywhere (validate and
+//!    durably reserve the budget); if fewer than `min_nodes` accept, every
+//!    reservation is cancelled and nothing is spent anywhere (a reservation
+//!    whose cancel is lost expires on its node and returns its budget);
+//!    otherwise `Commit` on the nodes that accepted.
+
+use std::time::Duration;
+
+use fedq_proto::v1::{
+    CancelRequest, CommitRequest, DescribeRequest, PrepareRequest, QueryRequest, QueryResponse,
+};
+
+use crate::client::{Calls, Failure, Federation, Outcome};
+use crate::federation::NodeEntry;
+
+/// How to run a query.
+#[derive(Debug, Clone)]
+pub struct QueryOptions {
+    /// Privacy cost per node.
+    pub epsilon: f64,
+    /// Plan only: spend nothing.
+    pub dry_run: bool,
+    /// Per-node deadline and retries.
+    pub calls: Calls,
+    /// Release only if at least this many nodes accept (two phases).
+    pub min_nodes: Option<usize>,
+    /// The query id sent to every node.
+    pub query_id: String,
+}
+
+/// A quorum that was not reached: nothing was released or kept spent.
+#[derive(Debug, Clone)]
+pub struct QuorumFailure {
+    /// Nodes that accepted (and whose reservations were cancelled).
+    pub accepted: usize,
+    /// Nodes needed.
+    pub needed: usize,
+    /// Every node's outcome of Prepare (or of the capability check).
+    pub outcomes: Vec<Outcome<()>>,
+    /// Nodes whose cancel did not get through (their reservation expires).
+    pub cancel_failed: Vec<String>,
+}
+
+impl std::fmt::Display for QuorumFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "only {} node(s) accepted the query, {} needed (--min-nodes); nothing was released and every reservation was cancelled:",
+            self.accepted, self.needed
+        )?;
+        for o in &self.outcomes {
+            match &o.result {
+                Ok(()) => writeln!(f, "  {:<18} accepted (reservation cancelled)", o.node)?,
+                Err(e) => writeln!(f, "  {:<18} {e}", o.node)?,
+            }
+        }
+        if !self.cancel_failed.is_empty() {
+            write!(
+                f,
+                "  (the cancel did not reach {}; their reservations expire on their own and return the budget)",
+                self.cancel_failed.join(", ")
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Capabilities a query needs from every node it goes to.
+fn required(opts: &QueryOptions) -> Vec<&'static str> {
+    let mut caps = vec!["idempotent_query_id"];
+    if opts.dry_run {
+        caps.push("dry_run");
+    }
+    if opts.min_nodes.is_some() {
+        caps.push("two_phase");
+    }
+    caps
+}
+
+/// Asks every node what it speaks; returns the eligible nodes and, for the
+/// others, why they are left out.
+pub async fn eligible(
+    fed: &Federation,
+    caps: &[&str],
+    calls: Calls,
+) -> (Vec<NodeEntry>, Vec<Outcome<()>>) {
+    let described = fed
+        .call_nodes(&fed.config.nodes, calls, |mut c| async move {
+            c.describe(DescribeRequest {}).await
+        })
+        .await;
+    let mut ok = Vec::new();
+    let mut left_out = Vec::new();
+    for (entry, o) in fed.config.nodes.iter().zip(described) {
+        let verdict = match o.result {
+            Err(f) => Err(f),
+            Ok(d) if d.api_version != fedq_proto::API_VERSION => Err(Failure::Refused(format!(
+                "skipped: node speaks API v{} (fedq-node {}), this fedq speaks v{}; upgrade the older side",
+                d.api_version,
+                d.software_version,
+                fedq_proto::API_VERSION
+            ))),
+            Ok(d) => {
+                let missing: Vec<&str> = caps.iter().copied().filter(|c| !d.capabilities.iter().any(|x| x == c)).collect();
+                if missing.is_empty() {
+                    Ok(())
+                } else {
+                    Err(Failure::Refused(format!(
+                        "skipped: node lacks {} (fedq-node {}), which this query needs; upgrade it or query without that option",
+                        missing.join(", "),
+                        d.software_version
+                    )))
+                }
+            }
+        };
+        match verdict {
+            Ok(()) => ok.push(entry.clone()),
+            Err(f) => left_out.push(Outcome {
+                node: o.node,
+                result: Err(f),
+                elapsed: o.elapsed,
+            }),
+        }
+    }
+    (ok, left_out)
+}
+
+/// Puts outcomes back in federation order.
+fn in_order<T>(fed: &Federation, mut parts: Vec<Outcome<T>>) -> Vec<Outcome<T>> {
+    let mut out = Vec::with_capacity(parts.len());
+    for n in &fed.config.nodes {
+        if let Some(i) = parts.iter().position(|o| o.node == n.name) {
+            out.push(parts.swap_remove(i));
+        }
+    }
+    out
+}
+
+/// Runs `sql` on the federation. `Err` only when a quorum was asked for
+/// and not reached (then nothing is spent anywhere).
+pub async fn run_query(
+    fed: &Federation,
+    sql: &str,
+    opts: &QueryOptions,
+) -> Result<Vec<Outcome<QueryResponse>>, QuorumFailure> {
+    let (nodes, left_out) = eligible(
+        fed,
+        &required(opts),
+        Calls {
+            retries: 0,
+            ..opts.calls
+        },
+    )
+    .await;
+    let request = QueryRequest {
+        query_id: opts.query_id.clone(),
+        sql: sql.to_string(),
+        epsilon: opts.epsilon,
+        dry_run: opts.dry_run,
+    };
+    let failed = |v: &[Outcome<()>]| -> Vec<Outcome<QueryResponse>> {
+        v.iter()
+            .map(|o| Outcome {
+                node: o.node.clone(),
+                result: Err(o.result.clone().unwrap_err_or_refused()),
+                elapsed: o.elapsed,
+            })
+            .collect()
+    };
+    let Some(needed) = opts.min_nodes.filter(|_| !opts.dry_run) else {
+        let answered = fed
+            .call_nodes(&nodes, opts.calls, move |mut c| {
+                let r = request.clone();
+                async move { c.query(r).await }
+            })
+            .await;
+        let mut all = failed(&left_out);
+        all.extend(answered);
+        return Ok(in_order(fed, all));
+    };
+    // Phase 1: reserve everywhere.
+    let hold_ms = (opts.calls.timeout.as_millis() as u64)
+        .saturating_mul(3)
+        .max(10_000);
+    let prepare = PrepareRequest {
+        query: Some(request),
+        hold_ms,
+    };
+    let prepared = fed
+        .call_nodes(&nodes, opts.calls, move |mut c| {
+            let r = prepare.clone();
+            async move { c.prepare(r).await }
+        })
+        .await;
+    let accepted: Vec<NodeEntry> = nodes
+        .iter()
+        .zip(&prepared)
+        .filter(|(_, o)| o.result.is_ok())
+        .map(|(n, _)| n.clone())
+        .collect();
+    if accepted.len() < needed {
+        let id = opts.query_id.clone();
+        let cancels = fed
+            .call_nodes(
+                &accepted,
+                Calls {
+                    timeout: Duration::from_secs(5),
+                    retries: 2,
+                },
+                move |mut c| {
+                    let r = CancelRequest {
+                        query_id: id.clone(),
+                    };
+                    async move { c.cancel(r).await }
+                },
+            )
+            .await;
+        let mut outcomes: Vec<Outcome<()>> = left_out;
+        outcomes.extend(prepared.into_iter().map(|o| Outcome {
+            node: o.node,
+            result: o.result.map(|_| ()),
+            elapsed: o.elapsed,
+        }));
+        return Err(QuorumFailure {
+            accepted: accepted.len(),
+            needed,
+            outcomes: in_order(fed, outcomes),
+            cancel_failed: cancels
+                .into_iter()
+                .filter(|o| o.result.is_err())
+                .map(|o| o.node)
+                .collect(),
+        });
+    }
+    // Phase 2: release where accepted.
+    let id = opts.query_id.clone();
+    let committed = fed
+        .call_nodes(&accepted, opts.calls, move |mut c| {
+            let r = CommitRequest {
+                query_id: id.clone(),
+            };
+            async move { c.commit(r).await }
+        })
+        .await;
+    let mut all = failed(&left_out);
+    all.extend(prepared.into_iter().filter(|o| o.result.is_err()).map(|o| {
+        Outcome {
+            node: o.node,
+            result: Err(o
+                .result
+                .err()
+                .unwrap_or_else(|| Failure::Refused("did not accept".into()))),
+            elapsed: o.elapsed,
+        }
+    }));
+    all.extend(committed);
+    Ok(in_order(fed, all))
+}
+
+/// Turns `Result<(), Failure>` of a left-out node into its failure.
+trait FailureOf {
+    fn unwrap_err_or_refused(self) -> Failure;
+}
+
+impl FailureOf for Result<(), Failure> {
+    fn unwrap_err_or_refused(self) -> Failure {
+        self.err()
+            .unwrap_or_else(|| Failure::Refused("left out".into()))
+    }
+}
