@@ -151,15 +151,7 @@ pub async fn run_query(
     sql: &str,
     opts: &QueryOptions,
 ) -> Result<Vec<Outcome<QueryResponse>>, QuorumFailure> {
-    let (nodes, left_out) = eligible(
-        fed,
-        &required(opts),
-        Calls {
-            retries: 0,
-            ..opts.calls
-        },
-    )
-    .await;
+    let (nodes, left_out) = eligible(fed, &required(opts), opts.calls).await;
     let request = QueryRequest {
         query_id: opts.query_id.clone(),
         sql: sql.to_string(),

@@ -276,3 +276,20 @@ pub fn node_binary() -> PathBuf {
     })
     .clone()
 }
+
+/// An integer with thousands separators, as the coordinator's tables show it.
+pub fn thousands(v: i64) -> String {
+    let digits = v.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if v < 0 {
+        format!("-{out}")
+    } else {
+        out
+    }
+}
