@@ -126,6 +126,10 @@ impl QueryRecord {
     }
 }
 
+/// What [`Ledger::commit`] found: how to proceed, the reservation (to
+/// rebuild the query from), and the digest of the query.
+pub type Committed = (Admission, Option<Reservation>, [u8; 32]);
+
 /// What [`Ledger::reserve`] did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ReserveOutcome {
@@ -485,7 +489,7 @@ impl Ledger {
         analyst: &str,
         query_id: &str,
         now_ms: u64,
-    ) -> anyhow::Result<Result<(Admission, Option<Reservation>, [u8; 32]), Refusal>> {
+    ) -> anyhow::Result<Result<Committed, Refusal>> {
         let _guard = self.admit_lock.lock().unwrap_or_else(|p| p.into_inner());
         let qkey = query_key(analyst, query_id);
         let outcome = self.tree.transaction(|tx| {

@@ -574,7 +574,7 @@ fn range_bits<T: Code>(v: &[T], lo: u64, hi: u64) -> Bits {
 /// Every one of `rows` rows.
 fn all_rows(rows: usize) -> Bits {
     let mut out = vec![u64::MAX; rows / 64];
-    if rows % 64 != 0 {
+    if !rows.is_multiple_of(64) {
         out.push((1u64 << (rows % 64)) - 1);
     }
     out

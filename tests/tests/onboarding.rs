@@ -117,9 +117,10 @@ async fn backup_and_restore_keep_spent_budget_and_stored_releases() {
         "the restored node still counts what alice spent: {budget:?}"
     );
     let replay = alice.query(q("q1", 0.5)).await.unwrap().into_inner();
+    assert!(replay.replayed, "a retry is answered from the stored release");
     assert_eq!(
-        replay, first,
-        "a retry replays the release stored before the backup"
+        replay.measurements, first.measurements,
+        "the same noisy values as before the backup"
     );
     let budget = alice.budget(BudgetRequest {}).await.unwrap().into_inner();
     assert!((budget.budgets[0].spent_by_analyst - 0.5).abs() < 1e-9);
@@ -364,7 +365,7 @@ fn synth_output_ingests_with_its_printed_schema_through_the_binaries() {
     // Backup and restore from the command line, as the runbook shows.
     let b1 = fedq_node(&["backup", "--config", "node.toml", "--out", "b1"], d);
     assert!(b1.status.success(), "{}", text(&b1.stderr));
-    assert!(d.join("b1/manifest.json").exists() && d.join("store.highwater").exists());
+    assert!(d.join("b1/manifest.json").exists());
     let grant = fedq_node(
         &[
             "budget",
