@@ -117,7 +117,10 @@ async fn backup_and_restore_keep_spent_budget_and_stored_releases() {
         "the restored node still counts what alice spent: {budget:?}"
     );
     let replay = alice.query(q("q1", 0.5)).await.unwrap().into_inner();
-    assert!(replay.replayed, "a retry is answered from the stored release");
+    assert!(
+        replay.replayed,
+        "a retry is answered from the stored release"
+    );
     assert_eq!(
         replay.measurements, first.measurements,
         "the same noisy values as before the backup"
