@@ -128,9 +128,9 @@ async fn a_node_that_never_answers_is_cut_at_the_deadline_and_a_quorum_spends_no
         "{failure}"
     );
     assert!(failure.cancel_failed.is_empty());
-    for i in 0..2 {
+    for (i, was) in before.iter().enumerate() {
         assert!(
-            (spent(&fed, i, "alice").await - before[i]).abs() < 1e-12,
+            (spent(&fed, i, "alice").await - was).abs() < 1e-12,
             "node {i}'s budget changed"
         );
         assert_eq!(
