@@ -79,6 +79,12 @@ pub fn build_federation(dir: &Path, out: &mut impl std::io::Write) -> anyhow::Re
                 ..Default::default()
             },
             source_sha256: String::new(),
+            access: fedq_node::config::AccessSection {
+                analysts: vec![fedq_node::config::AnalystAccess {
+                    name: "demo-analyst".into(),
+                    datasets: vec!["*".into()],
+                }],
+            },
             datasets: vec![DatasetConfig {
                 name: "cases".into(),
                 description: format!(

@@ -125,6 +125,9 @@ Retrying with the same --query-id returns the same release without spending agai
     /// Audit: pull a node's signed log, check it against the heads seen in answers.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// A federation CA: create it, issue certificates for nodes, analysts and auditors.
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Start a three-partner demo federation on loopback and run example queries.
     #[command(
         after_help = "Examples:\n  fedq demo\n  fedq demo --dir ./demo-federation --serve   (keep the nodes running; query them by hand)"
@@ -136,6 +139,45 @@ Retrying with the same --query-id returns the same release without spending agai
         /// Leave the nodes running until Ctrl-C.
         #[arg(long)]
         serve: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a federation CA (ca.pem to share, ca.key to guard) in DIR.
+    #[command(after_help = "Example:\n  fedq ca init --dir federation-ca\n\nKeep ca.key offline; give ca.pem to every node and researcher.")]
+    Init {
+        /// Directory to create the CA in (must not hold one already).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The CA's name.
+        #[arg(long, default_value = "fedq federation CA")]
+        name: String,
+    },
+    /// Issue a certificate (and a key, unless --csr is given) for a node, analyst or auditor.
+    #[command(after_help = "Examples:\n  \
+fedq ca issue --ca federation-ca --role analyst --name alice@uni.example --out alice/\n  \
+fedq ca issue --ca federation-ca --role node --name ngo-north --csr node.csr --out ngo-north/   (the node keeps its key)\n\n\
+The name becomes the certificate's CN (the identity nodes see) and the role its OU.")]
+    Issue {
+        /// The CA directory (ca.pem, ca.key).
+        #[arg(long)]
+        ca: PathBuf,
+        /// node, analyst or auditor.
+        #[arg(long)]
+        role: String,
+        /// The holder's name (a node's DNS name; an analyst's or auditor's identity).
+        #[arg(long)]
+        name: String,
+        /// Where to write <role>.pem (and <role>.key without --csr).
+        #[arg(long)]
+        out: PathBuf,
+        /// Sign this certificate signing request instead of making a key.
+        #[arg(long)]
+        csr: Option<PathBuf>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
     },
 }
 
@@ -341,6 +383,56 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             }
             // An error outranks a partial result.
             Ok(if code == EXIT_ERROR { EXIT_ERROR } else { code })
+        }
+        Command::Ca(CaCommand::Init { dir, name }) => {
+            if dir.join("ca.key").exists() {
+                bail!("{} already holds a CA (ca.key); refusing to overwrite it", dir.display());
+            }
+            let ca = fedq_node::pki::Authority::generate(&name)?;
+            ca.save(&dir)?;
+            println!(
+                "created CA {name:?} in {}: share ca.pem with every node and researcher; keep ca.key secret (mode 0600)",
+                dir.display()
+            );
+            Ok(EXIT_OK)
+        }
+        Command::Ca(CaCommand::Issue { ca, role, name, out, csr, days }) => {
+            let role = fedq_node::pki::Role::parse(&role)
+                .ok_or_else(|| anyhow::anyhow!("unknown role {role:?}; use node, analyst or auditor"))?;
+            if name.trim().is_empty() || name.contains('/') {
+                bail!("--name must be a non-empty name without '/'");
+            }
+            if days == 0 || days > 3650 {
+                bail!("--days must be between 1 and 3650");
+            }
+            let authority = fedq_node::pki::Authority::load(&ca)?;
+            std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+            let stem = role.as_str();
+            match csr {
+                Some(path) => {
+                    let request = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+                    let cert = authority.sign_request(role, &name, &request, days)?;
+                    std::fs::write(out.join(format!("{stem}.pem")), cert)?;
+                    println!("issued {stem} certificate for {name:?} from {}: {}", path.display(), out.join(format!("{stem}.pem")).display());
+                }
+                None => {
+                    let now = std::time::SystemTime::now();
+                    let pair = authority.issue_between(
+                        role,
+                        &name,
+                        now - Duration::from_secs(3600),
+                        now + Duration::from_secs(u64::from(days) * 86_400),
+                    )?;
+                    pair.write(&out, stem)?;
+                    println!(
+                        "issued {stem} certificate and key for {name:?}: {} and {} (keep the key secret)",
+                        out.join(format!("{stem}.pem")).display(),
+                        out.join(format!("{stem}.key")).display()
+                    );
+                }
+            }
+            std::fs::write(out.join("ca.pem"), &authority.pem.cert)?;
+            Ok(EXIT_OK)
         }
         Command::Nodes { federation, output } => {
             let fed = Federation::load(&federation)?;

@@ -25,6 +25,9 @@ pub struct NodeConfig {
     /// The audit log's key files and who may export the log.
     #[serde(default)]
     pub audit: AuditSection,
+    /// Who may query which dataset.
+    #[serde(default)]
+    pub access: AccessSection,
     /// The datasets this node serves.
     #[serde(default, rename = "datasets")]
     pub datasets: Vec<DatasetConfig>,
@@ -84,6 +87,48 @@ impl Default for AuditSection {
     }
 }
 
+/// `[access]`: which analyst identities may query, and what.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessSection {
+    /// The analysts allowed to query (certificate CN with OU `analyst`) and
+    /// their datasets. Empty: any analyst certificate issued by the
+    /// federation CA may query every dataset (an open federation).
+    pub analysts: Vec<AnalystAccess>,
+}
+
+/// `[[access.analysts]]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnalystAccess {
+    /// Certificate common name.
+    pub name: String,
+    /// Datasets this analyst may query; `"*"` for all.
+    pub datasets: Vec<String>,
+}
+
+impl AccessSection {
+    /// Whether `analyst` may query at all (`None`: not listed), and if a
+    /// dataset is given, whether that one.
+    pub fn allows(&self, analyst: &str, dataset: Option<&str>) -> Result<(), String> {
+        if self.analysts.is_empty() {
+            return Ok(());
+        }
+        let Some(a) = self.analysts.iter().find(|a| a.name == analyst) else {
+            return Err(format!(
+                "{analyst:?} is not an analyst of this node; ask its operator to add it under [access] analysts"
+            ));
+        };
+        match dataset {
+            Some(d) if !a.datasets.iter().any(|x| x == "*" || x == d) => Err(format!(
+                "{analyst:?} may not query dataset {d:?} on this node (allowed: {}); ask its operator",
+                a.datasets.join(", ")
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// `[limits]`: bounds on what one request may cost the node.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -97,6 +142,14 @@ pub struct Limits {
     /// Longest a two-phase reservation may wait for Commit, in milliseconds;
     /// after that its budget comes back.
     pub max_reservation_ms: u64,
+    /// Queries (Query, Prepare, Commit) one analyst may start per minute.
+    pub queries_per_minute: u32,
+    /// Queries one analyst may have running at once.
+    pub concurrent_queries: u32,
+    /// How long the node works on one query before answering
+    /// DEADLINE_EXCEEDED, in milliseconds (a retry with the same id then
+    /// gets the release if it was made, without a second debit).
+    pub query_deadline_ms: u64,
 }
 
 impl Default for Limits {
@@ -106,6 +159,9 @@ impl Default for Limits {
             max_sql_bytes: 8 * 1024,
             max_cells: 10_000,
             max_reservation_ms: 60_000,
+            queries_per_minute: 600,
+            concurrent_queries: 4,
+            query_deadline_ms: 30_000,
         }
     }
 }
@@ -201,8 +257,24 @@ impl NodeConfig {
         if self.limits.max_sql_bytes == 0
             || self.limits.max_request_bytes < 1024
             || self.limits.max_cells == 0
+            || self.limits.queries_per_minute == 0
+            || self.limits.concurrent_queries == 0
+            || self.limits.query_deadline_ms == 0
+            || self.limits.max_reservation_ms < 1000
         {
-            return Err("limits must be positive (max_request_bytes at least 1024)".into());
+            return Err(
+                "limits must be positive (max_request_bytes at least 1024, max_reservation_ms at least 1000)".into(),
+            );
+        }
+        for a in &self.access.analysts {
+            for d in &a.datasets {
+                if d != "*" && self.dataset(d).is_none() {
+                    return Err(format!(
+                        "[access] analyst {:?} lists dataset {d:?}, which is not declared",
+                        a.name
+                    ));
+                }
+            }
         }
         Ok(())
     }

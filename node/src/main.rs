@@ -58,6 +58,15 @@ Cells -99 or empty are missing. One bad row fails the whole ingest with file:lin
         #[arg(long)]
         allow_duplicate: bool,
     },
+    /// Create the node's keys where missing (TLS key and certificate signing
+    /// request, audit key) and say what to send to the federation CA.
+    #[command(after_help = "Example:\n  fedq-node init --config node.toml\n  \
+(send the printed .csr file to the federation CA; put the certificate it returns at tls.cert and its ca.pem at tls.ca)")]
+    Init {
+        /// Path to node.toml.
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Check node.toml (syntax, schema, budgets, TLS files) without starting.
     Check {
         /// Path to node.toml.
@@ -503,6 +512,47 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     r.ignored_columns.join(", ")
                 );
             }
+            Ok(())
+        }
+        Command::Init { config } => {
+            let cfg = NodeConfig::load(&config)?;
+            let key_path = cfg.resolve(&cfg.tls.key);
+            let cert_path = cfg.resolve(&cfg.tls.cert);
+            if key_path.exists() {
+                println!("TLS key {} exists; kept", key_path.display());
+            } else {
+                let (key, csr) = fedq_node::pki::key_and_request(&cfg.node.name)?;
+                if let Some(dir) = key_path.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                std::fs::write(&key_path, key)?;
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))?;
+                }
+                let csr_path = key_path.with_extension("csr");
+                std::fs::write(&csr_path, csr)?;
+                println!("created TLS key {} (keep it here, secret)", key_path.display());
+                println!(
+                    "send {} to the federation CA; it runs:\n  fedq ca issue --ca CA --role node --name {} --csr {} --out DIR\nthen put DIR/node.pem at {} and DIR/ca.pem at {}",
+                    csr_path.display(),
+                    cfg.node.name,
+                    csr_path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+                    cert_path.display(),
+                    cfg.resolve(&cfg.tls.ca).display()
+                );
+            }
+            let audit_key = cfg.resolve(&cfg.audit.key);
+            let existed = audit_key.exists();
+            let key = fedq_node::audit::AuditKey::load_or_create(&audit_key, &cfg.resolve(&cfg.audit.public_key))?;
+            println!(
+                "{} audit key {}; its public key ({}) is in {}: give it to your auditors",
+                if existed { "kept" } else { "created" },
+                audit_key.display(),
+                key.public_hex(),
+                cfg.resolve(&cfg.audit.public_key).display()
+            );
             Ok(())
         }
         Command::Check { config } => {

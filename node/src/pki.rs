@@ -90,41 +90,108 @@ impl Authority {
         })
     }
 
-    /// Issues a certificate for `name` in `role`. Node certificates carry
-    /// `name`, `localhost` and the loopback addresses as subject alternative
-    /// names, so coordinators can verify them by node name.
+    /// Loads a CA written by [`Authority::save`] (`ca.pem`, `ca.key`).
+    pub fn load(dir: &Path) -> anyhow::Result<Authority> {
+        use anyhow::Context;
+        let cert = std::fs::read_to_string(dir.join("ca.pem"))
+            .with_context(|| format!("cannot read {}", dir.join("ca.pem").display()))?;
+        let key_pem = std::fs::read_to_string(dir.join("ca.key"))
+            .with_context(|| format!("cannot read {}", dir.join("ca.key").display()))?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| anyhow::anyhow!("{}: not a private key: {e}", dir.join("ca.key").display()))?;
+        let issuer = Issuer::from_ca_cert_pem(&cert, key)
+            .map_err(|e| anyhow::anyhow!("{}: not a CA certificate: {e}", dir.join("ca.pem").display()))?;
+        Ok(Authority { issuer, pem: PemPair { cert, key: key_pem } })
+    }
+
+    /// Writes `ca.pem` and `ca.key` (owner-only) into `dir`.
+    pub fn save(&self, dir: &Path) -> std::io::Result<()> {
+        self.pem.write(dir, "ca")
+    }
+
+    /// Issues a certificate for `name` in `role`, valid for a year. Node
+    /// certificates carry `name`, `localhost` and the loopback addresses as
+    /// subject alternative names, so coordinators can verify them by name.
     pub fn issue(&self, role: Role, name: &str) -> Result<PemPair, rcgen::Error> {
-        let sans = match role {
-            Role::Node => vec![
-                name.to_string(),
-                "localhost".into(),
-                "127.0.0.1".into(),
-                "::1".into(),
-            ],
-            Role::Analyst | Role::Auditor => vec![],
-        };
-        let mut params = CertificateParams::new(sans)?;
-        params.distinguished_name = distinguished(name, role.as_str());
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = match role {
-            Role::Node => vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ],
-            Role::Analyst | Role::Auditor => vec![ExtendedKeyUsagePurpose::ClientAuth],
-        };
         let now = std::time::SystemTime::now();
-        params.not_before = (now - std::time::Duration::from_secs(3600)).into();
-        params.not_after = (now + std::time::Duration::from_secs(365 * 24 * 3600)).into();
+        let hour = std::time::Duration::from_secs(3600);
+        self.issue_between(role, name, now - hour, now + 365 * 24 * hour)
+    }
+
+    /// Signs a certificate signing request (the holder keeps its key). The
+    /// CA decides the subject: `name` and `role` replace whatever the
+    /// request asked for. Returns the certificate, PEM.
+    pub fn sign_request(&self, role: Role, name: &str, csr_pem: &str, days: u32) -> anyhow::Result<String> {
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| anyhow::anyhow!("not a certificate signing request: {e}"))?;
+        let now = std::time::SystemTime::now();
+        let (nb, na) = (now - std::time::Duration::from_secs(3600), now + std::time::Duration::from_secs(u64::from(days) * 86_400));
+        csr.params = leaf_params(role, name, nb, na)?;
+        Ok(csr.signed_by(&self.issuer)?.pem())
+    }
+
+    /// Issues a certificate valid from `not_before` to `not_after` (tests
+    /// use it for expired and not-yet-valid certificates).
+    pub fn issue_between(
+        &self,
+        role: Role,
+        name: &str,
+        not_before: std::time::SystemTime,
+        not_after: std::time::SystemTime,
+    ) -> Result<PemPair, rcgen::Error> {
+        let params = leaf_params(role, name, not_before, not_after)?;
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(PemPair {
-            cert: cert.pem(),
-            key: key.serialize_pem(),
-        })
+        Ok(PemPair { cert: cert.pem(), key: key.serialize_pem() })
     }
 }
+
+/// Parameters of a leaf certificate for `name` in `role`.
+fn leaf_params(
+    role: Role,
+    name: &str,
+    not_before: std::time::SystemTime,
+    not_after: std::time::SystemTime,
+) -> Result<CertificateParams, rcgen::Error> {
+    let sans = match role {
+        Role::Node => vec![name.to_string(), "localhost".into(), "127.0.0.1".into(), "::1".into()],
+        Role::Analyst | Role::Auditor => vec![],
+    };
+    let mut params = CertificateParams::new(sans)?;
+    params.distinguished_name = distinguished(name, role.as_str());
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = match role {
+        Role::Node => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
+        Role::Analyst | Role::Auditor => vec![ExtendedKeyUsagePurpose::ClientAuth],
+    };
+    params.not_before = not_before.into();
+    params.not_after = not_after.into();
+    Ok(params)
+}
+
+/// A new private key and a certificate signing request for `name`, for a
+/// node that keeps its key and sends only the request to the CA.
+pub fn key_and_request(name: &str) -> Result<(String, String), rcgen::Error> {
+    let mut params = CertificateParams::new(vec![name.to_string()])?;
+    params.distinguished_name = distinguished(name, Role::Node.as_str());
+    let key = KeyPair::generate()?;
+    let csr = params.serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.pem()?))
+}
+
+impl Role {
+    /// Parses `node`, `analyst` or `auditor`.
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "node" => Some(Role::Node),
+            "analyst" => Some(Role::Analyst),
+            "auditor" => Some(Role::Auditor),
+            _ => None,
+        }
+    }
+}
+
+
 
 fn distinguished(cn: &str, ou: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();

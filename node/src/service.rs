@@ -73,6 +73,8 @@ pub struct NodeState {
     /// retry of the same id must wait, or it could release twice under one
     /// debit.
     in_flight: Mutex<HashSet<(String, String)>>,
+    /// Per-analyst rate and concurrency limits.
+    throttle: Throttle,
 }
 
 impl NodeState {
@@ -98,6 +100,7 @@ impl NodeState {
             datasets,
             ledger: Ledger::new(store, audit),
             in_flight: Mutex::new(HashSet::new()),
+            throttle: Throttle::default(),
         })
     }
 
@@ -143,6 +146,36 @@ impl NodeState {
         Ok(())
     }
 
+    /// A running slot for `analyst`, or RESOURCE_EXHAUSTED (logged).
+    fn slot(&self, analyst: &str) -> Result<Slot, Status> {
+        self.throttle.enter(analyst, &self.config.limits).map_err(|why| {
+            self.log_refusal(analyst, "", &why);
+            Status::resource_exhausted(why)
+        })
+    }
+
+    /// Runs `work` on the blocking pool, holding `slot`, within the node's
+    /// per-query deadline.
+    async fn within_deadline<T: Send + 'static>(
+        self: &Arc<Self>,
+        slot: Slot,
+        work: impl FnOnce(&NodeState) -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status> {
+        let state = Arc::clone(self);
+        let deadline = std::time::Duration::from_millis(self.config.limits.query_deadline_ms);
+        let task = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            work(&state)
+        });
+        match tokio::time::timeout(deadline, task).await {
+            Ok(joined) => joined.map_err(internal)?,
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "the node did not finish within its {} ms limit; retry with the same query id to get the release if it was made (never a second debit)",
+                self.config.limits.query_deadline_ms
+            ))),
+        }
+    }
+
     /// Logs a refusal (best effort: a failure to log is itself logged).
     fn log_refusal(&self, analyst: &str, query_id: &str, reason: &str) {
         let event = Event::Refused {
@@ -166,6 +199,67 @@ pub fn open_audit(config: &NodeConfig, store: &Store) -> anyhow::Result<AuditLog
         tree: store.audit.clone(),
         key,
     })
+}
+
+/// Per-analyst rate and concurrency limits, so that one analyst's flood
+/// cannot starve the others: each analyst has a token bucket refilled at
+/// `queries_per_minute` and at most `concurrent_queries` running at once.
+#[derive(Default)]
+pub struct Throttle {
+    buckets: Mutex<HashMap<String, (f64, std::time::Instant)>>,
+    running: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+/// One running query of an analyst; dropping it frees the slot.
+pub struct Slot {
+    running: Arc<Mutex<HashMap<String, u32>>>,
+    analyst: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = running.get_mut(&self.analyst) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                running.remove(&self.analyst);
+            }
+        }
+    }
+}
+
+impl Throttle {
+    /// Takes a token and a running slot for `analyst`, or says which limit
+    /// was hit and when to come back.
+    fn enter(&self, analyst: &str, limits: &crate::config::Limits) -> Result<Slot, String> {
+        {
+            let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            let n = running.entry(analyst.to_string()).or_insert(0);
+            if *n >= limits.concurrent_queries {
+                return Err(format!(
+                    "you already have {} queries running on this node (its limit); wait for one to finish",
+                    limits.concurrent_queries
+                ));
+            }
+            *n += 1;
+        }
+        let slot = Slot { running: Arc::clone(&self.running), analyst: analyst.to_string() };
+        let per_minute = f64::from(limits.queries_per_minute);
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        let (tokens, last) = buckets.entry(analyst.to_string()).or_insert((per_minute, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * per_minute / 60.0).min(per_minute);
+        *last = now;
+        if *tokens < 1.0 {
+            let wait = (1.0 - *tokens) * 60.0 / per_minute;
+            return Err(format!(
+                "rate limit: this node accepts {} queries per minute from you; retry in {wait:.1} s",
+                limits.queries_per_minute
+            ));
+        }
+        *tokens -= 1.0;
+        Ok(slot)
+    }
 }
 
 /// The gRPC service.
@@ -193,15 +287,21 @@ fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
         .ok_or_else(|| Status::unauthenticated("the client certificate has no subject common name"))
 }
 
-fn require_analyst(c: &Caller) -> Result<(), Status> {
-    if c.role == "analyst" {
-        Ok(())
-    } else {
-        Err(Status::permission_denied(format!(
+/// Checks that the caller is an analyst this node lets in (certificate role
+/// and the `[access]` list). A refusal is logged and spends nothing.
+fn require_analyst(state: &NodeState, c: &Caller) -> Result<(), Status> {
+    let refusal = if c.role != "analyst" {
+        format!(
             "certificate {:?} has role {:?}; queries need an analyst certificate",
             c.name, c.role
-        )))
-    }
+        )
+    } else if let Err(why) = state.config.access.allows(&c.name, None) {
+        why
+    } else {
+        return Ok(());
+    };
+    state.log_refusal(&c.name, "", &refusal);
+    Err(Status::permission_denied(refusal))
 }
 
 fn budget_proto(analyst: &str, dataset: &DatasetConfig, s: BudgetState) -> Budget {
@@ -545,6 +645,11 @@ fn accept(
             known.join(", ")
         )))
     })?;
+    state
+        .config
+        .access
+        .allows(&who.name, Some(&name))
+        .map_err(|why| refuse(Status::permission_denied(why)))?;
     let plan = plan::plan(&q.sql, &ds.schema, state.config.limits.max_cells)
         .map_err(|e| refuse(Status::invalid_argument(e.0)))?;
     let max = ds.config.budget.per_query_max;
@@ -643,10 +748,10 @@ impl Node for NodeService {
 
     async fn query(&self, req: Request<QueryRequest>) -> Result<Response<QueryResponse>, Status> {
         let who = caller(&req)?;
-        require_analyst(&who)?;
+        require_analyst(&self.state, &who)?;
         let q = req.into_inner();
-        let state = Arc::clone(&self.state);
-        let answer = tokio::task::spawn_blocking(move || {
+        let slot = self.state.slot(&who.name)?;
+        let answer = self.state.within_deadline(slot, move |state| {
             let (plan, mut response) = accept(&state, &who, &q)?;
             if q.dry_run {
                 let ds = &state.datasets[&plan.dataset];
@@ -659,8 +764,7 @@ impl Node for NodeService {
             }
             run_query(&state, &who.name, &q, &plan, response)
         })
-        .await
-        .map_err(internal)??;
+        .await?;
         Ok(Response::new(answer))
     }
 
@@ -669,7 +773,7 @@ impl Node for NodeService {
         req: Request<PrepareRequest>,
     ) -> Result<Response<PrepareResponse>, Status> {
         let who = caller(&req)?;
-        require_analyst(&who)?;
+        require_analyst(&self.state, &who)?;
         let PrepareRequest { query, hold_ms } = req.into_inner();
         let q = query.ok_or_else(|| Status::invalid_argument("Prepare needs a query"))?;
         if q.dry_run {
@@ -677,8 +781,8 @@ impl Node for NodeService {
                 "a dry run spends nothing: send it with Query, not Prepare",
             ));
         }
-        let state = Arc::clone(&self.state);
-        let answer = tokio::task::spawn_blocking(move || {
+        let slot = self.state.slot(&who.name)?;
+        let answer = self.state.within_deadline(slot, move |state| {
             let (plan, _) = accept(&state, &who, &q)?;
             let ds = &state.datasets[&plan.dataset];
             let hold = hold_ms.clamp(1000, state.config.limits.max_reservation_ms);
@@ -712,17 +816,16 @@ impl Node for NodeService {
                 budget: Some(budget_proto(&who.name, &ds.config, b)),
             })
         })
-        .await
-        .map_err(internal)??;
+        .await?;
         Ok(Response::new(answer))
     }
 
     async fn commit(&self, req: Request<CommitRequest>) -> Result<Response<QueryResponse>, Status> {
         let who = caller(&req)?;
-        require_analyst(&who)?;
+        require_analyst(&self.state, &who)?;
         let query_id = req.into_inner().query_id;
-        let state = Arc::clone(&self.state);
-        let answer = tokio::task::spawn_blocking(move || {
+        let slot = self.state.slot(&who.name)?;
+        let answer = self.state.within_deadline(slot, move |state| {
             let _guard = enter(&state, &who.name, &query_id)?;
             let (admission, reservation, digest) = state
                 .ledger
@@ -758,8 +861,7 @@ impl Node for NodeService {
                 .map_err(internal)?;
             release(&state, &who.name, &q, &plan, response, b, digest)
         })
-        .await
-        .map_err(internal)??;
+        .await?;
         Ok(Response::new(answer))
     }
 
@@ -768,7 +870,7 @@ impl Node for NodeService {
         req: Request<CancelRequest>,
     ) -> Result<Response<CancelResponse>, Status> {
         let who = caller(&req)?;
-        require_analyst(&who)?;
+        require_analyst(&self.state, &who)?;
         let query_id = req.into_inner().query_id;
         let state = Arc::clone(&self.state);
         let returned = tokio::task::spawn_blocking(move || {
@@ -790,9 +892,14 @@ impl Node for NodeService {
         req: Request<BudgetRequest>,
     ) -> Result<Response<BudgetResponse>, Status> {
         let who = caller(&req)?;
-        require_analyst(&who)?;
+        require_analyst(&self.state, &who)?;
         let mut budgets = Vec::new();
-        let mut names: Vec<&String> = self.state.datasets.keys().collect();
+        let mut names: Vec<&String> = self
+            .state
+            .datasets
+            .keys()
+            .filter(|n| self.state.config.access.allows(&who.name, Some(n.as_str())).is_ok())
+            .collect();
         names.sort();
         for n in names {
             let d = &self.state.datasets[n];

@@ -197,6 +197,7 @@ pub fn node_config(ca: &Authority, dir: &Path, name: &str, budget: BudgetLimits)
         limits: Limits::default(),
         audit: Default::default(),
         source_sha256: String::new(),
+        access: Default::default(),
         datasets: vec![DatasetConfig {
             name: "cases".into(),
             description: String::new(),
