@@ -145,7 +145,9 @@ Retrying with the same --query-id returns the same release without spending agai
 #[derive(Subcommand)]
 enum CaCommand {
     /// Create a federation CA (ca.pem to share, ca.key to guard) in DIR.
-    #[command(after_help = "Example:\n  fedq ca init --dir federation-ca\n\nKeep ca.key offline; give ca.pem to every node and researcher.")]
+    #[command(
+        after_help = "Example:\n  fedq ca init --dir federation-ca\n\nKeep ca.key offline; give ca.pem to every node and researcher."
+    )]
     Init {
         /// Directory to create the CA in (must not hold one already).
         #[arg(long)]
@@ -386,7 +388,10 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Ca(CaCommand::Init { dir, name }) => {
             if dir.join("ca.key").exists() {
-                bail!("{} already holds a CA (ca.key); refusing to overwrite it", dir.display());
+                bail!(
+                    "{} already holds a CA (ca.key); refusing to overwrite it",
+                    dir.display()
+                );
             }
             let ca = fedq_node::pki::Authority::generate(&name)?;
             ca.save(&dir)?;
@@ -396,9 +401,17 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             );
             Ok(EXIT_OK)
         }
-        Command::Ca(CaCommand::Issue { ca, role, name, out, csr, days }) => {
-            let role = fedq_node::pki::Role::parse(&role)
-                .ok_or_else(|| anyhow::anyhow!("unknown role {role:?}; use node, analyst or auditor"))?;
+        Command::Ca(CaCommand::Issue {
+            ca,
+            role,
+            name,
+            out,
+            csr,
+            days,
+        }) => {
+            let role = fedq_node::pki::Role::parse(&role).ok_or_else(|| {
+                anyhow::anyhow!("unknown role {role:?}; use node, analyst or auditor")
+            })?;
             if name.trim().is_empty() || name.contains('/') {
                 bail!("--name must be a non-empty name without '/'");
             }
@@ -406,14 +419,20 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 bail!("--days must be between 1 and 3650");
             }
             let authority = fedq_node::pki::Authority::load(&ca)?;
-            std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+            std::fs::create_dir_all(&out)
+                .with_context(|| format!("cannot create {}", out.display()))?;
             let stem = role.as_str();
             match csr {
                 Some(path) => {
-                    let request = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+                    let request = std::fs::read_to_string(&path)
+                        .with_context(|| format!("cannot read {}", path.display()))?;
                     let cert = authority.sign_request(role, &name, &request, days)?;
                     std::fs::write(out.join(format!("{stem}.pem")), cert)?;
-                    println!("issued {stem} certificate for {name:?} from {}: {}", path.display(), out.join(format!("{stem}.pem")).display());
+                    println!(
+                        "issued {stem} certificate for {name:?} from {}: {}",
+                        path.display(),
+                        out.join(format!("{stem}.pem")).display()
+                    );
                 }
                 None => {
                     let now = std::time::SystemTime::now();

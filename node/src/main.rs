@@ -533,7 +533,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 let csr_path = key_path.with_extension("csr");
                 std::fs::write(&csr_path, csr)?;
-                println!("created TLS key {} (keep it here, secret)", key_path.display());
+                println!(
+                    "created TLS key {} (keep it here, secret)",
+                    key_path.display()
+                );
                 println!(
                     "send {} to the federation CA; it runs:\n  fedq ca issue --ca CA --role node --name {} --csr {} --out DIR\nthen put DIR/node.pem at {} and DIR/ca.pem at {}",
                     csr_path.display(),
@@ -545,7 +548,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let audit_key = cfg.resolve(&cfg.audit.key);
             let existed = audit_key.exists();
-            let key = fedq_node::audit::AuditKey::load_or_create(&audit_key, &cfg.resolve(&cfg.audit.public_key))?;
+            let key = fedq_node::audit::AuditKey::load_or_create(
+                &audit_key,
+                &cfg.resolve(&cfg.audit.public_key),
+            )?;
             println!(
                 "{} audit key {}; its public key ({}) is in {}: give it to your auditors",
                 if existed { "kept" } else { "created" },

@@ -97,10 +97,19 @@ impl Authority {
             .with_context(|| format!("cannot read {}", dir.join("ca.pem").display()))?;
         let key_pem = std::fs::read_to_string(dir.join("ca.key"))
             .with_context(|| format!("cannot read {}", dir.join("ca.key").display()))?;
-        let key = KeyPair::from_pem(&key_pem).map_err(|e| anyhow::anyhow!("{}: not a private key: {e}", dir.join("ca.key").display()))?;
-        let issuer = Issuer::from_ca_cert_pem(&cert, key)
-            .map_err(|e| anyhow::anyhow!("{}: not a CA certificate: {e}", dir.join("ca.pem").display()))?;
-        Ok(Authority { issuer, pem: PemPair { cert, key: key_pem } })
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| {
+            anyhow::anyhow!("{}: not a private key: {e}", dir.join("ca.key").display())
+        })?;
+        let issuer = Issuer::from_ca_cert_pem(&cert, key).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: not a CA certificate: {e}",
+                dir.join("ca.pem").display()
+            )
+        })?;
+        Ok(Authority {
+            issuer,
+            pem: PemPair { cert, key: key_pem },
+        })
     }
 
     /// Writes `ca.pem` and `ca.key` (owner-only) into `dir`.
@@ -120,11 +129,20 @@ impl Authority {
     /// Signs a certificate signing request (the holder keeps its key). The
     /// CA decides the subject: `name` and `role` replace whatever the
     /// request asked for. Returns the certificate, PEM.
-    pub fn sign_request(&self, role: Role, name: &str, csr_pem: &str, days: u32) -> anyhow::Result<String> {
+    pub fn sign_request(
+        &self,
+        role: Role,
+        name: &str,
+        csr_pem: &str,
+        days: u32,
+    ) -> anyhow::Result<String> {
         let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| anyhow::anyhow!("not a certificate signing request: {e}"))?;
         let now = std::time::SystemTime::now();
-        let (nb, na) = (now - std::time::Duration::from_secs(3600), now + std::time::Duration::from_secs(u64::from(days) * 86_400));
+        let (nb, na) = (
+            now - std::time::Duration::from_secs(3600),
+            now + std::time::Duration::from_secs(u64::from(days) * 86_400),
+        );
         csr.params = leaf_params(role, name, nb, na)?;
         Ok(csr.signed_by(&self.issuer)?.pem())
     }
@@ -141,7 +159,10 @@ impl Authority {
         let params = leaf_params(role, name, not_before, not_after)?;
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(PemPair { cert: cert.pem(), key: key.serialize_pem() })
+        Ok(PemPair {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        })
     }
 }
 
@@ -153,7 +174,12 @@ fn leaf_params(
     not_after: std::time::SystemTime,
 ) -> Result<CertificateParams, rcgen::Error> {
     let sans = match role {
-        Role::Node => vec![name.to_string(), "localhost".into(), "127.0.0.1".into(), "::1".into()],
+        Role::Node => vec![
+            name.to_string(),
+            "localhost".into(),
+            "127.0.0.1".into(),
+            "::1".into(),
+        ],
         Role::Analyst | Role::Auditor => vec![],
     };
     let mut params = CertificateParams::new(sans)?;
@@ -161,7 +187,10 @@ fn leaf_params(
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = match role {
-        Role::Node => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
+        Role::Node => vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ],
         Role::Analyst | Role::Auditor => vec![ExtendedKeyUsagePurpose::ClientAuth],
     };
     params.not_before = not_before.into();
@@ -190,8 +219,6 @@ impl Role {
         }
     }
 }
-
-
 
 fn distinguished(cn: &str, ou: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();

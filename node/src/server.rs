@@ -104,9 +104,14 @@ async fn serve_on(
         .max_decoding_message_size(max_request)
         .max_encoding_message_size(64 * 1024 * 1024);
     tracing::info!(node = %name, %addr, datasets, "serving fedq.v1 over mutual TLS");
+    // The standard gRPC health service, for orchestrators and load
+    // balancers (over the same mutual TLS as everything else).
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<NodeServer<NodeService>>().await;
     let served = Server::builder()
         .tls_config(tls)
         .context("invalid TLS configuration")?
+        .add_service(health_service)
         .add_service(service)
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
         .await;

@@ -148,10 +148,12 @@ impl NodeState {
 
     /// A running slot for `analyst`, or RESOURCE_EXHAUSTED (logged).
     fn slot(&self, analyst: &str) -> Result<Slot, Status> {
-        self.throttle.enter(analyst, &self.config.limits).map_err(|why| {
-            self.log_refusal(analyst, "", &why);
-            Status::resource_exhausted(why)
-        })
+        self.throttle
+            .enter(analyst, &self.config.limits)
+            .map_err(|why| {
+                self.log_refusal(analyst, "", &why);
+                Status::resource_exhausted(why)
+            })
     }
 
     /// Runs `work` on the blocking pool, holding `slot`, within the node's
@@ -243,12 +245,18 @@ impl Throttle {
             }
             *n += 1;
         }
-        let slot = Slot { running: Arc::clone(&self.running), analyst: analyst.to_string() };
+        let slot = Slot {
+            running: Arc::clone(&self.running),
+            analyst: analyst.to_string(),
+        };
         let per_minute = f64::from(limits.queries_per_minute);
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         let now = std::time::Instant::now();
-        let (tokens, last) = buckets.entry(analyst.to_string()).or_insert((per_minute, now));
-        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * per_minute / 60.0).min(per_minute);
+        let (tokens, last) = buckets
+            .entry(analyst.to_string())
+            .or_insert((per_minute, now));
+        *tokens =
+            (*tokens + now.duration_since(*last).as_secs_f64() * per_minute / 60.0).min(per_minute);
         *last = now;
         if *tokens < 1.0 {
             let wait = (1.0 - *tokens) * 60.0 / per_minute;
@@ -751,20 +759,22 @@ impl Node for NodeService {
         require_analyst(&self.state, &who)?;
         let q = req.into_inner();
         let slot = self.state.slot(&who.name)?;
-        let answer = self.state.within_deadline(slot, move |state| {
-            let (plan, mut response) = accept(&state, &who, &q)?;
-            if q.dry_run {
-                let ds = &state.datasets[&plan.dataset];
-                let b = state
-                    .ledger
-                    .state(&who.name, &plan.dataset, &ds.config.budget)
-                    .map_err(internal)?;
-                response.budget = Some(budget_proto(&who.name, &ds.config, b));
-                return Ok(response);
-            }
-            run_query(&state, &who.name, &q, &plan, response)
-        })
-        .await?;
+        let answer = self
+            .state
+            .within_deadline(slot, move |state| {
+                let (plan, mut response) = accept(&state, &who, &q)?;
+                if q.dry_run {
+                    let ds = &state.datasets[&plan.dataset];
+                    let b = state
+                        .ledger
+                        .state(&who.name, &plan.dataset, &ds.config.budget)
+                        .map_err(internal)?;
+                    response.budget = Some(budget_proto(&who.name, &ds.config, b));
+                    return Ok(response);
+                }
+                run_query(&state, &who.name, &q, &plan, response)
+            })
+            .await?;
         Ok(Response::new(answer))
     }
 
@@ -782,41 +792,43 @@ impl Node for NodeService {
             ));
         }
         let slot = self.state.slot(&who.name)?;
-        let answer = self.state.within_deadline(slot, move |state| {
-            let (plan, _) = accept(&state, &who, &q)?;
-            let ds = &state.datasets[&plan.dataset];
-            let hold = hold_ms.clamp(1000, state.config.limits.max_reservation_ms);
-            let expires = now_ms() + hold;
-            let outcome = state
-                .ledger
-                .reserve(
-                    &who.name,
-                    &plan.dataset,
-                    &q.query_id,
-                    query_digest(&q),
-                    q.epsilon,
-                    &ds.config.budget,
-                    &q.sql,
-                    expires,
-                )
-                .map_err(internal)?
-                .map_err(|r| refusal_status(&state, &who.name, &q.query_id, r))?;
-            let b = state
-                .ledger
-                .state(&who.name, &plan.dataset, &ds.config.budget)
-                .map_err(internal)?;
-            let expires_at_ms = match outcome {
-                crate::ledger::ReserveOutcome::Reserved(_, e) => e,
-                crate::ledger::ReserveOutcome::AlreadyReleased => 0,
-            };
-            Ok::<_, Status>(PrepareResponse {
-                query_id: q.query_id.clone(),
-                epsilon_reserved: q.epsilon,
-                expires_at_ms,
-                budget: Some(budget_proto(&who.name, &ds.config, b)),
+        let answer = self
+            .state
+            .within_deadline(slot, move |state| {
+                let (plan, _) = accept(&state, &who, &q)?;
+                let ds = &state.datasets[&plan.dataset];
+                let hold = hold_ms.clamp(1000, state.config.limits.max_reservation_ms);
+                let expires = now_ms() + hold;
+                let outcome = state
+                    .ledger
+                    .reserve(
+                        &who.name,
+                        &plan.dataset,
+                        &q.query_id,
+                        query_digest(&q),
+                        q.epsilon,
+                        &ds.config.budget,
+                        &q.sql,
+                        expires,
+                    )
+                    .map_err(internal)?
+                    .map_err(|r| refusal_status(&state, &who.name, &q.query_id, r))?;
+                let b = state
+                    .ledger
+                    .state(&who.name, &plan.dataset, &ds.config.budget)
+                    .map_err(internal)?;
+                let expires_at_ms = match outcome {
+                    crate::ledger::ReserveOutcome::Reserved(_, e) => e,
+                    crate::ledger::ReserveOutcome::AlreadyReleased => 0,
+                };
+                Ok::<_, Status>(PrepareResponse {
+                    query_id: q.query_id.clone(),
+                    epsilon_reserved: q.epsilon,
+                    expires_at_ms,
+                    budget: Some(budget_proto(&who.name, &ds.config, b)),
+                })
             })
-        })
-        .await?;
+            .await?;
         Ok(Response::new(answer))
     }
 
@@ -825,43 +837,45 @@ impl Node for NodeService {
         require_analyst(&self.state, &who)?;
         let query_id = req.into_inner().query_id;
         let slot = self.state.slot(&who.name)?;
-        let answer = self.state.within_deadline(slot, move |state| {
-            let _guard = enter(&state, &who.name, &query_id)?;
-            let (admission, reservation, digest) = state
-                .ledger
-                .commit(&who.name, &query_id, now_ms())
-                .map_err(internal)?
-                .map_err(|r| refusal_status(&state, &who.name, &query_id, r))?;
-            if let Admission::Replay(bytes) = admission {
-                return replay(&state, &who.name, &query_id, &bytes);
-            }
-            let r = reservation.ok_or_else(|| {
-                Status::failed_precondition(format!(
+        let answer = self
+            .state
+            .within_deadline(slot, move |state| {
+                let _guard = enter(&state, &who.name, &query_id)?;
+                let (admission, reservation, digest) = state
+                    .ledger
+                    .commit(&who.name, &query_id, now_ms())
+                    .map_err(internal)?
+                    .map_err(|r| refusal_status(&state, &who.name, &query_id, r))?;
+                if let Admission::Replay(bytes) = admission {
+                    return replay(&state, &who.name, &query_id, &bytes);
+                }
+                let r = reservation.ok_or_else(|| {
+                    Status::failed_precondition(format!(
                     "query id {query_id:?} was debited by a one-phase query; retry it with Query"
                 ))
-            })?;
-            let q = QueryRequest {
-                query_id: query_id.clone(),
-                sql: r.sql.clone(),
-                epsilon: r.epsilon,
-                dry_run: false,
-            };
-            let ds = state.datasets.get(&r.dataset).ok_or_else(|| {
-                internal(format!(
-                    "reserved dataset {} is no longer served",
-                    r.dataset
-                ))
-            })?;
-            let plan = plan::plan(&q.sql, &ds.schema, state.config.limits.max_cells)
-                .map_err(|e| internal(e.0))?;
-            let response = describe_release(&state.config.node.name, &q, ds, &plan)?;
-            let b = state
-                .ledger
-                .state(&who.name, &plan.dataset, &ds.config.budget)
-                .map_err(internal)?;
-            release(&state, &who.name, &q, &plan, response, b, digest)
-        })
-        .await?;
+                })?;
+                let q = QueryRequest {
+                    query_id: query_id.clone(),
+                    sql: r.sql.clone(),
+                    epsilon: r.epsilon,
+                    dry_run: false,
+                };
+                let ds = state.datasets.get(&r.dataset).ok_or_else(|| {
+                    internal(format!(
+                        "reserved dataset {} is no longer served",
+                        r.dataset
+                    ))
+                })?;
+                let plan = plan::plan(&q.sql, &ds.schema, state.config.limits.max_cells)
+                    .map_err(|e| internal(e.0))?;
+                let response = describe_release(&state.config.node.name, &q, ds, &plan)?;
+                let b = state
+                    .ledger
+                    .state(&who.name, &plan.dataset, &ds.config.budget)
+                    .map_err(internal)?;
+                release(&state, &who.name, &q, &plan, response, b, digest)
+            })
+            .await?;
         Ok(Response::new(answer))
     }
 
@@ -898,7 +912,13 @@ impl Node for NodeService {
             .state
             .datasets
             .keys()
-            .filter(|n| self.state.config.access.allows(&who.name, Some(n.as_str())).is_ok())
+            .filter(|n| {
+                self.state
+                    .config
+                    .access
+                    .allows(&who.name, Some(n.as_str()))
+                    .is_ok()
+            })
             .collect();
         names.sort();
         for n in names {

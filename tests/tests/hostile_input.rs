@@ -56,11 +56,60 @@ fn config(cases: u32) -> Config {
 
 /// SQL keywords, in and out of the supported subset.
 const KEYWORDS: &[&str] = &[
-    "SELECT", "FROM", "WHERE", "GROUP", "BY", "AND", "OR", "NOT", "IN", "BETWEEN", "IS", "NULL",
-    "COUNT", "SUM", "AVG", "MIN", "MAX", "DISTINCT", "ALL", "AS", "JOIN", "ON", "UNION", "LIMIT",
-    "OFFSET", "ORDER", "HAVING", "WITH", "VALUES", "INSERT", "DELETE", "DROP", "TABLE", "CASE",
-    "WHEN", "THEN", "ELSE", "END", "CAST", "EXISTS", "ANY", "OVER", "FILTER", "ROLLUP", "CUBE",
-    "TRUE", "FALSE", "LIKE", "INTERVAL", "DATE", "PARTITION", "WINDOW", "QUALIFY", "TOP",
+    "SELECT",
+    "FROM",
+    "WHERE",
+    "GROUP",
+    "BY",
+    "AND",
+    "OR",
+    "NOT",
+    "IN",
+    "BETWEEN",
+    "IS",
+    "NULL",
+    "COUNT",
+    "SUM",
+    "AVG",
+    "MIN",
+    "MAX",
+    "DISTINCT",
+    "ALL",
+    "AS",
+    "JOIN",
+    "ON",
+    "UNION",
+    "LIMIT",
+    "OFFSET",
+    "ORDER",
+    "HAVING",
+    "WITH",
+    "VALUES",
+    "INSERT",
+    "DELETE",
+    "DROP",
+    "TABLE",
+    "CASE",
+    "WHEN",
+    "THEN",
+    "ELSE",
+    "END",
+    "CAST",
+    "EXISTS",
+    "ANY",
+    "OVER",
+    "FILTER",
+    "ROLLUP",
+    "CUBE",
+    "TRUE",
+    "FALSE",
+    "LIKE",
+    "INTERVAL",
+    "DATE",
+    "PARTITION",
+    "WINDOW",
+    "QUALIFY",
+    "TOP",
 ];
 
 /// Operators and punctuation.
@@ -397,15 +446,43 @@ fn deep_sql() -> impl Strategy<Value = String> {
     let max = limits().max_sql_bytes;
     (
         select(vec![
-            ("SELECT COUNT(*) FROM cases WHERE ", "NOT ", "isForcedLabour = 1"),
-            ("SELECT COUNT(*) FROM cases WHERE ", "(", "isForcedLabour = 1"),
-            ("SELECT COUNT(*) FROM cases WHERE ", "isForcedLabour = 1 AND ", "isForcedLabour = 1"),
-            ("SELECT COUNT(*) FROM cases WHERE ", "traffickMonths = 1 OR ", "traffickMonths = 2"),
-            ("SELECT COUNT(*) FROM cases WHERE traffickMonths = ", "- ", "1"),
+            (
+                "SELECT COUNT(*) FROM cases WHERE ",
+                "NOT ",
+                "isForcedLabour = 1",
+            ),
+            (
+                "SELECT COUNT(*) FROM cases WHERE ",
+                "(",
+                "isForcedLabour = 1",
+            ),
+            (
+                "SELECT COUNT(*) FROM cases WHERE ",
+                "isForcedLabour = 1 AND ",
+                "isForcedLabour = 1",
+            ),
+            (
+                "SELECT COUNT(*) FROM cases WHERE ",
+                "traffickMonths = 1 OR ",
+                "traffickMonths = 2",
+            ),
+            (
+                "SELECT COUNT(*) FROM cases WHERE traffickMonths = ",
+                "- ",
+                "1",
+            ),
             ("SELECT ", "1+", "1 FROM cases"),
             ("SELECT COUNT(*) FROM cases GROUP BY ", "gender+", "gender"),
-            ("SELECT SUM(", "traffickMonths+", "traffickMonths) FROM cases"),
-            ("SELECT COUNT(*) FROM cases WHERE traffickMonths IN (", "1, ", "2)"),
+            (
+                "SELECT SUM(",
+                "traffickMonths+",
+                "traffickMonths) FROM cases",
+            ),
+            (
+                "SELECT COUNT(*) FROM cases WHERE traffickMonths IN (",
+                "1, ",
+                "2)",
+            ),
             ("SELECT ", "COUNT(*), ", "COUNT(*) FROM cases"),
         ]),
         0.0f64..=1.0,
@@ -468,10 +545,7 @@ fn check_plan(p: &Plan, s: &Schema, max_cells: usize) -> Result<(), TestCaseErro
 /// Plans `sql` on a thread with the stack of a tokio blocking thread
 /// (2 MiB, where the node plans queries), so a stack overflow shows here
 /// as it would in the node.
-fn plan_on_node_stack(
-    sql: String,
-    max_cells: usize,
-) -> Result<Plan, fedq_node::plan::PlanError> {
+fn plan_on_node_stack(sql: String, max_cells: usize) -> Result<Plan, fedq_node::plan::PlanError> {
     std::thread::Builder::new()
         .stack_size(2 << 20)
         .spawn(move || plan(&sql, &schema(), max_cells))
@@ -585,7 +659,11 @@ fn check_answer(q: &QueryRequest, r: &QueryResponse) -> Result<(), TestCaseError
     let p = plan(&q.sql, &schema(), limits().max_cells);
     let p = match p {
         Ok(p) => p,
-        Err(e) => return Err(TestCaseError::fail(format!("answered a query the planner refuses: {e}"))),
+        Err(e) => {
+            return Err(TestCaseError::fail(format!(
+                "answered a query the planner refuses: {e}"
+            )))
+        }
     };
     prop_assert_eq!(&r.query_id, &q.query_id);
     prop_assert_eq!(r.cells.len(), table::cell_count(&p));
@@ -686,13 +764,15 @@ fn hostile_query_requests_get_an_answer_or_a_clear_status_and_spend_only_on_rele
     // Still serving: a valid query from another analyst gets an answer.
     let mut other = rt.block_on(fed.raw_client(0, Role::Analyst, "after-fuzz"));
     let r = rt
-        .block_on(other.query(QueryRequest {
-            query_id: "after-fuzz-1".into(),
-            sql: "SELECT gender, COUNT(*) FROM cases WHERE isForcedLabour = 1 GROUP BY gender"
-                .into(),
-            epsilon: 0.5,
-            dry_run: false,
-        }))
+        .block_on(
+            other.query(QueryRequest {
+                query_id: "after-fuzz-1".into(),
+                sql: "SELECT gender, COUNT(*) FROM cases WHERE isForcedLabour = 1 GROUP BY gender"
+                    .into(),
+                epsilon: 0.5,
+                dry_run: false,
+            }),
+        )
         .expect("the node still answers a valid query")
         .into_inner();
     assert_eq!(r.measurements[0].values.len(), r.cells.len());
@@ -803,11 +883,19 @@ fn parse_config(text: &str) -> Result<(), TestCaseError> {
     if let Ok(cfg) = toml::from_str::<NodeConfig>(text) {
         if cfg.validate().is_ok() {
             for d in &cfg.datasets {
-                let s = Schema::from_specs(&d.name, &d.columns);
-                prop_assert!(s.is_ok(), "validate() accepted a bad schema: {:?}", s.err());
                 prop_assert!(d.budget.per_query_max.is_finite() && d.budget.per_query_max > 0.0);
-                let s = s.unwrap_or_else(|_| unreachable!());
-                let _ = plan(&format!("SELECT COUNT(*) FROM {}", d.name), &s, cfg.limits.max_cells);
+                match Schema::from_specs(&d.name, &d.columns) {
+                    Ok(s) => {
+                        // A name such as `select` does not parse: only no panic.
+                        let sql = format!("SELECT COUNT(*) FROM {}", d.name);
+                        let _ = plan(&sql, &s, cfg.limits.max_cells);
+                    }
+                    Err(e) => {
+                        return Err(TestCaseError::fail(format!(
+                            "validate() accepted a bad schema: {e}"
+                        )))
+                    }
+                }
             }
         }
     }
@@ -971,4 +1059,12 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+#[ignore]
+fn probe_tmp() {
+    let sql = std::fs::read_to_string("/tmp/probe.sql").unwrap();
+    let r = plan_on_node_stack(sql, 10000);
+    println!("RESULT {:?}", r.map(|_| ()));
 }
