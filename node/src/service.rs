@@ -762,7 +762,7 @@ impl Node for NodeService {
         let answer = self
             .state
             .within_deadline(slot, move |state| {
-                let (plan, mut response) = accept(&state, &who, &q)?;
+                let (plan, mut response) = accept(state, &who, &q)?;
                 if q.dry_run {
                     let ds = &state.datasets[&plan.dataset];
                     let b = state
@@ -772,7 +772,7 @@ impl Node for NodeService {
                     response.budget = Some(budget_proto(&who.name, &ds.config, b));
                     return Ok(response);
                 }
-                run_query(&state, &who.name, &q, &plan, response)
+                run_query(state, &who.name, &q, &plan, response)
             })
             .await?;
         Ok(Response::new(answer))
@@ -795,7 +795,7 @@ impl Node for NodeService {
         let answer = self
             .state
             .within_deadline(slot, move |state| {
-                let (plan, _) = accept(&state, &who, &q)?;
+                let (plan, _) = accept(state, &who, &q)?;
                 let ds = &state.datasets[&plan.dataset];
                 let hold = hold_ms.clamp(1000, state.config.limits.max_reservation_ms);
                 let expires = now_ms() + hold;
@@ -812,7 +812,7 @@ impl Node for NodeService {
                         expires,
                     )
                     .map_err(internal)?
-                    .map_err(|r| refusal_status(&state, &who.name, &q.query_id, r))?;
+                    .map_err(|r| refusal_status(state, &who.name, &q.query_id, r))?;
                 let b = state
                     .ledger
                     .state(&who.name, &plan.dataset, &ds.config.budget)
@@ -840,14 +840,14 @@ impl Node for NodeService {
         let answer = self
             .state
             .within_deadline(slot, move |state| {
-                let _guard = enter(&state, &who.name, &query_id)?;
+                let _guard = enter(state, &who.name, &query_id)?;
                 let (admission, reservation, digest) = state
                     .ledger
                     .commit(&who.name, &query_id, now_ms())
                     .map_err(internal)?
-                    .map_err(|r| refusal_status(&state, &who.name, &query_id, r))?;
+                    .map_err(|r| refusal_status(state, &who.name, &query_id, r))?;
                 if let Admission::Replay(bytes) = admission {
-                    return replay(&state, &who.name, &query_id, &bytes);
+                    return replay(state, &who.name, &query_id, &bytes);
                 }
                 let r = reservation.ok_or_else(|| {
                     Status::failed_precondition(format!(
@@ -873,7 +873,7 @@ impl Node for NodeService {
                     .ledger
                     .state(&who.name, &plan.dataset, &ds.config.budget)
                     .map_err(internal)?;
-                release(&state, &who.name, &q, &plan, response, b, digest)
+                release(state, &who.name, &q, &plan, response, b, digest)
             })
             .await?;
         Ok(Response::new(answer))
