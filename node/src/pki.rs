@@ -238,6 +238,11 @@ pub struct Caller {
     pub role: String,
 }
 
+/// The DER bytes of the first certificate in a PEM text.
+pub fn der_from_pem(pem: &str) -> Option<Vec<u8>> {
+    x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok().map(|(_, p)| p.contents)
+}
+
 /// Reads CN and OU from a DER certificate.
 pub fn caller_from_der(der: &[u8]) -> Option<Caller> {
     let (_, cert) = X509Certificate::from_der(der).ok()?;
