@@ -85,7 +85,7 @@ pub fn ingest_csv(
             Ok(false) => break,
             Ok(true) => {}
             Err(e) => {
-                let line = e.position().map(|p| p.line()).unwrap_or(0);
+                let line = e.position().map(|p| line_of(&bytes, p)).unwrap_or(0);
                 let what = match e.kind() {
                     csv::ErrorKind::UnequalLengths {
                         expected_len, len, ..
@@ -105,7 +105,7 @@ pub fn ingest_csv(
                 // The slow path gives the exact error message (or, for a
                 // spelling the fast path does not know, the code).
                 None => col.encode(cell).map_err(|why| {
-                    let line = record.position().map(|p| p.line()).unwrap_or(0);
+                    let line = record.position().map(|p| line_of(&bytes, p)).unwrap_or(0);
                     anyhow!(
                         "{file}:{line}: column {:?}: {why}; expected {}; nothing was stored",
                         col.name(),
@@ -194,4 +194,20 @@ impl Encoder {
             },
         }
     }
+}
+
+/// The 1-based line of the file where a record starts, counted from the
+/// bytes: the csv crate's own line count is one short for CRLF files and
+/// always 1 for CR-only files. Line ends before the record are skipped.
+fn line_of(bytes: &[u8], pos: &csv::Position) -> u64 {
+    let mut at = (pos.byte() as usize).min(bytes.len());
+    while matches!(bytes.get(at), Some(b'\r' | b'\n')) {
+        at += 1;
+    }
+    let before = &bytes[..at];
+    let lf = before.iter().filter(|&&c| c == b'\n').count();
+    // Old Mac files end lines with CR alone.
+    let cr_only = before.windows(2).filter(|w| w[0] == b'\r' && w[1] != b'\n').count()
+        + usize::from(before.last() == Some(&b'\r'));
+    1 + (lf + cr_only) as u64
 }

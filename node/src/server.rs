@@ -96,10 +96,15 @@ async fn serve_on(
     let state = tokio::task::spawn_blocking(move || NodeState::open(config))
         .await
         .context("loading the store panicked")??;
+    // Refuse a store rolled back below the ledger's high-water mark (that
+    // would hand back spent budget), then log the start and raise the mark.
+    crate::backup::raise_high_water(&state.config, state.audit())?;
     state.log_start()?;
+    crate::backup::raise_high_water(&state.config, state.audit())?;
     let datasets = state.datasets.len();
     let state = Arc::new(state);
     let sweeper = tokio::spawn(sweep_reservations(Arc::clone(&state)));
+    let final_state = Arc::clone(&state);
     let service = NodeServer::new(NodeService::new(state))
         .max_decoding_message_size(max_request)
         .max_encoding_message_size(64 * 1024 * 1024);
@@ -118,6 +123,10 @@ async fn serve_on(
     // The sweeper holds the store open: stop it before reporting "stopped".
     sweeper.abort();
     let _ = sweeper.await;
+    if let Err(e) = crate::backup::raise_high_water(&final_state.config, final_state.audit()) {
+        tracing::error!(error = %e, "cannot raise the ledger's high-water mark at shutdown");
+    }
+    drop(final_state);
     served.context("the gRPC server failed")?;
     tracing::info!(node = %name, "stopped");
     Ok(())

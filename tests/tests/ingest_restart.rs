@@ -571,8 +571,12 @@ async fn concurrent_retries_of_one_query_id_debit_once_and_release_one_answer() 
     while let Some(r) = tasks.join_next().await {
         match r.unwrap() {
             Ok(resp) => answers.push(resp.into_inner()),
-            // A retry racing the first computation is told to retry later.
-            Err(s) => assert_eq!(s.code(), tonic::Code::Aborted, "{s:?}"),
+            // A retry racing the first computation is told to retry later,
+            // or turned away by the node's per-analyst concurrency limit.
+            Err(s) => assert!(
+                matches!(s.code(), tonic::Code::Aborted | tonic::Code::ResourceExhausted),
+                "{s:?}"
+            ),
         }
     }
     assert!(
