@@ -207,7 +207,10 @@ fn line_of(bytes: &[u8], pos: &csv::Position) -> u64 {
     let before = &bytes[..at];
     let lf = before.iter().filter(|&&c| c == b'\n').count();
     // Old Mac files end lines with CR alone.
-    let cr_only = before.windows(2).filter(|w| w[0] == b'\r' && w[1] != b'\n').count()
+    let cr_only = before
+        .windows(2)
+        .filter(|w| w[0] == b'\r' && w[1] != b'\n')
+        .count()
         + usize::from(before.last() == Some(&b'\r'));
     1 + (lf + cr_only) as u64
 }

@@ -240,7 +240,9 @@ pub struct Caller {
 
 /// The DER bytes of the first certificate in a PEM text.
 pub fn der_from_pem(pem: &str) -> Option<Vec<u8>> {
-    x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok().map(|(_, p)| p.contents)
+    x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .ok()
+        .map(|(_, p)| p.contents)
 }
 
 /// Reads CN and OU from a DER certificate.

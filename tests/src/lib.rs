@@ -252,19 +252,14 @@ pub fn opendp_accuracy(scale: f64, alpha: f64) -> f64 {
     opendp::accuracy::discrete_laplacian_scale_to_accuracy(scale, alpha).unwrap()
 }
 
-/// The `fedq-node` binary, built once per test process (a no-op when it is
-/// up to date), for tests that need a real node process (to kill it, say).
+/// The `fedq-node` binary, for tests that need a real node process (to kill
+/// it, say). `cargo test --workspace` builds it (the node package has its
+/// own integration tests); when it is missing or older than the node's
+/// sources, it is built here first.
 pub fn node_binary() -> PathBuf {
     static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     PATH.get_or_init(|| {
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = std::process::Command::new(cargo)
-            .args(["build", "-p", "fedq-node", "--bin", "fedq-node"])
-            .current_dir(&workspace)
-            .status()
-            .expect("run cargo build for fedq-node");
-        assert!(status.success(), "building fedq-node failed");
         // This test binary lives in <target>/<profile>/deps/.
         let exe = std::env::current_exe().expect("test executable path");
         let profile_dir = exe
@@ -272,10 +267,39 @@ pub fn node_binary() -> PathBuf {
             .and_then(Path::parent)
             .expect("target profile dir");
         let path = profile_dir.join(format!("fedq-node{}", std::env::consts::EXE_SUFFIX));
+        let built = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        let sources = ["node/src", "node/Cargo.toml", "proto", "Cargo.lock"]
+            .iter()
+            .map(|p| newest(&workspace.join(p)))
+            .max()
+            .unwrap_or(std::time::UNIX_EPOCH);
+        if built.is_none_or(|b| b < sources) {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = std::process::Command::new(cargo)
+                .args(["build", "-p", "fedq-node", "--bin", "fedq-node"])
+                .current_dir(&workspace)
+                .status()
+                .expect("run cargo build for fedq-node");
+            assert!(status.success(), "building fedq-node failed");
+        }
         assert!(path.exists(), "no fedq-node binary at {}", path.display());
         path
     })
     .clone()
+}
+
+/// The newest modification time of a file or of anything under a directory.
+fn newest(p: &Path) -> std::time::SystemTime {
+    let own = std::fs::metadata(p)
+        .and_then(|m| m.modified())
+        .unwrap_or(std::time::UNIX_EPOCH);
+    match std::fs::read_dir(p) {
+        Ok(entries) => entries
+            .flatten()
+            .map(|e| newest(&e.path()))
+            .fold(own, std::cmp::max),
+        Err(_) => own,
+    }
 }
 
 /// An integer with thousands separators, as the coordinator's tables show it.

@@ -325,8 +325,5 @@ async fn a_node_key_signed_from_its_request_serves_and_the_health_service_answer
 
 /// The DER bytes of a PEM certificate.
 fn x509_der(pem: &str) -> Vec<u8> {
-    x509_parser::pem::parse_x509_pem(pem.as_bytes())
-        .expect("a PEM certificate")
-        .1
-        .contents
+    fedq_node::pki::der_from_pem(pem).expect("a PEM certificate")
 }

@@ -574,7 +574,10 @@ async fn concurrent_retries_of_one_query_id_debit_once_and_release_one_answer() 
             // A retry racing the first computation is told to retry later,
             // or turned away by the node's per-analyst concurrency limit.
             Err(s) => assert!(
-                matches!(s.code(), tonic::Code::Aborted | tonic::Code::ResourceExhausted),
+                matches!(
+                    s.code(),
+                    tonic::Code::Aborted | tonic::Code::ResourceExhausted
+                ),
                 "{s:?}"
             ),
         }
