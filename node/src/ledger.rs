@@ -211,6 +211,86 @@ pub struct Ledger {
     admit_lock: Mutex<()>,
 }
 
+/// One analyst's standing on one dataset, read inside a ledger transaction.
+/// Both debits (one-phase and reservations) go through [`Account::debit`],
+/// so the limit checks exist once.
+struct Account {
+    akey: String,
+    dkey: String,
+    a_spent: u64,
+    d_spent: u64,
+    a_limit: u64,
+    d_limit: u64,
+}
+
+impl Account {
+    fn read(
+        tx: &sled::transaction::TransactionalTree,
+        dataset: &str,
+        analyst: &str,
+        limits: &BudgetLimits,
+    ) -> Result<Account, ConflictableTransactionError<Refusal>> {
+        let get = |k: &str| -> Result<u64, ConflictableTransactionError<Refusal>> {
+            Ok(tx.get(k)?.map(|v| decode_u64(&v)).unwrap_or(0))
+        };
+        let (akey, dkey) = (analyst_key(dataset, analyst), dataset_key(dataset));
+        Ok(Account {
+            a_spent: get(&akey)?,
+            d_spent: get(&dkey)?,
+            a_limit: to_nano_floor(limits.per_analyst)
+                .saturating_add(get(&grant_key(dataset, analyst))?),
+            d_limit: to_nano_floor(limits.total),
+            akey,
+            dkey,
+        })
+    }
+
+    /// The budget as the analyst sees it, at spent totals `a` and `d`.
+    fn state(&self, a: u64, d: u64) -> BudgetState {
+        BudgetState {
+            spent_by_analyst: from_nano(a),
+            remaining_for_analyst: from_nano(
+                self.a_limit
+                    .saturating_sub(a)
+                    .min(self.d_limit.saturating_sub(d)),
+            ),
+            remaining_for_dataset: from_nano(self.d_limit.saturating_sub(d)),
+        }
+    }
+
+    /// Refuses a debit of `nano` that either limit cannot take, or writes
+    /// it; returns the totals after it.
+    fn debit(
+        &self,
+        tx: &sled::transaction::TransactionalTree,
+        dataset: &str,
+        epsilon: f64,
+        nano: u64,
+        limits: &BudgetLimits,
+    ) -> Result<(u64, u64), ConflictableTransactionError<Refusal>> {
+        if self.a_spent.saturating_add(nano) > self.a_limit {
+            return abort(Refusal::AnalystBudget {
+                dataset: dataset.to_string(),
+                asked: epsilon,
+                remaining: from_nano(self.a_limit.saturating_sub(self.a_spent)),
+                limit: from_nano(self.a_limit),
+            });
+        }
+        if self.d_spent.saturating_add(nano) > self.d_limit {
+            return abort(Refusal::DatasetBudget {
+                dataset: dataset.to_string(),
+                asked: epsilon,
+                remaining: from_nano(self.d_limit.saturating_sub(self.d_spent)),
+                limit: limits.total,
+            });
+        }
+        let (a, d) = (self.a_spent + nano, self.d_spent + nano);
+        tx.insert(self.akey.as_bytes(), &a.to_be_bytes())?;
+        tx.insert(self.dkey.as_bytes(), &d.to_be_bytes())?;
+        Ok((a, d))
+    }
+}
+
 /// Aborts a ledger transaction with a refusal.
 fn abort<T>(r: Refusal) -> Result<T, ConflictableTransactionError<Refusal>> {
     Err(ConflictableTransactionError::Abort(r))
@@ -239,24 +319,10 @@ impl Ledger {
         limits: &BudgetLimits,
     ) -> anyhow::Result<Result<Admission, Refusal>> {
         let _guard = self.admit_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let akey = analyst_key(dataset, analyst);
-        let dkey = dataset_key(dataset);
         let qkey = query_key(analyst, query_id);
-        let gkey = grant_key(dataset, analyst);
         let debit = to_nano_ceil(epsilon);
-        let d_limit = to_nano_floor(limits.total);
         let outcome = (&self.tree, &self.audit.tree).transaction(|(tx, atx)| {
-            let granted = tx.get(&gkey)?.map(|v| decode_u64(&v)).unwrap_or(0);
-            let a_limit = to_nano_floor(limits.per_analyst).saturating_add(granted);
-            let a_spent = tx.get(&akey)?.map(|v| decode_u64(&v)).unwrap_or(0);
-            let d_spent = tx.get(&dkey)?.map(|v| decode_u64(&v)).unwrap_or(0);
-            let state = move |a: u64, d: u64| BudgetState {
-                spent_by_analyst: from_nano(a),
-                remaining_for_analyst: from_nano(
-                    a_limit.saturating_sub(a).min(d_limit.saturating_sub(d)),
-                ),
-                remaining_for_dataset: from_nano(d_limit.saturating_sub(d)),
-            };
+            let acct = Account::read(tx, dataset, analyst, limits)?;
             if let Some(existing) = tx.get(&qkey)? {
                 let Some(rec) = QueryRecord::decode(&existing) else {
                     return abort(Refusal::IdReused(query_id.to_string()));
@@ -267,7 +333,7 @@ impl Ledger {
                 match rec.state {
                     RecordState::Released(r) => return Ok(Admission::Replay(r)),
                     RecordState::Pending(_) => {
-                        return Ok(Admission::Resume(state(a_spent, d_spent)))
+                        return Ok(Admission::Resume(acct.state(acct.a_spent, acct.d_spent)))
                     }
                     RecordState::Reserved(_) => {
                         return abort(Refusal::Reserved(query_id.to_string()))
@@ -276,25 +342,7 @@ impl Ledger {
                     RecordState::Returned => {}
                 }
             }
-            if a_spent.saturating_add(debit) > a_limit {
-                return abort(Refusal::AnalystBudget {
-                    dataset: dataset.to_string(),
-                    asked: epsilon,
-                    remaining: from_nano(a_limit.saturating_sub(a_spent)),
-                    limit: from_nano(a_limit),
-                });
-            }
-            if d_spent.saturating_add(debit) > d_limit {
-                return abort(Refusal::DatasetBudget {
-                    dataset: dataset.to_string(),
-                    asked: epsilon,
-                    remaining: from_nano(d_limit.saturating_sub(d_spent)),
-                    limit: limits.total,
-                });
-            }
-            let (a_new, d_new) = (a_spent + debit, d_spent + debit);
-            tx.insert(akey.as_bytes(), &a_new.to_be_bytes())?;
-            tx.insert(dkey.as_bytes(), &d_new.to_be_bytes())?;
+            let (a_new, d_new) = acct.debit(tx, dataset, epsilon, debit, limits)?;
             let pending = QueryRecord {
                 digest,
                 state: RecordState::Pending(None),
@@ -312,7 +360,7 @@ impl Ledger {
                     dataset_spent: from_nano(d_new),
                 },
             )?;
-            Ok(Admission::Debited(state(a_new, d_new)))
+            Ok(Admission::Debited(acct.state(a_new, d_new)))
         });
         match outcome {
             Ok(admission) => {
@@ -384,24 +432,10 @@ impl Ledger {
         expires_ms: u64,
     ) -> anyhow::Result<Result<ReserveOutcome, Refusal>> {
         let _guard = self.admit_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let akey = analyst_key(dataset, analyst);
-        let dkey = dataset_key(dataset);
         let qkey = query_key(analyst, query_id);
-        let gkey = grant_key(dataset, analyst);
         let debit = to_nano_ceil(epsilon);
-        let d_limit = to_nano_floor(limits.total);
         let outcome = (&self.tree, &self.audit.tree).transaction(|(tx, atx)| {
-            let granted = tx.get(&gkey)?.map(|v| decode_u64(&v)).unwrap_or(0);
-            let a_limit = to_nano_floor(limits.per_analyst).saturating_add(granted);
-            let a_spent = tx.get(&akey)?.map(|v| decode_u64(&v)).unwrap_or(0);
-            let d_spent = tx.get(&dkey)?.map(|v| decode_u64(&v)).unwrap_or(0);
-            let state = move |a: u64, d: u64| BudgetState {
-                spent_by_analyst: from_nano(a),
-                remaining_for_analyst: from_nano(
-                    a_limit.saturating_sub(a).min(d_limit.saturating_sub(d)),
-                ),
-                remaining_for_dataset: from_nano(d_limit.saturating_sub(d)),
-            };
+            let acct = Account::read(tx, dataset, analyst, limits)?;
             if let Some(existing) = tx.get(&qkey)? {
                 let Some(rec) = QueryRecord::decode(&existing) else {
                     return abort(Refusal::IdReused(query_id.to_string()));
@@ -412,7 +446,7 @@ impl Ledger {
                 match rec.state {
                     RecordState::Reserved(r) => {
                         return Ok(ReserveOutcome::Reserved(
-                            state(a_spent, d_spent),
+                            acct.state(acct.a_spent, acct.d_spent),
                             r.expires_ms,
                         ))
                     }
@@ -422,25 +456,7 @@ impl Ledger {
                     RecordState::Returned => {}
                 }
             }
-            if a_spent.saturating_add(debit) > a_limit {
-                return abort(Refusal::AnalystBudget {
-                    dataset: dataset.to_string(),
-                    asked: epsilon,
-                    remaining: from_nano(a_limit.saturating_sub(a_spent)),
-                    limit: from_nano(a_limit),
-                });
-            }
-            if d_spent.saturating_add(debit) > d_limit {
-                return abort(Refusal::DatasetBudget {
-                    dataset: dataset.to_string(),
-                    asked: epsilon,
-                    remaining: from_nano(d_limit.saturating_sub(d_spent)),
-                    limit: limits.total,
-                });
-            }
-            let (a_new, d_new) = (a_spent + debit, d_spent + debit);
-            tx.insert(akey.as_bytes(), &a_new.to_be_bytes())?;
-            tx.insert(dkey.as_bytes(), &d_new.to_be_bytes())?;
+            let (a_new, d_new) = acct.debit(tx, dataset, epsilon, debit, limits)?;
             let reservation = Reservation {
                 dataset: dataset.to_string(),
                 sql: sql.to_string(),
@@ -470,7 +486,10 @@ impl Ledger {
                     expires_ms,
                 },
             )?;
-            Ok(ReserveOutcome::Reserved(state(a_new, d_new), expires_ms))
+            Ok(ReserveOutcome::Reserved(
+                acct.state(a_new, d_new),
+                expires_ms,
+            ))
         });
         match outcome {
             Ok(o) => {
