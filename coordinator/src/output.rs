@@ -336,38 +336,7 @@ pub fn render_budgets(
         "remaining (dataset)",
         "per-query max",
     ];
-    match format {
-        Format::Json => {
-            let v: Vec<serde_json::Value> = rows
-                .iter()
-                .map(|r| {
-                    serde_json::json!(header
-                        .iter()
-                        .zip(r.iter())
-                        .map(|(h, v)| (h.replace(' ', "_"), serde_json::Value::String(v.clone())))
-                        .collect::<serde_json::Map<_, _>>())
-                })
-                .collect();
-            Ok(serde_json::to_string_pretty(&v)? + "\n")
-        }
-        Format::Csv => {
-            let mut w = csv::Writer::from_writer(Vec::new());
-            w.write_record(header)?;
-            for r in &rows {
-                w.write_record(r)?;
-            }
-            Ok(String::from_utf8(w.into_inner()?)?)
-        }
-        Format::Table => {
-            let mut t = Table::new();
-            t.load_preset(UTF8_FULL_CONDENSED);
-            t.set_header(header);
-            for r in rows {
-                t.add_row(r.to_vec());
-            }
-            Ok(format!("{t}\n"))
-        }
-    }
+    render_rows(&header, &rows, format)
 }
 
 /// Renders a dry run: per node and combined, the cost, mechanism, scale and
@@ -553,6 +522,16 @@ pub fn render_nodes(
         "capabilities",
         "rtt_ms",
     ];
+    render_rows(&header, &rows, format)
+}
+
+/// Renders string rows under `header` as a table, CSV, or JSON objects whose
+/// keys are the header names with spaces as underscores.
+fn render_rows<const N: usize>(
+    header: &[&str; N],
+    rows: &[[String; N]],
+    format: Format,
+) -> anyhow::Result<String> {
     match format {
         Format::Json => {
             let v: Vec<serde_json::Value> = rows
@@ -562,7 +541,9 @@ pub fn render_nodes(
                         header
                             .iter()
                             .zip(r.iter())
-                            .map(|(h, v)| (h.to_string(), serde_json::Value::String(v.clone())))
+                            .map(|(h, v)| {
+                                (h.replace(' ', "_"), serde_json::Value::String(v.clone()))
+                            })
                             .collect(),
                     )
                 })
@@ -572,7 +553,7 @@ pub fn render_nodes(
         Format::Csv => {
             let mut w = csv::Writer::from_writer(Vec::new());
             w.write_record(header)?;
-            for r in &rows {
+            for r in rows {
                 w.write_record(r)?;
             }
             Ok(String::from_utf8(w.into_inner()?)?)
@@ -580,7 +561,7 @@ pub fn render_nodes(
         Format::Table => {
             let mut t = Table::new();
             t.load_preset(UTF8_FULL_CONDENSED);
-            t.set_header(header);
+            t.set_header(header.to_vec());
             for r in rows {
                 t.add_row(r.to_vec());
             }
