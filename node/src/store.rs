@@ -26,6 +26,10 @@ use crate::table::{encode_chunk, Table};
 /// different version rather than misreading it.
 pub const FORMAT_VERSION: u64 = 2;
 
+/// Bytes of sled page cache per open store (sled's default is 1 GiB; the
+/// query path scans the in-memory columns, so a small cache is enough).
+const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
 /// Rows per stored chunk: large enough that loading a million rows reads
 /// a handful of values (about 2 MB each for the CTDC schema), small enough
 /// that encoding one is cheap.
@@ -197,7 +201,7 @@ pub fn decode_u64(v: &[u8]) -> u64 {
 fn open_with_retry(dir: &Path) -> anyhow::Result<sled::Db> {
     let mut last = None;
     for _ in 0..50 {
-        match sled::Config::new().path(dir).open() {
+        match sled::Config::new().path(dir).cache_capacity(CACHE_BYTES).open() {
             Ok(db) => return Ok(db),
             Err(sled::Error::Io(e))
                 if e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("lock") =>

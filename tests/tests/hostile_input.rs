@@ -542,16 +542,31 @@ fn check_plan(p: &Plan, s: &Schema, max_cells: usize) -> Result<(), TestCaseErro
     Ok(())
 }
 
-/// Plans `sql` on a thread with the stack of a tokio blocking thread
-/// (2 MiB, where the node plans queries), so a stack overflow shows here
-/// as it would in the node.
-fn plan_on_node_stack(sql: String, max_cells: usize) -> Result<Plan, fedq_node::plan::PlanError> {
+/// Stack of a tokio blocking thread, where the node plans queries.
+const NODE_STACK: usize = 2 << 20;
+
+/// Plans `sql` on a fresh thread with `stack` bytes of stack.
+fn plan_on_stack(
+    sql: String,
+    max_cells: usize,
+    stack: usize,
+) -> Result<Plan, fedq_node::plan::PlanError> {
     std::thread::Builder::new()
-        .stack_size(2 << 20)
+        .stack_size(stack)
         .spawn(move || plan(&sql, &schema(), max_cells))
         .expect("spawn a planning thread")
         .join()
         .unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
+/// The GROUP BY columns of a query: any set of declared columns.
+fn group_columns() -> impl Strategy<Value = Vec<String>> {
+    let names: Vec<String> = synth::ctdc_columns()
+        .iter()
+        .filter(|c| c.kind != ColumnType::Integer)
+        .map(|c| c.name.clone())
+        .collect();
+    prop::sample::subsequence(names.clone(), 0..=names.len())
 }
 
 proptest! {
@@ -559,16 +574,80 @@ proptest! {
 
     /// Random, soupy, deep and mutated SQL: the planner answers a plan
     /// whose facts are consistent with the schema, or a non-empty error.
+    ///
+    /// Planned on a large stack: a debug build of `sqlparser` overflows the
+    /// node's 2 MiB on some inputs of a few hundred bytes (see
+    /// `sql_within_the_size_limit_fits_the_node_stack`); this property
+    /// looks for everything else.
     #[test]
     fn planner_never_panics_and_answers_a_valid_plan_or_an_error(
         sql in any_sql(),
         max_cells in prop_oneof![3 => Just(limits().max_cells), 1 => 0usize..200, 1 => Just(usize::MAX)],
     ) {
         let s = schema();
-        match plan_on_node_stack(sql.clone(), max_cells) {
+        match plan_on_stack(sql.clone(), max_cells, 64 << 20) {
             Ok(p) => check_plan(&p, &s, max_cells)?,
             Err(e) => prop_assert!(!e.0.trim().is_empty(), "empty error for {:?}", sql),
         }
+    }
+}
+
+proptest! {
+    #![proptest_config(config(256))]
+
+    /// The node releases one value per cell of the GROUP BY cross product,
+    /// each column with its declared domain plus a `(missing)` key
+    /// (`table::cell_count`), and `[limits] max_cells` is "the most cells
+    /// one query may release".
+    #[test]
+    #[ignore = "finds a bug: plan.rs checks max_cells against the product of the domain sizes without the (missing) key, so GROUP BY over 13 boolean columns (8,192 <= 10,000) releases 3^13 = 1,594,323 cells"]
+    fn released_cells_respect_max_cells(
+        groups in group_columns(),
+        max_cells in prop_oneof![Just(limits().max_cells), 1usize..5000],
+    ) {
+        let sql = if groups.is_empty() {
+            "SELECT COUNT(*) FROM cases".to_string()
+        } else {
+            format!("SELECT COUNT(*) FROM cases GROUP BY {}", groups.join(", "))
+        };
+        if let Ok(p) = plan(&sql, &schema(), max_cells) {
+            prop_assert!(
+                table::cell_count(&p) <= max_cells,
+                "{} releases {} cells, above max_cells = {}",
+                sql,
+                table::cell_count(&p),
+                max_cells
+            );
+        }
+    }
+}
+
+/// SQL within the node's default size limit (8 KiB) must not overflow the
+/// 2 MiB stack of the tokio blocking thread that plans it: an overflow
+/// aborts the whole node process, so any analyst could stop any node.
+///
+/// Both inputs below abort a debug build (`cargo test`'s nodes, which run
+/// in-process). The overflow is inside `sqlparser` 0.59 (parsing, and
+/// cloning, printing or dropping the AST): its recursion limit (50) bounds
+/// nested `NOT`s, but each level takes tens of KiB of stack in a debug
+/// build, and it does not bound left-deep operator chains at all, whose
+/// AST depth grows with the length of the SQL.
+#[test]
+#[ignore = "finds a bug: this test aborts the process with a stack overflow in debug builds (see its doc comment)"]
+fn sql_within_the_size_limit_fits_the_node_stack() {
+    let inputs = [
+        // 147 bytes: 24 nested NOTs.
+        format!(
+            "SELECT COUNT(*) FROM cases WHERE {}isForcedLabour = 1",
+            "NOT ".repeat(24)
+        ),
+        // 769 bytes: a left-deep chain of 375 additions.
+        format!("SELECT {}1 FROM cases", "1+".repeat(375)),
+    ];
+    for sql in inputs {
+        assert!(sql.len() <= limits().max_sql_bytes);
+        let result = plan_on_stack(sql, limits().max_cells, NODE_STACK);
+        assert!(result.is_err(), "not a valid query, so an error");
     }
 }
 
@@ -617,8 +696,21 @@ fn epsilon() -> impl Strategy<Value = f64> {
     ]
 }
 
+/// SQL for the end-to-end node: every generator but [`deep_sql`], which
+/// overflows the stack of the in-process debug-built node (see
+/// `sql_within_the_size_limit_fits_the_node_stack`).
+fn node_sql() -> impl Strategy<Value = String> {
+    prop_oneof![
+        1 => random_text(),
+        1 => random_bytes_text(),
+        3 => token_soup(),
+        4 => structured_sql(),
+        3 => mutated_sql(),
+    ]
+}
+
 fn query_request() -> impl Strategy<Value = QueryRequest> {
-    (query_id(), any_sql(), epsilon(), prop::bool::weighted(0.2)).prop_map(
+    (query_id(), node_sql(), epsilon(), prop::bool::weighted(0.2)).prop_map(
         |(query_id, sql, epsilon, dry_run)| QueryRequest {
             query_id,
             sql,
@@ -777,6 +869,62 @@ fn hostile_query_requests_get_an_answer_or_a_clear_status_and_spend_only_on_rele
         .into_inner();
     assert_eq!(r.measurements[0].values.len(), r.cells.len());
     drop(fed);
+}
+
+/// Every epsilon the node accepts gives an answer whose reported accuracy
+/// (noise variance, 95% half-width) is a finite number. The node fixes the
+/// scale with `mechanism::discrete_laplace_scale` and answers when it
+/// succeeds, so this checks the same functions on the same inputs.
+#[test]
+#[ignore = "finds a bug: an epsilon of 1e-300 is accepted (scale 1e300) and reported with noise_variance = inf; below about 2.2e-308 the 95% half-width is inf too"]
+fn accepted_epsilons_have_a_finite_accuracy() {
+    use fedq_node::mechanism::{
+        discrete_laplace_half_width, discrete_laplace_scale, discrete_laplace_variance, CI_ALPHA,
+    };
+    let mut runner = TestRunner::new(config(256));
+    let sensitivity = prop_oneof![Just(1i64), Just(120), 1i64..=(1 << 40)];
+    let outcome = runner.run(&(sensitivity, epsilon()), |(sensitivity, epsilon)| {
+        if let Ok(scale) = discrete_laplace_scale(sensitivity, epsilon) {
+            let variance = discrete_laplace_variance(scale);
+            let half = discrete_laplace_half_width(scale, CI_ALPHA);
+            prop_assert!(
+                variance.is_finite(),
+                "epsilon {epsilon}, sensitivity {sensitivity}: scale {scale}, variance {variance}"
+            );
+            prop_assert!(
+                matches!(half, Ok(h) if h.is_finite()),
+                "epsilon {epsilon}, sensitivity {sensitivity}: scale {scale}, half-width {half:?}"
+            );
+        }
+        Ok(())
+    });
+    if let Err(e) = outcome {
+        panic!("{e}");
+    }
+}
+
+/// The coordinator combines the noise of several nodes from the scales
+/// they report; it must not panic on any scale a node can report.
+#[test]
+#[ignore = "finds a bug: fedq::combine::sum_half_width(&[1e300, 1e300], 0.05) overflows i64 (a panic in debug builds)"]
+fn coordinator_combines_every_scale_a_node_reports() {
+    use fedq_node::mechanism::discrete_laplace_scale;
+    let mut runner = TestRunner::new(config(128));
+    let outcome = runner.run(
+        &(prop::collection::vec(epsilon(), 2..4), Just(1i64)),
+        |(epsilons, sensitivity)| {
+            let scales: Vec<f64> = epsilons
+                .iter()
+                .filter_map(|&e| discrete_laplace_scale(sensitivity, e).ok())
+                .collect();
+            let w = std::panic::catch_unwind(|| fedq::combine::sum_half_width(&scales, 0.05));
+            prop_assert!(w.is_ok(), "sum_half_width panicked on scales {:?}", scales);
+            Ok(())
+        },
+    );
+    if let Err(e) = outcome {
+        panic!("{e}");
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1061,10 +1209,3 @@ proptest! {
     }
 }
 
-#[test]
-#[ignore]
-fn probe_tmp() {
-    let sql = std::fs::read_to_string("/tmp/probe.sql").unwrap();
-    let r = plan_on_node_stack(sql, 10000);
-    println!("RESULT {:?}", r.map(|_| ()));
-}

@@ -21,7 +21,9 @@
 //!   each over its own connection, mixing the three benchmark queries.
 //!
 //! Every query is a real release: it durably debits `--epsilon` from the
-//! analyst's budget on every node. Give the analyst enough budget.
+//! analyst's budget on every node. Give the analyst enough budget, and (for
+//! `run`) per-analyst `queries_per_minute` and `concurrent_queries` limits
+//! that admit the load; `local` and `prepare` set them so.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -212,6 +214,10 @@ fn prepare(
             std::fs::File::create(&csv)?,
         )?;
         let mut config = fedq_tests::node_config(&ca, &node_dir, &name, budget);
+        // One analyst sends every query here: lift the per-analyst rate and
+        // concurrency limits, which would otherwise refuse the load itself.
+        config.limits.queries_per_minute = 10_000_000;
+        config.limits.concurrent_queries = 1024;
         if let Some(p) = base_port {
             config.node.listen = format!("127.0.0.1:{}", p + i as u16).parse()?;
         }
