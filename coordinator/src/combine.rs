@@ -330,6 +330,16 @@ pub fn sum_half_width(scales: &[f64], alpha: f64) -> f64 {
                 .map(|&s| fedq_node::mechanism::discrete_laplace_variance(s))
                 .sum::<f64>()
                 .sqrt();
+            if !sd.is_finite() || scales.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+                return f64::INFINITY;
+            }
+            if sd > 1e12 {
+                // Far beyond integer grids: the noise is Laplace to any
+                // useful precision, and its quantiles scale with it.
+                let c = sd / 1e6;
+                let scaled: Vec<f64> = scales.iter().map(|s| s / c).collect();
+                return c * sum_half_width(&scaled, alpha);
+            }
             let h = (sd / 100.0).floor().max(1.0) as i64;
             let mut dropped = 0.0;
             let mut dist: Vec<f64> = vec![1.0];

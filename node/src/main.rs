@@ -477,7 +477,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { config } => {
             let cfg = NodeConfig::load(&config)?;
-            let rt = tokio::runtime::Runtime::new()?;
+            // Extra stack headroom on top of the planner's own nesting and
+            // operator limits.
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_stack_size(8 << 20)
+                .build()?;
             rt.block_on(fedq_node::server::serve_until(cfg, shutdown_signal()))
         }
         Command::Ingest {

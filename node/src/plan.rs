@@ -210,12 +210,12 @@ pub fn plan(sql: &str, schema: &Schema, max_cells: usize) -> Result<Plan, PlanEr
             if !modifiers.is_empty() {
                 return err("GROUP BY modifiers (ROLLUP, CUBE, ...) are not supported");
             }
-            exprs.clone()
+            exprs.as_slice()
         }
         GroupByExpr::All(_) => return err("GROUP BY ALL is not supported; list the columns"),
     };
     let mut group_by = Vec::new();
-    for e in &group_exprs {
+    for e in group_exprs {
         let name = column_name(e).ok_or_else(|| {
             PlanError(format!(
                 "GROUP BY {e}: only plain column names can be grouped by"
@@ -238,11 +238,11 @@ pub fn plan(sql: &str, schema: &Schema, max_cells: usize) -> Result<Plan, PlanEr
         .collect();
     let cells = group_sizes
         .iter()
-        .try_fold(1usize, |acc, &n| acc.checked_mul(n))
+        .try_fold(1usize, |acc, &n| acc.checked_mul(n + 1))
         .unwrap_or(usize::MAX);
     if cells > max_cells {
         return err(format!(
-            "GROUP BY would release {cells} cells (the product of the declared domain sizes), more than this node's limit of {max_cells}; group by fewer or smaller columns"
+            "GROUP BY would release {cells} cells (the product of the declared domain sizes, each plus a (missing) key), more than this node's limit of {max_cells}; group by fewer or smaller columns"
         ));
     }
 
@@ -389,12 +389,48 @@ fn nesting_depth(root: &Expr) -> usize {
     deepest
 }
 
+/// Most operators (comparisons, arithmetic, AND/OR/NOT) and parentheses one
+/// query may hold. Counted on tokens before parsing, so that no query can
+/// make the parser or anything walking its tree recurse deeply enough to
+/// exhaust a thread's stack, whatever its shape (`1+1+...`, `NOT NOT ...`).
+pub const MAX_OPERATORS: usize = 256;
+
+/// Deepest nesting (parentheses, NOT, subexpressions) the parser follows;
+/// sqlparser's own default (50) can exhaust a 2 MiB stack in debug builds.
+pub const MAX_NESTING: usize = 16;
+
 fn parse_select(sql: &str) -> Result<Box<sqlparser::ast::Select>, PlanError> {
-    let statements = Parser::parse_sql(&GenericDialect {}, sql)
+    use sqlparser::tokenizer::{Token, Tokenizer};
+    let dialect = GenericDialect {};
+    let tokens = Tokenizer::new(&dialect, sql)
+        .tokenize()
         .map_err(|e| PlanError(format!("SQL syntax error: {e}")))?;
-    let statement = match statements.as_slice() {
-        [s] => s.clone(),
-        [] => return err("the query is empty; expected SELECT ... FROM dataset"),
+    let operators = tokens
+        .iter()
+        .filter(|t| match t {
+            Token::Word(w) => matches!(w.value.to_ascii_uppercase().as_str(), "AND" | "OR" | "NOT"),
+            Token::Whitespace(_)
+            | Token::Comma
+            | Token::Number(..)
+            | Token::SingleQuotedString(_)
+            | Token::EOF => false,
+            Token::Mul | Token::Period | Token::SemiColon => false,
+            _ => true,
+        })
+        .count();
+    if operators > MAX_OPERATORS {
+        return err(format!(
+            "the query has {operators} operators and parentheses, more than {MAX_OPERATORS}; use col IN (...) for long lists of alternatives"
+        ));
+    }
+    let mut statements = Parser::new(&dialect)
+        .with_recursion_limit(MAX_NESTING)
+        .try_with_sql(sql)
+        .and_then(|mut p| p.parse_statements())
+        .map_err(|e| PlanError(format!("SQL syntax error: {e}")))?;
+    let statement = match statements.len() {
+        1 => statements.remove(0),
+        0 => return err("the query is empty; expected SELECT ... FROM dataset"),
         _ => return err("send one SELECT statement per query"),
     };
     let Statement::Query(query) = statement else {

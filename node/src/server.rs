@@ -118,7 +118,10 @@ async fn serve_on(
         .context("invalid TLS configuration")?
         .add_service(health_service)
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await;
     // The sweeper holds the store open: stop it before reporting "stopped".
     sweeper.abort();

@@ -48,6 +48,10 @@ pub const CAPABILITIES: &[&str] = &[
     "two_phase",
 ];
 
+/// Smallest epsilon a query may ask for: below it an answer is pure noise
+/// (and the noise of a sum could overflow the accuracy computations).
+pub const MIN_EPSILON: f64 = 1e-6;
+
 /// Longest accepted query id.
 const MAX_QUERY_ID: usize = 128;
 
@@ -353,6 +357,11 @@ fn validate_request(q: &QueryRequest, max_sql: usize) -> Result<(), Status> {
     if e.is_infinite() {
         return Err(Status::invalid_argument("epsilon is infinite, which would release exact values; give a positive finite number such as 0.5"));
     }
+    if e > 0.0 && e < MIN_EPSILON {
+        return Err(Status::invalid_argument(format!(
+            "epsilon {e} is below this node's minimum of {MIN_EPSILON}: the answer would be pure noise; ask for more"
+        )));
+    }
     if e <= 0.0 {
         return Err(Status::invalid_argument(format!(
             "epsilon must be greater than 0 (got {e}); give a positive number such as 0.5"
@@ -377,6 +386,13 @@ fn describe_release(
             .map_err(Status::invalid_argument)?;
         let ci =
             mechanism::discrete_laplace_half_width(scale, mechanism::CI_ALPHA).map_err(internal)?;
+        if !(ci.is_finite() && mechanism::discrete_laplace_variance(scale).is_finite()) {
+            return Err(Status::invalid_argument(format!(
+                "epsilon {} is so small that the noise of {} would be unbounded; ask for a larger epsilon",
+                q.epsilon,
+                spec.label(&ds.schema)
+            )));
+        }
         measurements.push(Measurement {
             label: spec.label(&ds.schema),
             mechanism: mechanism::DISCRETE_LAPLACE.into(),

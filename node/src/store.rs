@@ -201,7 +201,11 @@ pub fn decode_u64(v: &[u8]) -> u64 {
 fn open_with_retry(dir: &Path) -> anyhow::Result<sled::Db> {
     let mut last = None;
     for _ in 0..50 {
-        match sled::Config::new().path(dir).cache_capacity(CACHE_BYTES).open() {
+        match sled::Config::new()
+            .path(dir)
+            .cache_capacity(CACHE_BYTES)
+            .open()
+        {
             Ok(db) => return Ok(db),
             Err(sled::Error::Io(e))
                 if e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("lock") =>

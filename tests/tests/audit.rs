@@ -188,10 +188,27 @@ async fn a_node_restored_to_an_older_log_is_caught_by_the_heads_seen() {
     let ok = check("node-0", &text, &key, known);
     assert!(ok.consistent, "{}", ok.detail);
     // The operator restores the old store: the spent budget and the log
-    // entries after the backup vanish.
+    // entries after the backup vanish. The node itself refuses to serve it
+    // (its high-water mark is beyond the restored log).
     fed.stop_node(0).await;
     std::fs::remove_dir_all(&store).unwrap();
     copy_dir(&backup, &store);
+    let refused = fedq_node::server::start(fed.nodes[0].config.clone())
+        .await
+        .unwrap()
+        .stop()
+        .await;
+    let why = format!(
+        "{:#}",
+        refused.expect_err("a rolled-back store must not be served")
+    );
+    assert!(
+        why.contains("rolled back") && why.contains("high-water"),
+        "{why}"
+    );
+    // An operator who also deletes the mark gets the node to serve the old
+    // store; the heads the coordinator saw still catch it.
+    std::fs::remove_file(fedq_node::backup::high_water_path(&fed.nodes[0].config)).unwrap();
     fed.start_node(0).await;
     let (text, _, key) = pull(&fed, 0).await;
     verify(&text, &parse_public_key(&key).unwrap(), 0, None)

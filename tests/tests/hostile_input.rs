@@ -10,10 +10,10 @@
 //! Seeds are random on each run (proptest's default); a failure prints the
 //! shrunk input. `PROPTEST_CASES` overrides the case counts.
 //!
-//! Properties that found a bug in the product stay here, `#[ignore]`d with
-//! the bug in the reason, so they are visible in every run and can be run
-//! with `cargo test -p fedq-tests --test hostile_input -- --ignored` once
-//! the bug is fixed (then drop the `#[ignore]`).
+//! Four properties here first found real bugs (a stack overflow from an
+//! 8 KiB query, GROUP BY cells undercounted against `max_cells`, epsilons
+//! so small that the accuracy became infinite, and the coordinator
+//! overflowing on such scales); they now guard the fixes.
 
 use std::cell::{Cell, RefCell};
 use std::time::Duration;
@@ -607,8 +607,7 @@ proptest! {
     /// (`table::cell_count`), and `[limits] max_cells` is "the most cells
     /// one query may release".
     #[test]
-    #[ignore = "finds a bug: plan.rs checks max_cells against the product of the domain sizes without the (missing) key, so GROUP BY over 13 boolean columns (8,192 <= 10,000) releases 3^13 = 1,594,323 cells"]
-    fn released_cells_respect_max_cells(
+        fn released_cells_respect_max_cells(
         groups in group_columns(),
         max_cells in prop_oneof![Just(limits().max_cells), 1usize..5000],
     ) {
@@ -643,7 +642,6 @@ proptest! {
 /// In a debug build (`cargo test`'s in-process nodes) parsing itself
 /// overflows from 24 nested `NOT`s (147 bytes) or a 375-term chain.
 #[test]
-#[ignore = "finds a bug: this test aborts the process with a stack overflow (see its doc comment)"]
 fn sql_within_the_size_limit_fits_the_node_stack() {
     let inputs = [
         // Release builds: 3,871 bytes, a left-deep chain of 1,926 additions.
@@ -925,7 +923,6 @@ fn hostile_query_requests_get_an_answer_or_a_clear_status_and_spend_only_on_rele
 /// scale with `mechanism::discrete_laplace_scale` and answers when it
 /// succeeds, so this checks the same functions on the same inputs.
 #[test]
-#[ignore = "finds a bug: an epsilon of 1e-300 is accepted (scale 1e300) and reported with noise_variance = inf; below about 2.2e-308 the 95% half-width is inf too"]
 fn accepted_epsilons_have_a_finite_accuracy() {
     use fedq_node::mechanism::{
         discrete_laplace_half_width, discrete_laplace_scale, discrete_laplace_variance, CI_ALPHA,
@@ -933,8 +930,9 @@ fn accepted_epsilons_have_a_finite_accuracy() {
     let mut runner = TestRunner::new(config(256));
     let sensitivity = prop_oneof![Just(1i64), Just(120), 1i64..=(1 << 40)];
     let outcome = runner.run(&(sensitivity, epsilon()), |(sensitivity, epsilon)| {
-        // The node refuses epsilons above the per-query maximum first.
-        if epsilon > roomy_budget().per_query_max {
+        // The node refuses epsilons above the per-query maximum, and below
+        // its minimum, before it computes any scale.
+        if epsilon > roomy_budget().per_query_max || epsilon < fedq_node::service::MIN_EPSILON {
             return Ok(());
         }
         if let Ok(scale) = discrete_laplace_scale(sensitivity, epsilon) {
@@ -959,7 +957,6 @@ fn accepted_epsilons_have_a_finite_accuracy() {
 /// The coordinator combines the noise of several nodes from the scales
 /// they report; it must not panic on any scale a node can report.
 #[test]
-#[ignore = "finds a bug: fedq::combine::sum_half_width(&[1e300, 1e300], 0.05) overflows i64 (a panic in debug builds)"]
 fn coordinator_combines_every_scale_a_node_reports() {
     use fedq_node::mechanism::discrete_laplace_scale;
     let mut runner = TestRunner::new(config(128));
