@@ -307,6 +307,26 @@ impl Ledger {
         }
     }
 
+    /// Turns a ledger transaction's outcome into the caller's result,
+    /// flushing first when it wrote something (so a debit or reservation is
+    /// durable before anyone acts on it).
+    fn settle<T>(
+        &self,
+        outcome: Result<T, TransactionError<Refusal>>,
+        flush: bool,
+    ) -> anyhow::Result<Result<T, Refusal>> {
+        match outcome {
+            Ok(o) => {
+                if flush {
+                    self.store.flush()?;
+                }
+                Ok(Ok(o))
+            }
+            Err(TransactionError::Abort(refusal)) => Ok(Err(refusal)),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
+    }
+
     /// Checks limits and durably debits `epsilon`, or recognises a retry of
     /// `query_id`. Nothing is written when refused.
     pub fn admit(
@@ -362,17 +382,9 @@ impl Ledger {
             )?;
             Ok(Admission::Debited(acct.state(a_new, d_new)))
         });
-        match outcome {
-            Ok(admission) => {
-                if !matches!(admission, Admission::Replay(_)) {
-                    // Durable before any release is computed.
-                    self.store.flush()?;
-                }
-                Ok(Ok(admission))
-            }
-            Err(TransactionError::Abort(refusal)) => Ok(Err(refusal)),
-            Err(TransactionError::Storage(e)) => Err(e.into()),
-        }
+        // Durable before any release is computed (a replay wrote nothing).
+        let wrote = !matches!(outcome, Ok(Admission::Replay(_)));
+        self.settle(outcome, wrote)
     }
 
     /// Stores the released response under its query id (for replays) and
@@ -491,14 +503,7 @@ impl Ledger {
                 expires_ms,
             ))
         });
-        match outcome {
-            Ok(o) => {
-                self.store.flush()?;
-                Ok(Ok(o))
-            }
-            Err(TransactionError::Abort(refusal)) => Ok(Err(refusal)),
-            Err(TransactionError::Storage(e)) => Err(e.into()),
-        }
+        self.settle(outcome, true)
     }
 
     /// Turns a live reservation into a pending release (the caller then
@@ -542,14 +547,7 @@ impl Ledger {
                 }
             }
         });
-        match outcome {
-            Ok(o) => {
-                self.store.flush()?;
-                Ok(Ok(o))
-            }
-            Err(TransactionError::Abort(refusal)) => Ok(Err(refusal)),
-            Err(TransactionError::Storage(e)) => Err(e.into()),
-        }
+        self.settle(outcome, true)
     }
 
     /// Returns a reservation's budget (cancelled or expired), logged in the
