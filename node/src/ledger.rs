@@ -291,6 +291,23 @@ impl Account {
     }
 }
 
+/// The state recorded under `qkey`, if any; a record of a different query
+/// (or an unreadable one) under the same id is refused.
+fn same_query(
+    tx: &sled::transaction::TransactionalTree,
+    qkey: &str,
+    query_id: &str,
+    digest: [u8; 32],
+) -> Result<Option<RecordState>, ConflictableTransactionError<Refusal>> {
+    let Some(existing) = tx.get(qkey)? else {
+        return Ok(None);
+    };
+    match QueryRecord::decode(&existing) {
+        Some(rec) if rec.digest == digest => Ok(Some(rec.state)),
+        _ => abort(Refusal::IdReused(query_id.to_string())),
+    }
+}
+
 /// Aborts a ledger transaction with a refusal.
 fn abort<T>(r: Refusal) -> Result<T, ConflictableTransactionError<Refusal>> {
     Err(ConflictableTransactionError::Abort(r))
@@ -343,14 +360,8 @@ impl Ledger {
         let debit = to_nano_ceil(epsilon);
         let outcome = (&self.tree, &self.audit.tree).transaction(|(tx, atx)| {
             let acct = Account::read(tx, dataset, analyst, limits)?;
-            if let Some(existing) = tx.get(&qkey)? {
-                let Some(rec) = QueryRecord::decode(&existing) else {
-                    return abort(Refusal::IdReused(query_id.to_string()));
-                };
-                if rec.digest != digest {
-                    return abort(Refusal::IdReused(query_id.to_string()));
-                }
-                match rec.state {
+            if let Some(state) = same_query(tx, &qkey, query_id, digest)? {
+                match state {
                     RecordState::Released(r) => return Ok(Admission::Replay(r)),
                     RecordState::Pending(_) => {
                         return Ok(Admission::Resume(acct.state(acct.a_spent, acct.d_spent)))
@@ -448,14 +459,8 @@ impl Ledger {
         let debit = to_nano_ceil(epsilon);
         let outcome = (&self.tree, &self.audit.tree).transaction(|(tx, atx)| {
             let acct = Account::read(tx, dataset, analyst, limits)?;
-            if let Some(existing) = tx.get(&qkey)? {
-                let Some(rec) = QueryRecord::decode(&existing) else {
-                    return abort(Refusal::IdReused(query_id.to_string()));
-                };
-                if rec.digest != digest {
-                    return abort(Refusal::IdReused(query_id.to_string()));
-                }
-                match rec.state {
+            if let Some(state) = same_query(tx, &qkey, query_id, digest)? {
+                match state {
                     RecordState::Reserved(r) => {
                         return Ok(ReserveOutcome::Reserved(
                             acct.state(acct.a_spent, acct.d_spent),
