@@ -92,10 +92,33 @@ pub struct Combined {
 }
 
 /// One node's contribution to one cell of one measurement.
-#[derive(Clone, Copy)]
-struct Part {
-    value: i64,
-    scale: f64,
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Part {
+    pub(crate) value: i64,
+    pub(crate) scale: f64,
+}
+
+/// Every node's contributions to one output in one cell.
+#[derive(Debug, Default)]
+pub(crate) struct Parts {
+    /// The count (COUNT) or sum (SUM, AVG, VARIANCE, STDDEV).
+    pub(crate) main: Vec<Part>,
+    /// AVG, VARIANCE, STDDEV: the count of non-missing values.
+    pub(crate) count: Vec<Part>,
+    /// VARIANCE, STDDEV: the centred sum of squares.
+    pub(crate) squares: Vec<Part>,
+    /// QUANTILE, HISTOGRAM: each node's bin counts for the cell and scale.
+    pub(crate) bins: Vec<(Vec<i64>, f64)>,
+    /// QUANTILE, HISTOGRAM: the bins' edges.
+    pub(crate) edges: Vec<i64>,
+}
+
+/// What an output asks for, from the first answering node.
+pub(crate) struct OutputSpec {
+    pub(crate) kind: OutputKind,
+    pub(crate) bounds: Option<(i64, i64)>,
+    pub(crate) quantile: f64,
+    pub(crate) center: i64,
 }
 
 /// Combines per-node outcomes of one query.
@@ -156,9 +179,9 @@ pub fn combine(
         .unwrap_or_default();
     let dry_run = first.is_some_and(|r| r.dry_run);
 
-    // key -> (output index -> per-node parts of the main measurement and,
-    // for AVG, of the count), plus contributing nodes.
-    type Cell = (Vec<(Vec<Part>, Vec<Part>)>, Vec<String>);
+    // key -> (output index -> per-node parts of its measurements), plus
+    // contributing nodes.
+    type Cell = (Vec<Parts>, Vec<String>);
     let mut order: Vec<Vec<String>> = Vec::new();
     let mut cells: BTreeMap<Vec<String>, Cell> = BTreeMap::new();
     for r in &answered {
@@ -166,9 +189,7 @@ pub fn combine(
             let entry = cells.entry(key.values.clone()).or_insert_with(|| {
                 order.push(key.values.clone());
                 (
-                    (0..outputs.len())
-                        .map(|_| (Vec::new(), Vec::new()))
-                        .collect(),
+                    (0..outputs.len()).map(|_| Parts::default()).collect(),
                     Vec::new(),
                 )
             });
@@ -182,53 +203,98 @@ pub fn combine(
                         })
                     })
                 };
-                if let Some(p) = part(out.measurement) {
-                    entry.0[oi].0.push(p);
+                let parts = &mut entry.0[oi];
+                if let Some(m) = r.measurements.get(out.measurement as usize) {
+                    if m.bins > 1 || !m.bin_edges.is_empty() {
+                        let k = m.bins.max(1) as usize;
+                        if let Some(values) = m.values.get(ci * k..(ci + 1) * k) {
+                            parts.bins.push((values.to_vec(), m.scale));
+                            parts.edges = m.bin_edges.clone();
+                        }
+                    } else if let Some(p) = part(out.measurement) {
+                        parts.main.push(p);
+                    }
                 }
                 if let Some(p) = out.count_measurement.and_then(part) {
-                    entry.0[oi].1.push(p);
+                    parts.count.push(p);
+                }
+                if let Some(p) = out.square_measurement.and_then(part) {
+                    parts.squares.push(p);
                 }
             }
         }
     }
-    let kinds: Vec<(OutputKind, Option<(i64, i64)>)> = first
+    let kinds: Vec<OutputSpec> = first
         .map(|r| {
             r.outputs
                 .iter()
-                .map(|o| {
-                    let bounds = o.lower.zip(o.upper);
-                    (
-                        OutputKind::try_from(o.kind).unwrap_or(OutputKind::Unspecified),
-                        bounds,
-                    )
+                .map(|o| OutputSpec {
+                    kind: OutputKind::try_from(o.kind).unwrap_or(OutputKind::Unspecified),
+                    bounds: o.lower.zip(o.upper),
+                    quantile: o.quantile,
+                    center: o.center,
                 })
                 .collect()
         })
         .unwrap_or_default();
-    let rows = order
-        .into_iter()
-        .map(|key| {
-            let (parts, contributors) = cells.remove(&key).unwrap_or_default();
-            let estimates = parts
-                .iter()
-                .zip(&kinds)
-                .map(|((main, count), (kind, bounds))| {
-                    if dry_run || main.is_empty() {
-                        return None;
-                    }
-                    match kind {
-                        OutputKind::Avg => average(main, count, *bounds),
-                        _ => Some(total(main, ALPHA)),
-                    }
-                })
-                .collect();
-            Row {
-                key,
-                estimates,
-                nodes: contributors,
+    let mut group_by = group_by;
+    let histogram = kinds.len() == 1 && kinds[0].kind == OutputKind::Histogram;
+    let mut rows = Vec::new();
+    for key in order {
+        let (parts, contributors) = cells.remove(&key).unwrap_or_default();
+        if histogram {
+            // One row per bin: the bin is one more key column.
+            let p = &parts[0];
+            for b in 0..p.edges.len().saturating_sub(1) {
+                let mut k = key.clone();
+                k.push(format!("{}..{}", p.edges[b], p.edges[b + 1] - 1));
+                let bin: Vec<Part> = p
+                    .bins
+                    .iter()
+                    .filter_map(|(v, scale)| {
+                        v.get(b).map(|&value| Part {
+                            value,
+                            scale: *scale,
+                        })
+                    })
+                    .collect();
+                rows.push(Row {
+                    key: k,
+                    estimates: vec![(!dry_run && !bin.is_empty()).then(|| total(&bin, ALPHA))],
+                    nodes: contributors.clone(),
+                });
             }
-        })
-        .collect();
+            continue;
+        }
+        let estimates = parts
+            .iter()
+            .zip(&kinds)
+            .map(|(p, spec)| {
+                if dry_run || (p.main.is_empty() && p.bins.is_empty()) {
+                    return None;
+                }
+                match spec.kind {
+                    OutputKind::Avg => average(&p.main, &p.count, spec.bounds),
+                    OutputKind::Quantile => crate::distribution::quantile(p, spec),
+                    OutputKind::Variance | OutputKind::Stddev => {
+                        crate::distribution::variance(p, spec)
+                    }
+                    _ => Some(total(&p.main, ALPHA)),
+                }
+            })
+            .collect();
+        rows.push(Row {
+            key,
+            estimates,
+            nodes: contributors,
+        });
+    }
+    if histogram {
+        if let Some(r) = answered.first() {
+            let column = r.outputs[0].label.clone();
+            group_by.push(format!("{column} bin"));
+        }
+    }
     Combined {
         sql: sql.to_string(),
         query_id: query_id.to_string(),
@@ -244,7 +310,7 @@ pub fn combine(
 }
 
 /// Sum of the parts with the interval of the summed noise.
-fn total(parts: &[Part], alpha: f64) -> Estimate {
+pub(crate) fn total(parts: &[Part], alpha: f64) -> Estimate {
     let value: i64 = parts
         .iter()
         .map(|p| p.value)

@@ -12,7 +12,6 @@ use std::time::Duration;
 use anyhow::{anyhow, Context};
 use fedq_node::config::{BudgetLimits, DatasetConfig, Limits, NodeConfig, NodeSection, TlsSection};
 use fedq_node::pki::{Authority, Role};
-use fedq_node::schema::Schema;
 use fedq_node::synth::{self, Partner};
 use fedq_proto::v1::QueryRequest;
 
@@ -97,6 +96,7 @@ pub fn build_federation(dir: &Path, out: &mut impl std::io::Write) -> anyhow::Re
                     per_query_max: 2.0,
                 },
                 columns: synth::ctdc_columns(),
+                privacy_unit: None,
             }],
             base_dir: node_dir.clone(),
         };
@@ -104,7 +104,7 @@ pub fn build_federation(dir: &Path, out: &mut impl std::io::Write) -> anyhow::Re
         std::fs::write(&path, toml::to_string_pretty(&config)?)?;
         let config = NodeConfig::load(&path)?;
         let ds = &config.datasets[0];
-        let schema = Schema::from_specs(&ds.name, &ds.columns).map_err(anyhow::Error::msg)?;
+        let schema = ds.schema().map_err(anyhow::Error::msg)?;
         {
             let store = fedq_node::store::Store::open(&config.resolve(&config.node.store))?;
             let r = fedq_node::ingest::ingest_csv(&store, "cases", &schema, &csv_path, false)?;

@@ -17,6 +17,7 @@ pub mod audit;
 pub mod client;
 pub mod combine;
 pub mod demo;
+mod distribution;
 pub mod federation;
 pub mod output;
 pub mod run;

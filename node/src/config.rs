@@ -179,6 +179,48 @@ pub struct DatasetConfig {
     pub budget: BudgetLimits,
     /// Declared columns.
     pub columns: Vec<ColumnSpec>,
+    /// `[datasets.privacy_unit]`: protect persons rather than records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy_unit: Option<PrivacyUnitConfig>,
+}
+
+/// `[datasets.privacy_unit]`: the dataset's records may repeat a person.
+/// Every record must carry the person's identifier in `person_column` (a
+/// CSV header not among the declared columns, never queryable); at most
+/// `max_records` records per person count in any aggregate (the rest are
+/// dropped deterministically before aggregation) and every sensitivity is
+/// multiplied by `max_records`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyUnitConfig {
+    /// Header of the column identifying the person.
+    pub person_column: String,
+    /// Records counted per person.
+    pub max_records: u32,
+}
+
+impl DatasetConfig {
+    /// The validated schema, with the person-level privacy unit if declared.
+    pub fn schema(&self) -> Result<Schema, String> {
+        let schema = Schema::from_specs(&self.name, &self.columns)?;
+        match &self.privacy_unit {
+            None => Ok(schema),
+            Some(u) => schema
+                .with_person_unit(&u.person_column, u.max_records)
+                .map_err(|e| format!("dataset {:?}: {e}", self.name)),
+        }
+    }
+
+    /// The unit of privacy in words, as `Describe` reports it.
+    pub fn privacy_unit_text(&self) -> String {
+        match &self.privacy_unit {
+            None => "record".to_string(),
+            Some(u) => format!(
+                "person (identified by {}, at most {} records per person)",
+                u.person_column, u.max_records
+            ),
+        }
+    }
 }
 
 /// `[datasets.budget]`: epsilon limits (pure DP, basic composition).
@@ -252,7 +294,7 @@ impl NodeConfig {
                     ));
                 }
             }
-            Schema::from_specs(&d.name, &d.columns)?;
+            d.schema()?;
         }
         if self.limits.max_sql_bytes == 0
             || self.limits.max_request_bytes < 1024

@@ -140,6 +140,8 @@ enum Encoder {
         max: i64,
     },
     Boolean,
+    /// Always [`Column::encode`] (person identifiers are hashed).
+    Slow,
 }
 
 impl Encoder {
@@ -157,12 +159,16 @@ impl Encoder {
                 max: *max,
             },
             Column::Boolean { .. } => Encoder::Boolean,
+            Column::PersonId { .. } => Encoder::Slow,
         }
     }
 
     /// The code of `cell`, or `None` to take the slow path.
     #[inline]
     fn encode(&self, cell: &str) -> Option<i64> {
+        if let Encoder::Slow = self {
+            return None;
+        }
         if cell.is_empty() || cell == "-99" {
             return Some(MISSING);
         }
@@ -192,6 +198,7 @@ impl Encoder {
                 "1" => Some(1),
                 _ => None,
             },
+            Encoder::Slow => None,
         }
     }
 }

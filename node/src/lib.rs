@@ -27,6 +27,7 @@ pub mod audit;
 pub mod audit_report;
 pub mod backup;
 pub mod config;
+pub mod distribution;
 pub mod ingest;
 pub mod ledger;
 pub mod mechanism;

@@ -8,7 +8,6 @@ use anyhow::{anyhow, Context};
 use clap::{Parser, Subcommand};
 use fedq_node::audit::{self, Entry};
 use fedq_node::config::NodeConfig;
-use fedq_node::schema::Schema;
 use fedq_node::synth::{self, Partner};
 
 /// A partner's node in a fedq federation: holds your case records, answers
@@ -503,7 +502,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         .join(", ")
                 )
             })?;
-            let schema = Schema::from_specs(&ds.name, &ds.columns).map_err(anyhow::Error::msg)?;
+            let schema = ds.schema().map_err(anyhow::Error::msg)?;
             let store = fedq_node::store::Store::open(&cfg.resolve(&cfg.node.store))?;
             let r =
                 fedq_node::ingest::ingest_csv(&store, &dataset, &schema, &csv, allow_duplicate)?;

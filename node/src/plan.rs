@@ -16,7 +16,7 @@ use sqlparser::ast::{
 use sqlparser::dialect::GenericDialect;
 use sqlparser::parser::Parser;
 
-use crate::schema::{parse_bool, Column, Schema};
+use crate::schema::{parse_bool, Column, Schema, MAX_BINS};
 
 /// A query that failed validation, with a message meant for the analyst.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -36,10 +36,20 @@ pub enum OutputKind {
     Sum,
     /// `AVG(col)`: a noisy sum divided by a noisy count of non-missing values.
     Avg,
+    /// `QUANTILE(col, q)` / `MEDIAN(col)`: read off the noisy histogram over
+    /// the column's declared bins (a noisy CDF).
+    Quantile,
+    /// `HISTOGRAM(col, k)`: noisy counts of `k` equal-width bins.
+    Histogram,
+    /// `VARIANCE(col)`: sample variance from a noisy count, sum and centred
+    /// sum of squares.
+    Variance,
+    /// `STDDEV(col)`: the square root of [`OutputKind::Variance`].
+    Stddev,
 }
 
 /// One aggregate of the SELECT list, mapped to the measurements it needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Output {
     /// As the analyst wrote it (normalised), e.g. `AVG(traffickMonths)`.
     pub label: String,
@@ -49,8 +59,14 @@ pub struct Output {
     pub measurement: usize,
     /// AVG only: the count of non-missing values.
     pub count_measurement: Option<usize>,
-    /// SUM and AVG: the declared bounds values are clamped to.
+    /// SUM, AVG, QUANTILE, HISTOGRAM, VARIANCE, STDDEV: the declared
+    /// bounds values are clamped to.
     pub bounds: Option<(i64, i64)>,
+    /// QUANTILE: which quantile, in `[0, 1]`.
+    pub quantile: Option<f64>,
+    /// VARIANCE and STDDEV: the centred sum of squares measurement and its
+    /// centre.
+    pub squares: Option<(usize, i64)>,
 }
 
 /// One vector of values released with noise: one value per cell.
@@ -72,19 +88,65 @@ pub enum MeasurementSpec {
         /// Declared upper bound.
         max: i64,
     },
+    /// Per cell, the number of non-missing values in each of `bins`
+    /// equal-width bins over `[min, max]` (see [`crate::distribution`]):
+    /// `bins` values per cell, cell-major.
+    Histogram {
+        /// Column index.
+        column: usize,
+        /// Declared lower bound.
+        min: i64,
+        /// Declared upper bound.
+        max: i64,
+        /// Number of bins.
+        bins: u64,
+    },
+    /// Sum of `(x - center)^2` over non-missing values, `x` clamped to
+    /// `[min, max]`; `center` is the middle of the bounds, which makes the
+    /// sensitivity a quarter of that of the raw squares.
+    SumSquares {
+        /// Column index.
+        column: usize,
+        /// Centre the squares are taken around.
+        center: i64,
+        /// Declared lower bound.
+        min: i64,
+        /// Declared upper bound.
+        max: i64,
+    },
 }
 
 impl MeasurementSpec {
+    /// Values released per cell (the number of bins for histograms).
+    pub fn values_per_cell(&self) -> usize {
+        match self {
+            MeasurementSpec::Histogram { bins, .. } => *bins as usize,
+            _ => 1,
+        }
+    }
+
     /// L1 sensitivity of the whole vector of cell values under adding or
     /// removing one record (the privacy unit). Each record falls in exactly
     /// one cell, so the vector's sensitivity equals one cell's:
-    /// 1 for counts, `max(|min|, |max|)` for clamped sums. Computed from
-    /// declared bounds only (DESIGN invariant 4).
+    /// 1 for counts and histograms (a record falls in one bin of one cell),
+    /// `max(|min|, |max|)` for clamped sums, `max((min-c)^2, (max-c)^2)` for
+    /// centred squares. Computed from declared bounds only (DESIGN invariant
+    /// 4). Per record: [`Plan::sensitivity`] scales it to the privacy unit.
     pub fn sensitivity(&self) -> i64 {
         match self {
-            MeasurementSpec::CountRows | MeasurementSpec::CountPresent { .. } => 1,
+            MeasurementSpec::CountRows
+            | MeasurementSpec::CountPresent { .. }
+            | MeasurementSpec::Histogram { .. } => 1,
             MeasurementSpec::Sum { min, max, .. } => {
                 min.unsigned_abs().max(max.unsigned_abs()).max(1) as i64
+            }
+            MeasurementSpec::SumSquares {
+                center, min, max, ..
+            } => {
+                let d = (min - center)
+                    .unsigned_abs()
+                    .max((max - center).unsigned_abs());
+                d.saturating_mul(d).clamp(1, i64::MAX as u64) as i64
             }
         }
     }
@@ -98,6 +160,12 @@ impl MeasurementSpec {
             }
             MeasurementSpec::Sum { column, .. } => {
                 format!("SUM({})", schema.columns[*column].name())
+            }
+            MeasurementSpec::Histogram { column, bins, .. } => {
+                format!("HISTOGRAM({}, {bins})", schema.columns[*column].name())
+            }
+            MeasurementSpec::SumSquares { column, center, .. } => {
+                format!("SUM(({} - {center})^2)", schema.columns[*column].name())
             }
         }
     }
@@ -169,7 +237,7 @@ pub enum Predicate {
 }
 
 /// A validated query.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
     /// Dataset of the FROM clause.
     pub dataset: String,
@@ -184,12 +252,24 @@ pub struct Plan {
     pub measurements: Vec<MeasurementSpec>,
     /// The WHERE clause.
     pub filter: Option<Predicate>,
+    /// Records one privacy unit may contribute (1, or the dataset's
+    /// per-person bound); every sensitivity is multiplied by it.
+    pub contribution_bound: i64,
 }
 
 impl Plan {
     /// Number of released cells: the product of the GROUP BY domain sizes.
     pub fn cell_count(&self) -> usize {
         self.group_sizes.iter().product()
+    }
+
+    /// L1 sensitivity of measurement `i` under adding or removing one
+    /// privacy unit: the per-record sensitivity times the records a unit
+    /// may contribute (truncation enforces the bound).
+    pub fn sensitivity(&self, i: usize) -> i64 {
+        self.measurements[i]
+            .sensitivity()
+            .saturating_mul(self.contribution_bound)
     }
 }
 
@@ -260,7 +340,7 @@ pub fn plan(sql: &str, schema: &Schema, max_cells: usize) -> Result<Plan, PlanEr
         let expr = match item {
             SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => e,
             SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(..) => {
-                return err("SELECT * is not supported: fedq releases aggregates only (COUNT(*), SUM(col), AVG(col)) and the GROUP BY columns")
+                return err(format!("SELECT * is not supported: fedq releases aggregates only ({SUPPORTED}) and the GROUP BY columns"))
             }
         };
         if let Some(name) = column_name(expr) {
@@ -274,7 +354,7 @@ pub fn plan(sql: &str, schema: &Schema, max_cells: usize) -> Result<Plan, PlanEr
         }
         let Expr::Function(f) = expr else {
             return err(format!(
-                "SELECT {expr}: only COUNT(*), COUNT(col), SUM(col), AVG(col) and GROUP BY columns can be selected"
+                "SELECT {expr}: only aggregates ({SUPPORTED}) and GROUP BY columns can be selected"
             ));
         };
         let fname = f.name.to_string().to_ascii_uppercase();
@@ -301,19 +381,52 @@ pub fn plan(sql: &str, schema: &Schema, max_cells: usize) -> Result<Plan, PlanEr
                 }
                 &list.args
             }
-            _ => return err(format!("{expr}: expected an aggregate with one argument")),
-        };
-        let arg = match args.as_slice() {
-            [FunctionArg::Unnamed(a)] => a,
-            _ => return err(format!("{expr}: aggregates take exactly one argument")),
-        };
-        let (kind, measurement, count_measurement, bounds) = match (fname.as_str(), arg) {
-            ("COUNT", FunctionArgExpr::Wildcard) => {
-                (OutputKind::Count, intern(MeasurementSpec::CountRows), None, None)
+            _ => {
+                return err(format!(
+                    "{expr}: expected an aggregate with arguments in parentheses"
+                ))
             }
+        };
+        let args: Vec<&FunctionArgExpr> = args
+            .iter()
+            .map(|a| match a {
+                FunctionArg::Unnamed(a) => Ok(a),
+                _ => err(format!("{expr}: named arguments are not supported")),
+            })
+            .collect::<Result<_, _>>()?;
+        let two_args = matches!(fname.as_str(), "QUANTILE" | "HISTOGRAM");
+        let (arg, extra) = match (args.as_slice(), two_args) {
+            ([a], false) => (*a, None),
+            ([a, FunctionArgExpr::Expr(b)], true) => (*a, Some(b)),
+            (_, true) => {
+                return err(format!(
+                    "{expr}: {fname} takes a column and a number, e.g. {}",
+                    if fname == "QUANTILE" {
+                        "QUANTILE(traffickMonths, 0.9)"
+                    } else {
+                        "HISTOGRAM(traffickMonths, 12)"
+                    }
+                ))
+            }
+            _ => return err(format!("{expr}: {fname} takes exactly one argument")),
+        };
+        let mut quantile = None;
+        let mut squares = None;
+        let (kind, measurement, count_measurement, bounds) = match (fname.as_str(), arg) {
+            ("COUNT", FunctionArgExpr::Wildcard) => (
+                OutputKind::Count,
+                intern(MeasurementSpec::CountRows),
+                None,
+                None,
+            ),
             ("COUNT", FunctionArgExpr::Expr(e)) => {
                 let (column, _) = aggregate_column(schema, e, &fname, false)?;
-                (OutputKind::Count, intern(MeasurementSpec::CountPresent { column }), None, None)
+                (
+                    OutputKind::Count,
+                    intern(MeasurementSpec::CountPresent { column }),
+                    None,
+                    None,
+                )
             }
             ("SUM" | "AVG", FunctionArgExpr::Expr(e)) => {
                 let (column, (min, max)) = aggregate_column(schema, e, &fname, true)?;
@@ -325,10 +438,73 @@ pub fn plan(sql: &str, schema: &Schema, max_cells: usize) -> Result<Plan, PlanEr
                     (OutputKind::Avg, sum, Some(count), Some((min, max)))
                 }
             }
-            ("SUM" | "AVG", _) => return err(format!("{expr}: {fname} needs a column")),
+            ("VARIANCE" | "VAR_SAMP" | "STDDEV" | "STDDEV_SAMP", FunctionArgExpr::Expr(e)) => {
+                let (column, (min, max)) = aggregate_column(schema, e, &fname, true)?;
+                let count = intern(MeasurementSpec::CountPresent { column });
+                let sum = intern(MeasurementSpec::Sum { column, min, max });
+                let center = min + (max - min) / 2;
+                let sq = intern(MeasurementSpec::SumSquares {
+                    column,
+                    center,
+                    min,
+                    max,
+                });
+                squares = Some((sq, center));
+                let kind = if fname.starts_with("VAR") {
+                    OutputKind::Variance
+                } else {
+                    OutputKind::Stddev
+                };
+                (kind, sum, Some(count), Some((min, max)))
+            }
+            ("MEDIAN" | "QUANTILE", FunctionArgExpr::Expr(e)) => {
+                let (column, (min, max)) = aggregate_column(schema, e, &fname, true)?;
+                let q = match extra {
+                    None => 0.5,
+                    Some(lit) => number_literal(lit)
+                        .filter(|q| (0.0..=1.0).contains(q))
+                        .ok_or_else(|| PlanError(format!(
+                            "{expr}: the quantile must be a number from 0 to 1, e.g. 0.5 for the median"
+                        )))?,
+                };
+                let Column::Integer { bins, .. } = &schema.columns[column] else {
+                    return err(format!("{expr}: {fname} needs an integer column"));
+                };
+                quantile = Some(q);
+                let h = intern(MeasurementSpec::Histogram {
+                    column,
+                    min,
+                    max,
+                    bins: *bins,
+                });
+                (OutputKind::Quantile, h, None, Some((min, max)))
+            }
+            ("HISTOGRAM", FunctionArgExpr::Expr(e)) => {
+                let (column, (min, max)) = aggregate_column(schema, e, &fname, true)?;
+                let values = (max - min) as u64 + 1;
+                let limit = values.min(MAX_BINS);
+                let bins = extra
+                    .and_then(number_literal)
+                    .filter(|k| k.fract() == 0.0 && *k >= 1.0 && *k <= limit as f64)
+                    .ok_or_else(|| PlanError(format!(
+                        "{expr}: the number of bins must be a whole number from 1 to {limit} (the column has {values} possible values)"
+                    )))? as u64;
+                let h = intern(MeasurementSpec::Histogram {
+                    column,
+                    min,
+                    max,
+                    bins,
+                });
+                (OutputKind::Histogram, h, None, Some((min, max)))
+            }
+            (
+                "SUM" | "AVG" | "VARIANCE" | "VAR_SAMP" | "STDDEV" | "STDDEV_SAMP" | "MEDIAN"
+                | "QUANTILE" | "HISTOGRAM",
+                _,
+            ) => return err(format!("{expr}: {fname} needs a column")),
             _ => {
                 return err(format!(
-                    "{expr}: aggregate {fname} is not supported; use COUNT(*), COUNT(col), SUM(col) or AVG(col)"
+                    "{expr}: aggregate {fname} is not supported; use {SUPPORTED}"
                 ))
             }
         };
@@ -338,10 +514,29 @@ pub fn plan(sql: &str, schema: &Schema, max_cells: usize) -> Result<Plan, PlanEr
             measurement,
             count_measurement,
             bounds,
+            quantile,
+            squares,
         });
     }
     if outputs.is_empty() {
-        return err("the SELECT list has no aggregate; add COUNT(*), SUM(col) or AVG(col)");
+        return err(format!(
+            "the SELECT list has no aggregate; add one of {SUPPORTED}"
+        ));
+    }
+    if outputs.len() > 1 && outputs.iter().any(|o| o.kind == OutputKind::Histogram) {
+        return err("HISTOGRAM(col, k) releases one row per bin: query it on its own, without other aggregates");
+    }
+    let values: usize = cells.saturating_mul(
+        measurements
+            .iter()
+            .map(MeasurementSpec::values_per_cell)
+            .max()
+            .unwrap_or(1),
+    );
+    if values > max_cells {
+        return err(format!(
+            "the query would release {values} values per measurement (cells x bins), more than this node's limit of {max_cells}; use fewer bins or group by fewer columns"
+        ));
     }
 
     let filter = match &select.selection {
@@ -364,7 +559,27 @@ pub fn plan(sql: &str, schema: &Schema, max_cells: usize) -> Result<Plan, PlanEr
         outputs,
         measurements,
         filter,
+        contribution_bound: schema.contribution_bound(),
     })
+}
+
+/// The aggregates fedq knows, for error messages.
+const SUPPORTED: &str = "COUNT(*), COUNT(col), SUM(col), AVG(col), VARIANCE(col), STDDEV(col), MEDIAN(col), QUANTILE(col, q), HISTOGRAM(col, k)";
+
+/// A plain (possibly negative) number literal.
+fn number_literal(e: &Expr) -> Option<f64> {
+    match e {
+        Expr::Value(v) => match &v.value {
+            Value::Number(n, _) => n.parse::<f64>().ok().filter(|x| x.is_finite()),
+            _ => None,
+        },
+        Expr::UnaryOp {
+            op: UnaryOperator::Minus,
+            expr,
+        } => number_literal(expr).map(|x| -x),
+        Expr::Nested(inner) => number_literal(inner),
+        _ => None,
+    }
 }
 
 /// Deepest AND/OR/NOT nesting accepted in WHERE: keeps evaluation (which
@@ -699,6 +914,9 @@ fn literal(col: &Column, e: &Expr) -> Result<i64, PlanError> {
                 "{text:?}: {name} is boolean; compare it with 0, 1, true or false"
             ))
         }),
+        Column::PersonId { name } => err(format!(
+            "{name} is the person identifier of the privacy unit; it cannot be queried"
+        )),
     }
 }
 
@@ -714,6 +932,7 @@ mod tests {
             domain: domain.map(|d| d.iter().map(|s| s.to_string()).collect()),
             min: b.map(|b| b.0),
             max: b.map(|b| b.1),
+            bins: None,
         };
         Schema::from_specs(
             "cases",

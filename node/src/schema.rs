@@ -48,7 +48,18 @@ pub struct ColumnSpec {
     /// Integer only: public upper bound (inclusive).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max: Option<i64>,
+    /// Integer only: number of equal-width bins over `[min, max]` used by
+    /// `QUANTILE`/`MEDIAN` (default: one bin per value up to
+    /// [`DEFAULT_BINS`] values, else [`DEFAULT_BINS`] bins). Public.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bins: Option<u32>,
 }
+
+/// Quantile bins of an integer column that declares none.
+pub const DEFAULT_BINS: u64 = 100;
+
+/// Most bins a column may declare or a `HISTOGRAM` may ask for.
+pub const MAX_BINS: u64 = 10_000;
 
 /// A validated column: the declaration with its type-specific facts checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,9 +79,18 @@ pub enum Column {
         min: i64,
         /// Declared upper bound.
         max: i64,
+        /// Declared quantile bins (equal width over `[min, max]`).
+        bins: u64,
     },
     /// A 0/1 column.
     Boolean {
+        /// Column name.
+        name: String,
+    },
+    /// The person identifier of a dataset that declares a person-level
+    /// privacy unit. Stored as a 63-bit hash of the identifier; never
+    /// selectable, filterable or groupable.
+    PersonId {
         /// Column name.
         name: String,
     },
@@ -82,7 +102,8 @@ impl Column {
         match self {
             Column::Categorical { name, .. }
             | Column::Integer { name, .. }
-            | Column::Boolean { name } => name,
+            | Column::Boolean { name }
+            | Column::PersonId { name } => name,
         }
     }
 
@@ -97,6 +118,9 @@ impl Column {
                 format!("an integer from {min} to {max}")
             }
             Column::Boolean { .. } => "0, 1, true or false".to_string(),
+            Column::PersonId { .. } => {
+                return "a person identifier (every record needs one)".to_string()
+            }
         }
         .to_string()
             + ", or -99/empty for missing"
@@ -105,6 +129,15 @@ impl Column {
     /// Parses one source cell into its code. Errors say what was expected.
     pub fn encode(&self, raw: &str) -> Result<i64, String> {
         let cell = raw.trim();
+        if let Column::PersonId { .. } = self {
+            if MISSING_SPELLINGS.contains(&cell) {
+                return Err(
+                    "the person identifier is missing; with a person-level privacy unit every record needs one"
+                        .to_string(),
+                );
+            }
+            return Ok(person_code(cell));
+        }
         if MISSING_SPELLINGS.contains(&cell) {
             return Ok(MISSING);
         }
@@ -126,6 +159,7 @@ impl Column {
             Column::Boolean { .. } => parse_bool(cell)
                 .map(i64::from)
                 .ok_or_else(|| format!("{cell:?} is not a boolean")),
+            Column::PersonId { .. } => unreachable!("handled above"),
         }
     }
 
@@ -134,7 +168,7 @@ impl Column {
         match self {
             Column::Categorical { domain, .. } => Some(domain.len()),
             Column::Boolean { .. } => Some(2),
-            Column::Integer { .. } => None,
+            Column::Integer { .. } | Column::PersonId { .. } => None,
         }
     }
 
@@ -142,10 +176,31 @@ impl Column {
     pub fn key_label(&self, code: usize) -> String {
         match self {
             Column::Categorical { domain, .. } => domain[code].clone(),
-            Column::Boolean { .. } => code.to_string(),
-            Column::Integer { .. } => code.to_string(),
+            Column::Boolean { .. } | Column::Integer { .. } | Column::PersonId { .. } => {
+                code.to_string()
+            }
         }
     }
+}
+
+/// Code of a person identifier: the first 63 bits of its SHA-256, so the
+/// store never holds the identifier itself. Two persons colliding would
+/// only share one contribution bound (more protection, never less).
+pub fn person_code(id: &str) -> i64 {
+    let d = Sha256::digest(id.as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    (u64::from_be_bytes(b) >> 1) as i64
+}
+
+/// The unit of privacy of a dataset declaring one: a person, with at most
+/// `max_records` records counted per person.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PersonUnit {
+    /// Index of the [`Column::PersonId`] column.
+    pub column: usize,
+    /// Records kept per person; the rest are dropped before aggregation.
+    pub max_records: u32,
 }
 
 /// Parses the boolean spellings we accept in CSV files and SQL literals.
@@ -175,7 +230,11 @@ fn quote_list(items: &[String]) -> String {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Schema {
     /// Columns in declaration order; CSV headers may come in any order.
+    /// A person identifier, when declared, comes last.
     pub columns: Vec<Column>,
+    /// The person-level privacy unit, if the dataset declares one; else
+    /// the unit is one record.
+    pub person: Option<PersonUnit>,
 }
 
 impl Schema {
@@ -196,6 +255,9 @@ impl Schema {
             }
             let col = match spec.kind {
                 ColumnType::Categorical => {
+                    if spec.bins.is_some() {
+                        return Err(format!("{at}: bins apply to integer columns only"));
+                    }
                     if spec.min.is_some() || spec.max.is_some() {
                         return Err(format!("{at}: min/max apply to integer columns only"));
                     }
@@ -241,14 +303,30 @@ impl Schema {
                     if min < -LIMIT || max > LIMIT {
                         return Err(format!("{at}: bounds must lie within ±2^40"));
                     }
+                    let values = (max - min) as u64 + 1;
+                    let bins = match spec.bins {
+                        None => values.min(DEFAULT_BINS),
+                        Some(b) if b == 0 || u64::from(b) > values.min(MAX_BINS) => {
+                            return Err(format!(
+                                "{at}: bins must be from 1 to {} (the number of values in [{min}, {max}], at most {MAX_BINS})",
+                                values.min(MAX_BINS)
+                            ))
+                        }
+                        Some(b) => u64::from(b),
+                    };
                     Column::Integer {
                         name: spec.name.clone(),
                         min,
                         max,
+                        bins,
                     }
                 }
                 ColumnType::Boolean => {
-                    if spec.domain.is_some() || spec.min.is_some() || spec.max.is_some() {
+                    if spec.domain.is_some()
+                        || spec.min.is_some()
+                        || spec.max.is_some()
+                        || spec.bins.is_some()
+                    {
                         return Err(format!("{at}: a boolean column takes no domain or bounds"));
                     }
                     Column::Boolean {
@@ -258,7 +336,42 @@ impl Schema {
             };
             columns.push(col);
         }
-        Ok(Schema { columns })
+        Ok(Schema {
+            columns,
+            person: None,
+        })
+    }
+
+    /// Declares a person-level privacy unit: `column` (a CSV header, not
+    /// among the declared columns) identifies the person, and at most
+    /// `max_records` records per person count in any aggregate.
+    pub fn with_person_unit(mut self, column: &str, max_records: u32) -> Result<Schema, String> {
+        if column.trim().is_empty() {
+            return Err("privacy_unit.person_column is empty".to_string());
+        }
+        if self.index_of(column).is_some() {
+            return Err(format!(
+                "privacy_unit.person_column {column:?} is also declared as a column; the person identifier must not be queryable, remove it from the columns"
+            ));
+        }
+        if max_records == 0 || max_records > 1_000 {
+            return Err(format!(
+                "privacy_unit.max_records must be from 1 to 1000, not {max_records}"
+            ));
+        }
+        self.columns.push(Column::PersonId {
+            name: column.to_string(),
+        });
+        self.person = Some(PersonUnit {
+            column: self.columns.len() - 1,
+            max_records,
+        });
+        Ok(self)
+    }
+
+    /// Records one privacy unit may contribute: the person bound, or 1.
+    pub fn contribution_bound(&self) -> i64 {
+        self.person.map_or(1, |p| i64::from(p.max_records))
     }
 
     /// The index of a column by exact name.
@@ -270,6 +383,11 @@ impl Schema {
     /// suggesting a case-insensitive match.
     pub fn column(&self, name: &str) -> Result<(usize, &Column), String> {
         if let Some(i) = self.index_of(name) {
+            if let Column::PersonId { .. } = self.columns[i] {
+                return Err(format!(
+                    "{name} is the person identifier of this dataset's privacy unit; it cannot be selected, filtered or grouped by"
+                ));
+            }
             return Ok((i, &self.columns[i]));
         }
         let hint = self
@@ -282,6 +400,7 @@ impl Schema {
             "unknown column {name:?}{hint}; declared columns: {}",
             self.columns
                 .iter()
+                .filter(|c| !matches!(c, Column::PersonId { .. }))
                 .map(|c| c.name())
                 .collect::<Vec<_>>()
                 .join(", ")
@@ -302,10 +421,13 @@ impl Schema {
                         h.update([0u8]);
                     }
                 }
-                Column::Integer { name, min, max } => {
+                // Bins change no stored code, so they are not part of the
+                // digest (a partner may re-declare them).
+                Column::Integer { name, min, max, .. } => {
                     h.update(format!("i\0{name}\0{min}\0{max}\0"))
                 }
                 Column::Boolean { name } => h.update(format!("b\0{name}\0")),
+                Column::PersonId { name } => h.update(format!("p\0{name}\0")),
             }
         }
         hex::encode(h.finalize())
@@ -316,17 +438,21 @@ impl Schema {
         use fedq_proto::v1::{column_schema::Kind, *};
         self.columns
             .iter()
+            .filter(|c| !matches!(c, Column::PersonId { .. }))
             .map(|c| ColumnSchema {
                 name: c.name().to_string(),
                 kind: Some(match c {
                     Column::Categorical { domain, .. } => Kind::Categorical(CategoricalColumn {
                         domain: domain.clone(),
                     }),
-                    Column::Integer { min, max, .. } => Kind::Integer(IntegerColumn {
+                    Column::Integer { min, max, bins, .. } => Kind::Integer(IntegerColumn {
                         min: *min,
                         max: *max,
+                        bins: *bins,
                     }),
-                    Column::Boolean { .. } => Kind::Boolean(BooleanColumn {}),
+                    Column::Boolean { .. } | Column::PersonId { .. } => {
+                        Kind::Boolean(BooleanColumn {})
+                    }
                 }),
             })
             .collect()
@@ -344,6 +470,7 @@ mod tests {
             domain: None,
             min: None,
             max: None,
+            bins: None,
         }
     }
 

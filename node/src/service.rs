@@ -87,7 +87,7 @@ impl NodeState {
         let store = Store::open(&config.resolve(&config.node.store))?;
         let mut datasets = HashMap::new();
         for d in &config.datasets {
-            let schema = Schema::from_specs(&d.name, &d.columns).map_err(anyhow::Error::msg)?;
+            let schema = d.schema().map_err(anyhow::Error::msg)?;
             let table = store.load_table(&d.name, &schema)?;
             datasets.insert(
                 d.name.clone(),
@@ -380,8 +380,14 @@ fn describe_release(
     let m = plan.measurements.len();
     let per = q.epsilon / m as f64;
     let mut measurements = Vec::with_capacity(m);
-    for spec in &plan.measurements {
-        let sensitivity = spec.sensitivity();
+    for (i, spec) in plan.measurements.iter().enumerate() {
+        let sensitivity = plan.sensitivity(i);
+        let (bins, bin_edges) = match spec {
+            plan::MeasurementSpec::Histogram { min, max, bins, .. } => {
+                (*bins, crate::distribution::bin_edges(*min, *max, *bins))
+            }
+            _ => (1, Vec::new()),
+        };
         let scale = mechanism::discrete_laplace_scale(sensitivity, per)
             .map_err(Status::invalid_argument)?;
         let ci =
@@ -402,6 +408,8 @@ fn describe_release(
             noise_variance: mechanism::discrete_laplace_variance(scale),
             ci95_half_width: ci,
             values: Vec::new(),
+            bins,
+            bin_edges,
         });
     }
     let outputs = plan
@@ -413,11 +421,18 @@ fn describe_release(
                 plan::OutputKind::Count => OutputKind::Count,
                 plan::OutputKind::Sum => OutputKind::Sum,
                 plan::OutputKind::Avg => OutputKind::Avg,
+                plan::OutputKind::Quantile => OutputKind::Quantile,
+                plan::OutputKind::Histogram => OutputKind::Histogram,
+                plan::OutputKind::Variance => OutputKind::Variance,
+                plan::OutputKind::Stddev => OutputKind::Stddev,
             } as i32,
             measurement: o.measurement as u32,
             count_measurement: o.count_measurement.map(|c| c as u32),
             lower: o.bounds.map(|b| b.0),
             upper: o.bounds.map(|b| b.1),
+            quantile: o.quantile.unwrap_or(0.0),
+            square_measurement: o.squares.map(|s| s.0 as u32),
+            center: o.squares.map_or(0, |s| s.1),
         })
         .collect();
     let split = if m == 1 {
@@ -711,7 +726,7 @@ impl Node for NodeService {
                     name: n.clone(),
                     description: d.config.description.clone(),
                     columns: d.schema.to_proto(),
-                    privacy_unit: "record".into(),
+                    privacy_unit: d.config.privacy_unit_text(),
                 }
             })
             .collect();

@@ -626,6 +626,7 @@ fn categorical(name: &str, domain: &[&str]) -> ColumnSpec {
         domain: Some(domain.iter().map(|d| d.to_string()).collect()),
         min: None,
         max: None,
+        bins: None,
     }
 }
 
@@ -636,6 +637,7 @@ fn integer(name: &str, min: i64, max: i64) -> ColumnSpec {
         domain: None,
         min: Some(min),
         max: Some(max),
+        bins: None,
     }
 }
 
@@ -646,6 +648,7 @@ fn boolean(name: &str) -> ColumnSpec {
         domain: None,
         min: None,
         max: None,
+        bins: None,
     }
 }
 

@@ -115,6 +115,8 @@ fn layout(column: &Column) -> (i64, u64) {
         Column::Boolean { .. } => (0, 2),
         // Bounds lie within ±2^40 (see `schema.rs`), so this cannot overflow.
         Column::Integer { min, max, .. } => (*min, (*max - *min) as u64 + 1),
+        // 63-bit hashes; the missing code 2^63 is never used.
+        Column::PersonId { .. } => (0, 1 << 63),
     }
 }
 
@@ -230,13 +232,74 @@ pub struct Table {
     pub schema: Schema,
     /// One packed column per declared column, all of equal length.
     columns: Vec<Packed>,
+    /// With a person-level privacy unit: the rows that count (at most
+    /// `max_records` per person), computed once after the rows change.
+    kept: std::sync::OnceLock<Bits>,
 }
 
 impl Table {
     /// An empty table for `schema`.
     pub fn new(schema: Schema) -> Table {
         let columns = schema.columns.iter().map(Packed::new).collect();
-        Table { schema, columns }
+        Table {
+            schema,
+            columns,
+            kept: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The stored offset of row `i` in column `c`.
+    fn code_at(&self, c: usize, i: usize) -> u64 {
+        with_codes!(&self.columns[c].codes, v => v[i].to_u64())
+    }
+
+    /// With a person-level privacy unit, the rows that count: for each
+    /// person, the first `max_records` of their records ordered by the
+    /// other columns' stored codes in declaration order (categoricals by
+    /// domain order, integers ascending, booleans 0 first, missing last).
+    /// The choice depends only on the person's own records, never on
+    /// storage order or on other persons, so adding or removing one person
+    /// changes only that person's kept records (at most `max_records`).
+    /// `None` when the unit is one record.
+    pub(crate) fn kept_rows(&self) -> Option<&Bits> {
+        let unit = self.schema.person?;
+        Some(self.kept.get_or_init(|| {
+            let n = self.len();
+            let person = |i: usize| self.code_at(unit.column, i);
+            let mut order: Vec<u32> = (0..n as u32).collect();
+            order.sort_unstable_by_key(|&i| person(i as usize));
+            let others: Vec<usize> = (0..self.columns.len())
+                .filter(|&c| c != unit.column)
+                .collect();
+            let mut bits = vec![0u64; n.div_ceil(64)];
+            let k = unit.max_records as usize;
+            let mut start = 0;
+            while start < n {
+                let p = person(order[start] as usize);
+                let mut end = start + 1;
+                while end < n && person(order[end] as usize) == p {
+                    end += 1;
+                }
+                let group = &mut order[start..end];
+                if group.len() > k {
+                    group.sort_unstable_by(|&a, &b| {
+                        others
+                            .iter()
+                            .map(|&c| {
+                                self.code_at(c, a as usize)
+                                    .cmp(&self.code_at(c, b as usize))
+                            })
+                            .find(|o| o.is_ne())
+                            .unwrap_or(std::cmp::Ordering::Equal)
+                    });
+                }
+                for &i in group.iter().take(k) {
+                    bits[i as usize / 64] |= 1 << (i % 64);
+                }
+                start = end;
+            }
+            bits
+        }))
     }
 
     /// Appends rows given in row-major order (`schema.columns.len()` codes
@@ -251,6 +314,7 @@ impl Table {
         for col in &mut self.columns {
             col.reserve(codes.len() / width);
         }
+        self.kept = std::sync::OnceLock::new();
         for row in codes.chunks_exact(width) {
             for (i, (col, &v)) in self.columns.iter_mut().zip(row).enumerate() {
                 let offset = col.offset(v).unwrap_or_else(|| {
@@ -265,6 +329,7 @@ impl Table {
     /// and that every value is a valid offset or the missing code; on error
     /// the table is left unusable and must be dropped.
     pub(crate) fn append_chunk(&mut self, bytes: &[u8]) -> Result<(), String> {
+        self.kept = std::sync::OnceLock::new();
         let (head, mut rest) = bytes
             .split_first_chunk::<4>()
             .ok_or("a stored chunk is truncated")?;
@@ -305,16 +370,19 @@ impl Table {
     /// [`cell_keys`]). Sums clamp each value to the measurement's bounds.
     pub(crate) fn exact(&self, plan: &Plan) -> Vec<Vec<i64>> {
         let rows = self.len();
-        let selected = match &plan.filter {
+        let mut selected = match &plan.filter {
             Some(p) => self.eval(p).t,
             None => all_rows(rows),
         };
+        if let Some(kept) = self.kept_rows() {
+            selected = and(&selected, kept);
+        }
         let cells = self.cells(plan);
         let count = cell_count(plan);
         plan.measurements
             .iter()
             .map(|m| {
-                let mut out = vec![0i64; count];
+                let mut out = vec![0i64; count * m.values_per_cell()];
                 match m {
                     MeasurementSpec::CountRows => count_bits(&selected, cells.as_deref(), &mut out),
                     MeasurementSpec::CountPresent { column } => {
@@ -332,6 +400,35 @@ impl Table {
                             (*min, *max),
                             &mut out,
                         ));
+                    }
+                    MeasurementSpec::Histogram {
+                        column,
+                        min,
+                        max,
+                        bins,
+                    } => {
+                        let bits = and(&selected, &self.present(*column));
+                        let p = &self.columns[*column];
+                        let k = *bins as usize;
+                        with_codes!(&p.codes, v => for_each_bit(&bits, |i| {
+                            let value = p.base + v[i].to_u64() as i64;
+                            let cell = cells.as_deref().map_or(0, |c| c[i] as usize);
+                            out[cell * k + crate::distribution::bin_of(value, *min, *max, *bins)] += 1;
+                        }));
+                    }
+                    MeasurementSpec::SumSquares {
+                        column,
+                        center,
+                        min,
+                        max,
+                    } => {
+                        let bits = and(&selected, &self.present(*column));
+                        let p = &self.columns[*column];
+                        with_codes!(&p.codes, v => for_each_bit(&bits, |i| {
+                            let d = (p.base + v[i].to_u64() as i64).clamp(*min, *max) - center;
+                            let cell = cells.as_deref().map_or(0, |c| c[i] as usize);
+                            out[cell] = out[cell].saturating_add(d.saturating_mul(d));
+                        }));
                     }
                 }
                 out
@@ -712,6 +809,7 @@ mod tests {
                     domain: Some(vec!["a".into(), "b".into()]),
                     min: None,
                     max: None,
+                    bins: None,
                 },
                 ColumnSpec {
                     name: "f".into(),
@@ -719,6 +817,7 @@ mod tests {
                     domain: None,
                     min: None,
                     max: None,
+                    bins: None,
                 },
                 ColumnSpec {
                     name: "m".into(),
@@ -726,6 +825,7 @@ mod tests {
                     domain: None,
                     min: Some(0),
                     max: Some(10),
+                    bins: None,
                 },
             ],
         )
@@ -792,6 +892,7 @@ mod tests {
                 name: "x".into(),
                 min,
                 max,
+                bins: 1,
             })
             .width()
         };
@@ -862,7 +963,11 @@ mod tests {
         }
 
         pub fn exact(rows: &[Vec<i64>], plan: &Plan) -> Vec<Vec<i64>> {
-            let mut out = vec![vec![0i64; cell_count(plan)]; plan.measurements.len()];
+            let mut out: Vec<Vec<i64>> = plan
+                .measurements
+                .iter()
+                .map(|m| vec![0i64; cell_count(plan) * m.values_per_cell()])
+                .collect();
             for (i, row) in rows.iter().enumerate() {
                 if let Some(p) = &plan.filter {
                     if truth(rows, i, p) != TRUE {
@@ -885,6 +990,35 @@ mod tests {
                             let v = row[*column];
                             if v != MISSING {
                                 out[cell] = out[cell].saturating_add(v.clamp(*min, *max));
+                            }
+                        }
+                        MeasurementSpec::Histogram {
+                            column,
+                            min,
+                            max,
+                            bins,
+                        } => {
+                            let v = row[*column];
+                            if v != MISSING {
+                                // Reference binning by the edges, not bin_of.
+                                let edges = crate::distribution::bin_edges(*min, *max, *bins);
+                                let b = edges
+                                    .windows(2)
+                                    .position(|w| w[0] <= v && v < w[1])
+                                    .unwrap();
+                                out[cell * *bins as usize + b] += 1;
+                            }
+                        }
+                        MeasurementSpec::SumSquares {
+                            column,
+                            center,
+                            min,
+                            max,
+                        } => {
+                            let v = row[*column];
+                            if v != MISSING {
+                                let d = v.clamp(*min, *max) - center;
+                                out[cell] = out[cell].saturating_add(d * d);
                             }
                         }
                     }
@@ -915,6 +1049,7 @@ mod tests {
                             domain: Some((0..n).map(|i| format!("v{i}")).collect()),
                             min: None,
                             max: None,
+                            bins: None,
                         }
                     }
                     1 => ColumnSpec {
@@ -923,6 +1058,7 @@ mod tests {
                         domain: None,
                         min: None,
                         max: None,
+                        bins: None,
                     },
                     _ => {
                         let (min, max) = [
@@ -940,6 +1076,7 @@ mod tests {
                             domain: None,
                             min: Some(min),
                             max: Some(max),
+                            bins: None,
                         }
                     }
                 });
@@ -1007,6 +1144,23 @@ mod tests {
                                 max: hi.max(lo),
                             });
                         }
+                        if rng.random_bool(0.3) && max - min < 1 << 20 {
+                            let values = (max - min) as u64 + 1;
+                            measurements.push(MeasurementSpec::Histogram {
+                                column: c,
+                                min,
+                                max,
+                                bins: rng.random_range(1..=values.min(17)),
+                            });
+                        }
+                        if rng.random_bool(0.3) && max - min < 1 << 20 {
+                            measurements.push(MeasurementSpec::SumSquares {
+                                column: c,
+                                center: min + (max - min) / 2,
+                                min,
+                                max,
+                            });
+                        }
                     }
                 }
                 let filter = rng
@@ -1019,6 +1173,7 @@ mod tests {
                     outputs: Vec::new(),
                     measurements,
                     filter,
+                    contribution_bound: 1,
                 };
                 assert_eq!(t.exact(&p), reference::exact(&rows, &p), "{p:?}");
             }
