@@ -102,7 +102,7 @@ pub fn chernoff_half_width(noises: &[BinNoise], copies: u64, alpha: f64) -> f64 
         let f = |t: f64| log_mgf(t).map_or(f64::INFINITY, |l| l - t * w);
         let (mut a, mut b) = (0.0, hi);
         let g = (5f64.sqrt() - 1.0) / 2.0;
-        for _ in 0..100 {
+        for _ in 0..60 {
             let c = b - g * (b - a);
             let d = a + g * (b - a);
             if f(c) < f(d) {
@@ -121,7 +121,8 @@ pub fn chernoff_half_width(noises: &[BinNoise], copies: u64, alpha: f64) -> f64 
             return f64::INFINITY;
         }
     }
-    for _ in 0..100 {
+    // To within 1e-3 of the bracket (the result is rounded up to an integer).
+    while hi - lo > 1e-3 * hi.max(1.0) {
         let mid = (lo + hi) / 2.0;
         if bound(mid) > target {
             lo = mid;
@@ -130,6 +131,32 @@ pub fn chernoff_half_width(noises: &[BinNoise], copies: u64, alpha: f64) -> f64 
         }
     }
     hi.ceil()
+}
+
+/// The point estimate of [`quantile`] alone: negative noisy counts set to
+/// 0, then OpenDP's `make_quantiles_from_counts` with linear
+/// interpolation. `None` without mass.
+pub fn quantile_value(edges: &[i64], counts: &[i64], q: f64) -> Option<f64> {
+    let k = counts.len();
+    if k == 0 || edges.len() != k + 1 || !(0.0..=1.0).contains(&q) {
+        return None;
+    }
+    let clean: Vec<f64> = counts.iter().map(|&c| c.max(0) as f64).collect();
+    if clean.iter().sum::<f64>() <= 0.0 {
+        return None;
+    }
+    let f_edges: Vec<f64> = edges.iter().map(|&e| e as f64).collect();
+    let value = opendp::transformations::make_quantiles_from_counts(
+        f_edges,
+        vec![q],
+        opendp::transformations::Interpolation::Linear,
+    )
+    .and_then(|f| f.eval(&clean))
+    .ok()?
+    .first()
+    .copied()?;
+    // Edges are half-open: the last value of the last bin is edges[k] - 1.
+    Some(value.min((edges[k] - 1) as f64))
 }
 
 /// A quantile read off a noisy histogram, with its confidence interval.
@@ -168,22 +195,7 @@ pub fn quantile(
     if k == 0 || edges.len() != k + 1 || !(0.0..=1.0).contains(&q) {
         return None;
     }
-    let clean: Vec<f64> = counts.iter().map(|&c| c.max(0) as f64).collect();
-    if clean.iter().sum::<f64>() <= 0.0 {
-        return None;
-    }
-    let f_edges: Vec<f64> = edges.iter().map(|&e| e as f64).collect();
-    let value = opendp::transformations::make_quantiles_from_counts(
-        f_edges,
-        vec![q],
-        opendp::transformations::Interpolation::Linear,
-    )
-    .and_then(|f| f.eval(&clean))
-    .ok()?
-    .first()
-    .copied()?
-    // Edges are half-open: the last value of the last bin is edges[k] - 1.
-    .min((edges[k] - 1) as f64);
+    let value = quantile_value(edges, counts, q)?;
 
     let level = alpha / k as f64;
     let mut cum = 0i64;

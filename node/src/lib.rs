@@ -33,6 +33,8 @@ pub mod ledger;
 pub mod mechanism;
 pub mod pki;
 pub mod plan;
+#[cfg(test)]
+mod privacy_tests;
 pub mod schema;
 pub mod server;
 pub mod service;
