@@ -28,7 +28,7 @@ const PARTNERS: [(&str, Partner, usize, u64); 3] = [
 ];
 
 /// The example queries and the epsilon each spends per node.
-pub const QUERIES: [(&str, f64); 4] = [
+pub const QUERIES: [(&str, f64); 5] = [
     ("SELECT gender, COUNT(*) FROM cases WHERE isForcedLabour = 1 GROUP BY gender", 0.5),
     ("SELECT ageBroad, COUNT(*) FROM cases WHERE isSexualExploit = 1 GROUP BY ageBroad", 0.5),
     (
@@ -38,6 +38,10 @@ pub const QUERIES: [(&str, f64); 4] = [
     (
         "SELECT majorityStatus, COUNT(*) FROM cases WHERE isForcedLabour = 1 OR meansOfControlDebtBondage = 1 GROUP BY majorityStatus",
         0.5,
+    ),
+    (
+        "SELECT gender, MEDIAN(traffickMonths), QUANTILE(traffickMonths, 0.9), STDDEV(traffickMonths) FROM cases WHERE isForcedLabour = 1 GROUP BY gender",
+        1.0,
     ),
 ];
 
