@@ -6,7 +6,7 @@
 //! derived from the combined sum and the combined count. Only noisy values
 //! ever reach this module.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use fedq_proto::v1::{OutputKind, QueryResponse};
 use serde::Serialize;
@@ -237,6 +237,7 @@ pub fn combine(
                 .collect()
         })
         .unwrap_or_default();
+    let mut widths = HalfWidths::default();
     let mut group_by = group_by;
     let histogram = kinds.len() == 1 && kinds[0].kind == OutputKind::Histogram;
     let mut rows = Vec::new();
@@ -260,7 +261,9 @@ pub fn combine(
                     .collect();
                 rows.push(Row {
                     key: k,
-                    estimates: vec![(!dry_run && !bin.is_empty()).then(|| total(&bin, ALPHA))],
+                    estimates: vec![
+                        (!dry_run && !bin.is_empty()).then(|| total(&bin, ALPHA, &mut widths))
+                    ],
                     nodes: contributors.clone(),
                 });
             }
@@ -274,12 +277,12 @@ pub fn combine(
                     return None;
                 }
                 match spec.kind {
-                    OutputKind::Avg => average(&p.main, &p.count, spec.bounds),
+                    OutputKind::Avg => average(&p.main, &p.count, spec.bounds, &mut widths),
                     OutputKind::Quantile => crate::distribution::quantile(p, spec),
                     OutputKind::Variance | OutputKind::Stddev => {
-                        crate::distribution::variance(p, spec)
+                        crate::distribution::variance(p, spec, &mut widths)
                     }
-                    _ => Some(total(&p.main, ALPHA)),
+                    _ => Some(total(&p.main, ALPHA, &mut widths)),
                 }
             })
             .collect();
@@ -309,14 +312,34 @@ pub fn combine(
     }
 }
 
+/// Half-widths computed so far while combining one query. Every cell of a
+/// measurement has the same scales on every node, so a GROUP BY needs one
+/// [`sum_half_width`] per measurement, not one per cell.
+#[derive(Default)]
+pub(crate) struct HalfWidths(HashMap<(Vec<u64>, u64), f64>);
+
+impl HalfWidths {
+    /// [`sum_half_width`] of `scales` at `alpha`, computed once.
+    fn get(&mut self, scales: &[f64], alpha: f64) -> f64 {
+        let key = (
+            scales.iter().map(|s| s.to_bits()).collect(),
+            alpha.to_bits(),
+        );
+        *self
+            .0
+            .entry(key)
+            .or_insert_with(|| sum_half_width(scales, alpha))
+    }
+}
+
 /// Sum of the parts with the interval of the summed noise.
-pub(crate) fn total(parts: &[Part], alpha: f64) -> Estimate {
+pub(crate) fn total(parts: &[Part], alpha: f64, widths: &mut HalfWidths) -> Estimate {
     let value: i64 = parts
         .iter()
         .map(|p| p.value)
         .fold(0i64, i64::saturating_add);
     let scales: Vec<f64> = parts.iter().map(|p| p.scale).collect();
-    let w = sum_half_width(&scales, alpha);
+    let w = widths.get(&scales, alpha);
     Estimate {
         value: value as f64,
         ci_low: value as f64 - w,
@@ -327,13 +350,18 @@ pub(crate) fn total(parts: &[Part], alpha: f64) -> Estimate {
 /// Mean from a combined noisy sum and count. The interval holds the true
 /// mean whenever both the sum's and the count's `1 - ALPHA/2` intervals
 /// hold (a union bound), and is cut to the column's declared bounds.
-fn average(sum: &[Part], count: &[Part], bounds: Option<(i64, i64)>) -> Option<Estimate> {
+fn average(
+    sum: &[Part],
+    count: &[Part],
+    bounds: Option<(i64, i64)>,
+    widths: &mut HalfWidths,
+) -> Option<Estimate> {
     if count.is_empty() {
         return None;
     }
     let each = ALPHA / 2.0;
-    let s = total(sum, each);
-    let c = total(count, each);
+    let s = total(sum, each, widths);
+    let c = total(count, each, widths);
     let (lo_b, hi_b) = bounds
         .map(|(a, b)| (a as f64, b as f64))
         .unwrap_or((f64::NEG_INFINITY, f64::INFINITY));
@@ -415,20 +443,16 @@ pub fn sum_half_width(scales: &[f64], alpha: f64) -> f64 {
                 let reach = (s * 28.0) as i64 + h; // q^reach < 1e-12
                 let k = reach / h + 1;
                 let lo_edge = |b: i64| b * h - h / 2;
-                let pmf: Vec<f64> = (-k..=k)
-                    .map(|b| upper_tail(q, lo_edge(b)) - upper_tail(q, lo_edge(b + 1)))
-                    .collect();
+                let bin = |b: i64| upper_tail(q, lo_edge(b)) - upper_tail(q, lo_edge(b + 1));
                 dropped += 2.0 * upper_tail(q, lo_edge(k + 1));
-                let mut next = vec![0.0; dist.len() + pmf.len() - 1];
-                for (i, &a) in dist.iter().enumerate() {
-                    if a == 0.0 {
-                        continue;
-                    }
-                    for (j, &b) in pmf.iter().enumerate() {
-                        next[i + j] += a * b;
-                    }
-                }
-                dist = next;
+                let kernel = Binned {
+                    center: bin(0),
+                    right: bin(1),
+                    left: bin(-1),
+                    ratio: q.powi(h.min(i32::MAX as i64) as i32),
+                    reach: k as usize,
+                };
+                dist = kernel.convolve(&dist);
             }
             let center = (dist.len() / 2) as i64;
             // Smallest w (in bins) with P[|S| > w] <= alpha - dropped.
@@ -447,6 +471,70 @@ pub fn sum_half_width(scales: &[f64], alpha: f64) -> f64 {
             };
             (w * h) as f64 + slack
         }
+    }
+}
+
+/// One node's noise binned on the grid of [`sum_half_width`]: bins `1..=reach`
+/// on either side of the centre hold a geometric sequence (bin `b + 1` is
+/// bin `b` times `ratio = q^h`, since the discrete Laplace mass of a bin is
+/// `q^(lower edge) (1 - q^h) / (1 + q)`), which is what makes convolving with
+/// it linear in the length of the distribution.
+struct Binned {
+    /// Mass of bin 0.
+    center: f64,
+    /// Mass of bin 1 (bins `2..=reach` follow geometrically).
+    right: f64,
+    /// Mass of bin -1 (bins `-reach..=-2` follow geometrically).
+    left: f64,
+    /// `q^h`, the ratio between neighbouring bins away from the centre.
+    ratio: f64,
+    /// Bins kept on each side.
+    reach: usize,
+}
+
+impl Binned {
+    /// The distribution of `X + N` (bins), given that of `X` in `x` (bin 0
+    /// at index 0) and `N` this noise: the same sums as the direct
+    /// convolution `out[i + reach + d] += x[i] * mass(d)`, computed for each
+    /// geometric side as a running sum that is multiplied by `ratio` at each
+    /// step, gains the next value of `x` and loses the one `reach` bins back
+    /// (whose weight, `ratio^reach < 1e-12`, is too small for the
+    /// subtraction to lose precision). O(len(x) + reach) instead of
+    /// O(len(x) * reach): the direct convolution took hundreds of
+    /// milliseconds per query for three nodes (see BENCHMARKS.md).
+    fn convolve(&self, x: &[f64]) -> Vec<f64> {
+        let k = self.reach;
+        let n = x.len();
+        let at = |i: isize| {
+            if i >= 0 && (i as usize) < n {
+                x[i as usize]
+            } else {
+                0.0
+            }
+        };
+        let r = self.ratio;
+        let rk = r.powi(k.min(i32::MAX as usize) as i32);
+        let mut out = vec![0.0; n + 2 * k];
+        for (i, &v) in x.iter().enumerate() {
+            out[i + k] += self.center * v;
+        }
+        // Right side: out[m] += right * y[p], p = m - k, with
+        // y[p] = sum_{d=1..k} r^(d-1) x[p-d];  y[p+1] = x[p] + r y[p] - r^k x[p-k].
+        let mut y = 0.0;
+        for (m, o) in out.iter_mut().enumerate() {
+            let p = m as isize - k as isize;
+            *o += self.right * y;
+            y = (at(p) + r * y - rk * at(p - k as isize)).max(0.0);
+        }
+        // Left side: out[m] += left * z[p], p = m - k, with
+        // z[p] = sum_{d=1..k} r^(d-1) x[p+d];  z[p-1] = x[p] + r z[p] - r^k x[p+k].
+        let mut z = 0.0;
+        for (m, o) in out.iter_mut().enumerate().rev() {
+            let p = m as isize - k as isize;
+            *o += self.left * z;
+            z = (at(p) + r * z - rk * at(p + k as isize)).max(0.0);
+        }
+        out
     }
 }
 
@@ -483,6 +571,96 @@ mod tests {
             w += 1;
         }
         assert_eq!(sum_half_width(&[2.0, 2.0], 0.05), w as f64);
+    }
+
+    /// The direct O(n m) convolution the linear-time [`Binned::convolve`]
+    /// replaced, on the same grid: the reference it must agree with.
+    fn direct_half_width(scales: &[f64], alpha: f64) -> f64 {
+        let sd: f64 = scales
+            .iter()
+            .map(|&s| fedq_node::mechanism::discrete_laplace_variance(s))
+            .sum::<f64>()
+            .sqrt();
+        let h = (sd / 100.0).floor().max(1.0) as i64;
+        let mut dropped = 0.0;
+        let mut dist: Vec<f64> = vec![1.0];
+        for &s in scales {
+            let q = (-1.0 / s).exp();
+            let reach = (s * 28.0) as i64 + h;
+            let k = reach / h + 1;
+            let lo_edge = |b: i64| b * h - h / 2;
+            let pmf: Vec<f64> = (-k..=k)
+                .map(|b| upper_tail(q, lo_edge(b)) - upper_tail(q, lo_edge(b + 1)))
+                .collect();
+            dropped += 2.0 * upper_tail(q, lo_edge(k + 1));
+            let mut next = vec![0.0; dist.len() + pmf.len() - 1];
+            for (i, &a) in dist.iter().enumerate() {
+                for (j, &b) in pmf.iter().enumerate() {
+                    next[i + j] += a * b;
+                }
+            }
+            dist = next;
+        }
+        let center = (dist.len() / 2) as i64;
+        let budget = alpha - dropped;
+        let mut outside: f64 = dist.iter().sum::<f64>() - dist[center as usize];
+        let mut w = 0i64;
+        while outside > budget && w < center {
+            w += 1;
+            outside -= dist[(center - w) as usize] + dist[(center + w) as usize];
+        }
+        let slack = if h == 1 {
+            0.0
+        } else {
+            scales.len() as f64 * h as f64 / 2.0
+        };
+        (w * h) as f64 + slack
+    }
+
+    #[test]
+    fn linear_convolution_agrees_with_the_direct_one() {
+        let cases: [&[f64]; 9] = [
+            &[2.0, 2.0],
+            &[0.5, 3.0, 7.5],
+            &[1000.0, 1000.0],
+            &[1000.0, 1000.0, 1000.0],
+            &[2000.0, 2000.0, 2000.0],
+            &[240_000.0, 240_000.0, 240_000.0],
+            &[10.0, 1000.0, 50.0],
+            &[100.0; 10],
+            &[1e-3, 1e9],
+        ];
+        for scales in cases {
+            for alpha in [0.05, 0.025] {
+                assert_eq!(
+                    sum_half_width(scales, alpha),
+                    direct_half_width(scales, alpha),
+                    "{scales:?} at {alpha}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn binned_convolution_is_a_distribution() {
+        let q: f64 = (-1.0f64 / 3.0).exp();
+        let h = 2;
+        let lo_edge = |b: i64| b * h - h / 2;
+        let bin = |b: i64| upper_tail(q, lo_edge(b)) - upper_tail(q, lo_edge(b + 1));
+        let kernel = Binned {
+            center: bin(0),
+            right: bin(1),
+            left: bin(-1),
+            ratio: q.powi(h as i32),
+            reach: 60,
+        };
+        let once = kernel.convolve(&[1.0]);
+        for (i, m) in once.iter().enumerate() {
+            let b = i as i64 - 60;
+            assert!((m - bin(b)).abs() < 1e-15, "bin {b}: {m} vs {}", bin(b));
+        }
+        let twice = kernel.convolve(&once);
+        assert!((twice.iter().sum::<f64>() - 1.0).abs() < 1e-9);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use fedq_node::distribution::{self as dist, BinNoise};
 use fedq_proto::v1::OutputKind;
 
-use crate::combine::{total, Estimate, OutputSpec, Parts, ALPHA};
+use crate::combine::{total, Estimate, HalfWidths, OutputSpec, Parts, ALPHA};
 
 /// The federated quantile: the nodes' noisy histograms are summed bin by
 /// bin (each bin's noise is then the sum of the nodes' independent
@@ -39,14 +39,14 @@ pub(crate) fn quantile(p: &Parts, spec: &OutputSpec) -> Option<Estimate> {
 /// union bound): it is the range of the formula over that box, cut to
 /// `[0, (max - min)^2 / 4 * N / (N - 1)]`, the largest sample variance of
 /// values within the declared bounds.
-pub(crate) fn variance(p: &Parts, spec: &OutputSpec) -> Option<Estimate> {
+pub(crate) fn variance(p: &Parts, spec: &OutputSpec, widths: &mut HalfWidths) -> Option<Estimate> {
     if p.count.is_empty() || p.squares.is_empty() {
         return None;
     }
     let each = ALPHA / 3.0;
-    let n = total(&p.count, each);
-    let s = total(&p.main, each);
-    let q = total(&p.squares, each);
+    let n = total(&p.count, each, widths);
+    let s = total(&p.main, each, widths);
+    let q = total(&p.squares, each, widths);
     let (min, max) = spec.bounds?;
     let c = spec.center as f64;
     let ceiling = |n: f64| (max - min) as f64 * (max - min) as f64 / 4.0 * n / (n - 1.0);

@@ -3,11 +3,16 @@
 //! have been answered.
 //!
 //! **Guarantee.** [`Ledger::admit`] checks the limits and records the debit
-//! in one sled transaction on the `ledger` tree and flushes it to disk
-//! before returning, so a release is only ever computed after its debit is
-//! durable (DESIGN invariant 3). Admissions are also serialised by a mutex,
-//! so concurrent queries are checked against each other's debits and can
-//! never overspend; a crash after a debit can only lose budget, never gain it.
+//! in one sled transaction on the `ledger` tree and waits until a flush has
+//! made it durable before returning, so a release is only ever computed
+//! after its debit is durable (DESIGN invariant 3). Admissions are also
+//! serialised by a mutex, so concurrent queries are checked against each
+//! other's debits and can never overspend; a crash after a debit can only
+//! lose budget, never gain it. The mutex covers the check and the write, not
+//! the flush: concurrent writers share flushes ([`crate::group_commit`]). A
+//! query admitted while an earlier debit is not yet durable was checked
+//! against that debit too, and sled's log becomes durable as a prefix, so a
+//! crash can only drop debits whose releases were never computed.
 //!
 //! Amounts are kept as integer nano-epsilon (`u64`): a debit is rounded up
 //! and a limit rounded down, so rounding never favours the analyst.
@@ -325,8 +330,11 @@ impl Ledger {
     }
 
     /// Turns a ledger transaction's outcome into the caller's result,
-    /// flushing first when it wrote something (so a debit or reservation is
-    /// durable before anyone acts on it).
+    /// waiting first, when it wrote something, for a flush that covers the
+    /// write (so a debit or reservation is durable before anyone acts on
+    /// it). Called after the admission lock is released: the next check
+    /// and debit need not wait for this one's `fsync`, and concurrent
+    /// callers share one (see [`crate::group_commit`]).
     fn settle<T>(
         &self,
         outcome: Result<T, TransactionError<Refusal>>,
@@ -335,7 +343,7 @@ impl Ledger {
         match outcome {
             Ok(o) => {
                 if flush {
-                    self.store.flush()?;
+                    self.store.wait_durable()?;
                 }
                 Ok(Ok(o))
             }
@@ -355,7 +363,7 @@ impl Ledger {
         epsilon: f64,
         limits: &BudgetLimits,
     ) -> anyhow::Result<Result<Admission, Refusal>> {
-        let _guard = self.admit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let guard = self.admit_lock.lock().unwrap_or_else(|p| p.into_inner());
         let qkey = query_key(analyst, query_id);
         let debit = to_nano_ceil(epsilon);
         let outcome = (&self.tree, &self.audit.tree).transaction(|(tx, atx)| {
@@ -395,12 +403,15 @@ impl Ledger {
         });
         // Durable before any release is computed (a replay wrote nothing).
         let wrote = !matches!(outcome, Ok(Admission::Replay(_)));
+        drop(guard);
         self.settle(outcome, wrote)
     }
 
     /// Stores the released response under its query id (for replays) and
-    /// logs the release, in one commit, and flushes both before the response
-    /// is sent. The stored copy and `response` get the audit head after the
+    /// logs the release, in one commit, and waits until both are durable
+    /// before the response is sent: otherwise a crash after the answer left
+    /// would leave the id pending, and a retry would compute a second,
+    /// independent release under the one debit. The stored copy and `response` get the audit head after the
     /// release entry, which is also returned.
     pub fn record_release(
         &self,
@@ -434,7 +445,7 @@ impl Ledger {
                 Ok(head)
             })
             .map_err(|e| anyhow::anyhow!("cannot record the release: {e:?}"))?;
-        self.store.flush()?;
+        self.store.wait_durable()?;
         response.audit_head = Some(head.to_proto());
         Ok(head)
     }
@@ -454,7 +465,7 @@ impl Ledger {
         sql: &str,
         expires_ms: u64,
     ) -> anyhow::Result<Result<ReserveOutcome, Refusal>> {
-        let _guard = self.admit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let guard = self.admit_lock.lock().unwrap_or_else(|p| p.into_inner());
         let qkey = query_key(analyst, query_id);
         let debit = to_nano_ceil(epsilon);
         let outcome = (&self.tree, &self.audit.tree).transaction(|(tx, atx)| {
@@ -508,6 +519,7 @@ impl Ledger {
                 expires_ms,
             ))
         });
+        drop(guard);
         self.settle(outcome, true)
     }
 
@@ -519,7 +531,7 @@ impl Ledger {
         query_id: &str,
         now_ms: u64,
     ) -> anyhow::Result<Result<Committed, Refusal>> {
-        let _guard = self.admit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let guard = self.admit_lock.lock().unwrap_or_else(|p| p.into_inner());
         let qkey = query_key(analyst, query_id);
         let outcome = self.tree.transaction(|tx| {
             let Some(rec) = tx.get(&qkey)?.and_then(|v| QueryRecord::decode(&v)) else {
@@ -552,6 +564,7 @@ impl Ledger {
                 }
             }
         });
+        drop(guard);
         self.settle(outcome, true)
     }
 
@@ -564,7 +577,7 @@ impl Ledger {
         reason: &str,
         now_ms: Option<u64>,
     ) -> anyhow::Result<f64> {
-        let _guard = self.admit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let guard = self.admit_lock.lock().unwrap_or_else(|p| p.into_inner());
         let qkey = query_key(analyst, query_id);
         let returned = (&self.tree, &self.audit.tree)
             .transaction(|(tx, atx)| {
@@ -606,8 +619,9 @@ impl Ledger {
                 Ok(r.nano)
             })
             .map_err(|e| anyhow::anyhow!("cannot return the reservation: {e:?}"))?;
+        drop(guard);
         if returned > 0 {
-            self.store.flush()?;
+            self.store.wait_durable()?;
         }
         Ok(from_nano(returned))
     }
@@ -641,7 +655,7 @@ impl Ledger {
         if !(epsilon.is_finite() && epsilon > 0.0) {
             anyhow::bail!("a grant must be a positive, finite epsilon (got {epsilon})");
         }
-        let _guard = self.admit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let guard = self.admit_lock.lock().unwrap_or_else(|p| p.into_inner());
         let gkey = grant_key(dataset, analyst);
         let add = to_nano_floor(epsilon);
         let total = (&self.tree, &self.audit.tree)
@@ -662,7 +676,8 @@ impl Ledger {
                 Ok(after)
             })
             .map_err(|e| anyhow::anyhow!("cannot record the grant: {e:?}"))?;
-        self.store.flush()?;
+        drop(guard);
+        self.store.wait_durable()?;
         Ok(from_nano(total))
     }
 

@@ -11,6 +11,7 @@
 //!   cells are encoded. Sensitivity comes only from here.
 //! - [`ingest`]: CSV → validated rows → one atomic, durable store commit.
 //! - [`store`]: the sled database (rows, ledger, answered queries).
+//! - [`group_commit`]: concurrent ledger writes made durable by shared flushes.
 //! - [`backup`]: backup and restore of a stopped node's store, never over a newer ledger.
 //! - [`table`]: the in-memory columnar view that queries scan.
 //! - [`plan`]: SQL (via `sqlparser`) → a typed, validated query plan.
@@ -28,6 +29,7 @@ pub mod audit_report;
 pub mod backup;
 pub mod config;
 pub mod distribution;
+pub mod group_commit;
 pub mod ingest;
 pub mod ledger;
 pub mod mechanism;

@@ -526,6 +526,49 @@ fn refusal_status(
     status
 }
 
+/// Where a query's time goes on the node, logged at debug level under the
+/// target `fedq_node::timing` (`RUST_LOG=fedq_node::timing=debug`) for the
+/// benchmarks. It records durations only, never a value (DESIGN invariant 2).
+struct StageClock {
+    /// When the current stage began.
+    last: std::time::Instant,
+    /// Finished stages: name and microseconds.
+    stages: Vec<(&'static str, u128)>,
+}
+
+impl StageClock {
+    /// A clock whose first stage began at `since`; only built when the
+    /// timing log is on, so queries pay nothing otherwise.
+    fn start(since: std::time::Instant) -> Option<StageClock> {
+        tracing::enabled!(target: "fedq_node::timing", tracing::Level::DEBUG).then(|| StageClock {
+            last: since,
+            stages: Vec::with_capacity(7),
+        })
+    }
+
+    /// Ends the current stage under `name` and starts the next.
+    fn lap(clock: &mut Option<StageClock>, name: &'static str) {
+        if let Some(c) = clock {
+            let now = std::time::Instant::now();
+            c.stages
+                .push((name, now.duration_since(c.last).as_micros()));
+            c.last = now;
+        }
+    }
+
+    /// Logs the stages of `query_id`.
+    fn log(clock: Option<StageClock>, query_id: &str) {
+        if let Some(c) = clock {
+            let stages: Vec<String> = c
+                .stages
+                .iter()
+                .map(|(n, us)| format!("{n}={us}us"))
+                .collect();
+            tracing::debug!(target: "fedq_node::timing", query_id, stages = %stages.join(" "), "query stages");
+        }
+    }
+}
+
 /// The blocking part of a one-phase query: debit, compute, add noise, record.
 fn run_query(
     state: &NodeState,
@@ -533,6 +576,7 @@ fn run_query(
     q: &QueryRequest,
     plan: &Plan,
     response: QueryResponse,
+    clock: &mut Option<StageClock>,
 ) -> Result<QueryResponse, Status> {
     let ds = &state.datasets[&plan.dataset];
     let _guard = enter(state, analyst, &q.query_id)?;
@@ -549,10 +593,11 @@ fn run_query(
         )
         .map_err(internal)?
         .map_err(|r| refusal_status(state, analyst, &q.query_id, r))?;
+    StageClock::lap(clock, "debit_durable");
     match admission {
         Admission::Replay(bytes) => replay(state, analyst, &q.query_id, &bytes),
         Admission::Debited(b) | Admission::Resume(b) => {
-            release(state, analyst, q, plan, response, b, digest)
+            release(state, analyst, q, plan, response, b, digest, clock)
         }
     }
 }
@@ -583,6 +628,7 @@ fn replay(
 
 /// Computes exact aggregates, adds OpenDP noise and records the release.
 /// Only called once the debit (or reservation) is durable.
+#[allow(clippy::too_many_arguments)]
 fn release(
     state: &NodeState,
     analyst: &str,
@@ -591,9 +637,11 @@ fn release(
     mut response: QueryResponse,
     budget: BudgetState,
     digest: [u8; 32],
+    clock: &mut Option<StageClock>,
 ) -> Result<QueryResponse, Status> {
     let ds = &state.datasets[&plan.dataset];
     let exact = ds.table.exact(plan);
+    StageClock::lap(clock, "exact");
     for (m, values) in response.measurements.iter_mut().zip(exact) {
         m.values = mechanism::release_discrete_laplace(&values, m.scale).map_err(|e| {
             tracing::error!(query_id = %q.query_id, error = %e, "noise failed after the debit");
@@ -602,6 +650,7 @@ fn release(
             )
         })?;
     }
+    StageClock::lap(clock, "noise");
     response.budget = Some(budget_proto(analyst, &ds.config, budget));
     let logged = response
         .measurements
@@ -625,6 +674,7 @@ fn release(
             &mut response,
         )
         .map_err(internal)?;
+    StageClock::lap(clock, "release_durable");
     tracing::info!(
         analyst,
         query_id = %q.query_id,
@@ -786,6 +836,7 @@ impl Node for NodeService {
     }
 
     async fn query(&self, req: Request<QueryRequest>) -> Result<Response<QueryResponse>, Status> {
+        let received = std::time::Instant::now();
         let who = caller(&req)?;
         require_analyst(&self.state, &who)?;
         let q = req.into_inner();
@@ -793,7 +844,10 @@ impl Node for NodeService {
         let answer = self
             .state
             .within_deadline(slot, move |state| {
+                let mut clock = StageClock::start(received);
+                StageClock::lap(&mut clock, "queued");
                 let (plan, mut response) = accept(state, &who, &q)?;
+                StageClock::lap(&mut clock, "accept");
                 if q.dry_run {
                     let ds = &state.datasets[&plan.dataset];
                     let b = state
@@ -803,7 +857,9 @@ impl Node for NodeService {
                     response.budget = Some(budget_proto(&who.name, &ds.config, b));
                     return Ok(response);
                 }
-                run_query(state, &who.name, &q, &plan, response)
+                let answer = run_query(state, &who.name, &q, &plan, response, &mut clock);
+                StageClock::log(clock, &q.query_id);
+                answer
             })
             .await?;
         Ok(Response::new(answer))
@@ -904,7 +960,7 @@ impl Node for NodeService {
                     .ledger
                     .state(&who.name, &plan.dataset, &ds.config.budget)
                     .map_err(internal)?;
-                release(state, &who.name, &q, &plan, response, b, digest)
+                release(state, &who.name, &q, &plan, response, b, digest, &mut None)
             })
             .await?;
         Ok(Response::new(answer))

@@ -16,9 +16,11 @@
 //! whole or not at all.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
 
+use crate::group_commit::GroupCommit;
 use crate::schema::Schema;
 use crate::table::{encode_chunk, Table};
 
@@ -44,6 +46,8 @@ pub struct Store {
     pub ledger: sled::Tree,
     /// The audit log tree, used by [`crate::audit::AuditLog`].
     pub audit: sled::Tree,
+    /// Shared flushes for the ledger's durable points (one per database).
+    commits: Arc<GroupCommit>,
 }
 
 impl Store {
@@ -71,6 +75,7 @@ impl Store {
             }
         }
         Ok(Store {
+            commits: Arc::new(GroupCommit::new(db.clone())),
             db,
             data,
             ledger,
@@ -82,6 +87,17 @@ impl Store {
     pub fn flush(&self) -> anyhow::Result<()> {
         self.db.flush()?;
         Ok(())
+    }
+
+    /// Blocks until everything this thread wrote so far is durable, sharing
+    /// the flush with concurrent callers (see [`crate::group_commit`]).
+    pub fn wait_durable(&self) -> anyhow::Result<()> {
+        self.commits.wait_durable()
+    }
+
+    /// Flushes run by [`Store::wait_durable`] since the store was opened.
+    pub fn group_flushes(&self) -> u64 {
+        self.commits.flushes()
     }
 
     /// The schema digest a dataset's rows were ingested under, if any rows

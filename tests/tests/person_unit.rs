@@ -58,7 +58,10 @@ async fn person_level_unit_scales_sensitivity_and_hides_the_identifier() {
         let e = fedq_node::ingest::ingest_csv(&store, "cases", &schema, &bad, false)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("person identifier is missing") && e.contains(":43"), "{e}");
+        assert!(
+            e.contains("person identifier is missing") && e.contains(":43"),
+            "{e}"
+        );
     }
     fed.nodes.push(TestNode {
         name: "persons".into(),
@@ -67,7 +70,9 @@ async fn person_level_unit_scales_sensitivity_and_hides_the_identifier() {
         running: None,
     });
     fed.start_node(0).await;
-    let mut client = fed.raw_client(0, fedq_node::pki::Role::Analyst, "alice").await;
+    let mut client = fed
+        .raw_client(0, fedq_node::pki::Role::Analyst, "alice")
+        .await;
 
     let d = client
         .describe(DescribeRequest {})
@@ -117,7 +122,11 @@ async fn person_level_unit_scales_sensitivity_and_hides_the_identifier() {
             })
             .await
             .unwrap_err();
-        assert!(e.message().contains("person identifier"), "{sql}: {}", e.message());
+        assert!(
+            e.message().contains("person identifier"),
+            "{sql}: {}",
+            e.message()
+        );
     }
     let after = client.budget(BudgetRequest {}).await.unwrap().into_inner();
     assert_eq!(

@@ -123,6 +123,15 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // In-process nodes log through this (e.g. their per-stage timings with
+    // RUST_LOG=fedq_node::timing=debug); quiet by default.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -412,20 +421,28 @@ async fn measure(fed: &Federation, load: &Load) -> anyhow::Result<()> {
     }
 
     let mut samples = Vec::with_capacity(load.queries);
+    let mut slowest = Vec::with_capacity(load.queries);
+    let mut combining = Vec::with_capacity(load.queries);
     let wall = Instant::now();
     for i in 0..load.queries {
         let req = request(i, load.epsilon);
         let start = Instant::now();
         let outcomes = fan_out(&clients, &cfg.nodes, req.clone()).await?;
+        let fanned = Instant::now();
         let combined = fedq::combine::combine(&req.sql, &req.query_id, req.epsilon, &outcomes);
         std::hint::black_box(&combined);
         samples.push(start.elapsed());
+        combining.push(fanned.elapsed());
+        slowest.push(outcomes.iter().map(|o| o.elapsed).max().unwrap_or_default());
     }
+    let wall = wall.elapsed();
     summary(
         &format!("e2e warm, {} nodes, sequential", cfg.nodes.len()),
         samples,
-        wall.elapsed(),
+        wall,
     );
+    summary("  of which: slowest node's call", slowest, wall);
+    summary("  of which: combine (coordinator CPU)", combining, wall);
 
     let mut samples = Vec::with_capacity(load.cold_queries);
     let wall = Instant::now();
