@@ -347,13 +347,27 @@ pub fn render_budgets(
         match &o.result {
             Ok(b) => {
                 for x in &b.budgets {
+                    // zCDP ledgers count rho; say so, with the (epsilon,
+                    // delta) equivalent of what was spent.
+                    let (unit, spent_eq) = if x.measure == "zcdp" {
+                        (
+                            " rho",
+                            format!(
+                                " = ({}, {})-DP",
+                                equivalent_epsilon(x.spent_epsilon),
+                                x.spent_delta
+                            ),
+                        )
+                    } else {
+                        ("", String::new())
+                    };
                     rows.push([
                         o.node.clone(),
                         x.dataset.clone(),
-                        format!("{:.4}", x.spent_by_analyst),
-                        format!("{:.4}", x.remaining_for_analyst),
-                        format!("{:.4}", x.remaining_for_dataset),
-                        format!("{}", x.per_query_max),
+                        format!("{:.4}{unit}{spent_eq}", x.spent_by_analyst),
+                        format!("{:.4}{unit}", x.remaining_for_analyst),
+                        format!("{:.4}{unit}", x.remaining_for_dataset),
+                        format!("{}{unit}", x.per_query_max),
                     ]);
                 }
             }

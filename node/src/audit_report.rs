@@ -135,8 +135,8 @@ pub fn summarize(entries: &[Entry]) -> Vec<SummaryRow> {
 /// The summary as a plain-text table.
 pub fn summary_table(rows: &[SummaryRow]) -> String {
     let mut out = format!(
-        "{:<24} {:<12} {:>8} {:>8} {:>8} {:>10} {:>9} {:>10}\n",
-        "analyst", "dataset", "answered", "refused", "unit", "spent", "granted", "remaining"
+        "{:<24} {:<12} {:>8} {:>8} {:>10} {:>9} {:>10}  {}\n",
+        "analyst", "dataset", "answered", "refused", "spent", "granted", "remaining", "unit"
     );
     for r in rows {
         let unit = if r.measure == "zcdp" {
@@ -146,7 +146,7 @@ pub fn summary_table(rows: &[SummaryRow]) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<24} {:<12} {:>8} {:>8} {:>8} {:>10.4} {:>9.4} {:>10}",
+            "{:<24} {:<12} {:>8} {:>8} {:>10.4} {:>9.4} {:>10}  {unit}",
             r.analyst,
             if r.dataset.is_empty() {
                 "?"
@@ -155,7 +155,6 @@ pub fn summary_table(rows: &[SummaryRow]) -> String {
             },
             r.answered,
             r.refused,
-            unit,
             r.spent,
             r.granted,
             r.remaining

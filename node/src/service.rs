@@ -837,6 +837,8 @@ impl Node for NodeService {
                     description: d.config.description.clone(),
                     columns: d.schema.to_proto(),
                     privacy_unit: "record".into(),
+                    measure: d.config.budget.measure.name().into(),
+                    delta: d.config.budget.equivalence_delta(),
                 }
             })
             .collect();
