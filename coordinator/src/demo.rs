@@ -98,6 +98,8 @@ pub fn build_federation(dir: &Path, out: &mut impl std::io::Write) -> anyhow::Re
                     per_analyst: 10.0,
                     total: 50.0,
                     per_query_max: 2.0,
+                    measure: Default::default(),
+                    delta: None,
                 },
                 columns: synth::ctdc_columns(),
                 privacy_unit: None,
@@ -235,6 +237,7 @@ pub async fn run(dir: Option<PathBuf>, serve: bool) -> anyhow::Result<()> {
                     sql: sql.into(),
                     epsilon,
                     dry_run: false,
+                    rho: 0.0,
                 },
                 timeout,
             )
@@ -286,6 +289,7 @@ pub async fn run(dir: Option<PathBuf>, serve: bool) -> anyhow::Result<()> {
                     sql: sql.into(),
                     epsilon,
                     dry_run: false,
+                    rho: 0.0,
                 },
                 Duration::from_secs(5),
             )

@@ -3,6 +3,7 @@
 //! values reach this module; everything here is post-processing.
 
 use fedq_node::distribution::{self as dist, BinNoise};
+use fedq_node::mechanism::Noise;
 use fedq_proto::v1::OutputKind;
 
 use crate::combine::{total, Estimate, HalfWidths, OutputSpec, Parts, ALPHA};
@@ -19,11 +20,16 @@ pub(crate) fn quantile(p: &Parts, spec: &OutputSpec) -> Option<Estimate> {
             *c = c.saturating_add(*v);
         }
     }
+    // A node reporting an unknown mechanism leaves no interval to compute.
     let noises: Vec<BinNoise> = p
         .bins
         .iter()
-        .map(|(_, scale)| BinNoise::DiscreteLaplace(*scale))
-        .collect();
+        .map(|(_, noise)| match noise {
+            Some(Noise::DiscreteLaplace { scale }) => Some(BinNoise::DiscreteLaplace(*scale)),
+            Some(Noise::DiscreteGaussian { scale }) => Some(BinNoise::DiscreteGaussian(*scale)),
+            None => None,
+        })
+        .collect::<Option<_>>()?;
     let q = dist::quantile(&p.edges, &counts, &noises, spec.quantile, ALPHA)?;
     Some(Estimate {
         value: q.value,

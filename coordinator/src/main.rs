@@ -47,19 +47,28 @@ SQL subset: SELECT [group columns,] COUNT(*) | COUNT(col) | SUM(col) | AVG(col) 
 [WHERE col = | <> | < | <= | > | >= literal, col [NOT] IN (...), col [NOT] BETWEEN a AND b, col IS [NOT] NULL, AND, OR, NOT]\n  \
 [GROUP BY categorical or boolean columns]. Every key of the declared domain is returned, plus (missing).\n\n\
 --epsilon is spent on every node that answers, split evenly across the measurements of the query.\n\
+--rho asks for zCDP instead (discrete Gaussian noise), on nodes whose dataset accounts in zCDP;\n\
+  each answer states its cost in the node's measure and its (epsilon, delta) equivalent.\n\
 Retrying with the same --query-id returns the same release without spending again.")]
     Query {
         /// Path to federation.toml.
         #[arg(long)]
         federation: PathBuf,
-        /// Privacy cost per node (pure epsilon-DP), e.g. 0.5; with --file, the
-        /// total, split evenly across the file's queries.
+        /// Privacy cost per node (pure epsilon-DP, discrete Laplace noise),
+        /// e.g. 0.5; with --file, the total, split evenly across the file's
+        /// queries.
         #[arg(
             long,
             allow_negative_numbers = true,
-            required_unless_present = "target_ci"
+            required_unless_present_any = ["target_ci", "rho"],
+            conflicts_with = "rho"
         )]
         epsilon: Option<f64>,
+        /// Privacy cost per node in zero-concentrated DP (rho-zCDP, discrete
+        /// Gaussian noise), e.g. 0.05; only nodes whose dataset accounts in
+        /// zCDP accept it. With --file, the total, split evenly.
+        #[arg(long, allow_negative_numbers = true)]
+        rho: Option<f64>,
         /// Pick the smallest epsilon whose expected combined 95% CI half-width
         /// is at most this (for every released count and sum); asks to confirm.
         #[arg(long, conflicts_with_all = ["epsilon", "file"])]
@@ -259,6 +268,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Query {
             federation,
             epsilon,
+            rho,
             target_ci,
             yes,
             output,
@@ -302,33 +312,44 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 (None, Some(sql)) => vec![sql],
                 (None, None) => bail!("give a SQL query or --file"),
             };
-            let epsilon = match (epsilon, target_ci) {
-                (Some(e), _) => e,
-                (None, Some(w)) => {
+            let (unit, total) = match (epsilon, rho, target_ci) {
+                (Some(e), _, _) => ("epsilon", e),
+                (None, Some(_), Some(_)) => bail!(
+                    "--target-ci picks an epsilon (discrete Laplace) only; with --rho, run the query with --dry-run to see the expected combined 95% intervals"
+                ),
+                (None, Some(r), None) => ("rho", r),
+                (None, None, Some(w)) => {
                     let e = pick_epsilon(&fed, &queries[0], w, calls).await?;
                     if !yes {
                         confirm(&format!("spend epsilon {e} per node?"))?;
                     }
-                    e
+                    ("epsilon", e)
                 }
-                (None, None) => bail!("give --epsilon or --target-ci"),
+                (None, None, None) => bail!("give --epsilon, --rho or --target-ci"),
             };
-            if !(epsilon.is_finite() && epsilon > 0.0) {
-                bail!("--epsilon must be a positive, finite number such as 0.5 (got {epsilon})");
+            if !(total.is_finite() && total > 0.0) {
+                let example = if unit == "rho" { "0.05" } else { "0.5" };
+                bail!("--{unit} must be a positive, finite number such as {example} (got {total})");
             }
-            let each = epsilon / queries.len() as f64;
+            let each = total / queries.len() as f64;
             if queries.len() > 1 {
                 eprintln!(
-                    "{} queries; epsilon {epsilon} split evenly: {each} each",
+                    "{} queries; {unit} {total} split evenly: {each} each",
                     queries.len()
                 );
             }
+            let (each_epsilon, each_rho) = if unit == "rho" {
+                (0.0, each)
+            } else {
+                (each, 0.0)
+            };
             let terminal = std::io::stdout().is_terminal();
             let mut saved = Vec::new();
             let mut code = EXIT_OK;
             for sql in &queries {
                 let opts = QueryOptions {
-                    epsilon: each,
+                    epsilon: each_epsilon,
+                    rho: each_rho,
                     dry_run,
                     calls,
                     min_nodes,
@@ -350,7 +371,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                         eprintln!("warning: could not record the nodes' audit heads: {e:#}");
                     }
                 }
-                let combined = combine(sql, &opts.query_id, each, &outcomes);
+                let combined = combine(sql, &opts.query_id, each_epsilon, &outcomes);
                 let text = if dry_run {
                     render_plan(sql, &outcomes, output)?
                 } else {
@@ -631,6 +652,7 @@ async fn pick_epsilon(
     let probe = 1e-3;
     let opts = QueryOptions {
         epsilon: probe,
+        rho: 0.0,
         dry_run: true,
         calls,
         min_nodes: None,

@@ -38,6 +38,16 @@ fn number(v: f64) -> String {
     }
 }
 
+/// An (epsilon, delta) equivalent's epsilon, to four significant digits.
+fn equivalent_epsilon(e: f64) -> String {
+    if e == 0.0 || !e.is_finite() {
+        format!("{e}")
+    } else {
+        let digits = (3 - e.abs().log10().floor() as i32).max(0) as usize;
+        format!("{e:.digits$}")
+    }
+}
+
 fn interval(e: &Estimate) -> String {
     format!("[{}, {}]", number(e.ci_low), number(e.ci_high))
 }
@@ -94,8 +104,18 @@ pub fn render_with(c: &Combined, format: Format, bars: bool) -> anyhow::Result<S
         Format::Table => {
             let mut out = String::new();
             let answered = c.nodes.iter().filter(|n| n.failure.is_none()).count();
+            let asked = if c.rho > 0.0 {
+                format!("rho {} per node", c.rho)
+            } else {
+                format!("epsilon {} per node", c.epsilon)
+            };
+            let mechanisms = if c.mechanisms.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", c.mechanisms.join(", "))
+            };
             out.push_str(&format!(
-                "{}\n{} · dataset {} · epsilon {} per node · {answered}/{} nodes answered{}\n",
+                "{}\n{} · dataset {} · {asked}{mechanisms} · {answered}/{} nodes answered{}\n",
                 c.sql,
                 if c.dry_run {
                     "DRY RUN (nothing spent)"
@@ -103,7 +123,6 @@ pub fn render_with(c: &Combined, format: Format, bars: bool) -> anyhow::Result<S
                     "result"
                 },
                 c.dataset,
-                c.epsilon,
                 c.nodes.len(),
                 if c.partial { " · PARTIAL RESULT" } else { "" }
             ));
@@ -162,18 +181,38 @@ pub fn render_with(c: &Combined, format: Format, bars: bool) -> anyhow::Result<S
             }
             out.push_str("nodes:\n");
             for n in &c.nodes {
+                let unit = if n.measure.as_deref() == Some("zcdp") {
+                    "rho"
+                } else {
+                    "epsilon"
+                };
                 match &n.failure {
                     None => out.push_str(&format!(
-                        "  {:<18} {:<20} {:>7.1} ms  remaining epsilon: {} (you), {} (dataset)\n",
+                        "  {:<18} {:<20} {:>7.1} ms  {}remaining {unit}: {} (you), {} (dataset){}\n",
                         n.node,
                         n.status,
                         n.elapsed_ms,
+                        n.cost
+                            .map(|k| format!(
+                                "{} {unit} {} = ({}, {})-DP · ",
+                                if c.dry_run { "would cost" } else { "cost" },
+                                k.amount,
+                                equivalent_epsilon(k.epsilon),
+                                k.delta
+                            ))
+                            .unwrap_or_default(),
                         n.remaining_for_analyst
                             .map(|v| format!("{v:.3}"))
                             .unwrap_or_else(|| "?".into()),
                         n.remaining_for_dataset
                             .map(|v| format!("{v:.3}"))
                             .unwrap_or_else(|| "?".into()),
+                        n.spent_equivalent
+                            .map(|(e, d)| format!(
+                                " · you have spent ({}, {d})-DP there",
+                                equivalent_epsilon(e)
+                            ))
+                            .unwrap_or_default(),
                     )),
                     Some(f) => out.push_str(&format!("  {:<18} {f}\n", n.node)),
                 }
@@ -308,13 +347,27 @@ pub fn render_budgets(
         match &o.result {
             Ok(b) => {
                 for x in &b.budgets {
+                    // zCDP ledgers count rho; say so, with the (epsilon,
+                    // delta) equivalent of what was spent.
+                    let (unit, spent_eq) = if x.measure == "zcdp" {
+                        (
+                            " rho",
+                            format!(
+                                " = ({}, {})-DP",
+                                equivalent_epsilon(x.spent_epsilon),
+                                x.spent_delta
+                            ),
+                        )
+                    } else {
+                        ("", String::new())
+                    };
                     rows.push([
                         o.node.clone(),
                         x.dataset.clone(),
-                        format!("{:.4}", x.spent_by_analyst),
-                        format!("{:.4}", x.remaining_for_analyst),
-                        format!("{:.4}", x.remaining_for_dataset),
-                        format!("{}", x.per_query_max),
+                        format!("{:.4}{unit}{spent_eq}", x.spent_by_analyst),
+                        format!("{:.4}{unit}", x.remaining_for_analyst),
+                        format!("{:.4}{unit}", x.remaining_for_dataset),
+                        format!("{}{unit}", x.per_query_max),
                     ]);
                 }
             }
@@ -355,27 +408,33 @@ pub fn render_plan(
         .first()
         .map(|r| r.measurements.iter().map(|m| m.label.clone()).collect())
         .unwrap_or_default();
-    // (label, node, epsilon, mechanism, scale, half-width)
+    // (label, node, epsilon or rho, mechanism, scale, half-width)
     let mut rows: Vec<(String, String, f64, String, f64, f64)> = Vec::new();
     for label in &labels {
-        let mut scales = Vec::new();
+        let mut noises = Vec::new();
         for r in &answered {
             if let Some(m) = r.measurements.iter().find(|m| &m.label == label) {
                 rows.push((
                     label.clone(),
                     r.node_name.clone(),
-                    m.epsilon,
+                    m.epsilon + m.rho,
                     m.mechanism.clone(),
                     m.scale,
                     m.ci95_half_width,
                 ));
-                scales.push(m.scale);
+                noises.push(fedq_node::mechanism::Noise::reported(&m.mechanism, m.scale));
             }
         }
-        let combined = crate::combine::sum_half_width(&scales, crate::combine::ALPHA);
+        let count = noises.len();
+        let combined = noises
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .map_or(f64::INFINITY, |n| {
+                crate::combine::noise_sum_half_width(&n, crate::combine::ALPHA)
+            });
         rows.push((
             label.clone(),
-            format!("combined ({} nodes)", scales.len()),
+            format!("combined ({count} nodes)"),
             f64::NAN,
             String::new(),
             f64::NAN,
@@ -391,7 +450,9 @@ pub fn render_plan(
                 "cells": cells,
                 "measurements": rows.iter().map(|(l, n, e, m, sc, hw)| serde_json::json!({
                     "measurement": l, "node": n,
-                    "epsilon": e.is_finite().then_some(*e), "mechanism": (!m.is_empty()).then_some(m),
+                    "epsilon": (e.is_finite() && m != "discrete_gaussian").then_some(*e),
+                    "rho": (e.is_finite() && m == "discrete_gaussian").then_some(*e),
+                    "mechanism": (!m.is_empty()).then_some(m),
                     "scale": sc.is_finite().then_some(*sc), "ci95_half_width": hw,
                 })).collect::<Vec<_>>(),
                 "nodes": outcomes.iter().map(|o| serde_json::json!({
@@ -407,7 +468,7 @@ pub fn render_plan(
             w.write_record([
                 "measurement",
                 "node",
-                "epsilon",
+                "epsilon_or_rho",
                 "mechanism",
                 "scale",
                 "ci95_half_width",
@@ -437,7 +498,7 @@ pub fn render_plan(
             t.set_header([
                 "measurement",
                 "node",
-                "epsilon",
+                "epsilon / rho",
                 "mechanism",
                 "scale",
                 "expected 95% CI",
@@ -469,8 +530,28 @@ pub fn render_plan(
                             .map(|b| format!("{:.3}", b.remaining_for_analyst))
                             .unwrap_or_else(|| "?".into());
                         out.push_str(&format!(
-                            "  {:<18} would accept · your remaining epsilon there: {left}\n",
-                            o.node
+                            "  {:<18} would accept · {}your remaining {} there: {left}\n",
+                            o.node,
+                            if r.measure.is_empty() {
+                                String::new()
+                            } else {
+                                format!(
+                                    "would cost {} {} = ({}, {})-DP · ",
+                                    if r.measure == "zcdp" {
+                                        "rho"
+                                    } else {
+                                        "epsilon"
+                                    },
+                                    r.cost,
+                                    equivalent_epsilon(r.cost_epsilon),
+                                    r.cost_delta
+                                )
+                            },
+                            if r.measure == "zcdp" {
+                                "rho"
+                            } else {
+                                "epsilon"
+                            }
                         ));
                     }
                     Err(f) => out.push_str(&format!("  {:<18} {f}\n", o.node)),

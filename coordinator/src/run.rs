@@ -24,8 +24,12 @@ use crate::federation::NodeEntry;
 /// How to run a query.
 #[derive(Debug, Clone)]
 pub struct QueryOptions {
-    /// Privacy cost per node.
+    /// Privacy cost per node, pure epsilon-DP (discrete Laplace); 0 when
+    /// `rho` is given.
     pub epsilon: f64,
+    /// Privacy cost per node, rho-zCDP (discrete Gaussian); 0 when
+    /// `epsilon` is given.
+    pub rho: f64,
     /// Plan only: spend nothing.
     pub dry_run: bool,
     /// Per-node deadline and retries.
@@ -81,6 +85,9 @@ fn required(opts: &QueryOptions) -> Vec<&'static str> {
     }
     if opts.min_nodes.is_some() {
         caps.push("two_phase");
+    }
+    if opts.rho > 0.0 {
+        caps.push("zcdp");
     }
     caps
 }
@@ -157,6 +164,7 @@ pub async fn run_query(
         sql: sql.to_string(),
         epsilon: opts.epsilon,
         dry_run: opts.dry_run,
+        rho: opts.rho,
     };
     let failed = |v: &[Outcome<()>]| -> Vec<Outcome<QueryResponse>> {
         v.iter()

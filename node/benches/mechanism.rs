@@ -52,6 +52,8 @@ fn ledger(c: &mut Criterion) {
         per_analyst: 1e12,
         total: 1e12,
         per_query_max: 1.0,
+        measure: Default::default(),
+        delta: None,
     };
     let response = fedq_proto::v1::QueryResponse {
         query_id: "q".into(),

@@ -46,9 +46,36 @@ pub struct DatasetLimits {
     pub total: f64,
     /// Per-query maximum.
     pub per_query_max: f64,
+    /// `zcdp` when the limits are rho; empty for pure epsilon-DP (so the
+    /// limits of pure datasets read as before).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub measure: String,
+    /// zCDP: the delta of the stated (epsilon, delta) equivalents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<f64>,
+}
+
+/// The (epsilon, delta)-DP equivalent of an amount spent in a ledger's
+/// measure: `(epsilon, 0)` for pure DP, OpenDP's zCDP conversion at the
+/// dataset's configured delta for zCDP.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Equivalent {
+    /// Epsilon.
+    pub epsilon: f64,
+    /// Delta.
+    pub delta: f64,
+}
+
+/// Serde helper: fields added after the first release are left out when
+/// zero, so entries written before them hash the same.
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 /// A privacy-relevant event. Field names are part of the export format.
+/// Fields added later are `#[serde(default, skip_serializing_if)]`, so
+/// entries written before them still verify.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Event {
@@ -98,6 +125,9 @@ pub enum Event {
         epsilon: f64,
         /// Dry run (spends nothing).
         dry_run: bool,
+        /// Requested rho (zCDP), if the query asked for rho.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        rho: f64,
     },
     /// A query was refused; nothing was spent.
     Refused {
@@ -116,12 +146,24 @@ pub enum Event {
         query_id: String,
         /// Dataset.
         dataset: String,
-        /// Epsilon debited.
+        /// Epsilon debited (pure ledger).
         epsilon: f64,
         /// The analyst's total spent on the dataset after the debit.
         analyst_spent: f64,
         /// The dataset's total spent after the debit.
         dataset_spent: f64,
+        /// The ledger's measure (`pure` or `zcdp`); empty in entries
+        /// written before zCDP existed, which are all pure.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        measure: String,
+        /// Rho debited, for a zCDP ledger (`epsilon` is then 0, and the
+        /// spent totals are rho).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        rho: f64,
+        /// The (epsilon, delta) equivalent of the analyst's total spent on
+        /// the dataset after this entry.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        analyst_spent_equivalent: Option<Equivalent>,
     },
     /// Budget was reserved by a two-phase Prepare (a debit until committed,
     /// cancelled or expired).
@@ -140,6 +182,18 @@ pub enum Event {
         dataset_spent: f64,
         /// When it expires (ms since the Unix epoch).
         expires_ms: u64,
+        /// The ledger's measure (`pure` or `zcdp`); empty in entries
+        /// written before zCDP existed, which are all pure.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        measure: String,
+        /// Rho debited, for a zCDP ledger (`epsilon` is then 0, and the
+        /// spent totals are rho).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        rho: f64,
+        /// The (epsilon, delta) equivalent of the analyst's total spent on
+        /// the dataset after this entry.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        analyst_spent_equivalent: Option<Equivalent>,
     },
     /// A reservation's budget came back: cancelled by the coordinator, or
     /// expired without a Commit. Nothing was released under it.
@@ -154,6 +208,12 @@ pub enum Event {
         epsilon: f64,
         /// `cancelled` or `expired`.
         reason: String,
+        /// The ledger's measure (empty: pure).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        measure: String,
+        /// Rho returned, for a zCDP ledger.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        rho: f64,
     },
     /// Noisy values were released (in the same commit as the stored response).
     Released {
@@ -185,6 +245,9 @@ pub enum Event {
         epsilon: f64,
         /// The analyst's total grants on the dataset after this one.
         granted_total: f64,
+        /// The ledger's measure (empty: pure); for zCDP the amounts are rho.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        measure: String,
     },
 }
 
@@ -221,6 +284,9 @@ pub struct ReleasedMeasurement {
     pub epsilon: f64,
     /// Number of released values (cells).
     pub values: u64,
+    /// Rho of this measurement (discrete Gaussian).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rho: f64,
 }
 
 /// One log entry, as stored and exported (one JSON line each).

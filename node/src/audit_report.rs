@@ -20,10 +20,12 @@ pub struct SummaryRow {
     pub answered: u64,
     /// Queries refused.
     pub refused: u64,
-    /// Epsilon debited.
+    /// Debited, in the dataset's measure (epsilon, or rho for zCDP).
     pub spent: f64,
-    /// Epsilon granted on top of the configured limit.
+    /// Granted on top of the configured limit, in the dataset's measure.
     pub granted: f64,
+    /// The dataset's measure, `pure` or `zcdp`.
+    pub measure: String,
     /// Left for this analyst under the latest logged limits, if known.
     pub remaining: Option<f64>,
 }
@@ -33,6 +35,7 @@ pub fn summarize(entries: &[Entry]) -> Vec<SummaryRow> {
     let mut rows: BTreeMap<(String, String), SummaryRow> = BTreeMap::new();
     let mut dataset_of: HashMap<(String, String), String> = HashMap::new();
     let mut limits: HashMap<String, (f64, f64)> = HashMap::new();
+    let mut measure_of: HashMap<String, String> = HashMap::new();
     let mut dataset_spent: HashMap<String, f64> = HashMap::new();
     let row = |a: &str, d: &str| -> (String, String) { (a.to_string(), d.to_string()) };
     for e in entries {
@@ -40,10 +43,12 @@ pub fn summarize(entries: &[Entry]) -> Vec<SummaryRow> {
             Event::NodeStarted { limits: l, .. } => {
                 for x in l {
                     limits.insert(x.dataset.clone(), (x.per_analyst, x.total));
+                    measure_of.insert(x.dataset.clone(), x.measure.clone());
                 }
             }
             Event::LimitsChanged { after, .. } => {
                 limits.insert(after.dataset.clone(), (after.per_analyst, after.total));
+                measure_of.insert(after.dataset.clone(), after.measure.clone());
             }
             Event::QueryReceived {
                 analyst,
@@ -64,32 +69,34 @@ pub fn summarize(entries: &[Entry]) -> Vec<SummaryRow> {
                     .unwrap_or_default();
                 rows.entry(row(analyst, &d)).or_default().refused += 1;
             }
+            // A ledger accounts in one measure, so one of epsilon and rho
+            // is 0 and their sum is the amount in that measure.
             Event::Debited {
                 analyst,
                 dataset,
                 epsilon,
+                rho,
                 ..
-            } => {
-                rows.entry(row(analyst, dataset)).or_default().spent += epsilon;
-                *dataset_spent.entry(dataset.clone()).or_default() += epsilon;
             }
-            Event::Reserved {
+            | Event::Reserved {
                 analyst,
                 dataset,
                 epsilon,
+                rho,
                 ..
             } => {
-                rows.entry(row(analyst, dataset)).or_default().spent += epsilon;
-                *dataset_spent.entry(dataset.clone()).or_default() += epsilon;
+                rows.entry(row(analyst, dataset)).or_default().spent += epsilon + rho;
+                *dataset_spent.entry(dataset.clone()).or_default() += epsilon + rho;
             }
             Event::ReservationReturned {
                 analyst,
                 dataset,
                 epsilon,
+                rho,
                 ..
             } => {
-                rows.entry(row(analyst, dataset)).or_default().spent -= epsilon;
-                *dataset_spent.entry(dataset.clone()).or_default() -= epsilon;
+                rows.entry(row(analyst, dataset)).or_default().spent -= epsilon + rho;
+                *dataset_spent.entry(dataset.clone()).or_default() -= epsilon + rho;
             }
             Event::Released {
                 analyst, dataset, ..
@@ -114,6 +121,10 @@ pub fn summarize(entries: &[Entry]) -> Vec<SummaryRow> {
                 let all = total - dataset_spent.get(&dataset).copied().unwrap_or(0.0);
                 own.min(all).max(0.0)
             });
+            r.measure = match measure_of.get(&dataset).map(String::as_str) {
+                Some("zcdp") => "zcdp".into(),
+                _ => "pure".into(),
+            };
             r.analyst = analyst;
             r.dataset = dataset;
             r
@@ -124,13 +135,18 @@ pub fn summarize(entries: &[Entry]) -> Vec<SummaryRow> {
 /// The summary as a plain-text table.
 pub fn summary_table(rows: &[SummaryRow]) -> String {
     let mut out = format!(
-        "{:<24} {:<12} {:>8} {:>8} {:>10} {:>9} {:>10}\n",
-        "analyst", "dataset", "answered", "refused", "eps spent", "granted", "remaining"
+        "{:<24} {:<12} {:>8} {:>8} {:>10} {:>9} {:>10}  {}\n",
+        "analyst", "dataset", "answered", "refused", "spent", "granted", "remaining", "unit"
     );
     for r in rows {
+        let unit = if r.measure == "zcdp" {
+            "rho"
+        } else {
+            "epsilon"
+        };
         let _ = writeln!(
             out,
-            "{:<24} {:<12} {:>8} {:>8} {:>10.4} {:>9.4} {:>10}",
+            "{:<24} {:<12} {:>8} {:>8} {:>10.4} {:>9.4} {:>10}  {unit}",
             r.analyst,
             if r.dataset.is_empty() {
                 "?"
@@ -193,12 +209,13 @@ fn series(
             analyst,
             dataset,
             epsilon,
+            rho,
             ..
         } = &e.event
         {
             let s = out.entry(key(analyst, dataset)).or_default();
             let before = s.last().map_or(0.0, |p| p.1);
-            s.push((e.time_ms, before + epsilon));
+            s.push((e.time_ms, before + epsilon + rho));
         }
     }
     out
@@ -280,11 +297,16 @@ code{{font-size:12px;word-break:break-all}}</style></head><body>\
         escape(verified),
         n = escape(node)
     );
-    page.push_str("<h2>Budget per analyst and dataset</h2><table><tr><th>analyst</th><th>dataset</th><th>answered</th><th>refused</th><th>epsilon spent</th><th>granted</th><th>remaining</th></tr>");
+    page.push_str("<h2>Budget per analyst and dataset</h2><table><tr><th>analyst</th><th>dataset</th><th>answered</th><th>refused</th><th>spent</th><th>granted</th><th>remaining</th></tr>");
     for r in summarize(entries) {
+        let unit = if r.measure == "zcdp" {
+            "rho"
+        } else {
+            "epsilon"
+        };
         let _ = write!(
             page,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.4}</td><td>{:.4}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.4} {unit}</td><td>{:.4}</td><td>{}</td></tr>",
             escape(&r.analyst),
             escape(&r.dataset),
             r.answered,
@@ -373,6 +395,8 @@ mod tests {
                         per_analyst: 1.0,
                         total: 5.0,
                         per_query_max: 1.0,
+                        measure: String::new(),
+                        delta: None,
                     }],
                 },
             ),
@@ -386,6 +410,7 @@ mod tests {
                     sql: String::new(),
                     epsilon: 0.4,
                     dry_run: false,
+                    rho: 0.0,
                 },
             ),
             entry(
@@ -398,6 +423,9 @@ mod tests {
                     epsilon: 0.4,
                     analyst_spent: 0.4,
                     dataset_spent: 0.4,
+                    measure: String::new(),
+                    rho: 0.0,
+                    analyst_spent_equivalent: None,
                 },
             ),
             entry(
@@ -421,6 +449,7 @@ mod tests {
                     sql: String::new(),
                     epsilon: 0.9,
                     dry_run: false,
+                    rho: 0.0,
                 },
             ),
             entry(
@@ -440,6 +469,7 @@ mod tests {
                     dataset: "cases".into(),
                     epsilon: 0.5,
                     granted_total: 0.5,
+                    measure: String::new(),
                 },
             ),
         ];

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
+use crate::accounting::Measure;
 use crate::schema::{ColumnSpec, Schema};
 
 /// The whole node configuration.
@@ -223,16 +224,39 @@ impl DatasetConfig {
     }
 }
 
-/// `[datasets.budget]`: epsilon limits (pure DP, basic composition).
+/// `[datasets.budget]`: privacy limits, in the dataset's measure: epsilon
+/// for `measure = "pure"` (the default; basic composition), rho for
+/// `measure = "zcdp"` (zCDP composition).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BudgetLimits {
-    /// Total epsilon any one analyst may spend on this dataset.
+    /// Total any one analyst may spend on this dataset.
     pub per_analyst: f64,
-    /// Total epsilon all analysts together may spend on this dataset.
+    /// Total all analysts together may spend on this dataset.
     pub total: f64,
-    /// Largest epsilon a single query may ask for.
+    /// Largest cost a single query may have.
     pub per_query_max: f64,
+    /// The measure the ledger accounts in. Fixed once anything was spent:
+    /// a node whose ledger has spent in another measure refuses to start.
+    #[serde(default)]
+    pub measure: Measure,
+    /// zCDP only (required there): the delta at which the (epsilon, delta)
+    /// equivalents of rho are stated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<f64>,
+}
+
+/// Largest delta a zCDP dataset may state its equivalents at.
+pub const MAX_DELTA: f64 = 1e-3;
+
+impl BudgetLimits {
+    /// The delta of (epsilon, delta) equivalents: 0 for pure DP.
+    pub fn equivalence_delta(&self) -> f64 {
+        match self.measure {
+            Measure::Pure => 0.0,
+            Measure::Zcdp => self.delta.unwrap_or(MAX_DELTA),
+        }
+    }
 }
 
 impl NodeConfig {
@@ -289,10 +313,32 @@ impl NodeConfig {
             ] {
                 if !v.is_finite() || v <= 0.0 {
                     return Err(format!(
-                        "dataset {:?}: budget.{what} must be a positive, finite epsilon (got {v})",
-                        d.name
+                        "dataset {:?}: budget.{what} must be a positive, finite {} (got {v})",
+                        d.name,
+                        b.measure.unit()
                     ));
                 }
+            }
+            match (b.measure, b.delta) {
+                (Measure::Pure, Some(_)) => {
+                    return Err(format!(
+                        "dataset {:?}: budget.delta only applies to measure = \"zcdp\" (pure epsilon-DP has delta 0); remove it",
+                        d.name
+                    ))
+                }
+                (Measure::Zcdp, None) => {
+                    return Err(format!(
+                        "dataset {:?}: measure = \"zcdp\" needs budget.delta, the delta at which (epsilon, delta) equivalents are stated (e.g. 1e-7)",
+                        d.name
+                    ))
+                }
+                (Measure::Zcdp, Some(delta)) if !(delta > 0.0 && delta <= MAX_DELTA) => {
+                    return Err(format!(
+                        "dataset {:?}: budget.delta must be in (0, {MAX_DELTA}] (got {delta})",
+                        d.name
+                    ))
+                }
+                _ => {}
             }
             d.schema()?;
         }

@@ -14,8 +14,13 @@
 //! against that debit too, and sled's log becomes durable as a prefix, so a
 //! crash can only drop debits whose releases were never computed.
 //!
-//! Amounts are kept as integer nano-epsilon (`u64`): a debit is rounded up
-//! and a limit rounded down, so rounding never favours the analyst.
+//! Amounts are kept as integer nano-units (`u64`) of the dataset's measure
+//! (`[datasets.budget] measure`): nano-epsilon for pure DP, nano-rho for
+//! zCDP. A debit is rounded up and a limit rounded down, so rounding never
+//! favours the analyst. A ledger never mixes measures: the measure is
+//! recorded with the first debit or grant (`measure/<dataset>`; a ledger
+//! with spending but no record is pure, as every ledger before zCDP was),
+//! and [`Ledger::check_measures`] refuses a config that changed it.
 //!
 //! Every debit, release and grant is appended to the audit log inside the
 //! same multi-tree transaction as the ledger write it records, so neither
@@ -24,6 +29,7 @@
 //! Keys of the `ledger` tree:
 //! - `spent/analyst/<dataset>/<analyst>` and `spent/dataset/<dataset>`: u64 BE nano-epsilon;
 //! - `grant/<dataset>/<analyst>`: u64 BE nano-epsilon added to the analyst's limit;
+//! - `measure/<dataset>`: the measure the amounts are in (`pure`, `zcdp`);
 //! - `query/<analyst>/<query id>`: a [`QueryRecord`] (DESIGN invariant 6).
 
 use std::sync::{Arc, Mutex};
@@ -31,7 +37,8 @@ use std::sync::{Arc, Mutex};
 use sha2::{Digest, Sha256};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
-use crate::audit::{append_in, AuditLog, Event, Head, ReleasedMeasurement};
+use crate::accounting::Measure;
+use crate::audit::{append_in, AuditLog, Equivalent, Event, Head, ReleasedMeasurement};
 use crate::config::BudgetLimits;
 use crate::store::decode_u64;
 
@@ -59,9 +66,15 @@ pub struct Reservation {
     pub dataset: String,
     /// The SQL to run on Commit.
     pub sql: String,
-    /// The epsilon asked for.
+    /// The epsilon asked for (0 for a rho query).
     pub epsilon: f64,
-    /// The nano-epsilon debited.
+    /// The rho asked for (0 for an epsilon query).
+    #[serde(default)]
+    pub rho: f64,
+    /// The measure of the ledger the reservation was debited in.
+    #[serde(default)]
+    pub measure: Measure,
+    /// The nano-units debited, in that measure.
     pub nano: u64,
     /// When it expires (ms since the Unix epoch).
     pub expires_ms: u64,
@@ -161,11 +174,13 @@ pub enum Admission {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Refusal {
     /// The analyst's own limit would be exceeded.
-    #[error("epsilon {asked} exceeds your remaining budget on dataset {dataset:?}: {remaining} of {limit} left")]
+    #[error("{unit} {asked} exceeds your remaining budget on dataset {dataset:?}: {remaining} of {limit} left")]
     AnalystBudget {
+        /// `epsilon` or `rho`: the dataset's measure.
+        unit: &'static str,
         /// Dataset.
         dataset: String,
-        /// Requested epsilon.
+        /// The query's cost in that measure.
         asked: f64,
         /// Left for this analyst.
         remaining: f64,
@@ -173,11 +188,13 @@ pub enum Refusal {
         limit: f64,
     },
     /// The dataset's total across analysts would be exceeded.
-    #[error("epsilon {asked} exceeds the remaining total budget of dataset {dataset:?} (all analysts together): {remaining} of {limit} left")]
+    #[error("{unit} {asked} exceeds the remaining total budget of dataset {dataset:?} (all analysts together): {remaining} of {limit} left")]
     DatasetBudget {
+        /// `epsilon` or `rho`: the dataset's measure.
+        unit: &'static str,
         /// Dataset.
         dataset: String,
-        /// Requested epsilon.
+        /// The query's cost in that measure.
         asked: f64,
         /// Left for everyone.
         remaining: f64,
@@ -195,7 +212,8 @@ pub enum Refusal {
     NoReservation(String),
 }
 
-/// Spent and remaining budget of one analyst on one dataset.
+/// Spent and remaining budget of one analyst on one dataset, in the
+/// dataset's measure.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BudgetState {
     /// Spent by this analyst.
@@ -264,27 +282,30 @@ impl Account {
     }
 
     /// Refuses a debit of `nano` that either limit cannot take, or writes
-    /// it; returns the totals after it.
+    /// it (and the ledger's measure); returns the totals after it.
     fn debit(
         &self,
         tx: &sled::transaction::TransactionalTree,
         dataset: &str,
-        epsilon: f64,
+        amount: f64,
         nano: u64,
         limits: &BudgetLimits,
     ) -> Result<(u64, u64), ConflictableTransactionError<Refusal>> {
+        let unit = limits.measure.unit();
         if self.a_spent.saturating_add(nano) > self.a_limit {
             return abort(Refusal::AnalystBudget {
+                unit,
                 dataset: dataset.to_string(),
-                asked: epsilon,
+                asked: amount,
                 remaining: from_nano(self.a_limit.saturating_sub(self.a_spent)),
                 limit: from_nano(self.a_limit),
             });
         }
         if self.d_spent.saturating_add(nano) > self.d_limit {
             return abort(Refusal::DatasetBudget {
+                unit,
                 dataset: dataset.to_string(),
-                asked: epsilon,
+                asked: amount,
                 remaining: from_nano(self.d_limit.saturating_sub(self.d_spent)),
                 limit: limits.total,
             });
@@ -292,7 +313,39 @@ impl Account {
         let (a, d) = (self.a_spent + nano, self.d_spent + nano);
         tx.insert(self.akey.as_bytes(), &a.to_be_bytes())?;
         tx.insert(self.dkey.as_bytes(), &d.to_be_bytes())?;
+        tx.insert(measure_key(dataset).as_bytes(), limits.measure.name())?;
         Ok((a, d))
+    }
+}
+
+/// What a debit or reservation entry says about its amount: the measure,
+/// the amount as `(epsilon, rho)` (one of them 0), and the (epsilon,
+/// delta) equivalent of the analyst's total after it.
+struct Stated {
+    measure: String,
+    epsilon: f64,
+    rho: f64,
+    equivalent: Option<Equivalent>,
+}
+
+impl Stated {
+    fn new(limits: &BudgetLimits, nano: u64, analyst_total: u64) -> Stated {
+        let amount = from_nano(nano);
+        let (epsilon, rho) = match limits.measure {
+            Measure::Pure => (amount, 0.0),
+            Measure::Zcdp => (0.0, amount),
+        };
+        let equivalent = limits
+            .measure
+            .equivalent(from_nano(analyst_total), limits.equivalence_delta())
+            .ok()
+            .map(|(epsilon, delta)| Equivalent { epsilon, delta });
+        Stated {
+            measure: limits.measure.name().to_string(),
+            epsilon,
+            rho,
+            equivalent,
+        }
     }
 }
 
@@ -352,20 +405,21 @@ impl Ledger {
         }
     }
 
-    /// Checks limits and durably debits `epsilon`, or recognises a retry of
-    /// `query_id`. Nothing is written when refused.
+    /// Checks limits and durably debits `amount` (in the dataset's measure,
+    /// `limits.measure`), or recognises a retry of `query_id`. Nothing is
+    /// written when refused.
     pub fn admit(
         &self,
         analyst: &str,
         dataset: &str,
         query_id: &str,
         digest: [u8; 32],
-        epsilon: f64,
+        amount: f64,
         limits: &BudgetLimits,
     ) -> anyhow::Result<Result<Admission, Refusal>> {
         let guard = self.admit_lock.lock().unwrap_or_else(|p| p.into_inner());
         let qkey = query_key(analyst, query_id);
-        let debit = to_nano_ceil(epsilon);
+        let debit = to_nano_ceil(amount);
         let outcome = (&self.tree, &self.audit.tree).transaction(|(tx, atx)| {
             let acct = Account::read(tx, dataset, analyst, limits)?;
             if let Some(state) = same_query(tx, &qkey, query_id, digest)? {
@@ -381,7 +435,8 @@ impl Ledger {
                     RecordState::Returned => {}
                 }
             }
-            let (a_new, d_new) = acct.debit(tx, dataset, epsilon, debit, limits)?;
+            let (a_new, d_new) = acct.debit(tx, dataset, amount, debit, limits)?;
+            let stated = Stated::new(limits, debit, a_new);
             let pending = QueryRecord {
                 digest,
                 state: RecordState::Pending(None),
@@ -394,9 +449,12 @@ impl Ledger {
                     analyst: analyst.to_string(),
                     query_id: query_id.to_string(),
                     dataset: dataset.to_string(),
-                    epsilon: from_nano(debit),
+                    epsilon: stated.epsilon,
                     analyst_spent: from_nano(a_new),
                     dataset_spent: from_nano(d_new),
+                    measure: stated.measure,
+                    rho: stated.rho,
+                    analyst_spent_equivalent: stated.equivalent,
                 },
             )?;
             Ok(Admission::Debited(acct.state(a_new, d_new)))
@@ -450,9 +508,11 @@ impl Ledger {
         Ok(head)
     }
 
-    /// Checks limits and durably reserves `epsilon` for a two-phase query
-    /// (counted as spent until committed, cancelled or expired), logged in
-    /// the same commit. Preparing the same query id again is idempotent.
+    /// Checks limits and durably reserves `amount` (in the dataset's
+    /// measure) for a two-phase query (counted as spent until committed,
+    /// cancelled or expired), logged in the same commit. `request` is the
+    /// `(epsilon, rho)` asked for, kept to rebuild the query at Commit.
+    /// Preparing the same query id again is idempotent.
     #[allow(clippy::too_many_arguments)]
     pub fn reserve(
         &self,
@@ -460,14 +520,15 @@ impl Ledger {
         dataset: &str,
         query_id: &str,
         digest: [u8; 32],
-        epsilon: f64,
+        amount: f64,
+        request: (f64, f64),
         limits: &BudgetLimits,
         sql: &str,
         expires_ms: u64,
     ) -> anyhow::Result<Result<ReserveOutcome, Refusal>> {
         let guard = self.admit_lock.lock().unwrap_or_else(|p| p.into_inner());
         let qkey = query_key(analyst, query_id);
-        let debit = to_nano_ceil(epsilon);
+        let debit = to_nano_ceil(amount);
         let outcome = (&self.tree, &self.audit.tree).transaction(|(tx, atx)| {
             let acct = Account::read(tx, dataset, analyst, limits)?;
             if let Some(state) = same_query(tx, &qkey, query_id, digest)? {
@@ -484,11 +545,14 @@ impl Ledger {
                     RecordState::Returned => {}
                 }
             }
-            let (a_new, d_new) = acct.debit(tx, dataset, epsilon, debit, limits)?;
+            let (a_new, d_new) = acct.debit(tx, dataset, amount, debit, limits)?;
+            let stated = Stated::new(limits, debit, a_new);
             let reservation = Reservation {
                 dataset: dataset.to_string(),
                 sql: sql.to_string(),
-                epsilon,
+                epsilon: request.0,
+                rho: request.1,
+                measure: limits.measure,
                 nano: debit,
                 expires_ms,
             };
@@ -508,10 +572,13 @@ impl Ledger {
                     analyst: analyst.to_string(),
                     query_id: query_id.to_string(),
                     dataset: dataset.to_string(),
-                    epsilon: from_nano(debit),
+                    epsilon: stated.epsilon,
                     analyst_spent: from_nano(a_new),
                     dataset_spent: from_nano(d_new),
                     expires_ms,
+                    measure: stated.measure,
+                    rho: stated.rho,
+                    analyst_spent_equivalent: stated.equivalent,
                 },
             )?;
             Ok(ReserveOutcome::Reserved(
@@ -612,8 +679,18 @@ impl Ledger {
                         analyst: analyst.to_string(),
                         query_id: query_id.to_string(),
                         dataset: r.dataset.clone(),
-                        epsilon: from_nano(r.nano),
+                        epsilon: if r.measure == Measure::Pure {
+                            from_nano(r.nano)
+                        } else {
+                            0.0
+                        },
                         reason: reason.to_string(),
+                        measure: r.measure.name().to_string(),
+                        rho: if r.measure == Measure::Zcdp {
+                            from_nano(r.nano)
+                        } else {
+                            0.0
+                        },
                     },
                 )?;
                 Ok(r.nano)
@@ -649,11 +726,22 @@ impl Ledger {
         Ok(n)
     }
 
-    /// Raises `analyst`'s limit on `dataset` by `epsilon`, logged in the
-    /// same commit. Returns the analyst's total grants after it.
-    pub fn grant(&self, analyst: &str, dataset: &str, epsilon: f64) -> anyhow::Result<f64> {
+    /// Raises `analyst`'s limit on `dataset` by `amount`, in the dataset's
+    /// `measure`, logged in the same commit. Returns the analyst's total
+    /// grants after it.
+    pub fn grant(
+        &self,
+        analyst: &str,
+        dataset: &str,
+        amount: f64,
+        measure: Measure,
+    ) -> anyhow::Result<f64> {
+        let epsilon = amount;
         if !(epsilon.is_finite() && epsilon > 0.0) {
-            anyhow::bail!("a grant must be a positive, finite epsilon (got {epsilon})");
+            anyhow::bail!(
+                "a grant must be a positive, finite {} (got {epsilon})",
+                measure.unit()
+            );
         }
         let guard = self.admit_lock.lock().unwrap_or_else(|p| p.into_inner());
         let gkey = grant_key(dataset, analyst);
@@ -663,6 +751,7 @@ impl Ledger {
                 let before = tx.get(&gkey)?.map(|v| decode_u64(&v)).unwrap_or(0);
                 let after = before.saturating_add(add);
                 tx.insert(gkey.as_bytes(), &after.to_be_bytes())?;
+                tx.insert(measure_key(dataset).as_bytes(), measure.name())?;
                 append_in::<()>(
                     atx,
                     &self.audit.key,
@@ -671,6 +760,7 @@ impl Ledger {
                         dataset: dataset.to_string(),
                         epsilon: from_nano(add),
                         granted_total: from_nano(after),
+                        measure: measure.name().to_string(),
                     },
                 )?;
                 Ok(after)
@@ -761,6 +851,56 @@ impl Ledger {
     }
 }
 
+fn measure_key(dataset: &str) -> String {
+    format!("measure/{dataset}")
+}
+
+impl Ledger {
+    /// The measure `dataset`'s ledger has spent or granted in, if any:
+    /// the recorded one, else pure when anything was spent or granted
+    /// (ledgers from before zCDP), else none.
+    pub fn recorded_measure(&self, dataset: &str) -> anyhow::Result<Option<Measure>> {
+        if let Some(v) = self.tree.get(measure_key(dataset))? {
+            let name = String::from_utf8_lossy(&v).into_owned();
+            return Measure::parse(&name).map(Some).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "the ledger of dataset {dataset:?} records an unknown measure {name:?}"
+                )
+            });
+        }
+        let used = self.tree.get(dataset_key(dataset))?.is_some()
+            || self
+                .tree
+                .scan_prefix(format!("grant/{dataset}/").as_bytes())
+                .next()
+                .is_some();
+        Ok(used.then_some(Measure::Pure))
+    }
+
+    /// Refuses (without writing anything) a configuration under which a
+    /// dataset's ledger would mix measures: amounts already spent in one
+    /// measure cannot be compared with limits in another.
+    pub fn check_measures<'a>(
+        &self,
+        configured: impl IntoIterator<Item = (&'a str, Measure)>,
+    ) -> anyhow::Result<()> {
+        for (dataset, measure) in configured {
+            if let Some(recorded) = self.recorded_measure(dataset)? {
+                if recorded != measure {
+                    anyhow::bail!(
+                        "dataset {dataset:?} is configured with measure = {:?}, but its budget ledger has already spent in measure {:?}; \
+mixing measures in one ledger would be unsound, so the node will not start. Set measure = {:?} again (or serve the data under a new dataset name with its own ledger)",
+                        measure.name(),
+                        recorded.name(),
+                        recorded.name()
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 fn dataset_key(dataset: &str) -> String {
     format!("spent/dataset/{dataset}")
 }
@@ -796,7 +936,10 @@ mod tests {
             .admit("alice", "cases", "q2", [2; 32], 0.3, &l)
             .unwrap()
             .is_err());
-        assert_eq!(ledger.grant("alice", "cases", 0.5).unwrap(), 0.5);
+        assert_eq!(
+            ledger.grant("alice", "cases", 0.5, Measure::Pure).unwrap(),
+            0.5
+        );
         ledger
             .admit("alice", "cases", "q2", [2; 32], 0.3, &l)
             .unwrap()
@@ -807,7 +950,9 @@ mod tests {
             .map(|e| e.unwrap().event.kind().to_string())
             .collect();
         assert_eq!(kinds, vec!["debited", "budget_granted", "debited"]);
-        assert!(ledger.grant("alice", "cases", f64::NAN).is_err());
+        assert!(ledger
+            .grant("alice", "cases", f64::NAN, Measure::Pure)
+            .is_err());
     }
 
     fn limits() -> BudgetLimits {
@@ -815,6 +960,8 @@ mod tests {
             per_analyst: 1.0,
             total: 1.5,
             per_query_max: 1.0,
+            measure: Default::default(),
+            delta: None,
         }
     }
 
@@ -885,6 +1032,8 @@ mod tests {
             per_analyst: 1.0,
             total: 10.0,
             per_query_max: 1.0,
+            measure: Default::default(),
+            delta: None,
         };
         let ok = (0..12)
             .filter(|i| {

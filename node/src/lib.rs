@@ -15,8 +15,10 @@
 //! - [`backup`]: backup and restore of a stopped node's store, never over a newer ledger.
 //! - [`table`]: the in-memory columnar view that queries scan.
 //! - [`plan`]: SQL (via `sqlparser`) → a typed, validated query plan.
-//! - [`mechanism`]: OpenDP's discrete Laplace mechanism and its accuracy;
-//!   the only source of noise.
+//! - [`mechanism`]: OpenDP's discrete Laplace and discrete Gaussian
+//!   mechanisms and their accuracy; the only source of noise.
+//! - [`accounting`]: privacy measures (pure DP, zCDP) and OpenDP's
+//!   conversions between them.
 //! - [`ledger`]: the privacy-budget ledger, debited durably before release.
 //! - [`service`]: the `fedq.v1.Node` gRPC service and the order of
 //!   operations of a query.
@@ -24,6 +26,7 @@
 //! - [`pki`]: creating certificates and reading identities from them.
 //! - [`synth`]: synthetic CTDC-shaped partner datasets for demos and tests.
 
+pub mod accounting;
 pub mod audit;
 pub mod audit_report;
 pub mod backup;

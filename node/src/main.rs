@@ -209,7 +209,7 @@ enum BudgetCommand {
     },
     /// Raise one analyst's limit on a dataset (recorded in the audit log).
     #[command(
-        after_help = "Example:\n  fedq-node budget grant --config node.toml --analyst alice@uni --dataset cases --epsilon 2"
+        after_help = "Examples:\n  fedq-node budget grant --config node.toml --analyst alice@uni --dataset cases --epsilon 2\n  fedq-node budget grant --config node.toml --analyst alice@uni --dataset hotline --rho 0.5   (a measure = \"zcdp\" dataset)"
     )]
     Grant {
         /// Path to node.toml.
@@ -221,9 +221,12 @@ enum BudgetCommand {
         /// Dataset.
         #[arg(long)]
         dataset: String,
-        /// Epsilon to add to the analyst's limit.
+        /// Epsilon to add to the analyst's limit (a pure-DP dataset).
+        #[arg(long, required_unless_present = "rho", conflicts_with = "rho")]
+        epsilon: Option<f64>,
+        /// Rho to add to the analyst's limit (a measure = "zcdp" dataset).
         #[arg(long)]
-        epsilon: f64,
+        rho: Option<f64>,
     },
 }
 
@@ -416,8 +419,12 @@ fn budget_command(cmd: BudgetCommand) -> anyhow::Result<()> {
             let ledger = fedq_node::ledger::Ledger::new(store, std::sync::Arc::new(audit));
             for d in &cfg.datasets {
                 println!(
-                    "dataset {}: per analyst {}, total {}, per query at most {}",
-                    d.name, d.budget.per_analyst, d.budget.total, d.budget.per_query_max
+                    "dataset {}: per analyst {}, total {}, per query at most {} ({})",
+                    d.name,
+                    d.budget.per_analyst,
+                    d.budget.total,
+                    d.budget.per_query_max,
+                    d.budget.measure.unit()
                 );
                 let analysts = ledger.analysts(&d.name)?;
                 if analysts.is_empty() {
@@ -438,17 +445,33 @@ fn budget_command(cmd: BudgetCommand) -> anyhow::Result<()> {
             analyst,
             dataset,
             epsilon,
+            rho,
         } => {
             let (cfg, store, audit) = open_node(&config)?;
-            if cfg.dataset(&dataset).is_none() {
+            let Some(d) = cfg.dataset(&dataset) else {
                 return Err(anyhow!(
                     "dataset {dataset:?} is not declared in {}",
                     config.display()
                 ));
+            };
+            let measure = d.budget.measure;
+            let (amount, asked) = match (epsilon, rho) {
+                (Some(e), _) => (e, fedq_node::accounting::Measure::Pure),
+                (_, Some(r)) => (r, fedq_node::accounting::Measure::Zcdp),
+                _ => return Err(anyhow!("give --epsilon or --rho")),
+            };
+            if asked != measure {
+                return Err(anyhow!(
+                    "dataset {dataset:?} accounts in measure {:?}: give --{} instead",
+                    measure.name(),
+                    measure.unit()
+                ));
             }
             let ledger = fedq_node::ledger::Ledger::new(store, std::sync::Arc::new(audit));
-            let total = ledger.grant(&analyst, &dataset, epsilon)?;
-            println!("granted {analyst} {epsilon} more epsilon on {dataset} ({total} granted in total); recorded in the audit log");
+            ledger.check_measures([(dataset.as_str(), measure)])?;
+            let total = ledger.grant(&analyst, &dataset, amount, measure)?;
+            let unit = measure.unit();
+            println!("granted {analyst} {amount} more {unit} on {dataset} ({total} granted in total); recorded in the audit log");
             Ok(())
         }
     }

@@ -133,6 +133,23 @@ impl MeasurementSpec {
     /// centred squares. Computed from declared bounds only (DESIGN invariant
     /// 4). Per record: [`Plan::sensitivity`] scales it to the privacy unit.
     pub fn sensitivity(&self) -> i64 {
+        self.one_record_change()
+    }
+
+    /// L2 sensitivity of the vector of cell values under adding or removing
+    /// one record, for the discrete Gaussian. One record changes one cell
+    /// by at most [`Self::one_record_change`], so L2 equals L1 here. When a
+    /// privacy unit may contribute K records (person-level privacy), both
+    /// sensitivities become K times this; K records can spread over K
+    /// cells, whose exact L2 (`sqrt(K)` times the change) needs that
+    /// structure, so `K * L1 >= L2` is the conservative choice.
+    pub fn l2_sensitivity(&self) -> i64 {
+        self.one_record_change()
+    }
+
+    /// The most one record can change the one cell it falls in: 1 for a
+    /// count, `max(|min|, |max|)` for a clamped sum (declared bounds only).
+    fn one_record_change(&self) -> i64 {
         match self {
             MeasurementSpec::CountRows
             | MeasurementSpec::CountPresent { .. }
@@ -996,6 +1013,8 @@ mod tests {
         assert_eq!(p.measurements.len(), 3);
         assert_eq!(p.outputs[0].measurement, p.outputs[1].measurement);
         assert_eq!(p.measurements[0].sensitivity(), 120);
+        assert_eq!(p.measurements[0].l2_sensitivity(), 120);
+        assert_eq!(p.measurements[1].l2_sensitivity(), 1);
         assert_eq!(p.outputs[1].count_measurement, Some(1));
     }
 

@@ -2,7 +2,7 @@
 //! the order of operations that keeps the privacy invariants.
 //!
 //! A query goes: identify the caller from its certificate → validate sizes
-//! and epsilon → plan against the declared schema → fix every mechanism and
+//! and the cost (epsilon or rho) → plan against the declared schema → fix every mechanism and
 //! scale (nothing data-dependent so far, nothing spent) → in a blocking
 //! task: durably debit (or recognise a retry) → compute exact aggregates →
 //! add OpenDP noise → store the response for retries → answer. Any refusal
@@ -22,10 +22,11 @@ use prost::Message;
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
+use crate::accounting::{self, Measure};
 use crate::audit::{AuditKey, AuditLog, DatasetLimits, Event, ReleasedMeasurement};
 use crate::config::{DatasetConfig, NodeConfig};
 use crate::ledger::{Admission, BudgetState, Ledger};
-use crate::mechanism;
+use crate::mechanism::{self, Noise};
 use crate::pki::{caller_from_der, Caller};
 use crate::plan::{self, Plan};
 use crate::schema::Schema;
@@ -43,6 +44,8 @@ pub const CAPABILITIES: &[&str] = &[
     "dry_run",
     "idempotent_query_id",
     "discrete_laplace",
+    "discrete_gaussian",
+    "zcdp",
     "audit_log",
     "audit_export",
     "two_phase",
@@ -51,6 +54,10 @@ pub const CAPABILITIES: &[&str] = &[
 /// Smallest epsilon a query may ask for: below it an answer is pure noise
 /// (and the noise of a sum could overflow the accuracy computations).
 pub const MIN_EPSILON: f64 = 1e-6;
+
+/// Smallest rho a query may ask for (the zCDP cost of `MIN_EPSILON` is
+/// 5e-13): below it an answer is pure noise.
+pub const MIN_RHO: f64 = 1e-12;
 
 /// Longest accepted query id.
 const MAX_QUERY_ID: usize = 128;
@@ -99,10 +106,18 @@ impl NodeState {
             );
         }
         let audit = Arc::new(open_audit(&config, &store)?);
+        let ledger = Ledger::new(store, audit);
+        // Before anything is logged or spent: never mix measures in a ledger.
+        ledger.check_measures(
+            config
+                .datasets
+                .iter()
+                .map(|d| (d.name.as_str(), d.budget.measure)),
+        )?;
         Ok(NodeState {
             config,
             datasets,
-            ledger: Ledger::new(store, audit),
+            ledger,
             in_flight: Mutex::new(HashSet::new()),
             throttle: Throttle::default(),
         })
@@ -125,6 +140,11 @@ impl NodeState {
                 per_analyst: d.budget.per_analyst,
                 total: d.budget.total,
                 per_query_max: d.budget.per_query_max,
+                measure: match d.budget.measure {
+                    Measure::Pure => String::new(),
+                    Measure::Zcdp => Measure::Zcdp.name().into(),
+                },
+                delta: d.budget.delta,
             })
             .collect();
         let previous = self.audit().last_limits()?;
@@ -317,13 +337,63 @@ fn require_analyst(state: &NodeState, c: &Caller) -> Result<(), Status> {
 }
 
 fn budget_proto(analyst: &str, dataset: &DatasetConfig, s: BudgetState) -> Budget {
+    let b = &dataset.budget;
+    let (spent_epsilon, spent_delta) = b
+        .measure
+        .equivalent(s.spent_by_analyst, b.equivalence_delta())
+        .unwrap_or((f64::INFINITY, b.equivalence_delta()));
     Budget {
         analyst: analyst.to_string(),
         dataset: dataset.name.clone(),
         spent_by_analyst: s.spent_by_analyst,
         remaining_for_analyst: s.remaining_for_analyst,
         remaining_for_dataset: s.remaining_for_dataset,
-        per_query_max: dataset.budget.per_query_max,
+        per_query_max: b.per_query_max,
+        measure: b.measure.name().into(),
+        spent_epsilon,
+        spent_delta,
+    }
+}
+
+/// What a query asked for: pure epsilon (discrete Laplace) or zCDP rho
+/// (discrete Gaussian). [`validate_request`] guarantees exactly one.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Asked {
+    Epsilon(f64),
+    Rho(f64),
+}
+
+impl Asked {
+    fn of(q: &QueryRequest) -> Asked {
+        if q.rho > 0.0 {
+            Asked::Rho(q.rho)
+        } else {
+            Asked::Epsilon(q.epsilon)
+        }
+    }
+
+    /// The noise of one of `m` measurements, the cost split evenly.
+    /// `l1` and `l2` are the measurement's sensitivities per privacy unit.
+    fn noise(self, l1: i64, l2: i64, m: usize) -> Result<Noise, String> {
+        match self {
+            Asked::Epsilon(e) => Noise::for_epsilon(l1, e / m as f64),
+            Asked::Rho(r) => Noise::for_rho(l2, r / m as f64),
+        }
+    }
+
+    /// What the query costs in the dataset's measure: an epsilon on a pure
+    /// ledger, a rho on a zCDP ledger (an epsilon query costing
+    /// `epsilon^2 / 2`, OpenDP's exact pure-to-zCDP conversion). A rho
+    /// query on a pure ledger is refused: zCDP does not imply pure DP.
+    fn cost(self, dataset: &str, measure: Measure) -> Result<f64, String> {
+        match (self, measure) {
+            (Asked::Epsilon(e), Measure::Pure) => Ok(e),
+            (Asked::Rho(r), Measure::Zcdp) => Ok(r),
+            (Asked::Epsilon(e), Measure::Zcdp) => accounting::pure_to_zcdp(e),
+            (Asked::Rho(_), Measure::Pure) => Err(format!(
+                "dataset {dataset:?} accounts its budget in pure epsilon-DP on this node, and a rho (zCDP) cost cannot be converted to pure DP; ask with epsilon (fedq query --epsilon) instead"
+            )),
+        }
     }
 }
 
@@ -348,26 +418,39 @@ fn validate_request(q: &QueryRequest, max_sql: usize) -> Result<(), Status> {
             q.sql.len()
         )));
     }
-    let e = q.epsilon;
-    if e.is_nan() {
-        return Err(Status::invalid_argument(
-            "epsilon is NaN; give a positive number such as 0.5",
-        ));
+    for (name, v, min, example) in [
+        ("epsilon", q.epsilon, MIN_EPSILON, "0.5"),
+        ("rho", q.rho, MIN_RHO, "0.05"),
+    ] {
+        if v.is_nan() {
+            return Err(Status::invalid_argument(format!(
+                "{name} is NaN; give a positive number such as {example}"
+            )));
+        }
+        if v.is_infinite() {
+            return Err(Status::invalid_argument(format!("{name} is infinite, which would release exact values; give a positive finite number such as {example}")));
+        }
+        if v > 0.0 && v < min {
+            return Err(Status::invalid_argument(format!(
+                "{name} {v} is below this node's minimum of {min}: the answer would be pure noise; ask for more"
+            )));
+        }
+        if v < 0.0 {
+            return Err(Status::invalid_argument(format!(
+                "{name} must be greater than 0 (got {v}); give a positive number such as {example}"
+            )));
+        }
     }
-    if e.is_infinite() {
-        return Err(Status::invalid_argument("epsilon is infinite, which would release exact values; give a positive finite number such as 0.5"));
+    match (q.epsilon > 0.0, q.rho > 0.0) {
+        (true, true) => Err(Status::invalid_argument(format!(
+            "give either epsilon (pure DP, discrete Laplace noise) or rho (zCDP, discrete Gaussian noise), not both (got epsilon {} and rho {})",
+            q.epsilon, q.rho
+        ))),
+        (false, false) => Err(Status::invalid_argument(
+            "epsilon must be greater than 0 (got 0); give a positive epsilon such as 0.5, or a positive rho such as 0.05 for zCDP",
+        )),
+        _ => Ok(()),
     }
-    if e > 0.0 && e < MIN_EPSILON {
-        return Err(Status::invalid_argument(format!(
-            "epsilon {e} is below this node's minimum of {MIN_EPSILON}: the answer would be pure noise; ask for more"
-        )));
-    }
-    if e <= 0.0 {
-        return Err(Status::invalid_argument(format!(
-            "epsilon must be greater than 0 (got {e}); give a positive number such as 0.5"
-        )));
-    }
-    Ok(())
 }
 
 /// The response skeleton: everything but the noisy values and the budget.
@@ -378,38 +461,55 @@ fn describe_release(
     plan: &Plan,
 ) -> Result<QueryResponse, Status> {
     let m = plan.measurements.len();
-    let per = q.epsilon / m as f64;
+    let asked = Asked::of(q);
+    let budget = &ds.config.budget;
+    let cost = asked
+        .cost(&plan.dataset, budget.measure)
+        .map_err(Status::invalid_argument)?;
+    let (cost_epsilon, cost_delta) = budget
+        .measure
+        .equivalent(cost, budget.equivalence_delta())
+        .map_err(internal)?;
+    let (what, total, per) = match asked {
+        Asked::Epsilon(e) => ("epsilon", e, e / m as f64),
+        Asked::Rho(r) => ("rho", r, r / m as f64),
+    };
     let mut measurements = Vec::with_capacity(m);
     for (i, spec) in plan.measurements.iter().enumerate() {
-        let sensitivity = plan.sensitivity(i);
         let (bins, bin_edges) = match spec {
             plan::MeasurementSpec::Histogram { min, max, bins, .. } => {
                 (*bins, crate::distribution::bin_edges(*min, *max, *bins))
             }
             _ => (1, Vec::new()),
         };
-        let scale = mechanism::discrete_laplace_scale(sensitivity, per)
-            .map_err(Status::invalid_argument)?;
-        let ci =
-            mechanism::discrete_laplace_half_width(scale, mechanism::CI_ALPHA).map_err(internal)?;
-        if !(ci.is_finite() && mechanism::discrete_laplace_variance(scale).is_finite()) {
+        // Per privacy unit: the per-record sensitivities times the
+        // contribution bound (1, or the person bound).
+        let l1 = plan.sensitivity(i);
+        let l2 = spec
+            .l2_sensitivity()
+            .saturating_mul(plan.contribution_bound);
+        let noise = asked.noise(l1, l2, m).map_err(Status::invalid_argument)?;
+        let ci = noise.half_width(mechanism::CI_ALPHA).map_err(internal)?;
+        if !(ci.is_finite() && noise.variance().is_finite()) {
             return Err(Status::invalid_argument(format!(
-                "epsilon {} is so small that the noise of {} would be unbounded; ask for a larger epsilon",
-                q.epsilon,
+                "{what} {total} is so small that the noise of {} would be unbounded; ask for a larger {what}",
                 spec.label(&ds.schema)
             )));
         }
+        let gaussian = matches!(asked, Asked::Rho(_));
         measurements.push(Measurement {
             label: spec.label(&ds.schema),
-            mechanism: mechanism::DISCRETE_LAPLACE.into(),
-            scale,
-            sensitivity: sensitivity as f64,
-            epsilon: per,
-            noise_variance: mechanism::discrete_laplace_variance(scale),
+            mechanism: noise.name().into(),
+            scale: noise.scale(),
+            sensitivity: l1 as f64,
+            epsilon: if gaussian { 0.0 } else { per },
+            noise_variance: noise.variance(),
             ci95_half_width: ci,
             values: Vec::new(),
             bins,
             bin_edges,
+            rho: if gaussian { per } else { 0.0 },
+            l2_sensitivity: if gaussian { l2 as f64 } else { 0.0 },
         });
     }
     let outputs = plan
@@ -435,15 +535,19 @@ fn describe_release(
             center: o.squares.map_or(0, |s| s.1),
         })
         .collect();
-    let split = if m == 1 {
-        format!("all of epsilon {} to {}", q.epsilon, measurements[0].label)
+    let mut split = if m == 1 {
+        format!("all of {what} {total} to {}", measurements[0].label)
     } else {
         format!(
-            "epsilon {} split evenly over {m} measurements ({}): {per} each; cells of a GROUP BY are disjoint, so each measurement covers all cells (parallel composition)",
-            q.epsilon,
+            "{what} {total} split evenly over {m} measurements ({}): {per} each; cells of a GROUP BY are disjoint, so each measurement covers all cells (parallel composition)",
             measurements.iter().map(|x| x.label.as_str()).collect::<Vec<_>>().join(", ")
         )
     };
+    if let (Asked::Epsilon(e), Measure::Zcdp) = (asked, budget.measure) {
+        split.push_str(&format!(
+            "; the dataset accounts in zCDP, where epsilon {e} (pure DP) costs rho = epsilon^2/2 = {cost}"
+        ));
+    }
     Ok(QueryResponse {
         query_id: q.query_id.clone(),
         node_name: node.to_string(),
@@ -464,6 +568,10 @@ fn describe_release(
         dry_run: q.dry_run,
         epsilon_split: split,
         audit_head: None,
+        measure: budget.measure.name().into(),
+        cost,
+        cost_epsilon,
+        cost_delta,
     })
 }
 
@@ -473,6 +581,12 @@ fn query_digest(q: &QueryRequest) -> [u8; 32] {
     h.update([0]);
     h.update(q.epsilon.to_bits().to_be_bytes());
     h.update([u8::from(q.dry_run)]);
+    // Only rho queries hash rho, so digests of epsilon queries stored
+    // before rho existed still match their retries.
+    if q.rho != 0.0 {
+        h.update(b"rho");
+        h.update(q.rho.to_bits().to_be_bytes());
+    }
     h.finalize().into()
 }
 
@@ -588,7 +702,7 @@ fn run_query(
             &plan.dataset,
             &q.query_id,
             digest,
-            q.epsilon,
+            response.cost,
             &ds.config.budget,
         )
         .map_err(internal)?
@@ -643,7 +757,9 @@ fn release(
     let exact = ds.table.exact(plan);
     StageClock::lap(clock, "exact");
     for (m, values) in response.measurements.iter_mut().zip(exact) {
-        m.values = mechanism::release_discrete_laplace(&values, m.scale).map_err(|e| {
+        let noise = Noise::reported(&m.mechanism, m.scale)
+            .ok_or_else(|| internal(format!("unknown mechanism {}", m.mechanism)))?;
+        m.values = noise.release(&values).map_err(|e| {
             tracing::error!(query_id = %q.query_id, error = %e, "noise failed after the debit");
             Status::internal(
                 "adding noise failed; nothing was released; retry with the same query id to get a release without spending again",
@@ -661,6 +777,7 @@ fn release(
             scale: m.scale,
             epsilon: m.epsilon,
             values: m.values.len() as u64,
+            rho: m.rho,
         })
         .collect();
     state
@@ -680,6 +797,7 @@ fn release(
         query_id = %q.query_id,
         dataset = %plan.dataset,
         epsilon = q.epsilon,
+        rho = q.rho,
         cells = response.cells.len(),
         measurements = response.measurements.len(),
         "released"
@@ -716,6 +834,7 @@ fn accept(
             sql: logged_sql,
             epsilon: q.epsilon,
             dry_run: q.dry_run,
+            rho: q.rho,
         })
         .map_err(internal)?;
     let refuse = |s: Status| {
@@ -741,14 +860,23 @@ fn accept(
         .map_err(|why| refuse(Status::permission_denied(why)))?;
     let plan = plan::plan(&q.sql, &ds.schema, state.config.limits.max_cells)
         .map_err(|e| refuse(Status::invalid_argument(e.0)))?;
+    let response = describe_release(&state.config.node.name, q, ds, &plan).map_err(refuse)?;
     let max = ds.config.budget.per_query_max;
-    if q.epsilon > max {
+    if response.cost > max {
+        let unit = ds.config.budget.measure.unit();
+        let converted = if q.rho == 0.0 && unit == "rho" {
+            format!(
+                " (epsilon {} costs rho {} on this zCDP dataset)",
+                q.epsilon, response.cost
+            )
+        } else {
+            String::new()
+        };
         return Err(refuse(Status::invalid_argument(format!(
-            "epsilon {} is above node {}'s per-query maximum of {max} for dataset {name:?}; ask for at most {max}",
-            q.epsilon, state.config.node.name
+            "{unit} {}{converted} is above node {}'s per-query maximum of {max} for dataset {name:?}; ask for at most {max}",
+            response.cost, state.config.node.name
         ))));
     }
-    let response = describe_release(&state.config.node.name, q, ds, &plan).map_err(refuse)?;
     Ok((plan, response))
 }
 
@@ -777,6 +905,8 @@ impl Node for NodeService {
                     description: d.config.description.clone(),
                     columns: d.schema.to_proto(),
                     privacy_unit: d.config.privacy_unit_text(),
+                    measure: d.config.budget.measure.name().into(),
+                    delta: d.config.budget.equivalence_delta(),
                 }
             })
             .collect();
@@ -882,7 +1012,7 @@ impl Node for NodeService {
         let answer = self
             .state
             .within_deadline(slot, move |state| {
-                let (plan, _) = accept(state, &who, &q)?;
+                let (plan, planned) = accept(state, &who, &q)?;
                 let ds = &state.datasets[&plan.dataset];
                 let hold = hold_ms.clamp(1000, state.config.limits.max_reservation_ms);
                 let expires = now_ms() + hold;
@@ -893,7 +1023,8 @@ impl Node for NodeService {
                         &plan.dataset,
                         &q.query_id,
                         query_digest(&q),
-                        q.epsilon,
+                        planned.cost,
+                        (q.epsilon, q.rho),
                         &ds.config.budget,
                         &q.sql,
                         expires,
@@ -911,6 +1042,7 @@ impl Node for NodeService {
                 Ok::<_, Status>(PrepareResponse {
                     query_id: q.query_id.clone(),
                     epsilon_reserved: q.epsilon,
+                    rho_reserved: q.rho,
                     expires_at_ms,
                     budget: Some(budget_proto(&who.name, &ds.config, b)),
                 })
@@ -946,6 +1078,7 @@ impl Node for NodeService {
                     sql: r.sql.clone(),
                     epsilon: r.epsilon,
                     dry_run: false,
+                    rho: r.rho,
                 };
                 let ds = state.datasets.get(&r.dataset).ok_or_else(|| {
                     internal(format!(

@@ -45,6 +45,8 @@ pub fn roomy_budget() -> BudgetLimits {
         per_analyst: 1000.0,
         total: 10_000.0,
         per_query_max: 10.0,
+        measure: Default::default(),
+        delta: None,
     }
 }
 

@@ -18,6 +18,7 @@ fn q(id: &str) -> QueryRequest {
         sql: "SELECT COUNT(*) FROM cases".into(),
         epsilon: 0.1,
         dry_run: false,
+        rho: 0.0,
     }
 }
 

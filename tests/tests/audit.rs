@@ -23,6 +23,7 @@ fn q(id: &str, epsilon: f64) -> QueryRequest {
             .into(),
         epsilon,
         dry_run: false,
+        rho: 0.0,
     }
 }
 
@@ -64,6 +65,8 @@ async fn racing_queries_for_the_last_budget_are_debited_exactly_when_answered() 
         per_analyst: 5.0,
         total: 100.0,
         per_query_max: 1.0,
+        measure: Default::default(),
+        delta: None,
     };
     let mut fed = TestFederation::start(&[(Partner::Ngo, 1000, 1)], limits).await;
     fed.stop_node(0).await;
@@ -504,7 +507,12 @@ async fn starts_grants_and_limit_changes_are_logged() {
         let store = fedq_node::store::Store::open(&cfg.resolve(&cfg.node.store)).unwrap();
         let audit = std::sync::Arc::new(fedq_node::service::open_audit(cfg, &store).unwrap());
         let ledger = fedq_node::ledger::Ledger::new(store, audit);
-        assert_eq!(ledger.grant("alice", "cases", 1.5).unwrap(), 1.5);
+        assert_eq!(
+            ledger
+                .grant("alice", "cases", 1.5, Default::default())
+                .unwrap(),
+            1.5
+        );
     }
     fed.start_node(0).await;
     let mut alice = fed.raw_client(0, Role::Analyst, "alice").await;

@@ -12,6 +12,8 @@ async fn invalid_queries_are_refused_clearly_and_spend_nothing() {
         per_analyst: 5.0,
         total: 10.0,
         per_query_max: 1.0,
+        measure: Default::default(),
+        delta: None,
     };
     let fed = TestFederation::start(&[(Partner::Ngo, 500, 1)], limits).await;
     let mut c = fed.raw_client(0, Role::Analyst, "alice").await;
@@ -66,6 +68,7 @@ async fn invalid_queries_are_refused_clearly_and_spend_nothing() {
                 sql: sql.into(),
                 epsilon,
                 dry_run: false,
+                rho: 0.0,
             })
             .await
             .expect_err(sql);
@@ -87,6 +90,7 @@ async fn invalid_queries_are_refused_clearly_and_spend_nothing() {
             sql: long,
             epsilon: 0.5,
             dry_run: false,
+            rho: 0.0,
         })
         .await
         .unwrap_err();
@@ -105,6 +109,7 @@ async fn invalid_queries_are_refused_clearly_and_spend_nothing() {
             sql: huge,
             epsilon: 0.5,
             dry_run: false,
+            rho: 0.0,
         })
         .await
         .unwrap_err();
@@ -116,6 +121,7 @@ async fn invalid_queries_are_refused_clearly_and_spend_nothing() {
             sql: ok_sql.into(),
             epsilon: 0.5,
             dry_run: false,
+            rho: 0.0,
         })
         .await
         .unwrap_err();
@@ -127,6 +133,7 @@ async fn invalid_queries_are_refused_clearly_and_spend_nothing() {
             sql: ok_sql.into(),
             epsilon: 0.5,
             dry_run: true,
+            rho: 0.0,
         })
         .await
         .unwrap()
@@ -142,6 +149,7 @@ async fn invalid_queries_are_refused_clearly_and_spend_nothing() {
         sql: ok_sql.into(),
         epsilon: 0.5,
         dry_run: false,
+        rho: 0.0,
     })
     .await
     .unwrap();
@@ -155,6 +163,7 @@ async fn wrong_certificates_are_refused() {
         sql: "SELECT COUNT(*) FROM cases".into(),
         epsilon: 0.5,
         dry_run: false,
+        rho: 0.0,
     };
     // A certificate from another CA: the TLS handshake or the first call fails.
     let other = Authority::generate("someone else's CA").unwrap();

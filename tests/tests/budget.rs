@@ -14,6 +14,7 @@ fn q(id: &str, epsilon: f64) -> QueryRequest {
         sql: "SELECT gender, COUNT(*) FROM cases GROUP BY gender".into(),
         epsilon,
         dry_run: false,
+        rho: 0.0,
     }
 }
 
@@ -35,6 +36,8 @@ async fn exhaustion_refuses_with_the_remaining_budget_and_releases_nothing() {
         per_analyst: 1.0,
         total: 10.0,
         per_query_max: 1.0,
+        measure: Default::default(),
+        delta: None,
     };
     let fed = TestFederation::start(&[(Partner::Ngo, 1000, 1)], limits).await;
     let mut alice = fed.raw_client(0, Role::Analyst, "alice").await;
@@ -69,6 +72,8 @@ async fn concurrent_queries_never_overspend_analyst_or_dataset_limits() {
         per_analyst: 1.0,
         total: 1.5,
         per_query_max: 1.0,
+        measure: Default::default(),
+        delta: None,
     };
     let fed = TestFederation::start(&[(Partner::Hotline, 1000, 2)], limits).await;
     let mut tasks = Vec::new();

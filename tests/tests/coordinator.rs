@@ -20,6 +20,7 @@ const SQL: &str = "SELECT gender, COUNT(*) FROM cases GROUP BY gender";
 fn opts(epsilon: f64, calls: Calls) -> QueryOptions {
     QueryOptions {
         epsilon,
+        rho: 0.0,
         dry_run: false,
         calls,
         min_nodes: None,
@@ -204,6 +205,7 @@ async fn an_uncommitted_reservation_expires_and_returns_its_budget() {
                 sql: SQL.into(),
                 epsilon: 0.7,
                 dry_run: false,
+                rho: 0.0,
             }),
             hold_ms: 1000,
         })

@@ -22,6 +22,7 @@ fn request(sql: &str, epsilon: f64) -> QueryRequest {
         sql: sql.into(),
         epsilon,
         dry_run: false,
+        rho: 0.0,
     }
 }
 

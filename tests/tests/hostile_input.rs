@@ -737,6 +737,7 @@ fn query_request() -> impl Strategy<Value = QueryRequest> {
         sql,
         epsilon,
         dry_run,
+        rho: 0.0,
     })
 }
 
@@ -910,6 +911,7 @@ fn hostile_query_requests_get_an_answer_or_a_clear_status_and_spend_only_on_rele
                     .into(),
                 epsilon: 0.5,
                 dry_run: false,
+                rho: 0.0,
             }),
         )
         .expect("the node still answers a valid query")

@@ -364,6 +364,8 @@ fn limits() -> BudgetLimits {
         per_analyst: 2.0,
         total: 10.0,
         per_query_max: 1.0,
+        measure: Default::default(),
+        delta: None,
     }
 }
 
@@ -373,6 +375,7 @@ fn req(query_id: &str, sql: &str, epsilon: f64) -> QueryRequest {
         sql: sql.into(),
         epsilon,
         dry_run: false,
+        rho: 0.0,
     }
 }
 

@@ -58,6 +58,7 @@ async fn released_count_noise_has_the_claimed_discrete_laplace_scale() {
                 sql: sql.into(),
                 epsilon,
                 dry_run: false,
+                rho: 0.0,
             })
             .await
             .expect("query")

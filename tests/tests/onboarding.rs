@@ -23,6 +23,8 @@ fn limits() -> BudgetLimits {
         per_analyst: 5.0,
         total: 20.0,
         per_query_max: 1.0,
+        measure: Default::default(),
+        delta: None,
     }
 }
 
@@ -32,6 +34,7 @@ fn q(id: &str, epsilon: f64) -> QueryRequest {
         sql: "SELECT gender, COUNT(*) FROM cases GROUP BY gender".into(),
         epsilon,
         dry_run: false,
+        rho: 0.0,
     }
 }
 

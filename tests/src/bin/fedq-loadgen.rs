@@ -208,6 +208,8 @@ fn prepare(
         per_analyst: 1e6,
         total: 1e7,
         per_query_max: 10.0,
+        measure: Default::default(),
+        delta: None,
     };
     let partners = Partner::ALL;
     let mut prepared = Vec::new();
