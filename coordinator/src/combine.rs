@@ -612,15 +612,19 @@ mod tests {
             .filter(|&i| ((draws[0][i] + draws[1][i] + draws[2][i]) as f64).abs() <= w)
             .count();
         let observed = covered as f64 / n as f64;
+        let covered_one = (0..n)
+            .filter(|&i| ((draws[0][i] + draws[1][i] + draws[2][i]) as f64).abs() <= one)
+            .count() as f64
+            / n as f64;
+        eprintln!(
+            "{}: combined w = {w}, coverage {observed:.4} (exact {q:.4}, sd {sd:.4}); one-node w = {one}: {covered_one:.4} (exact {q_one:.4})",
+            noise.name()
+        );
         assert!(
             (observed - q).abs() <= 5.0 * sd,
             "coverage {observed:.4}, exact {q:.4} (5 sd = {:.4})",
             5.0 * sd
         );
-        let covered_one = (0..n)
-            .filter(|&i| ((draws[0][i] + draws[1][i] + draws[2][i]) as f64).abs() <= one)
-            .count() as f64
-            / n as f64;
         assert!(
             (covered_one - q).abs() > 5.0 * sd,
             "one-node coverage {covered_one}"
