@@ -583,7 +583,7 @@ mod tests {
     /// covered is Binomial(N, q), so the observed fraction lies within 5
     /// standard deviations (sd = sqrt(q (1 - q) / N) ~ 0.0015) of q except
     /// with probability below 1e-6. The same rule applied to the interval
-    /// of one node alone (coverage about 0.75 for three nodes) fails by
+    /// of one node alone (coverage about 0.8 for three nodes) fails by
     /// more than 100 standard deviations: an interval computed as if the
     /// sum were one node's noise is caught.
     fn check_coverage(noise: Noise, pmf: Vec<(i64, f64)>) {
