@@ -872,7 +872,7 @@ mod tests {
     /// covered is Binomial(N, q), so the observed fraction lies within 5
     /// standard deviations (sd = sqrt(q (1 - q) / N) ~ 0.0015) of q except
     /// with probability below 1e-6. The same rule applied to the interval
-    /// of one node alone (coverage about 0.75 for three nodes) fails by
+    /// of one node alone (coverage about 0.8 for three nodes) fails by
     /// more than 100 standard deviations: an interval computed as if the
     /// sum were one node's noise is caught.
     fn check_coverage(noise: Noise, pmf: Vec<(i64, f64)>) {
@@ -901,15 +901,19 @@ mod tests {
             .filter(|&i| ((draws[0][i] + draws[1][i] + draws[2][i]) as f64).abs() <= w)
             .count();
         let observed = covered as f64 / n as f64;
+        let covered_one = (0..n)
+            .filter(|&i| ((draws[0][i] + draws[1][i] + draws[2][i]) as f64).abs() <= one)
+            .count() as f64
+            / n as f64;
+        eprintln!(
+            "{}: combined w = {w}, coverage {observed:.4} (exact {q:.4}, sd {sd:.4}); one-node w = {one}: {covered_one:.4} (exact {q_one:.4})",
+            noise.name()
+        );
         assert!(
             (observed - q).abs() <= 5.0 * sd,
             "coverage {observed:.4}, exact {q:.4} (5 sd = {:.4})",
             5.0 * sd
         );
-        let covered_one = (0..n)
-            .filter(|&i| ((draws[0][i] + draws[1][i] + draws[2][i]) as f64).abs() <= one)
-            .count() as f64
-            / n as f64;
         assert!(
             (covered_one - q).abs() > 5.0 * sd,
             "one-node coverage {covered_one}"

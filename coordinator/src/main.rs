@@ -675,9 +675,15 @@ async fn pick_epsilon(
     let cap = plans
         .iter()
         .filter_map(|r| {
-            r.budget
-                .as_ref()
-                .map(|b| b.per_query_max.min(b.remaining_for_analyst))
+            r.budget.as_ref().map(|b| {
+                let most = b.per_query_max.min(b.remaining_for_analyst);
+                // A zCDP dataset counts rho; epsilon costs epsilon^2/2 there.
+                if b.measure == "zcdp" {
+                    (2.0 * most).sqrt()
+                } else {
+                    most
+                }
+            })
         })
         .fold(f64::INFINITY, f64::min);
     // Each measurement's scale is sensitivity / (epsilon / m) on every node.

@@ -198,7 +198,8 @@ const PALETTE: [&str; 8] = [
     "#1b6ca8", "#d1495b", "#2e933c", "#edae49", "#6a4c93", "#00798c", "#8c564b", "#555555",
 ];
 
-/// Cumulative epsilon over time for each series key.
+/// Cumulative epsilon (or rho, for zCDP datasets, in series of their own)
+/// over time for each series key.
 fn series(
     entries: &[Entry],
     key: impl Fn(&str, &str) -> String,
@@ -213,7 +214,13 @@ fn series(
             ..
         } = &e.event
         {
-            let s = out.entry(key(analyst, dataset)).or_default();
+            // Rho (zCDP datasets) and epsilon never share a series.
+            let name = if *rho > 0.0 {
+                format!("{} (rho)", key(analyst, dataset))
+            } else {
+                key(analyst, dataset)
+            };
+            let s = out.entry(name).or_default();
             let before = s.last().map_or(0.0, |p| p.1);
             s.push((e.time_ms, before + epsilon + rho));
         }

@@ -1025,6 +1025,77 @@ mod tests {
     }
 
     #[test]
+    fn a_zcdp_ledger_records_its_measure_and_states_equivalents() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = test_ledger(dir.path());
+        let l = BudgetLimits {
+            measure: Measure::Zcdp,
+            delta: Some(1e-7),
+            ..limits()
+        };
+        assert_eq!(ledger.recorded_measure("cases").unwrap(), None);
+        // Before anything is spent, either measure may be configured.
+        ledger.check_measures([("cases", Measure::Pure)]).unwrap();
+        ledger
+            .admit("alice", "cases", "q1", [1; 32], 0.25, &l)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            ledger.recorded_measure("cases").unwrap(),
+            Some(Measure::Zcdp)
+        );
+        ledger.check_measures([("cases", Measure::Zcdp)]).unwrap();
+        let err = ledger
+            .check_measures([("cases", Measure::Pure)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"cases\"") && err.contains("\"pure\"") && err.contains("\"zcdp\""),
+            "{err}"
+        );
+        let entry = ledger.audit.entries(0).next().unwrap().unwrap();
+        let Event::Debited {
+            epsilon,
+            rho,
+            measure,
+            analyst_spent_equivalent: Some(eq),
+            ..
+        } = entry.event
+        else {
+            panic!("{:?}", entry.event)
+        };
+        assert_eq!((epsilon, rho, measure.as_str()), (0.0, 0.25, "zcdp"));
+        assert_eq!(eq.delta, 1e-7);
+        assert_eq!(
+            eq.epsilon,
+            crate::accounting::zcdp_to_approx(0.25, 1e-7).unwrap()
+        );
+        // Refusals are stated in rho.
+        let r = ledger
+            .admit("alice", "cases", "q2", [2; 32], 0.8, &l)
+            .unwrap()
+            .unwrap_err();
+        assert!(r.to_string().starts_with("rho 0.8 exceeds"), "{r}");
+    }
+
+    #[test]
+    fn a_ledger_that_spent_before_zcdp_is_pure() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = test_ledger(dir.path());
+        ledger
+            .admit("alice", "cases", "q1", [1; 32], 0.25, &limits())
+            .unwrap()
+            .unwrap();
+        // As a ledger written before measures were recorded.
+        ledger.tree.remove(measure_key("cases")).unwrap();
+        assert_eq!(
+            ledger.recorded_measure("cases").unwrap(),
+            Some(Measure::Pure)
+        );
+        assert!(ledger.check_measures([("cases", Measure::Zcdp)]).is_err());
+    }
+
+    #[test]
     fn rounding_never_lets_ten_tenths_exceed_one() {
         let dir = tempfile::tempdir().unwrap();
         let ledger = test_ledger(dir.path());

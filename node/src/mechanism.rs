@@ -505,6 +505,7 @@ mod tests {
                 (below - f).abs()
             })
             .fold(0.0, f64::max);
+        eprintln!("discrete Gaussian(10), n = {n}: sup |F_n - F| = {worst:.5} (accept <= {eps})");
         assert!(worst <= eps, "sup |F_n - F| = {worst}");
         // Beyond +-60 (6 sigma) the claimed mass is 2e-9 per side.
         assert!(sorted[0] >= -80 && sorted[n - 1] <= 80);

@@ -597,3 +597,72 @@ async fn combined_gaussian_intervals_cover_the_truth_95_percent_of_the_time() {
         "one-node coverage {observed_one}"
     );
 }
+
+/// What an analyst sees for `fedq query --rho`: the mechanism, the cost in
+/// each node's measure with its (epsilon, delta) equivalent, and a dry run
+/// that predicts the same interval; a node whose dataset is pure refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_shows_the_mechanism_and_both_costs() {
+    use fedq::client::Calls;
+    use fedq::output::{render, render_plan, Format};
+    use fedq::run::{run_query, QueryOptions};
+    let partners = [
+        (Partner::Ngo, 800, 21),
+        (Partner::Hotline, 800, 22),
+        (Partner::CaseManagement, 800, 23),
+    ];
+    let mut fed = TestFederation::start(&partners, zcdp(1.0, 10.0, 0.5)).await;
+    // Node 2 accounts in pure DP (nothing spent yet, so it may switch).
+    fed.stop_node(2).await;
+    fed.nodes[2].config.datasets[0].budget = roomy_budget();
+    fed.start_node(2).await;
+    let coordinator = fed.federation("alice");
+    let calls = Calls {
+        timeout: Duration::from_secs(30),
+        retries: 1,
+    };
+    let opts = |dry_run: bool| QueryOptions {
+        epsilon: 0.0,
+        rho: 0.05,
+        dry_run,
+        calls,
+        min_nodes: None,
+        query_id: new_query_id(),
+    };
+    let dry = run_query(&coordinator, SQL, &opts(true)).await.unwrap();
+    let plan = render_plan(SQL, &dry, Format::Table).unwrap();
+    let eq = zcdp_to_approx(0.05, DELTA).unwrap();
+    assert!(plan.contains("discrete_gaussian"), "{plan}");
+    assert!(plan.contains("would cost rho 0.05 = ("), "{plan}");
+    let o = opts(false);
+    let outcomes = run_query(&coordinator, SQL, &o).await.unwrap();
+    let c = combine(SQL, &o.query_id, 0.0, &outcomes);
+    let table = render(&c, Format::Table).unwrap();
+    assert!(
+        table.contains("rho 0.05 per node (discrete_gaussian)"),
+        "{table}"
+    );
+    assert!(table.contains("cost rho 0.05 = ("), "{table}");
+    assert!(table.contains(&format!("{DELTA})-DP")), "{table}");
+    let node = &c.nodes[0];
+    let cost = node.cost.expect("a cost");
+    assert_eq!((cost.amount, cost.epsilon, cost.delta), (0.05, eq, DELTA));
+    assert_eq!(node.measure.as_deref(), Some("zcdp"));
+    let json = render(&c, Format::Json).unwrap();
+    assert!(
+        json.contains("\"rho\": 0.05") && json.contains("discrete_gaussian"),
+        "{json}"
+    );
+    // The pure node refused, saying why; the other two were combined, and
+    // the dry run predicted their combined interval.
+    assert!(c.partial);
+    assert!(table.contains("--epsilon"), "{table}");
+    assert_eq!(c.rows[0].nodes.len(), 2);
+    let w = c.rows[0].estimates[0]
+        .map(|e| (e.ci_high - e.ci_low) / 2.0)
+        .unwrap();
+    let m = &outcomes[0].result.as_ref().unwrap().measurements[0];
+    let noise = fedq_node::mechanism::Noise::reported(&m.mechanism, m.scale).unwrap();
+    assert_eq!(w, fedq::combine::noise_sum_half_width(&[noise; 2], 0.05));
+    assert!(plan.contains(&format!("± {}", w as i64)), "{plan}\n{w}");
+}
