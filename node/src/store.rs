@@ -74,8 +74,11 @@ impl Store {
                 }
             }
         }
+        // sled's log, synced by the group commit (see `group_commit.rs`).
+        let log = std::fs::File::open(dir.join("db"))
+            .with_context(|| format!("cannot open the log of store {}", dir.display()))?;
         Ok(Store {
-            commits: Arc::new(GroupCommit::new(db.clone())),
+            commits: Arc::new(GroupCommit::new(db.clone(), log)),
             db,
             data,
             ledger,
