@@ -12,9 +12,12 @@
 //! flush per point, as before.
 //!
 //! **Guarantee.** `wait_durable` returns `Ok` only after a `sled::Db::flush`
-//! that *began* after the call began has completed without error. sled's
-//! flush makes everything written before it started durable (its log is
-//! stable as a prefix), so the caller's completed write is on disk. A failed
+//! followed by an `fdatasync` of sled's log file, both *begun* after the
+//! call began, have completed without error. sled's flush writes everything
+//! written before it started (its log is stable as a prefix); on Linux,
+//! sled 0.34 ends each write with `sync_file_range`, which does not flush
+//! the disk's write cache or the file's size, so a power cut could still
+//! lose it: the `fdatasync` is what makes the write durable. A failed
 //! flush makes no one durable: each waiter of that flush gets the error.
 
 use std::sync::{Condvar, Mutex};
@@ -22,6 +25,9 @@ use std::sync::{Condvar, Mutex};
 /// Shares `fsync`s among concurrent writers of one sled database.
 pub struct GroupCommit {
     db: sled::Db,
+    /// sled's log file (`<store>/db`), opened read-only for `fdatasync`
+    /// (which syncs the file, whichever descriptor asks).
+    log: std::fs::File,
     state: Mutex<State>,
     /// Signalled whenever a flush ends (well or not).
     flushed: Condvar,
@@ -45,10 +51,11 @@ struct State {
 }
 
 impl GroupCommit {
-    /// Group commit over `db`.
-    pub fn new(db: sled::Db) -> GroupCommit {
+    /// Group commit over `db`, whose log file is `log`.
+    pub fn new(db: sled::Db, log: std::fs::File) -> GroupCommit {
         GroupCommit {
             db,
+            log,
             state: Mutex::new(State::default()),
             flushed: Condvar::new(),
         }
@@ -71,12 +78,12 @@ impl GroupCommit {
                 st.flushing = true;
                 let covers = st.issued;
                 drop(st);
-                let result = self.db.flush();
+                let result = self.flush();
                 st = self.lock();
                 st.flushing = false;
                 st.flushes += 1;
                 match result {
-                    Ok(_) => st.durable = st.durable.max(covers),
+                    Ok(()) => st.durable = st.durable.max(covers),
                     Err(_) => st.failures += 1,
                 }
                 self.flushed.notify_all();
@@ -92,7 +99,14 @@ impl GroupCommit {
         }
     }
 
-    /// How many flushes (each at least one `fsync` of sled's log) ran.
+    /// One flush: sled writes its buffers, then the log file is synced.
+    fn flush(&self) -> anyhow::Result<()> {
+        self.db.flush()?;
+        self.log.sync_data()?;
+        Ok(())
+    }
+
+    /// How many flushes (each one `fdatasync` of sled's log) ran.
     pub fn flushes(&self) -> u64 {
         self.lock().flushes
     }
@@ -111,7 +125,8 @@ mod tests {
     fn concurrent_writers_share_flushes_and_all_become_durable() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
-        let gc = Arc::new(GroupCommit::new(db.clone()));
+        let log = std::fs::File::open(dir.path().join("db")).unwrap();
+        let gc = Arc::new(GroupCommit::new(db.clone(), log));
         let threads: Vec<_> = (0..16)
             .map(|t| {
                 let (db, gc) = (db.clone(), Arc::clone(&gc));
@@ -128,7 +143,7 @@ mod tests {
         }
         assert!(gc.flushes() <= 320, "{}", gc.flushes());
         assert!(gc.flushes() >= 1);
-        drop(db);
+        drop((db, gc));
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         assert_eq!(db.len(), 320);
     }
@@ -137,7 +152,8 @@ mod tests {
     fn one_writer_flushes_once_per_wait() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
-        let gc = GroupCommit::new(db.clone());
+        let log = std::fs::File::open(dir.path().join("db")).unwrap();
+        let gc = GroupCommit::new(db.clone(), log);
         for i in 0..5u32 {
             db.insert(i.to_be_bytes(), &[]).unwrap();
             gc.wait_durable().unwrap();

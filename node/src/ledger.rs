@@ -469,8 +469,9 @@ impl Ledger {
     /// logs the release, in one commit, and waits until both are durable
     /// before the response is sent: otherwise a crash after the answer left
     /// would leave the id pending, and a retry would compute a second,
-    /// independent release under the one debit. The stored copy and `response` get the audit head after the
-    /// release entry, which is also returned.
+    /// independent release under the one debit. The stored copy and
+    /// `response` get the audit head after the release entry, which is also
+    /// returned.
     pub fn record_release(
         &self,
         analyst: &str,

@@ -643,6 +643,8 @@ fn refusal_status(
 /// Where a query's time goes on the node, logged at debug level under the
 /// target `fedq_node::timing` (`RUST_LOG=fedq_node::timing=debug`) for the
 /// benchmarks. It records durations only, never a value (DESIGN invariant 2).
+/// Off by default: the scan's duration grows with the number of matching
+/// rows, so this log is for the node's operator, never to be shipped off it.
 struct StageClock {
     /// When the current stage began.
     last: std::time::Instant,

@@ -74,8 +74,11 @@ impl Store {
                 }
             }
         }
+        // sled's log, synced by the group commit (see `group_commit.rs`).
+        let log = std::fs::File::open(dir.join("db"))
+            .with_context(|| format!("cannot open the log of store {}", dir.display()))?;
         Ok(Store {
-            commits: Arc::new(GroupCommit::new(db.clone())),
+            commits: Arc::new(GroupCommit::new(db.clone(), log)),
             db,
             data,
             ledger,
@@ -192,6 +195,8 @@ impl Store {
         if table.len() as u64 != expected {
             return Err(anyhow!("dataset {dataset:?}: stored row count does not match its chunks; the store is damaged"));
         }
+        // Choose the records that count per person now, not on the first query.
+        table.kept_rows();
         Ok(table)
     }
 
