@@ -97,6 +97,7 @@ pub fn build_federation(dir: &Path, out: &mut impl std::io::Write) -> anyhow::Re
                     per_query_max: 2.0,
                 },
                 columns: synth::ctdc_columns(),
+                source: None,
             }],
             base_dir: node_dir.clone(),
         };

@@ -355,6 +355,49 @@ impl Ledger {
         epsilon: f64,
         limits: &BudgetLimits,
     ) -> anyhow::Result<Result<Admission, Refusal>> {
+        self.admit_as(analyst, dataset, query_id, digest, epsilon, limits, None)
+    }
+
+    /// As [`Ledger::admit`], but a fresh debit is held as a reservation
+    /// expiring at `hold.1` (logged as `reserved`), for a query whose exact
+    /// values come from a database that may fail: the caller then either
+    /// [`Ledger::commit`]s it once the values are in hand, or
+    /// [`Ledger::give_back`]s it if nothing was computed. `hold.0` is the
+    /// SQL, kept with the reservation. A fresh hold is returned as
+    /// [`Admission::Debited`]; replays and resumes are as for `admit`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn hold(
+        &self,
+        analyst: &str,
+        dataset: &str,
+        query_id: &str,
+        digest: [u8; 32],
+        epsilon: f64,
+        limits: &BudgetLimits,
+        hold: (&str, u64),
+    ) -> anyhow::Result<Result<Admission, Refusal>> {
+        self.admit_as(
+            analyst,
+            dataset,
+            query_id,
+            digest,
+            epsilon,
+            limits,
+            Some(hold),
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn admit_as(
+        &self,
+        analyst: &str,
+        dataset: &str,
+        query_id: &str,
+        digest: [u8; 32],
+        epsilon: f64,
+        limits: &BudgetLimits,
+        hold: Option<(&str, u64)>,
+    ) -> anyhow::Result<Result<Admission, Refusal>> {
         let _guard = self.admit_lock.lock().unwrap_or_else(|p| p.into_inner());
         let qkey = query_key(analyst, query_id);
         let debit = to_nano_ceil(epsilon);
@@ -374,23 +417,42 @@ impl Ledger {
                 }
             }
             let (a_new, d_new) = acct.debit(tx, dataset, epsilon, debit, limits)?;
-            let pending = QueryRecord {
-                digest,
-                state: RecordState::Pending(None),
+            let (state, event) = match hold {
+                None => (
+                    RecordState::Pending(None),
+                    Event::Debited {
+                        analyst: analyst.to_string(),
+                        query_id: query_id.to_string(),
+                        dataset: dataset.to_string(),
+                        epsilon: from_nano(debit),
+                        analyst_spent: from_nano(a_new),
+                        dataset_spent: from_nano(d_new),
+                    },
+                ),
+                Some((sql, expires_ms)) => {
+                    tx.insert(expiry_key(expires_ms, analyst, query_id), &[])?;
+                    (
+                        RecordState::Reserved(Reservation {
+                            dataset: dataset.to_string(),
+                            sql: sql.to_string(),
+                            epsilon,
+                            nano: debit,
+                            expires_ms,
+                        }),
+                        Event::Reserved {
+                            analyst: analyst.to_string(),
+                            query_id: query_id.to_string(),
+                            dataset: dataset.to_string(),
+                            epsilon: from_nano(debit),
+                            analyst_spent: from_nano(a_new),
+                            dataset_spent: from_nano(d_new),
+                            expires_ms,
+                        },
+                    )
+                }
             };
-            tx.insert(qkey.as_bytes(), pending.encode())?;
-            append_in(
-                atx,
-                &self.audit.key,
-                Event::Debited {
-                    analyst: analyst.to_string(),
-                    query_id: query_id.to_string(),
-                    dataset: dataset.to_string(),
-                    epsilon: from_nano(debit),
-                    analyst_spent: from_nano(a_new),
-                    dataset_spent: from_nano(d_new),
-                },
-            )?;
+            tx.insert(qkey.as_bytes(), QueryRecord { digest, state }.encode())?;
+            append_in(atx, &self.audit.key, event)?;
             Ok(Admission::Debited(acct.state(a_new, d_new)))
         });
         // Durable before any release is computed (a replay wrote nothing).
@@ -402,6 +464,7 @@ impl Ledger {
     /// logs the release, in one commit, and flushes both before the response
     /// is sent. The stored copy and `response` get the audit head after the
     /// release entry, which is also returned.
+    #[allow(clippy::too_many_arguments)]
     pub fn record_release(
         &self,
         analyst: &str,
@@ -409,6 +472,7 @@ impl Ledger {
         dataset: &str,
         digest: [u8; 32],
         measurements: Vec<ReleasedMeasurement>,
+        source: Option<&str>,
         response: &mut fedq_proto::v1::QueryResponse,
     ) -> anyhow::Result<Head> {
         use prost::Message;
@@ -420,6 +484,7 @@ impl Ledger {
             dataset: dataset.to_string(),
             measurements,
             response_sha256,
+            source: source.map(str::to_string),
         };
         let head = (&self.tree, &self.audit.tree)
             .transaction(|(tx, atx)| {
@@ -553,6 +618,24 @@ impl Ledger {
             }
         });
         self.settle(outcome, true)
+    }
+
+    /// The live (not yet committed, cancelled or expired by `now_ms`)
+    /// reservation held under `query_id`, if any. Read only.
+    pub fn reservation(
+        &self,
+        analyst: &str,
+        query_id: &str,
+        now_ms: u64,
+    ) -> anyhow::Result<Option<Reservation>> {
+        let rec = self
+            .tree
+            .get(query_key(analyst, query_id))?
+            .and_then(|v| QueryRecord::decode(&v));
+        Ok(match rec.map(|r| r.state) {
+            Some(RecordState::Reserved(r)) if r.expires_ms > now_ms => Some(r),
+            _ => None,
+        })
     }
 
     /// Returns a reservation's budget (cancelled or expired), logged in the
@@ -839,7 +922,7 @@ mod tests {
             ..Default::default()
         };
         let head = ledger
-            .record_release("alice", "q1", "cases", [1; 32], vec![], &mut resp)
+            .record_release("alice", "q1", "cases", [1; 32], vec![], None, &mut resp)
             .unwrap();
         assert_eq!(resp.audit_head, Some(head.to_proto()));
         use prost::Message;

@@ -13,6 +13,9 @@
 //! - [`store`]: the sled database (rows, ledger, answered queries).
 //! - [`backup`]: backup and restore of a stopped node's store, never over a newer ledger.
 //! - [`table`]: the in-memory columnar view that queries scan.
+//! - [`source`]: where a dataset's rows live (embedded store or database).
+//! - [`postgres`]: a PostgreSQL table or view as a dataset: the start-up
+//!   check and the push-down of each query as one parameterised statement.
 //! - [`plan`]: SQL (via `sqlparser`) → a typed, validated query plan.
 //! - [`mechanism`]: OpenDP's discrete Laplace mechanism and its accuracy;
 //!   the only source of noise.
@@ -32,9 +35,11 @@ pub mod ledger;
 pub mod mechanism;
 pub mod pki;
 pub mod plan;
+pub mod postgres;
 pub mod schema;
 pub mod server;
 pub mod service;
+pub mod source;
 pub mod store;
 pub mod synth;
 pub mod table;

@@ -203,6 +203,7 @@ pub fn node_config(ca: &Authority, dir: &Path, name: &str, budget: BudgetLimits)
             description: String::new(),
             budget,
             columns: synth::ctdc_columns(),
+            source: None,
         }],
         base_dir: dir.to_path_buf(),
     }
