@@ -56,7 +56,7 @@ start() {
     port=$(free_port)
     as_owner "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
         -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200" \
-        start >/dev/null || { cat "$dir/server.log" >&2; exit 1; }
+        start >/dev/null 9>&- || { cat "$dir/server.log" >&2; exit 1; }
     echo "$port" >"$dir/port"
     echo "postgres://postgres@127.0.0.1:$port/postgres"
 }
@@ -73,8 +73,9 @@ ensure() {
     local dir="${TMPDIR:-/tmp}/fedq-pg-test-$(id -u)" bin
     bin=$(bindir)
     mkdir -p "$(dirname "$dir")"
+    # The server must not inherit the lock (fd 9): pg_ctl runs with it closed.
     exec 9>"$dir.lock"
-    flock 9
+    flock -w 300 9 || { echo "pg-test-server: $dir.lock is held by another start" >&2; exit 1; }
     if [ -f "$dir/port" ] && as_owner "$bin/pg_ctl" -D "$dir/data" status >/dev/null 2>&1; then
         echo "postgres://postgres@127.0.0.1:$(cat "$dir/port")/postgres"
         return
