@@ -42,7 +42,7 @@ fn db_type(i: usize, c: &Column) -> &'static str {
     match c {
         Column::Categorical { .. } => "text",
         Column::Integer { .. } => "integer",
-        Column::Boolean { .. } if i % 2 == 0 => "boolean",
+        Column::Boolean { .. } if i.is_multiple_of(2) => "boolean",
         Column::Boolean { .. } => "smallint",
     }
 }
