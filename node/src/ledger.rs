@@ -851,6 +851,93 @@ mod tests {
         Ledger::new(store, audit)
     }
 
+    /// A held debit (database sources) counts as spent; given back it
+    /// returns, committed it stays; once the sweeper expired it, a commit is
+    /// refused, so a late answer is never released.
+    #[test]
+    fn a_held_debit_is_either_committed_or_given_back_never_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = test_ledger(dir.path());
+        let l = limits();
+        let spent = |ledger: &Ledger| ledger.state("alice", "cases", &l).unwrap().spent_by_analyst;
+        let held = ledger
+            .hold(
+                "alice",
+                "cases",
+                "q1",
+                [1; 32],
+                0.5,
+                &l,
+                ("SELECT 1", 10_000),
+            )
+            .unwrap()
+            .unwrap();
+        assert!(matches!(held, Admission::Debited(_)));
+        assert_eq!(spent(&ledger), 0.5);
+        assert!(ledger.reservation("alice", "q1", 0).unwrap().is_some());
+        assert_eq!(
+            ledger
+                .give_back("alice", "q1", "database source failed", None)
+                .unwrap(),
+            0.5
+        );
+        assert_eq!(spent(&ledger), 0.0);
+        assert!(
+            ledger.commit("alice", "q1", 0).unwrap().is_err(),
+            "given back: no commit"
+        );
+
+        // The same id runs afresh, and commits.
+        ledger
+            .hold(
+                "alice",
+                "cases",
+                "q1",
+                [1; 32],
+                0.5,
+                &l,
+                ("SELECT 1", 10_000),
+            )
+            .unwrap()
+            .unwrap();
+        let (admission, r, _) = ledger.commit("alice", "q1", 0).unwrap().unwrap();
+        assert!(matches!(admission, Admission::Resume(_)) && r.is_some());
+        assert_eq!(ledger.give_back("alice", "q1", "late", None).unwrap(), 0.0);
+        assert_eq!(spent(&ledger), 0.5);
+
+        // Expired by the sweeper before the answer came: nothing to commit.
+        ledger
+            .hold(
+                "alice",
+                "cases",
+                "q2",
+                [2; 32],
+                0.25,
+                &l,
+                ("SELECT 1", 1_000),
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(ledger.expire_due(1_000).unwrap(), 1);
+        assert!(ledger.commit("alice", "q2", 1_001).unwrap().is_err());
+        assert_eq!(spent(&ledger), 0.5);
+        let kinds: Vec<String> = ledger
+            .audit
+            .entries(0)
+            .map(|e| e.unwrap().event.kind().to_string())
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "reserved",
+                "reservation_returned",
+                "reserved",
+                "reserved",
+                "reservation_returned"
+            ]
+        );
+    }
+
     #[test]
     fn grants_raise_the_limit_and_are_logged() {
         let dir = tempfile::tempdir().unwrap();
