@@ -370,3 +370,126 @@ async fn injection_through_values_names_and_identifiers_is_refused_or_inert() {
         .get(0);
     assert_eq!(n, 500);
 }
+
+/// A private PostgreSQL server in `dir` (started with the test script), so
+/// that this test can turn TLS on and stop it.
+fn private_server(dir: &std::path::Path) -> String {
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/pg-test-server.sh");
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .arg("start")
+        .arg(dir)
+        .output()
+        .expect("run scripts/pg-test-server.sh");
+    assert!(
+        out.status.success(),
+        "this test starts its own PostgreSQL server and needs the server binaries (apt-get install postgresql): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn stop_private_server(dir: &std::path::Path) {
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/pg-test-server.sh");
+    let status = std::process::Command::new("bash")
+        .arg(&script)
+        .arg("stop")
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Writes `server.crt`/`server.key` into the server's data directory,
+/// owned by the server's user as PostgreSQL requires.
+fn install_server_certificate(data: &std::path::Path, pair: &fedq_node::pki::PemPair) {
+    use std::os::unix::fs::PermissionsExt;
+    let (crt, key) = (data.join("server.crt"), data.join("server.key"));
+    std::fs::write(&crt, &pair.cert).unwrap();
+    std::fs::write(&key, &pair.key).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let owner = std::fs::metadata(data).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    for p in [&crt, &key] {
+        std::os::unix::fs::chown(p, Some(owner.uid()), Some(owner.gid())).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_database_and_a_database_that_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let server = dir.path().join("pg");
+    let url = private_server(&server);
+    let db_ca = fedq_node::pki::Authority::generate("database CA").unwrap();
+    install_server_certificate(
+        &server.join("data"),
+        &db_ca.issue(Role::Node, "db").unwrap(),
+    );
+    let admin = database_client(&url).await;
+    admin
+        .batch_execute("ALTER SYSTEM SET ssl = on; SELECT pg_reload_conf()")
+        .await
+        .unwrap();
+    let csv = dir.path().join("cases.csv");
+    fedq_node::synth::write_csv(Partner::Ngo, 300, 9, std::fs::File::create(&csv).unwrap())
+        .unwrap();
+    let table = load_csv_into_postgres(&url, &csv).await;
+    std::fs::write(dir.path().join("db-ca.pem"), &db_ca.pem.cert).unwrap();
+
+    let fed = TestFederation::start_postgres((Partner::Ngo, 10, 1), roomy_budget(), |c| {
+        let url_file = c.base_dir.join("private.url");
+        std::fs::write(&url_file, &url).unwrap();
+        let src = c.datasets[0].source.as_mut().unwrap();
+        src.url_file = Some(url_file);
+        src.table = table.clone();
+        src.ca = Some(dir.path().join("db-ca.pem"));
+    })
+    .await;
+    let mut alice = fed.raw_client(0, Role::Analyst, "alice").await;
+    let r = alice
+        .query(q(
+            "tls",
+            "SELECT isForcedLabour, COUNT(*) FROM cases GROUP BY isForcedLabour",
+            10.0,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let exact = exact_counts(&csv, &["isForcedLabour"], |_| true);
+    assert_close(&r, 0, |key| exact.get(key).copied().unwrap_or(0));
+    let tls_sessions: i64 = admin
+        .query_one(
+            "SELECT COUNT(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+             WHERE ssl AND application_name = 'fedq-node'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tls_sessions, 1, "the node's session is encrypted");
+
+    // The database stops: a clear error, nothing spent, the hold returned.
+    drop(admin);
+    stop_private_server(&server);
+    let e = alice
+        .query(q("stopped", "SELECT COUNT(*) FROM cases", 1.0))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("nothing was spent"), "{}", e.message());
+    assert!((spent(&mut alice).await - 10.0).abs() < 1e-9);
+    let returned = pull(&fed)
+        .await
+        .into_iter()
+        .filter(|e| {
+            matches!(&e.event, Event::ReservationReturned { query_id, .. } if query_id == "stopped")
+        })
+        .count();
+    assert_eq!(returned, 1);
+}
