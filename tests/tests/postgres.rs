@@ -390,16 +390,26 @@ fn private_server(dir: &std::path::Path) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-fn stop_private_server(dir: &std::path::Path) {
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/pg-test-server.sh");
-    let status = std::process::Command::new("bash")
-        .arg(&script)
-        .arg("stop")
-        .arg(dir)
-        .status()
-        .unwrap();
-    assert!(status.success());
+/// Stops the private server when dropped, whatever the test did.
+struct Stop<'a>(&'a std::path::Path);
+
+impl Stop<'_> {
+    fn now(&self) -> bool {
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/pg-test-server.sh");
+        std::process::Command::new("bash")
+            .arg(&script)
+            .arg("stop")
+            .arg(self.0)
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}
+
+impl Drop for Stop<'_> {
+    fn drop(&mut self) {
+        self.now();
+    }
 }
 
 /// Writes `server.crt`/`server.key` into the server's data directory,
@@ -426,6 +436,7 @@ async fn tls_to_the_database_and_a_database_that_stops() {
     }
     let server = dir.path().join("pg");
     let url = private_server(&server);
+    let stop = Stop(&server);
     let db_ca = fedq_node::pki::Authority::generate("database CA").unwrap();
     install_server_certificate(
         &server.join("data"),
@@ -433,7 +444,11 @@ async fn tls_to_the_database_and_a_database_that_stops() {
     );
     let admin = database_client(&url).await;
     admin
-        .batch_execute("ALTER SYSTEM SET ssl = on; SELECT pg_reload_conf()")
+        .batch_execute("ALTER SYSTEM SET ssl = on")
+        .await
+        .unwrap();
+    admin
+        .batch_execute("SELECT pg_reload_conf()")
         .await
         .unwrap();
     let csv = dir.path().join("cases.csv");
@@ -476,7 +491,7 @@ async fn tls_to_the_database_and_a_database_that_stops() {
 
     // The database stops: a clear error, nothing spent, the hold returned.
     drop(admin);
-    stop_private_server(&server);
+    assert!(stop.now(), "the test server stops");
     let e = alice
         .query(q("stopped", "SELECT COUNT(*) FROM cases", 1.0))
         .await
