@@ -5,7 +5,9 @@
 //! block, then copied up to `FEDQ_BENCH_DB_ROWS`, 10,000,000 by default)
 //! and into the embedded engine (`FEDQ_BENCH_ROWS`, 1,000,000 by default),
 //! then times one GROUP BY with a WHERE on each, `FEDQ_BENCH_RUNS` times
-//! (default 15), and prints p50 and p95.
+//! (default 15), and prints p50 and p95. With `FEDQ_BENCH_KEEP=1` the
+//! table is kept afterwards and reused by the next run if it has the
+//! expected number of rows.
 //!
 //! Needs a PostgreSQL server: `FEDQ_TEST_POSTGRES`, or one started with
 //! `scripts/pg-test-server.sh ensure`. Run:
@@ -118,7 +120,15 @@ fn main() {
     let psql = psql();
     let run_psql = |sql: &str| {
         let out = std::process::Command::new(&psql)
-            .args([url.as_str(), "-v", "ON_ERROR_STOP=1", "-q", "-c", sql])
+            .args([
+                url.as_str(),
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-q",
+                "-At",
+                "-c",
+                sql,
+            ])
             .output()
             .expect("run psql");
         assert!(
@@ -126,17 +136,25 @@ fn main() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
-    for stmt in setup.split("; ") {
-        run_psql(stmt);
-    }
     let copies = db_rows / block;
-    run_psql("CREATE TABLE bench.block AS SELECT * FROM bench.cases");
-    for _ in 1..copies {
-        run_psql("INSERT INTO bench.cases SELECT * FROM bench.block");
+    let keep = std::env::var("FEDQ_BENCH_KEEP").is_ok();
+    let present = run_psql("SELECT to_regclass('bench.cases') IS NOT NULL");
+    let reuse = keep
+        && present == "t"
+        && run_psql("SELECT COUNT(*) FROM bench.cases") == (copies * block).to_string();
+    if !reuse {
+        for stmt in setup.split("; ") {
+            run_psql(stmt);
+        }
+        run_psql("CREATE TABLE bench.block AS SELECT * FROM bench.cases");
+        for _ in 1..copies {
+            run_psql("INSERT INTO bench.cases SELECT * FROM bench.block");
+        }
+        run_psql("DROP TABLE bench.block");
+        run_psql("VACUUM ANALYZE bench.cases");
     }
-    run_psql("DROP TABLE bench.block");
-    run_psql("VACUUM ANALYZE bench.cases");
     println!(
         "loaded {} rows into PostgreSQL in {:.0} s; {} rows in the embedded engine",
         copies * block,
@@ -178,5 +196,7 @@ fn main() {
         embedded.push(t.elapsed());
     }
     report(&format!("embedded engine, {block} rows"), embedded);
-    run_psql("DROP SCHEMA bench CASCADE");
+    if !keep {
+        run_psql("DROP SCHEMA bench CASCADE");
+    }
 }
