@@ -103,6 +103,7 @@ pub fn build_federation(dir: &Path, out: &mut impl std::io::Write) -> anyhow::Re
                 },
                 columns: synth::ctdc_columns(),
                 privacy_unit: None,
+                source: None,
             }],
             base_dir: node_dir.clone(),
         };

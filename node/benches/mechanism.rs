@@ -72,7 +72,15 @@ fn ledger(c: &mut Criterion) {
                 .expect("admit")
                 .expect("admitted");
             ledger
-                .record_release("alice", &id, "cases", digest, vec![], &mut response.clone())
+                .record_release(
+                    "alice",
+                    &id,
+                    "cases",
+                    digest,
+                    vec![],
+                    None,
+                    &mut response.clone(),
+                )
                 .expect("record");
         })
     });

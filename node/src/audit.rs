@@ -227,6 +227,11 @@ pub enum Event {
         measurements: Vec<ReleasedMeasurement>,
         /// SHA-256 of the encoded response sent.
         response_sha256: String,
+        /// Where the exact aggregates were computed when not in the node's
+        /// own store: `postgres`. Absent for the embedded store (so entries
+        /// written before sources existed keep their form and hashes).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        source: Option<String>,
     },
     /// A retried query id was answered from the stored release; nothing spent.
     Replayed {

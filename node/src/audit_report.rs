@@ -444,6 +444,7 @@ mod tests {
                     dataset: "cases".into(),
                     measurements: vec![],
                     response_sha256: String::new(),
+                    source: None,
                 },
             ),
             entry(

@@ -417,6 +417,51 @@ impl Ledger {
         amount: f64,
         limits: &BudgetLimits,
     ) -> anyhow::Result<Result<Admission, Refusal>> {
+        self.admit_as(analyst, dataset, query_id, digest, amount, limits, None)
+    }
+
+    /// As [`Ledger::admit`], but a fresh debit is held as a reservation
+    /// expiring at `hold.1` (logged as `reserved`), for a query whose exact
+    /// values come from a database that may fail: the caller then either
+    /// [`Ledger::commit`]s it once the values are in hand, or
+    /// [`Ledger::give_back`]s it if nothing was computed. `hold.0` is the
+    /// SQL, kept with the reservation; `request` is the (epsilon, rho)
+    /// asked. A fresh hold is returned as [`Admission::Debited`]; replays and
+    /// resumes are as for `admit`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn hold(
+        &self,
+        analyst: &str,
+        dataset: &str,
+        query_id: &str,
+        digest: [u8; 32],
+        amount: f64,
+        request: (f64, f64),
+        limits: &BudgetLimits,
+        hold: (&str, u64),
+    ) -> anyhow::Result<Result<Admission, Refusal>> {
+        self.admit_as(
+            analyst,
+            dataset,
+            query_id,
+            digest,
+            amount,
+            limits,
+            Some((hold.0, hold.1, request)),
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn admit_as(
+        &self,
+        analyst: &str,
+        dataset: &str,
+        query_id: &str,
+        digest: [u8; 32],
+        amount: f64,
+        limits: &BudgetLimits,
+        hold: Option<(&str, u64, (f64, f64))>,
+    ) -> anyhow::Result<Result<Admission, Refusal>> {
         let guard = self.admit_lock.lock().unwrap_or_else(|p| p.into_inner());
         let qkey = query_key(analyst, query_id);
         let debit = to_nano_ceil(amount);
@@ -437,26 +482,50 @@ impl Ledger {
             }
             let (a_new, d_new) = acct.debit(tx, dataset, amount, debit, limits)?;
             let stated = Stated::new(limits, debit, a_new);
-            let pending = QueryRecord {
-                digest,
-                state: RecordState::Pending(None),
+            let (state, event) = match hold {
+                None => (
+                    RecordState::Pending(None),
+                    Event::Debited {
+                        analyst: analyst.to_string(),
+                        query_id: query_id.to_string(),
+                        dataset: dataset.to_string(),
+                        epsilon: stated.epsilon,
+                        analyst_spent: from_nano(a_new),
+                        dataset_spent: from_nano(d_new),
+                        measure: stated.measure,
+                        rho: stated.rho,
+                        analyst_spent_equivalent: stated.equivalent,
+                    },
+                ),
+                Some((sql, expires_ms, request)) => {
+                    tx.insert(expiry_key(expires_ms, analyst, query_id), &[])?;
+                    (
+                        RecordState::Reserved(Reservation {
+                            dataset: dataset.to_string(),
+                            sql: sql.to_string(),
+                            epsilon: request.0,
+                            rho: request.1,
+                            measure: limits.measure,
+                            nano: debit,
+                            expires_ms,
+                        }),
+                        Event::Reserved {
+                            analyst: analyst.to_string(),
+                            query_id: query_id.to_string(),
+                            dataset: dataset.to_string(),
+                            epsilon: stated.epsilon,
+                            analyst_spent: from_nano(a_new),
+                            dataset_spent: from_nano(d_new),
+                            expires_ms,
+                            measure: stated.measure,
+                            rho: stated.rho,
+                            analyst_spent_equivalent: stated.equivalent,
+                        },
+                    )
+                }
             };
-            tx.insert(qkey.as_bytes(), pending.encode())?;
-            append_in(
-                atx,
-                &self.audit.key,
-                Event::Debited {
-                    analyst: analyst.to_string(),
-                    query_id: query_id.to_string(),
-                    dataset: dataset.to_string(),
-                    epsilon: stated.epsilon,
-                    analyst_spent: from_nano(a_new),
-                    dataset_spent: from_nano(d_new),
-                    measure: stated.measure,
-                    rho: stated.rho,
-                    analyst_spent_equivalent: stated.equivalent,
-                },
-            )?;
+            tx.insert(qkey.as_bytes(), QueryRecord { digest, state }.encode())?;
+            append_in(atx, &self.audit.key, event)?;
             Ok(Admission::Debited(acct.state(a_new, d_new)))
         });
         // Durable before any release is computed (a replay wrote nothing).
@@ -472,6 +541,7 @@ impl Ledger {
     /// independent release under the one debit. The stored copy and
     /// `response` get the audit head after the release entry, which is also
     /// returned.
+    #[allow(clippy::too_many_arguments)]
     pub fn record_release(
         &self,
         analyst: &str,
@@ -479,6 +549,7 @@ impl Ledger {
         dataset: &str,
         digest: [u8; 32],
         measurements: Vec<ReleasedMeasurement>,
+        source: Option<&str>,
         response: &mut fedq_proto::v1::QueryResponse,
     ) -> anyhow::Result<Head> {
         use prost::Message;
@@ -490,6 +561,7 @@ impl Ledger {
             dataset: dataset.to_string(),
             measurements,
             response_sha256,
+            source: source.map(str::to_string),
         };
         let head = (&self.tree, &self.audit.tree)
             .transaction(|(tx, atx)| {
@@ -634,6 +706,24 @@ impl Ledger {
         });
         drop(guard);
         self.settle(outcome, true)
+    }
+
+    /// The live (not yet committed, cancelled or expired by `now_ms`)
+    /// reservation held under `query_id`, if any. Read only.
+    pub fn reservation(
+        &self,
+        analyst: &str,
+        query_id: &str,
+        now_ms: u64,
+    ) -> anyhow::Result<Option<Reservation>> {
+        let rec = self
+            .tree
+            .get(query_key(analyst, query_id))?
+            .and_then(|v| QueryRecord::decode(&v));
+        Ok(match rec.map(|r| r.state) {
+            Some(RecordState::Reserved(r)) if r.expires_ms > now_ms => Some(r),
+            _ => None,
+        })
     }
 
     /// Returns a reservation's budget (cancelled or expired), logged in the
@@ -924,6 +1014,96 @@ mod tests {
         Ledger::new(store, audit)
     }
 
+    /// A held debit (database sources) counts as spent; given back it
+    /// returns, committed it stays; once the sweeper expired it, a commit is
+    /// refused, so a late answer is never released.
+    #[test]
+    fn a_held_debit_is_either_committed_or_given_back_never_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = test_ledger(dir.path());
+        let l = limits();
+        let spent = |ledger: &Ledger| ledger.state("alice", "cases", &l).unwrap().spent_by_analyst;
+        let held = ledger
+            .hold(
+                "alice",
+                "cases",
+                "q1",
+                [1; 32],
+                0.5,
+                (0.5, 0.0),
+                &l,
+                ("SELECT 1", 10_000),
+            )
+            .unwrap()
+            .unwrap();
+        assert!(matches!(held, Admission::Debited(_)));
+        assert_eq!(spent(&ledger), 0.5);
+        assert!(ledger.reservation("alice", "q1", 0).unwrap().is_some());
+        assert_eq!(
+            ledger
+                .give_back("alice", "q1", "database source failed", None)
+                .unwrap(),
+            0.5
+        );
+        assert_eq!(spent(&ledger), 0.0);
+        assert!(
+            ledger.commit("alice", "q1", 0).unwrap().is_err(),
+            "given back: no commit"
+        );
+
+        // The same id runs afresh, and commits.
+        ledger
+            .hold(
+                "alice",
+                "cases",
+                "q1",
+                [1; 32],
+                0.5,
+                (0.5, 0.0),
+                &l,
+                ("SELECT 1", 10_000),
+            )
+            .unwrap()
+            .unwrap();
+        let (admission, r, _) = ledger.commit("alice", "q1", 0).unwrap().unwrap();
+        assert!(matches!(admission, Admission::Resume(_)) && r.is_some());
+        assert_eq!(ledger.give_back("alice", "q1", "late", None).unwrap(), 0.0);
+        assert_eq!(spent(&ledger), 0.5);
+
+        // Expired by the sweeper before the answer came: nothing to commit.
+        ledger
+            .hold(
+                "alice",
+                "cases",
+                "q2",
+                [2; 32],
+                0.25,
+                (0.25, 0.0),
+                &l,
+                ("SELECT 1", 1_000),
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(ledger.expire_due(1_000).unwrap(), 1);
+        assert!(ledger.commit("alice", "q2", 1_001).unwrap().is_err());
+        assert_eq!(spent(&ledger), 0.5);
+        let kinds: Vec<String> = ledger
+            .audit
+            .entries(0)
+            .map(|e| e.unwrap().event.kind().to_string())
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "reserved",
+                "reservation_returned",
+                "reserved",
+                "reserved",
+                "reservation_returned"
+            ]
+        );
+    }
+
     #[test]
     fn grants_raise_the_limit_and_are_logged() {
         let dir = tempfile::tempdir().unwrap();
@@ -1002,7 +1182,7 @@ mod tests {
             ..Default::default()
         };
         let head = ledger
-            .record_release("alice", "q1", "cases", [1; 32], vec![], &mut resp)
+            .record_release("alice", "q1", "cases", [1; 32], vec![], None, &mut resp)
             .unwrap();
         assert_eq!(resp.audit_head, Some(head.to_proto()));
         use prost::Message;

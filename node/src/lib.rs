@@ -14,6 +14,9 @@
 //! - [`group_commit`]: concurrent ledger writes made durable by shared flushes.
 //! - [`backup`]: backup and restore of a stopped node's store, never over a newer ledger.
 //! - [`table`]: the in-memory columnar view that queries scan.
+//! - [`source`]: where a dataset's rows live (embedded store or database).
+//! - [`postgres`]: a PostgreSQL table or view as a dataset: the start-up
+//!   check and the push-down of each query as one parameterised statement.
 //! - [`plan`]: SQL (via `sqlparser`) → a typed, validated query plan.
 //! - [`mechanism`]: OpenDP's discrete Laplace and discrete Gaussian
 //!   mechanisms and their accuracy; the only source of noise.
@@ -38,11 +41,13 @@ pub mod ledger;
 pub mod mechanism;
 pub mod pki;
 pub mod plan;
+pub mod postgres;
 #[cfg(test)]
 mod privacy_tests;
 pub mod schema;
 pub mod server;
 pub mod service;
+pub mod source;
 pub mod store;
 pub mod synth;
 pub mod table;

@@ -4,7 +4,7 @@ use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{anyhow, Context};
+use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
 use fedq_node::audit::{self, Entry};
 use fedq_node::config::NodeConfig;
@@ -66,7 +66,8 @@ Cells -99 or empty are missing. One bad row fails the whole ingest with file:lin
         #[arg(long)]
         config: PathBuf,
     },
-    /// Check node.toml (syntax, schema, budgets, TLS files) without starting.
+    /// Check node.toml (syntax, schema, budgets, TLS files, and each database
+    /// source: reachable, with the declared columns) without starting.
     Check {
         /// Path to node.toml.
         #[arg(long)]
@@ -525,6 +526,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         .join(", ")
                 )
             })?;
+            if let Some(src) = &ds.source {
+                bail!(
+                    "dataset {dataset:?} answers from the database table {} ([datasets.source] in {}); there is nothing to ingest",
+                    src.table,
+                    config.display()
+                );
+            }
             let schema = ds.schema().map_err(anyhow::Error::msg)?;
             let store = fedq_node::store::Store::open(&cfg.resolve(&cfg.node.store))?;
             let r =
@@ -598,6 +606,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let path = cfg.resolve(p);
                 std::fs::metadata(&path)
                     .with_context(|| format!("tls.{what}: cannot read {}", path.display()))?;
+            }
+            // Database sources: connect and check the table's columns.
+            for d in &cfg.datasets {
+                let Some(src) = &d.source else { continue };
+                let schema = d.schema().map_err(anyhow::Error::msg)?;
+                let pg = fedq_node::postgres::PgSource::new(&d.name, schema, src, &cfg.base_dir)?;
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                match rt.block_on(pg.connect()) {
+                    Ok(()) => println!(
+                        "dataset {:?}: database table {} matches the declared columns",
+                        d.name,
+                        pg.relation()
+                    ),
+                    Err(fedq_node::postgres::SourceError::Mismatch(why)) => bail!("{why}"),
+                    Err(e) => bail!("dataset {:?}: {} ({})", d.name, e.public(), e.detail()),
+                }
             }
             println!(
                 "{}: node {:?}, {} dataset(s), listening on {}: OK",

@@ -99,6 +99,7 @@ async fn serve_on(
     // Refuse a store rolled back below the ledger's high-water mark (that
     // would hand back spent budget), then log the start and raise the mark.
     crate::backup::raise_high_water(&state.config, state.audit())?;
+    state.check_sources().await?;
     state.log_start()?;
     crate::backup::raise_high_water(&state.config, state.audit())?;
     let datasets = state.datasets.len();

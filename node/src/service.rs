@@ -29,9 +29,11 @@ use crate::ledger::{Admission, BudgetState, Ledger};
 use crate::mechanism::{self, Noise};
 use crate::pki::{caller_from_der, Caller};
 use crate::plan::{self, Plan};
+use crate::postgres::{PgSource, SourceError};
 use crate::schema::Schema;
+use crate::source::Source;
 use crate::store::Store;
-use crate::table::{cell_keys, Table};
+use crate::table::cell_keys;
 
 /// What this node can do, reported in `Describe` so coordinators can adapt.
 pub const CAPABILITIES: &[&str] = &[
@@ -68,8 +70,9 @@ pub struct Dataset {
     pub config: DatasetConfig,
     /// The validated schema.
     pub schema: Schema,
-    /// The rows, shared read-only with query tasks.
-    pub table: Arc<Table>,
+    /// Where the rows are: the embedded store (shared read-only with query
+    /// tasks) or the partner's database.
+    pub source: Source,
 }
 
 /// Everything a request handler needs, shared across requests.
@@ -95,13 +98,21 @@ impl NodeState {
         let mut datasets = HashMap::new();
         for d in &config.datasets {
             let schema = d.schema().map_err(anyhow::Error::msg)?;
-            let table = store.load_table(&d.name, &schema)?;
+            let source = match &d.source {
+                None => Source::Embedded(Arc::new(store.load_table(&d.name, &schema)?)),
+                Some(src) => Source::Postgres(Arc::new(PgSource::new(
+                    &d.name,
+                    schema.clone(),
+                    src,
+                    &config.base_dir,
+                )?)),
+            };
             datasets.insert(
                 d.name.clone(),
                 Dataset {
                     config: d.clone(),
                     schema,
-                    table: Arc::new(table),
+                    source,
                 },
             );
         }
@@ -121,6 +132,32 @@ impl NodeState {
             in_flight: Mutex::new(HashSet::new()),
             throttle: Throttle::default(),
         })
+    }
+
+    /// Connects to every database source and checks its table against the
+    /// declared schema. A table that does not match stops the start (the
+    /// operator must fix the configuration or the database); an unreachable
+    /// database does not: the node starts, that dataset's queries fail with
+    /// a clear error and spend nothing, and each query tries again.
+    pub async fn check_sources(&self) -> anyhow::Result<()> {
+        for (name, ds) in &self.datasets {
+            let Source::Postgres(pg) = &ds.source else {
+                continue;
+            };
+            match pg.connect().await {
+                Ok(()) => {
+                    tracing::info!(dataset = %name, table = %pg.relation(), "database source checked")
+                }
+                Err(SourceError::Mismatch(why)) => anyhow::bail!("{why}"),
+                Err(e) => tracing::warn!(
+                    dataset = %name,
+                    table = %pg.relation(),
+                    error = %e.detail(),
+                    "database source unavailable at start; its queries will fail (spending nothing) until it answers"
+                ),
+            }
+        }
+        Ok(())
     }
 
     /// The audit log.
@@ -697,6 +734,9 @@ fn run_query(
     let ds = &state.datasets[&plan.dataset];
     let _guard = enter(state, analyst, &q.query_id)?;
     let digest = query_digest(q);
+    if let Source::Postgres(pg) = &ds.source {
+        return run_on_database(state, pg, analyst, q, plan, response, digest);
+    }
     let admission = state
         .ledger
         .admit(
@@ -713,9 +753,142 @@ fn run_query(
     match admission {
         Admission::Replay(bytes) => replay(state, analyst, &q.query_id, &bytes),
         Admission::Debited(b) | Admission::Resume(b) => {
-            release(state, analyst, q, plan, response, b, digest, clock)
+            let exact = exact(ds, plan).map_err(|e| source_failed(state, &plan.dataset, &e))?;
+            StageClock::lap(clock, "exact");
+            release(state, analyst, q, plan, response, b, digest, exact, clock)
         }
     }
+}
+
+/// A one-phase query on a database source: the debit is held as a
+/// reservation while the database computes, so that a failure spends
+/// nothing.
+///
+/// 1. `hold`: check and reserve the budget durably (logged `reserved`).
+/// 2. Fetch the exact aggregates, bounded by the statement timeout.
+/// 3. On failure, give the reservation back (logged `reservation_returned`
+///    with the kind of failure): nothing was released, since the exact
+///    values never left the process and no noise was drawn.
+/// 4. On success, commit the reservation (atomic with respect to the
+///    expiry sweeper: exactly one of commit and expiry wins, under the
+///    ledger's lock) and only then add noise and release.
+///
+/// A crash between 1 and 4 leaves a reservation that expires and returns
+/// its budget (or, if the store is lost, budget is lost: never gained).
+fn run_on_database(
+    state: &NodeState,
+    pg: &PgSource,
+    analyst: &str,
+    q: &QueryRequest,
+    plan: &Plan,
+    response: QueryResponse,
+    digest: [u8; 32],
+) -> Result<QueryResponse, Status> {
+    let ds = &state.datasets[&plan.dataset];
+    let expires = now_ms() + pg.hold_ms();
+    let admission = state
+        .ledger
+        .hold(
+            analyst,
+            &plan.dataset,
+            &q.query_id,
+            digest,
+            response.cost,
+            (q.epsilon, q.rho),
+            &ds.config.budget,
+            (&q.sql, expires),
+        )
+        .map_err(internal)?
+        .map_err(|r| refusal_status(state, analyst, &q.query_id, r))?;
+    match admission {
+        Admission::Replay(bytes) => replay(state, analyst, &q.query_id, &bytes),
+        // Debited before and never released (the node stopped after the
+        // commit): the budget is spent for this id; a retry resumes it.
+        Admission::Resume(b) => {
+            let exact = exact(ds, plan).map_err(|e| source_failed(state, &plan.dataset, &e))?;
+            release(
+                state, analyst, q, plan, response, b, digest, exact, &mut None,
+            )
+        }
+        Admission::Debited(b) => {
+            let exact = fetch_or_give_back(state, ds, plan, analyst, &q.query_id)?;
+            match state
+                .ledger
+                .commit(analyst, &q.query_id, now_ms())
+                .map_err(internal)?
+            {
+                Ok((Admission::Resume(_), Some(_), _)) => release(
+                    state, analyst, q, plan, response, b, digest, exact, &mut None,
+                ),
+                _ => Err(held_too_long(state, &plan.dataset)),
+            }
+        }
+    }
+}
+
+/// Exact aggregates of `plan` from the dataset's source. For a database,
+/// this blocking task waits on the async fetch (bounded by the statement
+/// timeout); OpenDP measurements stay in this task, as they are not `Send`.
+fn exact(ds: &Dataset, plan: &Plan) -> Result<Vec<Vec<i64>>, SourceError> {
+    match &ds.source {
+        Source::Embedded(table) => Ok(table.exact(plan)),
+        Source::Postgres(pg) => tokio::runtime::Handle::current().block_on(pg.exact(plan)),
+    }
+}
+
+/// Fetches the exact aggregates of a query whose budget is reserved; on
+/// failure returns the reservation (nothing was released) and says why.
+fn fetch_or_give_back(
+    state: &NodeState,
+    ds: &Dataset,
+    plan: &Plan,
+    analyst: &str,
+    query_id: &str,
+) -> Result<Vec<Vec<i64>>, Status> {
+    exact(ds, plan).map_err(|e| {
+        let reason = format!(
+            "database source failed: {}; nothing was released",
+            e.public()
+        );
+        if let Err(le) = state.ledger.give_back(analyst, query_id, &reason, None) {
+            tracing::error!(error = %le, query_id, "cannot return a reservation after a database failure; it will expire");
+        }
+        let mut status = source_failed(state, &plan.dataset, &e);
+        status = Status::new(
+            status.code(),
+            format!("{}; the reserved budget was returned, nothing was spent", status.message()),
+        );
+        status
+    })
+}
+
+/// A database source failure as a status for the analyst (the kind of
+/// failure only) and a line in the operator's log (the redacted detail).
+fn source_failed(state: &NodeState, dataset: &str, e: &SourceError) -> Status {
+    tracing::warn!(dataset, error = %e.detail(), "database source failed");
+    let msg = format!(
+        "dataset {dataset:?} on node {}: {}",
+        state.config.node.name,
+        e.public()
+    );
+    match e {
+        SourceError::Timeout => Status::deadline_exceeded(msg),
+        SourceError::Unreachable(_) => Status::unavailable(msg),
+        SourceError::Mismatch(_) | SourceError::Failed(_) => Status::failed_precondition(msg),
+    }
+}
+
+/// The reservation expired while the database was computing: the sweeper
+/// returned it, so nothing may be released.
+fn held_too_long(state: &NodeState, dataset: &str) -> Status {
+    tracing::warn!(
+        dataset,
+        "a database answer came after its reservation expired; discarded"
+    );
+    Status::deadline_exceeded(format!(
+        "dataset {dataset:?} on node {}: its database answered too late; nothing was released or spent",
+        state.config.node.name
+    ))
 }
 
 /// Answers a retry from the stored release; nothing is spent.
@@ -742,8 +915,8 @@ fn replay(
     Ok(stored)
 }
 
-/// Computes exact aggregates, adds OpenDP noise and records the release.
-/// Only called once the debit (or reservation) is durable.
+/// Adds OpenDP noise to the exact aggregates and records the release.
+/// Only called once the debit (or committed reservation) is durable.
 #[allow(clippy::too_many_arguments)]
 fn release(
     state: &NodeState,
@@ -753,11 +926,10 @@ fn release(
     mut response: QueryResponse,
     budget: BudgetState,
     digest: [u8; 32],
+    exact: Vec<Vec<i64>>,
     clock: &mut Option<StageClock>,
 ) -> Result<QueryResponse, Status> {
     let ds = &state.datasets[&plan.dataset];
-    let exact = ds.table.exact(plan);
-    StageClock::lap(clock, "exact");
     for (m, values) in response.measurements.iter_mut().zip(exact) {
         let noise = Noise::reported(&m.mechanism, m.scale)
             .ok_or_else(|| internal(format!("unknown mechanism {}", m.mechanism)))?;
@@ -790,6 +962,7 @@ fn release(
             &plan.dataset,
             digest,
             logged,
+            ds.source.audit_name(),
             &mut response,
         )
         .map_err(internal)?;
@@ -880,6 +1053,34 @@ fn accept(
         ))));
     }
     Ok((plan, response))
+}
+
+/// For a Commit on a database source: fetches the exact aggregates while
+/// the budget is still only reserved, so that a database failure returns
+/// the reservation (nothing released, nothing spent) instead of leaving a
+/// debited query to resume. `None` when there is no live reservation or the
+/// dataset is embedded (computed after the commit, as always).
+fn prefetch_for_commit(
+    state: &NodeState,
+    analyst: &str,
+    query_id: &str,
+) -> Result<Option<Vec<Vec<i64>>>, Status> {
+    let Some(r) = state
+        .ledger
+        .reservation(analyst, query_id, now_ms())
+        .map_err(internal)?
+    else {
+        return Ok(None);
+    };
+    let Some(ds) = state.datasets.get(&r.dataset) else {
+        return Ok(None);
+    };
+    if !matches!(ds.source, Source::Postgres(_)) {
+        return Ok(None);
+    }
+    let plan =
+        plan::plan(&r.sql, &ds.schema, state.config.limits.max_cells).map_err(|e| internal(e.0))?;
+    fetch_or_give_back(state, ds, &plan, analyst, query_id).map(Some)
 }
 
 /// Milliseconds since the Unix epoch.
@@ -1062,6 +1263,7 @@ impl Node for NodeService {
             .state
             .within_deadline(slot, move |state| {
                 let _guard = enter(state, &who.name, &query_id)?;
+                let prefetched = prefetch_for_commit(state, &who.name, &query_id)?;
                 let (admission, reservation, digest) = state
                     .ledger
                     .commit(&who.name, &query_id, now_ms())
@@ -1095,7 +1297,15 @@ impl Node for NodeService {
                     .ledger
                     .state(&who.name, &plan.dataset, &ds.config.budget)
                     .map_err(internal)?;
-                release(state, &who.name, &q, &plan, response, b, digest, &mut None)
+                let exact = match prefetched {
+                    Some(exact) => exact,
+                    None => {
+                        exact(ds, &plan).map_err(|e| source_failed(state, &plan.dataset, &e))?
+                    }
+                };
+                release(
+                    state, &who.name, &q, &plan, response, b, digest, exact, &mut None,
+                )
             })
             .await?;
         Ok(Response::new(answer))

@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use fedq::client::Federation;
 use fedq::federation::{ClientTls, Defaults, FederationConfig, NodeEntry};
-use fedq_node::config::{BudgetLimits, DatasetConfig, Limits, NodeConfig, NodeSection, TlsSection};
+use fedq_node::config::{
+    BudgetLimits, DatasetConfig, Limits, NodeConfig, NodeSection, SourceConfig, SourceKind,
+    TlsSection,
+};
 use fedq_node::pki::{Authority, Role};
 use fedq_node::schema::Schema;
 use fedq_node::server::RunningNode;
@@ -84,6 +87,55 @@ impl TestFederation {
         for i in 0..fed.nodes.len() {
             fed.start_node(i).await;
         }
+        fed
+    }
+
+    /// One node whose dataset `cases` is a table of the PostgreSQL test
+    /// database ([`test_database_url`]) holding `rows` synthetic rows of
+    /// `partner` (also written to the node's CSV, which is not ingested).
+    /// "auditor" may export the log. `adjust` may change the config (the
+    /// source, say) before the node starts.
+    pub async fn start_postgres(
+        (partner, rows, seed): (Partner, usize, u64),
+        budget: BudgetLimits,
+        adjust: impl FnOnce(&mut NodeConfig),
+    ) -> TestFederation {
+        let url = test_database_url();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = Authority::generate("test federation CA").expect("CA");
+        ca.pem
+            .write(&dir.path().join("ca"), "ca")
+            .expect("write CA");
+        let name = "node-0".to_string();
+        let node_dir = dir.path().join(&name);
+        let csv = node_dir.join("cases.csv");
+        std::fs::create_dir_all(&node_dir).unwrap();
+        synth::write_csv(partner, rows, seed, std::fs::File::create(&csv).unwrap()).unwrap();
+        let table = load_csv_into_postgres(&url, &csv).await;
+        std::fs::write(node_dir.join("db.url"), &url).unwrap();
+        let mut config = node_config(&ca, &node_dir, &name, budget);
+        config.datasets[0].source = Some(SourceConfig {
+            kind: SourceKind::Postgres,
+            table,
+            url_file: Some("db.url".into()),
+            url_env: None,
+            ca: None,
+            statement_timeout_ms: 10_000,
+        });
+        config.audit.auditors = vec!["auditor".into()];
+        adjust(&mut config);
+        let node = TestNode {
+            name,
+            config,
+            csv,
+            running: None,
+        };
+        let mut fed = TestFederation {
+            dir,
+            ca,
+            nodes: vec![node],
+        };
+        fed.start_node(0).await;
         fed
     }
 
@@ -206,9 +258,126 @@ pub fn node_config(ca: &Authority, dir: &Path, name: &str, budget: BudgetLimits)
             budget,
             columns: synth::ctdc_columns(),
             privacy_unit: None,
+            source: None,
         }],
         base_dir: dir.to_path_buf(),
     }
+}
+
+/// The PostgreSQL test server's URL: `FEDQ_TEST_POSTGRES` (`.ci/run` starts
+/// a server and sets it), or else a shared server on this machine started
+/// (or reused) by `scripts/pg-test-server.sh ensure` from the machine's
+/// PostgreSQL packages. Without them this fails, saying how to install
+/// them: database tests are never skipped silently.
+pub fn test_database_url() -> String {
+    if let Ok(url) = std::env::var("FEDQ_TEST_POSTGRES") {
+        return url;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/pg-test-server.sh");
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .arg("ensure")
+        .output()
+        .expect("cannot run scripts/pg-test-server.sh");
+    assert!(
+        out.status.success(),
+        "no PostgreSQL test server: set FEDQ_TEST_POSTGRES to a server's URL, or install PostgreSQL's server binaries (Debian/Ubuntu: apt-get install postgresql) so that scripts/pg-test-server.sh can start one.\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A client of the test database (the node under test has its own).
+pub async fn database_client(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the test database");
+    tokio::spawn(conn);
+    client
+}
+
+/// Loads a synthetic CSV into a new table `cases` in a fresh schema of the
+/// test database and returns `schema.cases`. Columns are typed as a partner
+/// would: categorical `text`, integer `integer`, boolean `boolean`; values
+/// are as the CSV has them (`-99` kept, an empty cell is `NULL`).
+pub async fn load_csv_into_postgres(url: &str, csv_path: &Path) -> String {
+    use fedq_node::schema::{parse_bool, Column};
+    use tokio_postgres::types::ToSql;
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let client = database_client(url).await;
+    let ns = format!(
+        "e2e_{}_{}_{}",
+        std::process::id(),
+        SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos()
+    );
+    let schema = Schema::from_specs("cases", &synth::ctdc_columns()).unwrap();
+    let types: Vec<&str> = schema
+        .columns
+        .iter()
+        .map(|c| match c {
+            // A person identifier is loaded as text (database sources
+            // refuse person-level units today; kept for completeness).
+            Column::Categorical { .. } | Column::PersonId { .. } => "text",
+            Column::Integer { .. } => "integer",
+            Column::Boolean { .. } => "boolean",
+        })
+        .collect();
+    let defs: Vec<String> = schema
+        .columns
+        .iter()
+        .zip(&types)
+        .map(|(c, t)| format!("\"{}\" {t}", c.name()))
+        .collect();
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA {ns}; CREATE TABLE {ns}.cases ({})",
+            defs.join(", ")
+        ))
+        .await
+        .unwrap();
+    let mut reader = csv::Reader::from_path(csv_path).unwrap();
+    let headers = reader.headers().unwrap().clone();
+    let order: Vec<usize> = schema
+        .columns
+        .iter()
+        .map(|c| headers.iter().position(|h| h == c.name()).unwrap())
+        .collect();
+    let records: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+    let casts: Vec<String> = types
+        .iter()
+        .enumerate()
+        .map(|(i, t)| format!("${}::{t}[]", i + 1))
+        .collect();
+    let insert = format!(
+        "INSERT INTO {ns}.cases SELECT * FROM unnest({})",
+        casts.join(", ")
+    );
+    for batch in records.chunks(5000) {
+        let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+        for (c, &at) in schema.columns.iter().zip(&order) {
+            let raw = batch.iter().map(|r| r.get(at).unwrap_or("").trim());
+            params.push(match c {
+                Column::Categorical { .. } | Column::PersonId { .. } => Box::new(
+                    raw.map(|v| (!v.is_empty()).then(|| v.to_string()))
+                        .collect::<Vec<_>>(),
+                ),
+                Column::Integer { .. } => {
+                    Box::new(raw.map(|v| v.parse::<i32>().ok()).collect::<Vec<_>>())
+                }
+                Column::Boolean { .. } => Box::new(raw.map(parse_bool).collect::<Vec<_>>()),
+            });
+        }
+        let refs: Vec<&(dyn ToSql + Sync)> = params
+            .iter()
+            .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+            .collect();
+        client.execute(&insert, &refs).await.unwrap();
+    }
+    format!("{ns}.cases")
 }
 
 /// Exact counts per GROUP BY key straight from a CSV file, computed here

@@ -1,0 +1,406 @@
+//! Engine-layer equivalence, below the privacy layer: on the same rows, the
+//! PostgreSQL push-down computes exactly the aggregates of the embedded
+//! engine, for a broad fixed set of queries and for random ones. No exact
+//! value is served anywhere: both sides are called directly.
+//!
+//! Needs a PostgreSQL server: `FEDQ_TEST_POSTGRES` (set by `.ci/run`), or
+//! one started by `scripts/pg-test-server.sh ensure` from the machine's
+//! packages. Without either the test fails, saying how to install them.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tokio_postgres::types::ToSql;
+
+use super::*;
+use crate::config::{SourceConfig, SourceKind};
+use crate::plan::plan;
+use crate::schema::MISSING;
+use crate::table::Table;
+
+/// The test server's URL: `FEDQ_TEST_POSTGRES`, or a shared server
+/// started (or reused) by `scripts/pg-test-server.sh ensure`.
+pub(crate) fn test_database_url() -> String {
+    if let Ok(url) = std::env::var("FEDQ_TEST_POSTGRES") {
+        return url;
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/pg-test-server.sh");
+    let out = std::process::Command::new("bash")
+        .args([script, "ensure"])
+        .output()
+        .expect("cannot run scripts/pg-test-server.sh");
+    assert!(
+        out.status.success(),
+        "no PostgreSQL test server: set FEDQ_TEST_POSTGRES to a server's URL, or install PostgreSQL's server binaries (Debian/Ubuntu: apt-get install postgresql) so that scripts/pg-test-server.sh can start one.\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// How the test stores each declared column in the database; booleans
+/// alternate between `boolean` and `smallint` columns to cover both.
+fn db_type(i: usize, c: &Column) -> &'static str {
+    match c {
+        Column::Categorical { .. } => "text",
+        Column::Integer { .. } => "integer",
+        Column::Boolean { .. } if i.is_multiple_of(2) => "boolean",
+        Column::Boolean { .. } => "smallint",
+        Column::PersonId { .. } => unreachable!("no person column in this test"),
+    }
+}
+
+/// One database cell and the code the engine holds for it.
+enum Cell {
+    Text(Option<String>),
+    Int(Option<i32>),
+    Bool(Option<bool>),
+    Small(Option<i16>),
+}
+
+/// A database value for a code, with every spelling of "missing" and some
+/// values the embedded store would refuse at ingest (out of domain, out of
+/// bounds), returned with the code the database source gives them.
+fn cell(i: usize, c: &Column, code: i64, rng: &mut ChaCha8Rng) -> (Cell, i64) {
+    let odd = rng.random_bool(0.02);
+    match c {
+        Column::Categorical { domain, .. } => {
+            if odd {
+                let v = ["Unknown", " Female", "female", "-99 "][rng.random_range(0..4)];
+                return (Cell::Text(Some(v.into())), MISSING);
+            }
+            if code == MISSING {
+                let v = [None, Some(""), Some("-99")][rng.random_range(0..3)];
+                return (Cell::Text(v.map(str::to_string)), MISSING);
+            }
+            (Cell::Text(Some(domain[code as usize].clone())), code)
+        }
+        Column::Integer { min, max, .. } => {
+            if odd {
+                return if rng.random_bool(0.5) {
+                    (Cell::Int(Some(*max as i32 + 50)), *max)
+                } else {
+                    (Cell::Int(Some(*min as i32 - 7)), *min)
+                };
+            }
+            if code == MISSING {
+                let v = [None, Some(-99)][rng.random_range(0..2)];
+                return (Cell::Int(v), MISSING);
+            }
+            (Cell::Int(Some(code as i32)), code)
+        }
+        Column::Boolean { .. } if db_type(i, c) == "boolean" => {
+            if code == MISSING {
+                return (Cell::Bool(None), MISSING);
+            }
+            (Cell::Bool(Some(code == 1)), code)
+        }
+        Column::PersonId { .. } => unreachable!("no person column in this test"),
+        Column::Boolean { .. } => {
+            if odd {
+                return (Cell::Small(Some(7)), MISSING);
+            }
+            if code == MISSING {
+                let v = [None, Some(-99)][rng.random_range(0..2)];
+                return (Cell::Small(v), MISSING);
+            }
+            (Cell::Small(Some(code as i16)), code)
+        }
+    }
+}
+
+/// A CTDC-shaped table of `rows` rows, loaded into a fresh PostgreSQL
+/// table (in its own schema) and into an embedded [`Table`].
+pub(crate) struct Loaded {
+    pub(crate) schema: Schema,
+    pub(crate) table: Table,
+    pub(crate) relation: String,
+}
+
+async fn load(client: &Client, rows: usize, seed: u64) -> Loaded {
+    let columns = crate::synth::ctdc_columns();
+    let schema = Schema::from_specs("cases", &columns).unwrap();
+    let mut csv = Vec::new();
+    crate::synth::write_csv(crate::synth::Partner::Hotline, rows, seed, &mut csv).unwrap();
+    let mut reader = csv::Reader::from_reader(csv.as_slice());
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let ns = format!(
+        "eq_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let defs: Vec<String> = schema
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("{} {}", statement::quote(c.name()), db_type(i, c)))
+        .collect();
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA {ns}; CREATE TABLE {ns}.cases ({})",
+            defs.join(", ")
+        ))
+        .await
+        .unwrap();
+    let mut table = Table::new(schema.clone());
+    let mut batch: Vec<Vec<Cell>> = Vec::new();
+    let mut codes = Vec::new();
+    let mut records = reader.records();
+    loop {
+        let record = records.next();
+        if let Some(r) = &record {
+            let r = r.as_ref().unwrap();
+            let mut row = Vec::new();
+            for (i, (c, raw)) in schema.columns.iter().zip(r.iter()).enumerate() {
+                let (cell, code) = cell(i, c, c.encode(raw).unwrap(), &mut rng);
+                row.push(cell);
+                codes.push(code);
+            }
+            batch.push(row);
+        }
+        if batch.len() == 2000 || (record.is_none() && !batch.is_empty()) {
+            insert(client, &ns, &schema, &batch).await;
+            table.append_row_major(&codes);
+            batch.clear();
+            codes.clear();
+        }
+        if record.is_none() {
+            break;
+        }
+    }
+    Loaded {
+        schema,
+        table,
+        relation: format!("{ns}.cases"),
+    }
+}
+
+/// One INSERT ... SELECT FROM unnest($1, $2, ...) per batch: one array
+/// parameter per column.
+async fn insert(client: &Client, ns: &str, schema: &Schema, rows: &[Vec<Cell>]) {
+    let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+    let mut casts = Vec::new();
+    for (i, c) in schema.columns.iter().enumerate() {
+        macro_rules! column {
+            ($variant:ident) => {
+                Box::new(
+                    rows.iter()
+                        .map(|r| match &r[i] {
+                            Cell::$variant(v) => v.clone(),
+                            _ => unreachable!(),
+                        })
+                        .collect::<Vec<_>>(),
+                ) as Box<dyn ToSql + Sync + Send>
+            };
+        }
+        params.push(match db_type(i, c) {
+            "text" => column!(Text),
+            "integer" => column!(Int),
+            "boolean" => column!(Bool),
+            _ => column!(Small),
+        });
+        casts.push(format!("${}::{}[]", i + 1, db_type(i, c)));
+    }
+    let refs: Vec<&(dyn ToSql + Sync)> = params
+        .iter()
+        .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+        .collect();
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {ns}.cases SELECT * FROM unnest({})",
+                casts.join(", ")
+            ),
+            &refs,
+        )
+        .await
+        .unwrap();
+}
+
+pub(crate) async fn connect(url: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+fn source(url: &str, loaded: &Loaded, dir: &Path) -> PgSource {
+    std::fs::write(dir.join("db.url"), url).unwrap();
+    let src = SourceConfig {
+        kind: SourceKind::Postgres,
+        table: loaded.relation.clone(),
+        url_file: Some("db.url".into()),
+        url_env: None,
+        ca: None,
+        statement_timeout_ms: 30_000,
+    };
+    PgSource::new("cases", loaded.schema.clone(), &src, dir).unwrap()
+}
+
+/// Queries covering every predicate kind, NOT/OR over missing values,
+/// IS [NOT] NULL, IN, BETWEEN, every measurement, GROUP BY over 0, 1 and 2
+/// columns (categorical and boolean), and sums that clamp.
+const QUERIES: &[&str] = &[
+    "SELECT COUNT(*) FROM cases",
+    "SELECT COUNT(*), SUM(traffickMonths), AVG(yearOfRegistration) FROM cases",
+    "SELECT gender, COUNT(*) FROM cases GROUP BY gender",
+    "SELECT gender, ageBroad, COUNT(*) FROM cases WHERE isForcedLabour = 1 GROUP BY gender, ageBroad",
+    "SELECT isSexualExploit, isForcedLabour, COUNT(*), COUNT(traffickMonths) FROM cases GROUP BY isSexualExploit, isForcedLabour",
+    "SELECT citizenship, SUM(traffickMonths) FROM cases WHERE yearOfRegistration BETWEEN 2010 AND 2020 GROUP BY citizenship",
+    "SELECT COUNT(*) FROM cases WHERE yearOfRegistration NOT BETWEEN 2010 AND 2020",
+    "SELECT COUNT(*) FROM cases WHERE yearOfRegistration BETWEEN 2020 AND 2010",
+    "SELECT COUNT(*) FROM cases WHERE NOT gender = 'Female'",
+    "SELECT COUNT(*) FROM cases WHERE gender <> 'Female'",
+    "SELECT COUNT(*) FROM cases WHERE NOT (gender = 'Female' OR isForcedLabour = 1)",
+    "SELECT COUNT(*) FROM cases WHERE gender = 'Female' OR NOT isForcedLabour = 1",
+    "SELECT COUNT(*) FROM cases WHERE NOT (ageBroad IN ('0--8', '9--17') AND traffickMonths > 12)",
+    "SELECT COUNT(*) FROM cases WHERE gender IS NULL",
+    "SELECT ageBroad, COUNT(*) FROM cases WHERE gender IS NOT NULL AND NOT ageBroad IS NULL GROUP BY ageBroad",
+    "SELECT COUNT(*) FROM cases WHERE NOT gender IS NULL OR traffickMonths IS NULL",
+    "SELECT COUNT(*) FROM cases WHERE ageBroad NOT IN ('0--8', '48+')",
+    "SELECT COUNT(*) FROM cases WHERE traffickMonths IN (1, 2, 3, 500, -5)",
+    "SELECT COUNT(*) FROM cases WHERE traffickMonths NOT IN (0, 120)",
+    "SELECT COUNT(*) FROM cases WHERE traffickMonths < 0 OR traffickMonths >= 120",
+    "SELECT COUNT(*) FROM cases WHERE traffickMonths <= 6 AND yearOfRegistration > 2015",
+    "SELECT COUNT(*) FROM cases WHERE 2015 < yearOfRegistration",
+    "SELECT COUNT(*) FROM cases WHERE yearOfRegistration = -9223372036854775808",
+    "SELECT COUNT(*) FROM cases WHERE traffickMonths > 9223372036854775807",
+    "SELECT COUNT(*) FROM cases WHERE isForcedLabour = true AND isSexualExploit = false",
+    "SELECT COUNT(*) FROM cases WHERE isForcedLabour <> 1",
+    "SELECT Datasource, majorityStatus, AVG(traffickMonths), COUNT(isOtherExploit) FROM cases GROUP BY Datasource, majorityStatus",
+    "SELECT CountryOfExploitation, COUNT(*), SUM(yearOfRegistration) FROM cases WHERE NOT (NOT isSexualExploit = 1) GROUP BY CountryOfExploitation",
+    "SELECT gender, COUNT(gender), COUNT(ageBroad) FROM cases WHERE ageBroad = '48+' GROUP BY gender",
+    "SELECT MEDIAN(traffickMonths), QUANTILE(yearOfRegistration, 0.9) FROM cases",
+    "SELECT gender, isForcedLabour, VARIANCE(traffickMonths), STDDEV(yearOfRegistration) FROM cases WHERE NOT ageBroad IS NULL GROUP BY gender, isForcedLabour",
+    "SELECT ageBroad, HISTOGRAM(traffickMonths, 7) FROM cases WHERE isSexualExploit = 1 GROUP BY ageBroad",
+];
+
+#[test]
+fn push_down_equals_the_embedded_engine() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let url = test_database_url();
+    let dir = tempfile::tempdir().unwrap();
+    rt.block_on(async {
+        let client = connect(&url).await;
+        let loaded = load(&client, 20_000, 11).await;
+        let pg = source(&url, &loaded, dir.path());
+        pg.connect().await.unwrap();
+        for sql in QUERIES {
+            let p = plan(sql, &loaded.schema, 100_000).unwrap();
+            let db = pg.exact(&p).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+            assert_eq!(db, loaded.table.exact(&p), "{sql}");
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        for _ in 0..300 {
+            let sql = random_query(&mut rng, &loaded.schema);
+            let p = plan(&sql, &loaded.schema, 100_000).unwrap_or_else(|e| panic!("{sql}: {e}"));
+            let db = pg.exact(&p).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+            assert_eq!(db, loaded.table.exact(&p), "{sql}");
+        }
+    });
+}
+
+/// A random query in the SQL subset: 0 to 2 GROUP BY columns, random
+/// measurements, a random WHERE of depth up to 3.
+fn random_query(rng: &mut ChaCha8Rng, schema: &Schema) -> String {
+    let groupable: Vec<&Column> = schema
+        .columns
+        .iter()
+        .filter(|c| c.domain_size().is_some_and(|n| n <= 20))
+        .collect();
+    let integers: Vec<&Column> = schema
+        .columns
+        .iter()
+        .filter(|c| matches!(c, Column::Integer { .. }))
+        .collect();
+    let mut group: Vec<&str> = Vec::new();
+    for _ in 0..rng.random_range(0..3) {
+        let c = groupable[rng.random_range(0..groupable.len())].name();
+        if !group.contains(&c) {
+            group.push(c);
+        }
+    }
+    let mut items: Vec<String> = group.iter().map(|g| g.to_string()).collect();
+    items.push("COUNT(*)".into());
+    for _ in 0..rng.random_range(0..3) {
+        let any = schema.columns[rng.random_range(0..schema.columns.len())].name();
+        let int = integers[rng.random_range(0..integers.len())].name();
+        items.push(match rng.random_range(0..3) {
+            0 => format!("COUNT({any})"),
+            1 => format!("SUM({int})"),
+            _ => format!("AVG({int})"),
+        });
+    }
+    let mut sql = format!("SELECT {} FROM cases", items.join(", "));
+    if rng.random_bool(0.9) {
+        sql.push_str(" WHERE ");
+        sql.push_str(&random_predicate(rng, schema, 3));
+    }
+    if !group.is_empty() {
+        sql.push_str(&format!(" GROUP BY {}", group.join(", ")));
+    }
+    sql
+}
+
+fn random_predicate(rng: &mut ChaCha8Rng, schema: &Schema, depth: usize) -> String {
+    if depth > 0 && rng.random_bool(0.45) {
+        let a = random_predicate(rng, schema, depth - 1);
+        let b = random_predicate(rng, schema, depth - 1);
+        return match rng.random_range(0..3) {
+            0 => format!("({a} AND {b})"),
+            1 => format!("({a} OR {b})"),
+            _ => format!("NOT ({a})"),
+        };
+    }
+    let c = &schema.columns[rng.random_range(0..schema.columns.len())];
+    let name = c.name();
+    if rng.random_bool(0.12) {
+        let not = if rng.random_bool(0.5) { "NOT " } else { "" };
+        return format!("{name} IS {not}NULL");
+    }
+    let not = if rng.random_bool(0.4) { "NOT " } else { "" };
+    let kind = rng.random_range(0..4);
+    match c {
+        Column::Categorical { domain, .. } => {
+            let mut lit = || format!("'{}'", domain[rng.random_range(0..domain.len())]);
+            match kind {
+                0 => format!("{name} = {}", lit()),
+                1 => format!("{name} <> {}", lit()),
+                _ => {
+                    let (a, b) = (lit(), lit());
+                    format!("{name} {not}IN ({a}, {b})")
+                }
+            }
+        }
+        Column::PersonId { .. } => unreachable!("no person column in this test"),
+        Column::Boolean { .. } => {
+            let v = ["0", "1", "true", "false"][rng.random_range(0..4)];
+            let op = if rng.random_bool(0.5) { "=" } else { "<>" };
+            format!("{name} {op} {v}")
+        }
+        Column::Integer { min, max, .. } => {
+            let (min, max) = (*min, *max);
+            let mut lit = || match rng.random_range(0..6) {
+                0 => min - 1,
+                1 => max + 1,
+                2 => min,
+                3 => max,
+                _ => rng.random_range(min..=max),
+            };
+            let (a, b, c) = (lit(), lit(), lit());
+            let op = ["=", "<>", "<", "<=", ">", ">="][(a as usize) % 6];
+            match kind {
+                0 => format!("{name} {op} {a}"),
+                1 => format!("{name} {not}BETWEEN {a} AND {b}"),
+                2 => format!("{name} {not}IN ({a}, {b}, {c})"),
+                _ => format!("{a} < {name}"),
+            }
+        }
+    }
+}

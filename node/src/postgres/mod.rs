@@ -1,0 +1,507 @@
+//! A dataset whose rows stay in the partner's own PostgreSQL database (or
+//! a compatible engine: Citus, YugabyteDB, CockroachDB).
+//!
+//! The node never copies rows out: for each query it sends one
+//! parameterised aggregation ([`statement`]) and receives only the exact
+//! per-cell aggregates, which go straight to [`crate::mechanism`] exactly as
+//! the embedded engine's do. The declared schema in `node.toml` stays the
+//! only source of sensitivity; the database is checked against it
+//! ([`PgSource::connect`]) and never consulted for bounds or domains.
+//!
+//! The connection URL is read from a file or an environment variable and
+//! is never logged: errors are redacted ([`redact`]) and carry no values
+//! of the database.
+
+pub mod statement;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, Config};
+
+use crate::config::SourceConfig;
+use crate::plan::Plan;
+use crate::schema::{Column, Schema};
+use statement::{DbType, Relation};
+
+/// Extra time the node waits beyond the database's own statement timeout
+/// before giving up on its side (covers connecting and the round trips).
+const CLIENT_GRACE: Duration = Duration::from_secs(2);
+
+/// Why the database could not answer. The analyst sees only
+/// [`SourceError::public`]; the operator's log gets [`SourceError::detail`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceError {
+    /// Did not answer within the statement timeout.
+    Timeout,
+    /// Could not connect, or the connection failed.
+    Unreachable(String),
+    /// The table or its columns do not match the declared schema.
+    Mismatch(String),
+    /// The database refused or failed the statement.
+    Failed(String),
+}
+
+impl SourceError {
+    /// What the analyst is told: the kind of failure only, which depends on
+    /// the configuration and the database's state, never on its rows.
+    pub fn public(&self) -> &'static str {
+        match self {
+            SourceError::Timeout => "its database did not answer in time",
+            SourceError::Unreachable(_) => "its database is unreachable",
+            SourceError::Mismatch(_) => {
+                "its database table does not match the declared schema (the node's operator has the details)"
+            }
+            SourceError::Failed(_) => {
+                "its database failed the query (the node's operator has the details)"
+            }
+        }
+    }
+
+    /// What the operator's log gets (already redacted).
+    pub fn detail(&self) -> &str {
+        match self {
+            SourceError::Timeout => "statement timeout",
+            SourceError::Unreachable(s) | SourceError::Mismatch(s) | SourceError::Failed(s) => s,
+        }
+    }
+}
+
+impl std::fmt::Display for SourceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.public(), self.detail())
+    }
+}
+
+/// A connected client and the database type of every declared column.
+struct Connected {
+    client: Client,
+    types: Vec<DbType>,
+}
+
+/// One dataset's PostgreSQL table or view.
+pub struct PgSource {
+    /// Dataset name (for messages).
+    dataset: String,
+    /// The declared schema the statement is built from.
+    schema: Schema,
+    /// Where the rows are.
+    relation: Relation,
+    /// Parsed connection settings (holds the password; never printed).
+    config: Config,
+    /// TLS to the database, when a CA is configured.
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    /// The database's per-statement limit.
+    statement_timeout: Duration,
+    /// The checked connection, made on first use and again after a
+    /// failure. A tokio-postgres client pipelines concurrent queries, so one
+    /// connection serves every query of the dataset; the lock is held only
+    /// to connect or to clone the handle.
+    conn: tokio::sync::Mutex<Option<Arc<Connected>>>,
+}
+
+impl PgSource {
+    /// Reads the URL (file or environment) and the CA, and parses them.
+    /// Does not connect. Errors never contain the URL.
+    pub fn new(
+        dataset: &str,
+        schema: Schema,
+        src: &SourceConfig,
+        base: &Path,
+    ) -> anyhow::Result<PgSource> {
+        let at = format!("dataset {dataset:?}");
+        let url = match (&src.url_file, &src.url_env) {
+            (Some(file), _) => {
+                let path = if file.is_absolute() {
+                    file.clone()
+                } else {
+                    base.join(file)
+                };
+                std::fs::read_to_string(&path)
+                    .map_err(|e| {
+                        anyhow::anyhow!("{at}: cannot read source.url_file {}: {e}", path.display())
+                    })?
+                    .trim()
+                    .to_string()
+            }
+            (None, Some(var)) => std::env::var(var).map_err(|_| {
+                anyhow::anyhow!(
+                    "{at}: environment variable {var} (source.url_env) is not set or not UTF-8"
+                )
+            })?,
+            (None, None) => anyhow::bail!("{at}: source needs url_file or url_env"),
+        };
+        let mut config: Config = url.parse().map_err(|_| {
+            anyhow::anyhow!(
+                "{at}: the database URL does not parse (expected postgres://user@host:port/database; details withheld: it may hold a password)"
+            )
+        })?;
+        config.application_name("fedq-node");
+        config.connect_timeout(Duration::from_millis(src.statement_timeout_ms));
+        let tls = match &src.ca {
+            Some(ca) => {
+                let path = if ca.is_absolute() {
+                    ca.clone()
+                } else {
+                    base.join(ca)
+                };
+                config.ssl_mode(tokio_postgres::config::SslMode::Require);
+                Some(tls_connector(&path).map_err(|e| anyhow::anyhow!("{at}: {e}"))?)
+            }
+            None => None,
+        };
+        let (schema_name, table) = src.table_parts().map_err(anyhow::Error::msg)?;
+        Ok(PgSource {
+            dataset: dataset.to_string(),
+            relation: Relation {
+                schema: schema_name.map(str::to_string),
+                table: table.to_string(),
+            },
+            schema,
+            config,
+            tls,
+            statement_timeout: Duration::from_millis(src.statement_timeout_ms),
+            conn: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// The configured table, as written in `node.toml`.
+    pub fn relation(&self) -> String {
+        match &self.relation.schema {
+            Some(s) => format!("{s}.{}", self.relation.table),
+            None => self.relation.table.clone(),
+        }
+    }
+
+    /// How long a one-phase query's budget is held as a reservation while
+    /// the database computes: the longest a fetch can take (connecting and
+    /// the statement, both within the statement timeout plus a grace), with
+    /// a margin. Past it the sweeper returns the budget and a late answer
+    /// is discarded.
+    pub fn hold_ms(&self) -> u64 {
+        (self.statement_timeout + CLIENT_GRACE * 3).as_millis() as u64
+    }
+
+    /// Connects (if not connected) and checks the table against the
+    /// declared schema. Called at start and before each query.
+    pub async fn connect(&self) -> Result<(), SourceError> {
+        self.connected().await.map(|_| ())
+    }
+
+    async fn connected(&self) -> Result<Arc<Connected>, SourceError> {
+        let mut slot = self.conn.lock().await;
+        if let Some(c) = slot.as_ref() {
+            if !c.client.is_closed() {
+                return Ok(Arc::clone(c));
+            }
+        }
+        *slot = None;
+        let limit = self.statement_timeout + CLIENT_GRACE;
+        let c = tokio::time::timeout(limit, self.open())
+            .await
+            .map_err(|_| SourceError::Unreachable("connecting timed out".into()))??;
+        let c = Arc::new(c);
+        *slot = Some(Arc::clone(&c));
+        Ok(c)
+    }
+
+    async fn open(&self) -> Result<Connected, SourceError> {
+        let client = match &self.tls {
+            Some(tls) => {
+                let (client, conn) = self
+                    .config
+                    .connect(tls.clone())
+                    .await
+                    .map_err(|e| self.unreachable(&e))?;
+                tokio::spawn(conn);
+                client
+            }
+            None => {
+                let (client, conn) = self
+                    .config
+                    .connect(tokio_postgres::NoTls)
+                    .await
+                    .map_err(|e| self.unreachable(&e))?;
+                tokio::spawn(conn);
+                client
+            }
+        };
+        // Session settings, as parameters: the database stops a statement
+        // that runs too long, and this session never writes.
+        client
+            .execute(
+                "SELECT set_config('statement_timeout', $1, false), set_config('default_transaction_read_only', 'on', false)",
+                &[&self.statement_timeout.as_millis().to_string()],
+            )
+            .await
+            .map_err(|e| self.failed(&e))?;
+        let types = self.check(&client).await?;
+        Ok(Connected { client, types })
+    }
+
+    /// Reads the table's columns from `information_schema` and checks every
+    /// declared column exists with a compatible type; lists every problem.
+    async fn check(&self, client: &Client) -> Result<Vec<DbType>, SourceError> {
+        let rows = client
+            .query(
+                "SELECT column_name::text, data_type::text FROM information_schema.columns \
+                 WHERE table_schema = COALESCE($1::text, current_schema()) AND table_name = $2::text",
+                &[&self.relation.schema, &self.relation.table],
+            )
+            .await
+            .map_err(|e| self.failed(&e))?;
+        let found: Vec<(String, String)> = rows
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+            .collect();
+        check_columns(&self.dataset, &self.relation(), &self.schema, &found)
+            .map_err(SourceError::Mismatch)
+    }
+
+    /// The exact aggregates of `plan`, computed by the database, in the
+    /// engine's cell order. Bounded by the statement timeout on both sides.
+    pub async fn exact(&self, plan: &Plan) -> Result<Vec<Vec<i64>>, SourceError> {
+        let limit = self.statement_timeout + CLIENT_GRACE;
+        match tokio::time::timeout(limit, self.exact_within(plan)).await {
+            Ok(r) => r,
+            Err(_) => {
+                // The connection may be stuck: make the next query reconnect.
+                *self.conn.lock().await = None;
+                Err(SourceError::Timeout)
+            }
+        }
+    }
+
+    async fn exact_within(&self, plan: &Plan) -> Result<Vec<Vec<i64>>, SourceError> {
+        let c = self.connected().await?;
+        let st = statement::build(plan, &self.schema, &c.types, &self.relation);
+        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            st.params.iter().map(|p| p.as_sql()).collect();
+        let rows = c
+            .client
+            .query(st.sql.as_str(), &params)
+            .await
+            .map_err(|e| {
+                if e.code() == Some(&SqlState::QUERY_CANCELED) {
+                    SourceError::Timeout
+                } else if c.client.is_closed() {
+                    self.unreachable(&e)
+                } else {
+                    self.failed(&e)
+                }
+            })?;
+        let keys = plan.group_by.len();
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let parse = || -> Result<statement::ResultRow, tokio_postgres::Error> {
+                let k = (0..keys)
+                    .map(|i| row.try_get::<_, Option<i64>>(i))
+                    .collect::<Result<_, _>>()?;
+                let v = (keys..row.len())
+                    .map(|i| row.try_get::<_, i64>(i))
+                    .collect::<Result<_, _>>()?;
+                Ok((k, v))
+            };
+            out.push(parse().map_err(|e| self.failed(&e))?);
+        }
+        statement::assemble(plan, out).map_err(SourceError::Failed)
+    }
+
+    fn unreachable(&self, e: &tokio_postgres::Error) -> SourceError {
+        SourceError::Unreachable(self.describe(e))
+    }
+
+    fn failed(&self, e: &tokio_postgres::Error) -> SourceError {
+        SourceError::Failed(self.describe(e))
+    }
+
+    /// An error for the operator's log. A database error's message can
+    /// quote a value (e.g. a failed cast), so for errors about data (SQLSTATE
+    /// classes 22 and 23) only the code is kept; other messages (connection,
+    /// authentication, permissions, missing relations) are kept, redacted.
+    fn describe(&self, e: &tokio_postgres::Error) -> String {
+        let text = match e.as_db_error() {
+            Some(db) if matches!(&db.code().code()[..2], "22" | "23") => {
+                format!(
+                    "database error SQLSTATE {} (message withheld: it may quote data)",
+                    db.code().code()
+                )
+            }
+            Some(db) => format!(
+                "database error SQLSTATE {}: {}",
+                db.code().code(),
+                db.message()
+            ),
+            None => e.to_string(),
+        };
+        redact(&text, &self.config)
+    }
+}
+
+/// Removes the configured password from a message, should any error
+/// echo it.
+pub fn redact(text: &str, config: &Config) -> String {
+    let mut out = text.to_string();
+    if let Some(pw) = config.get_password() {
+        let pw = String::from_utf8_lossy(pw);
+        if !pw.is_empty() {
+            out = out.replace(pw.as_ref(), "***");
+        }
+    }
+    out
+}
+
+/// A rustls connector trusting only the CA in `path` (PEM), with the same
+/// ring provider as the node's gRPC side.
+fn tls_connector(path: &Path) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read source.ca {}: {e}", path.display()))?;
+    for cert in certs {
+        let cert = cert.map_err(|e| format!("source.ca {}: {e}", path.display()))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("source.ca {}: {e}", path.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("source.ca {} holds no certificate", path.display()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+/// What database types a declared column accepts.
+fn compatible(column: &Column, data_type: &str) -> Option<DbType> {
+    let t = match data_type {
+        "text" | "character varying" | "character" => DbType::Text,
+        "smallint" | "integer" | "bigint" => DbType::Integer,
+        "boolean" => DbType::Boolean,
+        _ => return None,
+    };
+    match (column, t) {
+        (Column::Categorical { .. }, DbType::Text)
+        | (Column::Integer { .. }, DbType::Integer)
+        | (Column::Boolean { .. }, DbType::Boolean | DbType::Integer) => Some(t),
+        _ => None,
+    }
+}
+
+/// Checks the database's columns (`(name, information_schema data_type)`)
+/// against the declaration; the error lists every problem.
+pub fn check_columns(
+    dataset: &str,
+    relation: &str,
+    schema: &Schema,
+    found: &[(String, String)],
+) -> Result<Vec<DbType>, String> {
+    if found.is_empty() {
+        return Err(format!(
+            "dataset {dataset}: table or view {relation} does not exist or its columns are not readable by the database role"
+        ));
+    }
+    let mut types = Vec::new();
+    let mut problems = Vec::new();
+    for c in &schema.columns {
+        let (kind, wants) = match c {
+            Column::Categorical { .. } => ("categorical", "text, character varying or character"),
+            Column::Integer { .. } => ("integer", "smallint, integer or bigint"),
+            Column::Boolean { .. } => ("boolean", "boolean, smallint, integer or bigint"),
+            // Refused at config load for database sources.
+            Column::PersonId { .. } => continue,
+        };
+        match found.iter().find(|(n, _)| n == c.name()) {
+            None => {
+                let hint = found
+                    .iter()
+                    .find(|(n, _)| n.eq_ignore_ascii_case(c.name()))
+                    .map(|(n, _)| format!(" (the database has {n}; names are case-sensitive)"))
+                    .unwrap_or_default();
+                problems.push(format!("column {} is missing from {relation}{hint}", c.name()));
+            }
+            Some((_, t)) => match compatible(c, t) {
+                Some(db) => types.push(db),
+                None => problems.push(format!(
+                    "column {} is declared {kind} but the database column is {t} (a {kind} column needs {wants})",
+                    c.name()
+                )),
+            },
+        }
+    }
+    if problems.is_empty() {
+        Ok(types)
+    } else {
+        Err(format!("dataset {dataset}: {}", problems.join("; ")))
+    }
+}
+
+#[cfg(test)]
+mod equivalence;
+
+#[cfg(test)]
+mod check_tests {
+    use super::*;
+    use crate::schema::{ColumnSpec, ColumnType};
+
+    #[test]
+    fn names_every_mismatch() {
+        let schema = Schema::from_specs(
+            "cases",
+            &[
+                ColumnSpec {
+                    name: "ageBroad".into(),
+                    kind: ColumnType::Categorical,
+                    domain: Some(vec!["0--8".into()]),
+                    min: None,
+                    max: None,
+                    bins: None,
+                },
+                ColumnSpec {
+                    name: "flag".into(),
+                    kind: ColumnType::Boolean,
+                    domain: None,
+                    min: None,
+                    max: None,
+                    bins: None,
+                },
+                ColumnSpec {
+                    name: "gone".into(),
+                    kind: ColumnType::Boolean,
+                    domain: None,
+                    min: None,
+                    max: None,
+                    bins: None,
+                },
+            ],
+        )
+        .unwrap();
+        let found = vec![
+            ("ageBroad".to_string(), "integer".to_string()),
+            ("flag".to_string(), "smallint".to_string()),
+            ("GONE".to_string(), "boolean".to_string()),
+        ];
+        let e = check_columns("cases", "public.cases", &schema, &found).unwrap_err();
+        assert!(
+            e.contains(
+                "column ageBroad is declared categorical but the database column is integer"
+            ),
+            "{e}"
+        );
+        assert!(
+            e.contains("column gone is missing from public.cases (the database has GONE"),
+            "{e}"
+        );
+        assert!(!e.contains("flag"), "{e}");
+        assert!(check_columns("cases", "t", &schema, &[])
+            .unwrap_err()
+            .contains("does not exist"));
+    }
+}
