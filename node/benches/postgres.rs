@@ -156,7 +156,8 @@ fn main() {
         run_psql("VACUUM ANALYZE bench.cases");
     }
     println!(
-        "loaded {} rows into PostgreSQL in {:.0} s; {} rows in the embedded engine",
+        "{} {} rows in PostgreSQL in {:.0} s; {} rows in the embedded engine",
+        if reuse { "reused" } else { "loaded" },
         copies * block,
         started.elapsed().as_secs_f64(),
         block
