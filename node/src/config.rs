@@ -457,11 +457,13 @@ impl NodeConfig {
             d.schema()?;
             if let Some(source) = &d.source {
                 source.validate(&d.name, &d.columns)?;
-                if d.privacy_unit.is_some() {
-                    return Err(format!(
-                        "dataset {:?}: a person-level privacy_unit is not supported yet for a database source (the push-down does not truncate per person); serve the data from the embedded store, or remove privacy_unit only if each person has one record",
-                        d.name
-                    ));
+                if let Some(u) = &d.privacy_unit {
+                    if !is_plain_identifier(&u.person_column) {
+                        return Err(format!(
+                            "dataset {:?}: privacy_unit.person_column {:?} is not a plain identifier; a database source needs the database's column name (letters, digits and '_')",
+                            d.name, u.person_column
+                        ));
+                    }
                 }
             }
         }

@@ -44,7 +44,7 @@ fn db_type(i: usize, c: &Column) -> &'static str {
         Column::Integer { .. } => "integer",
         Column::Boolean { .. } if i.is_multiple_of(2) => "boolean",
         Column::Boolean { .. } => "smallint",
-        Column::PersonId { .. } => unreachable!("no person column in this test"),
+        Column::PersonId { .. } => "text",
     }
 }
 
@@ -116,8 +116,19 @@ pub(crate) struct Loaded {
 }
 
 async fn load(client: &Client, rows: usize, seed: u64) -> Loaded {
+    load_with(client, rows, seed, None).await
+}
+
+/// As [`load`]; with `max_records`, a `personId` text column (about four
+/// records a person, spelt with stray spaces sometimes) and a person-level
+/// unit keeping that many records per person.
+async fn load_with(client: &Client, rows: usize, seed: u64, max_records: Option<u32>) -> Loaded {
     let columns = crate::synth::ctdc_columns();
-    let schema = Schema::from_specs("cases", &columns).unwrap();
+    let mut schema = Schema::from_specs("cases", &columns).unwrap();
+    if let Some(k) = max_records {
+        schema = schema.with_person_unit("personId", k).unwrap();
+    }
+    let persons = (rows / 4).max(1);
     let mut csv = Vec::new();
     crate::synth::write_csv(crate::synth::Partner::Hotline, rows, seed, &mut csv).unwrap();
     let mut reader = csv::Reader::from_reader(csv.as_slice());
@@ -156,6 +167,16 @@ async fn load(client: &Client, rows: usize, seed: u64) -> Loaded {
                 let (cell, code) = cell(i, c, c.encode(raw).unwrap(), &mut rng);
                 row.push(cell);
                 codes.push(code);
+            }
+            if schema.person.is_some() {
+                let n = rng.random_range(0..persons);
+                let id = if rng.random_bool(0.1) {
+                    format!(" P-{n} ")
+                } else {
+                    format!("P-{n}")
+                };
+                codes.push(crate::schema::person_code(id.trim()));
+                row.push(Cell::Text(Some(id)));
             }
             batch.push(row);
         }
@@ -276,6 +297,35 @@ const QUERIES: &[&str] = &[
     "SELECT gender, isForcedLabour, VARIANCE(traffickMonths), STDDEV(yearOfRegistration) FROM cases WHERE NOT ageBroad IS NULL GROUP BY gender, isForcedLabour",
     "SELECT ageBroad, HISTOGRAM(traffickMonths, 7) FROM cases WHERE isSexualExploit = 1 GROUP BY ageBroad",
 ];
+
+/// With a person-level unit, the push-down's `ROW_NUMBER()` stage keeps
+/// exactly the records the engine keeps (at most 2 per person, ordered by
+/// the other columns' codes, missing last).
+#[test]
+fn push_down_truncates_per_person_like_the_engine() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let url = test_database_url();
+    let dir = tempfile::tempdir().unwrap();
+    rt.block_on(async {
+        let client = connect(&url).await;
+        let loaded = load_with(&client, 8_000, 21, Some(2)).await;
+        let pg = source(&url, &loaded, dir.path());
+        pg.connect().await.unwrap();
+        for sql in QUERIES {
+            let p = plan(sql, &loaded.schema, 100_000).unwrap();
+            let db = pg.exact(&p).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+            assert_eq!(db, loaded.table.exact(&p), "{sql}");
+        }
+        // Truncation really happened: fewer records count than exist.
+        let count = plan("SELECT COUNT(*) FROM cases", &loaded.schema, 10).unwrap();
+        let kept = loaded.table.exact(&count)[0][0];
+        assert!(kept < 8_000 && kept <= 2 * 2_000, "kept {kept}");
+    });
+}
 
 #[test]
 fn push_down_equals_the_embedded_engine() {

@@ -390,7 +390,8 @@ fn compatible(column: &Column, data_type: &str) -> Option<DbType> {
     match (column, t) {
         (Column::Categorical { .. }, DbType::Text)
         | (Column::Integer { .. }, DbType::Integer)
-        | (Column::Boolean { .. }, DbType::Boolean | DbType::Integer) => Some(t),
+        | (Column::Boolean { .. }, DbType::Boolean | DbType::Integer)
+        | (Column::PersonId { .. }, DbType::Text | DbType::Integer) => Some(t),
         _ => None,
     }
 }
@@ -415,8 +416,10 @@ pub fn check_columns(
             Column::Categorical { .. } => ("categorical", "text, character varying or character"),
             Column::Integer { .. } => ("integer", "smallint, integer or bigint"),
             Column::Boolean { .. } => ("boolean", "boolean, smallint, integer or bigint"),
-            // Refused at config load for database sources.
-            Column::PersonId { .. } => continue,
+            Column::PersonId { .. } => (
+                "the person identifier",
+                "text, character varying, character, smallint, integer or bigint",
+            ),
         };
         match found.iter().find(|(n, _)| n == c.name()) {
             None => {

@@ -147,31 +147,46 @@ fn code_expr(column: &Column, db: DbType, p: &mut Params) -> String {
         (Column::Boolean { .. }, _) => {
             format!("CASE WHEN {q} IN (0, 1) THEN {q}::bigint END")
         }
-        // Never reached: a database source cannot declare a person-level
-        // unit (refused at config load), so no person column exists here.
-        (Column::PersonId { .. }, _) => "NULL::bigint".to_string(),
+        // The identifier as text, trimmed like the CSV ingest trims it;
+        // a missing one (NULL, '', '-99') is NULL, and such rows belong to
+        // no person and never count (the embedded store refuses them).
+        (Column::PersonId { .. }, _) => format!(
+            "NULLIF(NULLIF(btrim({q}::text), ''), '-99')"
+        ),
     }
 }
 
-/// The stage the aggregation reads rows from.
-///
-/// Today that is `src` itself: the privacy unit is one record. Per-person
-/// contribution bounding (DESIGN invariant 5) goes here, as one more
-/// stage between `src` and the aggregation, keeping at most K rows per
-/// person:
+/// The stage the aggregation reads rows from: `src` itself when the privacy
+/// unit is one record; with a person-level unit (DESIGN invariant 5), a
+/// `bounded` stage keeping at most K rows per person:
 ///
 /// ```sql
 /// bounded AS (
 ///   SELECT * FROM (
-///     SELECT src.*, ROW_NUMBER() OVER (PARTITION BY person ORDER BY <key>) AS rn
-///     FROM src) t
-///   WHERE rn <= $K)
+///     SELECT src.*, ROW_NUMBER() OVER (PARTITION BY person
+///       ORDER BY c0 NULLS LAST, c1 NULLS LAST, ...) AS fedq_rn
+///     FROM src WHERE person IS NOT NULL) t
+///   WHERE fedq_rn <= $K)
 /// ```
 ///
-/// with the person column added to `src`, K a bound parameter, and this
-/// function returning that stage's text and the name `bounded`.
-fn rows_stage() -> (Option<String>, &'static str) {
-    (None, "src")
+/// ordered by every other declared column's code in declaration order,
+/// missing last: the engine's rule (`Table::kept_rows`), so both keep the
+/// same records (records equal on every column are interchangeable).
+fn rows_stage(schema: &Schema, p: &mut Params) -> (Option<String>, &'static str) {
+    let Some(unit) = schema.person else {
+        return (None, "src");
+    };
+    let order: Vec<String> = (0..schema.columns.len())
+        .filter(|&i| i != unit.column)
+        .map(|i| format!("{} NULLS LAST", code(i)))
+        .collect();
+    let person = code(unit.column);
+    let stage = format!(
+        "bounded AS (SELECT * FROM (SELECT src.*, ROW_NUMBER() OVER (PARTITION BY {person} ORDER BY {}) AS fedq_rn FROM src WHERE {person} IS NOT NULL) t WHERE fedq_rn <= {})",
+        order.join(", "),
+        p.int(i64::from(unit.max_records))
+    );
+    (Some(stage), "bounded")
 }
 
 /// Builds the statement computing `plan`'s exact aggregates over
@@ -192,6 +207,10 @@ pub fn build(plan: &Plan, schema: &Schema, db: &[DbType], relation: &Relation) -
     if let Some(f) = &plan.filter {
         predicate_columns(f, &mut used);
     }
+    if schema.person.is_some() {
+        // Truncation orders each person's rows by every column.
+        used.extend(0..schema.columns.len());
+    }
     used.sort_unstable();
     used.dedup();
 
@@ -211,7 +230,7 @@ pub fn build(plan: &Plan, schema: &Schema, db: &[DbType], relation: &Relation) -
         );
     }
     let _ = write!(sql, " FROM {})", relation.quoted());
-    let (stage, from) = rows_stage();
+    let (stage, from) = rows_stage(schema, &mut p);
     if let Some(stage) = stage {
         let _ = write!(sql, ", {stage}");
     }
