@@ -323,7 +323,7 @@ fn push_down_truncates_per_person_like_the_engine() {
         // Truncation really happened: fewer records count than exist.
         let count = plan("SELECT COUNT(*) FROM cases", &loaded.schema, 10).unwrap();
         let kept = loaded.table.exact(&count)[0][0];
-        assert!(kept < 8_000 && kept <= 2 * 2_000, "kept {kept}");
+        assert!(kept <= 2 * 2_000, "kept {kept} of 8000 records");
     });
 }
 
