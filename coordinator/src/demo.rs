@@ -95,6 +95,9 @@ pub fn build_federation(dir: &Path, out: &mut impl std::io::Write) -> anyhow::Re
                     partner.as_str()
                 ),
                 budget: BudgetLimits {
+                    keys_delta: None,
+                    keys_delta_per_analyst: None,
+                    keys_delta_total: None,
                     per_analyst: 10.0,
                     total: 50.0,
                     per_query_max: 2.0,

@@ -49,6 +49,9 @@ fn ledger(c: &mut Criterion) {
     });
     let ledger = Ledger::new(store, audit);
     let limits = BudgetLimits {
+        keys_delta: None,
+        keys_delta_per_analyst: None,
+        keys_delta_total: None,
         per_analyst: 1e12,
         total: 1e12,
         per_query_max: 1.0,

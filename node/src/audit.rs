@@ -164,6 +164,13 @@ pub enum Event {
         /// the dataset after this entry.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         analyst_spent_equivalent: Option<Equivalent>,
+        /// Delta debited for a release of open-domain keys (the threshold
+        /// mechanism's delta), on the dataset's released-key delta budget.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        keys_delta: f64,
+        /// The analyst's released-key delta spent on the dataset after it.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        analyst_keys_delta_spent: f64,
     },
     /// Budget was reserved by a two-phase Prepare (a debit until committed,
     /// cancelled or expired).
@@ -678,6 +685,8 @@ mod tests {
         assert_eq!(serde_json::to_string(&event).unwrap(), old);
         // A zCDP debit states its measure, rho and (epsilon, delta).
         let new = Event::Debited {
+            keys_delta: 0.0,
+            analyst_keys_delta_spent: 0.0,
             analyst: "a".into(),
             query_id: "q".into(),
             dataset: "d".into(),

@@ -424,6 +424,8 @@ mod tests {
                 2,
                 2001,
                 Event::Debited {
+                    keys_delta: 0.0,
+                    analyst_keys_delta_spent: 0.0,
                     analyst: "a".into(),
                     query_id: "q1".into(),
                     dataset: "cases".into(),

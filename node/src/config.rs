@@ -358,9 +358,21 @@ pub struct BudgetLimits {
     /// equivalents of rho are stated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delta: Option<f64>,
+    /// Open-domain GROUP BY (released keys): the delta each such release
+    /// spends; its threshold is the smallest whose delta, by OpenDP's
+    /// privacy map, is at most this. Required when a column is open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys_delta: Option<f64>,
+    /// Total delta one analyst may spend on released keys of this dataset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys_delta_per_analyst: Option<f64>,
+    /// Total delta all analysts together may spend on released keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys_delta_total: Option<f64>,
 }
 
-/// Largest delta a zCDP dataset may state its equivalents at.
+/// Largest delta a zCDP dataset may state its equivalents at, and largest
+/// `keys_delta` and delta limits of released keys.
 pub const MAX_DELTA: f64 = 1e-3;
 
 impl BudgetLimits {
@@ -454,9 +466,54 @@ impl NodeConfig {
                 }
                 _ => {}
             }
+            let open = d.columns.iter().any(|c| c.open == Some(true));
+            let keys = [
+                ("keys_delta", b.keys_delta),
+                ("keys_delta_per_analyst", b.keys_delta_per_analyst),
+                ("keys_delta_total", b.keys_delta_total),
+            ];
+            for (what, v) in keys {
+                match v {
+                    None if open => {
+                        return Err(format!(
+                            "dataset {:?} has an open-domain column, so [datasets.budget] needs keys_delta (the delta each release of open keys spends, e.g. 1e-8), keys_delta_per_analyst and keys_delta_total (e.g. 1e-6 and 1e-5); {what} is missing",
+                            d.name
+                        ))
+                    }
+                    Some(_) if !open => {
+                        return Err(format!(
+                            "dataset {:?}: budget.{what} only applies to datasets with an open-domain column (`open = true`); remove it",
+                            d.name
+                        ))
+                    }
+                    Some(v) if !(v > 0.0 && v <= MAX_DELTA) => {
+                        return Err(format!(
+                            "dataset {:?}: budget.{what} must be in (0, {MAX_DELTA}] (got {v})",
+                            d.name
+                        ))
+                    }
+                    _ => {}
+                }
+            }
+            if let (Some(q), Some(a), Some(t)) =
+                (b.keys_delta, b.keys_delta_per_analyst, b.keys_delta_total)
+            {
+                if q > a || a > t {
+                    return Err(format!(
+                        "dataset {:?}: budget needs keys_delta <= keys_delta_per_analyst <= keys_delta_total (got {q}, {a}, {t})",
+                        d.name
+                    ));
+                }
+            }
             d.schema()?;
             if let Some(source) = &d.source {
                 source.validate(&d.name, &d.columns)?;
+                if let Some(c) = d.columns.iter().find(|c| c.open == Some(true)) {
+                    return Err(format!(
+                        "dataset {:?}: column {:?} has an open domain, which a database source does not support yet; declare its domain, or serve the dataset from ingested CSV",
+                        d.name, c.name
+                    ));
+                }
                 if let Some(u) = &d.privacy_unit {
                     if !is_plain_identifier(&u.person_column) {
                         return Err(format!(

@@ -78,6 +78,8 @@ pub fn ingest_csv(
         .collect();
 
     let encoders: Vec<Encoder> = schema.columns.iter().map(Encoder::new).collect();
+    // The text of each open-domain value seen, by (column, code).
+    let mut labels: HashMap<(usize, i64), String> = HashMap::new();
     let mut codes = Vec::new();
     let mut record = csv::StringRecord::new();
     loop {
@@ -98,7 +100,13 @@ pub fn ingest_csv(
                 bail!("{file}:{line}: {what}; nothing was stored");
             }
         }
-        for ((col, enc), &pos) in schema.columns.iter().zip(&encoders).zip(&positions) {
+        for (ci, ((col, enc), &pos)) in schema
+            .columns
+            .iter()
+            .zip(&encoders)
+            .zip(&positions)
+            .enumerate()
+        {
             let cell = record.get(pos).unwrap_or("");
             let code = match enc.encode(cell) {
                 Some(code) => code,
@@ -113,11 +121,20 @@ pub fn ingest_csv(
                     )
                 })?,
             };
+            if code != MISSING && matches!(col, Column::Open { .. }) {
+                labels
+                    .entry((ci, code))
+                    .or_insert_with(|| cell.trim().to_string());
+            }
             codes.push(code);
         }
     }
+    let labels: Vec<(usize, i64, String)> = labels
+        .into_iter()
+        .map(|((c, code), t)| (c, code, t))
+        .collect();
     let rows_added = (codes.len() / schema.columns.len()) as u64;
-    let rows_total = store.append_rows(dataset, schema, &codes, &file_sha256)?;
+    let rows_total = store.append_rows(dataset, schema, &codes, &labels, &file_sha256)?;
     Ok(IngestReport {
         rows_added,
         rows_total,
@@ -159,7 +176,7 @@ impl Encoder {
                 max: *max,
             },
             Column::Boolean { .. } => Encoder::Boolean,
-            Column::PersonId { .. } => Encoder::Slow,
+            Column::PersonId { .. } | Column::Open { .. } => Encoder::Slow,
         }
     }
 

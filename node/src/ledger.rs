@@ -59,6 +59,23 @@ pub fn from_nano(n: u64) -> f64 {
     n as f64 / NANO
 }
 
+/// Atto-delta per delta: released-key deltas are accounted in whole
+/// 1e-18 units (a delta is at most 1e-3, so totals fit a u64 easily).
+const ATTO: f64 = 1e18;
+
+/// A delta debit, rounded up to whole atto-delta.
+fn to_atto_ceil(delta: f64) -> u64 {
+    (delta * ATTO).ceil() as u64
+}
+
+fn to_atto_floor(delta: f64) -> u64 {
+    (delta * ATTO).floor() as u64
+}
+
+fn from_atto(n: u64) -> f64 {
+    n as f64 / ATTO
+}
+
 /// A budget reservation of a two-phase query, waiting for Commit.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Reservation {
@@ -207,6 +224,20 @@ pub enum Refusal {
     /// The query id holds a two-phase reservation.
     #[error("query id {0:?} holds a reservation of a two-phase query; commit or cancel it")]
     Reserved(String),
+    /// The delta of released keys would exceed a limit.
+    #[error("a release of open-domain keys spends delta {asked:e}, more than the {whose} left on dataset {dataset:?}: {remaining:e} of {limit:e}; no more open-domain GROUP BY queries can run there (declared domains still can)")]
+    KeysDelta {
+        /// `your delta budget for released keys` or `delta budget of all analysts together for released keys`.
+        whose: &'static str,
+        /// Dataset.
+        dataset: String,
+        /// The release's delta.
+        asked: f64,
+        /// Left.
+        remaining: f64,
+        /// The limit.
+        limit: f64,
+    },
     /// Commit without a live reservation.
     #[error("query id {0:?} has no live reservation (never prepared, cancelled or expired); prepare it again")]
     NoReservation(String),
@@ -244,6 +275,9 @@ struct Account {
     d_spent: u64,
     a_limit: u64,
     d_limit: u64,
+    /// Released-key delta spent by the analyst and by everyone (atto).
+    ka_spent: u64,
+    kd_spent: u64,
 }
 
 impl Account {
@@ -263,6 +297,8 @@ impl Account {
             a_limit: to_nano_floor(limits.per_analyst)
                 .saturating_add(get(&grant_key(dataset, analyst))?),
             d_limit: to_nano_floor(limits.total),
+            ka_spent: get(&keys_analyst_key(dataset, analyst))?,
+            kd_spent: get(&keys_dataset_key(dataset))?,
             akey,
             dkey,
         })
@@ -281,17 +317,47 @@ impl Account {
         }
     }
 
-    /// Refuses a debit of `nano` that either limit cannot take, or writes
-    /// it (and the ledger's measure); returns the totals after it.
+    /// Refuses a debit of `nano` (and `keys` atto-delta of released keys)
+    /// that any limit cannot take, or writes it (and the ledger's
+    /// measure); returns the totals after it.
+    #[allow(clippy::too_many_arguments)]
     fn debit(
         &self,
         tx: &sled::transaction::TransactionalTree,
         dataset: &str,
+        analyst: &str,
         amount: f64,
         nano: u64,
+        keys: u64,
         limits: &BudgetLimits,
     ) -> Result<(u64, u64), ConflictableTransactionError<Refusal>> {
         let unit = limits.measure.unit();
+        if keys > 0 {
+            let ka_limit = to_atto_floor(limits.keys_delta_per_analyst.unwrap_or(0.0));
+            let kd_limit = to_atto_floor(limits.keys_delta_total.unwrap_or(0.0));
+            for (whose, spent, limit) in [
+                (
+                    "your delta budget for released keys",
+                    self.ka_spent,
+                    ka_limit,
+                ),
+                (
+                    "delta budget of all analysts together for released keys",
+                    self.kd_spent,
+                    kd_limit,
+                ),
+            ] {
+                if spent.saturating_add(keys) > limit {
+                    return abort(Refusal::KeysDelta {
+                        whose,
+                        dataset: dataset.to_string(),
+                        asked: from_atto(keys),
+                        remaining: from_atto(limit.saturating_sub(spent)),
+                        limit: from_atto(limit),
+                    });
+                }
+            }
+        }
         if self.a_spent.saturating_add(nano) > self.a_limit {
             return abort(Refusal::AnalystBudget {
                 unit,
@@ -309,6 +375,17 @@ impl Account {
                 remaining: from_nano(self.d_limit.saturating_sub(self.d_spent)),
                 limit: limits.total,
             });
+        }
+        if keys > 0 {
+            // Checked above, after every refusal of the amount.
+            tx.insert(
+                keys_analyst_key(dataset, analyst).as_bytes(),
+                &(self.ka_spent + keys).to_be_bytes(),
+            )?;
+            tx.insert(
+                keys_dataset_key(dataset).as_bytes(),
+                &(self.kd_spent + keys).to_be_bytes(),
+            )?;
         }
         let (a, d) = (self.a_spent + nano, self.d_spent + nano);
         tx.insert(self.akey.as_bytes(), &a.to_be_bytes())?;
@@ -417,7 +494,40 @@ impl Ledger {
         amount: f64,
         limits: &BudgetLimits,
     ) -> anyhow::Result<Result<Admission, Refusal>> {
-        self.admit_as(analyst, dataset, query_id, digest, amount, limits, None)
+        self.admit_as(
+            analyst,
+            dataset,
+            query_id,
+            digest,
+            (amount, 0.0),
+            limits,
+            None,
+        )
+    }
+
+    /// As [`Ledger::admit`], for a release of open-domain keys that also
+    /// spends `keys_delta` of the dataset's released-key delta budget
+    /// (checked and debited in the same transaction).
+    #[allow(clippy::too_many_arguments)]
+    pub fn admit_keys(
+        &self,
+        analyst: &str,
+        dataset: &str,
+        query_id: &str,
+        digest: [u8; 32],
+        amount: f64,
+        keys_delta: f64,
+        limits: &BudgetLimits,
+    ) -> anyhow::Result<Result<Admission, Refusal>> {
+        self.admit_as(
+            analyst,
+            dataset,
+            query_id,
+            digest,
+            (amount, keys_delta),
+            limits,
+            None,
+        )
     }
 
     /// As [`Ledger::admit`], but a fresh debit is held as a reservation
@@ -445,7 +555,7 @@ impl Ledger {
             dataset,
             query_id,
             digest,
-            amount,
+            (amount, 0.0),
             limits,
             Some((hold.0, hold.1, request)),
         )
@@ -458,13 +568,18 @@ impl Ledger {
         dataset: &str,
         query_id: &str,
         digest: [u8; 32],
-        amount: f64,
+        (amount, keys_delta): (f64, f64),
         limits: &BudgetLimits,
         hold: Option<(&str, u64, (f64, f64))>,
     ) -> anyhow::Result<Result<Admission, Refusal>> {
         let guard = self.admit_lock.lock().unwrap_or_else(|p| p.into_inner());
         let qkey = query_key(analyst, query_id);
         let debit = to_nano_ceil(amount);
+        let keys = if keys_delta > 0.0 {
+            to_atto_ceil(keys_delta)
+        } else {
+            0
+        };
         let outcome = (&self.tree, &self.audit.tree).transaction(|(tx, atx)| {
             let acct = Account::read(tx, dataset, analyst, limits)?;
             if let Some(state) = same_query(tx, &qkey, query_id, digest)? {
@@ -480,7 +595,7 @@ impl Ledger {
                     RecordState::Returned => {}
                 }
             }
-            let (a_new, d_new) = acct.debit(tx, dataset, amount, debit, limits)?;
+            let (a_new, d_new) = acct.debit(tx, dataset, analyst, amount, debit, keys, limits)?;
             let stated = Stated::new(limits, debit, a_new);
             let (state, event) = match hold {
                 None => (
@@ -495,6 +610,12 @@ impl Ledger {
                         measure: stated.measure,
                         rho: stated.rho,
                         analyst_spent_equivalent: stated.equivalent,
+                        keys_delta: from_atto(keys),
+                        analyst_keys_delta_spent: if keys > 0 {
+                            from_atto(acct.ka_spent + keys)
+                        } else {
+                            0.0
+                        },
                     },
                 ),
                 Some((sql, expires_ms, request)) => {
@@ -618,7 +739,7 @@ impl Ledger {
                     RecordState::Returned => {}
                 }
             }
-            let (a_new, d_new) = acct.debit(tx, dataset, amount, debit, limits)?;
+            let (a_new, d_new) = acct.debit(tx, dataset, analyst, amount, debit, 0, limits)?;
             let stated = Stated::new(limits, debit, a_new);
             let reservation = Reservation {
                 dataset: dataset.to_string(),
@@ -913,6 +1034,16 @@ fn expiry_key(expires_ms: u64, analyst: &str, query_id: &str) -> Vec<u8> {
     k
 }
 
+/// Released-key delta spent by one analyst on a dataset (atto-delta).
+fn keys_analyst_key(dataset: &str, analyst: &str) -> String {
+    format!("keysdelta/analyst/{dataset}/{analyst}")
+}
+
+/// Released-key delta spent by all analysts on a dataset (atto-delta).
+fn keys_dataset_key(dataset: &str) -> String {
+    format!("keysdelta/dataset/{dataset}")
+}
+
 fn grant_key(dataset: &str, analyst: &str) -> String {
     format!("grant/{dataset}/{analyst}")
 }
@@ -1138,6 +1269,9 @@ mod tests {
 
     fn limits() -> BudgetLimits {
         BudgetLimits {
+            keys_delta: None,
+            keys_delta_per_analyst: None,
+            keys_delta_total: None,
             per_analyst: 1.0,
             total: 1.5,
             per_query_max: 1.0,
@@ -1281,6 +1415,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ledger = test_ledger(dir.path());
         let l = BudgetLimits {
+            keys_delta: None,
+            keys_delta_per_analyst: None,
+            keys_delta_total: None,
             per_analyst: 1.0,
             total: 10.0,
             per_query_max: 1.0,

@@ -22,10 +22,12 @@
 //! `Measurement` is neither `Send` nor `Sync` in OpenDP 0.16, so it is built
 //! and invoked inside the caller's (blocking) task and never stored.
 
-use opendp::domains::{AtomDomain, VectorDomain};
-use opendp::measurements::{make_gaussian, make_laplace};
-use opendp::measures::{MaxDivergence, ZeroConcentratedDivergence};
-use opendp::metrics::{L1Distance, L2Distance};
+use opendp::domains::{AtomDomain, MapDomain, VectorDomain};
+use opendp::measurements::{
+    make_gaussian, make_gaussian_threshold, make_laplace, make_laplace_threshold,
+};
+use opendp::measures::{Approximate, MaxDivergence, ZeroConcentratedDivergence};
+use opendp::metrics::{AbsoluteDistance, L01InfDistance, L02InfDistance, L1Distance, L2Distance};
 
 /// Name of the mechanism as reported to analysts.
 pub const DISCRETE_LAPLACE: &str = "discrete_laplace";
@@ -370,6 +372,133 @@ pub fn discrete_laplace_variance(scale: f64) -> f64 {
 pub fn discrete_laplace_half_width(scale: f64, alpha: f64) -> Result<f64, String> {
     opendp::accuracy::discrete_laplacian_scale_to_accuracy(scale, alpha)
         .map_err(|e| format!("cannot compute the accuracy: {:?}", e.variant))
+}
+
+/// Keys of an open-domain GROUP BY and their counts (keys are stored
+/// codes, see [`crate::table::Table::open_counts`]).
+pub type KeyCounts = std::collections::HashMap<u64, i64>;
+
+type KeyDomain = MapDomain<AtomDomain<u64>, AtomDomain<i64>>;
+
+fn key_domain() -> KeyDomain {
+    MapDomain::new(AtomDomain::<u64>::default(), AtomDomain::<i64>::default())
+}
+
+/// Released keys: OpenDP's thresholded mechanisms over a map of counts.
+///
+/// `make_laplace_threshold` (Approximate<MaxDivergence>, with discrete
+/// Laplace noise) or `make_gaussian_threshold`
+/// (Approximate<ZeroConcentratedDivergence>, discrete Gaussian) add noise
+/// to every key present in the data and release only the keys whose noisy
+/// count is at least the threshold. **Guarantee** (OpenDP's privacy map):
+/// when one privacy unit changes at most `bound` keys, each by at most
+/// `bound` (`d_in = (bound, bound, bound)` as (L0, L1 or L2, L-inf)), the
+/// release is (epsilon, delta)-DP, or (rho, delta)-approximate zCDP, where
+/// epsilon/rho is that of the plain mechanism at the same scale and delta
+/// bounds the chance that a key present only because of that unit passes
+/// the threshold. [`Noise::key_threshold`] picks the smallest threshold
+/// whose delta, by that same map, is at most the dataset's `keys_delta`.
+impl Noise {
+    /// OpenDP's privacy loss of a thresholded release at `threshold`, for
+    /// a unit changing up to `bound` keys by up to `bound` each: (epsilon
+    /// or rho, delta).
+    pub fn threshold_loss(&self, bound: i64, threshold: i64) -> Result<(f64, f64), String> {
+        let bound_u32 = u32::try_from(bound).map_err(|_| "the contribution bound is too large")?;
+        let fail = |e: opendp::error::Error| format!("OpenDP threshold map: {:?}", e.variant);
+        match *self {
+            Noise::DiscreteLaplace { scale } => {
+                let m = make_laplace_threshold::<_, _, Approximate<MaxDivergence>>(
+                    key_domain(),
+                    L01InfDistance::<AbsoluteDistance<i64>>::default(),
+                    scale,
+                    threshold,
+                    None,
+                )
+                .map_err(fail)?;
+                m.map(&(bound_u32, bound, bound)).map_err(fail)
+            }
+            Noise::DiscreteGaussian { scale } => {
+                let m = make_gaussian_threshold::<_, _, Approximate<ZeroConcentratedDivergence>>(
+                    key_domain(),
+                    L02InfDistance::<AbsoluteDistance<i64>>::default(),
+                    scale,
+                    threshold,
+                    None,
+                )
+                .map_err(fail)?;
+                m.map(&(bound_u32, bound, bound)).map_err(fail)
+            }
+        }
+    }
+
+    /// The smallest threshold at which [`Noise::threshold_loss`] reports a
+    /// delta of at most `delta` (found by bisection over OpenDP's map,
+    /// which only shrinks as the threshold grows). Public: depends only on
+    /// the noise, the bound and the dataset's declared delta.
+    pub fn key_threshold(&self, bound: i64, delta: f64) -> Result<i64, String> {
+        if !(delta > 0.0 && delta < 1.0) {
+            return Err(format!("keys_delta must be in (0, 1), not {delta}"));
+        }
+        let ok = |t: i64| -> Result<bool, String> { Ok(self.threshold_loss(bound, t)?.1 <= delta) };
+        // The threshold must be at least the L-inf sensitivity.
+        let mut lo = bound;
+        if ok(lo)? {
+            return Ok(lo);
+        }
+        let mut hi = bound.saturating_add(64);
+        while !ok(hi)? {
+            if hi > 1 << 50 {
+                return Err(format!(
+                    "no threshold reaches keys_delta {delta} at this noise scale"
+                ));
+            }
+            hi = hi.saturating_mul(2);
+        }
+        // Invariant: !ok(lo), ok(hi).
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if ok(mid)? {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+        }
+        Ok(hi)
+    }
+
+    /// Adds this noise to every key's count and keeps the keys whose noisy
+    /// count is at least `threshold`, with OpenDP. On failure returns a
+    /// message that contains no value of the input.
+    pub fn release_keys(&self, counts: &KeyCounts, threshold: i64) -> Result<KeyCounts, String> {
+        let fail =
+            |e: opendp::error::Error| format!("the threshold mechanism failed ({:?})", e.variant);
+        match *self {
+            Noise::DiscreteLaplace { scale } => {
+                make_laplace_threshold::<_, _, Approximate<MaxDivergence>>(
+                    key_domain(),
+                    L01InfDistance::<AbsoluteDistance<i64>>::default(),
+                    scale,
+                    threshold,
+                    None,
+                )
+                .map_err(fail)?
+                .invoke(counts)
+                .map_err(fail)
+            }
+            Noise::DiscreteGaussian { scale } => {
+                make_gaussian_threshold::<_, _, Approximate<ZeroConcentratedDivergence>>(
+                    key_domain(),
+                    L02InfDistance::<AbsoluteDistance<i64>>::default(),
+                    scale,
+                    threshold,
+                    None,
+                )
+                .map_err(fail)?
+                .invoke(counts)
+                .map_err(fail)
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -272,6 +272,10 @@ pub struct Plan {
     /// Records one privacy unit may contribute (1, or the dataset's
     /// per-person bound); every sensitivity is multiplied by it.
     pub contribution_bound: i64,
+    /// The open-domain column grouped by, if any: then it is the only
+    /// GROUP BY column, `COUNT(*)` the only measurement, and the released
+    /// keys are those passing a threshold (not the declared domain).
+    pub open_key: Option<usize>,
 }
 
 impl Plan {
@@ -312,6 +316,7 @@ pub fn plan(sql: &str, schema: &Schema, max_cells: usize) -> Result<Plan, PlanEr
         GroupByExpr::All(_) => return err("GROUP BY ALL is not supported; list the columns"),
     };
     let mut group_by = Vec::new();
+    let mut open_key = None;
     for e in group_exprs {
         let name = column_name(e).ok_or_else(|| {
             PlanError(format!(
@@ -319,6 +324,16 @@ pub fn plan(sql: &str, schema: &Schema, max_cells: usize) -> Result<Plan, PlanEr
             ))
         })?;
         let (idx, col) = schema.column(&name).map_err(PlanError)?;
+        if let Column::Open { .. } = col {
+            if group_exprs.len() != 1 {
+                return err(format!(
+                    "GROUP BY {name}: {name} has an open domain and can only be grouped by alone; drop the other GROUP BY columns (filter on them in WHERE instead)"
+                ));
+            }
+            open_key = Some(idx);
+            group_by.push(idx);
+            continue;
+        }
         if col.domain_size().is_none() {
             return err(format!(
                 "GROUP BY {name}: {name} is an integer column; only categorical and boolean columns (with a declared domain) can be grouped by"
@@ -331,7 +346,7 @@ pub fn plan(sql: &str, schema: &Schema, max_cells: usize) -> Result<Plan, PlanEr
     }
     let group_sizes: Vec<usize> = group_by
         .iter()
-        .map(|&i| schema.columns[i].domain_size().unwrap_or(1))
+        .map(|&i| schema.columns[i].domain_size().unwrap_or(0))
         .collect();
     let cells = group_sizes
         .iter()
@@ -569,6 +584,15 @@ pub fn plan(sql: &str, schema: &Schema, max_cells: usize) -> Result<Plan, PlanEr
         None => None,
     };
 
+    if let Some(idx) = open_key {
+        if measurements != [MeasurementSpec::CountRows] {
+            return err(format!(
+                "GROUP BY {name}: {name} has an open domain, so only COUNT(*) can be released per key (its keys are chosen by a threshold on that count); select {name}, COUNT(*) only",
+                name = schema.columns[idx].name()
+            ));
+        }
+    }
+
     Ok(Plan {
         dataset,
         group_by,
@@ -577,6 +601,7 @@ pub fn plan(sql: &str, schema: &Schema, max_cells: usize) -> Result<Plan, PlanEr
         measurements,
         filter,
         contribution_bound: schema.contribution_bound(),
+        open_key,
     })
 }
 
@@ -813,7 +838,7 @@ fn predicate(schema: &Schema, e: &Expr) -> Result<Predicate, PlanError> {
                 return err(format!("{e}: a comparison needs a column on one side and a literal on the other"));
             };
             let (column, col) = where_column(schema, col_expr)?;
-            if matches!(col, Column::Categorical { .. } | Column::Boolean { .. })
+            if matches!(col, Column::Categorical { .. } | Column::Boolean { .. } | Column::Open { .. })
                 && !matches!(op, CmpOp::Eq | CmpOp::Ne)
             {
                 return err(format!(
@@ -931,6 +956,16 @@ fn literal(col: &Column, e: &Expr) -> Result<i64, PlanError> {
                 "{text:?}: {name} is boolean; compare it with 0, 1, true or false"
             ))
         }),
+        // Any text: a value never seen matches nothing. Saying whether a
+        // value occurs would reveal the data (DESIGN invariant 2).
+        Column::Open { name } => {
+            if !quoted {
+                return err(format!(
+                    "{name} is categorical: compare it with a quoted string, e.g. {name} = 'text'"
+                ));
+            }
+            Ok(crate::schema::open_code(text.trim()))
+        }
         Column::PersonId { name } => err(format!(
             "{name} is the person identifier of the privacy unit; it cannot be queried"
         )),
@@ -944,6 +979,7 @@ mod tests {
 
     fn schema() -> Schema {
         let col = |name: &str, kind, domain: Option<&[&str]>, b: Option<(i64, i64)>| ColumnSpec {
+            open: None,
             name: name.into(),
             kind,
             domain: domain.map(|d| d.iter().map(|s| s.to_string()).collect()),

@@ -14,6 +14,7 @@ const BOUND: u32 = 3;
 
 fn schema() -> Schema {
     let spec = |name: &str, kind, domain: Option<&[&str]>, b: Option<(i64, i64)>| ColumnSpec {
+        open: None,
         name: name.into(),
         kind,
         domain: domain.map(|d| d.iter().map(|s| s.to_string()).collect()),

@@ -48,6 +48,13 @@ pub struct ColumnSpec {
     /// Integer only: public upper bound (inclusive).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max: Option<i64>,
+    /// Categorical only: `true` declares an open domain (no `domain` list),
+    /// e.g. free-text nationalities. Such a column can be filtered with
+    /// `=`, `<>` and `IN`, and grouped by alone with `COUNT(*)`: the keys
+    /// released are only those passing OpenDP's threshold mechanism at the
+    /// dataset's `keys_delta` (see `config::BudgetLimits`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open: Option<bool>,
     /// Integer only: number of equal-width bins over `[min, max]` used by
     /// `QUANTILE`/`MEDIAN` (default: one bin per value up to
     /// [`DEFAULT_BINS`] values, else [`DEFAULT_BINS`] bins). Public.
@@ -82,6 +89,14 @@ pub enum Column {
         /// Declared quantile bins (equal width over `[min, max]`).
         bins: u64,
     },
+    /// A categorical column with an open (undeclared) domain. A value is
+    /// stored as its [`open_code`], a 63-bit hash, so queries need no
+    /// dictionary; the labels of the values seen at ingest are stored
+    /// beside the rows, and shown only for keys a threshold released.
+    Open {
+        /// Column name.
+        name: String,
+    },
     /// A 0/1 column.
     Boolean {
         /// Column name.
@@ -101,6 +116,7 @@ impl Column {
     pub fn name(&self) -> &str {
         match self {
             Column::Categorical { name, .. }
+            | Column::Open { name }
             | Column::Integer { name, .. }
             | Column::Boolean { name }
             | Column::PersonId { name } => name,
@@ -118,6 +134,9 @@ impl Column {
                 format!("an integer from {min} to {max}")
             }
             Column::Boolean { .. } => "0, 1, true or false".to_string(),
+            Column::Open { .. } => {
+                format!("any text of at most {MAX_OPEN_VALUE_BYTES} bytes")
+            }
             Column::PersonId { .. } => {
                 return "a person identifier (every record needs one)".to_string()
             }
@@ -159,6 +178,18 @@ impl Column {
             Column::Boolean { .. } => parse_bool(cell)
                 .map(i64::from)
                 .ok_or_else(|| format!("{cell:?} is not a boolean")),
+            Column::Open { .. } => {
+                if cell.len() > MAX_OPEN_VALUE_BYTES {
+                    return Err(format!(
+                        "the value is {} bytes long, more than {MAX_OPEN_VALUE_BYTES}",
+                        cell.len()
+                    ));
+                }
+                if cell.chars().any(char::is_control) {
+                    return Err("the value contains a control character".to_string());
+                }
+                Ok(open_code(cell))
+            }
             Column::PersonId { .. } => unreachable!("handled above"),
         }
     }
@@ -168,7 +199,7 @@ impl Column {
         match self {
             Column::Categorical { domain, .. } => Some(domain.len()),
             Column::Boolean { .. } => Some(2),
-            Column::Integer { .. } | Column::PersonId { .. } => None,
+            Column::Integer { .. } | Column::PersonId { .. } | Column::Open { .. } => None,
         }
     }
 
@@ -176,9 +207,10 @@ impl Column {
     pub fn key_label(&self, code: usize) -> String {
         match self {
             Column::Categorical { domain, .. } => domain[code].clone(),
-            Column::Boolean { .. } | Column::Integer { .. } | Column::PersonId { .. } => {
-                code.to_string()
-            }
+            Column::Boolean { .. }
+            | Column::Integer { .. }
+            | Column::PersonId { .. }
+            | Column::Open { .. } => code.to_string(),
         }
     }
 }
@@ -188,6 +220,20 @@ impl Column {
 /// only share one contribution bound (more protection, never less).
 pub fn person_code(id: &str) -> i64 {
     let d = Sha256::digest(id.as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    (u64::from_be_bytes(b) >> 1) as i64
+}
+
+/// Longest value an open-domain column accepts at ingest, in bytes.
+pub const MAX_OPEN_VALUE_BYTES: usize = 200;
+
+/// Code of a value of an open-domain column (the value trimmed): the first
+/// 63 bits of the SHA-256 of a domain-separated rendering, so WHERE
+/// literals can be coded without the data. Two values colliding would
+/// only merge their keys (probability about n^2 / 2^64).
+pub fn open_code(value: &str) -> i64 {
+    let d = Sha256::digest([b"fedq-open\0", value.as_bytes()].concat());
     let mut b = [0u8; 8];
     b.copy_from_slice(&d[..8]);
     (u64::from_be_bytes(b) >> 1) as i64
@@ -261,8 +307,19 @@ impl Schema {
                     if spec.min.is_some() || spec.max.is_some() {
                         return Err(format!("{at}: min/max apply to integer columns only"));
                     }
+                    if spec.open == Some(true) {
+                        if spec.domain.is_some() {
+                            return Err(format!(
+                                "{at}: an open column declares no domain; remove `domain` or `open = true`"
+                            ));
+                        }
+                        columns.push(Column::Open {
+                            name: spec.name.clone(),
+                        });
+                        continue;
+                    }
                     let domain = spec.domain.clone().ok_or_else(|| {
-                        format!("{at}: a categorical column needs `domain = [...]`")
+                        format!("{at}: a categorical column needs `domain = [...]` (or `open = true` for an open domain, whose keys are released by a threshold)")
                     })?;
                     if domain.is_empty() {
                         return Err(format!("{at}: the domain is empty"));
@@ -284,6 +341,9 @@ impl Schema {
                         name: spec.name.clone(),
                         domain,
                     }
+                }
+                ColumnType::Integer | ColumnType::Boolean if spec.open.is_some() => {
+                    return Err(format!("{at}: `open` applies to categorical columns only"));
                 }
                 ColumnType::Integer => {
                     if spec.domain.is_some() {
@@ -427,6 +487,7 @@ impl Schema {
                     h.update(format!("i\0{name}\0{min}\0{max}\0"))
                 }
                 Column::Boolean { name } => h.update(format!("b\0{name}\0")),
+                Column::Open { name } => h.update(format!("o\0{name}\0")),
                 Column::PersonId { name } => h.update(format!("p\0{name}\0")),
             }
         }
@@ -444,6 +505,11 @@ impl Schema {
                 kind: Some(match c {
                     Column::Categorical { domain, .. } => Kind::Categorical(CategoricalColumn {
                         domain: domain.clone(),
+                        open: false,
+                    }),
+                    Column::Open { .. } => Kind::Categorical(CategoricalColumn {
+                        domain: Vec::new(),
+                        open: true,
                     }),
                     Column::Integer { min, max, bins, .. } => Kind::Integer(IntegerColumn {
                         min: *min,
@@ -465,6 +531,7 @@ mod tests {
 
     fn spec(name: &str, kind: ColumnType) -> ColumnSpec {
         ColumnSpec {
+            open: None,
             name: name.into(),
             kind,
             domain: None,

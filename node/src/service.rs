@@ -16,7 +16,7 @@ use fedq_proto::v1::{
     AuditLine, Budget, BudgetRequest, BudgetResponse, CancelRequest, CancelResponse, CellKey,
     CommitRequest, DatasetSchema, DescribeRequest, DescribeResponse, ExportAuditRequest,
     Measurement, OutputColumn, OutputKind, PrepareRequest, PrepareResponse, QueryRequest,
-    QueryResponse,
+    QueryResponse, ReleasedKeys,
 };
 use prost::Message;
 use sha2::{Digest, Sha256};
@@ -51,6 +51,7 @@ pub const CAPABILITIES: &[&str] = &[
     "audit_log",
     "audit_export",
     "two_phase",
+    "released_keys",
 ];
 
 /// Smallest epsilon a query may ask for: below it an answer is pure noise
@@ -580,6 +581,33 @@ fn describe_release(
             measurements.iter().map(|x| x.label.as_str()).collect::<Vec<_>>().join(", ")
         )
     };
+    let mut cost_delta = cost_delta;
+    let released_keys = match plan.open_key {
+        None => None,
+        Some(column) => {
+            let delta = budget.keys_delta.ok_or_else(|| {
+                internal("an open-domain column without budget.keys_delta passed validation")
+            })?;
+            let noise = Noise::reported(&measurements[0].mechanism, measurements[0].scale)
+                .ok_or_else(|| internal("unknown mechanism"))?;
+            let threshold = noise
+                .key_threshold(plan.contribution_bound, delta)
+                .map_err(Status::invalid_argument)?;
+            let name = ds.schema.columns[column].name();
+            cost_delta += delta;
+            split.push_str(&format!(
+                "; {name} has an open domain: only keys whose noisy count is at least {threshold} are released (OpenDP threshold mechanism, delta {delta:e} spent on the released-key budget)"
+            ));
+            Some(ReleasedKeys {
+                column: name.to_string(),
+                threshold,
+                delta,
+                note: format!(
+                    "keys of {name} whose noisy count fell below {threshold} are withheld; such keys may exist, and neither which nor how many is said (that would depend on the data)"
+                ),
+            })
+        }
+    };
     if let (Asked::Epsilon(e), Measure::Zcdp) = (asked, budget.measure) {
         split.push_str(&format!(
             "; the dataset accounts in zCDP, where epsilon {e} (pure DP) costs rho = epsilon^2/2 = {cost}"
@@ -594,10 +622,15 @@ fn describe_release(
             .iter()
             .map(|&i| ds.schema.columns[i].name().to_string())
             .collect(),
-        cells: cell_keys(plan, &ds.schema)
-            .into_iter()
-            .map(|values| CellKey { values })
-            .collect(),
+        // Open-domain keys are known only once released.
+        cells: if plan.open_key.is_some() {
+            Vec::new()
+        } else {
+            cell_keys(plan, &ds.schema)
+                .into_iter()
+                .map(|values| CellKey { values })
+                .collect()
+        },
         outputs,
         measurements,
         budget: None,
@@ -609,6 +642,7 @@ fn describe_release(
         cost,
         cost_epsilon,
         cost_delta,
+        released_keys,
     })
 }
 
@@ -739,12 +773,13 @@ fn run_query(
     }
     let admission = state
         .ledger
-        .admit(
+        .admit_keys(
             analyst,
             &plan.dataset,
             &q.query_id,
             digest,
             response.cost,
+            response.released_keys.as_ref().map_or(0.0, |k| k.delta),
             &ds.config.budget,
         )
         .map_err(internal)?
@@ -830,6 +865,11 @@ fn run_on_database(
 /// this blocking task waits on the async fetch (bounded by the statement
 /// timeout); OpenDP measurements stay in this task, as they are not `Send`.
 fn exact(ds: &Dataset, plan: &Plan) -> Result<Vec<Vec<i64>>, SourceError> {
+    if plan.open_key.is_some() {
+        // Counted per key by `release` (config refuses open columns on
+        // database sources).
+        return Ok(Vec::new());
+    }
     match &ds.source {
         Source::Embedded(table) => Ok(table.exact(plan)),
         Source::Postgres(pg) => tokio::runtime::Handle::current().block_on(pg.exact(plan)),
@@ -930,15 +970,15 @@ fn release(
     clock: &mut Option<StageClock>,
 ) -> Result<QueryResponse, Status> {
     let ds = &state.datasets[&plan.dataset];
+    if let Some(column) = plan.open_key {
+        release_keys(ds, column, plan, &mut response).map_err(|e| noise_failed(&q.query_id, &e))?;
+    }
     for (m, values) in response.measurements.iter_mut().zip(exact) {
         let noise = Noise::reported(&m.mechanism, m.scale)
             .ok_or_else(|| internal(format!("unknown mechanism {}", m.mechanism)))?;
-        m.values = noise.release(&values).map_err(|e| {
-            tracing::error!(query_id = %q.query_id, error = %e, "noise failed after the debit");
-            Status::internal(
-                "adding noise failed; nothing was released; retry with the same query id to get a release without spending again",
-            )
-        })?;
+        m.values = noise
+            .release(&values)
+            .map_err(|e| noise_failed(&q.query_id, &e))?;
     }
     StageClock::lap(clock, "noise");
     response.budget = Some(budget_proto(analyst, &ds.config, budget));
@@ -978,6 +1018,61 @@ fn release(
         "released"
     );
     Ok(response)
+}
+
+/// Noise failed after the debit: nothing was released, and a retry under
+/// the same id resumes without a second debit.
+fn noise_failed(query_id: &str, e: &str) -> Status {
+    tracing::error!(query_id, error = %e, "noise failed after the debit");
+    Status::internal(
+        "adding noise failed; nothing was released; retry with the same query id to get a release without spending again",
+    )
+}
+
+/// Releases the keys of an open-domain GROUP BY: counts the selected rows
+/// per key, runs OpenDP's threshold mechanism (the noise and threshold
+/// fixed in [`describe_release`]) and fills `response`'s cells with the
+/// released keys, in label order (not storage order, which would say when
+/// each key first arrived), and its one measurement with their noisy
+/// counts. Only called once the debit is durable.
+fn release_keys(
+    ds: &Dataset,
+    column: usize,
+    plan: &Plan,
+    response: &mut QueryResponse,
+) -> Result<(), String> {
+    let Source::Embedded(table) = &ds.source else {
+        return Err("open-domain keys need an embedded dataset".into());
+    };
+    let threshold = response
+        .released_keys
+        .as_ref()
+        .ok_or("no threshold was fixed")?
+        .threshold;
+    let m = response
+        .measurements
+        .first_mut()
+        .ok_or("no measurement was planned")?;
+    let noise = Noise::reported(&m.mechanism, m.scale).ok_or("unknown mechanism")?;
+    let released = noise.release_keys(&table.open_counts(plan), threshold)?;
+    let mut rows: Vec<(String, i64)> = released
+        .into_iter()
+        .map(|(code, v)| {
+            let label = table
+                .open_label(column, code)
+                .unwrap_or_else(|| format!("(unlabelled key {code:016x})"));
+            (label, v)
+        })
+        .collect();
+    rows.sort();
+    response.cells = rows
+        .iter()
+        .map(|(k, _)| CellKey {
+            values: vec![k.clone()],
+        })
+        .collect();
+    m.values = rows.into_iter().map(|(_, v)| v).collect();
+    Ok(())
 }
 
 /// Everything before spending: log the request, validate it, plan it and
@@ -1216,6 +1311,11 @@ impl Node for NodeService {
             .state
             .within_deadline(slot, move |state| {
                 let (plan, planned) = accept(state, &who, &q)?;
+                if plan.open_key.is_some() {
+                    return Err(Status::failed_precondition(
+                        "a GROUP BY over an open-domain column cannot be prepared in two phases yet: each node releases its own keys; run it without --min-nodes",
+                    ));
+                }
                 let ds = &state.datasets[&plan.dataset];
                 let hold = hold_ms.clamp(1000, state.config.limits.max_reservation_ms);
                 let expires = now_ms() + hold;

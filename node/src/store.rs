@@ -5,8 +5,10 @@
 //! - tree `data`: `meta/format` = [`FORMAT_VERSION`]; per dataset
 //!   `meta/<ds>/schema` (schema digest), `meta/<ds>/rows` (row count, u64 BE),
 //!   `meta/<ds>/chunks` (chunk count), `ingest/<ds>/<sha256 of file>` (one
-//!   marker per ingested file), and `rows/<ds>/<chunk u64 BE>` holding up to
-//!   [`CHUNK_ROWS`] rows column-major, each column packed as the in-memory
+//!   marker per ingested file), `label/<ds>/<column>/<code u64 BE>` holding
+//!   the text of each value of an open-domain column (its code is a hash of
+//!   the text, see `schema::open_code`), and `rows/<ds>/<chunk u64 BE>`
+//!   holding up to [`CHUNK_ROWS`] rows column-major, each column packed as the in-memory
 //!   table packs it (see `table::encode_chunk`; format version 2). Format
 //!   version 1 stored row-major `i64` codes; such a store is refused.
 //! - tree `ledger`: see [`crate::ledger`].
@@ -121,11 +123,14 @@ impl Store {
 
     /// Appends encoded rows (row-major) to `dataset` in one atomic, durable
     /// commit. `schema` must be the dataset's declared schema.
+    /// `labels` are the (column, code, text) of open-domain values, stored
+    /// in the same commit so a released key can be shown by its text.
     pub fn append_rows(
         &self,
         dataset: &str,
         schema: &Schema,
         codes: &[i64],
+        labels: &[(usize, i64, String)],
         file_sha256: &str,
     ) -> anyhow::Result<u64> {
         let width = schema.columns.len();
@@ -146,6 +151,12 @@ impl Store {
             let bytes = encode_chunk(schema, chunk).map_err(anyhow::Error::msg)?;
             batch.insert(rows_key(dataset, chunk_id), bytes);
             chunk_id += 1;
+        }
+        for (column, code, text) in labels {
+            batch.insert(
+                label_key(dataset, schema.columns[*column].name(), *code as u64),
+                text.as_bytes(),
+            );
         }
         let added = (codes.len() / width) as u64;
         batch.insert(
@@ -195,6 +206,21 @@ impl Store {
         if table.len() as u64 != expected {
             return Err(anyhow!("dataset {dataset:?}: stored row count does not match its chunks; the store is damaged"));
         }
+        for (i, c) in schema.columns.iter().enumerate() {
+            if let crate::schema::Column::Open { name } = c {
+                let prefix = label_key(dataset, name, 0);
+                let prefix = &prefix[..prefix.len() - 8];
+                let mut labels = std::collections::HashMap::new();
+                for item in self.data.scan_prefix(prefix) {
+                    let (k, v) = item?;
+                    labels.insert(
+                        decode_u64(&k[prefix.len()..]),
+                        String::from_utf8_lossy(&v).into_owned(),
+                    );
+                }
+                table.set_labels(i, labels);
+            }
+        }
         // Choose the records that count per person now, not on the first query.
         table.kept_rows();
         Ok(table)
@@ -203,6 +229,14 @@ impl Store {
     fn get_u64(&self, key: &str) -> anyhow::Result<u64> {
         Ok(self.data.get(key)?.map(|v| decode_u64(&v)).unwrap_or(0))
     }
+}
+
+/// Key of the label of an open-domain value: `label/<ds>/<column>/` and
+/// the code (u64 BE).
+fn label_key(dataset: &str, column: &str, code: u64) -> Vec<u8> {
+    let mut k = format!("label/{dataset}/{column}/").into_bytes();
+    k.extend_from_slice(&code.to_be_bytes());
+    k
 }
 
 fn rows_key(dataset: &str, chunk: u64) -> Vec<u8> {

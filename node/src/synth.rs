@@ -621,6 +621,7 @@ fn render<'a>(case: &Case, nums: &'a Numbers, row: &mut [&'a str; NCOLS]) {
 
 fn categorical(name: &str, domain: &[&str]) -> ColumnSpec {
     ColumnSpec {
+        open: None,
         name: name.to_string(),
         kind: ColumnType::Categorical,
         domain: Some(domain.iter().map(|d| d.to_string()).collect()),
@@ -632,6 +633,7 @@ fn categorical(name: &str, domain: &[&str]) -> ColumnSpec {
 
 fn integer(name: &str, min: i64, max: i64) -> ColumnSpec {
     ColumnSpec {
+        open: None,
         name: name.to_string(),
         kind: ColumnType::Integer,
         domain: None,
@@ -643,6 +645,7 @@ fn integer(name: &str, min: i64, max: i64) -> ColumnSpec {
 
 fn boolean(name: &str) -> ColumnSpec {
     ColumnSpec {
+        open: None,
         name: name.to_string(),
         kind: ColumnType::Boolean,
         domain: None,

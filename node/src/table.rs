@@ -117,8 +117,8 @@ fn layout(column: &Column) -> (i64, u64) {
         Column::Boolean { .. } => (0, 2),
         // Bounds lie within ±2^40 (see `schema.rs`), so this cannot overflow.
         Column::Integer { min, max, .. } => (*min, (*max - *min) as u64 + 1),
-        // 63-bit hashes; the missing code 2^63 is never used.
-        Column::PersonId { .. } => (0, 1 << 63),
+        // 63-bit hashes; the missing code 2^63 is never used by a hash.
+        Column::PersonId { .. } | Column::Open { .. } => (0, 1 << 63),
     }
 }
 
@@ -241,6 +241,9 @@ pub struct Table {
     /// and kept (1 bit per row per column used; a filtered COUNT otherwise
     /// spends half its scan recomputing them). Reset by every append.
     present: Vec<OnceLock<Bits>>,
+    /// Per open-domain column: the label of every code seen at ingest
+    /// (shown only for keys a threshold released).
+    labels: std::collections::HashMap<usize, std::collections::HashMap<u64, String>>,
 }
 
 impl Table {
@@ -253,7 +256,27 @@ impl Table {
             columns,
             kept: OnceLock::new(),
             present,
+            labels: Default::default(),
         }
+    }
+
+    /// Sets the labels of open-domain column `column` (from the store).
+    pub(crate) fn set_labels(
+        &mut self,
+        column: usize,
+        labels: std::collections::HashMap<u64, String>,
+    ) {
+        self.labels.insert(column, labels);
+    }
+
+    /// The label of key `code` of open-domain column `column`:
+    /// [`MISSING_KEY`] for the missing code; `None` if no ingest recorded
+    /// one (the store is damaged).
+    pub(crate) fn open_label(&self, column: usize, code: u64) -> Option<String> {
+        if code == OPEN_MISSING_KEY {
+            return Some(MISSING_KEY.to_string());
+        }
+        self.labels.get(&column)?.get(&code).cloned()
     }
 
     /// The stored offset of row `i` in column `c`.
@@ -451,6 +474,30 @@ impl Table {
                 out
             })
             .collect()
+    }
+
+    /// For a GROUP BY over one open-domain column: the exact count of rows
+    /// per key present among the selected rows (keys are the stored codes,
+    /// the missing code being [`OPEN_MISSING_KEY`]). A key with no selected
+    /// row is absent, as the threshold mechanism expects.
+    pub(crate) fn open_counts(&self, plan: &Plan) -> std::collections::HashMap<u64, i64> {
+        let mut counts = std::collections::HashMap::new();
+        let Some(column) = plan.open_key else {
+            return counts;
+        };
+        let rows = self.len();
+        let mut selected = match &plan.filter {
+            Some(p) => self.eval(p).t,
+            None => all_rows(rows),
+        };
+        if let Some(kept) = self.kept_rows() {
+            selected = and(&selected, kept);
+        }
+        let p = &self.columns[column];
+        with_codes!(&p.codes, v => for_each_bit(&selected, |i| {
+            *counts.entry(v[i].to_u64()).or_insert(0i64) += 1;
+        }));
+        counts
     }
 
     /// Exposes [`Table::exact`] to the criterion benches (feature
@@ -787,6 +834,10 @@ pub fn cell_count(plan: &Plan) -> usize {
     plan.group_sizes.iter().map(|s| s + 1).product()
 }
 
+/// The stored code of a missing value in an open-domain column (its
+/// packing's missing code), as a key of [`Table::open_counts`].
+pub const OPEN_MISSING_KEY: u64 = 1 << 63;
+
 /// Label of the "missing" key of a GROUP BY column.
 pub const MISSING_KEY: &str = "(missing)";
 
@@ -823,6 +874,7 @@ mod tests {
             "t",
             &[
                 ColumnSpec {
+                    open: None,
                     name: "g".into(),
                     kind: ColumnType::Categorical,
                     domain: Some(vec!["a".into(), "b".into()]),
@@ -831,6 +883,7 @@ mod tests {
                     bins: None,
                 },
                 ColumnSpec {
+                    open: None,
                     name: "f".into(),
                     kind: ColumnType::Boolean,
                     domain: None,
@@ -839,6 +892,7 @@ mod tests {
                     bins: None,
                 },
                 ColumnSpec {
+                    open: None,
                     name: "m".into(),
                     kind: ColumnType::Integer,
                     domain: None,
@@ -1063,6 +1117,7 @@ mod tests {
                     0 => {
                         let n = [1usize, 2, 5, 254, 255, 300][rng.random_range(0..6)];
                         ColumnSpec {
+                            open: None,
                             name,
                             kind: ColumnType::Categorical,
                             domain: Some((0..n).map(|i| format!("v{i}")).collect()),
@@ -1072,6 +1127,7 @@ mod tests {
                         }
                     }
                     1 => ColumnSpec {
+                        open: None,
                         name,
                         kind: ColumnType::Boolean,
                         domain: None,
@@ -1090,6 +1146,7 @@ mod tests {
                             (7, 7),
                         ][rng.random_range(0..7)];
                         ColumnSpec {
+                            open: None,
                             name,
                             kind: ColumnType::Integer,
                             domain: None,
@@ -1186,6 +1243,7 @@ mod tests {
                     .random_bool(0.85)
                     .then(|| random_predicate(&mut rng, &schema, &rows, 3));
                 let p = Plan {
+                    open_key: None,
                     dataset: "t".into(),
                     group_by,
                     group_sizes,

@@ -45,6 +45,9 @@ pub struct TestFederation {
 /// Budget limits generous enough not to interfere.
 pub fn roomy_budget() -> BudgetLimits {
     BudgetLimits {
+        keys_delta: None,
+        keys_delta_per_analyst: None,
+        keys_delta_total: None,
         per_analyst: 1000.0,
         total: 10_000.0,
         per_query_max: 10.0,
@@ -321,7 +324,7 @@ pub async fn load_csv_into_postgres(url: &str, csv_path: &Path) -> String {
         .map(|c| match c {
             // A person identifier is loaded as text (database sources
             // refuse person-level units today; kept for completeness).
-            Column::Categorical { .. } | Column::PersonId { .. } => "text",
+            Column::Categorical { .. } | Column::PersonId { .. } | Column::Open { .. } => "text",
             Column::Integer { .. } => "integer",
             Column::Boolean { .. } => "boolean",
         })
@@ -361,10 +364,12 @@ pub async fn load_csv_into_postgres(url: &str, csv_path: &Path) -> String {
         for (c, &at) in schema.columns.iter().zip(&order) {
             let raw = batch.iter().map(|r| r.get(at).unwrap_or("").trim());
             params.push(match c {
-                Column::Categorical { .. } | Column::PersonId { .. } => Box::new(
-                    raw.map(|v| (!v.is_empty()).then(|| v.to_string()))
-                        .collect::<Vec<_>>(),
-                ),
+                Column::Categorical { .. } | Column::PersonId { .. } | Column::Open { .. } => {
+                    Box::new(
+                        raw.map(|v| (!v.is_empty()).then(|| v.to_string()))
+                            .collect::<Vec<_>>(),
+                    )
+                }
                 Column::Integer { .. } => {
                     Box::new(raw.map(|v| v.parse::<i32>().ok()).collect::<Vec<_>>())
                 }

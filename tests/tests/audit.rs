@@ -62,6 +62,9 @@ fn with_auditor(fed: &mut TestFederation) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_queries_for_the_last_budget_are_debited_exactly_when_answered() {
     let limits = BudgetLimits {
+        keys_delta: None,
+        keys_delta_per_analyst: None,
+        keys_delta_total: None,
         per_analyst: 5.0,
         total: 100.0,
         per_query_max: 1.0,

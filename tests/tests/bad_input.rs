@@ -9,6 +9,9 @@ use tonic::Code;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_queries_are_refused_clearly_and_spend_nothing() {
     let limits = fedq_node::config::BudgetLimits {
+        keys_delta: None,
+        keys_delta_per_analyst: None,
+        keys_delta_total: None,
         per_analyst: 5.0,
         total: 10.0,
         per_query_max: 1.0,

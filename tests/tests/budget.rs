@@ -33,6 +33,9 @@ async fn spent(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exhaustion_refuses_with_the_remaining_budget_and_releases_nothing() {
     let limits = BudgetLimits {
+        keys_delta: None,
+        keys_delta_per_analyst: None,
+        keys_delta_total: None,
         per_analyst: 1.0,
         total: 10.0,
         per_query_max: 1.0,
@@ -69,6 +72,9 @@ async fn exhaustion_refuses_with_the_remaining_budget_and_releases_nothing() {
 async fn concurrent_queries_never_overspend_analyst_or_dataset_limits() {
     // Each analyst may spend 1.0, everybody together 1.5.
     let limits = BudgetLimits {
+        keys_delta: None,
+        keys_delta_per_analyst: None,
+        keys_delta_total: None,
         per_analyst: 1.0,
         total: 1.5,
         per_query_max: 1.0,

@@ -361,6 +361,9 @@ fn crlf_and_bom_files_ingest_and_report_the_right_line() {
 
 fn limits() -> BudgetLimits {
     BudgetLimits {
+        keys_delta: None,
+        keys_delta_per_analyst: None,
+        keys_delta_total: None,
         per_analyst: 2.0,
         total: 10.0,
         per_query_max: 1.0,

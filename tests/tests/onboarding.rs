@@ -20,6 +20,9 @@ use fedq_tests::{node_binary, node_config, TestFederation, TestNode};
 
 fn limits() -> BudgetLimits {
     BudgetLimits {
+        keys_delta: None,
+        keys_delta_per_analyst: None,
+        keys_delta_total: None,
         per_analyst: 5.0,
         total: 20.0,
         per_query_max: 1.0,

@@ -25,6 +25,9 @@ const DELTA: f64 = 1e-7;
 
 fn zcdp(per_analyst: f64, total: f64, per_query_max: f64) -> BudgetLimits {
     BudgetLimits {
+        keys_delta: None,
+        keys_delta_per_analyst: None,
+        keys_delta_total: None,
         per_analyst,
         total,
         per_query_max,

@@ -413,7 +413,9 @@ pub fn check_columns(
     let mut problems = Vec::new();
     for c in &schema.columns {
         let (kind, wants) = match c {
-            Column::Categorical { .. } => ("categorical", "text, character varying or character"),
+            Column::Categorical { .. } | Column::Open { .. } => {
+                ("categorical", "text, character varying or character")
+            }
             Column::Integer { .. } => ("integer", "smallint, integer or bigint"),
             Column::Boolean { .. } => ("boolean", "boolean, smallint, integer or bigint"),
             Column::PersonId { .. } => (
@@ -460,6 +462,7 @@ mod check_tests {
             "cases",
             &[
                 ColumnSpec {
+                    open: None,
                     name: "ageBroad".into(),
                     kind: ColumnType::Categorical,
                     domain: Some(vec!["0--8".into()]),
@@ -468,6 +471,7 @@ mod check_tests {
                     bins: None,
                 },
                 ColumnSpec {
+                    open: None,
                     name: "flag".into(),
                     kind: ColumnType::Boolean,
                     domain: None,
@@ -476,6 +480,7 @@ mod check_tests {
                     bins: None,
                 },
                 ColumnSpec {
+                    open: None,
                     name: "gone".into(),
                     kind: ColumnType::Boolean,
                     domain: None,

@@ -150,6 +150,7 @@ fn code_expr(column: &Column, db: DbType, p: &mut Params) -> String {
         // The identifier as text, trimmed like the CSV ingest trims it;
         // a missing one (NULL, '', '-99') is NULL, and such rows belong to
         // no person and never count (the embedded store refuses them).
+        (Column::Open { .. }, _) => unreachable!("config refuses open columns on database sources"),
         (Column::PersonId { .. }, _) => format!(
             "NULLIF(NULLIF(btrim({q}::text), ''), '-99')"
         ),
@@ -445,6 +446,7 @@ mod tests {
             "cases",
             &[
                 ColumnSpec {
+                    open: None,
                     name: "gender".into(),
                     kind: ColumnType::Categorical,
                     domain: Some(vec!["Female".into(), "Male".into()]),
@@ -453,6 +455,7 @@ mod tests {
                     bins: None,
                 },
                 ColumnSpec {
+                    open: None,
                     name: "months".into(),
                     kind: ColumnType::Integer,
                     domain: None,
@@ -461,6 +464,7 @@ mod tests {
                     bins: None,
                 },
                 ColumnSpec {
+                    open: None,
                     name: "flag".into(),
                     kind: ColumnType::Boolean,
                     domain: None,

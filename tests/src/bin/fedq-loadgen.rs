@@ -205,6 +205,9 @@ fn prepare(
     let ca = Authority::generate("fedq-loadgen CA")?;
     ca.pem.write(&dir.join("ca"), "ca")?;
     let budget = BudgetLimits {
+        keys_delta: None,
+        keys_delta_per_analyst: None,
+        keys_delta_total: None,
         per_analyst: 1e6,
         total: 1e7,
         per_query_max: 10.0,
