@@ -119,6 +119,22 @@ pub struct Combined {
     pub partial: bool,
     /// True for a dry run: no values, nothing spent.
     pub dry_run: bool,
+    /// For a GROUP BY over an open-domain column: how its keys were
+    /// released, and what that means for the rows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub released_keys: Option<KeysNote>,
+}
+
+/// How the keys of an open-domain GROUP BY were released across nodes.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeysNote {
+    /// The open-domain column.
+    pub column: String,
+    /// Each answering node's threshold (smallest noisy count it releases)
+    /// and the delta the release spent there.
+    pub thresholds: Vec<(String, i64, f64)>,
+    /// What the rows mean, in words.
+    pub note: String,
 }
 
 fn is_zero(x: &f64) -> bool {
@@ -351,6 +367,29 @@ pub fn combine(
             nodes: contributors,
         });
     }
+    let released_keys = answered
+        .iter()
+        .find_map(|r| r.released_keys.as_ref())
+        .map(|k| {
+            // Each node released its own keys: order rows by key, not by
+            // which node answered first.
+            rows.sort_by(|a, b| a.key.cmp(&b.key));
+            KeysNote {
+                column: k.column.clone(),
+                thresholds: answered
+                    .iter()
+                    .filter_map(|r| {
+                        r.released_keys
+                            .as_ref()
+                            .map(|k| (r.node_name.clone(), k.threshold, k.delta))
+                    })
+                    .collect(),
+                note: format!(
+                    "{} has an open domain: each node released only the keys whose noisy count reached its threshold. A row sums the nodes that released that key (its `nodes`), so a key withheld by some nodes is under-counted there; keys withheld by every node are not shown, and whether any exist is not said (that would depend on the data).",
+                    k.column
+                ),
+            }
+        });
     if histogram {
         if let Some(r) = answered.first() {
             let column = r.outputs[0].label.clone();
@@ -370,6 +409,7 @@ pub fn combine(
         partial: answered.len() < outcomes.len(),
         nodes,
         dry_run,
+        released_keys,
     }
 }
 

@@ -220,6 +220,18 @@ pub fn render_with(c: &Combined, format: Format, bars: bool) -> anyhow::Result<S
             if let Some(split) = c.nodes.iter().find_map(|n| n.epsilon_split.clone()) {
                 out.push_str(&format!("epsilon split: {split}\n"));
             }
+            if let Some(k) = &c.released_keys {
+                let thresholds: Vec<String> = k
+                    .thresholds
+                    .iter()
+                    .map(|(n, t, d)| format!("{n} >= {t} (delta {d:e})"))
+                    .collect();
+                out.push_str(&format!(
+                    "released keys: {}\n  thresholds: {}\n",
+                    k.note,
+                    thresholds.join(", ")
+                ));
+            }
             Ok(out)
         }
     }
