@@ -342,6 +342,13 @@ type ColumnParts = (&'static str, Option<Vec<String>>, Option<(i64, i64)>);
 
 fn column_parts(kind: Option<&Kind>) -> ColumnParts {
     match kind {
+        Some(Kind::Categorical(c)) if c.open => (
+            "categorical (open)",
+            Some(vec![
+                "open domain: GROUP BY releases only keys above a threshold".into(),
+            ]),
+            None,
+        ),
         Some(Kind::Categorical(c)) => ("categorical", Some(c.domain.clone()), None),
         Some(Kind::Integer(i)) => ("integer", None, Some((i.min, i.max))),
         Some(Kind::Boolean(_)) => ("boolean", None, None),
