@@ -603,7 +603,7 @@ fn describe_release(
                 threshold,
                 delta,
                 note: format!(
-                    "keys of {name} whose noisy count fell below {threshold} are withheld; such keys may exist, and neither which nor how many is said (that would depend on the data)"
+                    "keys of {name} whose noisy count fell below {threshold} are withheld; such keys may exist, and neither which nor how many is said (that would depend on the data); to estimate how many records they hold, compare the released counts with SELECT COUNT(*)"
                 ),
             })
         }
@@ -1312,9 +1312,9 @@ impl Node for NodeService {
             .within_deadline(slot, move |state| {
                 let (plan, planned) = accept(state, &who, &q)?;
                 if plan.open_key.is_some() {
-                    return Err(Status::failed_precondition(
-                        "a GROUP BY over an open-domain column cannot be prepared in two phases yet: each node releases its own keys; run it without --min-nodes",
-                    ));
+                    let why = "a GROUP BY over an open-domain column cannot be prepared in two phases yet: each node releases its own keys; run it without --min-nodes; nothing was spent";
+                    state.log_refusal(&who.name, &q.query_id, why);
+                    return Err(Status::failed_precondition(why));
                 }
                 let ds = &state.datasets[&plan.dataset];
                 let hold = hold_ms.clamp(1000, state.config.limits.max_reservation_ms);

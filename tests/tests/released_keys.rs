@@ -60,6 +60,71 @@ fn write_csv(path: &Path, node: usize, seed: u64) {
     w.flush().unwrap();
 }
 
+/// The same node on a zCDP ledger: `--rho` asks for the Gaussian threshold
+/// mechanism, and the stated delta adds the threshold's to the
+/// conversion's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rho_releases_keys_with_the_gaussian_threshold() {
+    let mut fed = TestFederation::start(&[], budget()).await;
+    let dir = fed.dir.path().join("open-z");
+    std::fs::create_dir_all(&dir).unwrap();
+    let csv = dir.join("cases.csv");
+    write_csv(&csv, 0, 7);
+    let limits = BudgetLimits {
+        measure: fedq_node::accounting::Measure::Zcdp,
+        delta: Some(1e-7),
+        ..budget()
+    };
+    let mut config = node_config(&fed.ca, &dir, "open-z", limits);
+    config.datasets[0].columns.push(open_column());
+    config.validate().unwrap();
+    let schema = Schema::from_specs("cases", &config.datasets[0].columns).unwrap();
+    {
+        let store = fedq_node::store::Store::open(&config.resolve(&config.node.store)).unwrap();
+        fedq_node::ingest::ingest_csv(&store, "cases", &schema, &csv, false).unwrap();
+    }
+    fed.nodes.push(TestNode {
+        name: "open-z".into(),
+        config,
+        csv,
+        running: None,
+    });
+    fed.start_node(0).await;
+    let mut client = fed.raw_client(0, Role::Analyst, "alice").await;
+    let r = client
+        .query(QueryRequest {
+            query_id: new_query_id(),
+            sql: GROUPED.into(),
+            rho: 0.5,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.measurements[0].mechanism, "discrete_gaussian");
+    let keys: Vec<&str> = r.cells.iter().map(|c| c.values[0].as_str()).collect();
+    assert!(
+        keys.contains(&"Filipino") && keys.contains(&"Moldovan"),
+        "{keys:?}"
+    );
+    assert!(keys.iter().all(|k| !k.starts_with("Rare-")), "{keys:?}");
+    assert!(r.cost_delta > KEYS_DELTA && r.cost_delta < KEYS_DELTA + 1e-7 + 1e-15);
+    let k = r.released_keys.unwrap();
+    assert!(k.threshold > 5, "threshold {}", k.threshold);
+}
+
+fn open_column() -> ColumnSpec {
+    ColumnSpec {
+        name: COLUMN.into(),
+        kind: ColumnType::Categorical,
+        open: Some(true),
+        domain: None,
+        min: None,
+        max: None,
+        bins: None,
+    }
+}
+
 fn budget() -> BudgetLimits {
     BudgetLimits {
         keys_delta: Some(KEYS_DELTA),
@@ -80,15 +145,7 @@ async fn federation(n: usize) -> TestFederation {
         write_csv(&csv, i, 10 + i as u64);
         let mut config = node_config(&fed.ca, &dir, &name, budget());
         config.audit.auditors = vec!["auditor".into()];
-        config.datasets[0].columns.push(ColumnSpec {
-            name: COLUMN.into(),
-            kind: ColumnType::Categorical,
-            open: Some(true),
-            domain: None,
-            min: None,
-            max: None,
-            bins: None,
-        });
+        config.datasets[0].columns.push(open_column());
         config.validate().unwrap();
         let schema = Schema::from_specs("cases", &config.datasets[0].columns).unwrap();
         let store = fedq_node::store::Store::open(&config.resolve(&config.node.store)).unwrap();
@@ -337,15 +394,7 @@ fn an_overlong_open_value_fails_the_whole_ingest() {
     lines.push(format!("{head},{long}"));
     std::fs::write(&csv, lines.join("\n") + "\n").unwrap();
     let mut columns = synth::ctdc_columns();
-    columns.push(ColumnSpec {
-        name: COLUMN.into(),
-        kind: ColumnType::Categorical,
-        open: Some(true),
-        domain: None,
-        min: None,
-        max: None,
-        bins: None,
-    });
+    columns.push(open_column());
     let schema = Schema::from_specs("cases", &columns).unwrap();
     let store = fedq_node::store::Store::open(&dir.path().join("store")).unwrap();
     let e = fedq_node::ingest::ingest_csv(&store, "cases", &schema, &csv, false)
