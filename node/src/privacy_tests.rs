@@ -243,3 +243,76 @@ fn empirical_privacy_loss_stays_within_the_claimed_epsilon() {
         println!("{sql}: loss lower bound {loss:.3} (claimed {epsilon}); per-record calibration {caught:.3}");
     }
 }
+
+/// Released keys under a person-level unit: one added person, with 20
+/// records over 8 keys (5 of them new), changes the per-key counts the
+/// threshold mechanism sees in at most `BOUND` keys, by at most `BOUND`
+/// in all (so `(l0, l1, linf) = (BOUND, BOUND, BOUND)` as the mechanism
+/// is calibrated), whatever the storage order.
+#[test]
+fn one_person_changes_open_key_counts_by_at_most_the_bound() {
+    use crate::schema::open_code;
+    let spec = ColumnSpec {
+        open: Some(true),
+        name: "nationality".into(),
+        kind: ColumnType::Categorical,
+        domain: None,
+        min: None,
+        max: None,
+        bins: None,
+    };
+    let schema = Schema::from_specs("cases", &[spec])
+        .unwrap()
+        .with_person_unit("pid", BOUND)
+        .unwrap();
+    let keys = ["A", "B", "C"];
+    let base: Vec<[i64; 2]> = (0..300)
+        .map(|i: usize| {
+            [
+                open_code(keys[i % 3]),
+                person_code(&format!("person-{}", i % 120)),
+            ]
+        })
+        .collect();
+    let mut plus = base.clone();
+    for j in 0..20 {
+        let key = if j < 15 {
+            format!("new-{}", j % 5)
+        } else {
+            keys[j % 3].to_string()
+        };
+        plus.insert(j * 11 % plus.len(), [open_code(&key), person_code("extra")]);
+    }
+    let counts = |rows: &[[i64; 2]]| {
+        let mut t = Table::new(schema.clone());
+        t.append_row_major(&rows.iter().flatten().copied().collect::<Vec<_>>());
+        let p = plan(
+            "SELECT nationality, COUNT(*) FROM cases GROUP BY nationality",
+            &schema,
+            100,
+        )
+        .unwrap();
+        assert_eq!(p.open_key, Some(0));
+        assert_eq!(p.sensitivity(0), i64::from(BOUND));
+        t.open_counts(&p)
+    };
+    let (a, b) = (counts(&base), counts(&plus));
+    let mut changed = 0;
+    let mut total = 0;
+    for k in a.keys().chain(b.keys().filter(|k| !a.contains_key(k))) {
+        let d = (b.get(k).copied().unwrap_or(0) - a.get(k).copied().unwrap_or(0)).abs();
+        if d > 0 {
+            changed += 1;
+            total += d;
+        }
+    }
+    assert!(
+        changed >= 1 && changed <= BOUND as usize,
+        "{changed} keys changed"
+    );
+    assert_eq!(
+        total,
+        i64::from(BOUND),
+        "exactly BOUND records of the person count"
+    );
+}
