@@ -380,6 +380,13 @@ pub type KeyCounts = std::collections::HashMap<u64, i64>;
 
 type KeyDomain = MapDomain<AtomDomain<u64>, AtomDomain<i64>>;
 
+/// How far apart two counts of one key are.
+type KeyMetric = AbsoluteDistance<i64>;
+
+/// A thresholded release of key counts under metric `MI`, approximate in
+/// measure `MO`.
+type KeysMeasurement<MI, MO> = opendp::core::Measurement<KeyDomain, MI, Approximate<MO>, KeyCounts>;
+
 fn key_domain() -> KeyDomain {
     MapDomain::new(AtomDomain::<u64>::default(), AtomDomain::<i64>::default())
 }
@@ -422,30 +429,12 @@ impl Noise {
         let d_in = (keys, shifted, shifted);
         let fail = |e: opendp::error::Error| format!("OpenDP threshold map: {:?}", e.variant);
         let (_, delta) = match *self {
-            Noise::DiscreteLaplace { scale } => {
-                make_laplace_threshold::<_, _, Approximate<MaxDivergence>>(
-                    key_domain(),
-                    L01InfDistance::<AbsoluteDistance<i64>>::default(),
-                    scale,
-                    threshold,
-                    None,
-                )
-                .map_err(fail)?
-                .map(&d_in)
-                .map_err(fail)?
-            }
-            Noise::DiscreteGaussian { scale } => {
-                make_gaussian_threshold::<_, _, Approximate<ZeroConcentratedDivergence>>(
-                    key_domain(),
-                    L02InfDistance::<AbsoluteDistance<i64>>::default(),
-                    scale,
-                    threshold,
-                    None,
-                )
-                .map_err(fail)?
-                .map(&d_in)
-                .map_err(fail)?
-            }
+            Noise::DiscreteLaplace { scale } => laplace_keys(scale, threshold)
+                .and_then(|m| m.map(&d_in))
+                .map_err(fail)?,
+            Noise::DiscreteGaussian { scale } => gaussian_keys(scale, threshold)
+                .and_then(|m| m.map(&d_in))
+                .map_err(fail)?,
         };
         Ok(delta)
     }
@@ -492,32 +481,33 @@ impl Noise {
         let fail =
             |e: opendp::error::Error| format!("the threshold mechanism failed ({:?})", e.variant);
         match *self {
-            Noise::DiscreteLaplace { scale } => {
-                make_laplace_threshold::<_, _, Approximate<MaxDivergence>>(
-                    key_domain(),
-                    L01InfDistance::<AbsoluteDistance<i64>>::default(),
-                    scale,
-                    threshold,
-                    None,
-                )
-                .map_err(fail)?
-                .invoke(counts)
-                .map_err(fail)
-            }
-            Noise::DiscreteGaussian { scale } => {
-                make_gaussian_threshold::<_, _, Approximate<ZeroConcentratedDivergence>>(
-                    key_domain(),
-                    L02InfDistance::<AbsoluteDistance<i64>>::default(),
-                    scale,
-                    threshold,
-                    None,
-                )
-                .map_err(fail)?
-                .invoke(counts)
-                .map_err(fail)
-            }
+            Noise::DiscreteLaplace { scale } => laplace_keys(scale, threshold)
+                .and_then(|m| m.invoke(counts))
+                .map_err(fail),
+            Noise::DiscreteGaussian { scale } => gaussian_keys(scale, threshold)
+                .and_then(|m| m.invoke(counts))
+                .map_err(fail),
         }
     }
+}
+
+/// OpenDP's thresholded discrete Laplace over key counts (Approximate
+/// pure DP).
+fn laplace_keys(
+    scale: f64,
+    threshold: i64,
+) -> opendp::error::Fallible<KeysMeasurement<L01InfDistance<KeyMetric>, MaxDivergence>> {
+    make_laplace_threshold(key_domain(), Default::default(), scale, threshold, None)
+}
+
+/// OpenDP's thresholded discrete Gaussian over key counts (Approximate
+/// zCDP).
+fn gaussian_keys(
+    scale: f64,
+    threshold: i64,
+) -> opendp::error::Fallible<KeysMeasurement<L02InfDistance<KeyMetric>, ZeroConcentratedDivergence>>
+{
+    make_gaussian_threshold(key_domain(), Default::default(), scale, threshold, None)
 }
 
 #[cfg(test)]

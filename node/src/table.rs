@@ -409,14 +409,7 @@ impl Table {
     /// per measurement with one value per cell (in cell order, see
     /// [`cell_keys`]). Sums clamp each value to the measurement's bounds.
     pub(crate) fn exact(&self, plan: &Plan) -> Vec<Vec<i64>> {
-        let rows = self.len();
-        let mut selected = match &plan.filter {
-            Some(p) => self.eval(p).t,
-            None => all_rows(rows),
-        };
-        if let Some(kept) = self.kept_rows() {
-            selected = and(&selected, kept);
-        }
+        let selected = self.selected(plan);
         let cells = self.cells(plan);
         let count = cell_count(plan);
         plan.measurements
@@ -485,19 +478,25 @@ impl Table {
         let Some(column) = plan.open_key else {
             return counts;
         };
-        let rows = self.len();
-        let mut selected = match &plan.filter {
-            Some(p) => self.eval(p).t,
-            None => all_rows(rows),
-        };
-        if let Some(kept) = self.kept_rows() {
-            selected = and(&selected, kept);
-        }
+        let selected = self.selected(plan);
         let p = &self.columns[column];
         with_codes!(&p.codes, v => for_each_bit(&selected, |i| {
             *counts.entry(v[i].to_u64()).or_insert(0i64) += 1;
         }));
         counts
+    }
+
+    /// The rows `plan` aggregates: those its WHERE clause makes TRUE,
+    /// among the records that count for their person (if the unit is one).
+    fn selected(&self, plan: &Plan) -> Bits {
+        let selected = match &plan.filter {
+            Some(p) => self.eval(p).t,
+            None => all_rows(self.len()),
+        };
+        match self.kept_rows() {
+            Some(kept) => and(&selected, kept),
+            None => selected,
+        }
     }
 
     /// Exposes [`Table::exact`] to the criterion benches (feature
