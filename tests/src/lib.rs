@@ -193,6 +193,34 @@ impl TestFederation {
         Federation::from_config(config).unwrap()
     }
 
+    /// Node `i`'s whole audit log, pulled over gRPC as auditor "auditor"
+    /// (who must be in the node's `audit.auditors`): the JSON lines as
+    /// sent, the parsed entries, and the node's audit public key (hex).
+    pub async fn pull_audit(&self, i: usize) -> (String, Vec<fedq_node::audit::Entry>, String) {
+        let mut c = self.raw_client(i, Role::Auditor, "auditor").await;
+        let key = c
+            .describe(fedq_proto::v1::DescribeRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .audit_public_key;
+        let mut stream = c
+            .export_audit(fedq_proto::v1::ExportAuditRequest { since_seq: 0 })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut text = String::new();
+        while let Some(line) = stream.message().await.unwrap() {
+            text.push_str(&line.json);
+            text.push('\n');
+        }
+        let entries = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (text, entries, key)
+    }
+
     /// A raw gRPC client to node `i` as `name` in `role`, for tests that
     /// need the node's own status codes.
     pub async fn raw_client(&self, i: usize, role: Role, name: &str) -> NodeClient<Channel> {

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use fedq::audit::{check, HeadsFile};
-use fedq_node::audit::{parse_public_key, verify, Entry, Event};
+use fedq_node::audit::{parse_public_key, verify, Event};
 use fedq_node::config::BudgetLimits;
 use fedq_node::pki::Role;
 use fedq_node::synth::Partner;
@@ -25,32 +25,6 @@ fn q(id: &str, epsilon: f64) -> QueryRequest {
         dry_run: false,
         rho: 0.0,
     }
-}
-
-/// Pulls node `i`'s log over gRPC as auditor "auditor".
-async fn pull(fed: &TestFederation, i: usize) -> (String, Vec<Entry>, String) {
-    let mut c = fed.raw_client(i, Role::Auditor, "auditor").await;
-    let key = c
-        .describe(fedq_proto::v1::DescribeRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .audit_public_key;
-    let mut stream = c
-        .export_audit(ExportAuditRequest { since_seq: 0 })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut text = String::new();
-    while let Some(line) = stream.message().await.unwrap() {
-        text.push_str(&line.json);
-        text.push('\n');
-    }
-    let entries = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    (text, entries, key)
 }
 
 fn with_auditor(fed: &mut TestFederation) {
@@ -93,7 +67,7 @@ async fn racing_queries_for_the_last_budget_are_debited_exactly_when_answered() 
         }
     }
     assert_eq!(answered.len(), 50, "5.0 / 0.1 queries fit");
-    let (text, entries, key) = pull(&fed, 0).await;
+    let (text, entries, key) = fed.pull_audit(0).await;
     verify(&text, &parse_public_key(&key).unwrap(), 0, None).expect("the log verifies");
     let debited: HashSet<String> = entries
         .iter()
@@ -160,7 +134,7 @@ async fn a_retry_is_replayed_identically_logged_and_free() {
         .budgets[0]
         .spent_by_analyst;
     assert!((spent - 0.5).abs() < 1e-9);
-    let (_, entries, _) = pull(&fed, 0).await;
+    let (_, entries, _) = fed.pull_audit(0).await;
     let kinds: Vec<&str> = entries.iter().map(|e| e.event.kind()).collect();
     assert_eq!(kinds.iter().filter(|k| **k == "debited").count(), 1);
     assert_eq!(kinds.iter().filter(|k| **k == "replayed").count(), 1);
@@ -188,7 +162,7 @@ async fn a_node_restored_to_an_older_log_is_caught_by_the_heads_seen() {
             .await;
         heads.record(&outcomes);
     }
-    let (text, _, key) = pull(&fed, 0).await;
+    let (text, _, key) = fed.pull_audit(0).await;
     let known = heads.nodes.get_mut("node-0").unwrap();
     assert_eq!(known.heads.len(), 3);
     let ok = check("node-0", &text, &key, known);
@@ -216,7 +190,7 @@ async fn a_node_restored_to_an_older_log_is_caught_by_the_heads_seen() {
     // store; the heads the coordinator saw still catch it.
     std::fs::remove_file(fedq_node::backup::high_water_path(&fed.nodes[0].config)).unwrap();
     fed.start_node(0).await;
-    let (text, _, key) = pull(&fed, 0).await;
+    let (text, _, key) = fed.pull_audit(0).await;
     verify(&text, &parse_public_key(&key).unwrap(), 0, None)
         .expect("the rolled-back log is internally consistent");
     let caught = check(
@@ -323,7 +297,7 @@ async fn sigkill_during_a_query_storm_loses_no_debit_or_log_entry() {
         spent_after + 1e-9 >= spent_before,
         "spent went from {spent_before} down to {spent_after}"
     );
-    let (text, entries, key) = pull(&fed, 0).await;
+    let (text, entries, key) = fed.pull_audit(0).await;
     let _ = child.kill();
     let _ = child.wait();
     verify(&text, &parse_public_key(&key).unwrap(), 0, None)
@@ -401,7 +375,7 @@ async fn the_auditor_cli_verifies_summarises_and_reports_an_export() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
-    let (text, entries, key) = pull(&fed, 0).await;
+    let (text, entries, key) = fed.pull_audit(0).await;
     let dir = fed.dir.path().join("auditor");
     std::fs::create_dir_all(&dir).unwrap();
     let (log, pubkey) = (dir.join("log.jsonl"), dir.join("node.pub"));
@@ -530,7 +504,7 @@ async fn starts_grants_and_limit_changes_are_logged() {
         (b.remaining_for_analyst - 4.5).abs() < 1e-9,
         "3.0 configured + 1.5 granted: {b:?}"
     );
-    let (text, entries, key) = pull(&fed, 0).await;
+    let (text, entries, key) = fed.pull_audit(0).await;
     verify(&text, &parse_public_key(&key).unwrap(), 0, None).unwrap();
     let kinds: Vec<&str> = entries.iter().map(|e| e.event.kind()).collect();
     assert_eq!(

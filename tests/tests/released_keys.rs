@@ -11,13 +11,13 @@ use std::time::Duration;
 
 use fedq::client::new_query_id;
 use fedq::combine::combine;
+use fedq_node::audit::Event;
 use fedq_node::config::BudgetLimits;
 use fedq_node::pki::Role;
 use fedq_node::schema::{ColumnSpec, ColumnType, Schema};
 use fedq_node::synth::{self, Partner};
 use fedq_proto::v1::{
-    column_schema::Kind, BudgetRequest, DescribeRequest, ExportAuditRequest, PrepareRequest,
-    QueryRequest,
+    column_schema::Kind, BudgetRequest, DescribeRequest, PrepareRequest, QueryRequest,
 };
 use fedq_tests::{node_config, roomy_budget, TestFederation, TestNode};
 
@@ -350,20 +350,18 @@ async fn open_values_filter_silently_and_the_delta_budget_is_enforced() {
         .unwrap();
 
     // The audit log states each release's delta and the analyst's total.
-    let mut auditor = fed.raw_client(0, Role::Auditor, "auditor").await;
-    let mut stream = auditor
-        .export_audit(ExportAuditRequest { since_seq: 0 })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut deltas = Vec::new();
-    while let Some(line) = stream.message().await.unwrap() {
-        let v: serde_json::Value = serde_json::from_str(&line.json).unwrap();
-        let event = &v["event"];
-        if let Some(d) = event.get("keys_delta").and_then(|d| d.as_f64()) {
-            deltas.push((d, event["analyst_keys_delta_spent"].as_f64().unwrap()));
-        }
-    }
+    let (_, entries, _) = fed.pull_audit(0).await;
+    let deltas: Vec<(f64, f64)> = entries
+        .into_iter()
+        .filter_map(|e| match e.event {
+            Event::Debited {
+                keys_delta,
+                analyst_keys_delta_spent,
+                ..
+            } if keys_delta > 0.0 => Some((keys_delta, analyst_keys_delta_spent)),
+            _ => None,
+        })
+        .collect();
     assert_eq!(deltas.len(), 5, "{deltas:?}");
     for (i, (d, total)) in deltas.iter().enumerate() {
         assert_eq!(*d, KEYS_DELTA);

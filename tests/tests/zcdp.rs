@@ -13,11 +13,11 @@ use std::time::Duration;
 use fedq::client::new_query_id;
 use fedq::combine::combine;
 use fedq_node::accounting::{zcdp_to_approx, Measure};
-use fedq_node::audit::{parse_public_key, verify, Entry, Event};
+use fedq_node::audit::{parse_public_key, verify, Event};
 use fedq_node::config::BudgetLimits;
 use fedq_node::pki::Role;
 use fedq_node::synth::Partner;
-use fedq_proto::v1::{BudgetRequest, ExportAuditRequest, QueryRequest};
+use fedq_proto::v1::{BudgetRequest, QueryRequest};
 use fedq_tests::{exact_counts, roomy_budget, TestFederation};
 use tonic::Code;
 
@@ -354,31 +354,6 @@ async fn refused_start(config: fedq_node::config::NodeConfig) -> String {
     }
 }
 
-async fn pull(fed: &TestFederation, i: usize) -> (String, Vec<Entry>, String) {
-    let mut c = fed.raw_client(i, Role::Auditor, "auditor").await;
-    let key = c
-        .describe(fedq_proto::v1::DescribeRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .audit_public_key;
-    let mut stream = c
-        .export_audit(ExportAuditRequest { since_seq: 0 })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut text = String::new();
-    while let Some(line) = stream.message().await.unwrap() {
-        text.push_str(&line.json);
-        text.push('\n');
-    }
-    let entries = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    (text, entries, key)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarts_keep_rho_spent_and_a_measure_change_is_refused_at_start() {
     let mut fed = TestFederation::start(&[(Partner::Ngo, 800, 4)], zcdp(1.0, 2.0, 0.5)).await;
@@ -411,7 +386,7 @@ async fn restarts_keep_rho_spent_and_a_measure_change_is_refused_at_start() {
 
     // The audit log states native costs and (epsilon, delta) equivalents,
     // and still verifies.
-    let (text, entries, key) = pull(&fed, 0).await;
+    let (text, entries, key) = fed.pull_audit(0).await;
     verify(&text, &parse_public_key(&key).unwrap(), 0, None).expect("the log verifies");
     let debits: Vec<(f64, f64, String, f64, f64, f64)> = entries
         .iter()
