@@ -5,7 +5,10 @@
 //! **Guarantee.** [`Ledger::admit`] checks the limits and records the debit
 //! in one sled transaction on the `ledger` tree and waits until a flush has
 //! made it durable before returning, so a release is only ever computed
-//! after its debit is durable (DESIGN invariant 3). Admissions are also
+//! after its debit is durable (DESIGN invariant 3).
+//! [`Ledger::admit_overlapping`] does the same while computing the exact
+//! aggregates alongside the flush (not a release: no noise is drawn, and
+//! it returns them only once the debit is durable). Admissions are also
 //! serialised by a mutex, so concurrent queries are checked against each
 //! other's debits and can never overspend; a crash after a debit can only
 //! lose budget, never gain it. The mutex covers the check and the write, not
@@ -185,6 +188,17 @@ pub enum Admission {
     /// Debited earlier but never released (the node stopped in between):
     /// compute and release under that debit.
     Resume(BudgetState),
+}
+
+/// What [`Ledger::admit_overlapping`] decided, with what it computed.
+#[derive(Debug)]
+pub enum Computed<R> {
+    /// Debited (now, or earlier and never released), durably: `R` was
+    /// computed while the debit was being made durable.
+    Debited(BudgetState, R),
+    /// A retry of a released query: replay the stored response; nothing
+    /// was spent or computed.
+    Replay(Vec<u8>),
 }
 
 /// Why a query was refused by the ledger.
@@ -494,7 +508,7 @@ impl Ledger {
         amount: f64,
         limits: &BudgetLimits,
     ) -> anyhow::Result<Result<Admission, Refusal>> {
-        self.admit_as(
+        let (outcome, wrote) = self.debit_in_tx(
             analyst,
             dataset,
             query_id,
@@ -502,32 +516,61 @@ impl Ledger {
             (amount, 0.0),
             limits,
             None,
-        )
+        );
+        self.settle(outcome, wrote)
     }
 
-    /// As [`Ledger::admit`], for a release of open-domain keys that also
-    /// spends `keys_delta` of the dataset's released-key delta budget
-    /// (checked and debited in the same transaction).
+    /// As [`Ledger::admit`], and runs `meanwhile` on this thread while the
+    /// debit is being made durable: once the check and the debit are
+    /// committed in sled (visible to every later check, so nothing can
+    /// overspend) and only for a query that will be computed (a fresh
+    /// debit or a resume; never for a refusal or a replay), a helper thread
+    /// waits for the flush and `meanwhile` runs alongside it. Its result is
+    /// handed back only once the debit is durable; if the flush fails it is
+    /// dropped and the error returned. `cost.1` is the delta of a release
+    /// of open-domain keys (0 otherwise), checked against and debited from
+    /// the dataset's released-key delta budget in the same transaction.
+    ///
+    /// **Guarantee.** `meanwhile` must not release anything: it is meant for
+    /// the exact aggregates, which stay inside the process and are not a
+    /// release. Noise is drawn from what this returns, so after the debit is
+    /// durable (DESIGN invariant 3); a crash before then loses the exact
+    /// values with the un-synced debit, and nothing was released.
     #[allow(clippy::too_many_arguments)]
-    pub fn admit_keys(
+    pub fn admit_overlapping<R>(
         &self,
         analyst: &str,
         dataset: &str,
         query_id: &str,
         digest: [u8; 32],
-        amount: f64,
-        keys_delta: f64,
+        cost: (f64, f64),
         limits: &BudgetLimits,
-    ) -> anyhow::Result<Result<Admission, Refusal>> {
-        self.admit_as(
-            analyst,
-            dataset,
-            query_id,
-            digest,
-            (amount, keys_delta),
-            limits,
-            None,
-        )
+        meanwhile: impl FnOnce() -> R,
+    ) -> anyhow::Result<Result<Computed<R>, Refusal>> {
+        let (outcome, _) = self.debit_in_tx(analyst, dataset, query_id, digest, cost, limits, None);
+        let budget = match outcome {
+            Ok(Admission::Replay(bytes)) => return Ok(Ok(Computed::Replay(bytes))),
+            Ok(Admission::Debited(b) | Admission::Resume(b)) => b,
+            Err(TransactionError::Abort(refusal)) => return Ok(Err(refusal)),
+            Err(TransactionError::Storage(e)) => return Err(e.into()),
+        };
+        let computed = std::thread::scope(|s| {
+            let flusher = std::thread::Builder::new()
+                .name("fedq-debit-flush".into())
+                .spawn_scoped(s, || self.store.wait_durable());
+            match flusher {
+                Ok(flusher) => {
+                    let computed = meanwhile();
+                    let durable = flusher
+                        .join()
+                        .unwrap_or_else(|p| std::panic::resume_unwind(p));
+                    durable.map(|()| computed)
+                }
+                // No thread to spare: the same work one after the other.
+                Err(_) => self.store.wait_durable().map(|()| meanwhile()),
+            }
+        });
+        Ok(Ok(Computed::Debited(budget, computed?)))
     }
 
     /// As [`Ledger::admit`], but a fresh debit is held as a reservation
@@ -550,7 +593,7 @@ impl Ledger {
         limits: &BudgetLimits,
         hold: (&str, u64),
     ) -> anyhow::Result<Result<Admission, Refusal>> {
-        self.admit_as(
+        let (outcome, wrote) = self.debit_in_tx(
             analyst,
             dataset,
             query_id,
@@ -558,11 +601,16 @@ impl Ledger {
             (amount, 0.0),
             limits,
             Some((hold.0, hold.1, request)),
-        )
+        );
+        self.settle(outcome, wrote)
     }
 
+    /// The check and the debit (or hold) of [`Ledger::admit`] and
+    /// [`Ledger::hold`] as one sled transaction under the admission lock,
+    /// committed but not yet durable; also whether it wrote anything (a
+    /// replay writes nothing). Callers make it durable before computing.
     #[allow(clippy::too_many_arguments)]
-    fn admit_as(
+    fn debit_in_tx(
         &self,
         analyst: &str,
         dataset: &str,
@@ -571,7 +619,7 @@ impl Ledger {
         (amount, keys_delta): (f64, f64),
         limits: &BudgetLimits,
         hold: Option<(&str, u64, (f64, f64))>,
-    ) -> anyhow::Result<Result<Admission, Refusal>> {
+    ) -> (Result<Admission, TransactionError<Refusal>>, bool) {
         let guard = self.admit_lock.lock().unwrap_or_else(|p| p.into_inner());
         let qkey = query_key(analyst, query_id);
         let debit = to_nano_ceil(amount);
@@ -649,10 +697,10 @@ impl Ledger {
             append_in(atx, &self.audit.key, event)?;
             Ok(Admission::Debited(acct.state(a_new, d_new)))
         });
-        // Durable before any release is computed (a replay wrote nothing).
+        // Made durable before any release is computed (a replay wrote nothing).
         let wrote = !matches!(outcome, Ok(Admission::Replay(_)));
         drop(guard);
-        self.settle(outcome, wrote)
+        (outcome, wrote)
     }
 
     /// Stores the released response under its query id (for replays) and
@@ -1143,6 +1191,70 @@ mod tests {
             key,
         });
         Ledger::new(store, audit)
+    }
+
+    /// The overlapped admission computes only what will be released (a
+    /// fresh debit or a resume, never a refusal or a replay), and returns
+    /// only after a flush that covers the debit.
+    #[test]
+    fn overlapped_admission_computes_only_admitted_queries_and_returns_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = test_ledger(dir.path());
+        let l = limits();
+        let calls = std::cell::Cell::new(0);
+        let admit = |id: &str, digest: u8, amount: f64| {
+            ledger
+                .admit_overlapping(
+                    "alice",
+                    "cases",
+                    id,
+                    [digest; 32],
+                    (amount, 0.0),
+                    &l,
+                    || {
+                        calls.set(calls.get() + 1);
+                        42
+                    },
+                )
+                .unwrap()
+        };
+        let flushes = ledger.store.group_flushes();
+        let Ok(Computed::Debited(b, 42)) = admit("q1", 1, 0.6) else {
+            panic!("a fresh debit is computed");
+        };
+        assert_eq!(b.spent_by_analyst, 0.6);
+        assert_eq!(calls.get(), 1);
+        assert!(
+            ledger.store.group_flushes() > flushes,
+            "returned before a flush"
+        );
+        // Over the analyst's limit: refused, nothing computed or spent.
+        assert!(matches!(
+            admit("q2", 2, 0.6),
+            Err(Refusal::AnalystBudget { .. })
+        ));
+        assert_eq!(calls.get(), 1);
+        // Debited and never released: a retry computes under the same debit.
+        assert!(matches!(admit("q1", 1, 0.6), Ok(Computed::Debited(_, 42))));
+        assert_eq!(calls.get(), 2);
+        assert_eq!(
+            ledger.state("alice", "cases", &l).unwrap().spent_by_analyst,
+            0.6
+        );
+        // Released: a retry replays, nothing computed.
+        ledger
+            .record_release(
+                "alice",
+                "q1",
+                "cases",
+                [1; 32],
+                Vec::new(),
+                None,
+                &mut fedq_proto::v1::QueryResponse::default(),
+            )
+            .unwrap();
+        assert!(matches!(admit("q1", 1, 0.6), Ok(Computed::Replay(_))));
+        assert_eq!(calls.get(), 2);
     }
 
     /// A held debit (database sources) counts as spent; given back it

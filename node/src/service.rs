@@ -25,7 +25,7 @@ use tonic::{Request, Response, Status};
 use crate::accounting::{self, Measure};
 use crate::audit::{AuditKey, AuditLog, DatasetLimits, Event, ReleasedMeasurement};
 use crate::config::{DatasetConfig, NodeConfig};
-use crate::ledger::{Admission, BudgetState, Ledger};
+use crate::ledger::{Admission, BudgetState, Computed, Ledger};
 use crate::mechanism::{self, Noise};
 use crate::pki::{caller_from_der, Caller};
 use crate::plan::{self, Plan};
@@ -729,7 +729,7 @@ impl StageClock {
     fn start(since: std::time::Instant) -> Option<StageClock> {
         tracing::enabled!(target: "fedq_node::timing", tracing::Level::DEBUG).then(|| StageClock {
             last: since,
-            stages: Vec::with_capacity(7),
+            stages: Vec::with_capacity(8),
         })
     }
 
@@ -740,6 +740,14 @@ impl StageClock {
             c.stages
                 .push((name, now.duration_since(c.last).as_micros()));
             c.last = now;
+        }
+    }
+
+    /// Records `took` under `name` as part of the current stage (work that
+    /// ran alongside it), without ending the stage.
+    fn note(clock: &mut Option<StageClock>, name: &'static str, took: std::time::Duration) {
+        if let Some(c) = clock {
+            c.stages.push((name, took.as_micros()));
         }
     }
 
@@ -771,25 +779,37 @@ fn run_query(
     if let Source::Postgres(pg) = &ds.source {
         return run_on_database(state, pg, analyst, q, plan, response, digest);
     }
+    // The exact aggregates are computed while the debit's flush is in
+    // flight: only once the check and the debit are committed (a refused
+    // query scans nothing), and handed back only once the debit is durable,
+    // so noise is still drawn after it (DESIGN invariant 3). The exact
+    // values never leave this function's callees before `release` adds
+    // noise, so computing them early releases nothing.
     let admission = state
         .ledger
-        .admit_keys(
+        .admit_overlapping(
             analyst,
             &plan.dataset,
             &q.query_id,
             digest,
-            response.cost,
-            response.released_keys.as_ref().map_or(0.0, |k| k.delta),
+            (
+                response.cost,
+                response.released_keys.as_ref().map_or(0.0, |k| k.delta),
+            ),
             &ds.config.budget,
+            || {
+                let scan = std::time::Instant::now();
+                (exact(ds, plan), scan.elapsed())
+            },
         )
         .map_err(internal)?
         .map_err(|r| refusal_status(state, analyst, &q.query_id, r))?;
-    StageClock::lap(clock, "debit_durable");
+    StageClock::lap(clock, "debit_durable_and_exact");
     match admission {
-        Admission::Replay(bytes) => replay(state, analyst, &q.query_id, &bytes),
-        Admission::Debited(b) | Admission::Resume(b) => {
-            let exact = exact(ds, plan).map_err(|e| source_failed(state, &plan.dataset, &e))?;
-            StageClock::lap(clock, "exact");
+        Computed::Replay(bytes) => replay(state, analyst, &q.query_id, &bytes),
+        Computed::Debited(b, (exact, scan)) => {
+            StageClock::note(clock, "of_which_exact", scan);
+            let exact = exact.map_err(|e| source_failed(state, &plan.dataset, &e))?;
             release(state, analyst, q, plan, response, b, digest, exact, clock)
         }
     }
