@@ -991,7 +991,14 @@ fn release(
 ) -> Result<QueryResponse, Status> {
     let ds = &state.datasets[&plan.dataset];
     if let Some(column) = plan.open_key {
-        release_keys(ds, column, plan, &mut response).map_err(|e| noise_failed(&q.query_id, &e))?;
+        release_keys(
+            ds,
+            column,
+            plan,
+            state.config.limits.max_cells,
+            &mut response,
+        )
+        .map_err(|e| noise_failed(&q.query_id, &e))?;
     }
     for (m, values) in response.measurements.iter_mut().zip(exact) {
         let noise = Noise::reported(&m.mechanism, m.scale)
@@ -1054,11 +1061,14 @@ fn noise_failed(query_id: &str, e: &str) -> Status {
 /// fixed in [`describe_release`]) and fills `response`'s cells with the
 /// released keys, in label order (not storage order, which would say when
 /// each key first arrived), and its one measurement with their noisy
-/// counts. Only called once the debit is durable.
+/// counts. At most `max_keys` keys are returned, those with the largest
+/// noisy counts (a choice made from the release alone: post-processing).
+/// Only called once the debit is durable.
 fn release_keys(
     ds: &Dataset,
     column: usize,
     plan: &Plan,
+    max_keys: usize,
     response: &mut QueryResponse,
 ) -> Result<(), String> {
     let Source::Embedded(table) = &ds.source else {
@@ -1074,7 +1084,19 @@ fn release_keys(
         .first_mut()
         .ok_or("no measurement was planned")?;
     let noise = Noise::reported(&m.mechanism, m.scale).ok_or("unknown mechanism")?;
-    let released = noise.release_keys(&table.open_counts(plan), threshold)?;
+    let mut released: Vec<(u64, i64)> = noise
+        .release_keys(&table.open_counts(plan), threshold)?
+        .into_iter()
+        .collect();
+    if released.len() > max_keys {
+        released.sort_unstable_by_key(|&(code, v)| (std::cmp::Reverse(v), code));
+        released.truncate(max_keys);
+        if let Some(k) = response.released_keys.as_mut() {
+            k.note.push_str(&format!(
+                "; more keys passed the threshold than this node's limit of {max_keys} released cells: only the {max_keys} with the largest noisy counts are shown"
+            ));
+        }
+    }
     let mut rows: Vec<(String, i64)> = released
         .into_iter()
         .map(|(code, v)| {

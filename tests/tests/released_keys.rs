@@ -62,7 +62,8 @@ fn write_csv(path: &Path, node: usize, seed: u64) {
 
 /// The same node on a zCDP ledger: `--rho` asks for the Gaussian threshold
 /// mechanism, and the stated delta adds the threshold's to the
-/// conversion's.
+/// conversion's. More keys pass than the node's cell limit: the largest
+/// are kept, and the answer says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rho_releases_keys_with_the_gaussian_threshold() {
     let mut fed = TestFederation::start(&[], budget()).await;
@@ -77,6 +78,9 @@ async fn rho_releases_keys_with_the_gaussian_threshold() {
     };
     let mut config = node_config(&fed.ca, &dir, "open-z", limits);
     config.datasets[0].columns.push(open_column());
+    // Four keys pass the threshold (Filipino, Ukrainian, Moldovan,
+    // (missing)); the node releases at most three cells.
+    config.limits.max_cells = 3;
     config.validate().unwrap();
     let schema = Schema::from_specs("cases", &config.datasets[0].columns).unwrap();
     {
@@ -109,8 +113,10 @@ async fn rho_releases_keys_with_the_gaussian_threshold() {
     );
     assert!(keys.iter().all(|k| !k.starts_with("Rare-")), "{keys:?}");
     assert!(r.cost_delta > KEYS_DELTA && r.cost_delta < KEYS_DELTA + 1e-7 + 1e-15);
+    assert_eq!(keys, ["Filipino", "Moldovan", "Ukrainian"], "the 3 largest");
     let k = r.released_keys.unwrap();
     assert!(k.threshold > 5, "threshold {}", k.threshold);
+    assert!(k.note.contains("limit of 3"), "{}", k.note);
 }
 
 fn open_column() -> ColumnSpec {
