@@ -413,3 +413,48 @@ fn an_overlong_open_value_fails_the_whole_ingest() {
     let table = store.load_table("cases", &schema).unwrap();
     assert_eq!(table.heap_bytes(), 0, "no row was stored");
 }
+
+/// Misdeclared open columns and released-key budgets are refused at
+/// config load, each saying what to change.
+#[test]
+fn bad_open_declarations_are_refused_with_what_to_do() {
+    let ca = fedq_node::pki::Authority::generate("ca").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let good = || {
+        let mut c = node_config(&ca, dir.path(), "n", budget());
+        c.datasets[0].columns.push(open_column());
+        c
+    };
+    good().validate().unwrap();
+    let refused = |c: fedq_node::config::NodeConfig, needle: &str| {
+        let e = c.validate().unwrap_err();
+        assert!(e.contains(needle), "{needle}: {e}");
+    };
+    let mut c = good();
+    c.datasets[0].budget.keys_delta = None;
+    refused(c, "keys_delta is missing");
+    let mut c = good();
+    c.datasets[0].budget.keys_delta = Some(f64::NAN);
+    refused(c, "must be in (0, 0.001]");
+    let mut c = good();
+    c.datasets[0].budget.keys_delta_per_analyst = Some(1e-9);
+    refused(
+        c,
+        "keys_delta <= keys_delta_per_analyst <= keys_delta_total",
+    );
+    let mut c = node_config(&ca, dir.path(), "n", budget());
+    refused(
+        c.clone(),
+        "only applies to datasets with an open-domain column",
+    );
+    c.datasets[0].budget = roomy_budget();
+    let mut spec = open_column();
+    spec.domain = Some(vec!["a".into()]);
+    c.datasets[0].columns.push(spec);
+    c.datasets[0].budget = budget();
+    refused(c, "an open column declares no domain");
+    let mut c = good();
+    let last = c.datasets[0].columns.len() - 1;
+    c.datasets[0].columns[last].kind = ColumnType::Integer;
+    refused(c, "`open` applies to categorical columns only");
+}
