@@ -103,7 +103,9 @@ fn main() {
         .iter()
         .map(|c| {
             let t = match c {
-                Column::Categorical { .. } => "text",
+                Column::Categorical { .. } | Column::Open { .. } | Column::PersonId { .. } => {
+                    "text"
+                }
                 Column::Integer { .. } | Column::Boolean { .. } => "smallint",
             };
             format!("\"{}\" {t}", c.name())

@@ -808,9 +808,26 @@ fn sum_bits<T: Code>(
 ) {
     let value = |i: usize| (base + codes[i].to_u64() as i64).clamp(min, max);
     match cells {
+        // Branch-free over each 64-row word: every value masked by its
+        // bit (the compiler vectorises this; visiting set bits one by one
+        // cannot be). A word's 64 values (each within ±2^40) cannot
+        // overflow; words are added with saturation.
         None => {
             let mut total = 0i64;
-            for_each_bit(bits, |i| total = total.saturating_add(value(i)));
+            for (word, chunk) in bits.iter().zip(codes.chunks(64)) {
+                if *word == 0 {
+                    continue;
+                }
+                let s: i64 = chunk
+                    .iter()
+                    .enumerate()
+                    .map(|(j, c)| {
+                        let v = (base + c.to_u64() as i64).clamp(min, max);
+                        v & -(((word >> j) & 1) as i64)
+                    })
+                    .sum();
+                total = total.saturating_add(s);
+            }
             out[0] = total;
         }
         Some(cells) => for_each_bit(bits, |i| {
