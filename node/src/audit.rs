@@ -490,6 +490,19 @@ impl AuditLog {
             .map_err(|e| anyhow!("cannot append to the audit log: {e:?}"))
     }
 
+    /// Appends `events`, in order, in one commit (all or none).
+    pub fn append_all(&self, events: &[Event]) -> anyhow::Result<Option<Head>> {
+        self.tree
+            .transaction(|tx| {
+                let mut head = None;
+                for event in events {
+                    head = Some(append_in::<()>(tx, &self.key, event.clone())?);
+                }
+                Ok(head)
+            })
+            .map_err(|e| anyhow!("cannot append to the audit log: {e:?}"))
+    }
+
     /// The limits recorded by the latest `node_started` entry, if any.
     pub fn last_limits(&self) -> anyhow::Result<Option<Vec<DatasetLimits>>> {
         for item in self.tree.range(entry_key(0)..).rev() {

@@ -11,91 +11,170 @@
 //! a fraction of an `fsync` each; alone, a query still pays exactly one
 //! flush per point, as before.
 //!
-//! **Guarantee.** `wait_durable` returns `Ok` only after a `sled::Db::flush`
-//! followed by an `fdatasync` of sled's log file, both *begun* after the
-//! call began, have completed without error. sled's flush writes everything
+//! **Guarantee.** [`GroupCommit::wait`] returns `Ok` only after a
+//! `sled::Db::flush` followed by an `fdatasync` of sled's log file, both
+//! *begun* after its [`Ticket`] was taken, have completed without error
+//! (`wait_durable` takes the ticket itself). sled's flush writes everything
 //! written before it started (its log is stable as a prefix); on Linux,
 //! sled 0.34 ends each write with `sync_file_range`, which does not flush
 //! the disk's write cache or the file's size, so a power cut could still
 //! lose it: the `fdatasync` is what makes the write durable. A failed
 //! flush makes no one durable: each waiter of that flush gets the error.
 
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// Shares `fsync`s among concurrent writers of one sled database.
+///
+/// Flushes run on one dedicated thread (started on first use): a writer
+/// takes a [`Ticket`] after its write, which wakes the flusher if it is
+/// idle, and later waits for it. A writer can do other work between the two
+/// (see [`crate::ledger::Ledger::admit_overlapping`]) without a thread of
+/// its own, and while one flush runs every newcomer queues for the next,
+/// which covers them all at once.
 pub struct GroupCommit {
+    shared: Arc<Shared>,
+    flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// What the writers and the flusher thread share.
+struct Shared {
     db: sled::Db,
     /// sled's log file (`<store>/db`), opened read-only for `fdatasync`
     /// (which syncs the file, whichever descriptor asks).
     log: std::fs::File,
     state: Mutex<State>,
+    /// Signalled when a ticket is taken or the store closes (the flusher
+    /// waits on it).
+    work: Condvar,
     /// Signalled whenever a flush ends (well or not).
     flushed: Condvar,
 }
 
-/// Flush bookkeeping, guarded by [`GroupCommit::state`].
+/// Flush bookkeeping, guarded by [`Shared::state`].
 #[derive(Default)]
 struct State {
     /// Tickets handed out so far: a caller's ticket is taken after its
     /// write, so a flush that starts once ticket `t` exists covers it.
     issued: u64,
+    /// The tickets covered by the flushes begun so far.
+    started: u64,
     /// Every ticket up to this one is durable.
     durable: u64,
-    /// A flush is running (its leader released the lock for the `fsync`).
-    flushing: bool,
-    /// Flushes that ended in an error so far; waiters of a failed flush see
-    /// this change and report the failure instead of waiting on.
-    failures: u64,
+    /// Every ticket up to this one was covered by a flush that failed
+    /// (reported to its waiter unless a later flush made it durable).
+    failed: u64,
     /// Flushes run so far (for the benchmarks' fsync count).
     flushes: u64,
+    /// The store is closing: the flusher ends once nothing is pending.
+    closing: bool,
 }
+
+/// A writer's place in the flush queue: taken after its write, redeemed by
+/// [`GroupCommit::wait`].
+#[must_use = "a ticket only makes a write durable once waited for"]
+pub struct Ticket(u64);
 
 impl GroupCommit {
     /// Group commit over `db`, whose log file is `log`.
     pub fn new(db: sled::Db, log: std::fs::File) -> GroupCommit {
         GroupCommit {
-            db,
-            log,
-            state: Mutex::new(State::default()),
-            flushed: Condvar::new(),
+            shared: Arc::new(Shared {
+                db,
+                log,
+                state: Mutex::new(State::default()),
+                work: Condvar::new(),
+                flushed: Condvar::new(),
+            }),
+            flusher: Mutex::new(None),
         }
     }
 
     /// Blocks until everything this thread wrote to the database before
-    /// calling is durable: joins the next flush, or runs it when none is
-    /// running (the caller then flushes for everyone queued behind it).
+    /// calling is durable.
     pub fn wait_durable(&self) -> anyhow::Result<()> {
-        let mut st = self.lock();
+        let ticket = self.ticket()?;
+        self.wait(ticket)
+    }
+
+    /// Queues everything this thread wrote so far for the next flush, which
+    /// starts now if none is running; [`GroupCommit::wait`] then blocks
+    /// until it is durable.
+    pub fn ticket(&self) -> anyhow::Result<Ticket> {
+        self.start_flusher()?;
+        let mut st = self.shared.lock();
         st.issued += 1;
-        let ticket = st.issued;
-        let failures_at_start = st.failures;
+        let ticket = Ticket(st.issued);
+        drop(st);
+        self.shared.work.notify_one();
+        Ok(ticket)
+    }
+
+    /// Returns once a `sled::Db::flush` followed by an `fdatasync` of
+    /// sled's log, both begun after `ticket` was taken, have completed
+    /// without error; fails if the flush that covered it failed.
+    pub fn wait(&self, ticket: Ticket) -> anyhow::Result<()> {
+        let mut st = self.shared.lock();
         loop {
-            if st.durable >= ticket {
+            if st.durable >= ticket.0 {
                 return Ok(());
             }
-            if !st.flushing {
-                // Lead a flush covering every ticket issued so far.
-                st.flushing = true;
-                let covers = st.issued;
-                drop(st);
-                let result = self.flush();
-                st = self.lock();
-                st.flushing = false;
-                st.flushes += 1;
-                match result {
-                    Ok(()) => st.durable = st.durable.max(covers),
-                    Err(_) => st.failures += 1,
-                }
-                self.flushed.notify_all();
-                result?;
-                continue;
-            }
-            st = self.flushed.wait(st).unwrap_or_else(|p| p.into_inner());
-            // A flush ended. If it failed, it may have been the one that
-            // covered this ticket: report it rather than hide an I/O error.
-            if st.durable < ticket && st.failures != failures_at_start && !st.flushing {
+            if st.failed >= ticket.0 {
                 anyhow::bail!("flushing the store to disk failed; nothing was made durable");
             }
+            st = self
+                .shared
+                .flushed
+                .wait(st)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// How many flushes (each one `fdatasync` of sled's log) ran.
+    pub fn flushes(&self) -> u64 {
+        self.shared.lock().flushes
+    }
+
+    fn start_flusher(&self) -> anyhow::Result<()> {
+        let mut flusher = self.flusher.lock().unwrap_or_else(|p| p.into_inner());
+        if flusher.is_none() {
+            let shared = Arc::clone(&self.shared);
+            *flusher = Some(
+                std::thread::Builder::new()
+                    .name("fedq-flush".into())
+                    .spawn(move || shared.run())?,
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Shared {
+    /// The flusher thread: while tickets are pending, flushes once for all
+    /// of them, then wakes their waiters.
+    fn run(&self) {
+        let mut st = self.lock();
+        loop {
+            if st.issued == st.started {
+                if st.closing {
+                    return;
+                }
+                st = self.work.wait(st).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            let covers = st.issued;
+            st.started = covers;
+            drop(st);
+            let result = self.flush();
+            st = self.lock();
+            st.flushes += 1;
+            match result {
+                Ok(()) => st.durable = st.durable.max(covers),
+                Err(e) => {
+                    tracing::error!(error = %e, "flushing the store to disk failed");
+                    st.failed = st.failed.max(covers);
+                }
+            }
+            self.flushed.notify_all();
         }
     }
 
@@ -106,13 +185,26 @@ impl GroupCommit {
         Ok(())
     }
 
-    /// How many flushes (each one `fdatasync` of sled's log) ran.
-    pub fn flushes(&self) -> u64 {
-        self.lock().flushes
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for GroupCommit {
+    /// Lets the flusher finish what is pending, then joins it (it holds a
+    /// handle on the database, which must be closed before it can be
+    /// reopened).
+    fn drop(&mut self) {
+        self.shared.lock().closing = true;
+        self.shared.work.notify_one();
+        let handle = self
+            .flusher
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
     }
 }
 

@@ -516,6 +516,7 @@ impl Ledger {
             (amount, 0.0),
             limits,
             None,
+            None,
         );
         self.settle(outcome, wrote)
     }
@@ -524,12 +525,17 @@ impl Ledger {
     /// debit is being made durable: once the check and the debit are
     /// committed in sled (visible to every later check, so nothing can
     /// overspend) and only for a query that will be computed (a fresh
-    /// debit or a resume; never for a refusal or a replay), a helper thread
-    /// waits for the flush and `meanwhile` runs alongside it. Its result is
+    /// debit or a resume; never for a refusal or a replay), the debit is
+    /// queued for the store's flusher thread and `meanwhile` runs alongside
+    /// the flush. Its result is
     /// handed back only once the debit is durable; if the flush fails it is
     /// dropped and the error returned. `cost.1` is the delta of a release
     /// of open-domain keys (0 otherwise), checked against and debited from
     /// the dataset's released-key delta budget in the same transaction.
+    /// `received`, the query's `query_received` audit entry if not logged
+    /// yet, is appended first in that transaction when it commits (a
+    /// debit, resume or replay); on a refusal nothing is written and the
+    /// caller logs it with the refusal.
     ///
     /// **Guarantee.** `meanwhile` must not release anything: it is meant for
     /// the exact aggregates, which stay inside the process and are not a
@@ -545,32 +551,24 @@ impl Ledger {
         digest: [u8; 32],
         cost: (f64, f64),
         limits: &BudgetLimits,
+        received: Option<&Event>,
         meanwhile: impl FnOnce() -> R,
     ) -> anyhow::Result<Result<Computed<R>, Refusal>> {
-        let (outcome, _) = self.debit_in_tx(analyst, dataset, query_id, digest, cost, limits, None);
+        let (outcome, _) = self.debit_in_tx(
+            analyst, dataset, query_id, digest, cost, limits, None, received,
+        );
         let budget = match outcome {
             Ok(Admission::Replay(bytes)) => return Ok(Ok(Computed::Replay(bytes))),
             Ok(Admission::Debited(b) | Admission::Resume(b)) => b,
             Err(TransactionError::Abort(refusal)) => return Ok(Err(refusal)),
             Err(TransactionError::Storage(e)) => return Err(e.into()),
         };
-        let computed = std::thread::scope(|s| {
-            let flusher = std::thread::Builder::new()
-                .name("fedq-debit-flush".into())
-                .spawn_scoped(s, || self.store.wait_durable());
-            match flusher {
-                Ok(flusher) => {
-                    let computed = meanwhile();
-                    let durable = flusher
-                        .join()
-                        .unwrap_or_else(|p| std::panic::resume_unwind(p));
-                    durable.map(|()| computed)
-                }
-                // No thread to spare: the same work one after the other.
-                Err(_) => self.store.wait_durable().map(|()| meanwhile()),
-            }
-        });
-        Ok(Ok(Computed::Debited(budget, computed?)))
+        // The flusher thread makes the debit durable while this thread
+        // computes; the result is handed back only once it is.
+        let ticket = self.store.ticket()?;
+        let computed = meanwhile();
+        self.store.wait(ticket)?;
+        Ok(Ok(Computed::Debited(budget, computed)))
     }
 
     /// As [`Ledger::admit`], but a fresh debit is held as a reservation
@@ -592,6 +590,7 @@ impl Ledger {
         request: (f64, f64),
         limits: &BudgetLimits,
         hold: (&str, u64),
+        received: Option<&Event>,
     ) -> anyhow::Result<Result<Admission, Refusal>> {
         let (outcome, wrote) = self.debit_in_tx(
             analyst,
@@ -601,6 +600,7 @@ impl Ledger {
             (amount, 0.0),
             limits,
             Some((hold.0, hold.1, request)),
+            received,
         );
         self.settle(outcome, wrote)
     }
@@ -619,6 +619,7 @@ impl Ledger {
         (amount, keys_delta): (f64, f64),
         limits: &BudgetLimits,
         hold: Option<(&str, u64, (f64, f64))>,
+        received: Option<&Event>,
     ) -> (Result<Admission, TransactionError<Refusal>>, bool) {
         let guard = self.admit_lock.lock().unwrap_or_else(|p| p.into_inner());
         let qkey = query_key(analyst, query_id);
@@ -629,6 +630,9 @@ impl Ledger {
             0
         };
         let outcome = (&self.tree, &self.audit.tree).transaction(|(tx, atx)| {
+            if let Some(received) = received {
+                append_in(atx, &self.audit.key, received.clone())?;
+            }
             let acct = Account::read(tx, dataset, analyst, limits)?;
             if let Some(state) = same_query(tx, &qkey, query_id, digest)? {
                 match state {
@@ -697,7 +701,8 @@ impl Ledger {
             append_in(atx, &self.audit.key, event)?;
             Ok(Admission::Debited(acct.state(a_new, d_new)))
         });
-        // Made durable before any release is computed (a replay wrote nothing).
+        // Made durable before any release is computed (a replay wrote
+        // nothing but the receipt).
         let wrote = !matches!(outcome, Ok(Admission::Replay(_)));
         drop(guard);
         (outcome, wrote)
@@ -1211,6 +1216,7 @@ mod tests {
                     [digest; 32],
                     (amount, 0.0),
                     &l,
+                    None,
                     || {
                         calls.set(calls.get() + 1);
                         42
@@ -1257,6 +1263,63 @@ mod tests {
         assert_eq!(calls.get(), 2);
     }
 
+    /// A received query's audit entry passed to the admission is committed
+    /// with the debit, right before it; a refusal commits neither (the
+    /// service then logs it with the refusal).
+    #[test]
+    fn a_receipt_is_committed_with_its_debit_and_not_with_a_refusal() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = test_ledger(dir.path());
+        let l = limits();
+        let received = |id: &str| Event::QueryReceived {
+            analyst: "alice".into(),
+            query_id: id.into(),
+            dataset: "cases".into(),
+            sql: "SELECT COUNT(*) FROM cases".into(),
+            epsilon: 0.6,
+            dry_run: false,
+            rho: 0.0,
+        };
+        let kinds = |ledger: &Ledger| -> Vec<(String, &'static str)> {
+            ledger
+                .audit
+                .entries(0)
+                .map(|e| {
+                    let e = e.unwrap();
+                    let id = match &e.event {
+                        Event::QueryReceived { query_id, .. } | Event::Debited { query_id, .. } => {
+                            query_id.clone()
+                        }
+                        _ => String::new(),
+                    };
+                    (id, e.event.kind())
+                })
+                .collect()
+        };
+        for (id, amount) in [("q1", 0.6), ("q2", 0.6)] {
+            let _ = ledger
+                .admit_overlapping(
+                    "alice",
+                    "cases",
+                    id,
+                    [1; 32],
+                    (amount, 0.0),
+                    &l,
+                    Some(&received(id)),
+                    || (),
+                )
+                .unwrap();
+        }
+        assert_eq!(
+            kinds(&ledger),
+            vec![
+                ("q1".to_string(), "query_received"),
+                ("q1".to_string(), "debited")
+            ],
+            "q2 was refused (over the analyst's limit): nothing of it is committed"
+        );
+    }
+
     /// A held debit (database sources) counts as spent; given back it
     /// returns, committed it stays; once the sweeper expired it, a commit is
     /// refused, so a late answer is never released.
@@ -1276,6 +1339,7 @@ mod tests {
                 (0.5, 0.0),
                 &l,
                 ("SELECT 1", 10_000),
+                None,
             )
             .unwrap()
             .unwrap();
@@ -1305,6 +1369,7 @@ mod tests {
                 (0.5, 0.0),
                 &l,
                 ("SELECT 1", 10_000),
+                None,
             )
             .unwrap()
             .unwrap();
@@ -1324,6 +1389,7 @@ mod tests {
                 (0.25, 0.0),
                 &l,
                 ("SELECT 1", 1_000),
+                None,
             )
             .unwrap()
             .unwrap();

@@ -294,16 +294,40 @@ impl Plan {
     }
 }
 
+/// A query parsed once and checked to be within the supported SELECT
+/// subset, not yet validated against a schema.
+pub struct Parsed {
+    select: Box<sqlparser::ast::Select>,
+}
+
+impl Parsed {
+    /// The dataset named in FROM, so the caller can fetch its schema.
+    pub fn dataset(&self) -> Result<String, PlanError> {
+        table_name(&self.select.from)
+    }
+}
+
+/// Parses `sql` (see [`Parsed`]).
+pub fn parse(sql: &str) -> Result<Parsed, PlanError> {
+    Ok(Parsed {
+        select: parse_select(sql)?,
+    })
+}
+
 /// Extracts the dataset named in FROM, so the caller can fetch its schema.
 pub fn dataset_of(sql: &str) -> Result<String, PlanError> {
-    let select = parse_select(sql)?;
-    table_name(&select.from)
+    parse(sql)?.dataset()
 }
 
 /// Parses and validates `sql` against `schema`. `max_cells` bounds the GROUP
 /// BY cross product.
 pub fn plan(sql: &str, schema: &Schema, max_cells: usize) -> Result<Plan, PlanError> {
-    let select = parse_select(sql)?;
+    plan_parsed(&parse(sql)?, schema, max_cells)
+}
+
+/// Validates a parsed query against `schema` (see [`plan`]).
+pub fn plan_parsed(parsed: &Parsed, schema: &Schema, max_cells: usize) -> Result<Plan, PlanError> {
+    let select = &parsed.select;
     let dataset = table_name(&select.from)?;
 
     let group_exprs = match &select.group_by {
@@ -659,12 +683,13 @@ pub const MAX_NESTING: usize = 16;
 fn parse_select(sql: &str) -> Result<Box<sqlparser::ast::Select>, PlanError> {
     use sqlparser::tokenizer::{Token, Tokenizer};
     let dialect = GenericDialect {};
+    // Tokenized once: the tokens are counted, then parsed.
     let tokens = Tokenizer::new(&dialect, sql)
-        .tokenize()
+        .tokenize_with_location()
         .map_err(|e| PlanError(format!("SQL syntax error: {e}")))?;
     let operators = tokens
         .iter()
-        .filter(|t| match t {
+        .filter(|t| match &t.token {
             Token::Word(w) => matches!(w.value.to_ascii_uppercase().as_str(), "AND" | "OR" | "NOT"),
             Token::Whitespace(_)
             | Token::Comma
@@ -682,8 +707,8 @@ fn parse_select(sql: &str) -> Result<Box<sqlparser::ast::Select>, PlanError> {
     }
     let mut statements = Parser::new(&dialect)
         .with_recursion_limit(MAX_NESTING)
-        .try_with_sql(sql)
-        .and_then(|mut p| p.parse_statements())
+        .with_tokens_with_locations(tokens)
+        .parse_statements()
         .map_err(|e| PlanError(format!("SQL syntax error: {e}")))?;
     let statement = match statements.len() {
         1 => statements.remove(0),

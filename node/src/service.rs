@@ -695,6 +695,7 @@ fn enter<'a>(state: &'a NodeState, analyst: &str, query_id: &str) -> Result<InFl
 /// A ledger refusal as a gRPC status, logged.
 fn refusal_status(
     state: &NodeState,
+    receipt: Option<&Receipt>,
     analyst: &str,
     query_id: &str,
     refusal: crate::ledger::Refusal,
@@ -707,7 +708,10 @@ fn refusal_status(
         }
         _ => Status::resource_exhausted(format!("{refusal}; nothing was released or spent")),
     };
-    state.log_refusal(analyst, query_id, status.message());
+    match receipt {
+        Some(r) => r.refuse(analyst, query_id, status.message()),
+        None => state.log_refusal(analyst, query_id, status.message()),
+    }
     status
 }
 
@@ -765,19 +769,21 @@ impl StageClock {
 }
 
 /// The blocking part of a one-phase query: debit, compute, add noise, record.
+#[allow(clippy::too_many_arguments)]
 fn run_query(
     state: &NodeState,
     analyst: &str,
     q: &QueryRequest,
     plan: &Plan,
     response: QueryResponse,
+    receipt: &Receipt,
     clock: &mut Option<StageClock>,
 ) -> Result<QueryResponse, Status> {
     let ds = &state.datasets[&plan.dataset];
     let _guard = enter(state, analyst, &q.query_id)?;
     let digest = query_digest(q);
     if let Source::Postgres(pg) = &ds.source {
-        return run_on_database(state, pg, analyst, q, plan, response, digest);
+        return run_on_database(state, pg, analyst, q, plan, response, digest, receipt);
     }
     // The exact aggregates are computed while the debit's flush is in
     // flight: only once the check and the debit are committed (a refused
@@ -785,6 +791,7 @@ fn run_query(
     // so noise is still drawn after it (DESIGN invariant 3). The exact
     // values never leave this function's callees before `release` adds
     // noise, so computing them early releases nothing.
+    let pending = receipt.pending();
     let admission = state
         .ledger
         .admit_overlapping(
@@ -797,13 +804,17 @@ fn run_query(
                 response.released_keys.as_ref().map_or(0.0, |k| k.delta),
             ),
             &ds.config.budget,
+            pending.as_ref(),
             || {
                 let scan = std::time::Instant::now();
                 (exact(ds, plan), scan.elapsed())
             },
         )
-        .map_err(internal)?
-        .map_err(|r| refusal_status(state, analyst, &q.query_id, r))?;
+        .map_err(internal);
+    drop(pending);
+    let admission =
+        admission?.map_err(|r| refusal_status(state, Some(receipt), analyst, &q.query_id, r))?;
+    receipt.logged();
     StageClock::lap(clock, "debit_durable_and_exact");
     match admission {
         Computed::Replay(bytes) => replay(state, analyst, &q.query_id, &bytes),
@@ -830,6 +841,7 @@ fn run_query(
 ///
 /// A crash between 1 and 4 leaves a reservation that expires and returns
 /// its budget (or, if the store is lost, budget is lost: never gained).
+#[allow(clippy::too_many_arguments)]
 fn run_on_database(
     state: &NodeState,
     pg: &PgSource,
@@ -838,9 +850,11 @@ fn run_on_database(
     plan: &Plan,
     response: QueryResponse,
     digest: [u8; 32],
+    receipt: &Receipt,
 ) -> Result<QueryResponse, Status> {
     let ds = &state.datasets[&plan.dataset];
     let expires = now_ms() + pg.hold_ms();
+    let pending = receipt.pending();
     let admission = state
         .ledger
         .hold(
@@ -852,9 +866,13 @@ fn run_on_database(
             (q.epsilon, q.rho),
             &ds.config.budget,
             (&q.sql, expires),
+            pending.as_ref(),
         )
-        .map_err(internal)?
-        .map_err(|r| refusal_status(state, analyst, &q.query_id, r))?;
+        .map_err(internal);
+    drop(pending);
+    let admission =
+        admission?.map_err(|r| refusal_status(state, Some(receipt), analyst, &q.query_id, r))?;
+    receipt.logged();
     match admission {
         Admission::Replay(bytes) => replay(state, analyst, &q.query_id, &bytes),
         // Debited before and never released (the node stopped after the
@@ -1117,18 +1135,88 @@ fn release_keys(
     Ok(())
 }
 
-/// Everything before spending: log the request, validate it, plan it and
-/// fix every mechanism. Refusals are logged and spend nothing.
-fn accept(
-    state: &NodeState,
+/// A query's `query_received` audit entry, held so that it is logged in the
+/// same commit as the query's first outcome: its debit or reservation (in
+/// the ledger's transaction), its refusal or its replay. sled 0.34 writes
+/// its log buffer twice for every multi-key commit, so a separate commit
+/// for the receipt cost a third of a query's log writes. The entry still
+/// precedes its outcome's in the log, and every query is logged (DESIGN
+/// invariant 7): a path that logs no outcome logs the receipt on its own,
+/// at the latest when the receipt is dropped. A query that fails before
+/// either (a crash) released and spent nothing.
+struct Receipt<'a> {
+    audit: &'a AuditLog,
+    /// The entry, while not yet logged.
+    event: std::cell::RefCell<Option<Event>>,
+}
+
+impl<'a> Receipt<'a> {
+    fn new(audit: &'a AuditLog, event: Event) -> Receipt<'a> {
+        Receipt {
+            audit,
+            event: std::cell::RefCell::new(Some(event)),
+        }
+    }
+
+    /// The entry while not yet logged, for a ledger transaction to append
+    /// first; call [`Receipt::logged`] once that transaction commits.
+    fn pending(&self) -> std::cell::Ref<'_, Option<Event>> {
+        self.event.borrow()
+    }
+
+    /// The entry was logged (by a committed ledger transaction).
+    fn logged(&self) {
+        self.event.borrow_mut().take();
+    }
+
+    /// Logs the entry (if not yet logged), then `then`, in one commit.
+    /// Best effort, as for refusals: a failure to log is itself logged.
+    fn log_with(&self, then: Option<Event>) {
+        let mut events: Vec<Event> = self.event.borrow_mut().take().into_iter().collect();
+        events.extend(then);
+        if events.is_empty() {
+            return;
+        }
+        if let Err(e) = self.audit.append_all(&events) {
+            tracing::error!(error = %e, "cannot log a received query");
+        }
+    }
+
+    /// Logs the entry on its own, if not yet logged.
+    fn log_now(&self) {
+        self.log_with(None);
+    }
+
+    /// Logs the entry (if not yet logged) and a refusal, in one commit.
+    fn refuse(&self, analyst: &str, query_id: &str, reason: &str) {
+        self.log_with(Some(Event::Refused {
+            analyst: analyst.into(),
+            query_id: query_id.into(),
+            reason: reason.into(),
+        }));
+    }
+}
+
+impl Drop for Receipt<'_> {
+    fn drop(&mut self) {
+        self.log_now();
+    }
+}
+
+/// Everything before spending: validate the request, plan it and fix every
+/// mechanism. Refusals are logged with the request and spend nothing; the
+/// returned [`Receipt`] logs the request with the query's outcome.
+fn accept<'a>(
+    state: &'a NodeState,
     who: &Caller,
     q: &QueryRequest,
-) -> Result<(Plan, QueryResponse), Status> {
-    // Parse nothing longer than the limit, not even to log it.
-    let dataset_guess = if q.sql.len() <= state.config.limits.max_sql_bytes {
-        plan::dataset_of(&q.sql).unwrap_or_default()
-    } else {
-        String::new()
+) -> Result<(Plan, QueryResponse, Receipt<'a>), Status> {
+    // Parse nothing longer than the limit, not even to log it; parse the
+    // rest once, for the log and for the plan.
+    let parsed = (q.sql.len() <= state.config.limits.max_sql_bytes).then(|| plan::parse(&q.sql));
+    let dataset_guess = match &parsed {
+        Some(Ok(p)) => p.dataset().unwrap_or_default(),
+        _ => String::new(),
     };
     // Bound what a hostile request can make the log store.
     let logged_sql: String = q
@@ -1137,9 +1225,9 @@ fn accept(
         .take(state.config.limits.max_sql_bytes)
         .collect();
     let logged_id: String = q.query_id.chars().take(MAX_QUERY_ID).collect();
-    state
-        .audit()
-        .append(Event::QueryReceived {
+    let receipt = Receipt::new(
+        state.audit(),
+        Event::QueryReceived {
             analyst: who.name.clone(),
             query_id: logged_id.clone(),
             dataset: dataset_guess,
@@ -1147,15 +1235,26 @@ fn accept(
             epsilon: q.epsilon,
             dry_run: q.dry_run,
             rho: q.rho,
-        })
-        .map_err(internal)?;
+        },
+    );
     let refuse = |s: Status| {
         tracing::info!(analyst = %who.name, query_id = %logged_id, reason = %s.message(), "refused; nothing spent");
-        state.log_refusal(&who.name, &logged_id, s.message());
+        receipt.refuse(&who.name, &logged_id, s.message());
         s
     };
     validate_request(q, state.config.limits.max_sql_bytes).map_err(refuse)?;
-    let name = plan::dataset_of(&q.sql).map_err(|e| refuse(Status::invalid_argument(e.0)))?;
+    let parsed = match parsed {
+        Some(Ok(p)) => p,
+        Some(Err(e)) => return Err(refuse(Status::invalid_argument(e.0))),
+        None => {
+            return Err(refuse(Status::internal(
+                "an overlong query passed validation",
+            )))
+        }
+    };
+    let name = parsed
+        .dataset()
+        .map_err(|e| refuse(Status::invalid_argument(e.0)))?;
     let ds = state.datasets.get(&name).ok_or_else(|| {
         let mut known: Vec<&str> = state.datasets.keys().map(String::as_str).collect();
         known.sort();
@@ -1170,7 +1269,7 @@ fn accept(
         .access
         .allows(&who.name, Some(&name))
         .map_err(|why| refuse(Status::permission_denied(why)))?;
-    let plan = plan::plan(&q.sql, &ds.schema, state.config.limits.max_cells)
+    let plan = plan::plan_parsed(&parsed, &ds.schema, state.config.limits.max_cells)
         .map_err(|e| refuse(Status::invalid_argument(e.0)))?;
     let response = describe_release(&state.config.node.name, q, ds, &plan).map_err(refuse)?;
     let max = ds.config.budget.per_query_max;
@@ -1189,7 +1288,7 @@ fn accept(
             response.cost, state.config.node.name
         ))));
     }
-    Ok((plan, response))
+    Ok((plan, response, receipt))
 }
 
 /// For a Commit on a database source: fetches the exact aggregates while
@@ -1316,9 +1415,10 @@ impl Node for NodeService {
             .within_deadline(slot, move |state| {
                 let mut clock = StageClock::start(received);
                 StageClock::lap(&mut clock, "queued");
-                let (plan, mut response) = accept(state, &who, &q)?;
+                let (plan, mut response, receipt) = accept(state, &who, &q)?;
                 StageClock::lap(&mut clock, "accept");
                 if q.dry_run {
+                    receipt.log_now();
                     let ds = &state.datasets[&plan.dataset];
                     let b = state
                         .ledger
@@ -1327,7 +1427,7 @@ impl Node for NodeService {
                     response.budget = Some(budget_proto(&who.name, &ds.config, b));
                     return Ok(response);
                 }
-                let answer = run_query(state, &who.name, &q, &plan, response, &mut clock);
+                let answer = run_query(state, &who.name, &q, &plan, response, &receipt, &mut clock);
                 StageClock::log(clock, &q.query_id);
                 answer
             })
@@ -1352,7 +1452,8 @@ impl Node for NodeService {
         let answer = self
             .state
             .within_deadline(slot, move |state| {
-                let (plan, planned) = accept(state, &who, &q)?;
+                let (plan, planned, receipt) = accept(state, &who, &q)?;
+                receipt.log_now();
                 if plan.open_key.is_some() {
                     let why = "a GROUP BY over an open-domain column cannot be prepared in two phases yet: each node releases its own keys; run it without --min-nodes; nothing was spent";
                     state.log_refusal(&who.name, &q.query_id, why);
@@ -1375,7 +1476,7 @@ impl Node for NodeService {
                         expires,
                     )
                     .map_err(internal)?
-                    .map_err(|r| refusal_status(state, &who.name, &q.query_id, r))?;
+                    .map_err(|r| refusal_status(state, None, &who.name, &q.query_id, r))?;
                 let b = state
                     .ledger
                     .state(&who.name, &plan.dataset, &ds.config.budget)
@@ -1410,7 +1511,7 @@ impl Node for NodeService {
                     .ledger
                     .commit(&who.name, &query_id, now_ms())
                     .map_err(internal)?
-                    .map_err(|r| refusal_status(state, &who.name, &query_id, r))?;
+                    .map_err(|r| refusal_status(state, None, &who.name, &query_id, r))?;
                 if let Admission::Replay(bytes) = admission {
                     return replay(state, &who.name, &query_id, &bytes);
                 }

@@ -100,6 +100,18 @@ impl Store {
         self.commits.wait_durable()
     }
 
+    /// Queues everything this thread wrote so far for the next shared
+    /// flush; [`Store::wait`] blocks until it is durable. Work done between
+    /// the two overlaps the flush.
+    pub fn ticket(&self) -> anyhow::Result<crate::group_commit::Ticket> {
+        self.commits.ticket()
+    }
+
+    /// Blocks until the write `ticket` was taken after is durable.
+    pub fn wait(&self, ticket: crate::group_commit::Ticket) -> anyhow::Result<()> {
+        self.commits.wait(ticket)
+    }
+
     /// Flushes run by [`Store::wait_durable`] since the store was opened.
     pub fn group_flushes(&self) -> u64 {
         self.commits.flushes()
