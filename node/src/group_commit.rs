@@ -25,7 +25,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// Shares `fsync`s among concurrent writers of one sled database.
 ///
-/// Flushes run on one dedicated thread (started on first use): a writer
+/// Flushes run on one dedicated thread: a writer
 /// takes a [`Ticket`] after its write, which wakes the flusher if it is
 /// idle, and later waits for it. A writer can do other work between the two
 /// (see [`crate::ledger::Ledger::admit_overlapping`]) without a thread of
@@ -33,7 +33,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 /// which covers them all at once.
 pub struct GroupCommit {
     shared: Arc<Shared>,
-    flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
+    flusher: Option<std::thread::JoinHandle<()>>,
 }
 
 /// What the writers and the flusher thread share.
@@ -75,38 +75,45 @@ struct State {
 pub struct Ticket(u64);
 
 impl GroupCommit {
-    /// Group commit over `db`, whose log file is `log`.
-    pub fn new(db: sled::Db, log: std::fs::File) -> GroupCommit {
-        GroupCommit {
-            shared: Arc::new(Shared {
-                db,
-                log,
-                state: Mutex::new(State::default()),
-                work: Condvar::new(),
-                flushed: Condvar::new(),
-            }),
-            flusher: Mutex::new(None),
-        }
+    /// Group commit over `db`, whose log file is `log`; starts the flusher
+    /// thread.
+    pub fn new(db: sled::Db, log: std::fs::File) -> anyhow::Result<GroupCommit> {
+        let shared = Arc::new(Shared {
+            db,
+            log,
+            state: Mutex::new(State::default()),
+            work: Condvar::new(),
+            flushed: Condvar::new(),
+        });
+        let flusher = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("fedq-flush".into())
+                .spawn(move || shared.run())?
+        };
+        Ok(GroupCommit {
+            shared,
+            flusher: Some(flusher),
+        })
     }
 
     /// Blocks until everything this thread wrote to the database before
     /// calling is durable.
     pub fn wait_durable(&self) -> anyhow::Result<()> {
-        let ticket = self.ticket()?;
+        let ticket = self.ticket();
         self.wait(ticket)
     }
 
     /// Queues everything this thread wrote so far for the next flush, which
     /// starts now if none is running; [`GroupCommit::wait`] then blocks
     /// until it is durable.
-    pub fn ticket(&self) -> anyhow::Result<Ticket> {
-        self.start_flusher()?;
+    pub fn ticket(&self) -> Ticket {
         let mut st = self.shared.lock();
         st.issued += 1;
         let ticket = Ticket(st.issued);
         drop(st);
         self.shared.work.notify_one();
-        Ok(ticket)
+        ticket
     }
 
     /// Returns once a `sled::Db::flush` followed by an `fdatasync` of
@@ -132,19 +139,6 @@ impl GroupCommit {
     /// How many flushes (each one `fdatasync` of sled's log) ran.
     pub fn flushes(&self) -> u64 {
         self.shared.lock().flushes
-    }
-
-    fn start_flusher(&self) -> anyhow::Result<()> {
-        let mut flusher = self.flusher.lock().unwrap_or_else(|p| p.into_inner());
-        if flusher.is_none() {
-            let shared = Arc::clone(&self.shared);
-            *flusher = Some(
-                std::thread::Builder::new()
-                    .name("fedq-flush".into())
-                    .spawn(move || shared.run())?,
-            );
-        }
-        Ok(())
     }
 }
 
@@ -197,12 +191,7 @@ impl Drop for GroupCommit {
     fn drop(&mut self) {
         self.shared.lock().closing = true;
         self.shared.work.notify_one();
-        let handle = self
-            .flusher
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(handle) = handle {
+        if let Some(handle) = self.flusher.take() {
             let _ = handle.join();
         }
     }
@@ -218,7 +207,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         let log = std::fs::File::open(dir.path().join("db")).unwrap();
-        let gc = Arc::new(GroupCommit::new(db.clone(), log));
+        let gc = Arc::new(GroupCommit::new(db.clone(), log).unwrap());
         let threads: Vec<_> = (0..16)
             .map(|t| {
                 let (db, gc) = (db.clone(), Arc::clone(&gc));
@@ -245,7 +234,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         let log = std::fs::File::open(dir.path().join("db")).unwrap();
-        let gc = GroupCommit::new(db.clone(), log);
+        let gc = GroupCommit::new(db.clone(), log).unwrap();
         for i in 0..5u32 {
             db.insert(i.to_be_bytes(), &[]).unwrap();
             gc.wait_durable().unwrap();

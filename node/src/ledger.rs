@@ -565,7 +565,7 @@ impl Ledger {
         };
         // The flusher thread makes the debit durable while this thread
         // computes; the result is handed back only once it is.
-        let ticket = self.store.ticket()?;
+        let ticket = self.store.ticket();
         let computed = meanwhile();
         self.store.wait(ticket)?;
         Ok(Ok(Computed::Debited(budget, computed)))

@@ -80,7 +80,7 @@ impl Store {
         let log = std::fs::File::open(dir.join("db"))
             .with_context(|| format!("cannot open the log of store {}", dir.display()))?;
         Ok(Store {
-            commits: Arc::new(GroupCommit::new(db.clone(), log)),
+            commits: Arc::new(GroupCommit::new(db.clone(), log)?),
             db,
             data,
             ledger,
@@ -103,7 +103,7 @@ impl Store {
     /// Queues everything this thread wrote so far for the next shared
     /// flush; [`Store::wait`] blocks until it is durable. Work done between
     /// the two overlaps the flush.
-    pub fn ticket(&self) -> anyhow::Result<crate::group_commit::Ticket> {
+    pub fn ticket(&self) -> crate::group_commit::Ticket {
         self.commits.ticket()
     }
 

@@ -78,6 +78,11 @@ struct Load {
     /// Epsilon of each query (debited on every node).
     #[arg(long, default_value_t = 0.001)]
     epsilon: f64,
+    /// Process id of the first node (a separate process, `run` only): the
+    /// throughput run then reports the node's CPU time per query (Linux,
+    /// from /proc/<pid>/stat).
+    #[arg(long)]
+    node_pid: Option<u32>,
 }
 
 #[derive(Subcommand)]
@@ -142,7 +147,12 @@ fn main() -> anyhow::Result<()> {
                 rows,
                 dir,
                 load,
-            } => local(nodes, rows, dir, load).await,
+            } => {
+                if load.node_pid.is_some() {
+                    anyhow::bail!("--node-pid measures a node in its own process: `local` runs the nodes inside the load generator; use `prepare`, start the node, then `run --node-pid`");
+                }
+                local(nodes, rows, dir, load).await
+            }
             Command::Prepare {
                 dir,
                 nodes,
@@ -475,6 +485,7 @@ async fn measure(fed: &Federation, load: &Load) -> anyhow::Result<()> {
     // Throughput: concurrent clients, each on its own connection, against
     // the first node.
     let node = &cfg.nodes[0];
+    let cpu_before = load.node_pid.map(cpu_seconds).transpose()?;
     let deadline = Instant::now() + Duration::from_secs_f64(load.seconds);
     let mut set = JoinSet::new();
     let epsilon = load.epsilon;
@@ -497,6 +508,7 @@ async fn measure(fed: &Federation, load: &Load) -> anyhow::Result<()> {
     while let Some(r) = set.join_next().await {
         all.extend(r??);
     }
+    let answered = all.len();
     summary(
         &format!(
             "throughput, {} concurrent clients on {}, mixed queries",
@@ -505,7 +517,41 @@ async fn measure(fed: &Federation, load: &Load) -> anyhow::Result<()> {
         all,
         wall.elapsed(),
     );
+    if let (Some(pid), Some(before)) = (load.node_pid, cpu_before) {
+        let used = cpu_seconds(pid)? - before;
+        println!(
+            "  {} CPU: {:.2} ms per query ({:.2} s over {answered} queries, {:.0}% of one core)",
+            node.name,
+            used * 1e3 / answered.max(1) as f64,
+            used,
+            used * 100.0 / wall.elapsed().as_secs_f64()
+        );
+    }
     Ok(())
+}
+
+/// CPU time (user + system, all threads) process `pid` has used, in
+/// seconds: fields 14 and 15 of /proc/<pid>/stat, in USER_HZ ticks (100 per
+/// second on Linux).
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| {
+        format!("cannot read {path}: is {pid} the node's process id (Linux only)?")
+    })?;
+    // The command name (field 2) is in parentheses and may hold spaces.
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| anyhow!("unexpected format of {path}"))?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields
+            .get(i)
+            .ok_or_else(|| anyhow!("unexpected format of {path}"))?
+            .parse::<u64>()? as f64)
+    };
+    // After the name, field 3 (state) is index 0: utime is 14, stime 15.
+    Ok((ticks(11)? + ticks(12)?) / 100.0)
 }
 
 /// Sends `req` to every node concurrently over the warm clients; fails on
