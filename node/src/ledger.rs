@@ -277,6 +277,21 @@ pub struct Ledger {
     pub audit: Arc<AuditLog>,
     /// Serialises check-and-debit across concurrent requests.
     admit_lock: Mutex<()>,
+    /// Releases waiting to be recorded (see [`Ledger::record_release`]).
+    releases: Mutex<Vec<ReleaseJob>>,
+    /// Held by the thread recording a batch of releases.
+    release_lock: Mutex<()>,
+}
+
+/// A release waiting to be recorded, and where its outcome goes.
+struct ReleaseJob {
+    qkey: String,
+    digest: [u8; 32],
+    event: Event,
+    /// The response to store, without its audit head.
+    response: fedq_proto::v1::QueryResponse,
+    /// The audit head after its entry, or why the batch failed.
+    done: Arc<std::sync::OnceLock<Result<Head, String>>>,
 }
 
 /// One analyst's standing on one dataset, read inside a ledger transaction.
@@ -470,6 +485,8 @@ impl Ledger {
             store,
             audit,
             admit_lock: Mutex::new(()),
+            releases: Mutex::new(Vec::new()),
+            release_lock: Mutex::new(()),
         }
     }
 
@@ -715,6 +732,13 @@ impl Ledger {
     /// independent release under the one debit. The stored copy and
     /// `response` get the audit head after the release entry, which is also
     /// returned.
+    ///
+    /// Concurrent releases share one commit: each queues its record, and
+    /// whichever thread holds the release lock next commits every queued
+    /// record in one transaction (sled 0.34 writes its log buffer twice per
+    /// multi-key commit, whatever its size). A thread whose record another
+    /// committed only waits for its durability; if the shared commit fails,
+    /// every record in it fails, and nothing of it was written.
     #[allow(clippy::too_many_arguments)]
     pub fn record_release(
         &self,
@@ -737,19 +761,57 @@ impl Ledger {
             response_sha256,
             source: source.map(str::to_string),
         };
-        let head = (&self.tree, &self.audit.tree)
-            .transaction(|(tx, atx)| {
-                let head = append_in::<()>(atx, &self.audit.key, event.clone())?;
-                let mut stored = response.clone();
-                stored.audit_head = Some(head.to_proto());
-                let rec = QueryRecord {
-                    digest,
-                    state: RecordState::Released(stored.encode_to_vec()),
-                };
-                tx.insert(qkey.as_bytes(), rec.encode())?;
-                Ok(head)
-            })
-            .map_err(|e| anyhow::anyhow!("cannot record the release: {e:?}"))?;
+        let done = Arc::new(std::sync::OnceLock::new());
+        self.releases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(ReleaseJob {
+                qkey,
+                digest,
+                event,
+                response: response.clone(),
+                done: Arc::clone(&done),
+            });
+        let guard = self.release_lock.lock().unwrap_or_else(|p| p.into_inner());
+        // Queued before taking the lock: either a previous holder committed
+        // it, or it is still queued and this thread commits it.
+        if done.get().is_none() {
+            let jobs =
+                std::mem::take(&mut *self.releases.lock().unwrap_or_else(|p| p.into_inner()));
+            let outcome = (&self.tree, &self.audit.tree).transaction(|(tx, atx)| {
+                let mut heads = Vec::with_capacity(jobs.len());
+                for job in &jobs {
+                    let head = append_in::<()>(atx, &self.audit.key, job.event.clone())?;
+                    let mut stored = job.response.clone();
+                    stored.audit_head = Some(head.to_proto());
+                    let rec = QueryRecord {
+                        digest: job.digest,
+                        state: RecordState::Released(stored.encode_to_vec()),
+                    };
+                    tx.insert(job.qkey.as_bytes(), rec.encode())?;
+                    heads.push(head);
+                }
+                Ok(heads)
+            });
+            match outcome {
+                Ok(heads) => {
+                    for (job, head) in jobs.iter().zip(heads) {
+                        let _ = job.done.set(Ok(head));
+                    }
+                }
+                Err(e) => {
+                    for job in &jobs {
+                        let _ = job.done.set(Err(format!("{e:?}")));
+                    }
+                }
+            }
+        }
+        drop(guard);
+        let head = match done.get() {
+            Some(Ok(head)) => head.clone(),
+            Some(Err(e)) => anyhow::bail!("cannot record the release: {e}"),
+            None => anyhow::bail!("cannot record the release: it was not committed"),
+        };
         self.store.wait_durable()?;
         response.audit_head = Some(head.to_proto());
         Ok(head)
@@ -1318,6 +1380,81 @@ mod tests {
             ],
             "q2 was refused (over the analyst's limit): nothing of it is committed"
         );
+    }
+
+    /// Releases recorded concurrently (and so in shared commits) each get
+    /// their own entry and head, and each stored copy replays with its own
+    /// values and head.
+    #[test]
+    fn concurrent_releases_are_each_recorded_once_with_their_own_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Arc::new(test_ledger(dir.path()));
+        let l = BudgetLimits {
+            per_analyst: 100.0,
+            total: 100.0,
+            ..limits()
+        };
+        let threads: Vec<_> = (0..16u8)
+            .map(|t| {
+                let (ledger, l) = (Arc::clone(&ledger), l.clone());
+                std::thread::spawn(move || {
+                    let mut heads = Vec::new();
+                    for i in 0..8u8 {
+                        let id = format!("q{t}-{i}");
+                        let digest = [t * 8 + i; 32];
+                        assert!(matches!(
+                            ledger.admit("alice", "cases", &id, digest, 0.01, &l),
+                            Ok(Ok(Admission::Debited(_)))
+                        ));
+                        let mut response = fedq_proto::v1::QueryResponse {
+                            query_id: id.clone(),
+                            cost: f64::from(t * 8 + i),
+                            ..Default::default()
+                        };
+                        let head = ledger
+                            .record_release(
+                                "alice",
+                                &id,
+                                "cases",
+                                digest,
+                                vec![],
+                                None,
+                                &mut response,
+                            )
+                            .unwrap();
+                        assert_eq!(response.audit_head, Some(head.to_proto()));
+                        heads.push((id, digest, head));
+                    }
+                    heads
+                })
+            })
+            .collect();
+        let heads: Vec<_> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        let mut seqs: Vec<u64> = heads.iter().map(|(_, _, h)| h.seq).collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        assert_eq!(seqs.len(), 128, "every release has its own audit entry");
+        let released = ledger
+            .audit
+            .entries(0)
+            .filter(|e| e.as_ref().unwrap().event.kind() == "released")
+            .count();
+        assert_eq!(released, 128);
+        for (id, digest, head) in &heads {
+            let Ok(Ok(Admission::Replay(bytes))) =
+                ledger.admit("alice", "cases", id, *digest, 0.01, &l)
+            else {
+                panic!("{id} replays");
+            };
+            use prost::Message;
+            let stored = fedq_proto::v1::QueryResponse::decode(bytes.as_slice()).unwrap();
+            assert_eq!(&stored.query_id, id);
+            assert_eq!(stored.cost, f64::from(digest[0]));
+            assert_eq!(stored.audit_head, Some(head.to_proto()));
+        }
     }
 
     /// A held debit (database sources) counts as spent; given back it
