@@ -277,10 +277,31 @@ pub struct Ledger {
     pub audit: Arc<AuditLog>,
     /// Serialises check-and-debit across concurrent requests.
     admit_lock: Mutex<()>,
+    /// Debits waiting to be checked and written (see
+    /// [`Ledger::debit_in_tx`]).
+    debits: Mutex<Vec<DebitJob>>,
     /// Releases waiting to be recorded (see [`Ledger::record_release`]).
     releases: Mutex<Vec<ReleaseJob>>,
     /// Held by the thread recording a batch of releases.
     release_lock: Mutex<()>,
+}
+
+/// A check-and-debit (or hold) waiting for the admission lock, and where
+/// its outcome goes (`Err`: the shared transaction failed in storage).
+struct DebitJob {
+    analyst: String,
+    dataset: String,
+    query_id: String,
+    digest: [u8; 32],
+    amount: f64,
+    keys_delta: f64,
+    limits: BudgetLimits,
+    /// For a hold: the SQL, the expiry and the (epsilon, rho) asked.
+    hold: Option<(String, u64, (f64, f64))>,
+    /// The query's `query_received` entry, logged first when it commits.
+    received: Option<Event>,
+    #[allow(clippy::type_complexity)]
+    done: Arc<Mutex<Option<Result<Result<Admission, Refusal>, sled::Error>>>>,
 }
 
 /// A release waiting to be recorded, and where its outcome goes.
@@ -485,6 +506,7 @@ impl Ledger {
             store,
             audit,
             admit_lock: Mutex::new(()),
+            debits: Mutex::new(Vec::new()),
             releases: Mutex::new(Vec::new()),
             release_lock: Mutex::new(()),
         }
@@ -623,9 +645,20 @@ impl Ledger {
     }
 
     /// The check and the debit (or hold) of [`Ledger::admit`] and
-    /// [`Ledger::hold`] as one sled transaction under the admission lock,
+    /// [`Ledger::hold`] in one sled transaction under the admission lock,
     /// committed but not yet durable; also whether it wrote anything (a
-    /// replay writes nothing). Callers make it durable before computing.
+    /// replay writes only the receipt). Callers make it durable before
+    /// computing.
+    ///
+    /// Concurrent requests share one transaction: each queues its request,
+    /// and whichever thread holds the admission lock next checks and debits
+    /// every queued request in turn, in that one transaction, each seeing
+    /// the debits before it (so they are serialised exactly as one
+    /// transaction each would be: nothing can overspend). A refused request
+    /// writes nothing (every check comes before any write), so it leaves
+    /// the others' debits intact; a storage failure fails them all, and
+    /// nothing of them was written. sled 0.34 writes its log buffer twice
+    /// per multi-key commit, whatever its size.
     #[allow(clippy::too_many_arguments)]
     fn debit_in_tx(
         &self,
@@ -638,91 +671,180 @@ impl Ledger {
         hold: Option<(&str, u64, (f64, f64))>,
         received: Option<&Event>,
     ) -> (Result<Admission, TransactionError<Refusal>>, bool) {
+        let done = Arc::new(Mutex::new(None));
+        self.debits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(DebitJob {
+                analyst: analyst.to_string(),
+                dataset: dataset.to_string(),
+                query_id: query_id.to_string(),
+                digest,
+                amount,
+                keys_delta,
+                limits: limits.clone(),
+                hold: hold.map(|(sql, expires, request)| (sql.to_string(), expires, request)),
+                received: received.cloned(),
+                done: Arc::clone(&done),
+            });
         let guard = self.admit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        // Queued before taking the lock: either a previous holder decided
+        // it, or it is still queued and this thread does.
+        if done.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
+            let jobs = std::mem::take(&mut *self.debits.lock().unwrap_or_else(|p| p.into_inner()));
+            let outcome = (&self.tree, &self.audit.tree).transaction(|(tx, atx)| {
+                let mut decided = Vec::with_capacity(jobs.len());
+                for job in &jobs {
+                    decided.push(match self.debit_one(tx, atx, job) {
+                        Ok(admission) => Ok(admission),
+                        Err(ConflictableTransactionError::Abort(refusal)) => Err(refusal),
+                        Err(ConflictableTransactionError::Conflict) => {
+                            return Err(ConflictableTransactionError::Conflict)
+                        }
+                        Err(ConflictableTransactionError::Storage(e)) => {
+                            return Err(ConflictableTransactionError::Storage(e))
+                        }
+                    });
+                }
+                Ok(decided)
+            });
+            match outcome {
+                Ok(decided) => {
+                    for (job, d) in jobs.iter().zip(decided) {
+                        *job.done.lock().unwrap_or_else(|p| p.into_inner()) = Some(Ok(d));
+                    }
+                }
+                Err(e) => {
+                    let e = match e {
+                        TransactionError::Storage(e) => e,
+                        TransactionError::Abort(()) => {
+                            sled::Error::ReportableBug("a ledger batch aborted".into())
+                        }
+                    };
+                    for job in &jobs {
+                        *job.done.lock().unwrap_or_else(|p| p.into_inner()) = Some(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        drop(guard);
+        let decided = done.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let outcome = match decided {
+            Some(Ok(Ok(admission))) => Ok(admission),
+            Some(Ok(Err(refusal))) => Err(TransactionError::Abort(refusal)),
+            Some(Err(e)) => Err(TransactionError::Storage(e)),
+            None => Err(TransactionError::Storage(sled::Error::ReportableBug(
+                "a queued debit was never decided".into(),
+            ))),
+        };
+        // Made durable before any release is computed (a replay wrote
+        // nothing but the receipt).
+        let wrote = !matches!(outcome, Ok(Admission::Replay(_)));
+        (outcome, wrote)
+    }
+
+    /// One request of a [`Ledger::debit_in_tx`] batch, inside its
+    /// transaction. Every check comes before any write, so a refusal
+    /// (`Abort`) has written nothing.
+    fn debit_one(
+        &self,
+        tx: &sled::transaction::TransactionalTree,
+        atx: &sled::transaction::TransactionalTree,
+        job: &DebitJob,
+    ) -> Result<Admission, ConflictableTransactionError<Refusal>> {
+        let (analyst, dataset, query_id) = (&job.analyst[..], &job.dataset[..], &job.query_id[..]);
+        let limits = &job.limits;
         let qkey = query_key(analyst, query_id);
-        let debit = to_nano_ceil(amount);
-        let keys = if keys_delta > 0.0 {
-            to_atto_ceil(keys_delta)
+        let debit = to_nano_ceil(job.amount);
+        let keys = if job.keys_delta > 0.0 {
+            to_atto_ceil(job.keys_delta)
         } else {
             0
         };
-        let outcome = (&self.tree, &self.audit.tree).transaction(|(tx, atx)| {
-            if let Some(received) = received {
+        let log_receipt = || -> Result<(), ConflictableTransactionError<Refusal>> {
+            if let Some(received) = &job.received {
                 append_in(atx, &self.audit.key, received.clone())?;
             }
-            let acct = Account::read(tx, dataset, analyst, limits)?;
-            if let Some(state) = same_query(tx, &qkey, query_id, digest)? {
-                match state {
-                    RecordState::Released(r) => return Ok(Admission::Replay(r)),
-                    RecordState::Pending(_) => {
-                        return Ok(Admission::Resume(acct.state(acct.a_spent, acct.d_spent)))
-                    }
-                    RecordState::Reserved(_) => {
-                        return abort(Refusal::Reserved(query_id.to_string()))
-                    }
-                    // A returned reservation: the same query may now run afresh.
-                    RecordState::Returned => {}
+            Ok(())
+        };
+        let acct = Account::read(tx, dataset, analyst, limits)?;
+        if let Some(state) = same_query(tx, &qkey, query_id, job.digest)? {
+            match state {
+                RecordState::Released(r) => {
+                    log_receipt()?;
+                    return Ok(Admission::Replay(r));
                 }
+                RecordState::Pending(_) => {
+                    log_receipt()?;
+                    return Ok(Admission::Resume(acct.state(acct.a_spent, acct.d_spent)));
+                }
+                RecordState::Reserved(_) => return abort(Refusal::Reserved(query_id.to_string())),
+                // A returned reservation: the same query may now run afresh.
+                RecordState::Returned => {}
             }
-            let (a_new, d_new) = acct.debit(tx, dataset, analyst, amount, debit, keys, limits)?;
-            let stated = Stated::new(limits, debit, a_new);
-            let (state, event) = match hold {
-                None => (
-                    RecordState::Pending(None),
-                    Event::Debited {
+        }
+        // Checks, then the writes: a refusal writes nothing.
+        let (a_new, d_new) = acct.debit(tx, dataset, analyst, job.amount, debit, keys, limits)?;
+        log_receipt()?;
+        let stated = Stated::new(limits, debit, a_new);
+        let (state, event) = match &job.hold {
+            None => (
+                RecordState::Pending(None),
+                Event::Debited {
+                    analyst: analyst.to_string(),
+                    query_id: query_id.to_string(),
+                    dataset: dataset.to_string(),
+                    epsilon: stated.epsilon,
+                    analyst_spent: from_nano(a_new),
+                    dataset_spent: from_nano(d_new),
+                    measure: stated.measure,
+                    rho: stated.rho,
+                    analyst_spent_equivalent: stated.equivalent,
+                    keys_delta: from_atto(keys),
+                    analyst_keys_delta_spent: if keys > 0 {
+                        from_atto(acct.ka_spent + keys)
+                    } else {
+                        0.0
+                    },
+                },
+            ),
+            Some((sql, expires_ms, request)) => {
+                tx.insert(expiry_key(*expires_ms, analyst, query_id), &[])?;
+                (
+                    RecordState::Reserved(Reservation {
+                        dataset: dataset.to_string(),
+                        sql: sql.to_string(),
+                        epsilon: request.0,
+                        rho: request.1,
+                        measure: limits.measure,
+                        nano: debit,
+                        expires_ms: *expires_ms,
+                    }),
+                    Event::Reserved {
                         analyst: analyst.to_string(),
                         query_id: query_id.to_string(),
                         dataset: dataset.to_string(),
                         epsilon: stated.epsilon,
                         analyst_spent: from_nano(a_new),
                         dataset_spent: from_nano(d_new),
+                        expires_ms: *expires_ms,
                         measure: stated.measure,
                         rho: stated.rho,
                         analyst_spent_equivalent: stated.equivalent,
-                        keys_delta: from_atto(keys),
-                        analyst_keys_delta_spent: if keys > 0 {
-                            from_atto(acct.ka_spent + keys)
-                        } else {
-                            0.0
-                        },
                     },
-                ),
-                Some((sql, expires_ms, request)) => {
-                    tx.insert(expiry_key(expires_ms, analyst, query_id), &[])?;
-                    (
-                        RecordState::Reserved(Reservation {
-                            dataset: dataset.to_string(),
-                            sql: sql.to_string(),
-                            epsilon: request.0,
-                            rho: request.1,
-                            measure: limits.measure,
-                            nano: debit,
-                            expires_ms,
-                        }),
-                        Event::Reserved {
-                            analyst: analyst.to_string(),
-                            query_id: query_id.to_string(),
-                            dataset: dataset.to_string(),
-                            epsilon: stated.epsilon,
-                            analyst_spent: from_nano(a_new),
-                            dataset_spent: from_nano(d_new),
-                            expires_ms,
-                            measure: stated.measure,
-                            rho: stated.rho,
-                            analyst_spent_equivalent: stated.equivalent,
-                        },
-                    )
-                }
-            };
-            tx.insert(qkey.as_bytes(), QueryRecord { digest, state }.encode())?;
-            append_in(atx, &self.audit.key, event)?;
-            Ok(Admission::Debited(acct.state(a_new, d_new)))
-        });
-        // Made durable before any release is computed (a replay wrote
-        // nothing but the receipt).
-        let wrote = !matches!(outcome, Ok(Admission::Replay(_)));
-        drop(guard);
-        (outcome, wrote)
+                )
+            }
+        };
+        tx.insert(
+            qkey.as_bytes(),
+            QueryRecord {
+                digest: job.digest,
+                state,
+            }
+            .encode(),
+        )?;
+        append_in(atx, &self.audit.key, event)?;
+        Ok(Admission::Debited(acct.state(a_new, d_new)))
     }
 
     /// Stores the released response under its query id (for replays) and
@@ -1380,6 +1502,67 @@ mod tests {
             ],
             "q2 was refused (over the analyst's limit): nothing of it is committed"
         );
+    }
+
+    /// Debits checked concurrently (and so in shared transactions) are
+    /// serialised: exactly as many as the limit takes are debited, each
+    /// once, the rest refused without a trace in the ledger or the log.
+    #[test]
+    fn concurrent_debits_in_shared_transactions_never_overspend() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Arc::new(test_ledger(dir.path()));
+        // 0.1 each: the analyst's 1.0 takes exactly 10 of the 64.
+        let l = limits();
+        let threads: Vec<_> = (0..16u8)
+            .map(|t| {
+                let (ledger, l) = (Arc::clone(&ledger), l.clone());
+                std::thread::spawn(move || {
+                    (0..4u8)
+                        .map(|i| {
+                            let id = format!("q{t}-{i}");
+                            let outcome = ledger
+                                .admit("alice", "cases", &id, [t * 4 + i; 32], 0.1, &l)
+                                .unwrap();
+                            (id, t * 4 + i, outcome)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let outcomes: Vec<_> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        let debited: Vec<_> = outcomes
+            .iter()
+            .filter(|(_, _, o)| matches!(o, Ok(Admission::Debited(_))))
+            .collect();
+        let refused = outcomes
+            .iter()
+            .filter(|(_, _, o)| matches!(o, Err(Refusal::AnalystBudget { .. })))
+            .count();
+        assert_eq!((debited.len(), refused), (10, 54));
+        assert_eq!(
+            ledger.state("alice", "cases", &l).unwrap().spent_by_analyst,
+            1.0
+        );
+        let logged = ledger
+            .audit
+            .entries(0)
+            .filter(|e| e.as_ref().unwrap().event.kind() == "debited")
+            .count();
+        assert_eq!(logged, 10);
+        // Each debited id resumes under its own debit; a refused one is
+        // refused again (it left no record).
+        for (id, digest, o) in &outcomes {
+            let again = ledger
+                .admit("alice", "cases", id, [*digest; 32], 0.1, &l)
+                .unwrap();
+            match o {
+                Ok(_) => assert!(matches!(again, Ok(Admission::Resume(_))), "{id}"),
+                Err(_) => assert!(matches!(again, Err(Refusal::AnalystBudget { .. })), "{id}"),
+            }
+        }
     }
 
     /// Releases recorded concurrently (and so in shared commits) each get
