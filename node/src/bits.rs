@@ -133,6 +133,20 @@ kernel! {
     ) = grouped_counts_impl
 }
 
+kernel! {
+    /// The rows of `present` whose offset lies in `lo..=hi`, from the
+    /// offsets' bit planes (`planes[b]` holds bit `b` of every row's
+    /// offset; every present offset, `lo` and `hi` are below
+    /// `2^planes.len()`): two bit-sliced comparisons, most significant
+    /// bit first, a block of words at a time.
+    fn planes_in_range / planes_in_range_in(
+        planes: &[Vec<u64>],
+        present: &[u64],
+        lo: u64,
+        hi: u64
+    ) -> Vec<u64> = planes_in_range_impl
+}
+
 /// One GROUP BY column, as bitmaps.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct KeyBits<'a> {
@@ -174,6 +188,24 @@ fn popcount_and_impl(a: &[u64], b: &[u64]) -> u64 {
         .sum()
 }
 
+/// `a ∧ (b ⊕ flip)`, counted: the rows of `a` in a key (`flip` 0) or
+/// outside it (`flip` all ones).
+#[inline(always)]
+fn popcount_and_key(a: &[u64], b: &[u64], flip: u64) -> u64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| u64::from((x & (y ^ flip)).count_ones()))
+        .sum()
+}
+
+/// `dst = a ∧ (b ⊕ flip)`.
+#[inline(always)]
+fn and_key(dst: &mut [u64], a: &[u64], b: &[u64], flip: u64) {
+    for ((d, x), y) in dst.iter_mut().zip(a).zip(b) {
+        *d = x & (y ^ flip);
+    }
+}
+
 /// Words per block of [`grouped_counts`]: 4 KB per operand.
 const BLOCK: usize = 512;
 
@@ -181,41 +213,45 @@ const BLOCK: usize = 512;
 fn grouped_counts_impl(start: &[u64], keys: &[KeyBits<'_>], planes: &[&[u64]], out: &mut [u64]) {
     let stride = 1 + planes.len();
     let depth = keys.len();
-    // `prefix[l]` holds start ∩ key₁ ∩ … ∩ key_{l+1} for the current block
-    // and the current digits.
-    let mut prefix = vec![0u64; depth * BLOCK];
+    // The cells' rows are start ∩ key₁ ∩ … ∩ key_depth. `prefix` holds, a
+    // block at a time, the intersections down to each level but the last
+    // (level `l` at `l * BLOCK`), for the current digits; the last level
+    // is counted as it is intersected, or kept in `rows` when planes need
+    // it too.
+    let mut prefix = vec![0u64; depth.saturating_sub(1) * BLOCK];
+    let mut rows = vec![0u64; if planes.is_empty() { 0 } else { BLOCK }];
     let mut digits = vec![0usize; depth];
     let mut lo = 0;
     while lo < start.len() {
         let hi = (lo + BLOCK).min(start.len());
         let n = hi - lo;
-        // Recomputes the prefixes from level `from` down.
-        let refill = |prefix: &mut [u64], digits: &[usize], from: usize| {
-            for l in from..depth {
-                let (above, here) = prefix.split_at_mut(l * BLOCK);
-                let src = if l == 0 {
-                    &start[lo..hi]
-                } else {
-                    &above[(l - 1) * BLOCK..][..n]
-                };
-                let (bits, flip) = keys[l].key(digits[l]);
-                for ((d, s), k) in here[..n].iter_mut().zip(src).zip(&bits[lo..hi]) {
-                    *d = s & (k ^ flip);
-                }
-            }
-        };
         digits.fill(0);
-        refill(&mut prefix, &digits, 0);
+        refill(&mut prefix, &start[lo..hi], keys, &digits, 0, lo);
         let mut cell = 0;
         loop {
-            let rows = match depth {
-                0 => &start[lo..hi],
-                _ => &prefix[(depth - 1) * BLOCK..][..n],
+            let above = match depth {
+                0 | 1 => &start[lo..hi],
+                _ => &prefix[(depth - 2) * BLOCK..][..n],
             };
             let o = &mut out[cell * stride..][..stride];
-            o[0] += popcount_impl(rows);
-            for (o, plane) in o[1..].iter_mut().zip(planes) {
-                *o += popcount_and_impl(rows, &plane[lo..hi]);
+            let cell_rows = match keys.last() {
+                None => above,
+                Some(last) => {
+                    let (bits, flip) = last.key(digits[depth - 1]);
+                    if planes.is_empty() {
+                        o[0] += popcount_and_key(above, &bits[lo..hi], flip);
+                        &[]
+                    } else {
+                        and_key(&mut rows[..n], above, &bits[lo..hi], flip);
+                        &rows[..n]
+                    }
+                }
+            };
+            if depth == 0 || !planes.is_empty() {
+                o[0] += popcount_impl(cell_rows);
+                for (o, plane) in o[1..].iter_mut().zip(planes) {
+                    *o += popcount_and_impl(cell_rows, &plane[lo..hi]);
+                }
             }
             cell += 1;
             // Advance the odometer (last digit fastest); the block is done
@@ -230,11 +266,67 @@ fn grouped_counts_impl(start: &[u64], keys: &[KeyBits<'_>], planes: &[&[u64]], o
                 digits[l] = 0;
             }
             match changed {
-                Some(l) => refill(&mut prefix, &digits, l),
+                Some(l) => refill(&mut prefix, &start[lo..hi], keys, &digits, l, lo),
                 None => break,
             }
         }
         lo = hi;
+    }
+}
+
+#[inline(always)]
+fn planes_in_range_impl(planes: &[Vec<u64>], present: &[u64], lo: u64, hi: u64) -> Vec<u64> {
+    let mut out = Vec::with_capacity(present.len());
+    // Per row: above `lo` / still equal to it in the bits seen so far, and
+    // below `hi` / still equal to it.
+    let (mut above, mut eq_lo) = ([0u64; BLOCK], [0u64; BLOCK]);
+    let (mut below, mut eq_hi) = ([0u64; BLOCK], [0u64; BLOCK]);
+    for (at, block) in present.chunks(BLOCK).enumerate() {
+        let n = block.len();
+        above[..n].fill(0);
+        below[..n].fill(0);
+        eq_lo[..n].fill(u64::MAX);
+        eq_hi[..n].fill(u64::MAX);
+        for (b, plane) in planes.iter().enumerate().rev() {
+            let plane = &plane[at * BLOCK..][..n];
+            // All ones where the bound's bit `b` is set.
+            let l = 0u64.wrapping_sub((lo >> b) & 1);
+            let h = 0u64.wrapping_sub((hi >> b) & 1);
+            for j in 0..n {
+                let x = plane[j];
+                above[j] |= eq_lo[j] & x & !l;
+                eq_lo[j] &= !(x ^ l);
+                below[j] |= eq_hi[j] & !x & h;
+                eq_hi[j] &= !(x ^ h);
+            }
+        }
+        out.extend((0..n).map(|j| block[j] & (above[j] | eq_lo[j]) & (below[j] | eq_hi[j])));
+    }
+    out
+}
+
+/// Recomputes the materialised prefix levels `from..depth - 1` of
+/// [`grouped_counts_impl`] for the block of `start` beginning at word
+/// `lo`.
+#[inline(always)]
+fn refill(
+    prefix: &mut [u64],
+    start: &[u64],
+    keys: &[KeyBits<'_>],
+    digits: &[usize],
+    from: usize,
+    lo: usize,
+) {
+    let n = start.len();
+    for l in from..keys.len().saturating_sub(1) {
+        let (above, here) = prefix.split_at_mut(l * BLOCK);
+        let a = if l == 0 {
+            start
+        } else {
+            &above[(l - 1) * BLOCK..][..n]
+        };
+        let (bits, flip) = keys[l].key(digits[l]);
+        and_key(&mut here[..n], a, &bits[lo..lo + n], flip);
     }
 }
 
@@ -363,6 +455,42 @@ mod tests {
                     grouped_counts_in(tier, &start, &keys, &[], &mut counts);
                     let only: Vec<u64> = expected.iter().step_by(4).copied().collect();
                     assert_eq!(counts, only, "{tier:?}, {rows} rows, sizes {sizes:?}");
+                }
+            }
+        }
+    }
+
+    /// Bit-sliced range tests select the present rows whose offset is in
+    /// range, for every range of a small span, around word and block
+    /// boundaries, in every supported tier.
+    #[test]
+    fn planes_in_range_equals_a_comparison_per_row() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        for (rows, span) in [(0, 5u64), (1, 1), (70, 2), (1000, 24), (64 * BLOCK + 3, 11)] {
+            let offsets: Vec<u64> = (0..rows).map(|_| rng.random_range(0..=span)).collect();
+            let bitmap = |f: &dyn Fn(u64) -> bool| {
+                let mut b = vec![0u64; rows.div_ceil(64)];
+                for (i, &o) in offsets.iter().enumerate() {
+                    if f(o) {
+                        b[i / 64] |= 1 << (i % 64);
+                    }
+                }
+                b
+            };
+            let width = u64::BITS - (span - 1).leading_zeros();
+            let planes: Vec<Vec<u64>> =
+                (0..width).map(|b| bitmap(&|o| (o >> b) & 1 == 1)).collect();
+            let present = bitmap(&|o| o != span);
+            for lo in 0..span {
+                for hi in lo..span {
+                    let expected = bitmap(&|o| o != span && (lo..=hi).contains(&o));
+                    for tier in Tier::supported() {
+                        assert_eq!(
+                            planes_in_range_in(tier, &planes, &present, lo, hi),
+                            expected,
+                            "{tier:?}, {rows} rows, {lo}..={hi} of {span}"
+                        );
+                    }
                 }
             }
         }

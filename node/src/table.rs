@@ -821,8 +821,9 @@ impl Table {
     }
 
     /// The rows of `column` that pass `test`: a union of at most
-    /// [`UNION_MAX`] cached key bitmaps (borrowed if one), else a scan of
-    /// the codes.
+    /// [`UNION_MAX`] cached key bitmaps (borrowed if one), else for a
+    /// range a bit-sliced comparison over the cached planes, else a scan
+    /// of the codes.
     fn hits(&self, column: usize, test: &Test) -> Cow<'_, [u64]> {
         let p = &self.columns[column];
         let admitted = match test {
@@ -838,6 +839,15 @@ impl Table {
                     Test::Never => unreachable!("handled above"),
                 };
             }
+        }
+        if let (Test::Range { lo, hi }, Some(_)) = (test, self.derived[column].plane_count) {
+            let planes = self.planes(column);
+            return Cow::Owned(bits::planes_in_range(
+                planes,
+                self.present(column),
+                *lo,
+                *hi,
+            ));
         }
         Cow::Owned(match test {
             Test::Never => unreachable!("handled above"),
