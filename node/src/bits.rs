@@ -138,7 +138,8 @@ kernel! {
     /// offsets' bit planes (`planes[b]` holds bit `b` of every row's
     /// offset; every present offset, `lo` and `hi` are below
     /// `2^planes.len()`): two bit-sliced comparisons, most significant
-    /// bit first, a block of words at a time.
+    /// bit first, a block of words at a time. Pass `hi = 2^planes.len() -
+    /// 1` (or `lo = 0`) when a side holds for every present row.
     fn planes_in_range / planes_in_range_in(
         planes: &[Vec<u64>],
         present: &[u64],
@@ -276,31 +277,36 @@ fn grouped_counts_impl(start: &[u64], keys: &[KeyBits<'_>], planes: &[&[u64]], o
 
 #[inline(always)]
 fn planes_in_range_impl(planes: &[Vec<u64>], present: &[u64], lo: u64, hi: u64) -> Vec<u64> {
-    let mut out = Vec::with_capacity(present.len());
-    // Per row: above `lo` / still equal to it in the bits seen so far, and
-    // below `hi` / still equal to it.
-    let (mut above, mut eq_lo) = ([0u64; BLOCK], [0u64; BLOCK]);
-    let (mut below, mut eq_hi) = ([0u64; BLOCK], [0u64; BLOCK]);
-    for (at, block) in present.chunks(BLOCK).enumerate() {
+    let top = (1u64 << planes.len()) - 1;
+    let mut out = present.to_vec();
+    // Per row: beyond the bound / still equal to it, in the bits seen so
+    // far. A side whose bound is the first or last offset the planes can
+    // hold passes every row and is skipped.
+    let (mut beyond, mut equal) = ([0u64; BLOCK], [0u64; BLOCK]);
+    for (at, block) in out.chunks_mut(BLOCK).enumerate() {
         let n = block.len();
-        above[..n].fill(0);
-        below[..n].fill(0);
-        eq_lo[..n].fill(u64::MAX);
-        eq_hi[..n].fill(u64::MAX);
-        for (b, plane) in planes.iter().enumerate().rev() {
-            let plane = &plane[at * BLOCK..][..n];
-            // All ones where the bound's bit `b` is set.
-            let l = 0u64.wrapping_sub((lo >> b) & 1);
-            let h = 0u64.wrapping_sub((hi >> b) & 1);
-            for j in 0..n {
-                let x = plane[j];
-                above[j] |= eq_lo[j] & x & !l;
-                eq_lo[j] &= !(x ^ l);
-                below[j] |= eq_hi[j] & !x & h;
-                eq_hi[j] &= !(x ^ h);
+        for (bound, at_least) in [(lo, true), (hi, false)] {
+            if bound == if at_least { 0 } else { top } {
+                continue;
+            }
+            beyond[..n].fill(0);
+            equal[..n].fill(u64::MAX);
+            for (b, plane) in planes.iter().enumerate().rev() {
+                let plane = &plane[at * BLOCK..][..n];
+                // All ones where the bound's bit `b` is set.
+                let m = 0u64.wrapping_sub((bound >> b) & 1);
+                // Above the bound where its bit is 0 and the row's is 1,
+                // below it where its bit is 1 and the row's is 0.
+                let (seek, flip) = if at_least { (!m, 0) } else { (m, u64::MAX) };
+                for ((e, q), &x) in beyond[..n].iter_mut().zip(&mut equal[..n]).zip(plane) {
+                    *e |= *q & (x ^ flip) & seek;
+                    *q &= !(x ^ m);
+                }
+            }
+            for ((o, e), q) in block.iter_mut().zip(&beyond[..n]).zip(&equal[..n]) {
+                *o &= e | q;
             }
         }
-        out.extend((0..n).map(|j| block[j] & (above[j] | eq_lo[j]) & (below[j] | eq_hi[j])));
     }
     out
 }
@@ -481,15 +487,25 @@ mod tests {
             let planes: Vec<Vec<u64>> =
                 (0..width).map(|b| bitmap(&|o| (o >> b) & 1 == 1)).collect();
             let present = bitmap(&|o| o != span);
+            let top = (1 << width) - 1;
             for lo in 0..span {
                 for hi in lo..span {
                     let expected = bitmap(&|o| o != span && (lo..=hi).contains(&o));
+                    // The last valid offset and the planes' largest one
+                    // bound the present rows alike.
+                    let tops = if hi == span - 1 {
+                        vec![hi, top]
+                    } else {
+                        vec![hi]
+                    };
                     for tier in Tier::supported() {
-                        assert_eq!(
-                            planes_in_range_in(tier, &planes, &present, lo, hi),
-                            expected,
-                            "{tier:?}, {rows} rows, {lo}..={hi} of {span}"
-                        );
+                        for &hi in &tops {
+                            assert_eq!(
+                                planes_in_range_in(tier, &planes, &present, lo, hi),
+                                expected,
+                                "{tier:?}, {rows} rows, {lo}..={hi} of {span}"
+                            );
+                        }
                     }
                 }
             }

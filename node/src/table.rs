@@ -840,14 +840,16 @@ impl Table {
                 };
             }
         }
-        if let (Test::Range { lo, hi }, Some(_)) = (test, self.derived[column].plane_count) {
+        if let (Test::Range { lo, hi }, Some(count)) = (test, self.derived[column].plane_count) {
+            // Present rows hold offsets up to `span - 1`: a range up to it
+            // is one-sided.
+            let hi = if *hi + 1 == p.span {
+                (1 << count) - 1
+            } else {
+                *hi
+            };
             let planes = self.planes(column);
-            return Cow::Owned(bits::planes_in_range(
-                planes,
-                self.present(column),
-                *lo,
-                *hi,
-            ));
+            return Cow::Owned(bits::planes_in_range(planes, self.present(column), *lo, hi));
         }
         Cow::Owned(match test {
             Test::Never => unreachable!("handled above"),
