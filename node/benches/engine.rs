@@ -76,6 +76,10 @@ fn bench(c: &mut Criterion) {
         scan.bench_function(name, |b| b.iter(|| black_box(table.exact_for_bench(&p))));
     }
     scan.finish();
+    eprintln!(
+        "bitmaps cached after the scans (present, key, plane): {:.1} MB",
+        table.cached_bytes() as f64 / 1e6
+    );
     let mut node = c.benchmark_group(format!("node_side_{rows}"));
     for (name, sql) in QUERIES {
         node.bench_function(name, |b| {

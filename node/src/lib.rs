@@ -33,6 +33,7 @@ pub mod accounting;
 pub mod audit;
 pub mod audit_report;
 pub mod backup;
+mod bits;
 pub mod config;
 pub mod distribution;
 pub mod group_commit;

@@ -27,8 +27,10 @@
 //! `pub(crate)` and its only caller is [`crate::service`], which passes them
 //! straight into [`crate::mechanism`] inside the request's blocking task.
 
+use std::borrow::Cow;
 use std::sync::OnceLock;
 
+use crate::bits::{self, KeyBits};
 use crate::plan::{CmpOp, MeasurementSpec, Plan, Predicate};
 use crate::schema::{Column, Schema, MISSING};
 
@@ -193,13 +195,6 @@ fn extend_le<T: Code>(v: &mut Vec<T>, bytes: &[u8], span: u64) -> Result<(), Str
 /// A set of rows, one bit per row; bits past the last row are always 0.
 type Bits = Vec<u64>;
 
-/// The three-valued truth of a predicate for every row: `t` where it is
-/// TRUE, `f` where it is FALSE, neither where it is UNKNOWN.
-struct Truth {
-    t: Bits,
-    f: Bits,
-}
-
 /// A comparison, as a test on a column's offsets (missing excluded).
 enum Test {
     /// No valid offset satisfies it.
@@ -227,6 +222,75 @@ impl Test {
     }
 }
 
+/// The most key and plane bitmaps (see [`Derived`]) a table caches, in
+/// all: each holds one bit per row, so at most 32 MB at 1,000,000 rows,
+/// keeping a node within its resident-memory target.
+pub const DERIVED_BITMAPS: usize = 256;
+
+/// Largest span whose per-key bitmaps are cached.
+const KEYED_SPAN: u64 = 64;
+
+/// Largest span whose bit planes are cached.
+const PLANED_SPAN: u64 = 1 << 16;
+
+/// A comparison whose test admits at most this many offsets of a keyed
+/// column is the union of their key bitmaps (reading `n / 8` bytes a row)
+/// rather than a scan of the one-byte codes.
+const UNION_MAX: u64 = 8;
+
+/// A grouped COUNT or SUM goes by bitmap intersection when its
+/// [`bits::grouped_cost`] (word operations per 64 rows) is at most this;
+/// the row-at-a-time path costs about as much as 300 of them.
+const GROUPED_COST_MAX: usize = 256;
+
+/// Bitmaps derived from one column's codes, cached so that COUNT, SUM and
+/// simple comparisons become bitmap intersections and population counts.
+/// Which columns may cache which bitmaps is decided when the table is made,
+/// from the declared metadata only, within [`DERIVED_BITMAPS`].
+#[derive(Debug, Clone, Default)]
+struct Derived {
+    /// Whether `keys` may be built (span at most [`KEYED_SPAN`]).
+    keyed: bool,
+    /// For each valid offset, in order, the rows holding it.
+    keys: OnceLock<Vec<Bits>>,
+    /// How many bit planes an integer column (span at most
+    /// [`PLANED_SPAN`]) caches: enough for its largest valid offset.
+    /// `None` for other columns.
+    plane_count: Option<u32>,
+    /// Plane `b` holds bit `b` of every row's offset (meaningful for
+    /// present rows only), so a SUM is `Σ 2^b × |rows ∩ plane b|`.
+    planes: OnceLock<Vec<Bits>>,
+}
+
+impl Derived {
+    /// Which bitmaps each column may cache: in declaration order, while
+    /// the budget of [`DERIVED_BITMAPS`] lasts.
+    fn plan(columns: &[Column], packed: &[Packed]) -> Vec<Derived> {
+        let mut budget = DERIVED_BITMAPS;
+        columns
+            .iter()
+            .zip(packed)
+            .map(|(c, p)| {
+                let mut d = Derived::default();
+                if p.span <= KEYED_SPAN && p.span as usize <= budget {
+                    d.keyed = true;
+                    budget -= p.span as usize;
+                }
+                // Offsets 0..span need the bits of span - 1.
+                let planes = u64::BITS - p.span.saturating_sub(1).leading_zeros();
+                if matches!(c, Column::Integer { .. })
+                    && p.span <= PLANED_SPAN
+                    && planes as usize <= budget
+                {
+                    d.plane_count = Some(planes);
+                    budget -= planes as usize;
+                }
+                d
+            })
+            .collect()
+    }
+}
+
 /// A dataset's rows, stored by compact column.
 #[derive(Debug, Clone)]
 pub struct Table {
@@ -241,6 +305,9 @@ pub struct Table {
     /// and kept (1 bit per row per column used; a filtered COUNT otherwise
     /// spends half its scan recomputing them). Reset by every append.
     present: Vec<OnceLock<Bits>>,
+    /// Per column, the bitmaps [`Table::derived`] caches for it (see
+    /// [`Derived`]), built on first use, reset with `present`.
+    derived: Vec<Derived>,
     /// Per open-domain column: the label of every code seen at ingest
     /// (shown only for keys a threshold released).
     labels: std::collections::HashMap<usize, std::collections::HashMap<u64, String>>,
@@ -251,11 +318,13 @@ impl Table {
     pub fn new(schema: Schema) -> Table {
         let columns: Vec<Packed> = schema.columns.iter().map(Packed::new).collect();
         let present = columns.iter().map(|_| OnceLock::new()).collect();
+        let derived = Derived::plan(&schema.columns, &columns);
         Table {
             schema,
             columns,
             kept: OnceLock::new(),
             present,
+            derived,
             labels: Default::default(),
         }
     }
@@ -342,7 +411,7 @@ impl Table {
     /// [`Table::append_chunk`], which reports damage as an error instead.
     pub fn append_row_major(&mut self, codes: &[i64]) {
         let width = self.columns.len();
-        self.forget_present();
+        self.forget_derived();
         for col in &mut self.columns {
             col.reserve(codes.len() / width);
         }
@@ -366,7 +435,7 @@ impl Table {
             .split_first_chunk::<4>()
             .ok_or("a stored chunk is truncated")?;
         let rows = u32::from_le_bytes(*head) as usize;
-        self.forget_present();
+        self.forget_derived();
         for col in &mut self.columns {
             let (&width, body) = rest.split_first().ok_or("a stored chunk is truncated")?;
             if usize::from(width) != col.width() {
@@ -388,10 +457,15 @@ impl Table {
         Ok(())
     }
 
-    /// Drops the cached present-rows bitmaps (the rows are changing).
-    fn forget_present(&mut self) {
+    /// Drops the cached present-rows, key and plane bitmaps (the rows
+    /// are changing).
+    fn forget_derived(&mut self) {
         for p in &mut self.present {
             p.take();
+        }
+        for d in &mut self.derived {
+            d.keys.take();
+            d.planes.take();
         }
     }
 
@@ -405,39 +479,77 @@ impl Table {
         self.columns.iter().map(|c| c.len() * c.width()).sum()
     }
 
+    /// Heap bytes of the bitmaps cached so far (present rows, kept rows,
+    /// key and plane bitmaps), for capacity planning: at most
+    /// [`DERIVED_BITMAPS`] key and plane bitmaps plus one present bitmap
+    /// per column and the kept rows, each of one bit per row.
+    pub fn cached_bytes(&self) -> usize {
+        let size = |b: &Bits| b.len() * 8;
+        let many = |v: Option<&Vec<Bits>>| v.map_or(0, |v| v.iter().map(size).sum());
+        self.present
+            .iter()
+            .filter_map(OnceLock::get)
+            .map(size)
+            .chain(self.kept.get().map(size))
+            .chain(
+                self.derived
+                    .iter()
+                    .map(|d| many(d.keys.get()) + many(d.planes.get())),
+            )
+            .sum()
+    }
+
     /// Computes the exact value of every measurement of `plan`, one vector
     /// per measurement with one value per cell (in cell order, see
     /// [`cell_keys`]). Sums clamp each value to the measurement's bounds.
     pub(crate) fn exact(&self, plan: &Plan) -> Vec<Vec<i64>> {
         let selected = self.selected(plan);
-        let cells = self.cells(plan);
+        let keys = self.group_keys(plan);
+        let cells = std::cell::OnceCell::new();
+        let cells = || {
+            cells
+                .get_or_init(|| self.cells(plan).unwrap_or_default())
+                .as_slice()
+        };
         let count = cell_count(plan);
         plan.measurements
             .iter()
             .map(|m| {
                 let mut out = vec![0i64; count * m.values_per_cell()];
                 match m {
-                    MeasurementSpec::CountRows => count_bits(&selected, cells.as_deref(), &mut out),
+                    MeasurementSpec::CountRows => match &keys {
+                        Some(keys) => grouped_count(&selected, keys, &mut out),
+                        None => count_bits(&selected, cells(), &mut out),
+                    },
                     MeasurementSpec::CountPresent { column } => {
                         let bits = and(&selected, self.present(*column));
-                        count_bits(&bits, cells.as_deref(), &mut out);
+                        match &keys {
+                            Some(keys) => grouped_count(&bits, keys, &mut out),
+                            None => count_bits(&bits, cells(), &mut out),
+                        }
                     }
                     MeasurementSpec::Sum { column, min, max } => {
                         let bits = and(&selected, self.present(*column));
                         let p = &self.columns[*column];
                         // Every stored value already lies within the bounds
-                        // (the clamp is a no-op): one byte per value sums
-                        // eight at a time.
+                        // (the clamp is a no-op).
                         let unclamped = *min <= p.base
                             && p.span > 0
                             && p.base.saturating_add(p.span as i64 - 1) <= *max;
-                        if let (Codes::U8(v), None, true) = (&p.codes, &cells, unclamped) {
+                        if unclamped && self.sum_by_planes(&bits, keys.as_deref(), *column, &mut out) {
+                            return out;
+                        }
+                        // One byte per value sums eight at a time.
+                        if let (Codes::U8(v), true, true) =
+                            (&p.codes, plan.group_by.is_empty(), unclamped)
+                        {
                             out[0] = sum_u8(&bits, v, p.base);
                             return out;
                         }
+                        let cells = (!plan.group_by.is_empty()).then(cells);
                         with_codes!(&p.codes, v => sum_bits(
                             &bits,
-                            cells.as_deref(),
+                            cells,
                             v,
                             p.base,
                             (*min, *max),
@@ -453,9 +565,10 @@ impl Table {
                         let bits = and(&selected, self.present(*column));
                         let p = &self.columns[*column];
                         let k = *bins as usize;
+                        let cells = (!plan.group_by.is_empty()).then(cells);
                         with_codes!(&p.codes, v => for_each_bit(&bits, |i| {
                             let value = p.base + v[i].to_u64() as i64;
-                            let cell = cells.as_deref().map_or(0, |c| c[i] as usize);
+                            let cell = cells.map_or(0, |c| c[i] as usize);
                             out[cell * k + crate::distribution::bin_of(value, *min, *max, *bins)] += 1;
                         }));
                     }
@@ -467,9 +580,10 @@ impl Table {
                     } => {
                         let bits = and(&selected, self.present(*column));
                         let p = &self.columns[*column];
+                        let cells = (!plan.group_by.is_empty()).then(cells);
                         with_codes!(&p.codes, v => for_each_bit(&bits, |i| {
                             let d = (p.base + v[i].to_u64() as i64).clamp(*min, *max) - center;
-                            let cell = cells.as_deref().map_or(0, |c| c[i] as usize);
+                            let cell = cells.map_or(0, |c| c[i] as usize);
                             out[cell] = out[cell].saturating_add(d.saturating_mul(d));
                         }));
                     }
@@ -498,15 +612,77 @@ impl Table {
 
     /// The rows `plan` aggregates: those its WHERE clause makes TRUE,
     /// among the records that count for their person (if the unit is one).
-    fn selected(&self, plan: &Plan) -> Bits {
+    fn selected(&self, plan: &Plan) -> Cow<'_, [u64]> {
         let selected = match &plan.filter {
-            Some(p) => self.eval(p).t,
-            None => all_rows(self.len()),
+            Some(p) => self.rows_where(p, true),
+            None => Cow::Owned(all_rows(self.len())),
         };
         match self.kept_rows() {
-            Some(kept) => and(&selected, kept),
+            Some(kept) => and_cow(selected, Cow::Borrowed(kept)),
             None => selected,
         }
+    }
+
+    /// With GROUP BY, the bitmaps of every group column if all are keyed
+    /// and counting cells by intersection is cheap enough (see
+    /// [`GROUPED_COST_MAX`]); without, no bitmap (one cell). `None`: count
+    /// row at a time through [`Table::cells`].
+    fn group_keys(&self, plan: &Plan) -> Option<Vec<KeyBits<'_>>> {
+        let sizes: Vec<usize> = plan.group_sizes.iter().map(|s| s + 1).collect();
+        if bits::grouped_cost(&sizes, 0) > GROUPED_COST_MAX {
+            return None;
+        }
+        plan.group_by
+            .iter()
+            .map(|&c| {
+                Some(KeyBits {
+                    eq: self.keys(c)?,
+                    present: self.present(c),
+                })
+            })
+            .collect()
+    }
+
+    /// SUM of `column` (known to need no clamping) over `rows` (all
+    /// present) per cell, by bit planes: `base × count + Σ 2^b × count in
+    /// plane b`. Returns false, leaving `out` alone, if the column has no
+    /// planes, the cells are not keyed or too many, or a running sum could
+    /// overflow (the row-at-a-time path saturates; here every partial sum
+    /// provably fits, so the result is the same exact sum).
+    fn sum_by_planes(
+        &self,
+        rows: &[u64],
+        keys: Option<&[KeyBits<'_>]>,
+        column: usize,
+        out: &mut [i64],
+    ) -> bool {
+        let p = &self.columns[column];
+        let (Some(keys), Some(count)) = (keys, self.derived[column].plane_count) else {
+            return false;
+        };
+        let sizes: Vec<usize> = keys.iter().map(|k| k.eq.len() + 1).collect();
+        let largest = i128::from(p.base)
+            .abs()
+            .max((i128::from(p.base) + i128::from(p.span) - 1).abs());
+        if bits::grouped_cost(&sizes, count as usize) > GROUPED_COST_MAX
+            || largest * self.len() as i128 > i128::from(i64::MAX)
+        {
+            return false;
+        }
+        let planes: Vec<&[u64]> = self.planes(column).iter().map(Vec::as_slice).collect();
+        let stride = 1 + planes.len();
+        let mut tally = vec![0u64; out.len() * stride];
+        bits::grouped_counts(rows, keys, &planes, &mut tally);
+        for (o, t) in out.iter_mut().zip(tally.chunks_exact(stride)) {
+            let weighted: i128 = t[1..]
+                .iter()
+                .enumerate()
+                .map(|(b, &n)| i128::from(n) << b)
+                .sum();
+            // Fits: |sum| <= largest × rows <= i64::MAX (checked above).
+            *o = (i128::from(p.base) * i128::from(t[0]) + weighted) as i64;
+        }
+        true
     }
 
     /// Exposes [`Table::exact`] to the criterion benches (feature
@@ -538,27 +714,47 @@ impl Table {
         })
     }
 
-    /// Evaluates a predicate over all rows, three-valued.
-    fn eval(&self, p: &Predicate) -> Truth {
+    /// Column `column`'s key bitmaps (cached), if it may cache them.
+    fn keys(&self, column: usize) -> Option<&[Bits]> {
+        let d = &self.derived[column];
+        d.keyed.then(|| {
+            d.keys
+                .get_or_init(|| {
+                    let p = &self.columns[column];
+                    with_codes!(&p.codes, v => key_bits(v, p.span as usize))
+                })
+                .as_slice()
+        })
+    }
+
+    /// Column `column`'s bit planes (cached); empty unless
+    /// `plane_count` is set.
+    fn planes(&self, column: usize) -> &[Bits] {
+        let d = &self.derived[column];
+        d.planes.get_or_init(|| {
+            let p = &self.columns[column];
+            (0..d.plane_count.unwrap_or(0))
+                .map(|b| with_codes!(&p.codes, v => pack_bits(v, |c| (c.to_u64() >> b) & 1 == 1)))
+                .collect()
+        })
+    }
+
+    /// The rows where predicate `p` is TRUE (`side`) or FALSE (`!side`);
+    /// the rest are UNKNOWN. In SQL's three-valued (Kleene) logic, either
+    /// side of AND and OR follows from the same side of their operands and
+    /// NOT swaps the sides, so only the side asked for is ever computed.
+    fn rows_where(&self, p: &Predicate, side: bool) -> Cow<'_, [u64]> {
         match p {
-            Predicate::And(a, b) => {
-                let (x, y) = (self.eval(a), self.eval(b));
-                Truth {
-                    t: and(&x.t, &y.t),
-                    f: or(&x.f, &y.f),
+            Predicate::And(a, b) | Predicate::Or(a, b) => {
+                let (x, y) = (self.rows_where(a, side), self.rows_where(b, side));
+                // TRUE of AND and FALSE of OR need both operands.
+                if matches!(p, Predicate::And(..)) == side {
+                    and_cow(x, y)
+                } else {
+                    or_cow(x, y)
                 }
             }
-            Predicate::Or(a, b) => {
-                let (x, y) = (self.eval(a), self.eval(b));
-                Truth {
-                    t: or(&x.t, &y.t),
-                    f: and(&x.f, &y.f),
-                }
-            }
-            Predicate::Not(a) => {
-                let x = self.eval(a);
-                Truth { t: x.f, f: x.t }
-            }
+            Predicate::Not(a) => self.rows_where(a, !side),
             Predicate::Cmp { column, op, value } => {
                 let c = &self.columns[*column];
                 let v = i128::from(*value);
@@ -570,7 +766,7 @@ impl Table {
                     CmpOp::Gt => (Test::range(c, v + 1, i128::MAX), false),
                     CmpOp::Ge => (Test::range(c, v, i128::MAX), false),
                 };
-                self.leaf(*column, &test, negated)
+                self.leaf(*column, &test, side != negated)
             }
             Predicate::Between {
                 column,
@@ -579,7 +775,7 @@ impl Table {
                 negated,
             } => {
                 let test = Test::range(&self.columns[*column], (*low).into(), (*high).into());
-                self.leaf(*column, &test, *negated)
+                self.leaf(*column, &test, side != *negated)
             }
             Predicate::In {
                 column,
@@ -599,33 +795,64 @@ impl Table {
                     &[x] => Test::Range { lo: x, hi: x },
                     _ => Test::Set(set),
                 };
-                self.leaf(*column, &test, *negated)
+                self.leaf(*column, &test, side != *negated)
             }
             Predicate::IsMissing { column, negated } => {
-                let present = self.present(*column).clone();
-                let missing = not(&present, self.len());
-                if *negated {
-                    Truth {
-                        t: present,
-                        f: missing,
-                    }
+                let present = self.present(*column);
+                if side == *negated {
+                    Cow::Borrowed(present)
                 } else {
-                    Truth {
-                        t: missing,
-                        f: present,
-                    }
+                    Cow::Owned(not(present, self.len()))
                 }
             }
         }
     }
 
-    /// The truth of `test` (negated if asked) on `column`: unknown where
-    /// the value is missing.
-    fn leaf(&self, column: usize, test: &Test, negated: bool) -> Truth {
+    /// The rows of `column` that pass `test` (`hit`) or that fail it
+    /// (`!hit`); missing values do neither.
+    fn leaf(&self, column: usize, test: &Test, hit: bool) -> Cow<'_, [u64]> {
+        let hits = self.hits(column, test);
+        if hit {
+            hits
+        } else {
+            // Every hit is present (tests only admit valid offsets).
+            Cow::Owned(and_not(self.present(column), &hits))
+        }
+    }
+
+    /// The rows of `column` that pass `test`: a union of at most
+    /// [`UNION_MAX`] cached key bitmaps (borrowed if one), else for a
+    /// range a bit-sliced comparison over the cached planes, else a scan
+    /// of the codes.
+    fn hits(&self, column: usize, test: &Test) -> Cow<'_, [u64]> {
         let p = &self.columns[column];
-        let present = self.present(column);
-        let hit = match test {
-            Test::Never => vec![0; present.len()],
+        let admitted = match test {
+            Test::Never => return Cow::Owned(vec![0; self.len().div_ceil(64)]),
+            Test::Range { lo, hi } => hi - lo + 1,
+            Test::Set(set) => set.len() as u64,
+        };
+        if admitted <= UNION_MAX {
+            if let Some(keys) = self.keys(column) {
+                return match test {
+                    Test::Range { lo, hi } => union(keys, *lo..=*hi),
+                    Test::Set(set) => union(keys, set.iter().copied()),
+                    Test::Never => unreachable!("handled above"),
+                };
+            }
+        }
+        if let (Test::Range { lo, hi }, Some(count)) = (test, self.derived[column].plane_count) {
+            // Present rows hold offsets up to `span - 1`: a range up to it
+            // is one-sided.
+            let hi = if *hi + 1 == p.span {
+                (1 << count) - 1
+            } else {
+                *hi
+            };
+            let planes = self.planes(column);
+            return Cow::Owned(bits::planes_in_range(planes, self.present(column), *lo, hi));
+        }
+        Cow::Owned(match test {
+            Test::Never => unreachable!("handled above"),
             Test::Range { lo, hi } => with_codes!(&p.codes, v => range_bits(v, *lo, *hi)),
             Test::Set(set) if p.span <= 1 << 16 => {
                 let mut member = vec![false; p.span as usize + 1];
@@ -637,14 +864,7 @@ impl Table {
             Test::Set(set) => {
                 with_codes!(&p.codes, v => pack_bits(v, |c| set.binary_search(&c.to_u64()).is_ok()))
             }
-        };
-        // Every hit is present (tests only admit valid offsets).
-        let miss = and_not(present, &hit);
-        if negated {
-            Truth { t: miss, f: hit }
-        } else {
-            Truth { t: hit, f: miss }
-        }
+        })
     }
 }
 
@@ -756,10 +976,6 @@ fn and(a: &[u64], b: &[u64]) -> Bits {
     a.iter().zip(b).map(|(x, y)| x & y).collect()
 }
 
-fn or(a: &[u64], b: &[u64]) -> Bits {
-    a.iter().zip(b).map(|(x, y)| x | y).collect()
-}
-
 fn and_not(a: &[u64], b: &[u64]) -> Bits {
     a.iter().zip(b).map(|(x, y)| x & !y).collect()
 }
@@ -767,6 +983,73 @@ fn and_not(a: &[u64], b: &[u64]) -> Bits {
 /// The rows of `rows` not in `a`.
 fn not(a: &[u64], rows: usize) -> Bits {
     and_not(&all_rows(rows), a)
+}
+
+/// `a ∧ b` (row-wise AND), reusing an owned operand's buffer.
+fn and_cow<'a>(a: Cow<'a, [u64]>, b: Cow<'a, [u64]>) -> Cow<'a, [u64]> {
+    combine(a, b, |x, y| x & y)
+}
+
+/// `a ∨ b` (row-wise OR), reusing an owned operand's buffer.
+fn or_cow<'a>(a: Cow<'a, [u64]>, b: Cow<'a, [u64]>) -> Cow<'a, [u64]> {
+    combine(a, b, |x, y| x | y)
+}
+
+/// A commutative word operation over two bitmaps, in place when one is
+/// owned.
+fn combine<'a>(
+    a: Cow<'a, [u64]>,
+    b: Cow<'a, [u64]>,
+    op: impl Fn(u64, u64) -> u64,
+) -> Cow<'a, [u64]> {
+    let (mut out, other) = match (a, b) {
+        (Cow::Owned(v), o) | (o, Cow::Owned(v)) => (v, o),
+        (Cow::Borrowed(x), Cow::Borrowed(y)) => {
+            return Cow::Owned(x.iter().zip(y).map(|(x, y)| op(*x, *y)).collect())
+        }
+    };
+    for (w, o) in out.iter_mut().zip(other.iter()) {
+        *w = op(*w, *o);
+    }
+    Cow::Owned(out)
+}
+
+/// The union of the key bitmaps of `offsets` (at least one), borrowed
+/// when there is only one.
+fn union<'a>(keys: &'a [Bits], offsets: impl IntoIterator<Item = u64>) -> Cow<'a, [u64]> {
+    let mut bitmaps = offsets.into_iter().map(|o| keys[o as usize].as_slice());
+    let first = bitmaps.next().unwrap_or_default();
+    bitmaps.fold(Cow::Borrowed(first), |acc, b| or_cow(acc, Cow::Borrowed(b)))
+}
+
+/// For each valid offset `0..span` of `v`, the rows holding it: one pass,
+/// each 64 rows scattered into one word per offset (`span` is the missing
+/// code, dropped).
+fn key_bits<T: Code>(v: &[T], span: usize) -> Vec<Bits> {
+    let words = v.len().div_ceil(64);
+    let mut out: Vec<Bits> = (0..span).map(|_| Vec::with_capacity(words)).collect();
+    let mut acc = vec![0u64; span + 1];
+    for chunk in v.chunks(64) {
+        for (j, &c) in chunk.iter().enumerate() {
+            acc[c.to_u64() as usize] |= 1 << j;
+        }
+        for (o, a) in out.iter_mut().zip(&mut acc) {
+            o.push(*a);
+            *a = 0;
+        }
+        acc[span] = 0;
+    }
+    out
+}
+
+/// Grouped COUNT of the rows of `rows` by bitmap intersection (see
+/// [`bits::grouped_counts`]).
+fn grouped_count(rows: &[u64], keys: &[KeyBits<'_>], out: &mut [i64]) {
+    let mut tally = vec![0u64; out.len()];
+    bits::grouped_counts(rows, keys, &[], &mut tally);
+    for (o, t) in out.iter_mut().zip(tally) {
+        *o = t as i64;
+    }
 }
 
 /// Calls `f` with the index of every set bit, in order.
@@ -786,11 +1069,7 @@ fn for_each_bit(bits: &[u64], mut f: impl FnMut(usize)) {
 /// Grouped counts go to four interleaved tallies per cell, used in turn, so
 /// that consecutive rows of the same cell do not wait on each other's
 /// increment (most rows fall in a few cells).
-fn count_bits(bits: &[u64], cells: Option<&[u32]>, out: &mut [i64]) {
-    let Some(cells) = cells else {
-        out[0] = bits.iter().map(|w| i64::from(w.count_ones())).sum();
-        return;
-    };
+fn count_bits(bits: &[u64], cells: &[u32], out: &mut [i64]) {
     let mut tally = vec![[0i64; 4]; out.len()];
     for (wi, &w) in bits.iter().enumerate() {
         let cells = &cells[wi * 64..];
@@ -1057,6 +1336,182 @@ mod tests {
         assert_eq!(wide(-(1 << 40), 1 << 40), 8);
     }
 
+    /// An append drops the cached key and plane bitmaps: a query after it
+    /// sees the new rows, through freshly built bitmaps.
+    #[test]
+    fn appending_rows_invalidates_the_key_and_plane_bitmaps() {
+        let mut t = table();
+        let p = plan(
+            "SELECT g, COUNT(*), SUM(m) FROM t WHERE f = 1 GROUP BY g",
+            &t.schema,
+            100,
+        )
+        .unwrap();
+        assert_eq!(t.exact(&p), vec![vec![1, 1, 1], vec![5, 0, 3]]);
+        assert!(t.derived[0].keys.get().is_some());
+        assert!(t.derived[1].keys.get().is_some());
+        assert!(t.derived[2].planes.get().is_some());
+        let before = t.cached_bytes();
+        assert!(before > 0);
+        t.append_row_major(&[
+            0, 1, 9, //
+            1, 1, 2, //
+        ]);
+        assert!(t.derived.iter().all(|d| d.keys.get().is_none()));
+        assert!(t.derived.iter().all(|d| d.planes.get().is_none()));
+        assert_eq!(t.cached_bytes(), 0);
+        assert_eq!(t.exact(&p), vec![vec![2, 2, 1], vec![14, 2, 3]]);
+    }
+
+    /// The budget of cached bitmaps is decided from the declared spans
+    /// alone: key bitmaps for small spans, planes for integers, and no
+    /// more than [`DERIVED_BITMAPS`] in all.
+    #[test]
+    fn cached_bitmaps_stay_within_the_budget() {
+        let t = table();
+        let keyed: Vec<bool> = t.derived.iter().map(|d| d.keyed).collect();
+        let planes: Vec<Option<u32>> = t.derived.iter().map(|d| d.plane_count).collect();
+        assert_eq!(keyed, vec![true, true, true]);
+        // m is 0..=10: offsets up to 10 need 4 bits.
+        assert_eq!(planes, vec![None, None, Some(4)]);
+        let many: Vec<ColumnSpec> = (0..10)
+            .map(|i| ColumnSpec {
+                open: None,
+                name: format!("c{i}"),
+                kind: ColumnType::Integer,
+                domain: None,
+                min: Some(0),
+                max: Some(63),
+                bins: None,
+            })
+            .collect();
+        let t = Table::new(Schema::from_specs("t", &many).unwrap());
+        let spent: usize = t
+            .derived
+            .iter()
+            .map(|d| usize::from(d.keyed) * 64 + d.plane_count.unwrap_or(0) as usize)
+            .sum();
+        assert!(spent <= DERIVED_BITMAPS, "{spent}");
+        assert!(!t.derived[9].keyed);
+        assert!(t.derived[0].keyed);
+    }
+
+    /// With a person-level unit (truncation), missing values and random
+    /// filters, grouped COUNT, COUNT(col) and SUM by bitmap intersection
+    /// equal the row-at-a-time kernels over the same selected rows, and
+    /// a bitmap-built filter selects the rows a code scan does.
+    #[test]
+    fn bitmap_aggregates_equal_the_row_at_a_time_kernels() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
+        let spec =
+            |name: &str, kind, domain: Option<usize>, bounds: Option<(i64, i64)>| ColumnSpec {
+                open: None,
+                name: name.into(),
+                kind,
+                domain: domain.map(|n| (0..n).map(|i| format!("v{i}")).collect()),
+                min: bounds.map(|b| b.0),
+                max: bounds.map(|b| b.1),
+                bins: None,
+            };
+        let schema = Schema::from_specs(
+            "t",
+            &[
+                spec("g", ColumnType::Categorical, Some(3), None),
+                spec("a", ColumnType::Categorical, Some(9), None),
+                spec("f", ColumnType::Boolean, None, None),
+                spec("m", ColumnType::Integer, None, Some((-3, 120))),
+            ],
+        )
+        .unwrap()
+        .with_person_unit("pid", 2)
+        .unwrap();
+        let rows = 64 * 1100 + 37;
+        let mut codes = Vec::new();
+        for _ in 0..rows {
+            for (c, hi) in [3i64, 9, 2].into_iter().enumerate() {
+                let v = rng.random_range(0..hi);
+                codes.push(if rng.random_bool(0.1 + 0.05 * c as f64) {
+                    MISSING
+                } else {
+                    v
+                });
+            }
+            codes.push(if rng.random_bool(0.1) {
+                MISSING
+            } else {
+                rng.random_range(-3..=120)
+            });
+            codes.push(rng.random_range(0..rows as i64 / 2));
+        }
+        let mut t = Table::new(schema.clone());
+        t.append_row_major(&codes);
+        assert!(t.kept_rows().is_some());
+        for sql in [
+            "SELECT g, a, COUNT(*), SUM(m), AVG(m) FROM t WHERE f = 1 GROUP BY g, a",
+            "SELECT a, COUNT(*), SUM(m) FROM t GROUP BY a",
+            "SELECT COUNT(*), SUM(m) FROM t WHERE a IN ('v1', 'v3', 'v8') AND NOT g = 'v0'",
+            "SELECT f, g, COUNT(*) FROM t WHERE m >= 40 OR a IS NULL GROUP BY f, g",
+        ] {
+            let p = plan(sql, &t.schema, 100).unwrap();
+            let exact = t.exact(&p);
+            let selected = t.selected(&p);
+            let cells = t.cells(&p);
+            for (m, got) in p.measurements.iter().zip(&exact) {
+                let mut old = vec![0i64; got.len()];
+                let column = match m {
+                    MeasurementSpec::CountPresent { column }
+                    | MeasurementSpec::Sum { column, .. } => Some(*column),
+                    _ => None,
+                };
+                let bits = match column {
+                    Some(c) => and(&selected, t.present(c)),
+                    None => selected.to_vec(),
+                };
+                match (m, &cells) {
+                    (MeasurementSpec::Sum { min, max, .. }, _) => {
+                        let Codes::U8(v) = &t.columns[3].codes else {
+                            panic!("m packs in one byte")
+                        };
+                        sum_bits(&bits, cells.as_deref(), v, -3, (*min, *max), &mut old);
+                    }
+                    (_, Some(cells)) => count_bits(&bits, cells, &mut old),
+                    (_, None) => old[0] = bits.iter().map(|w| i64::from(w.count_ones())).sum(),
+                }
+                assert_eq!(got, &old, "{sql}: {m:?}");
+            }
+            // The filter by key bitmaps selects what a scan of the codes does.
+            if let Some(filter) = &p.filter {
+                let scanned = reference_rows(&t, filter);
+                let kept = t.kept_rows().unwrap();
+                assert_eq!(*selected, and(&scanned, kept)[..], "{sql}");
+            }
+        }
+    }
+
+    /// The rows where `p` is TRUE, by scanning codes one row at a time.
+    fn reference_rows(t: &Table, p: &Predicate) -> Bits {
+        let rows: Vec<Vec<i64>> = (0..t.len())
+            .map(|i| {
+                (0..t.columns.len())
+                    .map(|c| {
+                        let col = &t.columns[c];
+                        let code = t.code_at(c, i);
+                        if code == col.span {
+                            MISSING
+                        } else {
+                            col.base + code as i64
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let truth: Vec<u8> = (0..rows.len())
+            .map(|i| u8::from(reference::is_true(&rows, i, p)))
+            .collect();
+        pack_bits(&truth, |x| x == 1)
+    }
+
     /// The engine before packing, row at a time over `i64` codes: the
     /// reference the compact engine must agree with.
     mod reference {
@@ -1114,6 +1569,11 @@ mod tests {
                     u8::from((rows[i][*column] == MISSING) != *negated)
                 }
             }
+        }
+
+        /// Whether `p` is TRUE for row `i`.
+        pub fn is_true(rows: &[Vec<i64>], i: usize, p: &Predicate) -> bool {
+            truth(rows, i, p) == TRUE
         }
 
         pub fn exact(rows: &[Vec<i64>], plan: &Plan) -> Vec<Vec<i64>> {
