@@ -33,8 +33,18 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 /// which covers them all at once.
 pub struct GroupCommit {
     shared: Arc<Shared>,
-    flusher: Option<std::thread::JoinHandle<()>>,
+    flushers: Vec<std::thread::JoinHandle<()>>,
 }
+
+/// Flushes that may run at once. Any flush that begins after a ticket
+/// covers it, so with more than one, a writer whose ticket comes just after
+/// a flush began need not wait for that flush to end before its own
+/// starts. Measured with 16 clients on the development machine (BENCHMARKS.md),
+/// two flushers gave no more throughput than one: nearly all of a flush is
+/// sled's own flush waiting for its earlier buffer writes in order, so a
+/// second one waits for the same writes, and batches halve (3.8 → 2.4
+/// tickets per flush). Kept as a constant to revisit on other disks.
+const FLUSHERS: usize = 1;
 
 /// What the writers and the flusher thread share.
 struct Shared {
@@ -85,16 +95,23 @@ impl GroupCommit {
             work: Condvar::new(),
             flushed: Condvar::new(),
         });
-        let flusher = {
+        let mut flushers = Vec::with_capacity(FLUSHERS);
+        for i in 0..FLUSHERS {
             let shared = Arc::clone(&shared);
-            std::thread::Builder::new()
-                .name("fedq-flush".into())
-                .spawn(move || shared.run())?
-        };
-        Ok(GroupCommit {
-            shared,
-            flusher: Some(flusher),
-        })
+            match std::thread::Builder::new()
+                .name(format!("fedq-flush-{i}"))
+                .spawn(move || shared.run())
+            {
+                Ok(handle) => flushers.push(handle),
+                // Flushing goes on with the threads that started.
+                Err(e) if i > 0 => {
+                    tracing::warn!(error = %e, "cannot start a second flusher thread");
+                    break;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(GroupCommit { shared, flushers })
     }
 
     /// Blocks until everything this thread wrote to the database before
@@ -156,9 +173,12 @@ impl Shared {
                 continue;
             }
             let covers = st.issued;
+            let batch = covers - st.started;
             st.started = covers;
             drop(st);
+            let began = std::time::Instant::now();
             let result = self.flush();
+            tracing::debug!(target: "fedq_node::timing", batch, us = began.elapsed().as_micros() as u64, "group flush");
             st = self.lock();
             st.flushes += 1;
             match result {
@@ -174,8 +194,12 @@ impl Shared {
 
     /// One flush: sled writes its buffers, then the log file is synced.
     fn flush(&self) -> anyhow::Result<()> {
+        let began = std::time::Instant::now();
         self.db.flush()?;
+        let sled_us = began.elapsed().as_micros() as u64;
         self.log.sync_data()?;
+        // Durations only, for the benchmarks (`fedq_node::timing`).
+        tracing::debug!(target: "fedq_node::timing", sled_us, fdatasync_us = (began.elapsed().as_micros() as u64).saturating_sub(sled_us), "flush");
         Ok(())
     }
 
@@ -190,8 +214,8 @@ impl Drop for GroupCommit {
     /// reopened).
     fn drop(&mut self) {
         self.shared.lock().closing = true;
-        self.shared.work.notify_one();
-        if let Some(handle) = self.flusher.take() {
+        self.shared.work.notify_all();
+        for handle in self.flushers.drain(..) {
             let _ = handle.join();
         }
     }

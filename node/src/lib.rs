@@ -14,6 +14,7 @@
 //! - [`group_commit`]: concurrent ledger writes made durable by shared flushes.
 //! - [`backup`]: backup and restore of a stopped node's store, never over a newer ledger.
 //! - [`table`]: the in-memory columnar view that queries scan.
+//! - `bits`: the bitmap counting kernels `table` uses (CPU-feature dispatch).
 //! - [`source`]: where a dataset's rows live (embedded store or database).
 //! - [`postgres`]: a PostgreSQL table or view as a dataset: the start-up
 //!   check and the push-down of each query as one parameterised statement.
