@@ -682,7 +682,7 @@ impl Ledger {
                 digest,
                 amount,
                 keys_delta,
-                limits: limits.clone(),
+                limits: *limits,
                 hold: hold.map(|(sql, expires, request)| (sql.to_string(), expires, request)),
                 received: received.cloned(),
                 done: Arc::clone(&done),
@@ -1515,7 +1515,7 @@ mod tests {
         let l = limits();
         let threads: Vec<_> = (0..16u8)
             .map(|t| {
-                let (ledger, l) = (Arc::clone(&ledger), l.clone());
+                let (ledger, l) = (Arc::clone(&ledger), l);
                 std::thread::spawn(move || {
                     (0..4u8)
                         .map(|i| {
@@ -1579,7 +1579,7 @@ mod tests {
         };
         let threads: Vec<_> = (0..16u8)
             .map(|t| {
-                let (ledger, l) = (Arc::clone(&ledger), l.clone());
+                let (ledger, l) = (Arc::clone(&ledger), l);
                 std::thread::spawn(move || {
                     let mut heads = Vec::new();
                     for i in 0..8u8 {
