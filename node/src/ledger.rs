@@ -1504,6 +1504,15 @@ mod tests {
         );
     }
 
+    /// How many entries of `kind` the ledger's audit log holds.
+    fn logged(ledger: &Ledger, kind: &str) -> usize {
+        ledger
+            .audit
+            .entries(0)
+            .filter(|e| e.as_ref().unwrap().event.kind() == kind)
+            .count()
+    }
+
     /// Debits checked concurrently (and so in shared transactions) are
     /// serialised: exactly as many as the limit takes are debited, each
     /// once, the rest refused without a trace in the ledger or the log.
@@ -1546,12 +1555,7 @@ mod tests {
             ledger.state("alice", "cases", &l).unwrap().spent_by_analyst,
             1.0
         );
-        let logged = ledger
-            .audit
-            .entries(0)
-            .filter(|e| e.as_ref().unwrap().event.kind() == "debited")
-            .count();
-        assert_eq!(logged, 10);
+        assert_eq!(logged(&ledger, "debited"), 10);
         // Each debited id resumes under its own debit; a refused one is
         // refused again (it left no record).
         for (id, digest, o) in &outcomes {
@@ -1620,12 +1624,7 @@ mod tests {
         seqs.sort_unstable();
         seqs.dedup();
         assert_eq!(seqs.len(), 128, "every release has its own audit entry");
-        let released = ledger
-            .audit
-            .entries(0)
-            .filter(|e| e.as_ref().unwrap().event.kind() == "released")
-            .count();
-        assert_eq!(released, 128);
+        assert_eq!(logged(&ledger, "released"), 128);
         for (id, digest, head) in &heads {
             let Ok(Ok(Admission::Replay(bytes))) =
                 ledger.admit("alice", "cases", id, *digest, 0.01, &l)
