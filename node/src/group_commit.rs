@@ -31,20 +31,15 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 /// (see [`crate::ledger::Ledger::admit_overlapping`]) without a thread of
 /// its own, and while one flush runs every newcomer queues for the next,
 /// which covers them all at once.
+///
+/// One flusher, not several: two overlapping flushers (measured with 16
+/// clients, BENCHMARKS.md) gave no more throughput, since nearly all of a
+/// flush is sled's own flush waiting for its earlier buffer writes in
+/// order, and batches halved (3.8 → 2.4 tickets per flush).
 pub struct GroupCommit {
     shared: Arc<Shared>,
-    flushers: Vec<std::thread::JoinHandle<()>>,
+    flusher: Option<std::thread::JoinHandle<()>>,
 }
-
-/// Flushes that may run at once. Any flush that begins after a ticket
-/// covers it, so with more than one, a writer whose ticket comes just after
-/// a flush began need not wait for that flush to end before its own
-/// starts. Measured with 16 clients on the development machine (BENCHMARKS.md),
-/// two flushers gave no more throughput than one: nearly all of a flush is
-/// sled's own flush waiting for its earlier buffer writes in order, so a
-/// second one waits for the same writes, and batches halve (3.8 → 2.4
-/// tickets per flush). Kept as a constant to revisit on other disks.
-const FLUSHERS: usize = 1;
 
 /// What the writers and the flusher thread share.
 struct Shared {
@@ -95,23 +90,16 @@ impl GroupCommit {
             work: Condvar::new(),
             flushed: Condvar::new(),
         });
-        let mut flushers = Vec::with_capacity(FLUSHERS);
-        for i in 0..FLUSHERS {
+        let flusher = {
             let shared = Arc::clone(&shared);
-            match std::thread::Builder::new()
-                .name(format!("fedq-flush-{i}"))
-                .spawn(move || shared.run())
-            {
-                Ok(handle) => flushers.push(handle),
-                // Flushing goes on with the threads that started.
-                Err(e) if i > 0 => {
-                    tracing::warn!(error = %e, "cannot start a second flusher thread");
-                    break;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(GroupCommit { shared, flushers })
+            std::thread::Builder::new()
+                .name("fedq-flush".into())
+                .spawn(move || shared.run())?
+        };
+        Ok(GroupCommit {
+            shared,
+            flusher: Some(flusher),
+        })
     }
 
     /// Blocks until everything this thread wrote to the database before
@@ -214,8 +202,8 @@ impl Drop for GroupCommit {
     /// reopened).
     fn drop(&mut self) {
         self.shared.lock().closing = true;
-        self.shared.work.notify_all();
-        for handle in self.flushers.drain(..) {
+        self.shared.work.notify_one();
+        if let Some(handle) = self.flusher.take() {
             let _ = handle.join();
         }
     }
