@@ -10,6 +10,12 @@ use fedq_node::audit::{self, Entry};
 use fedq_node::config::NodeConfig;
 use fedq_node::synth::{self, Partner};
 
+/// mimalloc rather than glibc's allocator: a node's request threads each
+/// got their own glibc arena, which kept the memory of heavy load
+/// resident, and allocation was a tenth of a query's CPU (BENCHMARKS.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A partner's node in a fedq federation: holds your case records, answers
 /// aggregate queries with differential privacy, spends a budget you control.
 #[derive(Parser)]
