@@ -43,10 +43,7 @@ fn ledger(c: &mut Criterion) {
         &dir.path().join("audit.pub"),
     )
     .expect("audit key");
-    let audit = std::sync::Arc::new(fedq_node::audit::AuditLog {
-        tree: store.audit.clone(),
-        key,
-    });
+    let audit = std::sync::Arc::new(fedq_node::audit::AuditLog::new(store.audit.clone(), key));
     let ledger = Ledger::new(store, audit);
     let limits = BudgetLimits {
         keys_delta: None,

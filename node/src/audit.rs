@@ -25,9 +25,7 @@ use anyhow::{anyhow, bail, Context};
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use sled::transaction::{
-    ConflictableTransactionError, TransactionalTree, UnabortableTransactionError,
-};
+use sled::transaction::{ConflictableTransactionError, UnabortableTransactionError};
 
 /// The `prev` of the first entry.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -450,7 +448,7 @@ fn entry_key(seq: u64) -> [u8; 9] {
 /// Appends `event` inside a transaction on the `audit` tree, returning the
 /// new head. Call it from within a (possibly multi-tree) sled transaction.
 pub fn append_in<E>(
-    tx: &TransactionalTree,
+    tx: &impl crate::journal::Kv,
     key: &AuditKey,
     event: Event,
 ) -> Result<Head, ConflictableTransactionError<E>> {
@@ -480,11 +478,33 @@ pub struct AuditLog {
     pub tree: sled::Tree,
     /// The signing key.
     pub key: AuditKey,
+    /// Held by every append made outside a sled transaction's conflict
+    /// detection (see [`AuditLog::appending`]).
+    appending: std::sync::Mutex<()>,
 }
 
 impl AuditLog {
+    /// The log in `tree`, signed with `key`.
+    pub fn new(tree: sled::Tree, key: AuditKey) -> AuditLog {
+        AuditLog {
+            tree,
+            key,
+            appending: std::sync::Mutex::new(()),
+        }
+    }
+
+    /// Excludes every other append of this process while held. The
+    /// ledger's journaled writes ([`crate::journal`]) hold it while they
+    /// read the head and write after it, since sled cannot detect their
+    /// conflict with an append made in a transaction; [`AuditLog::append`]
+    /// and [`AuditLog::append_all`] hold it too.
+    pub fn appending(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.appending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Appends one event on its own (not tied to a ledger write).
     pub fn append(&self, event: Event) -> anyhow::Result<Head> {
+        let _appending = self.appending();
         self.tree
             .transaction(|tx| append_in::<()>(tx, &self.key, event.clone()))
             .map_err(|e| anyhow!("cannot append to the audit log: {e:?}"))
@@ -492,6 +512,7 @@ impl AuditLog {
 
     /// Appends `events`, in order, in one commit (all or none).
     pub fn append_all(&self, events: &[Event]) -> anyhow::Result<Option<Head>> {
+        let _appending = self.appending();
         self.tree
             .transaction(|tx| {
                 let mut head = None;
@@ -730,10 +751,7 @@ mod tests {
         let key =
             AuditKey::load_or_create(&dir.path().join("audit.key"), &dir.path().join("audit.pub"))
                 .unwrap();
-        let log = AuditLog {
-            tree: db.open_tree("audit").unwrap(),
-            key,
-        };
+        let log = AuditLog::new(db.open_tree("audit").unwrap(), key);
         for i in 0..n {
             log.append(Event::Replayed {
                 analyst: format!("a{i}"),

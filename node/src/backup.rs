@@ -355,13 +355,10 @@ pub fn restore(config: &NodeConfig, from: &Path) -> anyhow::Result<RestoreReport
                 dir.display()
             )
         })?;
-        let log = AuditLog {
-            tree: current.audit.clone(),
-            key: AuditKey::load_or_create(
-                &from.join("keys/audit.key"),
-                &from.join("keys/audit.pub"),
-            )?,
-        };
+        let log = AuditLog::new(
+            current.audit.clone(),
+            AuditKey::load_or_create(&from.join("keys/audit.key"), &from.join("keys/audit.pub"))?,
+        );
         if let Some(h) = log.head()? {
             marks.push((
                 Mark::from(&h),
@@ -457,10 +454,7 @@ fn stage(
     }
     let store = Store::open(staging)?;
     let public = audit::parse_public_key(&key.public_hex())?;
-    let log = AuditLog {
-        tree: store.audit.clone(),
-        key,
-    };
+    let log = AuditLog::new(store.audit.clone(), key);
     let head = log.head()?.as_ref().map(Mark::from);
     if head != manifest.audit_head {
         bail!(

@@ -43,6 +43,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use crate::accounting::Measure;
 use crate::audit::{append_in, AuditLog, Equivalent, Event, Head, ReleasedMeasurement};
 use crate::config::BudgetLimits;
+use crate::journal::{Kv, Overlay};
 use crate::store::decode_u64;
 
 /// Nano-epsilon per epsilon.
@@ -356,7 +357,7 @@ struct Account {
 
 impl Account {
     fn read(
-        tx: &sled::transaction::TransactionalTree,
+        tx: &impl Kv,
         dataset: &str,
         analyst: &str,
         limits: &BudgetLimits,
@@ -397,7 +398,7 @@ impl Account {
     #[allow(clippy::too_many_arguments)]
     fn debit(
         &self,
-        tx: &sled::transaction::TransactionalTree,
+        tx: &impl Kv,
         dataset: &str,
         analyst: &str,
         amount: f64,
@@ -503,7 +504,7 @@ impl Stated {
 /// The state recorded under `qkey`, if any; a record of a different query
 /// (or an unreadable one) under the same id is refused.
 fn same_query(
-    tx: &sled::transaction::TransactionalTree,
+    tx: &impl Kv,
     qkey: &str,
     query_id: &str,
     digest: [u8; 32],
@@ -514,6 +515,15 @@ fn same_query(
     match QueryRecord::decode(&existing) {
         Some(rec) if rec.digest == digest => Ok(Some(rec.state)),
         _ => abort(Refusal::IdReused(query_id.to_string())),
+    }
+}
+
+/// The storage failure inside a ledger write's error (a release record is
+/// never refused, and an overlay never conflicts).
+fn storage_error<E>(e: ConflictableTransactionError<E>) -> sled::Error {
+    match e {
+        ConflictableTransactionError::Storage(e) => e,
+        _ => sled::Error::ReportableBug("a ledger write failed without a storage error".into()),
     }
 }
 
@@ -699,33 +709,42 @@ impl Ledger {
         }
         let jobs = std::mem::take(&mut *self.queued.lock().unwrap_or_else(|p| p.into_inner()));
         let began = std::time::Instant::now();
-        let outcome = (&self.tree, &self.audit.tree).transaction(|(tx, atx)| {
+        // Every other writer of the audit chain waits meanwhile.
+        let _appending = self.audit.appending();
+        let (tx, atx) = (Overlay::new(&self.tree), Overlay::new(&self.audit.tree));
+        let computed = (|| -> Result<Vec<Decided>, sled::Error> {
             let mut out = Vec::with_capacity(jobs.len());
             for job in &jobs {
                 out.push(match job {
-                    Job::Debit(job) => Decided::Debit(match self.debit_one(tx, atx, job) {
+                    Job::Debit(job) => Decided::Debit(match self.debit_one(&tx, &atx, job) {
                         Ok(admission) => Ok(admission),
                         Err(ConflictableTransactionError::Abort(refusal)) => Err(refusal),
+                        Err(ConflictableTransactionError::Storage(e)) => return Err(e),
                         Err(ConflictableTransactionError::Conflict) => {
-                            return Err(ConflictableTransactionError::Conflict)
-                        }
-                        Err(ConflictableTransactionError::Storage(e)) => {
-                            return Err(ConflictableTransactionError::Storage(e))
+                            return Err(sled::Error::ReportableBug(
+                                "a ledger write without a transaction met a conflict".into(),
+                            ))
                         }
                     }),
                     Job::Release(job) => {
-                        let head = append_in::<()>(atx, &self.audit.key, job.event.clone())?;
+                        let head = append_in::<()>(&atx, &self.audit.key, job.event.clone())
+                            .map_err(storage_error)?;
                         let mut stored = job.response.clone();
                         stored.audit_head = Some(head.to_proto());
                         let rec = QueryRecord {
                             digest: job.digest,
                             state: RecordState::Released(stored.encode_to_vec()),
                         };
-                        tx.insert(job.qkey.as_bytes(), rec.encode())?;
+                        tx.insert(job.qkey.as_bytes(), rec.encode())
+                            .map_err(|e| storage_error::<()>(e.into()))?;
                         Decided::Release(head)
                     }
                 });
             }
+            Ok(out)
+        })();
+        let outcome = computed.and_then(|out| {
+            self.store.journal.commit(&[&tx, &atx])?;
             Ok(out)
         });
         // Durations only, for the benchmarks (`fedq_node::timing`).
@@ -748,12 +767,6 @@ impl Ledger {
                 }
             }
             Err(e) => {
-                let e = match e {
-                    TransactionError::Storage(e) => e,
-                    TransactionError::Abort(()) => {
-                        sled::Error::ReportableBug("a ledger batch aborted".into())
-                    }
-                };
                 for job in &jobs {
                     job.fail(&e);
                 }
@@ -823,8 +836,8 @@ impl Ledger {
     /// (`Abort`) has written nothing.
     fn debit_one(
         &self,
-        tx: &sled::transaction::TransactionalTree,
-        atx: &sled::transaction::TransactionalTree,
+        tx: &impl Kv,
+        atx: &impl Kv,
         job: &DebitJob,
     ) -> Result<Admission, ConflictableTransactionError<Refusal>> {
         let (analyst, dataset, query_id) = (&job.analyst[..], &job.dataset[..], &job.query_id[..]);
@@ -1415,10 +1428,7 @@ mod tests {
     fn test_ledger(dir: &std::path::Path) -> Ledger {
         let store = crate::store::Store::open(&dir.join("store")).unwrap();
         let key = crate::audit::AuditKey::load_or_create(&dir.join("k"), &dir.join("p")).unwrap();
-        let audit = Arc::new(AuditLog {
-            tree: store.audit.clone(),
-            key,
-        });
+        let audit = Arc::new(AuditLog::new(store.audit.clone(), key));
         Ledger::new(store, audit)
     }
 

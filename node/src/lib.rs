@@ -39,6 +39,7 @@ pub mod config;
 pub mod distribution;
 pub mod group_commit;
 pub mod ingest;
+pub mod journal;
 pub mod ledger;
 pub mod mechanism;
 pub mod pki;

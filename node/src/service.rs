@@ -259,10 +259,7 @@ pub fn open_audit(config: &NodeConfig, store: &Store) -> anyhow::Result<AuditLog
         &config.resolve(&config.audit.key),
         &config.resolve(&config.audit.public_key),
     )?;
-    Ok(AuditLog {
-        tree: store.audit.clone(),
-        key,
-    })
+    Ok(AuditLog::new(store.audit.clone(), key))
 }
 
 /// Per-analyst rate and concurrency limits, so that one analyst's flood

@@ -48,6 +48,8 @@ pub struct Store {
     pub ledger: sled::Tree,
     /// The audit log tree, used by [`crate::audit::AuditLog`].
     pub audit: sled::Tree,
+    /// The ledger's journal of multi-key writes (see [`crate::journal`]).
+    pub journal: crate::journal::Journal,
     /// Shared flushes for the ledger's durable points (one per database).
     commits: Arc<GroupCommit>,
 }
@@ -76,6 +78,18 @@ impl Store {
                 }
             }
         }
+        // A ledger write that a crash interrupted is completed before
+        // anything reads the ledger.
+        let journal = crate::journal::Journal::open(&db)?;
+        let replayed = journal
+            .replay()
+            .with_context(|| format!("store {}", dir.display()))?;
+        if replayed > 0 {
+            tracing::warn!(
+                keys = replayed,
+                "completed a ledger write that the last stop interrupted"
+            );
+        }
         // sled's log, synced by the group commit (see `group_commit.rs`).
         let log = std::fs::File::open(dir.join("db"))
             .with_context(|| format!("cannot open the log of store {}", dir.display()))?;
@@ -85,6 +99,7 @@ impl Store {
             data,
             ledger,
             audit,
+            journal,
         })
     }
 
