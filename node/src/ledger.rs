@@ -286,8 +286,8 @@ pub struct Ledger {
 
 /// A ledger write waiting for the admission lock (see [`Ledger::combine`]).
 enum Job {
-    Debit(DebitJob),
-    Release(ReleaseJob),
+    Debit(Box<DebitJob>),
+    Release(Box<ReleaseJob>),
 }
 
 impl Job {
@@ -803,7 +803,7 @@ impl Ledger {
     ) -> (Result<Admission, TransactionError<Refusal>>, bool) {
         let done = Arc::new(OnceLock::new());
         self.combine(
-            Job::Debit(DebitJob {
+            Job::Debit(Box::new(DebitJob {
                 analyst: analyst.to_string(),
                 dataset: dataset.to_string(),
                 query_id: query_id.to_string(),
@@ -814,7 +814,7 @@ impl Ledger {
                 hold: hold.map(|(sql, expires, request)| (sql.to_string(), expires, request)),
                 received: received.cloned(),
                 done: Arc::clone(&done),
-            }),
+            })),
             || done.get().is_some(),
         );
         let outcome = match done.get().cloned() {
@@ -973,13 +973,13 @@ impl Ledger {
         };
         let done = Arc::new(OnceLock::new());
         self.combine(
-            Job::Release(ReleaseJob {
+            Job::Release(Box::new(ReleaseJob {
                 qkey,
                 digest,
                 event,
                 response: response.clone(),
                 done: Arc::clone(&done),
-            }),
+            })),
             || done.get().is_some(),
         );
         let head = match done.get() {
