@@ -102,6 +102,10 @@ impl Kv for Overlay<'_> {
 pub struct Journal {
     db: sled::Db,
     tree: sled::Tree,
+    /// Set when a commit failed after writing its journal value: the trees
+    /// may hold part of it, and only a replay (the next open) completes
+    /// it, so every later commit is refused rather than overwrite it.
+    broken: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The journal's only key.
@@ -113,6 +117,7 @@ impl Journal {
         Ok(Journal {
             db: db.clone(),
             tree: db.open_tree("journal")?,
+            broken: Default::default(),
         })
     }
 
@@ -132,17 +137,28 @@ impl Journal {
             })
             .filter(|(_, writes)| !writes.is_empty())
             .collect();
+        use std::sync::atomic::Ordering;
+        if self.broken.load(Ordering::Acquire) {
+            return Err(sled::Error::ReportableBug(
+                "an earlier ledger write failed part-way; restart the node, which completes it, before anything else is written".into(),
+            ));
+        }
         if sets.is_empty() {
             return Ok(());
         }
         self.tree.insert(PENDING, encode(&sets))?;
-        for (tree, writes) in &sets {
-            for (k, v) in writes {
-                tree.insert(k, v.clone())?;
+        let applied = (|| {
+            for (tree, writes) in &sets {
+                for (k, v) in writes {
+                    tree.insert(k, v.clone())?;
+                }
             }
+            self.tree.remove(PENDING).map(|_| ())
+        })();
+        if applied.is_err() {
+            self.broken.store(true, Ordering::Release);
         }
-        self.tree.remove(PENDING)?;
-        Ok(())
+        applied
     }
 
     /// Completes a write set that a crash interrupted, if any, and makes it
@@ -302,6 +318,24 @@ mod tests {
         assert_eq!(b.get("entry").unwrap().as_deref(), Some(&b"debited"[..]));
         assert!(journal.tree.is_empty());
         assert_eq!(journal.replay().unwrap(), 0, "a second open finds nothing");
+    }
+
+    #[test]
+    fn after_a_commit_failed_part_way_nothing_more_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db(dir.path());
+        let a = db.open_tree("a").unwrap();
+        let journal = Journal::open(&db).unwrap();
+        // As left by a storage failure between the journal and its keys.
+        journal
+            .broken
+            .store(true, std::sync::atomic::Ordering::Release);
+        let oa = Overlay::new(&a);
+        oa.insert("k", "v").unwrap();
+        let e = journal.commit(&[&oa]).unwrap_err().to_string();
+        assert!(e.contains("restart the node"), "{e}");
+        assert_eq!(a.get("k").unwrap(), None);
+        assert!(journal.tree.is_empty());
     }
 
     #[test]

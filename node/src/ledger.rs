@@ -3,7 +3,8 @@
 //! have been answered.
 //!
 //! **Guarantee.** [`Ledger::admit`] checks the limits and records the debit
-//! in one sled transaction on the `ledger` tree and waits until a flush has
+//! in one atomic write (a journaled write, [`crate::journal`]) and waits
+//! until a flush has
 //! made it durable before returning, so a release is only ever computed
 //! after its debit is durable (DESIGN invariant 3).
 //! [`Ledger::admit_overlapping`] does the same while computing the exact
@@ -25,9 +26,11 @@
 //! with spending but no record is pure, as every ledger before zCDP was),
 //! and [`Ledger::check_measures`] refuses a config that changed it.
 //!
-//! Every debit, release and grant is appended to the audit log inside the
-//! same multi-tree transaction as the ledger write it records, so neither
-//! can exist without the other, even after a crash (DESIGN invariant 7).
+//! Every debit, release and grant is appended to the audit log in the same
+//! atomic write as the ledger write it records (a journaled write for
+//! debits and releases, a multi-tree sled transaction for the rarer
+//! changes), so neither can exist without the other, even after a crash
+//! (DESIGN invariant 7).
 //!
 //! Keys of the `ledger` tree:
 //! - `spent/analyst/<dataset>/<analyst>` and `spent/dataset/<dataset>`: u64 BE nano-epsilon;
@@ -312,7 +315,7 @@ enum Decided {
 }
 
 /// A check-and-debit (or hold) waiting for the admission lock, and where
-/// its outcome goes (`Err`: the shared transaction failed in storage).
+/// its outcome goes (`Err`: the shared write failed in storage).
 struct DebitJob {
     analyst: String,
     dataset: String,
@@ -340,7 +343,7 @@ struct ReleaseJob {
     done: Arc<OnceLock<Result<Head, String>>>,
 }
 
-/// One analyst's standing on one dataset, read inside a ledger transaction.
+/// One analyst's standing on one dataset, read inside a ledger write.
 /// Both debits (one-phase and reservations) go through [`Account::debit`],
 /// so the limit checks exist once.
 struct Account {
@@ -527,7 +530,7 @@ fn storage_error<E>(e: ConflictableTransactionError<E>) -> sled::Error {
     }
 }
 
-/// Aborts a ledger transaction with a refusal.
+/// Aborts a ledger write with a refusal.
 fn abort<T>(r: Refusal) -> Result<T, ConflictableTransactionError<Refusal>> {
     Err(ConflictableTransactionError::Abort(r))
 }
@@ -544,7 +547,7 @@ impl Ledger {
         }
     }
 
-    /// Turns a ledger transaction's outcome into the caller's result,
+    /// Turns a ledger write's outcome into the caller's result,
     /// waiting first, when it wrote something, for a flush that covers the
     /// write (so a debit or reservation is durable before anyone acts on
     /// it). Called after the admission lock is released: the next check
@@ -682,19 +685,21 @@ impl Ledger {
     ///
     /// Each caller queues its job and takes the admission lock; whichever
     /// thread holds it next writes every queued job, in queue order, in one
-    /// sled transaction: debits are checked and written in turn, each
-    /// seeing the writes before it (serialised exactly as one transaction
-    /// each would be, so nothing can overspend); a refused debit writes
-    /// nothing (every check comes before any write) and leaves the others
-    /// intact; a storage failure fails every job of the commit, and nothing
-    /// of it was written. A caller whose job another thread wrote finds its
-    /// slot set and only returns.
+    /// atomic write: debits are checked and written in turn, each seeing
+    /// the writes before it (serialised exactly as one write each would be,
+    /// so nothing can overspend); a refused debit writes nothing (every
+    /// check comes before any write) and leaves the others intact; a
+    /// storage failure fails every job of the write. A caller whose job
+    /// another thread wrote finds its slot set and only returns.
     ///
-    /// Why one commit for both kinds: sled 0.34 writes its log buffer
-    /// twice, each write waiting for the device (`sync_file_range`), for
-    /// every multi-key commit whatever its size, and the store's flush
-    /// waits for those writes in order; debits and releases committed
-    /// separately also conflicted on the audit head and retried.
+    /// The write is computed on overlays of the ledger and audit trees and
+    /// committed through the store's journal ([`crate::journal`]), not in a
+    /// sled transaction: sled 0.34 writes its log buffer out twice per
+    /// transaction, each write waiting for the device (`sync_file_range`),
+    /// and takes a process-wide lock; the journal halved the log writes per
+    /// query (BENCHMARKS.md). Every other writer of the ledger tree holds
+    /// the admission lock, and every other audit append either holds
+    /// [`AuditLog::appending`] (held here too) or is one of those writers.
     fn combine(&self, job: Job, decided: impl Fn() -> bool) {
         use prost::Message;
         self.queued
@@ -775,20 +780,10 @@ impl Ledger {
     }
 
     /// The check and the debit (or hold) of [`Ledger::admit`] and
-    /// [`Ledger::hold`] in one sled transaction under the admission lock,
-    /// committed but not yet durable; also whether it wrote anything (a
-    /// replay writes only the receipt). Callers make it durable before
-    /// computing.
-    ///
-    /// Concurrent requests share one transaction: each queues its request,
-    /// and whichever thread holds the admission lock next checks and debits
-    /// every queued request in turn, in that one transaction, each seeing
-    /// the debits before it (so they are serialised exactly as one
-    /// transaction each would be: nothing can overspend). A refused request
-    /// writes nothing (every check comes before any write), so it leaves
-    /// the others' debits intact; a storage failure fails them all, and
-    /// nothing of them was written. sled 0.34 writes its log buffer twice
-    /// per multi-key commit, whatever its size.
+    /// [`Ledger::hold`], written under the admission lock in a write shared
+    /// with concurrent debits and release records ([`Ledger::combine`]),
+    /// not yet durable; also whether it wrote anything (a replay writes
+    /// only the receipt). Callers make it durable before computing.
     #[allow(clippy::too_many_arguments)]
     fn debit_in_tx(
         &self,
@@ -943,12 +938,9 @@ impl Ledger {
     /// `response` get the audit head after the release entry, which is also
     /// returned.
     ///
-    /// Concurrent releases share one commit: each queues its record, and
-    /// whichever thread holds the release lock next commits every queued
-    /// record in one transaction (sled 0.34 writes its log buffer twice per
-    /// multi-key commit, whatever its size). A thread whose record another
-    /// committed only waits for its durability; if the shared commit fails,
-    /// every record in it fails, and nothing of it was written.
+    /// Concurrent releases and debits share one write ([`Ledger::combine`]).
+    /// A thread whose record another wrote only waits for its durability;
+    /// if the shared write fails, every record in it fails.
     #[allow(clippy::too_many_arguments)]
     pub fn record_release(
         &self,

@@ -1134,9 +1134,9 @@ fn release_keys(
 
 /// A query's `query_received` audit entry, held so that it is logged in the
 /// same commit as the query's first outcome: its debit or reservation (in
-/// the ledger's transaction), its refusal or its replay. sled 0.34 writes
-/// its log buffer twice for every multi-key commit, so a separate commit
-/// for the receipt cost a third of a query's log writes. The entry still
+/// the ledger's write), its refusal or its replay. A separate commit for
+/// the receipt cost a third of a query's log writes when those were sled
+/// transactions (sled 0.34 writes its log buffer twice for each). The entry still
 /// precedes its outcome's in the log, and every query is logged (DESIGN
 /// invariant 7): a path that logs no outcome logs the receipt on its own,
 /// at the latest when the receipt is dropped. A query that fails before
@@ -1155,13 +1155,13 @@ impl<'a> Receipt<'a> {
         }
     }
 
-    /// The entry while not yet logged, for a ledger transaction to append
-    /// first; call [`Receipt::logged`] once that transaction commits.
+    /// The entry while not yet logged, for a ledger write to append first;
+    /// call [`Receipt::logged`] once that write is committed.
     fn pending(&self) -> std::cell::Ref<'_, Option<Event>> {
         self.event.borrow()
     }
 
-    /// The entry was logged (by a committed ledger transaction).
+    /// The entry was logged (by a committed ledger write).
     fn logged(&self) {
         self.event.borrow_mut().take();
     }
