@@ -5,8 +5,9 @@
 //! columns, by counting the set bits of intersections of cached bitmaps.
 //! The default x86-64 target has no `popcnt` instruction, so
 //! `u64::count_ones` would compile to a software sequence: every kernel
-//! here is compiled three times (AVX2 + POPCNT, POPCNT alone, portable) and
-//! the best one the CPU supports is chosen at run time, the pattern of
+//! here is compiled four times (AVX-512 with its vector population count,
+//! AVX2 + POPCNT, POPCNT alone, portable) and the best one the CPU
+//! supports is chosen at run time, the pattern of
 //! `std::arch`. On other architectures only the portable build exists (on
 //! aarch64 it already uses the NEON count).
 //!
@@ -22,6 +23,9 @@ pub(crate) enum Tier {
     Popcnt,
     /// x86-64 with `popcnt` and AVX2 (counts 256 bits at a time).
     Avx2,
+    /// x86-64 with AVX-512 and its vector population count (`VPOPCNTQ`:
+    /// counts 512 bits at a time in one instruction).
+    Avx512,
 }
 
 impl Tier {
@@ -29,6 +33,9 @@ impl Tier {
     pub(crate) fn best() -> Tier {
         #[cfg(target_arch = "x86_64")]
         {
+            if Tier::Avx512.allowed() {
+                return Tier::Avx512;
+            }
             if is_x86_feature_detected!("popcnt") {
                 if is_x86_feature_detected!("avx2") {
                     return Tier::Avx2;
@@ -42,7 +49,7 @@ impl Tier {
     /// Every tier this CPU supports, the portable one first (for tests).
     #[cfg(test)]
     pub(crate) fn supported() -> Vec<Tier> {
-        [Tier::Portable, Tier::Popcnt, Tier::Avx2]
+        [Tier::Portable, Tier::Popcnt, Tier::Avx2, Tier::Avx512]
             .into_iter()
             .filter(|&t| t == Tier::Portable || t.allowed())
             .collect()
@@ -56,8 +63,16 @@ impl Tier {
             Tier::Popcnt => is_x86_feature_detected!("popcnt"),
             #[cfg(target_arch = "x86_64")]
             Tier::Avx2 => is_x86_feature_detected!("popcnt") && is_x86_feature_detected!("avx2"),
+            #[cfg(target_arch = "x86_64")]
+            Tier::Avx512 => {
+                Tier::Avx2.allowed()
+                    && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512vpopcntdq")
+            }
             #[cfg(not(target_arch = "x86_64"))]
-            Tier::Popcnt | Tier::Avx2 => false,
+            Tier::Popcnt | Tier::Avx2 | Tier::Avx512 => false,
         }
     }
 }
@@ -80,6 +95,10 @@ macro_rules! kernel {
         pub(crate) fn $name_in(tier: Tier, $($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vpopcntdq,avx2,popcnt")]
+                fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    $imp($($arg),*)
+                }
                 #[target_feature(enable = "avx2,popcnt")]
                 fn avx2($($arg: $ty),*) $(-> $ret)? {
                     $imp($($arg),*)
@@ -90,6 +109,9 @@ macro_rules! kernel {
                 }
                 if tier.allowed() {
                     match tier {
+                        // SAFETY: `tier.allowed()` detected AVX-512 F, BW,
+                        // VL and VPOPCNTDQ, AVX2 and POPCNT on this CPU.
+                        Tier::Avx512 => return unsafe { avx512($($arg),*) },
                         // SAFETY: `tier.allowed()` detected AVX2 and POPCNT
                         // on this CPU.
                         Tier::Avx2 => return unsafe { avx2($($arg),*) },
