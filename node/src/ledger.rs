@@ -308,12 +308,6 @@ impl Job {
     }
 }
 
-/// What one job of a shared commit produced, set once it is committed.
-enum Decided {
-    Debit(Result<Admission, Refusal>),
-    Release(Head),
-}
-
 /// A check-and-debit (or hold) waiting for the admission lock, and where
 /// its outcome goes (`Err`: the shared write failed in storage).
 struct DebitJob {
@@ -717,20 +711,28 @@ impl Ledger {
         // Every other writer of the audit chain waits meanwhile.
         let _appending = self.audit.appending();
         let (tx, atx) = (Overlay::new(&self.tree), Overlay::new(&self.audit.tree));
-        let computed = (|| -> Result<Vec<Decided>, sled::Error> {
-            let mut out = Vec::with_capacity(jobs.len());
+        // Each job's outcome, handed to its caller only once the whole
+        // write is committed.
+        type Settle<'j> = Box<dyn FnOnce() + 'j>;
+        let computed = (|| -> Result<Vec<Settle<'_>>, sled::Error> {
+            let mut settle: Vec<Settle<'_>> = Vec::with_capacity(jobs.len());
             for job in &jobs {
-                out.push(match job {
-                    Job::Debit(job) => Decided::Debit(match self.debit_one(&tx, &atx, job) {
-                        Ok(admission) => Ok(admission),
-                        Err(ConflictableTransactionError::Abort(refusal)) => Err(refusal),
-                        Err(ConflictableTransactionError::Storage(e)) => return Err(e),
-                        Err(ConflictableTransactionError::Conflict) => {
-                            return Err(sled::Error::ReportableBug(
-                                "a ledger write without a transaction met a conflict".into(),
-                            ))
-                        }
-                    }),
+                match job {
+                    Job::Debit(job) => {
+                        let decided = match self.debit_one(&tx, &atx, job) {
+                            Ok(admission) => Ok(admission),
+                            Err(ConflictableTransactionError::Abort(refusal)) => Err(refusal),
+                            Err(ConflictableTransactionError::Storage(e)) => return Err(e),
+                            Err(ConflictableTransactionError::Conflict) => {
+                                return Err(sled::Error::ReportableBug(
+                                    "a ledger write without a transaction met a conflict".into(),
+                                ))
+                            }
+                        };
+                        settle.push(Box::new(move || {
+                            let _ = job.done.set(Ok(decided));
+                        }));
+                    }
                     Job::Release(job) => {
                         let head = append_in::<()>(&atx, &self.audit.key, job.event.clone())
                             .map_err(storage_error)?;
@@ -742,35 +744,22 @@ impl Ledger {
                         };
                         tx.insert(job.qkey.as_bytes(), rec.encode())
                             .map_err(|e| storage_error::<()>(e.into()))?;
-                        Decided::Release(head)
+                        settle.push(Box::new(move || {
+                            let _ = job.done.set(Ok(head));
+                        }));
                     }
-                });
+                }
             }
-            Ok(out)
+            Ok(settle)
         })();
-        let outcome = computed.and_then(|out| {
+        let outcome = computed.and_then(|settle| {
             self.store.journal.commit(&[&tx, &atx])?;
-            Ok(out)
+            Ok(settle)
         });
         // Durations only, for the benchmarks (`fedq_node::timing`).
         tracing::debug!(target: "fedq_node::timing", batch = jobs.len(), us = began.elapsed().as_micros() as u64, "ledger commit");
         match outcome {
-            Ok(out) => {
-                for (job, d) in jobs.iter().zip(out) {
-                    match (job, d) {
-                        (Job::Debit(j), Decided::Debit(d)) => {
-                            let _ = j.done.set(Ok(d));
-                        }
-                        (Job::Release(j), Decided::Release(head)) => {
-                            let _ = j.done.set(Ok(head));
-                        }
-                        // Each job's outcome is pushed in its own order.
-                        (job, _) => job.fail(&sled::Error::ReportableBug(
-                            "a ledger batch mixed up its outcomes".into(),
-                        )),
-                    }
-                }
-            }
+            Ok(settle) => settle.into_iter().for_each(|f| f()),
             Err(e) => {
                 for job in &jobs {
                     job.fail(&e);
