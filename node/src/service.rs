@@ -640,10 +640,14 @@ fn describe_release(
         cost_epsilon,
         cost_delta,
         released_keys,
+        request_sha256: hex::encode(query_digest(q)),
     })
 }
 
-fn query_digest(q: &QueryRequest) -> [u8; 32] {
+/// The digest of what a request asks (SQL, cost, dry run): stored with a
+/// release so a retry under the same id is recognised, and sent in every
+/// answer (`request_sha256`) so a coordinator can check what was answered.
+pub fn query_digest(q: &QueryRequest) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(q.sql.as_bytes());
     h.update([0]);

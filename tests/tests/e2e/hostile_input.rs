@@ -984,7 +984,7 @@ fn coordinator_combines_every_scale_a_node_reports() {
 // ---------------------------------------------------------------------------
 
 /// The fully commented example config.
-const EXAMPLE_CONFIG: &str = include_str!("../../deploy/node.example.toml");
+const EXAMPLE_CONFIG: &str = include_str!("../../../deploy/node.example.toml");
 
 /// Values that stress TOML types and the config's own checks.
 const HOSTILE_VALUES: &[&str] = &[

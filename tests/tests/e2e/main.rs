@@ -1,0 +1,20 @@
+//! The end-to-end suite, one test binary (one link) for every area: real
+//! nodes with real sled stores in temporary directories, over real mutual
+//! TLS gRPC on loopback, and the real coordinator library.
+
+mod access;
+mod audit;
+mod bad_input;
+mod budget;
+mod coordinator;
+mod deploy_examples;
+mod distributions;
+mod federation;
+mod hostile_input;
+mod ingest_restart;
+mod noise;
+mod onboarding;
+mod person_unit;
+mod postgres;
+mod released_keys;
+mod zcdp;
