@@ -2,14 +2,18 @@
 # fedq-certs: a federation CA and its certificates, with openssl only.
 #
 #   certs.sh ca    DIR [CA-NAME]        create DIR/ca.pem and DIR/ca.key (once)
-#   certs.sh issue DIR ROLE NAME        create DIR/NAME.pem and DIR/NAME.key,
+#   certs.sh issue DIR ROLE NAME [ALSO...]
+#                                       create DIR/NAME.pem and DIR/NAME.key,
 #                                       signed by DIR/ca.pem / DIR/ca.key
 #
 # ROLE is node, analyst or auditor; it goes into the subject's OU and NAME
 # into its CN, which is how every fedq-node identifies a caller. A node
-# certificate also carries NAME (its node.name in node.toml), localhost and
-# 127.0.0.1 as subject alternative names, so coordinators can verify it by
-# name. Keys are ECDSA P-256 (PKCS#8), readable by their owner only.
+# certificate carries NAME (its node.name in node.toml) as its one subject
+# alternative name, so coordinators verify it by name, and serverAuth only
+# (a node key cannot query other nodes); ALSO adds more DNS names or IP
+# addresses (e.g. localhost) to a node certificate, only when asked for.
+# Client certificates carry clientAuth only. Keys are ECDSA P-256 (PKCS#8),
+# readable by their owner only from creation (umask 077).
 #
 # Whoever runs the federation CA keeps DIR/ca.key offline; partners send a
 # name, receive NAME.pem, NAME.key (or sign their own CSR, see README) and
@@ -18,7 +22,7 @@ set -eu
 umask 077
 
 usage() {
-    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -65,19 +69,41 @@ CNF
     echo "created $dir/ca.pem (keep $dir/ca.key offline)" >&2
     ;;
 issue)
-    [ $# -eq 4 ] || usage
+    [ $# -ge 4 ] || usage
     role=$3
     name=$4
+    shift 4
     check_name "$name"
+    also=""
+    for extra in "$@"; do
+        case "$extra" in
+            *:*)  # an IPv6 address
+                case "$extra" in
+                    *[!0-9A-Fa-f:]*)
+                        echo "certs.sh: '$extra' is not an IPv6 address" >&2
+                        exit 1 ;;
+                esac
+                also="$also, IP:$extra" ;;
+            *[!0-9.]*)  # a DNS name
+                check_name "$extra"
+                also="$also, DNS:$extra" ;;
+            *)  # an IPv4 address
+                also="$also, IP:$extra" ;;
+        esac
+    done
     [ -e "$dir/ca.pem" ] && [ -e "$dir/ca.key" ] || {
         echo "certs.sh: no CA in $dir; run: certs.sh ca $dir" >&2
         exit 1
     }
     case "$role" in
         node)
-            eku="serverAuth, clientAuth"
-            san="subjectAltName = DNS:$name, DNS:localhost, IP:127.0.0.1, IP:::1" ;;
+            eku="serverAuth"
+            san="subjectAltName = DNS:$name$also" ;;
         analyst | auditor)
+            [ -z "$also" ] || {
+                echo "certs.sh: extra names are for node certificates only" >&2
+                exit 1
+            }
             eku="clientAuth"
             san="" ;;
         *)

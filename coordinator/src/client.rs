@@ -26,6 +26,9 @@ pub enum Failure {
     TimedOut(String),
     /// The node answered with an error (invalid query, budget, permission).
     Refused(String),
+    /// The node answered, but its answer disagrees with the coordinator's
+    /// own plan (see [`crate::verify`]): left out of the combination.
+    LeftOut(String),
 }
 
 impl Failure {
@@ -36,6 +39,8 @@ impl Failure {
             Failure::Unreachable(m) => !m.contains("does not accept this client certificate"),
             Failure::TimedOut(_) => true,
             Failure::Refused(m) => m.starts_with("Aborted"),
+            // The node answered; asking again gets the same (stored) answer.
+            Failure::LeftOut(_) => false,
         }
     }
 }
@@ -46,6 +51,8 @@ impl std::fmt::Display for Failure {
             Failure::Unreachable(m) => write!(f, "unreachable: {m}"),
             Failure::TimedOut(m) => write!(f, "timed out: {m}"),
             Failure::Refused(m) => write!(f, "refused: {m}"),
+            // The message names the node and says "answer left out".
+            Failure::LeftOut(m) => f.write_str(m),
         }
     }
 }
@@ -295,17 +302,30 @@ impl Federation {
             .collect()
     }
 
-    /// Sends one query (same id to every node) to all nodes.
+    /// Sends one query (same id to every node) to all nodes, and checks
+    /// every answer against the coordinator's own plan from the nodes'
+    /// declared schemas, asked for first ([`crate::verify::check_outcomes`]):
+    /// an answer that disagrees comes back as [`Failure::LeftOut`]. No
+    /// capability checks or retries: see [`crate::run::run_query`].
     pub async fn query(
         &self,
         request: QueryRequest,
         timeout: Duration,
     ) -> Vec<Outcome<QueryResponse>> {
-        self.fan_out(timeout, move |mut c| {
-            let r = request.clone();
-            async move { c.query(r).await }
+        let described = self.describe(timeout).await;
+        let sent = request.clone();
+        let answers = self
+            .fan_out(timeout, move |mut c| {
+                let r = sent.clone();
+                async move { c.query(r).await }
+            })
+            .await;
+        crate::verify::check_outcomes(&request, answers, |node| {
+            described
+                .iter()
+                .find(|d| d.node == node)
+                .and_then(|d| d.result.as_ref().ok())
         })
-        .await
     }
 
     /// Asks every node for its public description.

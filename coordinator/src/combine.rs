@@ -115,7 +115,8 @@ pub struct Combined {
     pub rows: Vec<Row>,
     /// Every node's status, in federation order.
     pub nodes: Vec<NodeStatus>,
-    /// True when some node did not contribute.
+    /// True when some nodes contributed and some did not (false when none
+    /// did: that is no result at all, not a partial one).
     pub partial: bool,
     /// True for a dry run: no values, nothing spent.
     pub dry_run: bool,
@@ -165,7 +166,8 @@ pub(crate) struct Parts {
     pub(crate) edges: Vec<i64>,
 }
 
-/// What an output asks for, from the first answering node.
+/// What an output asks for: from the first answer, whose layout is the
+/// coordinator's own plan (see [`combine`]).
 pub(crate) struct OutputSpec {
     pub(crate) kind: OutputKind,
     pub(crate) bounds: Option<(i64, i64)>,
@@ -174,6 +176,14 @@ pub(crate) struct OutputSpec {
 }
 
 /// Combines per-node outcomes of one query.
+///
+/// The layout (GROUP BY columns, outputs, bounds, centre, quantile, bin
+/// edges) and every noise scale are read from the answers, so `outcomes`
+/// must come from [`crate::run::run_query`]: it checked each answer against
+/// the coordinator's own plan, left out those that disagree or whose layout
+/// differs from most nodes', and replaced the layout and scales of the
+/// others by the plan's ([`crate::verify`]). Every answer combined here
+/// then carries the same, coordinator-derived layout.
 pub fn combine(
     sql: &str,
     query_id: &str,
@@ -221,6 +231,7 @@ pub fn combine(
                         Failure::Unreachable(_) => "unreachable",
                         Failure::TimedOut(_) => "timed out",
                         Failure::Refused(_) => "refused",
+                        Failure::LeftOut(_) => "left out",
                     }
                     .into(),
                     failure: Some(f.clone()),
@@ -406,7 +417,7 @@ pub fn combine(
         group_by,
         outputs,
         rows,
-        partial: answered.len() < outcomes.len(),
+        partial: !answered.is_empty() && answered.len() < outcomes.len(),
         nodes,
         dry_run,
         released_keys,
@@ -477,16 +488,19 @@ fn average(
     } else {
         f64::NAN
     };
+    // Both ends are cut to the bounds (not just the near one): when the
+    // noisy sum's whole interval lies outside them (the union bound's event
+    // failed, which happens about 5% of the time with heavy noise), cutting
+    // only the low end to the lower bound left `low > high`, an interval
+    // that was printed. Cut both, the interval becomes the nearest bound,
+    // where the (clamped) estimate then lies too.
+    let cut = |x: f64| x.max(lo_b).min(hi_b);
     let (ci_low, ci_high) = if c.ci_low > 0.0 {
         let lows = [s.ci_low / c.ci_low, s.ci_low / c.ci_high];
         let highs = [s.ci_high / c.ci_low, s.ci_high / c.ci_high];
         (
-            lows.iter().copied().fold(f64::INFINITY, f64::min).max(lo_b),
-            highs
-                .iter()
-                .copied()
-                .fold(f64::NEG_INFINITY, f64::max)
-                .min(hi_b),
+            cut(lows.iter().copied().fold(f64::INFINITY, f64::min)),
+            cut(highs.iter().copied().fold(f64::NEG_INFINITY, f64::max)),
         )
     } else {
         (lo_b, hi_b)
@@ -700,6 +714,58 @@ mod tests {
 
     fn gaussian(scale: f64) -> Noise {
         Noise::DiscreteGaussian { scale }
+    }
+
+    /// Issue 16: an honest three-node AVG printed `[0, -1.79]` (its noisy
+    /// sum's interval lay wholly below the lower bound). Both ends are cut
+    /// to the bounds now, and a variance's to `[0, ...]`.
+    #[test]
+    fn intervals_outside_the_bounds_are_cut_never_inverted() {
+        let mut w = HalfWidths::default();
+        let part = |value, scale| Part {
+            value,
+            noise: Some(laplace(scale)),
+        };
+        let e = average(
+            &[part(-5000, 480.0)],
+            &[part(300, 4.0)],
+            Some((0, 120)),
+            &mut w,
+        )
+        .unwrap();
+        assert_eq!((e.value, e.ci_low, e.ci_high), (0.0, 0.0, 0.0), "{e:?}");
+        let e = average(
+            &[part(90_000, 480.0)],
+            &[part(300, 4.0)],
+            Some((0, 120)),
+            &mut w,
+        )
+        .unwrap();
+        assert_eq!(
+            (e.value, e.ci_low, e.ci_high),
+            (120.0, 120.0, 120.0),
+            "{e:?}"
+        );
+        for kind in [OutputKind::Variance, OutputKind::Stddev] {
+            let parts = Parts {
+                main: vec![part(18_000, 480.0)],
+                count: vec![part(300, 4.0)],
+                squares: vec![part(-10_000_000, 10_000.0)],
+                ..Parts::default()
+            };
+            let spec = OutputSpec {
+                kind,
+                bounds: Some((0, 120)),
+                quantile: 0.0,
+                center: 60,
+            };
+            let e = crate::distribution::variance(&parts, &spec, &mut w).unwrap();
+            assert!(
+                e.ci_low.is_finite() && e.ci_high.is_finite() && e.ci_low <= e.ci_high,
+                "{kind:?}: {e:?}"
+            );
+            assert_eq!((e.ci_low, e.ci_high), (0.0, 0.0), "{kind:?}: {e:?}");
+        }
     }
 
     #[test]

@@ -75,6 +75,7 @@ pub fn build_federation(dir: &Path, out: &mut impl std::io::Write) -> anyhow::Re
                 ca: "certs/ca.pem".into(),
                 cert: "certs/node.pem".into(),
                 key: "certs/node.key".into(),
+                crl: None,
             },
             limits: Limits::default(),
             audit: fedq_node::config::AuditSection {
@@ -117,14 +118,9 @@ pub fn build_federation(dir: &Path, out: &mut impl std::io::Write) -> anyhow::Re
         let schema = ds.schema().map_err(anyhow::Error::msg)?;
         {
             let store = fedq_node::store::Store::open(&config.resolve(&config.node.store))?;
-            let r = fedq_node::ingest::ingest_csv(&store, "cases", &schema, &csv_path, false)?;
-            fedq_node::service::open_audit(&config, &store)?.append(
-                fedq_node::audit::Event::Ingested {
-                    dataset: "cases".into(),
-                    rows: r.rows_added,
-                    rows_total: r.rows_total,
-                    file_sha256: r.file_sha256.clone(),
-                },
+            let audit = fedq_node::service::open_audit(&config, &store)?;
+            let r = fedq_node::ingest::ingest_csv_audited(
+                &store, &audit, "cases", &schema, &csv_path, false,
             )?;
             store.flush()?;
             writeln!(
@@ -234,7 +230,7 @@ pub async fn run(dir: Option<PathBuf>, serve: bool) -> anyhow::Result<()> {
     println!();
     for (sql, epsilon) in QUERIES {
         let query_id = new_query_id();
-        let outcomes = fed
+        let mut outcomes = fed
             .query(
                 QueryRequest {
                     query_id: query_id.clone(),
@@ -246,7 +242,7 @@ pub async fn run(dir: Option<PathBuf>, serve: bool) -> anyhow::Result<()> {
                 timeout,
             )
             .await;
-        crate::audit::record_heads(&fed, &outcomes)?;
+        crate::audit::screen_answers(&fed, &mut outcomes).await?;
         let combined = combine(sql, &query_id, epsilon, &outcomes);
         print!("{}", render(&combined, Format::Table)?);
         println!();

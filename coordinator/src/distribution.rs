@@ -84,6 +84,10 @@ pub(crate) fn variance(p: &Parts, spec: &OutputSpec, widths: &mut HalfWidths) ->
     } else {
         (0.0, ceiling(2.0))
     };
+    // A variance is never negative: when the box's range lies wholly below
+    // 0 (its joint event failed), the interval is [0, 0], never an
+    // inverted or negative one (whose square root, for STDDEV, is NaN).
+    let hi = hi.max(0.0);
     let (lo, hi) = (lo.min(hi), hi);
     Some(if spec.kind == OutputKind::Stddev {
         Estimate {

@@ -11,6 +11,8 @@
 //! - [`combine`]: sums, means and federated confidence intervals.
 //! - [`output`]: tables, JSON and CSV.
 //! - [`run`]: one query across the federation: capability checks, retries, quorum (two phases).
+//! - [`verify`]: every answer checked against the coordinator's own plan from the
+//!   nodes' public schemas; a node whose answer disagrees is left out and named.
 //! - [`demo`]: a complete three-node federation on loopback.
 
 pub mod audit;
@@ -21,3 +23,4 @@ mod distribution;
 pub mod federation;
 pub mod output;
 pub mod run;
+pub mod verify;

@@ -134,7 +134,7 @@ Retrying with the same --query-id returns the same release without spending agai
     /// Audit: pull a node's signed log, check it against the heads seen in answers.
     #[command(subcommand)]
     Audit(AuditCommand),
-    /// A federation CA: create it, issue certificates for nodes, analysts and auditors.
+    /// A federation CA: create it, issue certificates for nodes, analysts and auditors, revoke them.
     #[command(subcommand)]
     Ca(CaCommand),
     /// Start a three-partner demo federation on loopback and run example queries.
@@ -189,6 +189,25 @@ The name becomes the certificate's CN (the identity nodes see) and the role its 
         /// Validity in days.
         #[arg(long, default_value_t = 365)]
         days: u32,
+        /// A node certificate only: another DNS name or IP address it is
+        /// valid for (repeatable), e.g. localhost. By default a node's
+        /// certificate names only --name, which is what coordinators check.
+        #[arg(long = "also-name", value_name = "NAME")]
+        also_name: Vec<String>,
+    },
+    /// Revoke a certificate: add it to the CA's revocation list and write a new crl.pem.
+    #[command(after_help = "Examples:\n  \
+fedq ca revoke --ca federation-ca alice/analyst.pem\n  \
+fedq ca revoke --ca federation-ca 3f:a2:09:...   (the serial, as `openssl x509 -serial` prints it)\n\n\
+Every revocation is kept in CA/revoked.json and the whole list is signed again into CA/crl.pem.\n\
+Copy crl.pem to the path of every node's [tls] crl: nodes pick a new list up within seconds,\n\
+without a restart, and refuse the revoked certificate at the TLS handshake.")]
+    Revoke {
+        /// The CA directory (ca.pem, ca.key).
+        #[arg(long)]
+        ca: PathBuf,
+        /// The certificate to revoke: its PEM file, or its serial number in hex.
+        certificate: String,
     },
 }
 
@@ -217,6 +236,10 @@ fedq-node audit verify --log ngo-north.jsonl --pubkey ngo-north.jsonl.pub"
     #[command(
         after_help = "Pulls each node's log (auditor certificate), or checks one exported log:\n  \
 fedq audit check-heads --federation fed.toml\n  fedq audit check-heads --federation fed.toml --node ngo-north --log ngo-north.jsonl --pubkey ngo-north.pub\n\n\
+Each log is verified with the node's audit key pinned in the heads file at its first answer, never with
+the key the node (or --pubkey) hands over: a log signed with another key is DIVERGED, even with its
+contents unchanged. A heads file from before keys were pinned has the key pinned now (and says so).
+
 Exit codes: 0 every checked node is consistent; 1 a node diverged or could not be checked."
     )]
     CheckHeads {
@@ -229,7 +252,7 @@ Exit codes: 0 every checked node is consistent; 1 a node diverged or could not b
         /// Use this exported log instead of pulling (needs --node).
         #[arg(long, requires = "node")]
         log: Option<PathBuf>,
-        /// The node's public key file, with --log (default: the pinned key).
+        /// The node's public key file, with --log (default: the pinned key; must equal it).
         #[arg(long, requires = "log")]
         pubkey: Option<PathBuf>,
         /// Heads file (default: the federation file's heads_file).
@@ -358,7 +381,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 let progress = Progress::start(&fed);
                 let result = run_query(&fed, sql, &opts).await;
                 progress.stop().await;
-                let outcomes = match result {
+                let mut outcomes = match result {
                     Ok(o) => o,
                     Err(quorum) => {
                         eprintln!("error: {quorum}");
@@ -367,8 +390,13 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                     }
                 };
                 if !dry_run {
-                    if let Err(e) = fedq::audit::record_heads(&fed, &outcomes) {
-                        eprintln!("warning: could not record the nodes' audit heads: {e:#}");
+                    // Every head checked against its node's pinned audit key
+                    // (pinned at the first answer); a mismatch is left out.
+                    match fedq::audit::screen_answers(&fed, &mut outcomes).await {
+                        Ok(notes) => notes.iter().for_each(|n| eprintln!("audit: {n}")),
+                        Err(e) => {
+                            eprintln!("warning: could not record the nodes' audit heads: {e:#}")
+                        }
                     }
                 }
                 let combined = combine(sql, &opts.query_id, each_epsilon, &outcomes);
@@ -407,6 +435,48 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             // An error outranks a partial result.
             Ok(if code == EXIT_ERROR { EXIT_ERROR } else { code })
         }
+        Command::Ca(CaCommand::Revoke { ca, certificate }) => {
+            let authority = fedq_node::pki::Authority::load(&ca)?;
+            let path = std::path::Path::new(&certificate);
+            let (serial, name, role) = if path.is_file() {
+                let pem = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                let (serial, who) = fedq_node::pki::serial_and_holder(&pem).ok_or_else(|| {
+                    anyhow::anyhow!("{} is not a PEM certificate", path.display())
+                })?;
+                if !authority.is_issuer_of(&pem) {
+                    bail!(
+                        "{} was not issued by the CA in {}; listing it in this CA's revocation list would have no effect",
+                        path.display(),
+                        ca.display()
+                    );
+                }
+                (serial, who.name, who.role)
+            } else {
+                let serial = fedq_node::pki::parse_serial(&certificate)?;
+                (serial, String::new(), String::new())
+            };
+            let mut list = fedq_node::pki::RevocationList::load(&ca)?;
+            let added = list.add(&serial, &name, &role);
+            let crl = list.publish(&authority, &ca)?;
+            let who = if name.is_empty() {
+                String::new()
+            } else {
+                format!(" ({role} {name:?})")
+            };
+            println!(
+                "{} serial {}{who}; wrote {} ({} revoked in all, list number {})",
+                if added { "revoked" } else { "already revoked:" },
+                fedq_node::pki::serial_hex(&serial),
+                crl.display(),
+                list.revoked.len(),
+                list.crl_number
+            );
+            println!(
+                "copy it to every node's [tls] crl path: nodes load it within seconds, without a restart"
+            );
+            Ok(EXIT_OK)
+        }
         Command::Ca(CaCommand::Init { dir, name }) => {
             if dir.join("ca.key").exists() {
                 bail!(
@@ -429,6 +499,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             out,
             csr,
             days,
+            also_name,
         }) => {
             let role = fedq_node::pki::Role::parse(&role).ok_or_else(|| {
                 anyhow::anyhow!("unknown role {role:?}; use node, analyst or auditor")
@@ -439,6 +510,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             if days == 0 || days > 3650 {
                 bail!("--days must be between 1 and 3650");
             }
+            if !also_name.is_empty() && role != fedq_node::pki::Role::Node {
+                bail!("--also-name is for node certificates (the names a node serves under)");
+            }
             let authority = fedq_node::pki::Authority::load(&ca)?;
             std::fs::create_dir_all(&out)
                 .with_context(|| format!("cannot create {}", out.display()))?;
@@ -447,7 +521,8 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 Some(path) => {
                     let request = std::fs::read_to_string(&path)
                         .with_context(|| format!("cannot read {}", path.display()))?;
-                    let cert = authority.sign_request(role, &name, &request, days)?;
+                    let cert = authority
+                        .sign_request_with_names(role, &name, &also_name, &request, days)?;
                     std::fs::write(out.join(format!("{stem}.pem")), cert)?;
                     println!(
                         "issued {stem} certificate for {name:?} from {}: {}",
@@ -457,9 +532,10 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 }
                 None => {
                     let now = std::time::SystemTime::now();
-                    let pair = authority.issue_between(
+                    let pair = authority.issue_with_names(
                         role,
                         &name,
+                        &also_name,
                         now - Duration::from_secs(3600),
                         now + Duration::from_secs(u64::from(days) * 86_400),
                     )?;

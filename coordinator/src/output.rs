@@ -71,9 +71,35 @@ fn bar(v: f64, max: f64, width: usize) -> String {
     s
 }
 
+/// Checks that every interval about to be shown is one the coordinator
+/// can stand behind: both ends finite and `low <= high`. The answers were
+/// checked against the coordinator's plan ([`crate::verify`]) and the
+/// combination computes intervals from the plan's scales, so this never
+/// fails; if it does (a bug, or an answer the checks missed), nothing is
+/// printed and `fedq` exits with an error rather than show a result whose
+/// uncertainty is meaningless.
+pub fn check_intervals(c: &Combined) -> anyhow::Result<()> {
+    for r in &c.rows {
+        for (e, label) in r.estimates.iter().zip(&c.outputs) {
+            let Some(e) = e else { continue };
+            if !(e.ci_low.is_finite() && e.ci_high.is_finite() && e.ci_low <= e.ci_high) {
+                anyhow::bail!(
+                    "refusing to show the result: the 95% interval of {label} for {:?} is [{}, {}], which is not a valid interval (please report this)",
+                    r.key,
+                    e.ci_low,
+                    e.ci_high
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Renders a combined result; with `bars`, a GROUP BY table gets a small
-/// bar chart of its first aggregate (for terminals).
+/// bar chart of its first aggregate (for terminals). Refuses a result
+/// holding an invalid interval ([`check_intervals`]).
 pub fn render_with(c: &Combined, format: Format, bars: bool) -> anyhow::Result<String> {
+    check_intervals(c)?;
     match format {
         Format::Json => Ok(serde_json::to_string_pretty(c)? + "\n"),
         Format::Csv => {
@@ -124,7 +150,13 @@ pub fn render_with(c: &Combined, format: Format, bars: bool) -> anyhow::Result<S
                 },
                 c.dataset,
                 c.nodes.len(),
-                if c.partial { " · PARTIAL RESULT" } else { "" }
+                if answered == 0 {
+                    " · NO NODE ANSWERED (no result)"
+                } else if c.partial {
+                    " · PARTIAL RESULT"
+                } else {
+                    ""
+                }
             ));
             if !c.rows.is_empty() && !c.dry_run {
                 let mut t = Table::new();

@@ -11,15 +11,22 @@
 //!    reservation is cancelled and nothing is spent anywhere (a reservation
 //!    whose cancel is lost expires on its node and returns its budget);
 //!    otherwise `Commit` on the nodes that accepted.
+//! 4. **Checks.** Every answer is checked against the coordinator's own
+//!    plan, derived from the schema the node declared in step 1
+//!    ([`crate::verify`]); an answer that disagrees, or whose layout differs
+//!    from most nodes', is left out like a node that failed, and its
+//!    outcome names the node and what disagreed.
 
 use std::time::Duration;
 
 use fedq_proto::v1::{
-    CancelRequest, CommitRequest, DescribeRequest, PrepareRequest, QueryRequest, QueryResponse,
+    CancelRequest, CommitRequest, DescribeRequest, DescribeResponse, PrepareRequest, QueryRequest,
+    QueryResponse,
 };
 
 use crate::client::{Calls, Failure, Federation, Outcome};
 use crate::federation::NodeEntry;
+use crate::verify;
 
 /// How to run a query.
 #[derive(Debug, Clone)]
@@ -99,6 +106,17 @@ pub async fn eligible(
     caps: &[&str],
     calls: Calls,
 ) -> (Vec<NodeEntry>, Vec<Outcome<()>>) {
+    let (ok, left_out) = described(fed, caps, calls).await;
+    (ok.into_iter().map(|(entry, _)| entry).collect(), left_out)
+}
+
+/// [`eligible`], keeping each eligible node's description: its declared
+/// schemas are what its answer is checked against.
+async fn described(
+    fed: &Federation,
+    caps: &[&str],
+    calls: Calls,
+) -> (Vec<(NodeEntry, DescribeResponse)>, Vec<Outcome<()>>) {
     let described = fed
         .call_nodes(&fed.config.nodes, calls, |mut c| async move {
             c.describe(DescribeRequest {}).await
@@ -118,7 +136,7 @@ pub async fn eligible(
             Ok(d) => {
                 let missing: Vec<&str> = caps.iter().copied().filter(|c| !d.capabilities.iter().any(|x| x == c)).collect();
                 if missing.is_empty() {
-                    Ok(())
+                    Ok(d)
                 } else {
                     Err(Failure::Refused(format!(
                         "skipped: node lacks {} (fedq-node {}), which this query needs; upgrade it or query without that option",
@@ -129,7 +147,7 @@ pub async fn eligible(
             }
         };
         match verdict {
-            Ok(()) => ok.push(entry.clone()),
+            Ok(d) => ok.push((entry.clone(), d)),
             Err(f) => left_out.push(Outcome {
                 node: o.node,
                 result: Err(f),
@@ -158,7 +176,8 @@ pub async fn run_query(
     sql: &str,
     opts: &QueryOptions,
 ) -> Result<Vec<Outcome<QueryResponse>>, QuorumFailure> {
-    let (nodes, left_out) = eligible(fed, &required(opts), opts.calls).await;
+    let (described, left_out) = described(fed, &required(opts), opts.calls).await;
+    let nodes: Vec<NodeEntry> = described.iter().map(|(e, _)| e.clone()).collect();
     let request = QueryRequest {
         query_id: opts.query_id.clone(),
         sql: sql.to_string(),
@@ -176,14 +195,20 @@ pub async fn run_query(
             .collect()
     };
     let Some(needed) = opts.min_nodes.filter(|_| !opts.dry_run) else {
+        let sent = request.clone();
         let answered = fed
             .call_nodes(&nodes, opts.calls, move |mut c| {
-                let r = request.clone();
+                let r = sent.clone();
                 async move { c.query(r).await }
             })
             .await;
         let mut all = failed(&left_out);
-        all.extend(answered);
+        all.extend(verify::check_outcomes(&request, answered, |node| {
+            described
+                .iter()
+                .find(|(e, _)| e.name == node)
+                .map(|(_, d)| d)
+        }));
         return Ok(in_order(fed, all));
     };
     // Phase 1: reserve everywhere.
@@ -191,7 +216,7 @@ pub async fn run_query(
         .saturating_mul(3)
         .max(10_000);
     let prepare = PrepareRequest {
-        query: Some(request),
+        query: Some(request.clone()),
         hold_ms,
     };
     let prepared = fed
@@ -261,7 +286,12 @@ pub async fn run_query(
             elapsed: o.elapsed,
         }
     }));
-    all.extend(committed);
+    all.extend(verify::check_outcomes(&request, committed, |node| {
+        described
+            .iter()
+            .find(|(e, _)| e.name == node)
+            .map(|(_, d)| d)
+    }));
     Ok(in_order(fed, all))
 }
 

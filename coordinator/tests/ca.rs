@@ -1,4 +1,5 @@
-//! `fedq ca init` and `fedq ca issue`, as a federation's operator runs them.
+//! `fedq ca init`, `fedq ca issue` and `fedq ca revoke`, as a federation's
+//! operator runs them.
 
 use std::path::Path;
 use std::process::Command;
@@ -108,4 +109,104 @@ fn identity(pem_path: &Path) -> (String, String) {
     let der = fedq_node::pki::der_from_pem(&pem).expect("a PEM certificate");
     let c = fedq_node::pki::caller_from_der(&der).unwrap();
     (c.name, c.role)
+}
+
+#[test]
+fn revoke_adds_to_the_list_and_signs_a_crl_the_ca_can_be_held_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let ca_s = ca.to_str().unwrap();
+    assert_eq!(fedq(&["ca", "init", "--dir", ca_s]).0, 0);
+    let issue = |role: &str, name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let mut args = vec![
+            "ca",
+            "issue",
+            "--ca",
+            ca_s,
+            "--role",
+            role,
+            "--name",
+            name,
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let (code, text) = fedq(&args);
+        (code, text, out.join(format!("{role}.pem")))
+    };
+    let (code, out, alice) = issue("analyst", "alice", &[]);
+    assert_eq!(code, 0, "{out}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let key = alice.with_extension("key");
+        let mode = std::fs::metadata(key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "an issued key is owner-only");
+    }
+    let (_, _, bob) = issue("auditor", "bob", &[]);
+
+    // By certificate file.
+    let (code, out) = fedq(&["ca", "revoke", "--ca", ca_s, alice.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("revoked serial") && out.contains("alice"),
+        "{out}"
+    );
+    let list = fedq_node::pki::RevocationList::load(&ca).unwrap();
+    assert_eq!(list.revoked.len(), 1);
+    assert_eq!(list.revoked[0].name, "alice");
+    // By serial, as openssl prints it (colons, upper case): adds to the list.
+    let (bob_serial, _) =
+        fedq_node::pki::serial_and_holder(&std::fs::read_to_string(&bob).unwrap()).unwrap();
+    let colons: Vec<String> = bob_serial.iter().map(|b| format!("{b:02X}")).collect();
+    let (code, out) = fedq(&["ca", "revoke", "--ca", ca_s, &colons.join(":")]);
+    assert_eq!(code, 0, "{out}");
+    let list = fedq_node::pki::RevocationList::load(&ca).unwrap();
+    assert_eq!(list.revoked.len(), 2, "each revoke adds to the list");
+    assert_eq!(list.crl_number, 2);
+    // The same again changes nothing but says so.
+    let (code, out) = fedq(&["ca", "revoke", "--ca", ca_s, alice.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("already revoked"), "{out}");
+    assert_eq!(
+        fedq_node::pki::RevocationList::load(&ca)
+            .unwrap()
+            .revoked
+            .len(),
+        2
+    );
+    // The signed list is a PEM X509 CRL (its contents: node/src/pki.rs).
+    let crl = std::fs::read_to_string(ca.join("crl.pem")).unwrap();
+    assert!(crl.starts_with("-----BEGIN X509 CRL-----"), "{crl}");
+
+    // A certificate from another CA, or garbage, is refused.
+    let other = dir.path().join("other");
+    assert_eq!(fedq(&["ca", "init", "--dir", other.to_str().unwrap()]).0, 0);
+    let (code, out) = fedq(&[
+        "ca",
+        "revoke",
+        "--ca",
+        ca_s,
+        other.join("ca.pem").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("not issued by"), "{out}");
+    let (code, out) = fedq(&["ca", "revoke", "--ca", ca_s, "not-a-serial"]);
+    assert_eq!(code, 1, "{out}");
+
+    // Node certificates name the node only, unless more is asked for.
+    let (code, out, node) = issue("node", "ngo-north", &[]);
+    assert_eq!(code, 0, "{out}");
+    let der = fedq_node::pki::der_from_pem(&std::fs::read_to_string(&node).unwrap()).unwrap();
+    assert_eq!(fedq_node::pki::server_names(&der), vec!["ngo-north"]);
+    let (code, out, node) = issue("node", "ngo-south", &["--also-name", "localhost"]);
+    assert_eq!(code, 0, "{out}");
+    let der = fedq_node::pki::der_from_pem(&std::fs::read_to_string(&node).unwrap()).unwrap();
+    assert_eq!(
+        fedq_node::pki::server_names(&der),
+        vec!["ngo-south", "localhost"]
+    );
+    let (code, out, _) = issue("analyst", "carol", &["--also-name", "localhost"]);
+    assert_eq!(code, 1, "{out}");
 }

@@ -39,15 +39,21 @@ pub fn summarize(entries: &[Entry]) -> Vec<SummaryRow> {
     let mut dataset_spent: HashMap<String, f64> = HashMap::new();
     let row = |a: &str, d: &str| -> (String, String) { (a.to_string(), d.to_string()) };
     for e in entries {
-        match &e.event {
+        // An event this version cannot read (a newer node's) counts for
+        // nothing here; it still verifies.
+        let Ok(event) = e.event() else { continue };
+        match &event {
             Event::NodeStarted { limits: l, .. } => {
                 for x in l {
-                    limits.insert(x.dataset.clone(), (x.per_analyst, x.total));
+                    limits.insert(x.dataset.clone(), (x.per_analyst.value(), x.total.value()));
                     measure_of.insert(x.dataset.clone(), x.measure.clone());
                 }
             }
             Event::LimitsChanged { after, .. } => {
-                limits.insert(after.dataset.clone(), (after.per_analyst, after.total));
+                limits.insert(
+                    after.dataset.clone(),
+                    (after.per_analyst.value(), after.total.value()),
+                );
                 measure_of.insert(after.dataset.clone(), after.measure.clone());
             }
             Event::QueryReceived {
@@ -69,6 +75,20 @@ pub fn summarize(entries: &[Entry]) -> Vec<SummaryRow> {
                     .unwrap_or_default();
                 rows.entry(row(analyst, &d)).or_default().refused += 1;
             }
+            // Summaries: an analyst's refused queries (an attempted
+            // export is not a query).
+            Event::Refusals {
+                identity,
+                role,
+                dataset,
+                reason,
+                count,
+                ..
+            } => {
+                if role == "analyst" && reason != "not_an_auditor" {
+                    rows.entry(row(identity, dataset)).or_default().refused += count;
+                }
+            }
             // A ledger accounts in one measure, so one of epsilon and rho
             // is 0 and their sum is the amount in that measure.
             Event::Debited {
@@ -85,8 +105,9 @@ pub fn summarize(entries: &[Entry]) -> Vec<SummaryRow> {
                 rho,
                 ..
             } => {
-                rows.entry(row(analyst, dataset)).or_default().spent += epsilon + rho;
-                *dataset_spent.entry(dataset.clone()).or_default() += epsilon + rho;
+                let amount = epsilon.value() + rho.value();
+                rows.entry(row(analyst, dataset)).or_default().spent += amount;
+                *dataset_spent.entry(dataset.clone()).or_default() += amount;
             }
             Event::ReservationReturned {
                 analyst,
@@ -95,8 +116,9 @@ pub fn summarize(entries: &[Entry]) -> Vec<SummaryRow> {
                 rho,
                 ..
             } => {
-                rows.entry(row(analyst, dataset)).or_default().spent -= epsilon + rho;
-                *dataset_spent.entry(dataset.clone()).or_default() -= epsilon + rho;
+                let amount = epsilon.value() + rho.value();
+                rows.entry(row(analyst, dataset)).or_default().spent -= amount;
+                *dataset_spent.entry(dataset.clone()).or_default() -= amount;
             }
             Event::Released {
                 analyst, dataset, ..
@@ -109,7 +131,7 @@ pub fn summarize(entries: &[Entry]) -> Vec<SummaryRow> {
                 epsilon,
                 ..
             } => {
-                rows.entry(row(analyst, dataset)).or_default().granted += epsilon;
+                rows.entry(row(analyst, dataset)).or_default().granted += epsilon.value();
             }
             Event::Ingested { .. } | Event::Replayed { .. } => {}
         }
@@ -206,19 +228,20 @@ fn series(
 ) -> BTreeMap<String, Vec<(u64, f64)>> {
     let mut out: BTreeMap<String, Vec<(u64, f64)>> = BTreeMap::new();
     for e in entries {
-        if let Event::Debited {
+        if let Ok(Event::Debited {
             analyst,
             dataset,
             epsilon,
             rho,
             ..
-        } = &e.event
+        }) = e.event()
         {
+            let (epsilon, rho) = (epsilon.value(), rho.value());
             // Rho (zCDP datasets) and epsilon never share a series.
-            let name = if *rho > 0.0 {
-                format!("{} (rho)", key(analyst, dataset))
+            let name = if rho > 0.0 {
+                format!("{} (rho)", key(&analyst, &dataset))
             } else {
-                key(analyst, dataset)
+                key(&analyst, &dataset)
             };
             let s = out.entry(name).or_default();
             let before = s.last().map_or(0.0, |p| p.1);
@@ -344,7 +367,7 @@ code{{font-size:12px;word-break:break-all}}</style></head><body>\
     }
     page.push_str("<h2>Events</h2><table><tr><th>seq</th><th>time (UTC)</th><th>event</th><th>details</th><th>hash</th></tr>");
     for e in entries {
-        let details = serde_json::to_value(&e.event)
+        let details = serde_json::from_str::<serde_json::Value>(e.event.get())
             .map(|mut v| {
                 if let Some(o) = v.as_object_mut() {
                     o.remove("type");
@@ -357,7 +380,7 @@ code{{font-size:12px;word-break:break-all}}</style></head><body>\
             "<tr><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td><td><code>{}…</code></td></tr>",
             e.seq,
             utc(e.time_ms),
-            e.event.kind(),
+            e.event().map_or("unknown", |ev| ev.kind()),
             escape(&details),
             &e.hash[..12.min(e.hash.len())]
         );
@@ -370,12 +393,18 @@ code{{font-size:12px;word-break:break-all}}</style></head><body>\
 mod tests {
     use super::*;
 
+    fn d(x: f64) -> crate::audit::Decimal {
+        crate::audit::Decimal::from_f64(x).unwrap()
+    }
+
     fn entry(seq: u64, time_ms: u64, event: Event) -> Entry {
         Entry {
+            v: crate::audit::FORMAT_VERSION,
             seq,
             time_ms,
             prev: String::new(),
-            event,
+            event: serde_json::value::RawValue::from_string(serde_json::to_string(&event).unwrap())
+                .unwrap(),
             hash: "ab".repeat(32),
             sig: String::new(),
         }
@@ -399,9 +428,9 @@ mod tests {
                     audit_public_key: String::new(),
                     limits: vec![crate::audit::DatasetLimits {
                         dataset: "cases".into(),
-                        per_analyst: 1.0,
-                        total: 5.0,
-                        per_query_max: 1.0,
+                        per_analyst: d(1.0),
+                        total: d(5.0),
+                        per_query_max: d(1.0),
                         measure: String::new(),
                         delta: None,
                     }],
@@ -415,25 +444,25 @@ mod tests {
                     query_id: "q1".into(),
                     dataset: "cases".into(),
                     sql: String::new(),
-                    epsilon: 0.4,
+                    epsilon: d(0.4),
                     dry_run: false,
-                    rho: 0.0,
+                    rho: d(0.0),
                 },
             ),
             entry(
                 2,
                 2001,
                 Event::Debited {
-                    keys_delta: 0.0,
-                    analyst_keys_delta_spent: 0.0,
+                    keys_delta: d(0.0),
+                    analyst_keys_delta_spent: d(0.0),
                     analyst: "a".into(),
                     query_id: "q1".into(),
                     dataset: "cases".into(),
-                    epsilon: 0.4,
-                    analyst_spent: 0.4,
-                    dataset_spent: 0.4,
+                    epsilon: d(0.4),
+                    analyst_spent: d(0.4),
+                    dataset_spent: d(0.4),
                     measure: String::new(),
-                    rho: 0.0,
+                    rho: d(0.0),
                     analyst_spent_equivalent: None,
                 },
             ),
@@ -457,9 +486,9 @@ mod tests {
                     query_id: "q2".into(),
                     dataset: "cases".into(),
                     sql: String::new(),
-                    epsilon: 0.9,
+                    epsilon: d(0.9),
                     dry_run: false,
-                    rho: 0.0,
+                    rho: d(0.0),
                 },
             ),
             entry(
@@ -477,8 +506,8 @@ mod tests {
                 Event::BudgetGranted {
                     analyst: "a".into(),
                     dataset: "cases".into(),
-                    epsilon: 0.5,
-                    granted_total: 0.5,
+                    epsilon: d(0.5),
+                    granted_total: d(0.5),
                     measure: String::new(),
                 },
             ),

@@ -256,9 +256,14 @@ pub fn backup(config: &NodeConfig, out: &Path) -> anyhow::Result<BackupReport> {
         (config.resolve(&config.audit.key), "audit.key"),
         (config.resolve(&config.audit.public_key), "audit.pub"),
     ] {
-        copy_file(&from, &keys.join(name), &format!("keys/{name}"), &mut files)?;
+        if name == "audit.key" {
+            // The secret is owner-only from its first byte, whatever the
+            // mode of the file it comes from.
+            copy_secret(&from, &keys.join(name), &format!("keys/{name}"), &mut files)?;
+        } else {
+            copy_file(&from, &keys.join(name), &format!("keys/{name}"), &mut files)?;
+        }
     }
-    restrict(&keys.join("audit.key"))?;
     drop(ledger);
     drop(store);
     let manifest = Manifest {
@@ -410,8 +415,7 @@ pub fn restore(config: &NodeConfig, from: &Path) -> anyhow::Result<RestoreReport
     let key_path = config.resolve(&config.audit.key);
     let installed_audit_key = !key_path.exists();
     if installed_audit_key {
-        install(&from.join("keys/audit.key"), &key_path)?;
-        restrict(&key_path)?;
+        install_secret(&from.join("keys/audit.key"), &key_path)?;
         install(
             &from.join("keys/audit.pub"),
             &config.resolve(&config.audit.public_key),
@@ -710,17 +714,39 @@ fn install(from: &Path, to: &Path) -> anyhow::Result<()> {
     write_durably(to, &bytes)
 }
 
-/// Makes a secret readable by its owner only.
-fn restrict(path: &Path) -> anyhow::Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("cannot restrict {}", path.display()))?;
-    }
-    #[cfg(not(unix))]
-    let _ = path;
+/// Copies a secret (the audit key) into a backup, owner-only from its
+/// first byte ([`crate::pki::write_secret`]), recording its digest.
+fn copy_secret(
+    from: &Path,
+    to: &Path,
+    rel: &str,
+    files: &mut Vec<FileDigest>,
+) -> anyhow::Result<()> {
+    let bytes = std::fs::read(from).with_context(|| format!("cannot read {}", from.display()))?;
+    crate::pki::write_secret(to, &bytes)
+        .with_context(|| format!("cannot write {}", to.display()))?;
+    let (bytes, sha256) = digest(to)?;
+    files.push(FileDigest {
+        path: rel.to_string(),
+        bytes,
+        sha256,
+    });
     Ok(())
+}
+
+/// Copies a secret into place durably (a temporary file created
+/// owner-only, an fsync, a rename): never readable by others, not even
+/// between the write and a `chmod`.
+fn install_secret(from: &Path, to: &Path) -> anyhow::Result<()> {
+    if let Some(dir) = to.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let bytes = std::fs::read(from).with_context(|| format!("cannot read {}", from.display()))?;
+    let tmp = sibling(to, "tmp");
+    crate::pki::write_secret(&tmp, &bytes)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, to).with_context(|| format!("cannot write {}", to.display()))?;
+    sync_parent(to)
 }
 
 /// Size and SHA-256 of a file.

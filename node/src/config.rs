@@ -63,6 +63,11 @@ pub struct TlsSection {
     pub cert: PathBuf,
     /// The node's private key.
     pub key: PathBuf,
+    /// The federation's certificate revocation list (PEM, from `fedq ca
+    /// revoke`), if any. Checked every few seconds and reloaded when it
+    /// changes, so a revocation takes effect without a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl: Option<PathBuf>,
 }
 
 /// `[audit]`: the audit log's signing key and its auditors.

@@ -19,9 +19,16 @@
 //! sled 0.34 ends each write with `sync_file_range`, which does not flush
 //! the disk's write cache or the file's size, so a power cut could still
 //! lose it: the `fdatasync` is what makes the write durable. A failed
-//! flush makes no one durable: each waiter of that flush gets the error.
+//! flush makes no one durable: each waiter of that flush gets the error,
+//! even if a later flush succeeded (a waiter checks "failed" before
+//! "durable"). It also sets the store's [`Fault`]: every ticket waiting
+//! or taken later fails without a flush, and the node stops
+//! ([`crate::fault`]); sled 0.34 would fail every later flush anyway.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use crate::fault::fail_point::{FailPoints, Point};
+use crate::fault::Fault;
 
 /// Shares `fsync`s among concurrent writers of one sled database.
 ///
@@ -53,6 +60,11 @@ struct Shared {
     work: Condvar,
     /// Signalled whenever a flush ends (well or not).
     flushed: Condvar,
+    /// The store's fault: set by a failed flush; once set, nothing more
+    /// is flushed and every ticket fails.
+    fault: Fault,
+    /// Test-only failure injection ([`crate::fault::fail_point`]).
+    fail: FailPoints,
 }
 
 /// Flush bookkeeping, guarded by [`Shared::state`].
@@ -65,8 +77,9 @@ struct State {
     started: u64,
     /// Every ticket up to this one is durable.
     durable: u64,
-    /// Every ticket up to this one was covered by a flush that failed
-    /// (reported to its waiter unless a later flush made it durable).
+    /// Every ticket up to this one was covered by a flush that failed, or
+    /// taken before the store's fault was set; always reported to its
+    /// waiter as a failure, even if a later flush succeeded.
     failed: u64,
     /// Flushes run so far (for the benchmarks' fsync count).
     flushes: u64,
@@ -79,16 +92,44 @@ struct State {
 #[must_use = "a ticket only makes a write durable once waited for"]
 pub struct Ticket(u64);
 
+impl State {
+    /// The outcome of `ticket`'s wait, once decided. "Failed" is checked
+    /// first: a write whose flush failed is never reported durable, even
+    /// when a later flush succeeded, since the failure may have lost or
+    /// torn it (and it set the store's fault: the node stops).
+    fn outcome(&self, ticket: &Ticket) -> Option<Result<(), ()>> {
+        if self.failed >= ticket.0 {
+            Some(Err(()))
+        } else if self.durable >= ticket.0 {
+            Some(Ok(()))
+        } else {
+            None
+        }
+    }
+}
+
 impl GroupCommit {
-    /// Group commit over `db`, whose log file is `log`; starts the flusher
-    /// thread.
+    /// Group commit over `db`, whose log file is `log`, with a fault of
+    /// its own; starts the flusher thread.
     pub fn new(db: sled::Db, log: std::fs::File) -> anyhow::Result<GroupCommit> {
+        GroupCommit::with_fault(db, log, Fault::default(), FailPoints::default())
+    }
+
+    /// As [`GroupCommit::new`], setting and honouring the store's `fault`.
+    pub fn with_fault(
+        db: sled::Db,
+        log: std::fs::File,
+        fault: Fault,
+        fail: FailPoints,
+    ) -> anyhow::Result<GroupCommit> {
         let shared = Arc::new(Shared {
             db,
             log,
             state: Mutex::new(State::default()),
             work: Condvar::new(),
             flushed: Condvar::new(),
+            fault,
+            fail,
         });
         let flusher = {
             let shared = Arc::clone(&shared);
@@ -127,11 +168,13 @@ impl GroupCommit {
     pub fn wait(&self, ticket: Ticket) -> anyhow::Result<()> {
         let mut st = self.shared.lock();
         loop {
-            if st.durable >= ticket.0 {
-                return Ok(());
-            }
-            if st.failed >= ticket.0 {
-                anyhow::bail!("flushing the store to disk failed; nothing was made durable");
+            if let Some(outcome) = st.outcome(&ticket) {
+                return outcome.map_err(|()| {
+                    anyhow::Error::new(self.shared.fault.check().err().unwrap_or_else(|| {
+                        crate::fault::StoreFailed("flushing the store to disk failed".into())
+                    }))
+                    .context("nothing was made durable")
+                });
             }
             st = self
                 .shared
@@ -165,14 +208,20 @@ impl Shared {
             st.started = covers;
             drop(st);
             let began = std::time::Instant::now();
-            let result = self.flush();
+            // After a failure nothing more is flushed: the writes since
+            // may depend on what failed.
+            let result = match self.fault.check() {
+                Ok(()) => self.flush(),
+                Err(e) => Err(e.into()),
+            };
             tracing::debug!(target: "fedq_node::timing", batch, us = began.elapsed().as_micros() as u64, "group flush");
             st = self.lock();
             st.flushes += 1;
             match result {
                 Ok(()) => st.durable = st.durable.max(covers),
                 Err(e) => {
-                    tracing::error!(error = %e, "flushing the store to disk failed");
+                    self.fault
+                        .set(format!("flushing the store to disk failed: {e:#}"));
                     st.failed = st.failed.max(covers);
                 }
             }
@@ -183,6 +232,9 @@ impl Shared {
     /// One flush: sled writes its buffers, then the log file is synced.
     fn flush(&self) -> anyhow::Result<()> {
         let began = std::time::Instant::now();
+        if self.fail.hit(Point::Flush) {
+            return Err(FailPoints::error(Point::Flush).into());
+        }
         self.db.flush()?;
         let sled_us = began.elapsed().as_micros() as u64;
         self.log.sync_data()?;
@@ -239,6 +291,58 @@ mod tests {
         drop((db, gc));
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         assert_eq!(db.len(), 320);
+    }
+
+    /// A waiter whose flush failed is told so even once a later flush
+    /// succeeded (issue 16: the waiter checked "durable" first).
+    #[test]
+    fn a_waiter_checks_failed_before_durable() {
+        let st = State {
+            durable: 5,
+            failed: 3,
+            ..State::default()
+        };
+        assert_eq!(st.outcome(&Ticket(3)), Some(Err(())));
+        assert_eq!(st.outcome(&Ticket(2)), Some(Err(())));
+        assert_eq!(st.outcome(&Ticket(4)), Some(Ok(())));
+        assert_eq!(st.outcome(&Ticket(6)), None);
+    }
+
+    /// One failed flush fails its waiter, sets the store's fault, and from
+    /// then on nothing is flushed and every wait fails, though the disk
+    /// would take writes again.
+    #[test]
+    fn a_failed_flush_fails_every_wait_after_it_without_flushing() {
+        use crate::fault::fail_point;
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let log = std::fs::File::open(dir.path().join("db")).unwrap();
+        let fault = Fault::default();
+        let gc = GroupCommit::with_fault(
+            db.clone(),
+            log,
+            fault.clone(),
+            FailPoints::for_store(dir.path()),
+        )
+        .unwrap();
+        db.insert("a", "1").unwrap();
+        gc.wait_durable().unwrap();
+        // One failure, then the disk is fine again.
+        fail_point::arm(dir.path(), Point::Flush, 0, 1);
+        db.insert("b", "2").unwrap();
+        let e = format!("{:#}", gc.wait_durable().unwrap_err());
+        assert!(
+            e.contains("no space left") && e.contains("nothing was made durable"),
+            "{e}"
+        );
+        assert!(fault.is_set());
+        let flushes = gc.flushes();
+        db.insert("c", "3").unwrap();
+        let e = format!("{:#}", gc.wait_durable().unwrap_err());
+        assert!(e.contains("refuses every write"), "{e}");
+        let ticket = gc.ticket();
+        assert!(gc.wait(ticket).is_err());
+        assert_eq!(gc.flushes(), flushes + 2, "counted, but nothing flushed");
     }
 
     #[test]

@@ -3,12 +3,14 @@
 //!
 //! Errors name the file, the line, the column and what was expected. The
 //! message quotes only the offending cell of the partner's own file, on the
-//! partner's own machine; ingest errors never travel to analysts.
+//! partner's own machine, and at most its first
+//! [`crate::schema::EXCERPT_CHARS`] characters with its length (a 10 MB
+//! cell makes a short message); ingest errors never travel to analysts.
 
 use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::{anyhow, bail};
+use anyhow::{anyhow, bail, Context};
 use sha2::{Digest, Sha256};
 
 use crate::schema::{Column, Schema, MISSING};
@@ -33,6 +35,40 @@ pub struct IngestReport {
 /// Ingesting the same file twice is refused unless `allow_duplicate`.
 pub fn ingest_csv(
     store: &Store,
+    dataset: &str,
+    schema: &Schema,
+    csv_path: &Path,
+    allow_duplicate: bool,
+) -> anyhow::Result<IngestReport> {
+    ingest_with(store, None, dataset, schema, csv_path, allow_duplicate)
+}
+
+/// [`ingest_csv`], logged: once the whole file is validated, and before its
+/// rows are committed, an `ingested` entry (dataset and file digest, never
+/// a row count) is appended to `audit` and made durable. A crash between
+/// the two leaves an entry for rows that never landed (ingesting the file
+/// again is then allowed and logged again), never rows without an entry.
+pub fn ingest_csv_audited(
+    store: &Store,
+    audit: &crate::audit::AuditLog,
+    dataset: &str,
+    schema: &Schema,
+    csv_path: &Path,
+    allow_duplicate: bool,
+) -> anyhow::Result<IngestReport> {
+    ingest_with(
+        store,
+        Some(audit),
+        dataset,
+        schema,
+        csv_path,
+        allow_duplicate,
+    )
+}
+
+fn ingest_with(
+    store: &Store,
+    audit: Option<&crate::audit::AuditLog>,
     dataset: &str,
     schema: &Schema,
     csv_path: &Path,
@@ -68,7 +104,10 @@ pub fn ingest_csv(
     }
     for (i, h) in headers.iter().enumerate() {
         if headers.iter().take(i).any(|o| o.trim() == h.trim()) {
-            bail!("{file}:1: column {h:?} appears twice in the header; nothing was stored");
+            bail!(
+                "{file}:1: column {} appears twice in the header; nothing was stored",
+                crate::schema::excerpt(h)
+            );
         }
     }
     let ignored_columns: Vec<String> = headers
@@ -134,6 +173,20 @@ pub fn ingest_csv(
         .map(|((c, code), t)| (c, code, t))
         .collect();
     let rows_added = (codes.len() / schema.columns.len()) as u64;
+    if let Some(audit) = audit {
+        audit
+            .append(crate::audit::Event::Ingested {
+                dataset: dataset.to_string(),
+                rows: None,
+                rows_total: None,
+                file_sha256: file_sha256.clone(),
+            })
+            .context("logging the ingest in the audit log; nothing was stored")?;
+        audit
+            .tree
+            .flush()
+            .context("flushing the audit log; nothing was stored")?;
+    }
     let rows_total = store.append_rows(dataset, schema, &codes, &labels, &file_sha256)?;
     Ok(IngestReport {
         rows_added,

@@ -102,32 +102,61 @@ impl Kv for Overlay<'_> {
 pub struct Journal {
     db: sled::Db,
     tree: sled::Tree,
-    /// Set when a commit failed after writing its journal value: the trees
-    /// may hold part of it, and only a replay (the next open) completes
-    /// it, so every later commit is refused rather than overwrite it.
-    broken: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The store's fault, set when a commit fails: the trees may hold part
+    /// of its write set, and only a replay (the next open) is sure to
+    /// complete it, so every later commit is refused rather than read the
+    /// half-applied values and have the replay overwrite what it wrote.
+    /// Shared with every other writer of the store ([`crate::fault`]).
+    fault: crate::fault::Fault,
+    /// Test-only failure injection ([`crate::fault::fail_point`]).
+    fail: crate::fault::fail_point::FailPoints,
 }
 
 /// The journal's only key.
 const PENDING: &[u8] = b"pending";
 
 impl Journal {
-    /// The journal of `db`.
+    /// The journal of `db`, with a fault of its own.
     pub fn open(db: &sled::Db) -> sled::Result<Journal> {
+        Journal::open_with(db, Default::default(), Default::default())
+    }
+
+    /// The journal of `db`, setting and honouring the store's `fault`.
+    pub fn open_with(
+        db: &sled::Db,
+        fault: crate::fault::Fault,
+        fail: crate::fault::fail_point::FailPoints,
+    ) -> sled::Result<Journal> {
         Ok(Journal {
             db: db.clone(),
             tree: db.open_tree("journal")?,
-            broken: Default::default(),
+            fault,
+            fail,
         })
+    }
+
+    /// One insert of a commit, failing where a test armed it to.
+    fn insert(&self, tree: &sled::Tree, k: &[u8], v: IVec) -> sled::Result<()> {
+        use crate::fault::fail_point::{FailPoints, Point};
+        if self.fail.hit(Point::JournalWrite) {
+            return Err(sled::Error::Io(FailPoints::error(Point::JournalWrite)));
+        }
+        tree.insert(k, v).map(|_| ())
     }
 
     /// Writes every overlay's writes, atomically across a crash (see the
     /// module's doc), not yet durable. The caller must hold the lock that
     /// every writer of these keys takes, from computing the overlays to
     /// the return of this call, and makes the writes durable with the
-    /// store's flush. A failure part-way is a storage failure: the
-    /// journal, if written, completes the write set when the store next
-    /// opens.
+    /// store's flush.
+    ///
+    /// A failure is a storage failure and sets the store's fault: this and
+    /// every later commit fail, and so does every other writer that checks
+    /// the fault. A failure part-way (the journal value written, some keys
+    /// not) is first completed in place if the store lets it, as the
+    /// replay would (every write is a whole value), so that writers which
+    /// do not check the fault still find consistent trees; the journal, if
+    /// written, completes the write set when the store next opens anyway.
     pub fn commit(&self, overlays: &[&Overlay<'_>]) -> sled::Result<()> {
         let sets: Vec<(&sled::Tree, Vec<(IVec, IVec)>)> = overlays
             .iter()
@@ -137,28 +166,29 @@ impl Journal {
             })
             .filter(|(_, writes)| !writes.is_empty())
             .collect();
-        use std::sync::atomic::Ordering;
-        if self.broken.load(Ordering::Acquire) {
-            return Err(sled::Error::ReportableBug(
-                "an earlier ledger write failed part-way; restart the node, which completes it, before anything else is written".into(),
-            ));
-        }
+        self.fault.check_sled()?;
         if sets.is_empty() {
             return Ok(());
         }
-        self.tree.insert(PENDING, encode(&sets))?;
-        let applied = (|| {
+        let apply = || -> sled::Result<()> {
             for (tree, writes) in &sets {
                 for (k, v) in writes {
-                    tree.insert(k, v.clone())?;
+                    self.insert(tree, k, v.clone())?;
                 }
             }
             self.tree.remove(PENDING).map(|_| ())
-        })();
-        if applied.is_err() {
-            self.broken.store(true, Ordering::Release);
+        };
+        if let Err(e) = self.insert(&self.tree, PENDING, encode(&sets).into()) {
+            self.fault.set(format!("a ledger write failed: {e}"));
+            return Err(e);
         }
-        applied
+        let Err(e) = apply() else { return Ok(()) };
+        self.fault
+            .set(format!("a ledger write failed part-way: {e}"));
+        if apply().is_ok() {
+            tracing::warn!("completed the ledger write that failed part-way; it is not durable");
+        }
+        Err(e)
     }
 
     /// Completes a write set that a crash interrupted, if any, and makes it
@@ -327,15 +357,76 @@ mod tests {
         let a = db.open_tree("a").unwrap();
         let journal = Journal::open(&db).unwrap();
         // As left by a storage failure between the journal and its keys.
-        journal
-            .broken
-            .store(true, std::sync::atomic::Ordering::Release);
+        journal.fault.set("injected");
         let oa = Overlay::new(&a);
         oa.insert("k", "v").unwrap();
         let e = journal.commit(&[&oa]).unwrap_err().to_string();
-        assert!(e.contains("restart the node"), "{e}");
+        assert!(e.contains("until the node restarts"), "{e}");
         assert_eq!(a.get("k").unwrap(), None);
         assert!(journal.tree.is_empty());
+    }
+
+    /// A commit that fails part-way and cannot be completed in place sets
+    /// the fault (every later commit is refused) and the next open
+    /// completes it.
+    #[test]
+    fn a_commit_failed_part_way_is_refused_after_and_replayed_on_open() {
+        use crate::fault::fail_point::{self, FailPoints, Point};
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = db(dir.path());
+            let (a, b) = (db.open_tree("a").unwrap(), db.open_tree("b").unwrap());
+            a.insert("spent", "1").unwrap();
+            let fault = crate::fault::Fault::default();
+            let journal =
+                Journal::open_with(&db, fault.clone(), FailPoints::for_store(dir.path())).unwrap();
+            // The journal value and one key pass, then the disk is full.
+            fail_point::arm(dir.path(), Point::JournalWrite, 2, u64::MAX);
+            let (oa, ob) = (Overlay::new(&a), Overlay::new(&b));
+            oa.insert("spent", "7").unwrap();
+            ob.insert("entry", "debited").unwrap();
+            assert!(journal.commit(&[&oa, &ob]).is_err());
+            assert!(fault.is_set());
+            assert_eq!(a.get("spent").unwrap().as_deref(), Some(&b"7"[..]));
+            assert_eq!(b.get("entry").unwrap(), None, "applied part-way");
+            // The disk is fine again, but nothing more is written.
+            fail_point::disarm(dir.path());
+            let oa = Overlay::new(&a);
+            oa.insert("spent", "9").unwrap();
+            let e = journal.commit(&[&oa]).unwrap_err().to_string();
+            assert!(e.contains("refuses every write"), "{e}");
+            assert_eq!(a.get("spent").unwrap().as_deref(), Some(&b"7"[..]));
+            db.flush().unwrap();
+        }
+        let db = db(dir.path());
+        let journal = Journal::open(&db).unwrap();
+        assert_eq!(journal.replay().unwrap(), 2);
+        let (a, b) = (db.open_tree("a").unwrap(), db.open_tree("b").unwrap());
+        assert_eq!(a.get("spent").unwrap().as_deref(), Some(&b"7"[..]));
+        assert_eq!(b.get("entry").unwrap().as_deref(), Some(&b"debited"[..]));
+    }
+
+    /// A part-way failure the store lets complete is completed in place:
+    /// the trees are whole again (a writer that does not check the fault
+    /// reads consistent values), though the store stays failed.
+    #[test]
+    fn a_transient_part_way_failure_is_completed_in_place() {
+        use crate::fault::fail_point::{self, FailPoints, Point};
+        let dir = tempfile::tempdir().unwrap();
+        let db = db(dir.path());
+        let (a, b) = (db.open_tree("a").unwrap(), db.open_tree("b").unwrap());
+        let fault = crate::fault::Fault::default();
+        let journal =
+            Journal::open_with(&db, fault.clone(), FailPoints::for_store(dir.path())).unwrap();
+        fail_point::arm(dir.path(), Point::JournalWrite, 2, 1);
+        let (oa, ob) = (Overlay::new(&a), Overlay::new(&b));
+        oa.insert("spent", "7").unwrap();
+        ob.insert("entry", "debited").unwrap();
+        assert!(journal.commit(&[&oa, &ob]).is_err(), "its callers are told");
+        assert!(fault.is_set());
+        assert_eq!(a.get("spent").unwrap().as_deref(), Some(&b"7"[..]));
+        assert_eq!(b.get("entry").unwrap().as_deref(), Some(&b"debited"[..]));
+        assert!(journal.tree.is_empty(), "nothing left to replay");
     }
 
     #[test]

@@ -44,7 +44,7 @@ use sha2::{Digest, Sha256};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
 use crate::accounting::Measure;
-use crate::audit::{append_in, AuditLog, Equivalent, Event, Head, ReleasedMeasurement};
+use crate::audit::{append_in, AuditLog, Decimal, Equivalent, Event, Head, ReleasedMeasurement};
 use crate::config::BudgetLimits;
 use crate::journal::{Kv, Overlay};
 use crate::store::decode_u64;
@@ -322,6 +322,9 @@ struct DebitJob {
     hold: Option<(String, u64, (f64, f64))>,
     /// The query's `query_received` entry, logged first when it commits.
     received: Option<Event>,
+    /// The analyst's presumed total after the debit and its stated
+    /// equivalent, computed before the admission lock ([`Presumed`]).
+    presumed: Option<Presumed>,
     #[allow(clippy::type_complexity)]
     done: Arc<OnceLock<Result<Result<Admission, Refusal>, sled::Error>>>,
 }
@@ -472,29 +475,86 @@ impl Account {
 /// delta) equivalent of the analyst's total after it.
 struct Stated {
     measure: String,
-    epsilon: f64,
-    rho: f64,
+    epsilon: Decimal,
+    rho: Decimal,
     equivalent: Option<Equivalent>,
 }
 
 impl Stated {
-    fn new(limits: &BudgetLimits, nano: u64, analyst_total: u64) -> Stated {
-        let amount = from_nano(nano);
+    /// The amounts are written exactly, from the ledger's nano-units. The
+    /// equivalent is `presumed`'s if it was computed for `analyst_total`,
+    /// else computed here (under the admission lock: only when a
+    /// concurrent debit by the same analyst changed the total meanwhile).
+    fn new(
+        limits: &BudgetLimits,
+        nano: u64,
+        analyst_total: u64,
+        presumed: Option<&Presumed>,
+    ) -> Stated {
+        let amount = Decimal::from_nano(nano);
         let (epsilon, rho) = match limits.measure {
-            Measure::Pure => (amount, 0.0),
-            Measure::Zcdp => (0.0, amount),
+            Measure::Pure => (amount, Decimal::zero()),
+            Measure::Zcdp => (Decimal::zero(), amount),
         };
-        let equivalent = limits
-            .measure
-            .equivalent(from_nano(analyst_total), limits.equivalence_delta())
-            .ok()
-            .map(|(epsilon, delta)| Equivalent { epsilon, delta });
+        let equivalent = match presumed {
+            Some(p) if p.analyst_total == analyst_total => p.equivalent.clone(),
+            _ => stated_equivalent(limits, analyst_total),
+        };
         Stated {
             measure: limits.measure.name().to_string(),
             epsilon,
             rho,
             equivalent,
         }
+    }
+}
+
+/// The (epsilon, delta) equivalent of an analyst's total, as the debit
+/// and reservation entries state it.
+fn stated_equivalent(limits: &BudgetLimits, analyst_total: u64) -> Option<Equivalent> {
+    limits
+        .measure
+        .equivalent(from_nano(analyst_total), limits.equivalence_delta())
+        .ok()
+        .and_then(|(epsilon, delta)| {
+            Some(Equivalent {
+                epsilon: Decimal::from_f64(epsilon)?,
+                delta: Decimal::from_f64(delta)?,
+            })
+        })
+}
+
+/// An analyst's total after a debit, presumed from the committed total
+/// read without the admission lock, and its [`stated_equivalent`]: the
+/// zCDP conversion is the slow part of a debit, so it is done before the
+/// lock, and used under it only if the total is still the one presumed.
+struct Presumed {
+    analyst_total: u64,
+    equivalent: Option<Equivalent>,
+}
+
+impl Presumed {
+    /// For a zCDP ledger only (a pure one states its total as it is).
+    fn before_lock(
+        tree: &sled::Tree,
+        dataset: &str,
+        analyst: &str,
+        nano: u64,
+        limits: &BudgetLimits,
+    ) -> Option<Presumed> {
+        if limits.measure == Measure::Pure {
+            return None;
+        }
+        let spent = tree
+            .get(analyst_key(dataset, analyst).as_bytes())
+            .ok()?
+            .map(|v| decode_u64(&v))
+            .unwrap_or(0);
+        let analyst_total = spent.checked_add(nano)?;
+        Some(Presumed {
+            analyst_total,
+            equivalent: stated_equivalent(limits, analyst_total),
+        })
     }
 }
 
@@ -541,6 +601,27 @@ impl Ledger {
         }
     }
 
+    /// A ledger write failed in storage: sets the store's fault (every
+    /// later write is refused; [`crate::fault`]) and returns it, which
+    /// names the first failure (sled's own error loses its text when a
+    /// shared write's outcome is cloned to each of its callers).
+    fn failed(&self, e: sled::Error) -> anyhow::Error {
+        self.store
+            .fault()
+            .set(format!("a ledger write failed: {e}"));
+        match self.store.fault().check() {
+            Err(failed) => failed.into(),
+            Ok(()) => e.into(),
+        }
+    }
+
+    /// The store's fault: set once a ledger write or flush failed, after
+    /// which every ledger writer is refused ([`crate::fault`]); the server
+    /// watches it to stop.
+    pub fn fault(&self) -> &crate::fault::Fault {
+        self.store.fault()
+    }
+
     /// Turns a ledger write's outcome into the caller's result,
     /// waiting first, when it wrote something, for a flush that covers the
     /// write (so a debit or reservation is durable before anyone acts on
@@ -560,7 +641,7 @@ impl Ledger {
                 Ok(Ok(o))
             }
             Err(TransactionError::Abort(refusal)) => Ok(Err(refusal)),
-            Err(TransactionError::Storage(e)) => Err(e.into()),
+            Err(TransactionError::Storage(e)) => Err(self.failed(e)),
         }
     }
 
@@ -629,7 +710,7 @@ impl Ledger {
             Ok(Admission::Replay(bytes)) => return Ok(Ok(Computed::Replay(bytes))),
             Ok(Admission::Debited(b) | Admission::Resume(b)) => b,
             Err(TransactionError::Abort(refusal)) => return Ok(Err(refusal)),
-            Err(TransactionError::Storage(e)) => return Err(e.into()),
+            Err(TransactionError::Storage(e)) => return Err(self.failed(e)),
         };
         // The flusher thread makes the debit durable while this thread
         // computes; the result is handed back only once it is.
@@ -786,6 +867,8 @@ impl Ledger {
         received: Option<&Event>,
     ) -> (Result<Admission, TransactionError<Refusal>>, bool) {
         let done = Arc::new(OnceLock::new());
+        let presumed =
+            Presumed::before_lock(&self.tree, dataset, analyst, to_nano_ceil(amount), limits);
         self.combine(
             Job::Debit(Box::new(DebitJob {
                 analyst: analyst.to_string(),
@@ -797,6 +880,7 @@ impl Ledger {
                 limits: *limits,
                 hold: hold.map(|(sql, expires, request)| (sql.to_string(), expires, request)),
                 received: received.cloned(),
+                presumed,
                 done: Arc::clone(&done),
             })),
             || done.get().is_some(),
@@ -858,7 +942,7 @@ impl Ledger {
         // Checks, then the writes: a refusal writes nothing.
         let (a_new, d_new) = acct.debit(tx, dataset, analyst, job.amount, debit, keys, limits)?;
         log_receipt()?;
-        let stated = Stated::new(limits, debit, a_new);
+        let stated = Stated::new(limits, debit, a_new, job.presumed.as_ref());
         let (state, event) = match &job.hold {
             None => (
                 RecordState::Pending(None),
@@ -867,16 +951,16 @@ impl Ledger {
                     query_id: query_id.to_string(),
                     dataset: dataset.to_string(),
                     epsilon: stated.epsilon,
-                    analyst_spent: from_nano(a_new),
-                    dataset_spent: from_nano(d_new),
+                    analyst_spent: Decimal::from_nano(a_new),
+                    dataset_spent: Decimal::from_nano(d_new),
                     measure: stated.measure,
                     rho: stated.rho,
                     analyst_spent_equivalent: stated.equivalent,
-                    keys_delta: from_atto(keys),
+                    keys_delta: Decimal::from_atto(keys),
                     analyst_keys_delta_spent: if keys > 0 {
-                        from_atto(acct.ka_spent + keys)
+                        Decimal::from_atto(acct.ka_spent + keys)
                     } else {
-                        0.0
+                        Decimal::zero()
                     },
                 },
             ),
@@ -897,8 +981,8 @@ impl Ledger {
                         query_id: query_id.to_string(),
                         dataset: dataset.to_string(),
                         epsilon: stated.epsilon,
-                        analyst_spent: from_nano(a_new),
-                        dataset_spent: from_nano(d_new),
+                        analyst_spent: Decimal::from_nano(a_new),
+                        dataset_spent: Decimal::from_nano(d_new),
                         expires_ms: *expires_ms,
                         measure: stated.measure,
                         rho: stated.rho,
@@ -991,7 +1075,12 @@ impl Ledger {
         sql: &str,
         expires_ms: u64,
     ) -> anyhow::Result<Result<ReserveOutcome, Refusal>> {
+        let presumed =
+            Presumed::before_lock(&self.tree, dataset, analyst, to_nano_ceil(amount), limits);
         let guard = self.admit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        // After a failed commit or flush nothing more is written: the
+        // trees may hold part of a write only the restart completes.
+        self.store.fault().check()?;
         let qkey = query_key(analyst, query_id);
         let debit = to_nano_ceil(amount);
         let outcome = (&self.tree, &self.audit.tree).transaction(|(tx, atx)| {
@@ -1011,7 +1100,7 @@ impl Ledger {
                 }
             }
             let (a_new, d_new) = acct.debit(tx, dataset, analyst, amount, debit, 0, limits)?;
-            let stated = Stated::new(limits, debit, a_new);
+            let stated = Stated::new(limits, debit, a_new, presumed.as_ref());
             let reservation = Reservation {
                 dataset: dataset.to_string(),
                 sql: sql.to_string(),
@@ -1038,8 +1127,8 @@ impl Ledger {
                     query_id: query_id.to_string(),
                     dataset: dataset.to_string(),
                     epsilon: stated.epsilon,
-                    analyst_spent: from_nano(a_new),
-                    dataset_spent: from_nano(d_new),
+                    analyst_spent: Decimal::from_nano(a_new),
+                    dataset_spent: Decimal::from_nano(d_new),
                     expires_ms,
                     measure: stated.measure,
                     rho: stated.rho,
@@ -1064,6 +1153,9 @@ impl Ledger {
         now_ms: u64,
     ) -> anyhow::Result<Result<Committed, Refusal>> {
         let guard = self.admit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        // After a failed commit or flush nothing more is written: the
+        // trees may hold part of a write only the restart completes.
+        self.store.fault().check()?;
         let qkey = query_key(analyst, query_id);
         let outcome = self.tree.transaction(|tx| {
             let Some(rec) = tx.get(&qkey)?.and_then(|v| QueryRecord::decode(&v)) else {
@@ -1128,6 +1220,9 @@ impl Ledger {
         now_ms: Option<u64>,
     ) -> anyhow::Result<f64> {
         let guard = self.admit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        // After a failed commit or flush nothing more is written: the
+        // trees may hold part of a write only the restart completes.
+        self.store.fault().check()?;
         let qkey = query_key(analyst, query_id);
         let returned = (&self.tree, &self.audit.tree)
             .transaction(|(tx, atx)| {
@@ -1163,22 +1258,28 @@ impl Ledger {
                         query_id: query_id.to_string(),
                         dataset: r.dataset.clone(),
                         epsilon: if r.measure == Measure::Pure {
-                            from_nano(r.nano)
+                            Decimal::from_nano(r.nano)
                         } else {
-                            0.0
+                            Decimal::zero()
                         },
                         reason: reason.to_string(),
                         measure: r.measure.name().to_string(),
                         rho: if r.measure == Measure::Zcdp {
-                            from_nano(r.nano)
+                            Decimal::from_nano(r.nano)
                         } else {
-                            0.0
+                            Decimal::zero()
                         },
                     },
                 )?;
                 Ok(r.nano)
             })
-            .map_err(|e| anyhow::anyhow!("cannot return the reservation: {e:?}"))?;
+            .map_err(|e| {
+                // Only storage fails these writes (nothing aborts them).
+                self.store
+                    .fault()
+                    .set(format!("a ledger write failed: {e:?}"));
+                anyhow::anyhow!("cannot return the reservation: {e:?}")
+            })?;
         drop(guard);
         if returned > 0 {
             self.store.wait_durable()?;
@@ -1227,6 +1328,9 @@ impl Ledger {
             );
         }
         let guard = self.admit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        // After a failed commit or flush nothing more is written: the
+        // trees may hold part of a write only the restart completes.
+        self.store.fault().check()?;
         let gkey = grant_key(dataset, analyst);
         let add = to_nano_floor(epsilon);
         let total = (&self.tree, &self.audit.tree)
@@ -1241,14 +1345,20 @@ impl Ledger {
                     Event::BudgetGranted {
                         analyst: analyst.to_string(),
                         dataset: dataset.to_string(),
-                        epsilon: from_nano(add),
-                        granted_total: from_nano(after),
+                        epsilon: Decimal::from_nano(add),
+                        granted_total: Decimal::from_nano(after),
                         measure: measure.name().to_string(),
                     },
                 )?;
                 Ok(after)
             })
-            .map_err(|e| anyhow::anyhow!("cannot record the grant: {e:?}"))?;
+            .map_err(|e| {
+                // Only storage fails these writes (nothing aborts them).
+                self.store
+                    .fault()
+                    .set(format!("a ledger write failed: {e:?}"));
+                anyhow::anyhow!("cannot record the grant: {e:?}")
+            })?;
         drop(guard);
         self.store.wait_durable()?;
         Ok(from_nano(total))
@@ -1398,8 +1508,17 @@ fn dataset_key(dataset: &str) -> String {
     format!("spent/dataset/{dataset}")
 }
 
+/// The record of `query_id` asked by `analyst`. Query ids may contain `/`,
+/// so an analyst name containing `/` (or starting with `~`) is written as
+/// `~` and its hex: otherwise analyst `a/b` asking `c` and analyst `a`
+/// asking `b/c` would share a record. Other names keep the form they had
+/// before, so stored releases of existing stores are still found.
 fn query_key(analyst: &str, query_id: &str) -> String {
-    format!("query/{analyst}/{query_id}")
+    if analyst.contains('/') || analyst.starts_with('~') {
+        format!("query/~{}/{query_id}", hex::encode(analyst))
+    } else {
+        format!("query/{analyst}/{query_id}")
+    }
 }
 
 #[cfg(test)]
@@ -1491,9 +1610,9 @@ mod tests {
             query_id: id.into(),
             dataset: "cases".into(),
             sql: "SELECT COUNT(*) FROM cases".into(),
-            epsilon: 0.6,
+            epsilon: Decimal::from_nano(600_000_000),
             dry_run: false,
-            rho: 0.0,
+            rho: Decimal::zero(),
         };
         let kinds = |ledger: &Ledger| -> Vec<(String, &'static str)> {
             ledger
@@ -1501,13 +1620,14 @@ mod tests {
                 .entries(0)
                 .map(|e| {
                     let e = e.unwrap();
-                    let id = match &e.event {
+                    let event = e.event().unwrap();
+                    let id = match &event {
                         Event::QueryReceived { query_id, .. } | Event::Debited { query_id, .. } => {
                             query_id.clone()
                         }
                         _ => String::new(),
                     };
-                    (id, e.event.kind())
+                    (id, event.kind())
                 })
                 .collect()
         };
@@ -1536,11 +1656,103 @@ mod tests {
     }
 
     /// How many entries of `kind` the ledger's audit log holds.
+    /// After a journaled write failed part-way, every writer (debits,
+    /// reservations, give-backs, grants, commits) is refused, though the
+    /// disk takes writes again, until the restart replays it; then the
+    /// ledger holds the interrupted debit and the reservation, and the log
+    /// verifies and records exactly those (issue 16, item 10).
+    #[test]
+    fn after_a_write_failed_part_way_every_writer_is_refused_until_the_replay() {
+        use crate::fault::fail_point::{self, Point};
+        let dir = tempfile::tempdir().unwrap();
+        let store_dir = dir.path().join("store");
+        let l = limits();
+        let far = u64::MAX / 2;
+        {
+            let ledger = test_ledger(dir.path());
+            ledger
+                .reserve(
+                    "bob",
+                    "cases",
+                    "r1",
+                    [3; 32],
+                    0.2,
+                    (0.2, 0.0),
+                    &l,
+                    "SELECT 1",
+                    far,
+                )
+                .unwrap()
+                .unwrap();
+            // The journal value and one key land, then the disk is full.
+            fail_point::arm(&store_dir, Point::JournalWrite, 2, u64::MAX);
+            assert!(ledger
+                .admit("alice", "cases", "q1", [1; 32], 0.5, &l)
+                .is_err());
+            assert!(ledger.fault().is_set());
+            // The disk takes writes again; the node has not restarted.
+            fail_point::disarm(&store_dir);
+            let refused = |e: anyhow::Error| {
+                let e = format!("{e:#}");
+                assert!(e.contains("refuses every write"), "{e}");
+            };
+            refused(
+                ledger
+                    .reserve(
+                        "carol",
+                        "cases",
+                        "r2",
+                        [4; 32],
+                        0.1,
+                        (0.1, 0.0),
+                        &l,
+                        "SELECT 1",
+                        far,
+                    )
+                    .unwrap_err(),
+            );
+            refused(
+                ledger
+                    .give_back("bob", "r1", "cancelled", None)
+                    .unwrap_err(),
+            );
+            refused(
+                ledger
+                    .grant("alice", "cases", 1.0, Measure::Pure)
+                    .unwrap_err(),
+            );
+            refused(ledger.commit("bob", "r1", 0).unwrap_err());
+            refused(
+                ledger
+                    .admit("alice", "cases", "q2", [2; 32], 0.1, &l)
+                    .unwrap_err(),
+            );
+            assert_eq!(ledger.tree.get(grant_key("cases", "alice")).unwrap(), None);
+            assert!(ledger.reservation("bob", "r1", 0).unwrap().is_some());
+            assert_eq!(ledger.reservation("carol", "r2", 0).unwrap(), None);
+        }
+        let ledger = test_ledger(dir.path());
+        assert!(!ledger.fault().is_set(), "a reopened store is whole");
+        let spent = |who| ledger.state(who, "cases", &l).unwrap().spent_by_analyst;
+        assert!((spent("alice") - 0.5).abs() < 1e-9, "{}", spent("alice"));
+        assert!((spent("bob") - 0.2).abs() < 1e-9);
+        assert_eq!(spent("carol"), 0.0);
+        let text: String = ledger.audit.lines(0).map(|l| l.unwrap() + "\n").collect();
+        let public =
+            crate::audit::parse_public_key(&std::fs::read_to_string(dir.path().join("p")).unwrap())
+                .unwrap();
+        crate::audit::verify(&text, &public, 0, None).unwrap();
+        assert_eq!(logged(&ledger, "debited"), 1);
+        assert_eq!(logged(&ledger, "reserved"), 1);
+        assert_eq!(logged(&ledger, "budget_granted"), 0);
+        assert_eq!(logged(&ledger, "reservation_returned"), 0);
+    }
+
     fn logged(ledger: &Ledger, kind: &str) -> usize {
         ledger
             .audit
             .entries(0)
-            .filter(|e| e.as_ref().unwrap().event.kind() == kind)
+            .filter(|e| e.as_ref().unwrap().event().unwrap().kind() == kind)
             .count()
     }
 
@@ -1749,7 +1961,7 @@ mod tests {
         let kinds: Vec<String> = ledger
             .audit
             .entries(0)
-            .map(|e| e.unwrap().event.kind().to_string())
+            .map(|e| e.unwrap().event().unwrap().kind().to_string())
             .collect();
         assert_eq!(
             kinds,
@@ -1787,7 +1999,7 @@ mod tests {
         let kinds: Vec<String> = ledger
             .audit
             .entries(0)
-            .map(|e| e.unwrap().event.kind().to_string())
+            .map(|e| e.unwrap().event().unwrap().kind().to_string())
             .collect();
         assert_eq!(kinds, vec!["debited", "budget_granted", "debited"]);
         assert!(ledger
@@ -1903,14 +2115,17 @@ mod tests {
             measure,
             analyst_spent_equivalent: Some(eq),
             ..
-        } = entry.event
+        } = entry.event().unwrap()
         else {
             panic!("{:?}", entry.event)
         };
-        assert_eq!((epsilon, rho, measure.as_str()), (0.0, 0.25, "zcdp"));
-        assert_eq!(eq.delta, 1e-7);
         assert_eq!(
-            eq.epsilon,
+            (epsilon.value(), rho.value(), measure.as_str()),
+            (0.0, 0.25, "zcdp")
+        );
+        assert_eq!(eq.delta.value(), 1e-7);
+        assert_eq!(
+            eq.epsilon.value(),
             crate::accounting::zcdp_to_approx(0.25, 1e-7).unwrap()
         );
         // Refusals are stated in rho.
@@ -1919,6 +2134,69 @@ mod tests {
             .unwrap()
             .unwrap_err();
         assert!(r.to_string().starts_with("rho 0.8 exceeds"), "{r}");
+    }
+
+    /// Every zCDP debit and reservation entry states the equivalent of the
+    /// analyst's total after it, whether the total presumed before the lock
+    /// held (one debit at a time) or not (concurrent debits by one analyst).
+    #[test]
+    fn zcdp_equivalents_are_those_of_the_total_even_under_concurrency() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Arc::new(test_ledger(dir.path()));
+        let l = BudgetLimits {
+            measure: Measure::Zcdp,
+            delta: Some(1e-6),
+            per_analyst: 100.0,
+            total: 100.0,
+            ..limits()
+        };
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let ledger = Arc::clone(&ledger);
+                s.spawn(move || {
+                    for i in 0..6 {
+                        ledger
+                            .admit("alice", "cases", &format!("q{t}-{i}"), [t; 32], 0.013, &l)
+                            .unwrap()
+                            .unwrap();
+                    }
+                });
+            }
+        });
+        ledger
+            .reserve(
+                "alice",
+                "cases",
+                "r1",
+                [9; 32],
+                0.02,
+                (0.0, 0.02),
+                &l,
+                "SELECT 1",
+                u64::MAX / 2,
+            )
+            .unwrap()
+            .unwrap();
+        let mut stated = 0;
+        for entry in ledger.audit.entries(0) {
+            let (total, eq) = match entry.unwrap().event().unwrap() {
+                Event::Debited {
+                    analyst_spent,
+                    analyst_spent_equivalent,
+                    ..
+                }
+                | Event::Reserved {
+                    analyst_spent,
+                    analyst_spent_equivalent,
+                    ..
+                } => (analyst_spent, analyst_spent_equivalent.unwrap()),
+                _ => continue,
+            };
+            let want = crate::accounting::zcdp_to_approx_opendp(total.value(), 1e-6).unwrap();
+            assert_eq!(eq.epsilon.value().to_bits(), want.to_bits(), "{total:?}");
+            stated += 1;
+        }
+        assert_eq!(stated, 25);
     }
 
     #[test]

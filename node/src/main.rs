@@ -37,7 +37,8 @@ fn return_freed_memory_at_once() {
 #[command(
     name = "fedq-node",
     version,
-    after_help = "Exit codes: 0 success, 1 error (the message says what and what to do), 2 bad command line.\n\n\
+    after_help = "Exit codes: 0 success, 1 error (the message says what and what to do), 2 bad command line, \
+75 serve stopped because its store failed a write (a full disk, say; restart it once fixed: deploy/README.md).\n\n\
 Typical set-up:\n  fedq-node synth --partner ngo --rows 20000 --seed 1 --out cases.csv\n  \
 fedq-node check --config node.toml\n  fedq-node ingest --config node.toml --dataset cases --csv cases.csv\n  \
 fedq-node serve --config node.toml"
@@ -87,8 +88,10 @@ Cells -99 or empty are missing. One bad row fails the whole ingest with file:lin
         #[arg(long)]
         config: PathBuf,
     },
-    /// Check node.toml (syntax, schema, budgets, TLS files, and each database
-    /// source: reachable, with the declared columns) without starting.
+    /// Check everything `serve` needs, by the checks `serve` runs (node.toml,
+    /// TLS key, certificate and CA, the audit key, the store and the schema
+    /// its rows were ingested under, each database source: reachable, with
+    /// the declared columns) without serving.
     Check {
         /// Path to node.toml.
         #[arg(long)]
@@ -322,15 +325,18 @@ fn audit_command(cmd: AuditCommand) -> anyhow::Result<()> {
                 c.write_record(["seq", "time_utc", "type", "event", "prev", "hash", "sig"])?;
             }
             let mut n = 0u64;
-            for entry in audit.entries(since) {
-                let e = entry?;
+            // JSON lines are the stored bytes, so the export verifies bit
+            // for bit; CSV carries each event's stored JSON text.
+            for line in audit.lines(since) {
+                let line = line?;
+                let e: audit::Entry = serde_json::from_str(&line)?;
                 match csv_out.as_mut() {
-                    None => writeln!(w, "{}", serde_json::to_string(&e)?)?,
+                    None => writeln!(w, "{line}")?,
                     Some(c) => c.write_record([
                         e.seq.to_string(),
                         fedq_node::audit_report::utc(e.time_ms),
-                        e.event.kind().to_string(),
-                        serde_json::to_string(&e.event)?,
+                        e.event().map_or("unknown", |ev| ev.kind()).to_string(),
+                        e.event.get().to_string(),
                         e.prev.clone(),
                         e.hash.clone(),
                         e.sig.clone(),
@@ -513,7 +519,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(1)
+            ExitCode::from(fedq_node::server::exit_code(&e))
         }
     }
 }
@@ -557,8 +563,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let schema = ds.schema().map_err(anyhow::Error::msg)?;
             let store = fedq_node::store::Store::open(&cfg.resolve(&cfg.node.store))?;
-            let r =
-                fedq_node::ingest::ingest_csv(&store, &dataset, &schema, &csv, allow_duplicate)?;
+            // Every ingest is in the audit log (dataset and file digest).
+            let audit = fedq_node::service::open_audit(&cfg, &store)?;
+            let r = fedq_node::ingest::ingest_csv_audited(
+                &store,
+                &audit,
+                &dataset,
+                &schema,
+                &csv,
+                allow_duplicate,
+            )?;
             println!(
                 "ingested {} rows into {dataset:?} ({} rows in total); file sha256 {}",
                 r.rows_added, r.rows_total, r.file_sha256
@@ -582,12 +596,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 if let Some(dir) = key_path.parent() {
                     std::fs::create_dir_all(dir)?;
                 }
-                std::fs::write(&key_path, key)?;
-                #[cfg(unix)]
-                {
-                    use std::os::unix::fs::PermissionsExt;
-                    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))?;
-                }
+                // Owner-only from its first byte (no write-then-chmod window).
+                fedq_node::pki::write_secret(&key_path, key.as_bytes())?;
                 let csr_path = key_path.with_extension("csr");
                 std::fs::write(&csr_path, csr)?;
                 println!(
@@ -620,14 +630,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Check { config } => {
             let cfg = NodeConfig::load(&config)?;
-            for (what, p) in [
-                ("ca", &cfg.tls.ca),
-                ("cert", &cfg.tls.cert),
-                ("key", &cfg.tls.key),
-            ] {
-                let path = cfg.resolve(p);
-                std::fs::metadata(&path)
-                    .with_context(|| format!("tls.{what}: cannot read {}", path.display()))?;
+            // What `serve` checks before serving, by the same function.
+            let pre = fedq_node::preflight::preflight(&cfg, fedq_node::preflight::Rows::Load)?;
+            for line in &pre.checked {
+                println!("{line}");
             }
             // Database sources: connect and check the table's columns.
             for d in &cfg.datasets {

@@ -15,7 +15,10 @@ use sha2::{Digest, Sha256};
 pub const MISSING: i64 = i64::MIN;
 
 /// Source spellings of a missing value (CTDC uses `-99`).
-pub const MISSING_SPELLINGS: [&str; 2] = ["", "-99"];
+/// `(missing)` is the label of the missing key in answers: a value spelled
+/// so is missing too, so that no declared or open value can share the
+/// missing cell's label (the coordinator adds cells by label).
+pub const MISSING_SPELLINGS: [&str; 3] = ["", "-99", "(missing)"];
 
 /// The type of a column as written in `node.toml` (`type = "categorical"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,11 +168,11 @@ impl Column {
                 .iter()
                 .position(|d| d == cell)
                 .map(|i| i as i64)
-                .ok_or_else(|| format!("{cell:?} is not in the declared domain")),
+                .ok_or_else(|| format!("{} is not in the declared domain", excerpt(cell))),
             Column::Integer { min, max, .. } => {
                 let v: i64 = cell
                     .parse()
-                    .map_err(|_| format!("{cell:?} is not an integer"))?;
+                    .map_err(|_| format!("{} is not an integer", excerpt(cell)))?;
                 if v < *min || v > *max {
                     return Err(format!("{v} is outside the declared bounds [{min}, {max}]"));
                 }
@@ -177,7 +180,7 @@ impl Column {
             }
             Column::Boolean { .. } => parse_bool(cell)
                 .map(i64::from)
-                .ok_or_else(|| format!("{cell:?} is not a boolean")),
+                .ok_or_else(|| format!("{} is not a boolean", excerpt(cell))),
             Column::Open { .. } => {
                 if cell.len() > MAX_OPEN_VALUE_BYTES {
                     return Err(format!(
@@ -223,6 +226,19 @@ pub fn person_code(id: &str) -> i64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&d[..8]);
     (u64::from_be_bytes(b) >> 1) as i64
+}
+
+/// Characters of an offending input that an error message quotes.
+pub const EXCERPT_CHARS: usize = 64;
+
+/// `text` quoted for an error message, cut to [`EXCERPT_CHARS`] characters
+/// with an ellipsis and its length when longer: a 10 MB cell must not make
+/// a 10 MB message (issue 16, item 12), and the start is enough to find it.
+pub fn excerpt(text: &str) -> String {
+    match text.char_indices().nth(EXCERPT_CHARS) {
+        None => format!("{text:?}"),
+        Some((cut, _)) => format!("{:?}... ({} bytes)", &text[..cut], text.len()),
+    }
 }
 
 /// Longest value an open-domain column accepts at ingest, in bytes.
@@ -575,6 +591,13 @@ mod tests {
         assert!(Schema::from_specs("d", &[b.clone(), b])
             .unwrap_err()
             .contains("twice"));
+        // The missing key's label cannot be a declared value: two cells
+        // would share it, and a coordinator would add them together.
+        let mut m = spec("g", ColumnType::Categorical);
+        m.domain = Some(vec!["a".into(), "(missing)".into()]);
+        assert!(Schema::from_specs("d", &[m])
+            .unwrap_err()
+            .contains("reserved for missing"));
     }
 
     #[test]

@@ -4,6 +4,13 @@
 //! then serves until [`RunningNode::stop`] or the future passed to
 //! [`serve_until`] completes. Shutdown is graceful: in-flight requests
 //! finish, and the store is released when the last request drops its state.
+//!
+//! Before serving, [`crate::preflight::preflight`] checks everything the
+//! node needs (the same function `fedq-node check` runs). While serving,
+//! a failed store write or flush ([`crate::fault`]) turns the health
+//! service NOT_SERVING and stops the node with [`StoreFailed`]
+//! (`fedq-node serve` then exits with [`crate::fault::EXIT_STORE_FAILED`]
+//! for its supervisor to restart it).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,11 +19,17 @@ use anyhow::Context;
 use fedq_proto::v1::node_server::NodeServer;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
 use crate::config::NodeConfig;
+use crate::fault::StoreFailed;
 use crate::service::{NodeService, NodeState};
+
+/// How long a node whose store failed keeps answering NOT_SERVING before
+/// it stops: long enough for a health check or load balancer to see it,
+/// short enough that the supervisor restarts it promptly. Every write is
+/// refused meanwhile.
+const FAILED_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A node serving in the background of this process.
 pub struct RunningNode {
@@ -36,22 +49,23 @@ impl RunningNode {
         }
         (&mut self.task).await.context("node task panicked")?
     }
+
+    /// Waits until the node stops by itself (its store failed, say) and
+    /// returns why, without asking it to stop.
+    pub async fn wait(mut self) -> anyhow::Result<()> {
+        (&mut self.task).await.context("node task panicked")?
+    }
 }
 
-/// Reads the TLS material named in the config.
-fn tls_config(cfg: &NodeConfig) -> anyhow::Result<ServerTlsConfig> {
-    let read = |p: &std::path::Path, what: &str| {
-        let path = cfg.resolve(p);
-        std::fs::read(&path)
-            .with_context(|| format!("cannot read the node's {what} {}", path.display()))
-    };
-    let cert = read(&cfg.tls.cert, "certificate")?;
-    let key = read(&cfg.tls.key, "private key")?;
-    let ca = read(&cfg.tls.ca, "federation CA certificate")?;
-    Ok(ServerTlsConfig::new()
-        .identity(Identity::from_pem(cert, key))
-        .client_ca_root(Certificate::from_pem(ca))
-        .client_auth_optional(false))
+/// The exit code of `fedq-node serve` for the error it stopped with:
+/// [`crate::fault::EXIT_STORE_FAILED`] after a failed store write or
+/// flush, 1 for anything else.
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    if e.chain().any(|c| c.is::<StoreFailed>()) {
+        crate::fault::EXIT_STORE_FAILED
+    } else {
+        1
+    }
 }
 
 /// Opens the store, loads the datasets, binds and serves in the background.
@@ -89,13 +103,16 @@ async fn serve_on(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let tls = tls_config(&config)?;
     let max_request = config.limits.max_request_bytes;
     let name = config.node.name.clone();
     let addr = listener.local_addr()?;
-    let state = tokio::task::spawn_blocking(move || NodeState::open(config))
-        .await
-        .context("loading the store panicked")??;
+    // The checks `fedq-node check` runs, and the TLS configuration.
+    let (state, tls) = tokio::task::spawn_blocking(move || {
+        let pre = crate::preflight::preflight(&config, crate::preflight::Rows::SchemaOnly)?;
+        anyhow::Ok((NodeState::open(config)?, pre.tls))
+    })
+    .await
+    .context("loading the store panicked")??;
     // Refuse a store rolled back below the ledger's high-water mark (that
     // would hand back spent budget), then log the start and raise the mark.
     crate::backup::raise_high_water(&state.config, state.audit())?;
@@ -104,6 +121,15 @@ async fn serve_on(
     crate::backup::raise_high_water(&state.config, state.audit())?;
     let datasets = state.datasets.len();
     let state = Arc::new(state);
+    // Certificates refused at the handshake (revoked, a node's used as a
+    // client...) are counted in the refusal summaries; the hook runs inside
+    // the handshake, so it only counts (the sweeper writes).
+    let counting = Arc::downgrade(&state);
+    tls.on_refusal(Arc::new(move |r: &crate::tls::HandshakeRefusal| {
+        if let Some(s) = counting.upgrade() {
+            s.count_handshake_refusal(r);
+        }
+    }));
     let sweeper = tokio::spawn(sweep_reservations(Arc::clone(&state)));
     let final_state = Arc::clone(&state);
     let service = NodeServer::new(NodeService::new(state))
@@ -114,19 +140,48 @@ async fn serve_on(
     // balancers (over the same mutual TLS as everything else).
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<NodeServer<NodeService>>().await;
+    // A failed store write or flush: NOT_SERVING, nothing more written in
+    // the background, then stop (the restart replays the journal).
+    let fault = final_state.ledger.fault().clone();
+    let sweeper_abort = sweeper.abort_handle();
+    let shutdown = async move {
+        tokio::select! {
+            () = shutdown => {}
+            failed = fault.failed() => {
+                sweeper_abort.abort();
+                health.set_not_serving::<NodeServer<NodeService>>().await;
+                tracing::error!(error = %failed, linger_ms = FAILED_LINGER.as_millis() as u64, "the store failed: health is NOT_SERVING; stopping so that the supervisor restarts the node");
+                tokio::time::sleep(FAILED_LINGER).await;
+            }
+        }
+    };
+    // TLS is accepted by crate::tls (its client verifier honours the
+    // revocation list and reloads it); tonic serves the established streams.
+    let (incoming, acceptor) = crate::tls::incoming(listener, &tls);
     let served = Server::builder()
-        .tls_config(tls)
-        .context("invalid TLS configuration")?
         .add_service(health_service)
-        .add_service(service)
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
+        .add_service(DecodeStatus(service))
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
+    // Closes the listening socket before `serve` returns.
+    acceptor.abort();
+    let _ = acceptor.await;
     // The sweeper holds the store open: stop it before reporting "stopped".
     sweeper.abort();
     let _ = sweeper.await;
+    // After a store failure nothing more is written: the trees may hold
+    // part of a write that only the restart completes, and the head in
+    // memory may be ahead of what reached the disk (a mark raised to it
+    // would make the restart refuse the store as rolled back).
+    if let Err(failed) = final_state.ledger.fault().check() {
+        drop(final_state);
+        served.context("the gRPC server failed")?;
+        return Err(anyhow::Error::new(failed).context(format!(
+            "node {name} stopped: restart it (the supervisor does) to complete the interrupted write"
+        )));
+    }
+    // Refusals still being counted are logged before the store closes.
+    final_state.flush_refusals(true);
     if let Err(e) = crate::backup::raise_high_water(&final_state.config, final_state.audit()) {
         tracing::error!(error = %e, "cannot raise the ledger's high-water mark at shutdown");
     }
@@ -138,7 +193,8 @@ async fn serve_on(
 
 /// Returns the budget of two-phase reservations that were never committed,
 /// once a second (and right away, for those that expired while the node was
-/// down). Each is logged as `reservation_returned`.
+/// down). Each is logged as `reservation_returned`. Also logs the refusal
+/// summaries whose window ended.
 async fn sweep_reservations(state: Arc<NodeState>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
@@ -148,11 +204,91 @@ async fn sweep_reservations(state: Arc<NodeState>) {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        match tokio::task::spawn_blocking(move || s.ledger.expire_due(now)).await {
+        match tokio::task::spawn_blocking(move || {
+            // Refusal summaries whose minute ended are logged here too.
+            s.flush_refusals(false);
+            s.ledger.expire_due(now)
+        })
+        .await
+        {
             Ok(Ok(0)) => {}
             Ok(Ok(n)) => tracing::info!(returned = n, "expired reservations returned their budget"),
             Ok(Err(e)) => tracing::error!(error = %e, "cannot expire reservations"),
             Err(_) => return,
         }
     }
+}
+
+/// The `fedq.v1.Node` service, with the statuses of requests tonic cannot
+/// decode given the codes gRPC's conventions give them: a request over
+/// `limits.max_request_bytes` is RESOURCE_EXHAUSTED (tonic says
+/// OUT_OF_RANGE), one that is not a valid message INVALID_ARGUMENT (tonic
+/// says INTERNAL, which reads as a node fault and hides the caller's).
+/// Tonic decides these before the service runs, so only its response can
+/// be mapped; the status it built rides in the response's extensions, so
+/// the mapping keys on tonic's own code and message, never on text the
+/// service wrote.
+#[derive(Clone)]
+struct DecodeStatus<S>(S);
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for DecodeStatus<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+type HttpResponse = tonic::codegen::http::Response<tonic::body::Body>;
+
+impl<S, B> tonic::codegen::Service<tonic::codegen::http::Request<B>> for DecodeStatus<S>
+where
+    S: tonic::codegen::Service<
+        tonic::codegen::http::Request<B>,
+        Response = HttpResponse,
+        Error = std::convert::Infallible,
+    >,
+    S::Future: Send + 'static,
+{
+    type Response = HttpResponse;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<HttpResponse, std::convert::Infallible>> + Send,
+        >,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: tonic::codegen::http::Request<B>) -> Self::Future {
+        let answer = self.0.call(req);
+        Box::pin(async move { Ok(decode_status(answer.await?)) })
+    }
+}
+
+/// See [`DecodeStatus`].
+fn decode_status(response: HttpResponse) -> HttpResponse {
+    use tonic::{Code, Status};
+    let Some(status) = response.extensions().get::<Status>() else {
+        return response;
+    };
+    let message = status.message();
+    let mapped = match status.code() {
+        Code::OutOfRange if message.starts_with("Error, decoded message length too large") => {
+            Status::resource_exhausted(format!(
+                "the request is larger than this node accepts (limits.max_request_bytes): {message}"
+            ))
+        }
+        Code::Internal
+            if message.starts_with("failed to decode Protobuf message")
+                || message == "Missing request message." =>
+        {
+            Status::invalid_argument(format!(
+                "the request is not a valid fedq.v1 message: {message}"
+            ))
+        }
+        _ => return response,
+    };
+    mapped.into_http()
 }

@@ -23,13 +23,14 @@ use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
 use crate::accounting::{self, Measure};
-use crate::audit::{AuditKey, AuditLog, DatasetLimits, Event, ReleasedMeasurement};
+use crate::audit::{AuditKey, AuditLog, DatasetLimits, Decimal, Event, ReleasedMeasurement};
 use crate::config::{DatasetConfig, NodeConfig};
 use crate::ledger::{Admission, BudgetState, Computed, Ledger};
 use crate::mechanism::{self, Noise};
 use crate::pki::{caller_from_der, Caller};
 use crate::plan::{self, Plan};
 use crate::postgres::{PgSource, SourceError};
+use crate::refusals::{RefusalKind, RefusalLog};
 use crate::schema::Schema;
 use crate::source::Source;
 use crate::store::Store;
@@ -90,6 +91,8 @@ pub struct NodeState {
     in_flight: Mutex<HashSet<(String, String)>>,
     /// Per-analyst rate and concurrency limits.
     throttle: Throttle,
+    /// Refusals waiting to be logged in summary form.
+    refusals: RefusalLog,
 }
 
 impl NodeState {
@@ -132,6 +135,7 @@ impl NodeState {
             ledger,
             in_flight: Mutex::new(HashSet::new()),
             throttle: Throttle::default(),
+            refusals: RefusalLog::default(),
         })
     }
 
@@ -175,14 +179,14 @@ impl NodeState {
             .iter()
             .map(|d| DatasetLimits {
                 dataset: d.name.clone(),
-                per_analyst: d.budget.per_analyst,
-                total: d.budget.total,
-                per_query_max: d.budget.per_query_max,
+                per_analyst: Decimal::from_f64(d.budget.per_analyst).unwrap_or_default(),
+                total: Decimal::from_f64(d.budget.total).unwrap_or_default(),
+                per_query_max: Decimal::from_f64(d.budget.per_query_max).unwrap_or_default(),
                 measure: match d.budget.measure {
                     Measure::Pure => String::new(),
                     Measure::Zcdp => Measure::Zcdp.name().into(),
                 },
-                delta: d.budget.delta,
+                delta: d.budget.delta.and_then(Decimal::from_f64),
             })
             .collect();
         let previous = self.audit().last_limits()?;
@@ -212,8 +216,8 @@ impl NodeState {
     fn slot(&self, analyst: &str) -> Result<Slot, Status> {
         self.throttle
             .enter(analyst, &self.config.limits)
-            .map_err(|why| {
-                self.log_refusal(analyst, "", &why);
+            .map_err(|(kind, why)| {
+                self.log_refusal((analyst, "analyst"), kind, "", &why);
                 Status::resource_exhausted(why)
             })
     }
@@ -240,17 +244,58 @@ impl NodeState {
         }
     }
 
-    /// Logs a refusal (best effort: a failure to log is itself logged).
-    fn log_refusal(&self, analyst: &str, query_id: &str, reason: &str) {
-        let event = Event::Refused {
-            analyst: analyst.into(),
-            query_id: query_id.into(),
-            reason: reason.into(),
-        };
-        if let Err(e) = self.audit().append(event) {
-            tracing::error!(error = %e, "cannot log a refusal");
-        }
+    /// Counts a refusal of `who` (name, role) for the audit log's summary
+    /// of its kind (see [`crate::refusals`]): bounded, however many come.
+    pub fn log_refusal(&self, who: (&str, &str), kind: RefusalKind, query_id: &str, reason: &str) {
+        self.log_refusal_on(who, "", kind, query_id, reason);
     }
+
+    /// [`NodeState::log_refusal`] of a request that named `dataset` (only
+    /// a served dataset is kept: summaries stay bounded).
+    pub fn log_refusal_on(
+        &self,
+        who: (&str, &str),
+        dataset: &str,
+        kind: RefusalKind,
+        query_id: &str,
+        reason: &str,
+    ) {
+        tracing::info!(identity = %who.0, role = %who.1, kind = kind.name(), reason, "refused; nothing spent");
+        let dataset = if self.datasets.contains_key(dataset) {
+            dataset
+        } else {
+            ""
+        };
+        self.refusals
+            .note(self.audit(), who, dataset, kind, query_id, reason, now_ms());
+    }
+
+    /// Counts a certificate refused at the TLS handshake, without writing
+    /// (the handshake must not wait on the log): the sweeper logs it.
+    pub fn count_handshake_refusal(&self, r: &crate::tls::HandshakeRefusal) {
+        let kind = if r.reason == "revoked" {
+            RefusalKind::Revoked
+        } else {
+            RefusalKind::NotAllowed
+        };
+        let message = format!(
+            "certificate refused at the handshake: {} (serial {})",
+            r.reason, r.serial
+        );
+        self.refusals
+            .count(who_of(r), "", kind, "", &message, now_ms());
+    }
+
+    /// Logs the refusal summaries whose window ended (all of them when
+    /// `everything`, at shutdown).
+    pub fn flush_refusals(&self, everything: bool) {
+        self.refusals.flush(self.audit(), now_ms(), everything);
+    }
+}
+
+/// The identity and role a refused certificate states.
+fn who_of(r: &crate::tls::HandshakeRefusal) -> (&str, &str) {
+    (&r.name, &r.role)
 }
 
 /// Opens the node's audit log, creating its key on first use.
@@ -259,7 +304,7 @@ pub fn open_audit(config: &NodeConfig, store: &Store) -> anyhow::Result<AuditLog
         &config.resolve(&config.audit.key),
         &config.resolve(&config.audit.public_key),
     )?;
-    Ok(AuditLog::new(store.audit.clone(), key))
+    Ok(AuditLog::new(store.audit.clone(), key).with_fault(store.fault().clone()))
 }
 
 /// Per-analyst rate and concurrency limits, so that one analyst's flood
@@ -292,14 +337,21 @@ impl Drop for Slot {
 impl Throttle {
     /// Takes a token and a running slot for `analyst`, or says which limit
     /// was hit and when to come back.
-    fn enter(&self, analyst: &str, limits: &crate::config::Limits) -> Result<Slot, String> {
+    fn enter(
+        &self,
+        analyst: &str,
+        limits: &crate::config::Limits,
+    ) -> Result<Slot, (RefusalKind, String)> {
         {
             let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
             let n = running.entry(analyst.to_string()).or_insert(0);
             if *n >= limits.concurrent_queries {
-                return Err(format!(
-                    "you already have {} queries running on this node (its limit); wait for one to finish",
-                    limits.concurrent_queries
+                return Err((
+                    RefusalKind::Concurrency,
+                    format!(
+                        "you already have {} queries running on this node (its limit); wait for one to finish",
+                        limits.concurrent_queries
+                    ),
                 ));
             }
             *n += 1;
@@ -318,10 +370,14 @@ impl Throttle {
             (*tokens + now.duration_since(*last).as_secs_f64() * per_minute / 60.0).min(per_minute);
         *last = now;
         if *tokens < 1.0 {
-            let wait = (1.0 - *tokens) * 60.0 / per_minute;
-            return Err(format!(
-                "rate limit: this node accepts {} queries per minute from you; retry in {wait:.1} s",
-                limits.queries_per_minute
+            // Rounded up to a tenth of a second, so never "retry in 0.0 s".
+            let wait = ((1.0 - *tokens) * 600.0 / per_minute).ceil().max(1.0) / 10.0;
+            return Err((
+                RefusalKind::RateLimit,
+                format!(
+                    "rate limit: this node accepts {} queries per minute from you; retry in {wait:.1} s",
+                    limits.queries_per_minute
+                ),
             ));
         }
         *tokens -= 1.0;
@@ -367,7 +423,7 @@ fn require_analyst(state: &NodeState, c: &Caller) -> Result<(), Status> {
     } else {
         return Ok(());
     };
-    state.log_refusal(&c.name, "", &refusal);
+    state.log_refusal((&c.name, &c.role), RefusalKind::NotAllowed, "", &refusal);
     Err(Status::permission_denied(refusal))
 }
 
@@ -437,16 +493,25 @@ fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal("the node hit an internal error; nothing was released (see the node's log)")
 }
 
-/// Checks the request fields that do not need the schema.
-fn validate_request(q: &QueryRequest, max_sql: usize) -> Result<(), Status> {
-    if q.query_id.is_empty()
-        || q.query_id.len() > MAX_QUERY_ID
-        || !q.query_id.chars().all(|c| c.is_ascii_graphic())
-    {
+/// A number for a message: short even when huge (`1e308`, not 309 digits).
+fn num(x: f64) -> String {
+    Decimal::from_f64(x).map_or_else(|| x.to_string(), |d| d.to_string())
+}
+
+/// Checks a query id, before it is used or logged anywhere.
+fn validate_query_id(id: &str) -> Result<(), Status> {
+    if id.is_empty() || id.len() > MAX_QUERY_ID || !id.chars().all(|c| c.is_ascii_graphic()) {
         return Err(Status::invalid_argument(format!(
             "query_id must be 1 to {MAX_QUERY_ID} printable ASCII characters without spaces"
         )));
     }
+    Ok(())
+}
+
+/// Checks the request fields that do not need the schema: every field a
+/// log entry could hold is checked here, before anything is logged.
+fn validate_request(q: &QueryRequest, max_sql: usize) -> Result<(), Status> {
+    validate_query_id(&q.query_id)?;
     if q.sql.len() > max_sql {
         return Err(Status::invalid_argument(format!(
             "the SQL text is {} bytes, more than this node's limit of {max_sql}",
@@ -467,19 +532,21 @@ fn validate_request(q: &QueryRequest, max_sql: usize) -> Result<(), Status> {
         }
         if v > 0.0 && v < min {
             return Err(Status::invalid_argument(format!(
-                "{name} {v} is below this node's minimum of {min}: the answer would be pure noise; ask for more"
+                "{name} {} is below this node's minimum of {min}: the answer would be pure noise; ask for more",
+                num(v)
             )));
         }
         if v < 0.0 {
             return Err(Status::invalid_argument(format!(
-                "{name} must be greater than 0 (got {v}); give a positive number such as {example}"
+                "{name} must be greater than 0 (got {}); give a positive number such as {example}",
+                num(v)
             )));
         }
     }
     match (q.epsilon > 0.0, q.rho > 0.0) {
         (true, true) => Err(Status::invalid_argument(format!(
             "give either epsilon (pure DP, discrete Laplace noise) or rho (zCDP, discrete Gaussian noise), not both (got epsilon {} and rho {})",
-            q.epsilon, q.rho
+            num(q.epsilon), num(q.rho)
         ))),
         (false, false) => Err(Status::invalid_argument(
             "epsilon must be greater than 0 (got 0); give a positive epsilon such as 0.5, or a positive rho such as 0.05 for zCDP",
@@ -524,13 +591,26 @@ fn describe_release(
             .l2_sensitivity()
             .saturating_mul(plan.contribution_bound);
         let noise = asked.noise(l1, l2, m).map_err(Status::invalid_argument)?;
-        let ci = noise.half_width(mechanism::CI_ALPHA).map_err(internal)?;
-        if !(ci.is_finite() && noise.variance().is_finite()) {
+        let ci = noise
+            .half_width(mechanism::CI_ALPHA)
+            .ok()
+            .filter(|c| c.is_finite() && noise.variance().is_finite());
+        let Some(ci) = ci else {
+            // Either end can make the accuracy incomputable: a scale so
+            // large it overflows, or so small OpenDP's bounds fail.
+            let why = if noise.scale() < 1.0 {
+                format!("so large that the noise of {} is too small for its accuracy to be computed; ask for a smaller {what}", spec.label(&ds.schema))
+            } else {
+                format!(
+                    "so small that the noise of {} would be unbounded; ask for a larger {what}",
+                    spec.label(&ds.schema)
+                )
+            };
             return Err(Status::invalid_argument(format!(
-                "{what} {total} is so small that the noise of {} would be unbounded; ask for a larger {what}",
-                spec.label(&ds.schema)
+                "{what} {} is {why}",
+                num(total)
             )));
-        }
+        };
         let gaussian = matches!(asked, Asked::Rho(_));
         measurements.push(Measurement {
             label: spec.label(&ds.schema),
@@ -683,9 +763,12 @@ fn enter<'a>(state: &'a NodeState, analyst: &str, query_id: &str) -> Result<InFl
     let key = (analyst.to_string(), query_id.to_string());
     let mut set = state.in_flight.lock().unwrap_or_else(|p| p.into_inner());
     if !set.insert(key.clone()) {
-        return Err(Status::aborted(format!(
+        drop(set);
+        let why = format!(
             "query id {query_id:?} is being answered right now; retry it in a moment to get the same release"
-        )));
+        );
+        state.log_refusal((analyst, "analyst"), RefusalKind::InFlight, query_id, &why);
+        return Err(Status::aborted(why));
     }
     Ok(InFlight {
         set: &state.in_flight,
@@ -697,22 +780,35 @@ fn enter<'a>(state: &'a NodeState, analyst: &str, query_id: &str) -> Result<InFl
 fn refusal_status(
     state: &NodeState,
     receipt: Option<&Receipt>,
-    analyst: &str,
+    (analyst, dataset): (&str, &str),
     query_id: &str,
     refusal: crate::ledger::Refusal,
 ) -> Status {
     use crate::ledger::Refusal;
-    let status = match refusal {
-        Refusal::IdReused(_) => Status::already_exists(refusal.to_string()),
-        Refusal::Reserved(_) | Refusal::NoReservation(_) => {
-            Status::failed_precondition(refusal.to_string())
-        }
-        _ => Status::resource_exhausted(format!("{refusal}; nothing was released or spent")),
+    let (kind, status) = match refusal {
+        Refusal::IdReused(_) => (
+            RefusalKind::IdReused,
+            Status::already_exists(refusal.to_string()),
+        ),
+        Refusal::Reserved(_) | Refusal::NoReservation(_) => (
+            RefusalKind::Reservation,
+            Status::failed_precondition(refusal.to_string()),
+        ),
+        _ => (
+            RefusalKind::Budget,
+            Status::resource_exhausted(format!("{refusal}; nothing was released or spent")),
+        ),
     };
-    match receipt {
-        Some(r) => r.refuse(analyst, query_id, status.message()),
-        None => state.log_refusal(analyst, query_id, status.message()),
+    if let Some(r) = receipt {
+        r.refused();
     }
+    state.log_refusal_on(
+        (analyst, "analyst"),
+        dataset,
+        kind,
+        query_id,
+        status.message(),
+    );
     status
 }
 
@@ -813,8 +909,15 @@ fn run_query(
         )
         .map_err(internal);
     drop(pending);
-    let admission =
-        admission?.map_err(|r| refusal_status(state, Some(receipt), analyst, &q.query_id, r))?;
+    let admission = admission?.map_err(|r| {
+        refusal_status(
+            state,
+            Some(receipt),
+            (analyst, &plan.dataset),
+            &q.query_id,
+            r,
+        )
+    })?;
     receipt.logged();
     StageClock::lap(clock, "debit_durable_and_exact");
     match admission {
@@ -833,9 +936,12 @@ fn run_query(
 ///
 /// 1. `hold`: check and reserve the budget durably (logged `reserved`).
 /// 2. Fetch the exact aggregates, bounded by the statement timeout.
-/// 3. On failure, give the reservation back (logged `reservation_returned`
-///    with the kind of failure): nothing was released, since the exact
-///    values never left the process and no noise was drawn.
+/// 3. On a failure that says nothing about the rows (the database is
+///    unreachable, its table does not match), give the reservation back
+///    (logged `reservation_returned` with the kind of failure): nothing was
+///    released. On a timeout or a failed statement, which can depend on the
+///    rows, keep it spent ([`SourceError::data_dependent`]): a retry under
+///    the same id resumes it.
 /// 4. On success, commit the reservation (atomic with respect to the
 ///    expiry sweeper: exactly one of commit and expiry wins, under the
 ///    ledger's lock) and only then add noise and release.
@@ -871,8 +977,15 @@ fn run_on_database(
         )
         .map_err(internal);
     drop(pending);
-    let admission =
-        admission?.map_err(|r| refusal_status(state, Some(receipt), analyst, &q.query_id, r))?;
+    let admission = admission?.map_err(|r| {
+        refusal_status(
+            state,
+            Some(receipt),
+            (analyst, &plan.dataset),
+            &q.query_id,
+            r,
+        )
+    })?;
     receipt.logged();
     match admission {
         Admission::Replay(bytes) => replay(state, analyst, &q.query_id, &bytes),
@@ -925,6 +1038,21 @@ fn fetch_or_give_back(
     query_id: &str,
 ) -> Result<Vec<Vec<i64>>, Status> {
     exact(ds, plan).map_err(|e| {
+        if e.data_dependent() {
+            // The reservation becomes a debit (nothing released); a retry
+            // under the same id resumes it without spending again.
+            if let Err(le) = state.ledger.commit(analyst, query_id, now_ms()) {
+                tracing::error!(error = %le, query_id, "cannot keep a reservation after a database failure; it will expire");
+            }
+            let status = source_failed(state, &plan.dataset, &e);
+            return Status::new(
+                status.code(),
+                format!(
+                    "{}; nothing was released, and the reserved budget stays spent, because whether a query times out or fails can depend on the data; retry with the same query id to try again without spending more",
+                    status.message()
+                ),
+            );
+        }
         let reason = format!(
             "database source failed: {}; nothing was released",
             e.public()
@@ -1034,10 +1162,10 @@ fn release(
         .map(|m| ReleasedMeasurement {
             label: m.label.clone(),
             mechanism: m.mechanism.clone(),
-            scale: m.scale,
-            epsilon: m.epsilon,
+            scale: Decimal::from_f64(m.scale).unwrap_or_default(),
+            epsilon: Decimal::from_f64(m.epsilon).unwrap_or_default(),
             values: m.values.len() as u64,
-            rho: m.rho,
+            rho: Decimal::from_f64(m.rho).unwrap_or_default(),
         })
         .collect();
     state
@@ -1172,29 +1300,21 @@ impl<'a> Receipt<'a> {
 
     /// Logs the entry (if not yet logged), then `then`, in one commit.
     /// Best effort, as for refusals: a failure to log is itself logged.
-    fn log_with(&self, then: Option<Event>) {
-        let mut events: Vec<Event> = self.event.borrow_mut().take().into_iter().collect();
-        events.extend(then);
-        if events.is_empty() {
+    /// Logs the entry on its own, if not yet logged. Best effort: a
+    /// failure to log is itself in the operator's log.
+    fn log_now(&self) {
+        let Some(event) = self.event.borrow_mut().take() else {
             return;
-        }
-        if let Err(e) = self.audit.append_all(&events) {
+        };
+        if let Err(e) = self.audit.append(event) {
             tracing::error!(error = %e, "cannot log a received query");
         }
     }
 
-    /// Logs the entry on its own, if not yet logged.
-    fn log_now(&self) {
-        self.log_with(None);
-    }
-
-    /// Logs the entry (if not yet logged) and a refusal, in one commit.
-    fn refuse(&self, analyst: &str, query_id: &str, reason: &str) {
-        self.log_with(Some(Event::Refused {
-            analyst: analyst.into(),
-            query_id: query_id.into(),
-            reason: reason.into(),
-        }));
+    /// The query was refused: its receipt is not logged (the refusal is
+    /// counted in its summary instead, so refusals cannot flood the log).
+    fn refused(&self) {
+        self.event.borrow_mut().take();
     }
 }
 
@@ -1205,91 +1325,120 @@ impl Drop for Receipt<'_> {
 }
 
 /// Everything before spending: validate the request, plan it and fix every
-/// mechanism. Refusals are logged with the request and spend nothing; the
-/// returned [`Receipt`] logs the request with the query's outcome.
+/// mechanism. Every field is checked before anything is logged; refusals
+/// spend nothing and are counted in the refusal summaries; the returned
+/// [`Receipt`] logs the accepted request with the query's outcome.
 fn accept<'a>(
     state: &'a NodeState,
     who: &Caller,
     q: &QueryRequest,
 ) -> Result<(Plan, QueryResponse, Receipt<'a>), Status> {
-    // Parse nothing longer than the limit, not even to log it; parse the
-    // rest once, for the log and for the plan.
-    let parsed = (q.sql.len() <= state.config.limits.max_sql_bytes).then(|| plan::parse(&q.sql));
-    let dataset_guess = match &parsed {
-        Some(Ok(p)) => p.dataset().unwrap_or_default(),
-        _ => String::new(),
-    };
-    // Bound what a hostile request can make the log store.
-    let logged_sql: String = q
-        .sql
-        .chars()
-        .take(state.config.limits.max_sql_bytes)
-        .collect();
-    let logged_id: String = q.query_id.chars().take(MAX_QUERY_ID).collect();
-    let receipt = Receipt::new(
-        state.audit(),
-        Event::QueryReceived {
-            analyst: who.name.clone(),
-            query_id: logged_id.clone(),
-            dataset: dataset_guess,
-            sql: logged_sql,
-            epsilon: q.epsilon,
-            dry_run: q.dry_run,
-            rho: q.rho,
-        },
-    );
-    let refuse = |s: Status| {
-        tracing::info!(analyst = %who.name, query_id = %logged_id, reason = %s.message(), "refused; nothing spent");
-        receipt.refuse(&who.name, &logged_id, s.message());
+    let refuse = |kind: RefusalKind, dataset: &str, s: Status| {
+        state.log_refusal_on(
+            (&who.name, &who.role),
+            dataset,
+            kind,
+            &q.query_id,
+            s.message(),
+        );
         s
     };
-    validate_request(q, state.config.limits.max_sql_bytes).map_err(refuse)?;
-    let parsed = match parsed {
-        Some(Ok(p)) => p,
-        Some(Err(e)) => return Err(refuse(Status::invalid_argument(e.0))),
-        None => {
-            return Err(refuse(Status::internal(
-                "an overlong query passed validation",
-            )))
-        }
-    };
+    validate_request(q, state.config.limits.max_sql_bytes)
+        .map_err(|s| refuse(RefusalKind::InvalidRequest, "", s))?;
+    let parsed = plan::parse(&q.sql)
+        .map_err(|e| refuse(RefusalKind::InvalidQuery, "", Status::invalid_argument(e.0)))?;
     let name = parsed
         .dataset()
-        .map_err(|e| refuse(Status::invalid_argument(e.0)))?;
+        .map_err(|e| refuse(RefusalKind::InvalidQuery, "", Status::invalid_argument(e.0)))?;
     let ds = state.datasets.get(&name).ok_or_else(|| {
         let mut known: Vec<&str> = state.datasets.keys().map(String::as_str).collect();
         known.sort();
-        refuse(Status::not_found(format!(
-            "dataset {name:?} is not served by node {}; it serves: {}",
-            state.config.node.name,
-            known.join(", ")
-        )))
+        refuse(
+            RefusalKind::UnknownDataset,
+            "",
+            Status::not_found(format!(
+                "dataset {} is not served by node {}; it serves: {}",
+                quoted_prefix(&name),
+                state.config.node.name,
+                known.join(", ")
+            )),
+        )
     })?;
     state
         .config
         .access
         .allows(&who.name, Some(&name))
-        .map_err(|why| refuse(Status::permission_denied(why)))?;
-    let plan = plan::plan_parsed(&parsed, &ds.schema, state.config.limits.max_cells)
-        .map_err(|e| refuse(Status::invalid_argument(e.0)))?;
-    let response = describe_release(&state.config.node.name, q, ds, &plan).map_err(refuse)?;
-    let max = ds.config.budget.per_query_max;
-    if response.cost > max {
-        let unit = ds.config.budget.measure.unit();
+        .map_err(|why| {
+            refuse(
+                RefusalKind::NotAllowed,
+                &name,
+                Status::permission_denied(why),
+            )
+        })?;
+    let plan =
+        plan::plan_parsed(&parsed, &ds.schema, state.config.limits.max_cells).map_err(|e| {
+            refuse(
+                RefusalKind::InvalidQuery,
+                &name,
+                Status::invalid_argument(e.0),
+            )
+        })?;
+    let budget = &ds.config.budget;
+    let cost = Asked::of(q)
+        .cost(&name, budget.measure)
+        .map_err(|e| refuse(RefusalKind::Cost, &name, Status::invalid_argument(e)))?;
+    let max = budget.per_query_max;
+    if cost > max {
+        let unit = budget.measure.unit();
         let converted = if q.rho == 0.0 && unit == "rho" {
             format!(
                 " (epsilon {} costs rho {} on this zCDP dataset)",
-                q.epsilon, response.cost
+                num(q.epsilon),
+                num(cost)
             )
         } else {
             String::new()
         };
-        return Err(refuse(Status::invalid_argument(format!(
-            "{unit} {}{converted} is above node {}'s per-query maximum of {max} for dataset {name:?}; ask for at most {max}",
-            response.cost, state.config.node.name
-        ))));
+        return Err(refuse(
+            RefusalKind::Cost,
+            &name,
+            Status::invalid_argument(format!(
+                "{unit} {}{converted} is above node {}'s per-query maximum of {} for dataset {name:?}; ask for at most {}",
+                num(cost),
+                state.config.node.name,
+                num(max),
+                num(max)
+            )),
+        ));
     }
+    let response = describe_release(&state.config.node.name, q, ds, &plan)
+        .map_err(|s| refuse(RefusalKind::Cost, &name, s))?;
+    // Only now, with every field checked (the costs are finite, the id and
+    // the SQL within their limits), is the request logged.
+    let receipt = Receipt::new(
+        state.audit(),
+        Event::QueryReceived {
+            analyst: who.name.clone(),
+            query_id: q.query_id.clone(),
+            dataset: name,
+            sql: q.sql.clone(),
+            epsilon: Decimal::from_f64(q.epsilon).unwrap_or_default(),
+            dry_run: q.dry_run,
+            rho: Decimal::from_f64(q.rho).unwrap_or_default(),
+        },
+    );
     Ok((plan, response, receipt))
+}
+
+/// A name from a request, quoted for a message, cut to 64 characters (an
+/// 8 kB name is not echoed back whole).
+fn quoted_prefix(name: &str) -> String {
+    if name.chars().count() <= 64 {
+        format!("{name:?}")
+    } else {
+        let cut: String = name.chars().take(64).collect();
+        format!("{cut:?}... ({} bytes)", name.len())
+    }
 }
 
 /// For a Commit on a database source: fetches the exact aggregates while
@@ -1377,7 +1526,8 @@ impl Node for NodeService {
         let allowed = who.role == "auditor" && self.state.config.audit.auditors.contains(&who.name);
         if !allowed {
             self.state.log_refusal(
-                &who.name,
+                (&who.name, &who.role),
+                RefusalKind::NotAnAuditor,
                 "",
                 "audit export refused: not a configured auditor",
             );
@@ -1390,11 +1540,9 @@ impl Node for NodeService {
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let state = Arc::clone(&self.state);
         tokio::task::spawn_blocking(move || {
-            for entry in state.audit().entries(since) {
-                let item = entry
-                    .and_then(|e| Ok(serde_json::to_string(&e)?))
-                    .map(|json| AuditLine { json })
-                    .map_err(internal);
+            // The stored bytes, as written: an export verifies bit for bit.
+            for line in state.audit().lines(since) {
+                let item = line.map(|json| AuditLine { json }).map_err(internal);
                 if tx.blocking_send(item).is_err() {
                     break;
                 }
@@ -1443,9 +1591,14 @@ impl Node for NodeService {
         let who = caller(&req)?;
         require_analyst(&self.state, &who)?;
         let PrepareRequest { query, hold_ms } = req.into_inner();
-        let q = query.ok_or_else(|| Status::invalid_argument("Prepare needs a query"))?;
+        let invalid = |why: &str| {
+            self.state
+                .log_refusal((&who.name, &who.role), RefusalKind::InvalidRequest, "", why);
+            Status::invalid_argument(why)
+        };
+        let q = query.ok_or_else(|| invalid("Prepare needs a query"))?;
         if q.dry_run {
-            return Err(Status::invalid_argument(
+            return Err(invalid(
                 "a dry run spends nothing: send it with Query, not Prepare",
             ));
         }
@@ -1457,7 +1610,7 @@ impl Node for NodeService {
                 receipt.log_now();
                 if plan.open_key.is_some() {
                     let why = "a GROUP BY over an open-domain column cannot be prepared in two phases yet: each node releases its own keys; run it without --min-nodes; nothing was spent";
-                    state.log_refusal(&who.name, &q.query_id, why);
+                    state.log_refusal((&who.name, &who.role), RefusalKind::Unsupported, &q.query_id, why);
                     return Err(Status::failed_precondition(why));
                 }
                 let ds = &state.datasets[&plan.dataset];
@@ -1477,7 +1630,9 @@ impl Node for NodeService {
                         expires,
                     )
                     .map_err(internal)?
-                    .map_err(|r| refusal_status(state, None, &who.name, &q.query_id, r))?;
+                    .map_err(|r| {
+                        refusal_status(state, None, (&who.name, &plan.dataset), &q.query_id, r)
+                    })?;
                 let b = state
                     .ledger
                     .state(&who.name, &plan.dataset, &ds.config.budget)
@@ -1502,6 +1657,14 @@ impl Node for NodeService {
         let who = caller(&req)?;
         require_analyst(&self.state, &who)?;
         let query_id = req.into_inner().query_id;
+        validate_query_id(&query_id).inspect_err(|s| {
+            self.state.log_refusal(
+                (&who.name, &who.role),
+                RefusalKind::InvalidRequest,
+                "",
+                s.message(),
+            );
+        })?;
         let slot = self.state.slot(&who.name)?;
         let answer = self
             .state
@@ -1512,7 +1675,7 @@ impl Node for NodeService {
                     .ledger
                     .commit(&who.name, &query_id, now_ms())
                     .map_err(internal)?
-                    .map_err(|r| refusal_status(state, None, &who.name, &query_id, r))?;
+                    .map_err(|r| refusal_status(state, None, (&who.name, ""), &query_id, r))?;
                 if let Admission::Replay(bytes) = admission {
                     return replay(state, &who.name, &query_id, &bytes);
                 }
@@ -1562,6 +1725,14 @@ impl Node for NodeService {
         let who = caller(&req)?;
         require_analyst(&self.state, &who)?;
         let query_id = req.into_inner().query_id;
+        validate_query_id(&query_id).inspect_err(|s| {
+            self.state.log_refusal(
+                (&who.name, &who.role),
+                RefusalKind::InvalidRequest,
+                "",
+                s.message(),
+            );
+        })?;
         let state = Arc::clone(&self.state);
         let returned = tokio::task::spawn_blocking(move || {
             state

@@ -52,6 +52,9 @@ pub struct Store {
     pub journal: crate::journal::Journal,
     /// Shared flushes for the ledger's durable points (one per database).
     commits: Arc<GroupCommit>,
+    /// Set by the first failed ledger commit or flush; every writer
+    /// checks it ([`crate::fault`]).
+    fault: crate::fault::Fault,
 }
 
 impl Store {
@@ -80,7 +83,9 @@ impl Store {
         }
         // A ledger write that a crash interrupted is completed before
         // anything reads the ledger.
-        let journal = crate::journal::Journal::open(&db)?;
+        let fault = crate::fault::Fault::default();
+        let fail = crate::fault::fail_point::FailPoints::for_store(dir);
+        let journal = crate::journal::Journal::open_with(&db, fault.clone(), fail.clone())?;
         let replayed = journal
             .replay()
             .with_context(|| format!("store {}", dir.display()))?;
@@ -94,13 +99,26 @@ impl Store {
         let log = std::fs::File::open(dir.join("db"))
             .with_context(|| format!("cannot open the log of store {}", dir.display()))?;
         Ok(Store {
-            commits: Arc::new(GroupCommit::new(db.clone(), log)?),
+            commits: Arc::new(GroupCommit::with_fault(
+                db.clone(),
+                log,
+                fault.clone(),
+                fail,
+            )?),
+            fault,
             db,
             data,
             ledger,
             audit,
             journal,
         })
+    }
+
+    /// The store's fault: set once a ledger commit or flush failed, after
+    /// which every writer is refused and the node must restart
+    /// ([`crate::fault`]).
+    pub fn fault(&self) -> &crate::fault::Fault {
+        &self.fault
     }
 
     /// Forces everything written so far to disk.

@@ -195,8 +195,9 @@ impl TestFederation {
 
     /// Node `i`'s whole audit log, pulled over gRPC as auditor "auditor"
     /// (who must be in the node's `audit.auditors`): the JSON lines as
-    /// sent, the parsed entries, and the node's audit public key (hex).
-    pub async fn pull_audit(&self, i: usize) -> (String, Vec<fedq_node::audit::Entry>, String) {
+    /// sent, the entries with their events read, and the node's audit
+    /// public key (hex).
+    pub async fn pull_audit(&self, i: usize) -> (String, Vec<Logged>, String) {
         let mut c = self.raw_client(i, Role::Auditor, "auditor").await;
         let key = c
             .describe(fedq_proto::v1::DescribeRequest {})
@@ -214,10 +215,7 @@ impl TestFederation {
             text.push_str(&line.json);
             text.push('\n');
         }
-        let entries = text
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let entries = text.lines().map(Logged::parse).collect();
         (text, entries, key)
     }
 
@@ -278,6 +276,7 @@ pub fn node_config(ca: &Authority, dir: &Path, name: &str, budget: BudgetLimits)
             ca: "certs/ca.pem".into(),
             cert: "certs/node.pem".into(),
             key: "certs/node.key".into(),
+            crl: None,
         },
         limits: Limits::default(),
         audit: Default::default(),
@@ -521,5 +520,348 @@ pub fn thousands(v: i64) -> String {
         format!("-{out}")
     } else {
         out
+    }
+}
+
+/// A loopback address with a port that was free a moment ago (for a node
+/// process, whose address must be in its config before it starts).
+pub fn free_loopback_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+}
+
+/// One node served by a real `fedq-node serve` process ([`node_binary`]),
+/// for tests that stop it gracefully, SIGKILL it and restart it from its
+/// store, as a partner's supervisor would. Its directory (config, store,
+/// keys, the CSV it ingested, the client certificates and the process's
+/// stderr of each start) lives in [`ProcessNode::dir`]. Dropping it kills
+/// the process.
+pub struct ProcessNode {
+    /// Everything lives here and is deleted at the end.
+    pub dir: tempfile::TempDir,
+    /// The federation CA.
+    pub ca: Authority,
+    /// The node: name, config (with its fixed address) and CSV.
+    pub node: TestNode,
+    /// The node.toml the process reads.
+    pub config_path: PathBuf,
+    child: Option<std::process::Child>,
+    starts: u32,
+}
+
+impl ProcessNode {
+    /// Writes a CSV of `rows` synthetic rows of `partner` (seed `seed`), a
+    /// node.toml declaring `datasets` (each with the CTDC schema and its
+    /// budget limits; "auditor" may export the log), lets `adjust` change
+    /// the config, and ingests the CSV into every dataset with `fedq-node
+    /// ingest`. The node is not started.
+    pub fn create(
+        (partner, rows, seed): (Partner, usize, u64),
+        datasets: &[(&str, BudgetLimits)],
+        adjust: impl FnOnce(&mut NodeConfig),
+    ) -> ProcessNode {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = Authority::generate("test federation CA").expect("CA");
+        ca.pem
+            .write(&dir.path().join("ca"), "ca")
+            .expect("write CA");
+        let name = "node-0".to_string();
+        let node_dir = dir.path().join(&name);
+        std::fs::create_dir_all(&node_dir).unwrap();
+        let csv = node_dir.join("cases.csv");
+        synth::write_csv(partner, rows, seed, std::fs::File::create(&csv).unwrap()).unwrap();
+        let mut config = node_config(&ca, &node_dir, &name, datasets[0].1);
+        let template = config.datasets[0].clone();
+        config.datasets = datasets
+            .iter()
+            .map(|&(n, budget)| DatasetConfig {
+                name: n.to_string(),
+                budget,
+                ..template.clone()
+            })
+            .collect();
+        config.node.listen = free_loopback_addr();
+        config.audit.auditors = vec!["auditor".into()];
+        adjust(&mut config);
+        let config_path = node_dir.join("node.toml");
+        std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
+        let node = ProcessNode {
+            dir,
+            ca,
+            node: TestNode {
+                name,
+                config,
+                csv: csv.clone(),
+                running: None,
+            },
+            config_path,
+            child: None,
+            starts: 0,
+        };
+        for &(n, _) in datasets {
+            let (code, out) = node.cli(&[
+                "ingest".as_ref(),
+                "--config".as_ref(),
+                node.config_path.as_os_str(),
+                "--dataset".as_ref(),
+                n.as_ref(),
+                "--csv".as_ref(),
+                csv.as_os_str(),
+                "--allow-duplicate".as_ref(),
+            ]);
+            assert_eq!(code, Some(0), "ingest into {n} failed: {out}");
+        }
+        node
+    }
+
+    /// The federation CA certificate (PEM file).
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("ca/ca.pem")
+    }
+
+    /// Writes a client certificate for `name` with `role` (any name: the
+    /// files are named after a sanitised form) and returns its paths.
+    pub fn client_cert(&self, role: Role, name: &str) -> (PathBuf, PathBuf) {
+        let d = self.dir.path().join("clients");
+        let stem: String = format!("{role:?}-{name}")
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        if !d.join(format!("{stem}.pem")).exists() {
+            self.ca.issue(role, name).unwrap().write(&d, &stem).unwrap();
+        }
+        (d.join(format!("{stem}.pem")), d.join(format!("{stem}.key")))
+    }
+
+    /// A gRPC client over mutual TLS with the certificate files given.
+    pub async fn connect_with(
+        &self,
+        cert: &Path,
+        key: &Path,
+    ) -> Result<NodeClient<Channel>, tonic::transport::Error> {
+        connect(&self.node, &self.ca_path(), cert, key).await
+    }
+
+    /// A gRPC client as `name` in `role`.
+    pub async fn client(
+        &self,
+        role: Role,
+        name: &str,
+    ) -> Result<NodeClient<Channel>, tonic::transport::Error> {
+        let (cert, key) = self.client_cert(role, name);
+        self.connect_with(&cert, &key).await
+    }
+
+    /// Runs the `fedq-node` binary with `args`; its exit code and output.
+    pub fn cli(&self, args: &[&std::ffi::OsStr]) -> (Option<i32>, String) {
+        let out = std::process::Command::new(node_binary())
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run fedq-node");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    }
+
+    /// Whether a process was started and not yet stopped or killed.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Starts `fedq-node serve` and waits (up to `timeout`) until it
+    /// answers Describe. An error names why, with the end of the process's
+    /// stderr when it exited (a node that cannot read its own store says so
+    /// there).
+    pub async fn start(&mut self, timeout: Duration) -> Result<(), String> {
+        assert!(self.child.is_none(), "the node is already running");
+        self.starts += 1;
+        let stderr = std::fs::File::create(self.stderr_path()).unwrap();
+        let child = std::process::Command::new(node_binary())
+            .args(["serve", "--config"])
+            .arg(&self.config_path)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| format!("cannot start fedq-node: {e}"))?;
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + timeout;
+        let (cert, key) = self.client_cert(Role::Analyst, "readiness-probe");
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                return Err(format!(
+                    "fedq-node serve exited ({status}) instead of serving; its stderr ends:\n{}",
+                    self.stderr_tail(20)
+                ));
+            }
+            if let Ok(mut c) = self.connect_with(&cert, &key).await {
+                let probe = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    c.describe(fedq_proto::v1::DescribeRequest {}),
+                );
+                if let Ok(Ok(_)) = probe.await {
+                    return Ok(());
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(format!(
+                    "fedq-node serve did not answer Describe within {timeout:?}; its stderr ends:\n{}",
+                    self.stderr_tail(20)
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Stops the node as a supervisor does (SIGTERM) and waits up to
+    /// `timeout` for it to exit; a node that does not exit, or exits with a
+    /// failure, is an error (and is then killed).
+    pub async fn stop(&mut self, timeout: Duration) -> Result<(), String> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        if !sent.is_ok_and(|s| s.success()) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err("cannot send SIGTERM to the node".into());
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) if status.success() => return Ok(()),
+                Ok(Some(status)) => {
+                    return Err(format!(
+                        "fedq-node serve exited with {status} on SIGTERM; its stderr ends:\n{}",
+                        self.stderr_tail(20)
+                    ))
+                }
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(format!(
+                        "fedq-node serve did not exit within {timeout:?} of SIGTERM (killed); its stderr ends:\n{}",
+                        self.stderr_tail(20)
+                    ));
+                }
+            }
+        }
+    }
+
+    /// SIGKILLs the node (nothing of it runs afterwards) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn stderr_path(&self) -> PathBuf {
+        self.dir
+            .path()
+            .join(format!("node-stderr-{}.log", self.starts))
+    }
+
+    /// The last `n` lines the current (or last) process wrote to stderr.
+    pub fn stderr_tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(self.stderr_path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+impl Drop for ProcessNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The node's audit log from `since_seq` on, as JSON lines exactly as
+/// ExportAudit streamed them (one per line), or the status that ended
+/// the call or the stream.
+pub async fn export_audit_text(
+    client: &mut NodeClient<Channel>,
+    since_seq: u64,
+) -> Result<String, tonic::Status> {
+    let mut stream = client
+        .export_audit(fedq_proto::v1::ExportAuditRequest { since_seq })
+        .await?
+        .into_inner();
+    let mut text = String::new();
+    while let Some(line) = stream.message().await? {
+        text.push_str(&line.json);
+        text.push('\n');
+    }
+    Ok(text)
+}
+
+/// Runs the auditors' verifier, the separate `fedq-node audit verify`
+/// binary, on an export file with a public key file: `Ok(its report)` when
+/// it exits 0, else `Err(exit code and output)`. `heads` are `SEQ:HASH`
+/// heads seen earlier, which the log must still contain.
+pub fn audit_verify(
+    log: &Path,
+    pubkey: &Path,
+    since: u64,
+    heads: &[String],
+) -> Result<String, String> {
+    let mut cmd = std::process::Command::new(node_binary());
+    cmd.args(["audit", "verify", "--log"])
+        .arg(log)
+        .arg("--pubkey")
+        .arg(pubkey)
+        .args(["--since", &since.to_string()]);
+    for h in heads {
+        cmd.args(["--head", h]);
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run the verifier: {e}"))?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(format!("exit {:?}: {}", out.status.code(), text.trim()))
+    }
+}
+
+/// An exported audit entry with its event read (tests match on events).
+#[derive(Debug, Clone)]
+pub struct Logged {
+    /// Position in the log.
+    pub seq: u64,
+    /// When it was written (ms since the epoch).
+    pub time_ms: u64,
+    /// Its hash (hex).
+    pub hash: String,
+    /// The event.
+    pub event: fedq_node::audit::Event,
+}
+
+impl Logged {
+    /// Reads one exported line (panics on a line that is not an entry).
+    pub fn parse(line: &str) -> Logged {
+        let e: fedq_node::audit::Entry = serde_json::from_str(line).unwrap();
+        Logged {
+            seq: e.seq,
+            time_ms: e.time_ms,
+            event: e.event().unwrap(),
+            hash: e.hash,
+        }
     }
 }

@@ -60,6 +60,15 @@ impl SourceError {
         }
     }
 
+    /// Whether this failure can depend on the rows: a timeout, or a failed
+    /// statement. Handing the reserved budget back after such a failure
+    /// would answer a yes/no question about the data for free (and as often
+    /// as asked), so it stays spent; an unreachable database or a schema
+    /// mismatch says nothing about the rows, and its reservation is returned.
+    pub fn data_dependent(&self) -> bool {
+        matches!(self, SourceError::Timeout | SourceError::Failed(_))
+    }
+
     /// What the operator's log gets (already redacted).
     pub fn detail(&self) -> &str {
         match self {

@@ -60,7 +60,7 @@ async fn log_kinds(fed: &TestFederation, i: usize, query_id: &str) -> Vec<String
         .into_inner();
     let mut kinds = Vec::new();
     while let Some(line) = stream.message().await.unwrap() {
-        let e: fedq_node::audit::Entry = serde_json::from_str(&line.json).unwrap();
+        let e = fedq_tests::Logged::parse(&line.json);
         let id = match &e.event {
             Event::Debited { query_id, .. }
             | Event::Released { query_id, .. }

@@ -3,18 +3,24 @@
 //! TLS gRPC on loopback, and the real coordinator library.
 
 mod access;
+mod adversary;
 mod audit;
+mod audit_format;
 mod bad_input;
 mod budget;
 mod coordinator;
 mod deploy_examples;
+mod disk_full;
 mod distributions;
 mod federation;
 mod hostile_input;
 mod ingest_restart;
+mod misbehaving_node;
 mod noise;
 mod onboarding;
 mod person_unit;
 mod postgres;
 mod released_keys;
+mod request_codes;
+mod trust;
 mod zcdp;

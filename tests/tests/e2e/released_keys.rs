@@ -364,7 +364,9 @@ async fn open_values_filter_silently_and_the_delta_budget_is_enforced() {
                 keys_delta,
                 analyst_keys_delta_spent,
                 ..
-            } if keys_delta > 0.0 => Some((keys_delta, analyst_keys_delta_spent)),
+            } if keys_delta.value() > 0.0 => {
+                Some((keys_delta.value(), analyst_keys_delta_spent.value()))
+            }
             _ => None,
         })
         .collect();

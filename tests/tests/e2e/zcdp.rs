@@ -407,12 +407,12 @@ async fn restarts_keep_rho_spent_and_a_measure_change_is_refused_at_start() {
                 analyst_spent_equivalent: Some(eq),
                 ..
             } => Some((
-                *epsilon,
-                *rho,
+                epsilon.value(),
+                rho.value(),
                 measure.clone(),
-                *analyst_spent,
-                eq.epsilon,
-                eq.delta,
+                analyst_spent.value(),
+                eq.epsilon.value(),
+                eq.delta.value(),
             )),
             _ => None,
         })
@@ -433,7 +433,7 @@ async fn restarts_keep_rho_spent_and_a_measure_change_is_refused_at_start() {
     let released: Vec<f64> = entries
         .iter()
         .filter_map(|e| match &e.event {
-            Event::Released { measurements, .. } => Some(measurements[0].rho),
+            Event::Released { measurements, .. } => Some(measurements[0].rho.value()),
             _ => None,
         })
         .collect();

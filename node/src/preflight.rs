@@ -1,0 +1,201 @@
+//! Everything `fedq-node serve` needs before it serves, checked in one
+//! place: `fedq-node check` and `serve` both call [`preflight`], so `check`
+//! fails exactly where `serve` would (issue 16, item 6: a garbage key or CA
+//! file, a corrupt audit key, a store path that is a file or a schema
+//! changed after ingest passed `check` and then stopped `serve`).
+//!
+//! Every error names the `node.toml` key at fault (`tls.ca`, `audit.key`,
+//! `node.store`, a dataset) and the file, and changes nothing. What it
+//! does write is what `serve` writes first anyway: the audit public key
+//! beside an existing audit key, the high-water mark raised to the log's
+//! head ([`crate::backup::raise_high_water`]), and an interrupted ledger
+//! write completed ([`crate::journal`]). It creates no store and no key:
+//! where those are missing it checks that `serve` could create them.
+//! Database sources are checked by the caller (`check` and `serve` treat
+//! an unreachable database differently: see `NodeState::check_sources`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context};
+
+use crate::config::NodeConfig;
+
+/// What [`preflight`] found, for `serve` to use and `check` to print.
+pub struct Preflight {
+    /// The server's TLS configuration, built and checked
+    /// ([`crate::tls::load`]).
+    pub tls: crate::tls::ServerTls,
+    /// One line per thing checked, for `fedq-node check`.
+    pub checked: Vec<String>,
+}
+
+/// How much of each embedded dataset [`preflight`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rows {
+    /// Compare the schema the rows were ingested under with the declared
+    /// one (`serve`, which loads the rows itself right after).
+    SchemaOnly,
+    /// Also load every row, as `serve` does, so that a damaged store fails
+    /// `check` too.
+    Load,
+}
+
+/// Checks everything `serve` needs before serving; see the module's doc.
+pub fn preflight(cfg: &NodeConfig, rows: Rows) -> anyhow::Result<Preflight> {
+    let mut checked = Vec::new();
+    let tls = crate::tls::load(cfg)?;
+    checked.push(format!(
+        "tls: certificate {} for {:?}, its key, and the federation CA {} read and checked",
+        cfg.resolve(&cfg.tls.cert).display(),
+        cfg.node.name,
+        cfg.resolve(&cfg.tls.ca).display()
+    ));
+    let key = audit_key(cfg, &mut checked)?;
+    for d in &cfg.datasets {
+        d.schema()
+            .map_err(|e| anyhow!("dataset {:?}: {e}", d.name))?;
+    }
+    let dir = cfg.resolve(&cfg.node.store);
+    match std::fs::metadata(&dir) {
+        Ok(m) if !m.is_dir() => bail!(
+            "node.store: {} is a file, not a directory; point node.store at the store directory (or at a new path, where one is created)",
+            dir.display()
+        ),
+        Ok(_) => check_store(cfg, &dir, key, rows, &mut checked)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let parent = creatable(&dir).with_context(|| format!("node.store {}", dir.display()))?;
+            checked.push(format!(
+                "node.store: {} does not exist yet; it will be created in {} (nothing ingested)",
+                dir.display(),
+                parent.display()
+            ));
+        }
+        Err(e) => bail!("node.store: cannot read {}: {e}", dir.display()),
+    }
+    Ok(Preflight { tls, checked })
+}
+
+/// Reads the audit key if it exists (the node signs with it); otherwise
+/// checks that `serve` can create it.
+fn audit_key(
+    cfg: &NodeConfig,
+    checked: &mut Vec<String>,
+) -> anyhow::Result<Option<crate::audit::AuditKey>> {
+    let path = cfg.resolve(&cfg.audit.key);
+    match std::fs::metadata(&path) {
+        Ok(m) if m.is_dir() => bail!(
+            "audit.key: {} is a directory, not a key file",
+            path.display()
+        ),
+        Ok(_) => {
+            let key =
+                crate::audit::AuditKey::load_or_create(&path, &cfg.resolve(&cfg.audit.public_key))
+                    .context("audit.key")?;
+            checked.push(format!(
+                "audit.key: {} read (public key {})",
+                path.display(),
+                key.public_hex()
+            ));
+            Ok(Some(key))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let parent =
+                creatable(&path).with_context(|| format!("audit.key {}", path.display()))?;
+            checked.push(format!(
+                "audit.key: {} does not exist yet; serve creates it in {}",
+                path.display(),
+                parent.display()
+            ));
+            Ok(None)
+        }
+        Err(e) => bail!("audit.key: cannot read {}: {e}", path.display()),
+    }
+}
+
+/// Opens the existing store as `serve` does and checks what `serve` checks
+/// of it before serving, then closes it.
+fn check_store(
+    cfg: &NodeConfig,
+    dir: &Path,
+    key: Option<crate::audit::AuditKey>,
+    rows: Rows,
+    checked: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    if std::fs::read_dir(dir)
+        .with_context(|| format!("node.store: cannot read {}", dir.display()))?
+        .next()
+        .is_none()
+    {
+        checked.push(format!(
+            "node.store: {} is empty; serve creates the store there",
+            dir.display()
+        ));
+        return Ok(());
+    }
+    let store = crate::store::Store::open(dir).context("node.store")?;
+    for d in cfg.datasets.iter().filter(|d| d.source.is_none()) {
+        let schema = d
+            .schema()
+            .map_err(|e| anyhow!("dataset {:?}: {e}", d.name))?;
+        if let Some(stored) = store.schema_digest(&d.name)? {
+            if stored != schema.digest() {
+                bail!(
+                    "dataset {:?}: its columns in node.toml differ from the schema its rows were ingested under (store {}); \
+                     restore the previous columns, or ingest into a new store",
+                    d.name,
+                    dir.display()
+                );
+            }
+        }
+        if rows == Rows::Load {
+            store.load_table(&d.name, &schema)?;
+            checked.push(format!(
+                "dataset {:?}: its stored rows load under the declared schema",
+                d.name
+            ));
+        }
+    }
+    if let Some(key) = key {
+        let audit = Arc::new(crate::audit::AuditLog::new(store.audit.clone(), key));
+        // The audit log's last start entry is readable (serve reads it to
+        // log what changed)...
+        audit.last_limits().context("the store's audit log")?;
+        // ... the store was not rolled back below what the node reached ...
+        crate::backup::raise_high_water(cfg, &audit)?;
+        // ... and no dataset changed its privacy measure.
+        let ledger = crate::ledger::Ledger::new(store.clone(), audit);
+        ledger.check_measures(
+            cfg.datasets
+                .iter()
+                .map(|d| (d.name.as_str(), d.budget.measure)),
+        )?;
+    }
+    checked.push(format!(
+        "node.store: {} opened; ledger, audit log and high-water mark checked",
+        dir.display()
+    ));
+    Ok(())
+}
+
+/// The nearest existing ancestor of `path`, if it is a directory (so that
+/// `serve` can create `path` in it).
+fn creatable(path: &Path) -> anyhow::Result<PathBuf> {
+    let mut at = path.parent();
+    while let Some(p) = at {
+        let p = if p.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            p
+        };
+        match std::fs::metadata(p) {
+            Ok(m) if m.is_dir() => return Ok(p.to_path_buf()),
+            Ok(_) => bail!(
+                "cannot be created: {} is a file, not a directory",
+                p.display()
+            ),
+            Err(_) => at = p.parent(),
+        }
+    }
+    bail!("cannot be created: no parent directory exists")
+}
