@@ -1540,8 +1540,26 @@ impl Node for NodeService {
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let state = Arc::clone(&self.state);
         tokio::task::spawn_blocking(move || {
+            // Only durable entries leave the node: an entry exported before
+            // it reached the disk (a replay's, a dry run's receipt) could be
+            // lost in a crash and its sequence number reused, and the
+            // auditor holding the export would see history rewritten.
+            // The head is read first: entries appended during the flush
+            // are left for the next export.
+            let durable = match state.audit().head() {
+                Ok(head) => head.map_or(0, |h| h.seq + 1),
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(internal(e)));
+                    return;
+                }
+            };
+            if let Err(e) = state.audit().tree.flush() {
+                let _ = tx.blocking_send(Err(internal(e)));
+                return;
+            }
+            let count = usize::try_from(durable.saturating_sub(since)).unwrap_or(usize::MAX);
             // The stored bytes, as written: an export verifies bit for bit.
-            for line in state.audit().lines(since) {
+            for line in state.audit().lines(since).take(count) {
                 let item = line.map(|json| AuditLine { json }).map_err(internal);
                 if tx.blocking_send(item).is_err() {
                     break;

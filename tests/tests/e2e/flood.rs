@@ -161,8 +161,13 @@ async fn a_flood_of_refused_calls_adds_a_bounded_number_of_log_entries_and_other
     let refused = refused.load(Ordering::Relaxed);
     let wrong = wrong.lock().unwrap().clone();
     latencies.sort();
-    let (p50, max) = (latencies[latencies.len() / 2], latencies[latencies.len() - 1]);
-    eprintln!("flood: {refused} refused calls in {FLOOD:?}; carol's latency p50 {p50:?}, max {max:?}");
+    let (p50, max) = (
+        latencies[latencies.len() / 2],
+        latencies[latencies.len() - 1],
+    );
+    eprintln!(
+        "flood: {refused} refused calls in {FLOOD:?}; carol's latency p50 {p50:?}, max {max:?}"
+    );
 
     // Summaries pending at the end are flushed at shutdown.
     node.stop(Duration::from_secs(20)).await.unwrap();
@@ -217,6 +222,10 @@ async fn a_flood_of_refused_calls_adds_a_bounded_number_of_log_entries_and_other
         let time_ms = v["time_ms"].as_u64().unwrap_or(0);
         flood_entries.push((kind, identity, event, time_ms));
     }
+    eprintln!(
+        "flood: the log grew by {} entries from the flood and {carol_entries} from carol's queries; entries by type {kinds:?}",
+        flood_entries.len()
+    );
     assert!(
         flood_entries.len() < FLOOD_BOUND,
         "{refused} refused calls grew the log by {} entries (bound: one refusals summary per identity, reason and minute, < {FLOOD_BOUND} in all); entries by type: {kinds:?}",

@@ -13,6 +13,7 @@ mod deploy_examples;
 mod disk_full;
 mod distributions;
 mod federation;
+mod flood;
 mod hostile_input;
 mod ingest_restart;
 mod misbehaving_node;
