@@ -29,7 +29,9 @@
 //!    pinned key: the new entries every step (`--since`, linked by `prev`
 //!    to the last entry seen), the whole log at the start, every 250 steps
 //!    and at the end; and the whole export, read after every restart and
-//!    every 10 steps, extends the previous one byte for byte;
+//!    every 10 steps, extends the previous one byte for byte (an entry once
+//!    exported, signed, must survive a SIGKILL: an auditor holding the
+//!    earlier export must never see a different entry at its place);
 //! 3. for every analyst and dataset, the Budget RPC's spent equals the sum
 //!    of `debited` + `reserved` - `reservation_returned` amounts in the log
 //!    (a committed reservation logs no second debit: see `Ledger::commit`),
@@ -42,6 +44,10 @@
 //!    (computed here from the CSV) or a released value; and released values
 //!    are not the exact counts (weakly: not all of them over many cells,
 //!    and never all of them when the noise scale is huge).
+//!
+//! And every call, hostile or not, gets an answer within 20 s, never
+//! INTERNAL, UNKNOWN or UNAVAILABLE, with a message under 2 kB (no hostile
+//! field echoed in full).
 //!
 //! Run it (the default, 120 steps, takes 10 to 15 s on two cores with a
 //! debug build, plus building `fedq-node` if it is stale):
