@@ -156,7 +156,16 @@ pub struct Limits {
     /// DEADLINE_EXCEEDED, in milliseconds (a retry with the same id then
     /// gets the release if it was made, without a second debit).
     pub query_deadline_ms: u64,
+    /// How long a released answer is kept for replays, in milliseconds
+    /// (default 30 days). A retry of the same query id within it gets the
+    /// stored answer again at no cost; after it the stored answer is
+    /// removed, and a retry is refused (never answered with fresh noise).
+    /// The release's audit entries are kept for ever.
+    pub replay_window_ms: u64,
 }
+
+/// The default replay window: 30 days.
+pub const DEFAULT_REPLAY_WINDOW_MS: u64 = 30 * 24 * 3600 * 1000;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -168,6 +177,7 @@ impl Default for Limits {
             queries_per_minute: 600,
             concurrent_queries: 4,
             query_deadline_ms: 30_000,
+            replay_window_ms: DEFAULT_REPLAY_WINDOW_MS,
         }
     }
 }
@@ -541,6 +551,12 @@ impl NodeConfig {
                 "limits must be positive (max_request_bytes at least 1024, max_reservation_ms at least 1000)".into(),
             );
         }
+        if self.limits.replay_window_ms < self.limits.query_deadline_ms.max(1000) {
+            return Err(format!(
+                "limits.replay_window_ms is {} ms, shorter than a query's deadline ({} ms): a client retrying a timed-out query could find its answer already gone; set it to at least that (the default is {} ms, 30 days)",
+                self.limits.replay_window_ms, self.limits.query_deadline_ms, DEFAULT_REPLAY_WINDOW_MS
+            ));
+        }
         for a in &self.access.analysts {
             for d in &a.datasets {
                 if d != "*" && self.dataset(d).is_none() {
@@ -566,5 +582,29 @@ impl NodeConfig {
     /// The dataset declaration by name.
     pub fn dataset(&self, name: &str) -> Option<&DatasetConfig> {
         self.datasets.iter().find(|d| d.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example config validates with the default replay window, and a
+    /// window shorter than a query's deadline is refused with a message
+    /// that names the setting and the bound.
+    #[test]
+    fn a_replay_window_shorter_than_the_deadline_is_refused() {
+        let text = include_str!("../../deploy/node.example.toml");
+        let mut cfg: NodeConfig = toml::from_str(text).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.limits.replay_window_ms, DEFAULT_REPLAY_WINDOW_MS);
+        cfg.limits.replay_window_ms = cfg.limits.query_deadline_ms - 1;
+        let e = cfg.validate().unwrap_err();
+        assert!(
+            e.contains("replay_window_ms") && e.contains("at least"),
+            "{e}"
+        );
+        cfg.limits.replay_window_ms = cfg.limits.query_deadline_ms;
+        cfg.validate().unwrap();
     }
 }

@@ -36,7 +36,13 @@
 //! - `spent/analyst/<dataset>/<analyst>` and `spent/dataset/<dataset>`: u64 BE nano-epsilon;
 //! - `grant/<dataset>/<analyst>`: u64 BE nano-epsilon added to the analyst's limit;
 //! - `measure/<dataset>`: the measure the amounts are in (`pure`, `zcdp`);
-//! - `query/<analyst>/<query id>`: a [`QueryRecord`] (DESIGN invariant 6).
+//! - `query/<analyst>/<query id>`: a [`QueryRecord`] (DESIGN invariant 6);
+//! - `resv/<expiry><analyst>\0<query id>`: live reservations by expiry;
+//! - `kept/<stored at><query key>`: stored releases by when they were
+//!   stored; once `[limits] replay_window_ms` has passed, the stored
+//!   response is removed and the record keeps only the id's digest and
+//!   release time ([`RecordState::Expired`]), so a retry is refused, never
+//!   answered again.
 
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -116,6 +122,13 @@ pub enum RecordState {
     Reserved(Reservation),
     /// A reservation that was cancelled or expired; its budget came back.
     Returned,
+    /// Released, and its stored response removed after the replay window
+    /// ([`Ledger::expire_releases`]): the id and digest stay, so a retry is
+    /// refused rather than answered again with fresh noise.
+    Expired {
+        /// When the stored response was kept from (ms since the Unix epoch).
+        released_ms: u64,
+    },
 }
 
 /// The state of a query id, with the digest of what was asked under it.
@@ -146,6 +159,10 @@ impl QueryRecord {
                 v.extend_from_slice(&serde_json::to_vec(r).unwrap_or_default());
             }
             RecordState::Returned => v.push(3),
+            RecordState::Expired { released_ms } => {
+                v.push(4);
+                v.extend_from_slice(&released_ms.to_be_bytes());
+            }
         }
         v
     }
@@ -162,6 +179,9 @@ impl QueryRecord {
             1 => RecordState::Released(v[33..].to_vec()),
             2 => RecordState::Reserved(serde_json::from_slice(&v[33..]).ok()?),
             3 => RecordState::Returned,
+            4 if v.len() == 41 => RecordState::Expired {
+                released_ms: decode_u64(&v[33..]),
+            },
             _ => return None,
         };
         Some(QueryRecord { digest, state })
@@ -255,6 +275,16 @@ pub enum Refusal {
         remaining: f64,
         /// The limit.
         limit: f64,
+    },
+    /// The query id was answered, and its stored answer removed after the
+    /// replay window: a retry cannot be replayed, and answering it again
+    /// would release fresh noise under the one debit.
+    #[error("query id {query_id:?} was answered at {released_ms} ms since the Unix epoch, and its stored answer was removed after the node's replay window, so it cannot be replayed (answering it again would spend budget on fresh noise); nothing was spent: ask again with a new query id")]
+    ReplayExpired {
+        /// The query id.
+        query_id: String,
+        /// When the answer was stored.
+        released_ms: u64,
     },
     /// Commit without a live reservation.
     #[error("query id {0:?} has no live reservation (never prepared, cancelled or expired); prepare it again")]
@@ -825,6 +855,9 @@ impl Ledger {
                         };
                         tx.insert(job.qkey.as_bytes(), rec.encode())
                             .map_err(|e| storage_error::<()>(e.into()))?;
+                        // Kept until the replay window has passed.
+                        tx.insert(kept_key(unix_ms(), &job.qkey), &[])
+                            .map_err(|e| storage_error::<()>(e.into()))?;
                         settle.push(Box::new(move || {
                             let _ = job.done.set(Ok(head));
                         }));
@@ -935,6 +968,12 @@ impl Ledger {
                     return Ok(Admission::Resume(acct.state(acct.a_spent, acct.d_spent)));
                 }
                 RecordState::Reserved(_) => return abort(Refusal::Reserved(query_id.to_string())),
+                RecordState::Expired { released_ms } => {
+                    return abort(Refusal::ReplayExpired {
+                        query_id: query_id.to_string(),
+                        released_ms,
+                    })
+                }
                 // A returned reservation: the same query may now run afresh.
                 RecordState::Returned => {}
             }
@@ -1096,6 +1135,12 @@ impl Ledger {
                     RecordState::Released(_) | RecordState::Pending(_) => {
                         return Ok(ReserveOutcome::AlreadyReleased)
                     }
+                    RecordState::Expired { released_ms } => {
+                        return abort(Refusal::ReplayExpired {
+                            query_id: query_id.to_string(),
+                            released_ms,
+                        })
+                    }
                     RecordState::Returned => {}
                 }
             }
@@ -1170,6 +1215,10 @@ impl Ledger {
                 RecordState::Released(r) => Ok((Admission::Replay(r), None, rec.digest)),
                 RecordState::Pending(r) => Ok((Admission::Resume(zero), r, rec.digest)),
                 RecordState::Returned => abort(Refusal::NoReservation(query_id.to_string())),
+                RecordState::Expired { released_ms } => abort(Refusal::ReplayExpired {
+                    query_id: query_id.to_string(),
+                    released_ms,
+                }),
                 RecordState::Reserved(r) if r.expires_ms <= now_ms => {
                     abort(Refusal::NoReservation(query_id.to_string()))
                 }
@@ -1310,6 +1359,91 @@ impl Ledger {
         Ok(n)
     }
 
+    /// Removes the stored responses of releases kept since before
+    /// `kept_before_ms` (the replay window has passed), leaving each id's
+    /// digest and release time as [`RecordState::Expired`], so a retry is
+    /// refused instead of answered with fresh noise; the release's entries
+    /// stay in the audit log. Releases stored before the replay window
+    /// existed are first indexed as kept from now. Returns how many were
+    /// removed. Nothing here is a privacy event: no audit entry, no budget.
+    pub fn expire_releases(&self, kept_before_ms: u64) -> anyhow::Result<usize> {
+        self.index_unkept_releases()?;
+        let mut n = 0;
+        loop {
+            let due: Vec<(sled::IVec, u64, String)> = self
+                .tree
+                .range(KEPT_PREFIX.as_bytes().to_vec()..kept_key(kept_before_ms, ""))
+                .take(256)
+                .map(|item| {
+                    let (k, _) = item?;
+                    let at = decode_u64(&k[KEPT_PREFIX.len()..KEPT_PREFIX.len() + 8]);
+                    let qkey = String::from_utf8_lossy(&k[KEPT_PREFIX.len() + 8..]).into_owned();
+                    Ok((k, at, qkey))
+                })
+                .collect::<sled::Result<_>>()?;
+            if due.is_empty() {
+                return Ok(n);
+            }
+            let guard = self.admit_lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.store.fault().check()?;
+            let removed = self
+                .tree
+                .transaction(|tx| {
+                    let mut removed = 0;
+                    for (k, at, qkey) in &due {
+                        tx.remove(k)?;
+                        let Some(rec) = tx.get(qkey)?.and_then(|v| QueryRecord::decode(&v)) else {
+                            continue;
+                        };
+                        if let RecordState::Released(_) = rec.state {
+                            let state = RecordState::Expired { released_ms: *at };
+                            let rec = QueryRecord {
+                                digest: rec.digest,
+                                state,
+                            };
+                            tx.insert(qkey.as_bytes(), rec.encode())?;
+                            removed += 1;
+                        }
+                    }
+                    Ok::<_, ConflictableTransactionError<()>>(removed)
+                })
+                .map_err(|e| {
+                    self.store
+                        .fault()
+                        .set(format!("a ledger write failed: {e:?}"));
+                    anyhow::anyhow!("cannot remove expired stored releases: {e:?}")
+                })?;
+            drop(guard);
+            n += removed;
+        }
+    }
+
+    /// Indexes, once, the releases stored before the replay window existed
+    /// (no `kept/` key) as kept from now, so they expire a window after
+    /// the upgrade.
+    fn index_unkept_releases(&self) -> anyhow::Result<()> {
+        if self.tree.contains_key(KEPT_INDEXED)? {
+            return Ok(());
+        }
+        let _guard = self.admit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.store.fault().check()?;
+        let now = unix_ms();
+        let mut batch = sled::Batch::default();
+        for item in self.tree.scan_prefix(b"query/") {
+            let (k, v) = item?;
+            if let Some(QueryRecord {
+                state: RecordState::Released(_),
+                ..
+            }) = QueryRecord::decode(&v)
+            {
+                batch.insert(kept_key(now, &String::from_utf8_lossy(&k)), &[]);
+            }
+        }
+        batch.insert(KEPT_INDEXED, &[]);
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
     /// Raises `analyst`'s limit on `dataset` by `amount`, in the dataset's
     /// `measure`, logged in the same commit. Returns the analyst's total
     /// grants after it.
@@ -1413,6 +1547,29 @@ fn expiry_key(expires_ms: u64, analyst: &str, query_id: &str) -> Vec<u8> {
     k.push(0);
     k.extend_from_slice(query_id.as_bytes());
     k
+}
+
+/// Prefix of the stored-release index: `kept/` + when it was stored (u64
+/// BE, ms) + the record's key, so releases past the replay window are a
+/// range scan.
+const KEPT_PREFIX: &str = "kept/";
+
+/// Set once every release stored before the index existed is indexed.
+const KEPT_INDEXED: &[u8] = b"kept-indexed";
+
+fn kept_key(at_ms: u64, qkey: &str) -> Vec<u8> {
+    let mut k = KEPT_PREFIX.as_bytes().to_vec();
+    k.extend_from_slice(&at_ms.to_be_bytes());
+    k.extend_from_slice(qkey.as_bytes());
+    k
+}
+
+/// Now, in ms since the Unix epoch.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Released-key delta spent by one analyst on a dataset (atto-delta).
@@ -2077,6 +2234,102 @@ mod tests {
             .unwrap()
             .unwrap_err();
         assert!(matches!(r, Refusal::DatasetBudget { .. }), "{r}");
+    }
+
+    /// Past the replay window a stored answer is removed; a retry of its id
+    /// (Query, Prepare or Commit) is refused and spends nothing, a
+    /// different query under it is still a reused id, and releases stored
+    /// before the window existed expire a window after the upgrade.
+    #[test]
+    fn stored_answers_expire_after_the_replay_window_and_retries_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = test_ledger(dir.path());
+        let l = BudgetLimits {
+            per_analyst: 10.0,
+            total: 10.0,
+            ..limits()
+        };
+        for id in ["q1", "q2"] {
+            ledger
+                .admit("alice", "cases", id, [1; 32], 0.5, &l)
+                .unwrap()
+                .unwrap();
+            let mut resp = fedq_proto::v1::QueryResponse {
+                query_id: id.into(),
+                ..Default::default()
+            };
+            ledger
+                .record_release("alice", id, "cases", [1; 32], vec![], None, &mut resp)
+                .unwrap();
+        }
+        // A release stored before the index existed (no `kept/` key).
+        let legacy = QueryRecord {
+            digest: [7; 32],
+            state: RecordState::Released(vec![1, 2, 3]),
+        };
+        ledger
+            .tree
+            .insert(query_key("bob", "old"), legacy.encode())
+            .unwrap();
+        let before = unix_ms();
+        // Nothing is older than a cutoff in the past.
+        assert_eq!(ledger.expire_releases(before - 60_000).unwrap(), 0);
+        assert!(matches!(
+            ledger
+                .admit("alice", "cases", "q1", [1; 32], 0.5, &l)
+                .unwrap()
+                .unwrap(),
+            Admission::Replay(_)
+        ));
+        let spent = ledger.state("alice", "cases", &l).unwrap().spent_by_analyst;
+        // Everything stored so far (the legacy one indexed as of now) is due.
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert_eq!(ledger.expire_releases(unix_ms()).unwrap(), 3);
+        assert_eq!(ledger.expire_releases(unix_ms()).unwrap(), 0, "done once");
+        let r = ledger
+            .admit("alice", "cases", "q1", [1; 32], 0.5, &l)
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            matches!(&r, Refusal::ReplayExpired { query_id, released_ms } if query_id == "q1" && *released_ms <= before),
+            "{r:?}"
+        );
+        let r = ledger
+            .reserve(
+                "alice",
+                "cases",
+                "q2",
+                [1; 32],
+                0.5,
+                (0.5, 0.0),
+                &l,
+                "SELECT 1",
+                before + 60_000,
+            )
+            .unwrap()
+            .unwrap_err();
+        assert!(matches!(r, Refusal::ReplayExpired { .. }), "{r:?}");
+        let r = ledger.commit("alice", "q2", before).unwrap().unwrap_err();
+        assert!(matches!(r, Refusal::ReplayExpired { .. }), "{r:?}");
+        let r = ledger
+            .admit("alice", "cases", "q1", [9; 32], 0.5, &l)
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(r, Refusal::IdReused("q1".into()));
+        let r = ledger
+            .admit("bob", "cases", "old", [7; 32], 0.5, &l)
+            .unwrap()
+            .unwrap_err();
+        assert!(matches!(r, Refusal::ReplayExpired { .. }), "{r:?}");
+        assert_eq!(
+            ledger.state("alice", "cases", &l).unwrap().spent_by_analyst,
+            spent,
+            "refused retries spend nothing"
+        );
+        // What is kept of an expired release is its digest and time.
+        let kept = ledger.tree.get(query_key("alice", "q1")).unwrap().unwrap();
+        assert_eq!(kept.len(), 41);
+        assert_eq!(ledger.tree.scan_prefix(KEPT_PREFIX).count(), 0);
     }
 
     #[test]

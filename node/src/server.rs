@@ -207,6 +207,16 @@ async fn sweep_reservations(state: Arc<NodeState>) {
         match tokio::task::spawn_blocking(move || {
             // Refusal summaries whose minute ended are logged here too.
             s.flush_refusals(false);
+            let window = s.config.limits.replay_window_ms;
+            match s.ledger.expire_releases(now.saturating_sub(window)) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    removed = n,
+                    window_ms = window,
+                    "stored answers past the replay window removed; retries of their ids are refused"
+                ),
+                Err(e) => tracing::error!(error = %e, "cannot remove stored answers past the replay window"),
+            }
             s.ledger.expire_due(now)
         })
         .await

@@ -786,7 +786,7 @@ fn refusal_status(
 ) -> Status {
     use crate::ledger::Refusal;
     let (kind, status) = match refusal {
-        Refusal::IdReused(_) => (
+        Refusal::IdReused(_) | Refusal::ReplayExpired { .. } => (
             RefusalKind::IdReused,
             Status::already_exists(refusal.to_string()),
         ),

@@ -22,6 +22,7 @@ mod onboarding;
 mod person_unit;
 mod postgres;
 mod released_keys;
+mod replay_window;
 mod request_codes;
 mod trust;
 mod zcdp;
