@@ -185,7 +185,7 @@ fn short(hex: &str) -> &str {
 }
 
 fn parse_key(hex: &str) -> anyhow::Result<VerifyingKey> {
-    fedq_node::audit::parse_public_key(hex)
+    fedq_audit::parse_public_key(hex)
 }
 
 /// Why `head`'s signature (ed25519 over the 32 hash bytes, as the node
@@ -343,7 +343,7 @@ pub fn check(node: &str, export: &str, public_key: &str, known: &mut NodeHeads) 
     if pinned_now {
         known.public_key = Some(pinned.clone());
     }
-    let verified = match fedq_node::audit::verify(export, &key, 0, None) {
+    let verified = match fedq_audit::verify(export, &key, 0, None) {
         Ok(v) => v,
         Err(e) => {
             return verdict(
@@ -355,7 +355,7 @@ pub fn check(node: &str, export: &str, public_key: &str, known: &mut NodeHeads) 
     // The log verified, so each line is a well-formed entry in order.
     let hashes: std::collections::HashMap<u64, String> = export
         .lines()
-        .filter_map(|l| serde_json::from_str::<fedq_node::audit::Entry>(l).ok())
+        .filter_map(|l| serde_json::from_str::<fedq_audit::Entry>(l).ok())
         .map(|e| (e.seq, e.hash))
         .collect();
     for h in &known.heads {

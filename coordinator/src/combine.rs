@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use fedq_node::mechanism::Noise;
+use fedq_dp::mechanism::Noise;
 use fedq_proto::v1::{OutputKind, QueryResponse};
 use serde::Serialize;
 
@@ -526,7 +526,7 @@ pub fn sum_half_width(scales: &[f64], alpha: f64) -> f64 {
 /// probability at least `1 - alpha`.
 ///
 /// One noise: OpenDP's accuracy for its mechanism (via
-/// `fedq_node::mechanism`). Several: the distribution of the sum is
+/// `fedq_dp::mechanism`). Several: the distribution of the sum is
 /// computed by convolving the noises' probability mass functions on a grid
 /// of width `h` (1 when the noise is small, so the result is exact;
 /// otherwise about 1/100 of the sum's standard deviation, with `n h / 2`
@@ -804,7 +804,7 @@ mod tests {
     fn direct_half_width(scales: &[f64], alpha: f64) -> f64 {
         let sd: f64 = scales
             .iter()
-            .map(|&s| fedq_node::mechanism::discrete_laplace_variance(s))
+            .map(|&s| fedq_dp::mechanism::discrete_laplace_variance(s))
             .sum::<f64>()
             .sqrt();
         let h = (sd / 100.0).floor().max(1.0) as i64;
@@ -1001,7 +1001,11 @@ mod tests {
             "one-node interval would pass: {q_one}"
         );
         let draws: Vec<Vec<i64>> = (0..3)
-            .map(|_| noise.release(&vec![0i64; n]).unwrap())
+            .map(|_| {
+                noise
+                    .release(&fedq_dp::mechanism::Exact::new(vec![0i64; n]))
+                    .unwrap()
+            })
             .collect();
         let covered = (0..n)
             .filter(|&i| ((draws[0][i] + draws[1][i] + draws[2][i]) as f64).abs() <= w)

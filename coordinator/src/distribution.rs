@@ -2,8 +2,8 @@
 //! noisy histograms, counts, sums and centred sums of squares. Only noisy
 //! values reach this module; everything here is post-processing.
 
-use fedq_node::distribution::{self as dist, BinNoise};
-use fedq_node::mechanism::Noise;
+use fedq_dp::distribution::{self as dist, BinNoise};
+use fedq_dp::mechanism::Noise;
 use fedq_proto::v1::OutputKind;
 
 use crate::combine::{total, Estimate, HalfWidths, OutputSpec, Parts, ALPHA};
@@ -11,7 +11,7 @@ use crate::combine::{total, Estimate, HalfWidths, OutputSpec, Parts, ALPHA};
 /// The federated quantile: the nodes' noisy histograms are summed bin by
 /// bin (each bin's noise is then the sum of the nodes' independent
 /// noises), and the quantile and its interval are read off the summed
-/// histogram by [`fedq_node::distribution::quantile`].
+/// histogram by [`fedq_dp::distribution::quantile`].
 pub(crate) fn quantile(p: &Parts, spec: &OutputSpec) -> Option<Estimate> {
     let k = p.edges.len().checked_sub(1)?;
     let mut counts = vec![0i64; k];

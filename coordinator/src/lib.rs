@@ -13,12 +13,10 @@
 //! - [`run`]: one query across the federation: capability checks, retries, quorum (two phases).
 //! - [`verify`]: every answer checked against the coordinator's own plan from the
 //!   nodes' public schemas; a node whose answer disagrees is left out and named.
-//! - [`demo`]: a complete three-node federation on loopback.
 
 pub mod audit;
 pub mod client;
 pub mod combine;
-pub mod demo;
 mod distribution;
 pub mod federation;
 pub mod output;

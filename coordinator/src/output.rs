@@ -473,7 +473,7 @@ pub fn render_plan(
                     m.scale,
                     m.ci95_half_width,
                 ));
-                noises.push(fedq_node::mechanism::Noise::reported(&m.mechanism, m.scale));
+                noises.push(fedq_dp::mechanism::Noise::reported(&m.mechanism, m.scale));
             }
         }
         let count = noises.len();

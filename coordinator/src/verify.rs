@@ -8,8 +8,8 @@
 //! noisy values themselves follows from public facts: the SQL and cost the
 //! coordinator sent, and the schema the node declared in `Describe`. So the
 //! coordinator plans the query itself with the node's own planner
-//! ([`fedq_node::plan`]), derives every measurement's mechanism and scale
-//! with the node's own functions ([`fedq_node::mechanism::Noise`]), and
+//! ([`fedq_plan::plan`]), derives every measurement's mechanism and scale
+//! with the node's own functions ([`fedq_dp::mechanism::Noise`]), and
 //! [`verify_answer`] compares. An answer that disagrees is left out of the
 //! combination, named with what disagreed; one that agrees has its layout
 //! and scales replaced by the coordinator's ([`Expected::adopt`]), so that
@@ -22,10 +22,10 @@
 //! which keys it released (their shape and threshold are checked).
 
 use crate::client::{Failure, Outcome};
-use fedq_node::accounting::{self, Measure};
-use fedq_node::mechanism::{Noise, CI_ALPHA};
-use fedq_node::plan::{self, MeasurementSpec, Plan};
-use fedq_node::schema::{ColumnSpec, ColumnType, Schema};
+use fedq_dp::accounting::{self, Measure};
+use fedq_dp::mechanism::{Noise, CI_ALPHA};
+use fedq_plan::plan::{self, MeasurementSpec, Plan};
+use fedq_plan::schema::{ColumnSpec, ColumnType, Schema};
 use fedq_proto::v1::{
     column_schema::Kind, DatasetSchema, DescribeResponse, Measurement, OutputColumn, OutputKind,
     QueryRequest, QueryResponse,
@@ -179,7 +179,7 @@ fn quoted(s: &str) -> String {
 }
 
 /// Cells of a declared-domain GROUP BY: each column's domain plus a
-/// (missing) key, as `fedq_node::table::cell_count` counts them, but
+/// (missing) key, as `fedq_plan::plan::cell_count` counts them, but
 /// saturating: a hostile schema must not overflow the coordinator.
 fn cell_count(plan: &Plan) -> usize {
     plan.group_sizes
@@ -354,7 +354,7 @@ fn expect(request: &QueryRequest, ds: &DatasetSchema) -> Result<Expected, Disagr
     for (i, spec) in plan.measurements.iter().enumerate() {
         let (bins, bin_edges) = match spec {
             MeasurementSpec::Histogram { min, max, bins, .. } => {
-                (*bins, fedq_node::distribution::bin_edges(*min, *max, *bins))
+                (*bins, fedq_dp::distribution::bin_edges(*min, *max, *bins))
             }
             _ => (1, Vec::new()),
         };
@@ -431,7 +431,7 @@ fn expect(request: &QueryRequest, ds: &DatasetSchema) -> Result<Expected, Disagr
             cost,
             cost_epsilon,
             cost_delta,
-            request_sha256: hex::encode(fedq_node::service::query_digest(request)),
+            request_sha256: hex::encode(fedq_proto::query_digest(request)),
             ..Default::default()
         },
         plan,
@@ -467,7 +467,7 @@ pub fn verify_answer(
             sent: quoted(&request.query_id),
         });
     }
-    let digest = hex::encode(fedq_node::service::query_digest(request));
+    let digest = hex::encode(fedq_proto::query_digest(request));
     if answer.request_sha256 != digest {
         return Err(Disagreement::RequestDigest {
             got: quoted(&answer.request_sha256),
@@ -752,7 +752,7 @@ fn check_cells(expected: &Expected, answer: &QueryResponse) -> Result<(), Disagr
             expected: n,
         });
     }
-    let keys = fedq_node::table::cell_keys(&expected.plan, &expected.schema);
+    let keys = fedq_plan::plan::cell_keys(&expected.plan, &expected.schema);
     for (index, (got, want)) in answer.cells.iter().zip(keys).enumerate() {
         if got.values != want {
             return Err(Disagreement::Cell {
@@ -1079,7 +1079,7 @@ mod tests {
         let e = expect(q, &d.datasets[0]).unwrap();
         let mut a = e.skeleton.clone();
         a.node_name = "n".into();
-        a.cells = fedq_node::table::cell_keys(&e.plan, &e.schema)
+        a.cells = fedq_plan::plan::cell_keys(&e.plan, &e.schema)
             .into_iter()
             .map(|values| fedq_proto::v1::CellKey { values })
             .collect();

@@ -12,9 +12,8 @@
 use std::sync::OnceLock;
 
 use fedq_node::config::Limits;
-use fedq_node::plan::{dataset_of, plan};
-use fedq_node::schema::Schema;
-use fedq_node::table::{cell_count, cell_keys};
+use fedq_plan::plan::{cell_count, cell_keys, dataset_of, plan};
+use fedq_plan::schema::Schema;
 use libfuzzer_sys::fuzz_target;
 
 /// Stack of a tokio blocking thread, where the node plans queries.

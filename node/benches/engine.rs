@@ -13,12 +13,12 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use fedq_node::mechanism;
-use fedq_node::plan::plan;
-use fedq_node::schema::Schema;
+use fedq_dp::mechanism;
 use fedq_node::store::Store;
 use fedq_node::synth::{self, Partner};
 use fedq_node::table::Table;
+use fedq_plan::plan::plan;
+use fedq_plan::schema::Schema;
 
 /// The three node-side queries, plus an unfiltered GROUP BY.
 const QUERIES: [(&str, &str); 4] = [
@@ -90,11 +90,13 @@ fn bench(c: &mut Criterion) {
                 let released: Vec<Vec<i64>> = p
                     .measurements
                     .iter()
-                    .zip(&exact)
+                    .zip(exact)
                     .map(|(m, values)| {
                         let scale = mechanism::discrete_laplace_scale(m.sensitivity(), epsilon)
                             .expect("scale");
-                        mechanism::release_discrete_laplace(values, scale).expect("noise")
+                        mechanism::Noise::DiscreteLaplace { scale }
+                            .release(&mechanism::Exact::new(values))
+                            .expect("noise")
                     })
                     .collect();
                 black_box(released)

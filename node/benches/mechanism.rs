@@ -6,9 +6,9 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use fedq_dp::mechanism;
 use fedq_node::config::BudgetLimits;
 use fedq_node::ledger::Ledger;
-use fedq_node::mechanism;
 use fedq_node::store::Store;
 
 fn noise(c: &mut Criterion) {
@@ -21,11 +21,12 @@ fn noise(c: &mut Criterion) {
     });
     for cells in [1usize, 40, 1000] {
         for scale in [2.0f64, 240.0] {
-            let exact = vec![12_345i64; cells];
+            let exact = mechanism::Exact::new(vec![12_345i64; cells]);
+            let noise = mechanism::Noise::DiscreteLaplace { scale };
             g.bench_with_input(
                 BenchmarkId::new(format!("release_scale_{scale}"), cells),
                 &exact,
-                |b, exact| b.iter(|| mechanism::release_discrete_laplace(exact, scale)),
+                |b, exact| b.iter(|| noise.release(exact)),
             );
         }
     }

@@ -20,11 +20,11 @@
 use std::time::{Duration, Instant};
 
 use fedq_node::config::{SourceConfig, SourceKind};
-use fedq_node::plan::plan;
 use fedq_node::postgres::PgSource;
-use fedq_node::schema::{Column, Schema};
 use fedq_node::synth::{self, Partner};
 use fedq_node::table::Table;
+use fedq_plan::plan::plan;
+use fedq_plan::schema::{Column, Schema};
 
 const QUERY: &str = "SELECT gender, ageBroad, COUNT(*) FROM cases \
      WHERE isForcedLabour = 1 AND yearOfRegistration BETWEEN 2010 AND 2020 \

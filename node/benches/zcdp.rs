@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
-use fedq_node::accounting::{self, Measure};
+use fedq_dp::accounting::{self, Measure};
 use fedq_node::config::BudgetLimits;
 use fedq_node::ledger::Ledger;
 use fedq_node::store::Store;

@@ -271,7 +271,7 @@ pub fn backup(config: &NodeConfig, out: &Path) -> anyhow::Result<BackupReport> {
         node: config.node.name.clone(),
         fedq_node_version: env!("CARGO_PKG_VERSION").into(),
         store_format: FORMAT_VERSION,
-        created_utc: crate::audit_report::utc(now_ms()),
+        created_utc: fedq_audit::report::utc(now_ms()),
         audit_public_key,
         audit_head: head.clone(),
         ledger: budgets,
@@ -715,7 +715,7 @@ fn install(from: &Path, to: &Path) -> anyhow::Result<()> {
 }
 
 /// Copies a secret (the audit key) into a backup, owner-only from its
-/// first byte ([`crate::pki::write_secret`]), recording its digest.
+/// first byte ([`fedq_pki::write_secret`]), recording its digest.
 fn copy_secret(
     from: &Path,
     to: &Path,
@@ -723,8 +723,7 @@ fn copy_secret(
     files: &mut Vec<FileDigest>,
 ) -> anyhow::Result<()> {
     let bytes = std::fs::read(from).with_context(|| format!("cannot read {}", from.display()))?;
-    crate::pki::write_secret(to, &bytes)
-        .with_context(|| format!("cannot write {}", to.display()))?;
+    fedq_pki::write_secret(to, &bytes).with_context(|| format!("cannot write {}", to.display()))?;
     let (bytes, sha256) = digest(to)?;
     files.push(FileDigest {
         path: rel.to_string(),
@@ -743,7 +742,7 @@ fn install_secret(from: &Path, to: &Path) -> anyhow::Result<()> {
     }
     let bytes = std::fs::read(from).with_context(|| format!("cannot read {}", from.display()))?;
     let tmp = sibling(to, "tmp");
-    crate::pki::write_secret(&tmp, &bytes)
+    fedq_pki::write_secret(&tmp, &bytes)
         .with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, to).with_context(|| format!("cannot write {}", to.display()))?;
     sync_parent(to)

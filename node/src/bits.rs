@@ -135,7 +135,7 @@ kernel! {
     /// it: `out[cell * (1 + planes.len()) + j]` is increased by the count
     /// (`j = 0`) or the count within `planes[j - 1]`.
     ///
-    /// Cells are numbered as [`crate::table::cell_keys`] lists them: mixed
+    /// Cells are numbered as [`fedq_plan::plan::cell_keys`] lists them: mixed
     /// radix over `keys`, the first most significant, each column's keys
     /// being its valid keys in order then its missing key. The rows of a
     /// cell are `start ∩ key₁ ∩ key₂ ∩ …`, intersected a block of words at

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
-use crate::accounting::Measure;
-use crate::schema::{ColumnSpec, Schema};
+use fedq_dp::accounting::Measure;
+use fedq_plan::schema::{ColumnSpec, Schema};
 
 /// The whole node configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]

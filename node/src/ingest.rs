@@ -4,7 +4,7 @@
 //! Errors name the file, the line, the column and what was expected. The
 //! message quotes only the offending cell of the partner's own file, on the
 //! partner's own machine, and at most its first
-//! [`crate::schema::EXCERPT_CHARS`] characters with its length (a 10 MB
+//! [`fedq_plan::schema::EXCERPT_CHARS`] characters with its length (a 10 MB
 //! cell makes a short message); ingest errors never travel to analysts.
 
 use std::collections::HashMap;
@@ -13,8 +13,8 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context};
 use sha2::{Digest, Sha256};
 
-use crate::schema::{Column, Schema, MISSING};
 use crate::store::Store;
+use fedq_plan::schema::{Column, Schema, MISSING};
 
 /// What an ingest did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,7 +106,7 @@ fn ingest_with(
         if headers.iter().take(i).any(|o| o.trim() == h.trim()) {
             bail!(
                 "{file}:1: column {} appears twice in the header; nothing was stored",
-                crate::schema::excerpt(h)
+                fedq_plan::schema::excerpt(h)
             );
         }
     }
@@ -199,7 +199,7 @@ fn ingest_with(
 /// A fast path for the common spellings of a column's cells: untrimmed
 /// domain values, plain decimal integers, `0`/`1`, and the missing
 /// spellings. Anything else (and every invalid cell) goes through
-/// [`crate::schema::Column::encode`], which stays the one definition of
+/// [`fedq_plan::schema::Column::encode`], which stays the one definition of
 /// what a cell means; this only answers sooner for cells it recognises.
 enum Encoder {
     /// Domain value → code.

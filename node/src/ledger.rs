@@ -49,11 +49,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use sha2::{Digest, Sha256};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
-use crate::accounting::Measure;
 use crate::audit::{append_in, AuditLog, Decimal, Equivalent, Event, Head, ReleasedMeasurement};
 use crate::config::BudgetLimits;
 use crate::journal::{Kv, Overlay};
 use crate::store::decode_u64;
+use fedq_dp::accounting::Measure;
 
 /// Nano-epsilon per epsilon.
 const NANO: f64 = 1e9;
@@ -2379,7 +2379,7 @@ mod tests {
         assert_eq!(eq.delta.value(), 1e-7);
         assert_eq!(
             eq.epsilon.value(),
-            crate::accounting::zcdp_to_approx(0.25, 1e-7).unwrap()
+            fedq_dp::accounting::zcdp_to_approx(0.25, 1e-7).unwrap()
         );
         // Refusals are stated in rho.
         let r = ledger
@@ -2445,7 +2445,7 @@ mod tests {
                 } => (analyst_spent, analyst_spent_equivalent.unwrap()),
                 _ => continue,
             };
-            let want = crate::accounting::zcdp_to_approx_opendp(total.value(), 1e-6).unwrap();
+            let want = fedq_dp::accounting::zcdp_to_approx_opendp(total.value(), 1e-6).unwrap();
             assert_eq!(eq.epsilon.value().to_bits(), want.to_bits(), "{total:?}");
             stated += 1;
         }

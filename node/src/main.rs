@@ -334,7 +334,7 @@ fn audit_command(cmd: AuditCommand) -> anyhow::Result<()> {
                     None => writeln!(w, "{line}")?,
                     Some(c) => c.write_record([
                         e.seq.to_string(),
-                        fedq_node::audit_report::utc(e.time_ms),
+                        fedq_audit::report::utc(e.time_ms),
                         e.event().map_or("unknown", |ev| ev.kind()).to_string(),
                         e.event.get().to_string(),
                         e.prev.clone(),
@@ -396,9 +396,7 @@ fn audit_command(cmd: AuditCommand) -> anyhow::Result<()> {
             let (_, entries) = load_entries(config.as_deref(), log.as_deref())?;
             print!(
                 "{}",
-                fedq_node::audit_report::summary_table(&fedq_node::audit_report::summarize(
-                    &entries
-                ))
+                fedq_audit::report::summary_table(&fedq_audit::report::summarize(&entries))
             );
             Ok(())
         }
@@ -432,7 +430,7 @@ fn audit_command(cmd: AuditCommand) -> anyhow::Result<()> {
                 }
                 _ => "Read from the node's own store.".to_string(),
             };
-            std::fs::write(&html, fedq_node::audit_report::html(&name, &entries, &note))
+            std::fs::write(&html, fedq_audit::report::html(&name, &entries, &note))
                 .with_context(|| format!("cannot write {}", html.display()))?;
             println!("wrote {} ({} entries)", html.display(), entries.len());
             Ok(())
@@ -484,8 +482,8 @@ fn budget_command(cmd: BudgetCommand) -> anyhow::Result<()> {
             };
             let measure = d.budget.measure;
             let (amount, asked) = match (epsilon, rho) {
-                (Some(e), _) => (e, fedq_node::accounting::Measure::Pure),
-                (_, Some(r)) => (r, fedq_node::accounting::Measure::Zcdp),
+                (Some(e), _) => (e, fedq_dp::accounting::Measure::Pure),
+                (_, Some(r)) => (r, fedq_dp::accounting::Measure::Zcdp),
                 _ => return Err(anyhow!("give --epsilon or --rho")),
             };
             if asked != measure {
@@ -592,12 +590,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if key_path.exists() {
                 println!("TLS key {} exists; kept", key_path.display());
             } else {
-                let (key, csr) = fedq_node::pki::key_and_request(&cfg.node.name)?;
+                let (key, csr) = fedq_pki::key_and_request(&cfg.node.name)?;
                 if let Some(dir) = key_path.parent() {
                     std::fs::create_dir_all(dir)?;
                 }
                 // Owner-only from its first byte (no write-then-chmod window).
-                fedq_node::pki::write_secret(&key_path, key.as_bytes())?;
+                fedq_pki::write_secret(&key_path, key.as_bytes())?;
                 let csr_path = key_path.with_extension("csr");
                 std::fs::write(&csr_path, csr)?;
                 println!(

@@ -4,11 +4,11 @@
 //! empirical privacy loss of simple events compared with the claimed
 //! epsilon. Also the person-level bound at the engine layer.
 
-use crate::distribution;
-use crate::mechanism;
-use crate::plan::{plan, MeasurementSpec, Plan};
-use crate::schema::{person_code, ColumnSpec, ColumnType, Schema};
 use crate::table::Table;
+use fedq_dp::distribution;
+use fedq_dp::mechanism;
+use fedq_plan::plan::{plan, MeasurementSpec, Plan};
+use fedq_plan::schema::{person_code, ColumnSpec, ColumnType, Schema};
 
 const BOUND: u32 = 3;
 
@@ -126,13 +126,17 @@ fn releases(
     n: usize,
     f: &dyn Fn(&[Vec<i64>]) -> f64,
 ) -> Vec<f64> {
-    let exact = t.exact(p);
+    let exact: Vec<mechanism::Exact> = t.exact(p).into_iter().map(mechanism::Exact::new).collect();
     (0..n)
         .map(|_| {
             let noisy: Vec<Vec<i64>> = exact
                 .iter()
                 .zip(scales)
-                .map(|(e, &s)| mechanism::release_discrete_laplace(e, s).unwrap())
+                .map(|(e, &scale)| {
+                    mechanism::Noise::DiscreteLaplace { scale }
+                        .release(e)
+                        .unwrap()
+                })
                 .collect();
             f(&noisy)
         })
@@ -251,7 +255,7 @@ fn empirical_privacy_loss_stays_within_the_claimed_epsilon() {
 /// is calibrated), whatever the storage order.
 #[test]
 fn one_person_changes_open_key_counts_by_at_most_the_bound() {
-    use crate::schema::open_code;
+    use fedq_plan::schema::open_code;
     let spec = ColumnSpec {
         open: Some(true),
         name: "nationality".into(),

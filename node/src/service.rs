@@ -19,22 +19,22 @@ use fedq_proto::v1::{
     QueryResponse, ReleasedKeys,
 };
 use prost::Message;
-use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
-use crate::accounting::{self, Measure};
 use crate::audit::{AuditKey, AuditLog, DatasetLimits, Decimal, Event, ReleasedMeasurement};
 use crate::config::{DatasetConfig, NodeConfig};
 use crate::ledger::{Admission, BudgetState, Computed, Ledger};
-use crate::mechanism::{self, Noise};
-use crate::pki::{caller_from_der, Caller};
-use crate::plan::{self, Plan};
 use crate::postgres::{PgSource, SourceError};
 use crate::refusals::{RefusalKind, RefusalLog};
-use crate::schema::Schema;
 use crate::source::Source;
 use crate::store::Store;
-use crate::table::cell_keys;
+use fedq_dp::accounting::{self, Measure};
+use fedq_dp::mechanism::{self, Exact, ExactKeyCounts, Noise};
+use fedq_pki::{caller_from_der, Caller};
+use fedq_plan::plan::cell_keys;
+use fedq_plan::plan::{self, Plan};
+use fedq_plan::schema::Schema;
+use fedq_proto::query_digest;
 
 /// What this node can do, reported in `Describe` so coordinators can adapt.
 pub const CAPABILITIES: &[&str] = &[
@@ -580,7 +580,7 @@ fn describe_release(
     for (i, spec) in plan.measurements.iter().enumerate() {
         let (bins, bin_edges) = match spec {
             plan::MeasurementSpec::Histogram { min, max, bins, .. } => {
-                (*bins, crate::distribution::bin_edges(*min, *max, *bins))
+                (*bins, fedq_dp::distribution::bin_edges(*min, *max, *bins))
             }
             _ => (1, Vec::new()),
         };
@@ -722,24 +722,6 @@ fn describe_release(
         released_keys,
         request_sha256: hex::encode(query_digest(q)),
     })
-}
-
-/// The digest of what a request asks (SQL, cost, dry run): stored with a
-/// release so a retry under the same id is recognised, and sent in every
-/// answer (`request_sha256`) so a coordinator can check what was answered.
-pub fn query_digest(q: &QueryRequest) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(q.sql.as_bytes());
-    h.update([0]);
-    h.update(q.epsilon.to_bits().to_be_bytes());
-    h.update([u8::from(q.dry_run)]);
-    // Only rho queries hash rho, so digests of epsilon queries stored
-    // before rho existed still match their retries.
-    if q.rho != 0.0 {
-        h.update(b"rho");
-        h.update(q.rho.to_bits().to_be_bytes());
-    }
-    h.finalize().into()
 }
 
 /// Removes an in-flight marker when the computation ends, however it ends.
@@ -1016,16 +998,19 @@ fn run_on_database(
 /// Exact aggregates of `plan` from the dataset's source. For a database,
 /// this blocking task waits on the async fetch (bounded by the statement
 /// timeout); OpenDP measurements stay in this task, as they are not `Send`.
-fn exact(ds: &Dataset, plan: &Plan) -> Result<Vec<Vec<i64>>, SourceError> {
+/// Each measurement's values come wrapped in an [`Exact`], which the rest
+/// of the pipeline can only hand to a mechanism.
+fn exact(ds: &Dataset, plan: &Plan) -> Result<Vec<Exact>, SourceError> {
     if plan.open_key.is_some() {
         // Counted per key by `release` (config refuses open columns on
         // database sources).
         return Ok(Vec::new());
     }
-    match &ds.source {
-        Source::Embedded(table) => Ok(table.exact(plan)),
-        Source::Postgres(pg) => tokio::runtime::Handle::current().block_on(pg.exact(plan)),
-    }
+    let values = match &ds.source {
+        Source::Embedded(table) => table.exact(plan),
+        Source::Postgres(pg) => tokio::runtime::Handle::current().block_on(pg.exact(plan))?,
+    };
+    Ok(values.into_iter().map(Exact::new).collect())
 }
 
 /// Fetches the exact aggregates of a query whose budget is reserved; on
@@ -1036,7 +1021,7 @@ fn fetch_or_give_back(
     plan: &Plan,
     analyst: &str,
     query_id: &str,
-) -> Result<Vec<Vec<i64>>, Status> {
+) -> Result<Vec<Exact>, Status> {
     exact(ds, plan).map_err(|e| {
         if e.data_dependent() {
             // The reservation becomes a debit (nothing released); a retry
@@ -1133,7 +1118,7 @@ fn release(
     mut response: QueryResponse,
     budget: BudgetState,
     digest: [u8; 32],
-    exact: Vec<Vec<i64>>,
+    exact: Vec<Exact>,
     clock: &mut Option<StageClock>,
 ) -> Result<QueryResponse, Status> {
     let ds = &state.datasets[&plan.dataset];
@@ -1232,7 +1217,7 @@ fn release_keys(
         .ok_or("no measurement was planned")?;
     let noise = Noise::reported(&m.mechanism, m.scale).ok_or("unknown mechanism")?;
     let mut released: Vec<(u64, i64)> = noise
-        .release_keys(&table.open_counts(plan), threshold)?
+        .release_keys(&ExactKeyCounts::new(table.open_counts(plan)), threshold)?
         .into_iter()
         .collect();
     if released.len() > max_keys {
@@ -1450,7 +1435,7 @@ fn prefetch_for_commit(
     state: &NodeState,
     analyst: &str,
     query_id: &str,
-) -> Result<Option<Vec<Vec<i64>>>, Status> {
+) -> Result<Option<Vec<Exact>>, Status> {
     let Some(r) = state
         .ledger
         .reservation(analyst, query_id, now_ms())

@@ -23,8 +23,8 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context};
 
 use crate::group_commit::GroupCommit;
-use crate::schema::Schema;
 use crate::table::{encode_chunk, Table};
+use fedq_plan::schema::Schema;
 
 /// Version of the on-disk layout. A node refuses a store written with a
 /// different version rather than misreading it.
@@ -252,7 +252,7 @@ impl Store {
             return Err(anyhow!("dataset {dataset:?}: stored row count does not match its chunks; the store is damaged"));
         }
         for (i, c) in schema.columns.iter().enumerate() {
-            if let crate::schema::Column::Open { name } = c {
+            if let fedq_plan::schema::Column::Open { name } = c {
                 let prefix = label_key(dataset, name, 0);
                 let prefix = &prefix[..prefix.len() - 8];
                 let mut labels = std::collections::HashMap::new();

@@ -61,7 +61,7 @@ use anyhow::Context;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::schema::{ColumnSpec, ColumnType};
+use fedq_plan::schema::{ColumnSpec, ColumnType};
 
 /// Kind of partner organisation; marginals differ by kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -756,7 +756,7 @@ pub fn schema_toml() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schema::{Schema, MISSING as MISSING_CODE};
+    use fedq_plan::schema::{Schema, MISSING as MISSING_CODE};
 
     fn generate(partner: Partner, rows: usize, seed: u64) -> Vec<u8> {
         let mut out = Vec::new();

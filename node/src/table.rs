@@ -25,14 +25,14 @@
 //!
 //! Exact results computed here never leave the node: [`Table::exact`] is
 //! `pub(crate)` and its only caller is [`crate::service`], which passes them
-//! straight into [`crate::mechanism`] inside the request's blocking task.
+//! straight into [`fedq_dp::mechanism`] inside the request's blocking task.
 
 use std::borrow::Cow;
 use std::sync::OnceLock;
 
 use crate::bits::{self, KeyBits};
-use crate::plan::{CmpOp, MeasurementSpec, Plan, Predicate};
-use crate::schema::{Column, Schema, MISSING};
+use fedq_plan::plan::{cell_count, CmpOp, MeasurementSpec, Plan, Predicate, MISSING_KEY};
+use fedq_plan::schema::{Column, Schema, MISSING};
 
 /// An unsigned code type a column can be packed in.
 trait Code: Copy + Eq + Ord + Send + Sync + 'static {
@@ -153,7 +153,7 @@ impl Packed {
         }
     }
 
-    /// The offset of value code `v` (a [`crate::schema`] code), or `None`
+    /// The offset of value code `v` (a [`fedq_plan::schema`] code), or `None`
     /// when it lies outside the declared domain or bounds.
     fn offset(&self, v: i64) -> Option<u64> {
         if v == MISSING {
@@ -569,7 +569,7 @@ impl Table {
                         with_codes!(&p.codes, v => for_each_bit(&bits, |i| {
                             let value = p.base + v[i].to_u64() as i64;
                             let cell = cells.map_or(0, |c| c[i] as usize);
-                            out[cell * k + crate::distribution::bin_of(value, *min, *max, *bins)] += 1;
+                            out[cell * k + fedq_dp::distribution::bin_of(value, *min, *max, *bins)] += 1;
                         }));
                     }
                     MeasurementSpec::SumSquares {
@@ -1188,46 +1188,15 @@ fn add_key<T: Code>(cells: &mut [u32], keys: &[T], radix: u32) {
     }
 }
 
-/// Number of released cells: each GROUP BY column contributes its declared
-/// domain plus a "missing" key.
-pub fn cell_count(plan: &Plan) -> usize {
-    plan.group_sizes.iter().map(|s| s + 1).product()
-}
-
 /// The stored code of a missing value in an open-domain column (its
 /// packing's missing code), as a key of [`Table::open_counts`].
 pub const OPEN_MISSING_KEY: u64 = 1 << 63;
 
-/// Label of the "missing" key of a GROUP BY column.
-pub const MISSING_KEY: &str = "(missing)";
-
-/// The printable key of every cell, in the order of [`Table::exact`]'s values.
-pub fn cell_keys(plan: &Plan, schema: &Schema) -> Vec<Vec<String>> {
-    let mut keys: Vec<Vec<String>> = vec![Vec::new()];
-    for (&col, &size) in plan.group_by.iter().zip(&plan.group_sizes) {
-        let column = &schema.columns[col];
-        let mut next = Vec::with_capacity(keys.len() * (size + 1));
-        for k in &keys {
-            for code in 0..=size {
-                let mut key = k.clone();
-                key.push(if code == size {
-                    MISSING_KEY.to_string()
-                } else {
-                    column.key_label(code)
-                });
-                next.push(key);
-            }
-        }
-        keys = next;
-    }
-    keys
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::plan;
-    use crate::schema::{ColumnSpec, ColumnType};
+    use fedq_plan::plan::{cell_keys, plan};
+    use fedq_plan::schema::{ColumnSpec, ColumnType};
 
     fn table() -> Table {
         let schema = Schema::from_specs(
@@ -1615,7 +1584,7 @@ mod tests {
                             let v = row[*column];
                             if v != MISSING {
                                 // Reference binning by the edges, not bin_of.
-                                let edges = crate::distribution::bin_edges(*min, *max, *bins);
+                                let edges = fedq_dp::distribution::bin_edges(*min, *max, *bins);
                                 let b = edges
                                     .windows(2)
                                     .position(|w| w[0] <= v && v < w[1])

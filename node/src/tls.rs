@@ -47,7 +47,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::server::TlsStream;
 
 use crate::config::NodeConfig;
-use crate::pki::{caller_from_der, check_node_name, serial_hex};
+use fedq_pki::{caller_from_der, check_node_name, serial_hex};
 
 /// How often the verifier looks at the CRL file (its modification time and
 /// size) for a new list.
@@ -691,10 +691,10 @@ pub fn incoming(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pki::{Authority, RevocationList, Role};
+    use fedq_pki::{Authority, RevocationList, Role};
 
     fn verify(v: &ClientVerifier, pem: &str) -> Result<(), rustls::Error> {
-        let der = crate::pki::der_from_pem(pem).unwrap();
+        let der = fedq_pki::der_from_pem(pem).unwrap();
         v.verify_client_cert(&CertificateDer::from(der), &[], UnixTime::now())
             .map(|_| ())
     }
@@ -727,7 +727,7 @@ mod tests {
         // A node certificate is never a client certificate.
         assert!(verify(&v, &node.cert).is_err());
 
-        let (serial, _) = crate::pki::serial_and_holder(&alice.cert).unwrap();
+        let (serial, _) = fedq_pki::serial_and_holder(&alice.cert).unwrap();
         assert!(list.add(&serial, "alice", "analyst"));
         list.publish(&ca, dir.path()).unwrap();
         // Not looked at again before CRL_CHECK_EVERY: force the clock.

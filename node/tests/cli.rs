@@ -65,7 +65,7 @@ fn ready_node(dir: &std::path::Path) -> std::path::PathBuf {
     use fedq_node::config::{
         BudgetLimits, DatasetConfig, Limits, NodeConfig, NodeSection, TlsSection,
     };
-    use fedq_node::pki::{Authority, Role};
+    use fedq_pki::{Authority, Role};
     let ca = Authority::generate("cli test CA").unwrap();
     let certs = dir.join("certs");
     ca.issue(Role::Node, "node-a")

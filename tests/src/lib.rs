@@ -13,10 +13,10 @@ use fedq_node::config::{
     BudgetLimits, DatasetConfig, Limits, NodeConfig, NodeSection, SourceConfig, SourceKind,
     TlsSection,
 };
-use fedq_node::pki::{Authority, Role};
-use fedq_node::schema::Schema;
 use fedq_node::server::RunningNode;
 use fedq_node::synth::{self, Partner};
+use fedq_pki::{Authority, Role};
+use fedq_plan::schema::Schema;
 use fedq_proto::v1::node_client::NodeClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -331,7 +331,7 @@ pub async fn database_client(url: &str) -> tokio_postgres::Client {
 /// would: categorical `text`, integer `integer`, boolean `boolean`; values
 /// are as the CSV has them (`-99` kept, an empty cell is `NULL`).
 pub async fn load_csv_into_postgres(url: &str, csv_path: &Path) -> String {
-    use fedq_node::schema::{parse_bool, Column};
+    use fedq_plan::schema::{parse_bool, Column};
     use tokio_postgres::types::ToSql;
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let client = database_client(url).await;
@@ -472,7 +472,7 @@ pub fn node_binary() -> PathBuf {
             .expect("target profile dir");
         let path = profile_dir.join(format!("fedq-node{}", std::env::consts::EXE_SUFFIX));
         let built = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
-        let sources = ["node/src", "node/Cargo.toml", "proto", "Cargo.lock"]
+        let sources = ["node", "proto", "Cargo.lock"]
             .iter()
             .map(|p| newest(&workspace.join(p)))
             .max()

@@ -13,9 +13,9 @@ use tokio_postgres::types::ToSql;
 
 use super::*;
 use crate::config::{SourceConfig, SourceKind};
-use crate::plan::plan;
-use crate::schema::MISSING;
 use crate::table::Table;
+use fedq_plan::plan::plan;
+use fedq_plan::schema::MISSING;
 
 /// The test server's URL: `FEDQ_TEST_POSTGRES`, or a shared server
 /// started (or reused) by `scripts/pg-test-server.sh ensure`.
@@ -176,7 +176,7 @@ async fn load_with(client: &Client, rows: usize, seed: u64, max_records: Option<
                 } else {
                     format!("P-{n}")
                 };
-                codes.push(crate::schema::person_code(id.trim()));
+                codes.push(fedq_plan::schema::person_code(id.trim()));
                 row.push(Cell::Text(Some(id)));
             }
             batch.push(row);

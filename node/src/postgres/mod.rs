@@ -3,7 +3,7 @@
 //!
 //! The node never copies rows out: for each query it sends one
 //! parameterised aggregation ([`statement`]) and receives only the exact
-//! per-cell aggregates, which go straight to [`crate::mechanism`] exactly as
+//! per-cell aggregates, which go straight to [`fedq_dp::mechanism`] exactly as
 //! the embedded engine's do. The declared schema in `node.toml` stays the
 //! only source of sensitivity; the database is checked against it
 //! ([`PgSource::connect`]) and never consulted for bounds or domains.
@@ -22,8 +22,8 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config};
 
 use crate::config::SourceConfig;
-use crate::plan::Plan;
-use crate::schema::{Column, Schema};
+use fedq_plan::plan::Plan;
+use fedq_plan::schema::{Column, Schema};
 use statement::{DbType, Relation};
 
 /// Extra time the node waits beyond the database's own statement timeout
@@ -463,7 +463,7 @@ mod equivalence;
 #[cfg(test)]
 mod check_tests {
     use super::*;
-    use crate::schema::{ColumnSpec, ColumnType};
+    use fedq_plan::schema::{ColumnSpec, ColumnType};
 
     #[test]
     fn names_every_mismatch() {

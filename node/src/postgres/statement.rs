@@ -31,8 +31,8 @@ use std::fmt::Write as _;
 
 use tokio_postgres::types::ToSql;
 
-use crate::plan::{CmpOp, MeasurementSpec, Plan, Predicate};
-use crate::schema::{Column, Schema};
+use fedq_plan::plan::{CmpOp, MeasurementSpec, Plan, Predicate};
+use fedq_plan::schema::{Column, Schema};
 
 /// How a declared column is stored in the database, as found by the
 /// start-up check. Decides how its codes are computed in the `src` stage.
@@ -287,7 +287,7 @@ pub fn build(plan: &Plan, schema: &Schema, db: &[DbType], relation: &Relation) -
             } => {
                 // One count per bin, in bin order: value v (clamped in
                 // `src`) falls in bin floor((v - min) bins / (max - min + 1)),
-                // as `crate::distribution::bin_of`.
+                // as `fedq_dp::distribution::bin_of`.
                 let c = code(*column);
                 let (lo, k, range) = (p.int(*min), p.int(*bins as i64), p.int(max - min + 1));
                 for b in 0..*bins {
@@ -327,7 +327,7 @@ fn predicate_columns(f: &Predicate, out: &mut Vec<usize>) {
 }
 
 /// Writes the WHERE condition over codes. Recursion is bounded by the
-/// plan's nesting limit ([`crate::plan::MAX_WHERE_DEPTH`]).
+/// plan's nesting limit ([`fedq_plan::plan::MAX_WHERE_DEPTH`]).
 fn predicate(f: &Predicate, p: &mut Params, sql: &mut String) {
     match f {
         Predicate::And(a, b) | Predicate::Or(a, b) => {
@@ -400,11 +400,11 @@ pub type ResultRow = (Vec<Option<i64>>, Vec<i64>);
 
 /// Places the statement's rows in the engine's cell order (mixed radix over
 /// the GROUP BY columns, first most significant, each column's missing key
-/// last; see [`crate::table::cell_keys`]), with 0 for cells no row fell in.
+/// last; see [`fedq_plan::plan::cell_keys`]), with 0 for cells no row fell in.
 /// A key outside its declared domain means the statement is wrong: an
 /// error, never a guess.
 pub fn assemble(plan: &Plan, rows: Vec<ResultRow>) -> Result<Vec<Vec<i64>>, String> {
-    let cells = crate::table::cell_count(plan);
+    let cells = fedq_plan::plan::cell_count(plan);
     let widths: Vec<usize> = plan
         .measurements
         .iter()
@@ -438,8 +438,8 @@ pub fn assemble(plan: &Plan, rows: Vec<ResultRow>) -> Result<Vec<Vec<i64>>, Stri
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::plan;
-    use crate::schema::{ColumnSpec, ColumnType};
+    use fedq_plan::plan::plan;
+    use fedq_plan::schema::{ColumnSpec, ColumnType};
 
     fn schema() -> Schema {
         Schema::from_specs(

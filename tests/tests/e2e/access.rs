@@ -5,8 +5,8 @@
 use std::time::{Duration, SystemTime};
 
 use fedq_node::config::{AccessSection, AnalystAccess};
-use fedq_node::pki::{Authority, Role};
 use fedq_node::synth::Partner;
+use fedq_pki::{Authority, Role};
 use fedq_proto::v1::{BudgetRequest, QueryRequest};
 use fedq_tests::{connect, roomy_budget, TestFederation};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
@@ -25,7 +25,7 @@ fn q(id: &str) -> QueryRequest {
 /// Whether a query with this certificate pair gets an answer.
 async fn query_with(
     fed: &TestFederation,
-    pair: &fedq_node::pki::PemPair,
+    pair: &fedq_pki::PemPair,
     name: &str,
 ) -> Result<(), String> {
     let dir = fed.dir.path().join("certs-under-test");
@@ -218,11 +218,20 @@ async fn one_analysts_flood_does_not_starve_another_and_rates_are_limited() {
     fed.nodes[0].config.limits.concurrent_queries = 2;
     fed.nodes[0].config.limits.queries_per_minute = 1000;
     fed.start_node(0).await;
-    // Alice floods with 40 concurrent queries.
+    // Alice floods with 40 concurrent queries: every connection is made
+    // first, then all 40 are sent at once (sent while connecting, each
+    // could finish before the next started on a slow machine, and none
+    // would meet the limit).
+    let mut clients = Vec::new();
+    for _ in 0..40 {
+        clients.push(fed.raw_client(0, Role::Analyst, "alice").await);
+    }
+    let go = std::sync::Arc::new(tokio::sync::Barrier::new(clients.len()));
     let mut flood = Vec::new();
-    for i in 0..40 {
-        let mut c = fed.raw_client(0, Role::Analyst, "alice").await;
+    for (i, mut c) in clients.into_iter().enumerate() {
+        let go = std::sync::Arc::clone(&go);
         flood.push(tokio::spawn(async move {
+            go.wait().await;
             c.query(q(&format!("flood-{i}"))).await
         }));
     }
@@ -282,10 +291,10 @@ async fn a_node_key_signed_from_its_request_serves_and_the_health_service_answer
     let ca_dir = fed.dir.path().join("ca");
     fed.ca.pem.write(&ca_dir, "ca").unwrap();
     let ca = Authority::load(&ca_dir).expect("load the CA from disk");
-    let (key, csr) = fedq_node::pki::key_and_request("node-csr").unwrap();
+    let (key, csr) = fedq_pki::key_and_request("node-csr").unwrap();
     let cert = ca.sign_request(Role::Node, "node-csr", &csr, 30).unwrap();
     let der = x509_der(&cert);
-    let who = fedq_node::pki::caller_from_der(&der).unwrap();
+    let who = fedq_pki::caller_from_der(&der).unwrap();
     assert_eq!((who.name.as_str(), who.role.as_str()), ("node-csr", "node"));
     // Serve a node with that certificate and query it.
     let dir = fed.dir.path().join("node-csr");
@@ -340,5 +349,5 @@ async fn a_node_key_signed_from_its_request_serves_and_the_health_service_answer
 
 /// The DER bytes of a PEM certificate.
 fn x509_der(pem: &str) -> Vec<u8> {
-    fedq_node::pki::der_from_pem(pem).expect("a PEM certificate")
+    fedq_pki::der_from_pem(pem).expect("a PEM certificate")
 }

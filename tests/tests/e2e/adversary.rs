@@ -80,11 +80,11 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use fedq_node::accounting::Measure;
+use fedq_dp::accounting::Measure;
 use fedq_node::config::BudgetLimits;
-use fedq_node::pki::Role;
-use fedq_node::schema::parse_bool;
 use fedq_node::synth::Partner;
+use fedq_pki::Role;
+use fedq_plan::schema::parse_bool;
 use fedq_proto::v1::node_client::NodeClient;
 use fedq_proto::v1::{
     Budget, BudgetRequest, CancelRequest, CommitRequest, DescribeRequest, PrepareRequest,

@@ -2,8 +2,8 @@
 //! queries never spend more than the limits.
 
 use fedq_node::config::BudgetLimits;
-use fedq_node::pki::Role;
 use fedq_node::synth::Partner;
+use fedq_pki::Role;
 use fedq_proto::v1::{BudgetRequest, QueryRequest};
 use fedq_tests::TestFederation;
 use tonic::Code;

@@ -10,8 +10,8 @@ use fedq::federation::NodeEntry;
 use fedq::output::{render, Format};
 use fedq::run::{run_query, QueryOptions};
 use fedq_node::audit::Event;
-use fedq_node::pki::Role;
 use fedq_node::synth::Partner;
+use fedq_pki::Role;
 use fedq_proto::v1::{BudgetRequest, ExportAuditRequest, PrepareRequest, QueryRequest};
 use fedq_tests::{roomy_budget, TestFederation};
 

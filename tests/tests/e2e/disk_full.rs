@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use fedq_node::audit::{parse_public_key, verify, Event};
 use fedq_node::fault::fail_point::{self, Point};
-use fedq_node::pki::Role;
 use fedq_node::synth::Partner;
+use fedq_pki::Role;
 use fedq_proto::v1::{BudgetRequest, QueryRequest};
 use fedq_tests::{roomy_budget, TestFederation};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};

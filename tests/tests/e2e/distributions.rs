@@ -99,7 +99,7 @@ async fn quantiles_histograms_and_variances_agree_with_the_data() {
     let c = run(&coordinator, sql, 2.0).await;
     assert_eq!(c.rows.len(), 12);
     assert_eq!(c.group_by, vec!["HISTOGRAM(traffickMonths, 12) bin"]);
-    let edges = fedq_node::distribution::bin_edges(0, 120, 12);
+    let edges = fedq_dp::distribution::bin_edges(0, 120, 12);
     let bound = sum_half_width(&[0.5; 3], 1e-7);
     for (b, row) in c.rows.iter().enumerate() {
         assert_eq!(row.key, vec![format!("{}..{}", edges[b], edges[b + 1] - 1)]);

@@ -20,11 +20,10 @@ use std::time::Duration;
 
 use fedq_node::config::NodeConfig;
 use fedq_node::ledger::{from_nano, to_nano_ceil};
-use fedq_node::pki::Role;
-use fedq_node::plan::{plan, Plan};
-use fedq_node::schema::{ColumnSpec, ColumnType, Schema};
 use fedq_node::synth::{self, Partner};
-use fedq_node::table;
+use fedq_pki::Role;
+use fedq_plan::plan::{plan, Plan};
+use fedq_plan::schema::{ColumnSpec, ColumnType, Schema};
 use fedq_proto::v1::{BudgetRequest, QueryRequest, QueryResponse};
 use fedq_tests::{roomy_budget, TestFederation};
 use proptest::prelude::*;
@@ -162,7 +161,7 @@ fn literals(schema: &Schema) -> Vec<String> {
     .map(str::to_string)
     .collect();
     for c in &schema.columns {
-        if let fedq_node::schema::Column::Categorical { domain, .. } = c {
+        if let fedq_plan::schema::Column::Categorical { domain, .. } = c {
             out.extend(domain.iter().take(3).map(|d| format!("'{d}'")));
         }
     }
@@ -542,8 +541,8 @@ fn check_plan(p: &Plan, s: &Schema, max_cells: usize) -> Result<(), TestCaseErro
     }
     prop_assert!(p.cell_count() <= max_cells);
     prop_assert_eq!(
-        table::cell_keys(p, s).len(),
-        table::cell_count(p),
+        fedq_plan::plan::cell_keys(p, s).len(),
+        fedq_plan::plan::cell_count(p),
         "one key per released cell"
     );
     Ok(())
@@ -557,7 +556,7 @@ fn plan_on_stack(
     sql: String,
     max_cells: usize,
     stack: usize,
-) -> Result<Plan, fedq_node::plan::PlanError> {
+) -> Result<Plan, fedq_plan::plan::PlanError> {
     std::thread::Builder::new()
         .stack_size(stack)
         .spawn(move || plan(&sql, &schema(), max_cells))
@@ -604,7 +603,7 @@ proptest! {
 
     /// The node releases one value per cell of the GROUP BY cross product,
     /// each column with its declared domain plus a `(missing)` key
-    /// (`table::cell_count`), and `[limits] max_cells` is "the most cells
+    /// (`fedq_plan::plan::cell_count`), and `[limits] max_cells` is "the most cells
     /// one query may release".
     #[test]
         fn released_cells_respect_max_cells(
@@ -618,10 +617,10 @@ proptest! {
         };
         if let Ok(p) = plan(&sql, &schema(), max_cells) {
             prop_assert!(
-                table::cell_count(&p) <= max_cells,
+                fedq_plan::plan::cell_count(&p) <= max_cells,
                 "{} releases {} cells, above max_cells = {}",
                 sql,
-                table::cell_count(&p),
+                fedq_plan::plan::cell_count(&p),
                 max_cells
             );
         }
@@ -779,7 +778,7 @@ fn check_answer(q: &QueryRequest, r: &QueryResponse) -> Result<(), TestCaseError
         }
     };
     prop_assert_eq!(&r.query_id, &q.query_id);
-    prop_assert_eq!(r.cells.len(), table::cell_count(&p));
+    prop_assert_eq!(r.cells.len(), fedq_plan::plan::cell_count(&p));
     prop_assert_eq!(r.measurements.len(), p.measurements.len());
     prop_assert_eq!(r.outputs.len(), p.outputs.len());
     prop_assert_eq!(r.dry_run, q.dry_run);
@@ -926,7 +925,7 @@ fn hostile_query_requests_get_an_answer_or_a_clear_status_and_spend_only_on_rele
 /// succeeds, so this checks the same functions on the same inputs.
 #[test]
 fn accepted_epsilons_have_a_finite_accuracy() {
-    use fedq_node::mechanism::{
+    use fedq_dp::mechanism::{
         discrete_laplace_half_width, discrete_laplace_scale, discrete_laplace_variance, CI_ALPHA,
     };
     let mut runner = TestRunner::new(config(256));
@@ -960,7 +959,7 @@ fn accepted_epsilons_have_a_finite_accuracy() {
 /// they report; it must not panic on any scale a node can report.
 #[test]
 fn coordinator_combines_every_scale_a_node_reports() {
-    use fedq_node::mechanism::discrete_laplace_scale;
+    use fedq_dp::mechanism::discrete_laplace_scale;
     let mut runner = TestRunner::new(config(128));
     let outcome = runner.run(
         &(prop::collection::vec(epsilon(), 2..4), Just(1i64)),

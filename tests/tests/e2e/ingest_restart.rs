@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use fedq_node::config::BudgetLimits;
 use fedq_node::ingest::ingest_csv;
-use fedq_node::pki::Role;
-use fedq_node::schema::Schema;
 use fedq_node::store::Store;
 use fedq_node::synth::{self, Partner};
+use fedq_pki::Role;
+use fedq_plan::schema::Schema;
 use fedq_proto::v1::node_client::NodeClient;
 use fedq_proto::v1::{BudgetRequest, QueryRequest, QueryResponse};
 use fedq_tests::TestFederation;

@@ -12,9 +12,9 @@ use std::process::{Command, Output};
 use fedq_node::backup::{self, Mark};
 use fedq_node::config::{BudgetLimits, NodeConfig};
 use fedq_node::ledger::Ledger;
-use fedq_node::pki::{Authority, Role};
 use fedq_node::store::{Store, FORMAT_VERSION};
 use fedq_node::synth::Partner;
+use fedq_pki::{Authority, Role};
 use fedq_proto::v1::{BudgetRequest, DescribeRequest, QueryRequest};
 use fedq_tests::{node_binary, node_config, TestFederation, TestNode};
 

@@ -70,9 +70,7 @@ async fn person_level_unit_scales_sensitivity_and_hides_the_identifier() {
         running: None,
     });
     fed.start_node(0).await;
-    let mut client = fed
-        .raw_client(0, fedq_node::pki::Role::Analyst, "alice")
-        .await;
+    let mut client = fed.raw_client(0, fedq_pki::Role::Analyst, "alice").await;
 
     let d = client
         .describe(DescribeRequest {})

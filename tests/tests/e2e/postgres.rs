@@ -12,8 +12,8 @@
 
 use fedq_node::audit::Event;
 use fedq_node::config::NodeConfig;
-use fedq_node::pki::Role;
 use fedq_node::synth::Partner;
+use fedq_pki::Role;
 use fedq_proto::v1::node_client::NodeClient;
 use fedq_proto::v1::{BudgetRequest, ExportAuditRequest, QueryRequest, QueryResponse};
 use fedq_tests::Logged;
@@ -258,7 +258,7 @@ async fn the_start_up_check_names_every_mismatched_column() {
         ))
         .await
         .unwrap();
-    let ca = fedq_node::pki::Authority::generate("ca").unwrap();
+    let ca = fedq_pki::Authority::generate("ca").unwrap();
     let mut config = node_config(&ca, dir.path(), "node-0", roomy_budget());
     std::fs::write(dir.path().join("db.url"), &url).unwrap();
     config.datasets[0].source = Some(fedq_node::config::SourceConfig {
@@ -415,7 +415,7 @@ impl Drop for Stop<'_> {
 
 /// Writes `server.crt`/`server.key` into the server's data directory,
 /// owned by the server's user as PostgreSQL requires.
-fn install_server_certificate(data: &std::path::Path, pair: &fedq_node::pki::PemPair) {
+fn install_server_certificate(data: &std::path::Path, pair: &fedq_pki::PemPair) {
     use std::os::unix::fs::PermissionsExt;
     let (crt, key) = (data.join("server.crt"), data.join("server.key"));
     std::fs::write(&crt, &pair.cert).unwrap();
@@ -438,7 +438,7 @@ async fn tls_to_the_database_and_a_database_that_stops() {
     let server = dir.path().join("pg");
     let url = private_server(&server);
     let stop = Stop(&server);
-    let db_ca = fedq_node::pki::Authority::generate("database CA").unwrap();
+    let db_ca = fedq_pki::Authority::generate("database CA").unwrap();
     // The node reaches the database at 127.0.0.1: its certificate must say
     // so (node certificates carry loopback names only when asked for).
     let now = std::time::SystemTime::now();

@@ -13,9 +13,9 @@ use fedq::client::new_query_id;
 use fedq::combine::combine;
 use fedq_node::audit::Event;
 use fedq_node::config::BudgetLimits;
-use fedq_node::pki::Role;
-use fedq_node::schema::{ColumnSpec, ColumnType, Schema};
 use fedq_node::synth::{self, Partner};
+use fedq_pki::Role;
+use fedq_plan::schema::{ColumnSpec, ColumnType, Schema};
 use fedq_proto::v1::{
     column_schema::Kind, BudgetRequest, DescribeRequest, PrepareRequest, QueryRequest,
 };
@@ -72,7 +72,7 @@ async fn rho_releases_keys_with_the_gaussian_threshold() {
     let csv = dir.join("cases.csv");
     write_csv(&csv, 0, 7);
     let limits = BudgetLimits {
-        measure: fedq_node::accounting::Measure::Zcdp,
+        measure: fedq_dp::accounting::Measure::Zcdp,
         delta: Some(1e-7),
         ..budget()
     };
@@ -420,7 +420,7 @@ fn an_overlong_open_value_fails_the_whole_ingest() {
 /// config load, each saying what to change.
 #[test]
 fn bad_open_declarations_are_refused_with_what_to_do() {
-    let ca = fedq_node::pki::Authority::generate("ca").unwrap();
+    let ca = fedq_pki::Authority::generate("ca").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let good = || {
         let mut c = node_config(&ca, dir.path(), "n", budget());

@@ -4,8 +4,8 @@
 //! protobuf message INVALID_ARGUMENT (tonic said INTERNAL, which reads as
 //! a node fault). The node serves on after both.
 
-use fedq_node::pki::Role;
 use fedq_node::synth::Partner;
+use fedq_pki::Role;
 use fedq_proto::v1::QueryRequest;
 use fedq_tests::{roomy_budget, TestFederation};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};

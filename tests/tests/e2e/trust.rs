@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use ed25519_dalek::{Signer, SigningKey};
 use fedq::audit::{check, HeadsFile};
 use fedq::client::Failure;
-use fedq_node::pki::{serial_and_holder, RevocationList, Role};
 use fedq_node::synth::Partner;
+use fedq_pki::{serial_and_holder, RevocationList, Role};
 use fedq_proto::v1::QueryRequest;
 use fedq_tests::{connect, roomy_budget, TestFederation};
 use tonic::Code;
@@ -171,7 +171,7 @@ async fn a_garbage_revocation_list_stops_the_node_from_starting_naming_tls_crl()
     let text = format!("{e:#}");
     assert!(text.contains("tls.crl"), "{text}");
     // A list signed by another CA is no list of ours either.
-    let other = fedq_node::pki::Authority::generate("another CA").unwrap();
+    let other = fedq_pki::Authority::generate("another CA").unwrap();
     let other_dir = fed.dir.path().join("other-ca");
     let crl = RevocationList::default()
         .publish(&other, {
@@ -247,7 +247,7 @@ fn old_style_node_certificate(fed: &TestFederation, name: &str) -> (PathBuf, Pat
     ];
     let key = KeyPair::generate().unwrap();
     let cert = params.signed_by(&key, &issuer).unwrap();
-    let pair = fedq_node::pki::PemPair {
+    let pair = fedq_pki::PemPair {
         cert: cert.pem(),
         key: key.serialize_pem(),
     };

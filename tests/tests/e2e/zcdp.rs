@@ -12,11 +12,11 @@ use std::time::Duration;
 
 use fedq::client::new_query_id;
 use fedq::combine::combine;
-use fedq_node::accounting::{zcdp_to_approx, Measure};
+use fedq_dp::accounting::{zcdp_to_approx, Measure};
 use fedq_node::audit::{parse_public_key, verify, Event};
 use fedq_node::config::BudgetLimits;
-use fedq_node::pki::Role;
 use fedq_node::synth::Partner;
+use fedq_pki::Role;
 use fedq_proto::v1::{BudgetRequest, QueryRequest};
 use fedq_tests::{exact_counts, roomy_budget, TestFederation};
 use tonic::Code;
@@ -640,7 +640,7 @@ async fn the_coordinator_shows_the_mechanism_and_both_costs() {
         .map(|e| (e.ci_high - e.ci_low) / 2.0)
         .unwrap();
     let m = &outcomes[0].result.as_ref().unwrap().measurements[0];
-    let noise = fedq_node::mechanism::Noise::reported(&m.mechanism, m.scale).unwrap();
+    let noise = fedq_dp::mechanism::Noise::reported(&m.mechanism, m.scale).unwrap();
     assert_eq!(w, fedq::combine::noise_sum_half_width(&[noise; 2], 0.05));
     assert!(plan.contains(&format!("± {}", w as i64)), "{plan}\n{w}");
 }

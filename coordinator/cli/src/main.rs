@@ -37,19 +37,26 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Subcommand)]
-enum Command {
-    /// Run an aggregate SQL query on every node and combine the answers.
-    #[command(after_help = "Examples:\n  \
+/// `fedq query --help`'s text after the options: examples, the SQL the
+/// planner accepts (from the planner itself) and what a query spends.
+fn query_help() -> String {
+    format!(
+        "Examples:\n  \
 fedq query --federation fed.toml --epsilon 0.5 \\\n    \"SELECT gender, COUNT(*) FROM cases WHERE isForcedLabour = 1 GROUP BY gender\"\n  \
 fedq query --federation fed.toml --epsilon 1 --output json \\\n    \"SELECT COUNT(*), AVG(traffickMonths) FROM cases WHERE yearOfRegistration BETWEEN 2015 AND 2020\"\n\n\
-SQL subset: SELECT [group columns,] COUNT(*) | COUNT(col) | SUM(col) | AVG(col) FROM dataset\n  \
-[WHERE col = | <> | < | <= | > | >= literal, col [NOT] IN (...), col [NOT] BETWEEN a AND b, col IS [NOT] NULL, AND, OR, NOT]\n  \
-[GROUP BY categorical or boolean columns]. Every key of the declared domain is returned, plus (missing).\n\n\
+{subset}\n\n\
 --epsilon is spent on every node that answers, split evenly across the measurements of the query.\n\
 --rho asks for zCDP instead (discrete Gaussian noise), on nodes whose dataset accounts in zCDP;\n\
   each answer states its cost in the node's measure and its (epsilon, delta) equivalent.\n\
-Retrying with the same --query-id returns the same release without spending again.")]
+Retrying with the same --query-id returns the same release without spending again.",
+        subset = fedq_plan::plan::SQL_SUBSET
+    )
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run an aggregate SQL query on every node and combine the answers.
+    #[command(after_help = query_help())]
     Query {
         /// Path to federation.toml.
         #[arg(long)]
@@ -436,12 +443,12 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             Ok(if code == EXIT_ERROR { EXIT_ERROR } else { code })
         }
         Command::Ca(CaCommand::Revoke { ca, certificate }) => {
-            let authority = fedq_node::pki::Authority::load(&ca)?;
+            let authority = fedq_pki::Authority::load(&ca)?;
             let path = std::path::Path::new(&certificate);
             let (serial, name, role) = if path.is_file() {
                 let pem = std::fs::read_to_string(path)
                     .with_context(|| format!("cannot read {}", path.display()))?;
-                let (serial, who) = fedq_node::pki::serial_and_holder(&pem).ok_or_else(|| {
+                let (serial, who) = fedq_pki::serial_and_holder(&pem).ok_or_else(|| {
                     anyhow::anyhow!("{} is not a PEM certificate", path.display())
                 })?;
                 if !authority.is_issuer_of(&pem) {
@@ -453,10 +460,10 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 }
                 (serial, who.name, who.role)
             } else {
-                let serial = fedq_node::pki::parse_serial(&certificate)?;
+                let serial = fedq_pki::parse_serial(&certificate)?;
                 (serial, String::new(), String::new())
             };
-            let mut list = fedq_node::pki::RevocationList::load(&ca)?;
+            let mut list = fedq_pki::RevocationList::load(&ca)?;
             let added = list.add(&serial, &name, &role);
             let crl = list.publish(&authority, &ca)?;
             let who = if name.is_empty() {
@@ -467,7 +474,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             println!(
                 "{} serial {}{who}; wrote {} ({} revoked in all, list number {})",
                 if added { "revoked" } else { "already revoked:" },
-                fedq_node::pki::serial_hex(&serial),
+                fedq_pki::serial_hex(&serial),
                 crl.display(),
                 list.revoked.len(),
                 list.crl_number
@@ -484,7 +491,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                     dir.display()
                 );
             }
-            let ca = fedq_node::pki::Authority::generate(&name)?;
+            let ca = fedq_pki::Authority::generate(&name)?;
             ca.save(&dir)?;
             println!(
                 "created CA {name:?} in {}: share ca.pem with every node and researcher; keep ca.key secret (mode 0600)",
@@ -501,7 +508,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             days,
             also_name,
         }) => {
-            let role = fedq_node::pki::Role::parse(&role).ok_or_else(|| {
+            let role = fedq_pki::Role::parse(&role).ok_or_else(|| {
                 anyhow::anyhow!("unknown role {role:?}; use node, analyst or auditor")
             })?;
             if name.trim().is_empty() || name.contains('/') {
@@ -510,10 +517,10 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             if days == 0 || days > 3650 {
                 bail!("--days must be between 1 and 3650");
             }
-            if !also_name.is_empty() && role != fedq_node::pki::Role::Node {
+            if !also_name.is_empty() && role != fedq_pki::Role::Node {
                 bail!("--also-name is for node certificates (the names a node serves under)");
             }
-            let authority = fedq_node::pki::Authority::load(&ca)?;
+            let authority = fedq_pki::Authority::load(&ca)?;
             std::fs::create_dir_all(&out)
                 .with_context(|| format!("cannot create {}", out.display()))?;
             let stem = role.as_str();
@@ -649,7 +656,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             }
         }
         Command::Demo { dir, serve } => {
-            fedq::demo::run(dir, serve).await?;
+            fedq_cli::demo::run(dir, serve).await?;
             Ok(EXIT_OK)
         }
     }

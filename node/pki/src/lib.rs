@@ -1,4 +1,4 @@
-//! Certificates: creating a federation CA and issuing node and analyst
+//! `fedq-pki`: the federation's certificates: creating a federation CA and issuing node and analyst
 //! certificates (rcgen), and reading the caller's identity off a verified
 //! client certificate (x509-parser).
 //!

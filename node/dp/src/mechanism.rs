@@ -92,11 +92,12 @@ impl Noise {
     }
 
     /// Adds this noise to each value, with OpenDP. On failure returns a
-    /// message that contains no value of the input.
-    pub fn release(&self, exact: &Vec<i64>) -> Result<Vec<i64>, String> {
+    /// message that contains no value of the input. The only way out of an
+    /// [`Exact`].
+    pub fn release(&self, exact: &Exact) -> Result<Vec<i64>, String> {
         match *self {
-            Noise::DiscreteLaplace { scale } => release_discrete_laplace(exact, scale),
-            Noise::DiscreteGaussian { scale } => release_discrete_gaussian(exact, scale),
+            Noise::DiscreteLaplace { scale } => release_discrete_laplace(&exact.0, scale),
+            Noise::DiscreteGaussian { scale } => release_discrete_gaussian(&exact.0, scale),
         }
     }
 
@@ -230,7 +231,7 @@ pub fn discrete_gaussian_scale(l2: i64, rho: f64) -> Result<f64, String> {
 
 /// Adds discrete Gaussian noise of `scale` to each value, with OpenDP.
 /// On failure returns a message that contains no value of the input.
-pub fn release_discrete_gaussian(exact: &Vec<i64>, scale: f64) -> Result<Vec<i64>, String> {
+fn release_discrete_gaussian(exact: &Vec<i64>, scale: f64) -> Result<Vec<i64>, String> {
     let m = gaussian(scale).map_err(|e| format!("cannot build the mechanism: {:?}", e.variant))?;
     m.invoke(exact)
         .map_err(|e| format!("the noise sampler failed ({:?})", e.variant))
@@ -353,7 +354,7 @@ pub fn discrete_laplace_upper_tail(scale: f64, k: i64) -> f64 {
 
 /// Adds discrete Laplace noise of `scale` to each value, with OpenDP.
 /// On failure returns a message that contains no value of the input.
-pub fn release_discrete_laplace(exact: &Vec<i64>, scale: f64) -> Result<Vec<i64>, String> {
+fn release_discrete_laplace(exact: &Vec<i64>, scale: f64) -> Result<Vec<i64>, String> {
     let m =
         measurement(scale).map_err(|e| format!("cannot build the mechanism: {:?}", e.variant))?;
     m.invoke(exact)
@@ -374,8 +375,46 @@ pub fn discrete_laplace_half_width(scale: f64, alpha: f64) -> Result<f64, String
         .map_err(|e| format!("cannot compute the accuracy: {:?}", e.variant))
 }
 
+/// Exact aggregates on their way to a mechanism (one value per released
+/// value, in the plan's order): the only input [`Noise::release`] takes.
+///
+/// **Guarantee.** It has no `Debug`, `Display`, `Clone`, `Serialize` or
+/// accessor: outside this crate its values cannot be read, printed,
+/// logged, compared or sent, so an exact answer leaves the node only
+/// through noise (DESIGN invariant 2). The engine makes one with
+/// [`Exact::new`] and hands it to the pipeline, which can only release it.
+pub struct Exact(Vec<i64>);
+
+impl Exact {
+    /// Wraps the engine's exact values.
+    pub fn new(values: Vec<i64>) -> Exact {
+        Exact(values)
+    }
+
+    /// How many values (public: the plan fixes it).
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// The exact counts per key of an open-domain GROUP BY, on their way to
+/// the threshold mechanism ([`Noise::release_keys`]); opaque as [`Exact`] is.
+pub struct ExactKeyCounts(KeyCounts);
+
+impl ExactKeyCounts {
+    /// Wraps the engine's exact counts per key.
+    pub fn new(counts: KeyCounts) -> ExactKeyCounts {
+        ExactKeyCounts(counts)
+    }
+}
+
 /// Keys of an open-domain GROUP BY and their counts (keys are stored
-/// codes, see [`crate::table::Table::open_counts`]).
+/// codes, see `fedq_node::table::Table::open_counts`).
 pub type KeyCounts = std::collections::HashMap<u64, i64>;
 
 type KeyDomain = MapDomain<AtomDomain<u64>, AtomDomain<i64>>;
@@ -477,7 +516,12 @@ impl Noise {
     /// Adds this noise to every key's count and keeps the keys whose noisy
     /// count is at least `threshold`, with OpenDP. On failure returns a
     /// message that contains no value of the input.
-    pub fn release_keys(&self, counts: &KeyCounts, threshold: i64) -> Result<KeyCounts, String> {
+    pub fn release_keys(
+        &self,
+        counts: &ExactKeyCounts,
+        threshold: i64,
+    ) -> Result<KeyCounts, String> {
+        let counts = &counts.0;
         let fail =
             |e: opendp::error::Error| format!("the threshold mechanism failed ({:?})", e.variant);
         match *self {
@@ -534,7 +578,9 @@ mod tests {
     #[test]
     fn release_changes_values_by_noise() {
         let exact = vec![1000i64; 200];
-        let noisy = release_discrete_laplace(&exact, 5.0).unwrap();
+        let noisy = Noise::DiscreteLaplace { scale: 5.0 }
+            .release(&Exact::new(exact))
+            .unwrap();
         assert_eq!(noisy.len(), 200);
         assert!(noisy.iter().any(|&v| v != 1000), "no noise was added");
     }
@@ -632,7 +678,9 @@ mod tests {
                 .fold(0.0, f64::max);
             assert!(d > eps + 0.025, "scale {wrong} would pass: {d}");
         }
-        let noise = release_discrete_gaussian(&vec![0i64; n], sigma).unwrap();
+        let noise = Noise::DiscreteGaussian { scale: sigma }
+            .release(&Exact::new(vec![0i64; n]))
+            .unwrap();
         let mut sorted = noise.clone();
         sorted.sort_unstable();
         let worst = ks
@@ -676,6 +724,7 @@ mod tests {
                 counts.insert(g as u64 * keys + k, threshold - d);
             }
         }
+        let counts = ExactKeyCounts::new(counts);
         let mut hits = vec![0u64; offsets.len()];
         for _ in 0..rounds {
             let out = noise.release_keys(&counts, threshold).unwrap();

@@ -11,14 +11,14 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use fedq_node::config::{BudgetLimits, DatasetConfig, Limits, NodeConfig, NodeSection, TlsSection};
-use fedq_node::pki::{Authority, Role};
 use fedq_node::synth::{self, Partner};
+use fedq_pki::{Authority, Role};
 use fedq_proto::v1::QueryRequest;
 
-use crate::client::{new_query_id, Federation};
-use crate::combine::combine;
-use crate::federation::{ClientTls, Defaults, FederationConfig, NodeEntry};
-use crate::output::{render, render_budgets, Format};
+use fedq::client::{new_query_id, Federation};
+use fedq::combine::combine;
+use fedq::federation::{ClientTls, Defaults, FederationConfig, NodeEntry};
+use fedq::output::{render, render_budgets, Format};
 
 /// The demo's partners: name, kind, rows and seed.
 const PARTNERS: [(&str, Partner, usize, u64); 3] = [
@@ -242,7 +242,7 @@ pub async fn run(dir: Option<PathBuf>, serve: bool) -> anyhow::Result<()> {
                 timeout,
             )
             .await;
-        crate::audit::screen_answers(&fed, &mut outcomes).await?;
+        fedq::audit::screen_answers(&fed, &mut outcomes).await?;
         let combined = combine(sql, &query_id, epsilon, &outcomes);
         print!("{}", render(&combined, Format::Table)?);
         println!();

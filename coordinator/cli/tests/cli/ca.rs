@@ -50,7 +50,7 @@ fn a_ca_is_created_once_and_issues_certificates_and_signs_requests() {
         alice.to_str().unwrap(),
     ]);
     assert_eq!(code, 0, "{out}");
-    let issued = fedq_node::pki::Authority::load(&ca).unwrap();
+    let issued = fedq_pki::Authority::load(&ca).unwrap();
     assert_eq!(
         std::fs::read_to_string(alice.join("ca.pem")).unwrap(),
         issued.pem.cert
@@ -59,7 +59,7 @@ fn a_ca_is_created_once_and_issues_certificates_and_signs_requests() {
     assert_eq!(who, ("alice@uni".to_string(), "analyst".to_string()));
 
     // A node's request: the CA decides the name and role, the key stays home.
-    let (key, csr) = fedq_node::pki::key_and_request("asked-for-another-name").unwrap();
+    let (key, csr) = fedq_pki::key_and_request("asked-for-another-name").unwrap();
     let csr_path = dir.path().join("node.csr");
     std::fs::write(&csr_path, csr).unwrap();
     let node = dir.path().join("node");
@@ -106,8 +106,8 @@ fn a_ca_is_created_once_and_issues_certificates_and_signs_requests() {
 
 fn identity(pem_path: &Path) -> (String, String) {
     let pem = std::fs::read_to_string(pem_path).unwrap();
-    let der = fedq_node::pki::der_from_pem(&pem).expect("a PEM certificate");
-    let c = fedq_node::pki::caller_from_der(&der).unwrap();
+    let der = fedq_pki::der_from_pem(&pem).expect("a PEM certificate");
+    let c = fedq_pki::caller_from_der(&der).unwrap();
     (c.name, c.role)
 }
 
@@ -153,16 +153,16 @@ fn revoke_adds_to_the_list_and_signs_a_crl_the_ca_can_be_held_to() {
         out.contains("revoked serial") && out.contains("alice"),
         "{out}"
     );
-    let list = fedq_node::pki::RevocationList::load(&ca).unwrap();
+    let list = fedq_pki::RevocationList::load(&ca).unwrap();
     assert_eq!(list.revoked.len(), 1);
     assert_eq!(list.revoked[0].name, "alice");
     // By serial, as openssl prints it (colons, upper case): adds to the list.
     let (bob_serial, _) =
-        fedq_node::pki::serial_and_holder(&std::fs::read_to_string(&bob).unwrap()).unwrap();
+        fedq_pki::serial_and_holder(&std::fs::read_to_string(&bob).unwrap()).unwrap();
     let colons: Vec<String> = bob_serial.iter().map(|b| format!("{b:02X}")).collect();
     let (code, out) = fedq(&["ca", "revoke", "--ca", ca_s, &colons.join(":")]);
     assert_eq!(code, 0, "{out}");
-    let list = fedq_node::pki::RevocationList::load(&ca).unwrap();
+    let list = fedq_pki::RevocationList::load(&ca).unwrap();
     assert_eq!(list.revoked.len(), 2, "each revoke adds to the list");
     assert_eq!(list.crl_number, 2);
     // The same again changes nothing but says so.
@@ -170,10 +170,7 @@ fn revoke_adds_to_the_list_and_signs_a_crl_the_ca_can_be_held_to() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("already revoked"), "{out}");
     assert_eq!(
-        fedq_node::pki::RevocationList::load(&ca)
-            .unwrap()
-            .revoked
-            .len(),
+        fedq_pki::RevocationList::load(&ca).unwrap().revoked.len(),
         2
     );
     // The signed list is a PEM X509 CRL (its contents: node/src/pki.rs).
@@ -198,15 +195,12 @@ fn revoke_adds_to_the_list_and_signs_a_crl_the_ca_can_be_held_to() {
     // Node certificates name the node only, unless more is asked for.
     let (code, out, node) = issue("node", "ngo-north", &[]);
     assert_eq!(code, 0, "{out}");
-    let der = fedq_node::pki::der_from_pem(&std::fs::read_to_string(&node).unwrap()).unwrap();
-    assert_eq!(fedq_node::pki::server_names(&der), vec!["ngo-north"]);
+    let der = fedq_pki::der_from_pem(&std::fs::read_to_string(&node).unwrap()).unwrap();
+    assert_eq!(fedq_pki::server_names(&der), vec!["ngo-north"]);
     let (code, out, node) = issue("node", "ngo-south", &["--also-name", "localhost"]);
     assert_eq!(code, 0, "{out}");
-    let der = fedq_node::pki::der_from_pem(&std::fs::read_to_string(&node).unwrap()).unwrap();
-    assert_eq!(
-        fedq_node::pki::server_names(&der),
-        vec!["ngo-south", "localhost"]
-    );
+    let der = fedq_pki::der_from_pem(&std::fs::read_to_string(&node).unwrap()).unwrap();
+    assert_eq!(fedq_pki::server_names(&der), vec!["ngo-south", "localhost"]);
     let (code, out, _) = issue("analyst", "carol", &["--also-name", "localhost"]);
     assert_eq!(code, 1, "{out}");
 }

@@ -8,7 +8,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use fedq::demo::QUERIES;
+use fedq_cli::demo::QUERIES;
 use serde_json::Value;
 
 /// The demo's nodes, in federation order.
@@ -17,7 +17,7 @@ const NODES: [&str; 3] = ["ngo-north", "hotline-central", "casework-south"];
 /// The node that `fedq demo` stops to show a partial result.
 const STOPPED_IN_DEMO: &str = "hotline-central";
 
-const WORKSPACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+const WORKSPACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
 
 fn fedq() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_fedq"))
@@ -65,8 +65,7 @@ fn older_than_sources(bin: &Path) -> bool {
         .unwrap_or(std::time::UNIX_EPOCH);
     let root = Path::new(WORKSPACE);
     [
-        "node/src",
-        "node/Cargo.toml",
+        "node",
         "proto/src",
         "proto/proto",
         "proto/Cargo.toml",

@@ -2,12 +2,12 @@
 //! and a self-contained HTML report (inline SVG chart, no external assets).
 //!
 //! Both work from verified or unverified entries alike; verify an export
-//! first with [`crate::audit::verify`] when it came from elsewhere.
+//! first with [`crate::verify`] when it came from elsewhere.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 
-use crate::audit::{Entry, Event};
+use crate::{Entry, Event};
 
 /// One line of the summary.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -393,13 +393,13 @@ code{{font-size:12px;word-break:break-all}}</style></head><body>\
 mod tests {
     use super::*;
 
-    fn d(x: f64) -> crate::audit::Decimal {
-        crate::audit::Decimal::from_f64(x).unwrap()
+    fn d(x: f64) -> crate::Decimal {
+        crate::Decimal::from_f64(x).unwrap()
     }
 
     fn entry(seq: u64, time_ms: u64, event: Event) -> Entry {
         Entry {
-            v: crate::audit::FORMAT_VERSION,
+            v: crate::FORMAT_VERSION,
             seq,
             time_ms,
             prev: String::new(),
@@ -426,7 +426,7 @@ mod tests {
                     version: "0".into(),
                     config_sha256: String::new(),
                     audit_public_key: String::new(),
-                    limits: vec![crate::audit::DatasetLimits {
+                    limits: vec![crate::DatasetLimits {
                         dataset: "cases".into(),
                         per_analyst: d(1.0),
                         total: d(5.0),

@@ -89,7 +89,7 @@ pub enum MeasurementSpec {
         max: i64,
     },
     /// Per cell, the number of non-missing values in each of `bins`
-    /// equal-width bins over `[min, max]` (see [`crate::distribution`]):
+    /// equal-width bins over `[min, max]` (see [`fedq_dp::distribution`]):
     /// `bins` values per cell, cell-major.
     Histogram {
         /// Column index.
@@ -997,6 +997,78 @@ fn literal(col: &Column, e: &Expr) -> Result<i64, PlanError> {
     }
 }
 
+/// Number of released cells: each GROUP BY column contributes its declared
+/// domain plus a "missing" key.
+pub fn cell_count(plan: &Plan) -> usize {
+    plan.group_sizes.iter().map(|s| s + 1).product()
+}
+
+/// Label of the "missing" key of a GROUP BY column.
+pub const MISSING_KEY: &str = "(missing)";
+
+/// The printable key of every cell, in the order of the engine's exact values (`Table::exact`).
+pub fn cell_keys(plan: &Plan, schema: &Schema) -> Vec<Vec<String>> {
+    let mut keys: Vec<Vec<String>> = vec![Vec::new()];
+    for (&col, &size) in plan.group_by.iter().zip(&plan.group_sizes) {
+        let column = &schema.columns[col];
+        let mut next = Vec::with_capacity(keys.len() * (size + 1));
+        for k in &keys {
+            for code in 0..=size {
+                let mut key = k.clone();
+                key.push(if code == size {
+                    MISSING_KEY.to_string()
+                } else {
+                    column.key_label(code)
+                });
+                next.push(key);
+            }
+        }
+        keys = next;
+    }
+    keys
+}
+
+/// The SQL this planner accepts, as `fedq query --help` states it. A test
+/// plans an example of every construct listed, and checks that every
+/// aggregate function the planner accepts is listed and no other.
+pub const SQL_SUBSET: &str = "\
+SQL subset: SELECT [group columns,] aggregates FROM dataset [WHERE ...] [GROUP BY ...]
+  aggregates: COUNT(*), COUNT(col), SUM(col), AVG(col), VARIANCE(col) (or VAR_SAMP),
+    STDDEV(col) (or STDDEV_SAMP), MEDIAN(col), QUANTILE(col, q) with 0 < q < 1,
+    HISTOGRAM(col, bins) (alone in its SELECT); numeric ones on integer columns
+    with declared bounds (values clamped to them)
+  WHERE: col = | <> | < | <= | > | >= literal, col [NOT] IN (...),
+    col [NOT] BETWEEN a AND b, col IS [NOT] NULL, AND, OR, NOT
+  GROUP BY: categorical or boolean columns; every key of the declared domain is
+    returned, plus (missing); an open-domain column releases only the keys whose
+    noisy count passes a threshold";
+
+/// One query per construct of [`SQL_SUBSET`], over the CTDC-shaped columns
+/// (`gender`, `ageBroad`, `isForcedLabour`, `yearOfRegistration`,
+/// `traffickMonths`); every one plans.
+pub const SQL_SUBSET_EXAMPLES: &[&str] = &[
+    "SELECT COUNT(*) FROM cases",
+    "SELECT COUNT(traffickMonths) FROM cases",
+    "SELECT SUM(traffickMonths) FROM cases",
+    "SELECT AVG(traffickMonths) FROM cases",
+    "SELECT VARIANCE(traffickMonths) FROM cases",
+    "SELECT VAR_SAMP(traffickMonths) FROM cases",
+    "SELECT STDDEV(traffickMonths) FROM cases",
+    "SELECT STDDEV_SAMP(traffickMonths) FROM cases",
+    "SELECT MEDIAN(traffickMonths) FROM cases",
+    "SELECT QUANTILE(traffickMonths, 0.25) FROM cases",
+    "SELECT HISTOGRAM(traffickMonths, 12) FROM cases",
+    "SELECT COUNT(*) FROM cases WHERE gender = 'Female' AND ageBroad <> '18+'",
+    "SELECT COUNT(*) FROM cases WHERE yearOfRegistration < 2010 OR yearOfRegistration >= 2020",
+    "SELECT COUNT(*) FROM cases WHERE traffickMonths <= 6 AND traffickMonths > 1",
+    "SELECT COUNT(*) FROM cases WHERE gender IN ('Female', 'Male') AND ageBroad NOT IN ('18+')",
+    "SELECT COUNT(*) FROM cases WHERE yearOfRegistration BETWEEN 2015 AND 2020",
+    "SELECT COUNT(*) FROM cases WHERE yearOfRegistration NOT BETWEEN 2015 AND 2020",
+    "SELECT COUNT(*) FROM cases WHERE gender IS NULL OR gender IS NOT NULL",
+    "SELECT COUNT(*) FROM cases WHERE NOT (isForcedLabour = 1)",
+    "SELECT gender, isForcedLabour, COUNT(*) FROM cases GROUP BY gender, isForcedLabour",
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1179,5 +1251,59 @@ mod tests {
             16
         )
         .is_ok());
+    }
+
+    /// `fedq query --help` states what the planner accepts: every example
+    /// of [`SQL_SUBSET`] plans, and of the aggregate functions researchers
+    /// commonly write, exactly those the planner accepts are listed.
+    #[test]
+    fn the_help_text_states_exactly_what_the_planner_accepts() {
+        let s = schema();
+        for sql in SQL_SUBSET_EXAMPLES {
+            plan(sql, &s, 10_000).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        }
+        let functions = [
+            "COUNT",
+            "SUM",
+            "AVG",
+            "MIN",
+            "MAX",
+            "VARIANCE",
+            "VAR_SAMP",
+            "VAR_POP",
+            "STDDEV",
+            "STDDEV_SAMP",
+            "STDDEV_POP",
+            "MEDIAN",
+            "QUANTILE",
+            "HISTOGRAM",
+            "MODE",
+            "PERCENTILE_CONT",
+            "PERCENTILE_DISC",
+            "QUANTILE_CONT",
+            "QUANTILE_DISC",
+            "APPROX_COUNT_DISTINCT",
+            "ROUND",
+            "ABS",
+            "COALESCE",
+        ];
+        for f in functions {
+            let accepted = [
+                format!("SELECT {f}(traffickMonths) FROM cases"),
+                format!("SELECT {f}(traffickMonths, 0.5) FROM cases"),
+                format!("SELECT {f}(traffickMonths, 12) FROM cases"),
+            ]
+            .iter()
+            .any(|sql| plan(sql, &s, 10_000).is_ok());
+            let listed =
+                SQL_SUBSET.contains(&format!("{f}(")) || SQL_SUBSET.contains(&format!("(or {f})"));
+            assert_eq!(
+                accepted,
+                listed,
+                "{f}: the planner {} it, the help {} it",
+                if accepted { "accepts" } else { "refuses" },
+                if listed { "lists" } else { "does not list" }
+            );
+        }
     }
 }
