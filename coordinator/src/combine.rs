@@ -124,6 +124,10 @@ pub struct Combined {
     /// released, and what that means for the rows.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub released_keys: Option<KeysNote>,
+    /// ORDER BY, LIMIT, HAVING or ROUND applied by the coordinator
+    /// ([`crate::post`]), and what that means.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub post_processing: Option<String>,
 }
 
 /// How the keys of an open-domain GROUP BY were released across nodes.
@@ -421,6 +425,7 @@ pub fn combine(
         nodes,
         dry_run,
         released_keys,
+        post_processing: None,
     }
 }
 

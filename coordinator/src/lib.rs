@@ -10,6 +10,8 @@
 //! - [`client`]: mutual-TLS channels and concurrent fan-out with deadlines.
 //! - [`combine`]: sums, means and federated confidence intervals.
 //! - [`output`]: tables, JSON and CSV.
+//! - [`post`]: ORDER BY, LIMIT, HAVING and ROUND, applied to the combined
+//!   noisy answers (post-processing, no privacy cost).
 //! - [`run`]: one query across the federation: capability checks, retries, quorum (two phases).
 //! - [`verify`]: every answer checked against the coordinator's own plan from the
 //!   nodes' public schemas; a node whose answer disagrees is left out and named.
@@ -20,5 +22,6 @@ pub mod combine;
 mod distribution;
 pub mod federation;
 pub mod output;
+pub mod post;
 pub mod run;
 pub mod verify;

@@ -252,6 +252,9 @@ pub fn render_with(c: &Combined, format: Format, bars: bool) -> anyhow::Result<S
             if let Some(split) = c.nodes.iter().find_map(|n| n.epsilon_split.clone()) {
                 out.push_str(&format!("epsilon split: {split}\n"));
             }
+            if let Some(p) = &c.post_processing {
+                out.push_str(&format!("post-processing: {p}\n"));
+            }
             if let Some(k) = &c.released_keys {
                 let thresholds: Vec<String> = k
                     .thresholds

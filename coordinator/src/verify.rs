@@ -1046,7 +1046,7 @@ pub fn check_outcomes<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fedq_node::synth;
+    use fedq_engine::synth;
 
     fn described(privacy_unit: &str, measure: &str) -> DescribeResponse {
         let schema = Schema::from_specs("cases", &synth::ctdc_columns()).unwrap();

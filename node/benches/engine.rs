@@ -14,9 +14,9 @@ use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use fedq_dp::mechanism;
+use fedq_engine::synth::{self, Partner};
+use fedq_engine::table::Table;
 use fedq_node::store::Store;
-use fedq_node::synth::{self, Partner};
-use fedq_node::table::Table;
 use fedq_plan::plan::plan;
 use fedq_plan::schema::Schema;
 

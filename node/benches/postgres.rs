@@ -19,10 +19,10 @@
 
 use std::time::{Duration, Instant};
 
+use fedq_engine::postgres::PgSource;
+use fedq_engine::synth::{self, Partner};
+use fedq_engine::table::Table;
 use fedq_node::config::{SourceConfig, SourceKind};
-use fedq_node::postgres::PgSource;
-use fedq_node::synth::{self, Partner};
-use fedq_node::table::Table;
 use fedq_plan::plan::plan;
 use fedq_plan::schema::{Column, Schema};
 

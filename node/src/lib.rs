@@ -32,29 +32,17 @@
 //! - [`tls`]: the node's mutual TLS: its files checked at start, the client
 //!   verifier with the revocation list reloaded live, refusals logged.
 
-// Compatibility paths for the code that reached these through the node.
-pub use fedq_audit::{decimal, report as audit_report};
-pub use fedq_dp::{accounting, distribution, mechanism};
-pub use fedq_pki as pki;
-pub use fedq_plan::{plan, schema};
 pub mod audit;
 pub mod backup;
-mod bits;
 pub mod config;
 pub mod fault;
 pub mod group_commit;
 pub mod ingest;
 pub mod journal;
 pub mod ledger;
-pub mod postgres;
 pub mod preflight;
-#[cfg(test)]
-mod privacy_tests;
 pub mod refusals;
 pub mod server;
 pub mod service;
-pub mod source;
 pub mod store;
-pub mod synth;
-pub mod table;
 pub mod tls;

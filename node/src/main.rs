@@ -6,9 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
+use fedq_engine::synth::{self, Partner};
 use fedq_node::audit::{self, Entry};
 use fedq_node::config::NodeConfig;
-use fedq_node::synth::{self, Partner};
 
 /// mimalloc rather than glibc's allocator: a node's request threads each
 /// got their own glibc arena, which kept the memory of heavy load
@@ -637,7 +637,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for d in &cfg.datasets {
                 let Some(src) = &d.source else { continue };
                 let schema = d.schema().map_err(anyhow::Error::msg)?;
-                let pg = fedq_node::postgres::PgSource::new(&d.name, schema, src, &cfg.base_dir)?;
+                let pg = fedq_engine::postgres::PgSource::new(&d.name, schema, src, &cfg.base_dir)?;
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?;
@@ -647,7 +647,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         d.name,
                         pg.relation()
                     ),
-                    Err(fedq_node::postgres::SourceError::Mismatch(why)) => bail!("{why}"),
+                    Err(fedq_engine::postgres::SourceError::Mismatch(why)) => bail!("{why}"),
                     Err(e) => bail!("dataset {:?}: {} ({})", d.name, e.public(), e.detail()),
                 }
             }

@@ -24,12 +24,12 @@ use tonic::{Request, Response, Status};
 use crate::audit::{AuditKey, AuditLog, DatasetLimits, Decimal, Event, ReleasedMeasurement};
 use crate::config::{DatasetConfig, NodeConfig};
 use crate::ledger::{Admission, BudgetState, Computed, Ledger};
-use crate::postgres::{PgSource, SourceError};
 use crate::refusals::{RefusalKind, RefusalLog};
-use crate::source::Source;
 use crate::store::Store;
 use fedq_dp::accounting::{self, Measure};
-use fedq_dp::mechanism::{self, Exact, ExactKeyCounts, Noise};
+use fedq_dp::mechanism::{self, Exact, Noise};
+use fedq_engine::postgres::{PgSource, SourceError};
+use fedq_engine::source::Source;
 use fedq_pki::{caller_from_der, Caller};
 use fedq_plan::plan::cell_keys;
 use fedq_plan::plan::{self, Plan};
@@ -1006,11 +1006,10 @@ fn exact(ds: &Dataset, plan: &Plan) -> Result<Vec<Exact>, SourceError> {
         // database sources).
         return Ok(Vec::new());
     }
-    let values = match &ds.source {
-        Source::Embedded(table) => table.exact(plan),
-        Source::Postgres(pg) => tokio::runtime::Handle::current().block_on(pg.exact(plan))?,
-    };
-    Ok(values.into_iter().map(Exact::new).collect())
+    match &ds.source {
+        Source::Embedded(table) => Ok(table.exact(plan)),
+        Source::Postgres(pg) => tokio::runtime::Handle::current().block_on(pg.exact(plan)),
+    }
 }
 
 /// Fetches the exact aggregates of a query whose budget is reserved; on
@@ -1217,7 +1216,7 @@ fn release_keys(
         .ok_or("no measurement was planned")?;
     let noise = Noise::reported(&m.mechanism, m.scale).ok_or("unknown mechanism")?;
     let mut released: Vec<(u64, i64)> = noise
-        .release_keys(&ExactKeyCounts::new(table.open_counts(plan)), threshold)?
+        .release_keys(&table.open_counts(plan), threshold)?
         .into_iter()
         .collect();
     if released.len() > max_keys {

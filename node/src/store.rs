@@ -23,7 +23,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context};
 
 use crate::group_commit::GroupCommit;
-use crate::table::{encode_chunk, Table};
+use fedq_engine::table::{encode_chunk, Table};
 use fedq_plan::schema::Schema;
 
 /// Version of the on-disk layout. A node refuses a store written with a
@@ -248,7 +248,7 @@ impl Store {
                 .map_err(|why| anyhow!("dataset {dataset:?}: {why}; the store is damaged"))?;
         }
         let expected = self.get_u64(&format!("meta/{dataset}/rows"))?;
-        if table.len() as u64 != expected {
+        if !table.has_rows(expected) {
             return Err(anyhow!("dataset {dataset:?}: stored row count does not match its chunks; the store is damaged"));
         }
         for (i, c) in schema.columns.iter().enumerate() {
@@ -267,7 +267,7 @@ impl Store {
             }
         }
         // Choose the records that count per person now, not on the first query.
-        table.kept_rows();
+        table.prepare();
         Ok(table)
     }
 

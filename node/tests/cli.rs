@@ -102,7 +102,7 @@ fn ready_node(dir: &std::path::Path) -> std::path::PathBuf {
                 measure: Default::default(),
                 delta: None,
             },
-            columns: fedq_node::synth::ctdc_columns(),
+            columns: fedq_engine::synth::ctdc_columns(),
             privacy_unit: None,
             source: None,
         }],

@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use fedq::client::Federation;
 use fedq::federation::{ClientTls, Defaults, FederationConfig, NodeEntry};
+use fedq_engine::synth::{self, Partner};
 use fedq_node::config::{
     BudgetLimits, DatasetConfig, Limits, NodeConfig, NodeSection, SourceConfig, SourceKind,
     TlsSection,
 };
 use fedq_node::server::RunningNode;
-use fedq_node::synth::{self, Partner};
 use fedq_pki::{Authority, Role};
 use fedq_plan::schema::Schema;
 use fedq_proto::v1::node_client::NodeClient;

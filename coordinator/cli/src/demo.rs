@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
+use fedq_engine::synth::{self, Partner};
 use fedq_node::config::{BudgetLimits, DatasetConfig, Limits, NodeConfig, NodeSection, TlsSection};
-use fedq_node::synth::{self, Partner};
 use fedq_pki::{Authority, Role};
 use fedq_proto::v1::QueryRequest;
 

@@ -376,7 +376,18 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             let terminal = std::io::stdout().is_terminal();
             let mut saved = Vec::new();
             let mut code = EXIT_OK;
-            for sql in &queries {
+            for written in &queries {
+                // ORDER BY, LIMIT, HAVING and ROUND are applied here to the
+                // combined noisy answers; the nodes get the rest.
+                let (core, post) = match fedq::post::split(written) {
+                    Ok(split) => split,
+                    Err(e) => {
+                        eprintln!("error: {e}; nothing was sent or spent");
+                        code = EXIT_ERROR;
+                        continue;
+                    }
+                };
+                let sql = &core;
                 let opts = QueryOptions {
                     epsilon: each_epsilon,
                     rho: each_rho,
@@ -406,9 +417,20 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                         }
                     }
                 }
-                let combined = combine(sql, &opts.query_id, each_epsilon, &outcomes);
+                let mut combined = combine(sql, &opts.query_id, each_epsilon, &outcomes);
+                if let Some(p) = &post {
+                    if let Err(e) = fedq::post::apply(&mut combined, p) {
+                        eprintln!("error: {e}");
+                        code = EXIT_ERROR;
+                        continue;
+                    }
+                }
                 let text = if dry_run {
-                    render_plan(sql, &outcomes, output)?
+                    let mut text = render_plan(sql, &outcomes, output)?;
+                    if let (Some(p), Format::Table) = (&combined.post_processing, output) {
+                        text.push_str(&format!("post-processing: {p}\n"));
+                    }
+                    text
                 } else {
                     render_with(&combined, output, terminal && output == Format::Table)?
                 };

@@ -15,15 +15,16 @@
 //! DP: that is impossible, so a pure ledger refuses rho queries.
 
 use std::cmp::Ordering;
-use std::collections::HashMap;
 use std::fmt;
 use std::ops::Neg;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 use opendp::combinators::ConcentratedMeasure;
 use opendp::measures::ZeroConcentratedDivergence;
 use opendp::traits::{InfDiv, InfPowI};
 use serde::{Deserialize, Serialize};
+
+use crate::memo::Memo;
 
 /// The privacy measure a dataset's ledger accounts in (`[datasets.budget]
 /// measure`). A ledger never mixes measures: see ARCHITECTURE.md.
@@ -102,13 +103,9 @@ pub fn zcdp_to_approx(rho: f64, delta: f64) -> Result<f64, String> {
     if rho == 0.0 {
         return Ok(0.0);
     }
-    let key = (rho.to_bits(), delta.to_bits());
-    if let Some(hit) = memo().get(&key) {
-        return hit.clone();
-    }
-    let value = searched(rho, delta).map_err(|e| conversion_error(rho, delta, e));
-    memo().put(key, value.clone());
-    value
+    memo().get_or(rho, delta, || {
+        searched(rho, delta).map_err(|e| conversion_error(rho, delta, e))
+    })
 }
 
 /// [`zcdp_to_approx`] as OpenDP computes it, with nothing remembered and no
@@ -133,33 +130,11 @@ fn conversion_error(rho: f64, delta: f64, e: opendp::error::Error) -> String {
 /// forgets them all and starts again.
 pub const MEMO_CAPACITY: usize = 4096;
 
-type MemoKey = (u64, u64);
-
 /// Conversions by `(rho, delta)` bits: a query's cost, and an analyst's
 /// total (converted by the ledger, then again for the answer's budget).
-struct Memo(Mutex<HashMap<MemoKey, Result<f64, String>>>);
-
-impl Memo {
-    fn get(&self, key: &MemoKey) -> Option<Result<f64, String>> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(key)
-            .cloned()
-    }
-
-    fn put(&self, key: MemoKey, value: Result<f64, String>) {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= MEMO_CAPACITY {
-            map.clear();
-        }
-        map.insert(key, value);
-    }
-}
-
 fn memo() -> &'static Memo {
     static MEMO: OnceLock<Memo> = OnceLock::new();
-    MEMO.get_or_init(|| Memo(Mutex::new(HashMap::new())))
+    MEMO.get_or_init(|| Memo::new(MEMO_CAPACITY))
 }
 
 /// OpenDP 0.16's `PrivacyProfile::epsilon` for the profile of rho-zCDP,
@@ -410,9 +385,9 @@ mod tests {
     #[test]
     fn the_memo_is_bounded() {
         for i in 0..(MEMO_CAPACITY + 10) {
-            memo().put((i as u64, u64::MAX), Ok(i as f64));
+            let _ = memo().get_or(f64::from_bits(i as u64), f64::MAX, || Ok(i as f64));
         }
-        assert!(memo().0.lock().unwrap().len() <= MEMO_CAPACITY);
+        assert!(memo().len() <= MEMO_CAPACITY);
         // Still answers, and right.
         let want = zcdp_to_approx_opendp(0.3, 1e-6).unwrap();
         assert_eq!(zcdp_to_approx(0.3, 1e-6).unwrap().to_bits(), want.to_bits());

@@ -24,3 +24,4 @@
 pub mod accounting;
 pub mod distribution;
 pub mod mechanism;
+mod memo;

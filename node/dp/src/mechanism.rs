@@ -331,7 +331,20 @@ fn erfc(x: f64) -> f64 {
 /// from OpenDP's `gaussian_scale_to_accuracy`, rounded up and widened by
 /// one (the discrete and continuous distributions differ by far less than
 /// the mass that widening adds).
+///
+/// OpenDP's exact sum evaluates `exp` term by term (about 39 × scale
+/// terms), about a millisecond at ordinary scales and once per answered
+/// measurement, so results are remembered by `(scale, alpha)` (an answer's
+/// scale depends only on the query's cost and sensitivity).
 pub fn discrete_gaussian_half_width(scale: f64, alpha: f64) -> Result<f64, String> {
+    static MEMO: std::sync::OnceLock<crate::memo::Memo> = std::sync::OnceLock::new();
+    MEMO.get_or_init(|| crate::memo::Memo::new(4096))
+        .get_or(scale, alpha, || {
+            discrete_gaussian_half_width_uncached(scale, alpha)
+        })
+}
+
+fn discrete_gaussian_half_width_uncached(scale: f64, alpha: f64) -> Result<f64, String> {
     let exact = scale <= 1e5;
     let r = if exact {
         opendp::accuracy::discrete_gaussian_scale_to_accuracy(scale, alpha)
@@ -414,7 +427,7 @@ impl ExactKeyCounts {
 }
 
 /// Keys of an open-domain GROUP BY and their counts (keys are stored
-/// codes, see `fedq_node::table::Table::open_counts`).
+/// codes, see `fedq_engine::table::Table::open_counts`).
 pub type KeyCounts = std::collections::HashMap<u64, i64>;
 
 type KeyDomain = MapDomain<AtomDomain<u64>, AtomDomain<i64>>;

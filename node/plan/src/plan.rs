@@ -413,14 +413,26 @@ pub fn plan_parsed(parsed: &Parsed, schema: &Schema, max_cells: usize) -> Result
                 "SELECT {expr}: only aggregates ({SUPPORTED}) and GROUP BY columns can be selected"
             ));
         };
-        let fname = f.name.to_string().to_ascii_uppercase();
-        if f.filter.is_some()
-            || f.over.is_some()
-            || f.null_treatment.is_some()
-            || !f.within_group.is_empty()
-        {
+        let written = f.name.to_string().to_ascii_uppercase();
+        if f.filter.is_some() || f.over.is_some() || f.null_treatment.is_some() {
             return err(format!(
-                "{expr}: FILTER, OVER and WITHIN GROUP are not supported"
+                "{expr}: FILTER and OVER are not supported; filter in WHERE (one query per filter), and for shares of a total divide by the total's own query"
+            ));
+        }
+        // Other spellings of a quantile: the same histogram estimate.
+        let percentile = matches!(written.as_str(), "PERCENTILE_CONT" | "PERCENTILE_DISC");
+        let fname = match written.as_str() {
+            "QUANTILE_CONT" | "QUANTILE_DISC" | "PERCENTILE_CONT" | "PERCENTILE_DISC" => {
+                "QUANTILE".to_string()
+            }
+            _ => written.clone(),
+        };
+        if let Some(why) = unsupported_function(&fname, f) {
+            return err(format!("{expr}: {why}"));
+        }
+        if !f.within_group.is_empty() && !percentile {
+            return err(format!(
+                "{expr}: WITHIN GROUP belongs to PERCENTILE_CONT and PERCENTILE_DISC only"
             ));
         }
         let args = match &f.args {
@@ -443,13 +455,24 @@ pub fn plan_parsed(parsed: &Parsed, schema: &Schema, max_cells: usize) -> Result
                 ))
             }
         };
-        let args: Vec<&FunctionArgExpr> = args
+        let mut args: Vec<&FunctionArgExpr> = args
             .iter()
             .map(|a| match a {
                 FunctionArg::Unnamed(a) => Ok(a),
                 _ => err(format!("{expr}: named arguments are not supported")),
             })
             .collect::<Result<_, _>>()?;
+        // PERCENTILE_CONT(q) WITHIN GROUP (ORDER BY col) is QUANTILE(col, q).
+        let ordered;
+        if percentile {
+            let ([q], [o]) = (args.as_slice(), f.within_group.as_slice()) else {
+                return err(format!(
+                    "{expr}: write {written}(q) WITHIN GROUP (ORDER BY column), e.g. {written}(0.5) WITHIN GROUP (ORDER BY traffickMonths)"
+                ));
+            };
+            ordered = FunctionArgExpr::Expr(o.expr.clone());
+            args = vec![&ordered, *q];
+        }
         let two_args = matches!(fname.as_str(), "QUANTILE" | "HISTOGRAM");
         let (arg, extra) = match (args.as_slice(), two_args) {
             ([a], false) => (*a, None),
@@ -537,6 +560,11 @@ pub fn plan_parsed(parsed: &Parsed, schema: &Schema, max_cells: usize) -> Result
             }
             ("HISTOGRAM", FunctionArgExpr::Expr(e)) => {
                 let (column, (min, max)) = aggregate_column(schema, e, &fname, true)?;
+                if !matches!(schema.columns[column], Column::Integer { .. }) {
+                    return err(format!(
+                        "{expr}: HISTOGRAM needs an integer column; for a flag or a category, GROUP BY it and COUNT(*)"
+                    ));
+                }
                 let values = (max - min) as u64 + 1;
                 let limit = values.min(MAX_BINS);
                 let bins = extra
@@ -632,6 +660,25 @@ pub fn plan_parsed(parsed: &Parsed, schema: &Schema, max_cells: usize) -> Result
 /// The aggregates fedq knows, for error messages.
 const SUPPORTED: &str = "COUNT(*), COUNT(col), SUM(col), AVG(col), VARIANCE(col), STDDEV(col), MEDIAN(col), QUANTILE(col, q), HISTOGRAM(col, k)";
 
+/// Why the function `fname` (upper case) is refused, naming the construct
+/// and what to write instead; `None` for the aggregates the planner knows.
+fn unsupported_function(fname: &str, f: &sqlparser::ast::Function) -> Option<String> {
+    let distinct = matches!(
+        &f.args,
+        FunctionArguments::List(l) if l.duplicate_treatment == Some(sqlparser::ast::DuplicateTreatment::Distinct)
+    );
+    Some(match fname {
+        "COUNT" if distinct => "COUNT(DISTINCT col) is not released: one record can add or remove a distinct value, and how many distinct values exist is rarely what a question needs; ask SELECT col, COUNT(*) FROM ... GROUP BY col and read which keys have noisy counts well above their interval".to_string(),
+        "COUNT" | "SUM" | "AVG" | "VARIANCE" | "VAR_SAMP" | "STDDEV" | "STDDEV_SAMP" | "MEDIAN"
+        | "QUANTILE" | "HISTOGRAM" => return None,
+        "MIN" | "MAX" => format!("{fname} is not released: a single record decides it, so no noise small enough to be useful can hide that record; use QUANTILE(col, {}) for a robust {} or the declared bounds", if fname == "MIN" { "0.05" } else { "0.95" }, if fname == "MIN" { "low end" } else { "high end" }),
+        "ROUND" => "ROUND applies to an aggregate of the SELECT list, e.g. ROUND(AVG(traffickMonths), 1), and is applied by fedq query to the combined noisy value; per-row rounding is not supported".to_string(),
+        "VAR_POP" | "STDDEV_POP" | "VARIANCE_POP" => format!("{fname} is not supported; use {}, the sample statistic (the difference is negligible at the counts fedq releases)", if fname.starts_with("STDDEV") { "STDDEV" } else { "VARIANCE" }),
+        "MODE" => "MODE is not supported; ask SELECT col, COUNT(*) ... GROUP BY col ORDER BY COUNT(*) DESC LIMIT 1".to_string(),
+        _ => format!("{fname} is not an aggregate fedq releases; use {SUPPORTED}"),
+    })
+}
+
 /// A plain (possibly negative) number literal.
 fn number_literal(e: &Expr) -> Option<f64> {
     match e {
@@ -722,10 +769,10 @@ fn parse_select(sql: &str) -> Result<Box<sqlparser::ast::Select>, PlanError> {
         return err("WITH (common table expressions) is not supported");
     }
     if query.order_by.is_some() {
-        return err("ORDER BY is not supported: every cell of the declared domain is returned; sort the output instead");
+        return err("ORDER BY is applied by fedq query to the combined answers, not by a node: every cell of the declared domain is released; send the query through fedq query (or the coordinator library's fedq::post)");
     }
     if query.limit_clause.is_some() || query.fetch.is_some() {
-        return err("LIMIT/FETCH is not supported: every cell of the declared domain is returned");
+        return err("LIMIT is applied by fedq query to the combined answers, not by a node: every cell of the declared domain is released; send the query through fedq query (or the coordinator library's fedq::post)");
     }
     if !query.locks.is_empty()
         || query.for_clause.is_some()
@@ -746,7 +793,7 @@ fn parse_select(sql: &str) -> Result<Box<sqlparser::ast::Select>, PlanError> {
     }
     if select.having.is_some() {
         return err(
-            "HAVING is not supported: filtering on noisy values is done after release, by you",
+            "HAVING is applied by fedq query to the combined noisy answers, not by a node; send the query through fedq query (or the coordinator library's fedq::post)",
         );
     }
     if select.prewhere.is_some()
@@ -812,9 +859,11 @@ fn aggregate_column(
     let (idx, col) = schema.column(&name).map_err(PlanError)?;
     match col {
         Column::Integer { min, max, .. } => Ok((idx, (*min, *max))),
+        // A flag as a number: 0 or 1 (AVG is its prevalence).
+        Column::Boolean { .. } => Ok((idx, (0, 1))),
         _ if !numeric => Ok((idx, (0, 0))),
         _ => err(format!(
-            "{fname}({name}): {name} is not an integer column; {fname} needs an integer column with declared bounds"
+            "{fname}({name}): {name} is not an integer or boolean column; {fname} needs an integer column with declared bounds, or a flag (0 or 1)"
         )),
     }
 }
@@ -1034,14 +1083,19 @@ pub fn cell_keys(plan: &Plan, schema: &Schema) -> Vec<Vec<String>> {
 pub const SQL_SUBSET: &str = "\
 SQL subset: SELECT [group columns,] aggregates FROM dataset [WHERE ...] [GROUP BY ...]
   aggregates: COUNT(*), COUNT(col), SUM(col), AVG(col), VARIANCE(col) (or VAR_SAMP),
-    STDDEV(col) (or STDDEV_SAMP), MEDIAN(col), QUANTILE(col, q) with 0 < q < 1,
-    HISTOGRAM(col, bins) (alone in its SELECT); numeric ones on integer columns
-    with declared bounds (values clamped to them)
+    STDDEV(col) (or STDDEV_SAMP), MEDIAN(col), QUANTILE(col, q) with 0 <= q <= 1
+    (or QUANTILE_CONT, QUANTILE_DISC, PERCENTILE_CONT(q) WITHIN GROUP (ORDER BY col),
+    PERCENTILE_DISC), HISTOGRAM(col, bins) (alone in its SELECT); numeric ones on
+    integer columns with declared bounds (values clamped to them) or on boolean
+    flags as 0 and 1 (AVG(flag) is a prevalence, SUM(flag) a count)
   WHERE: col = | <> | < | <= | > | >= literal, col [NOT] IN (...),
     col [NOT] BETWEEN a AND b, col IS [NOT] NULL, AND, OR, NOT
   GROUP BY: categorical or boolean columns; every key of the declared domain is
     returned, plus (missing); an open-domain column releases only the keys whose
-    noisy count passes a threshold";
+    noisy count passes a threshold
+  applied by fedq query to the combined noisy answers (post-processing, no privacy
+    cost): HAVING aggregate <op> number [AND ...]; ORDER BY group columns, aggregates,
+    aliases or positions [DESC]; LIMIT n; ROUND(aggregate, digits)";
 
 /// One query per construct of [`SQL_SUBSET`], over the CTDC-shaped columns
 /// (`gender`, `ageBroad`, `isForcedLabour`, `yearOfRegistration`,
@@ -1067,6 +1121,12 @@ pub const SQL_SUBSET_EXAMPLES: &[&str] = &[
     "SELECT COUNT(*) FROM cases WHERE gender IS NULL OR gender IS NOT NULL",
     "SELECT COUNT(*) FROM cases WHERE NOT (isForcedLabour = 1)",
     "SELECT gender, isForcedLabour, COUNT(*) FROM cases GROUP BY gender, isForcedLabour",
+    "SELECT QUANTILE_CONT(traffickMonths, 0.25) FROM cases",
+    "SELECT QUANTILE_DISC(traffickMonths, 0.75) FROM cases",
+    "SELECT PERCENTILE_CONT(0.5) WITHIN GROUP (ORDER BY traffickMonths) FROM cases",
+    "SELECT PERCENTILE_DISC(0.9) WITHIN GROUP (ORDER BY traffickMonths) FROM cases",
+    "SELECT AVG(isForcedLabour), SUM(isForcedLabour) FROM cases",
+    "SELECT gender, AVG(isForcedLabour) FROM cases GROUP BY gender",
 ];
 
 #[cfg(test)]
@@ -1197,10 +1257,13 @@ mod tests {
             "SELECT COUNT(*) FROM cases GROUP BY traffickMonths",
             "integer column",
         );
-        fails("SELECT SUM(gender) FROM cases", "not an integer column");
+        fails(
+            "SELECT SUM(gender) FROM cases",
+            "not an integer or boolean column",
+        );
         fails(
             "SELECT MAX(traffickMonths) FROM cases",
-            "MAX is not supported",
+            "MAX is not released",
         );
         fails(
             "SELECT COUNT(*) FROM cases WHERE gender = 'Femal'",
@@ -1262,6 +1325,8 @@ mod tests {
         for sql in SQL_SUBSET_EXAMPLES {
             plan(sql, &s, 10_000).unwrap_or_else(|e| panic!("{sql}: {e}"));
         }
+        // ROUND is the coordinator's (post-processing, `fedq::post`), not
+        // the planner's; its own tests cover it.
         let functions = [
             "COUNT",
             "SUM",
@@ -1283,20 +1348,22 @@ mod tests {
             "QUANTILE_CONT",
             "QUANTILE_DISC",
             "APPROX_COUNT_DISTINCT",
-            "ROUND",
             "ABS",
             "COALESCE",
         ];
+        let words: Vec<&str> = SQL_SUBSET
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .collect();
         for f in functions {
             let accepted = [
                 format!("SELECT {f}(traffickMonths) FROM cases"),
                 format!("SELECT {f}(traffickMonths, 0.5) FROM cases"),
                 format!("SELECT {f}(traffickMonths, 12) FROM cases"),
+                format!("SELECT {f}(0.5) WITHIN GROUP (ORDER BY traffickMonths) FROM cases"),
             ]
             .iter()
             .any(|sql| plan(sql, &s, 10_000).is_ok());
-            let listed =
-                SQL_SUBSET.contains(&format!("{f}(")) || SQL_SUBSET.contains(&format!("(or {f})"));
+            let listed = words.contains(&f);
             assert_eq!(
                 accepted,
                 listed,
@@ -1305,5 +1372,78 @@ mod tests {
                 if listed { "lists" } else { "does not list" }
             );
         }
+    }
+
+    /// What researchers write and the planner does not release is refused
+    /// naming the construct and the alternative, never with a message that
+    /// suggests the function exists ("takes exactly one argument").
+    #[test]
+    fn refusals_name_the_construct_and_the_alternative() {
+        let s = schema();
+        for (sql, says) in [
+            (
+                "SELECT MAX(traffickMonths) FROM cases",
+                "QUANTILE(col, 0.95)",
+            ),
+            (
+                "SELECT MIN(traffickMonths) FROM cases",
+                "a single record decides it",
+            ),
+            ("SELECT COUNT(DISTINCT gender) FROM cases", "GROUP BY col"),
+            (
+                "SELECT ROUND(traffickMonths, 1) FROM cases",
+                "per-row rounding is not supported",
+            ),
+            (
+                "SELECT quantile_cont(traffickMonths) FROM cases",
+                "takes a column and a number",
+            ),
+            (
+                "SELECT foo(traffickMonths, 2) FROM cases",
+                "not an aggregate fedq releases",
+            ),
+            (
+                "SELECT MODE(gender) FROM cases",
+                "ORDER BY COUNT(*) DESC LIMIT 1",
+            ),
+            (
+                "SELECT HISTOGRAM(isForcedLabour, 2) FROM cases",
+                "GROUP BY it",
+            ),
+            (
+                "SELECT PERCENTILE_CONT(0.5) FROM cases",
+                "WITHIN GROUP (ORDER BY column)",
+            ),
+            (
+                "SELECT COUNT(*) FROM cases ORDER BY 1",
+                "applied by fedq query",
+            ),
+        ] {
+            let e = plan(sql, &s, 10_000).unwrap_err().0;
+            assert!(e.contains(says), "{sql}: {e}");
+            assert!(!e.contains("exactly one argument"), "{sql}: {e}");
+        }
+    }
+
+    /// The README's section on the SQL fedq answers states the same list.
+    #[test]
+    fn the_readme_states_the_sql_subset() {
+        let readme = include_str!("../../../README.md");
+        assert!(
+            readme.contains(SQL_SUBSET),
+            "README.md's \"The SQL fedq answers\" must hold SQL_SUBSET verbatim"
+        );
+    }
+
+    /// A flag is a number with bounds 0 and 1: its sum's sensitivity is 1.
+    #[test]
+    fn flags_are_numbers_from_zero_to_one() {
+        let p = plan("SELECT AVG(isForcedLabour) FROM cases", &schema(), 10_000).unwrap();
+        assert_eq!(p.outputs[0].bounds, Some((0, 1)));
+        assert!(p
+            .measurements
+            .iter()
+            .any(|m| matches!(m, MeasurementSpec::Sum { min: 0, max: 1, .. })));
+        assert!(p.measurements.iter().all(|m| m.sensitivity() == 1));
     }
 }

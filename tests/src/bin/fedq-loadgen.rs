@@ -19,9 +19,12 @@
 //!   `Federation::query`, which opens fresh connections per call.
 //! - *throughput*: `--clients` concurrent clients against the first node,
 //!   each over its own connection, mixing the three benchmark queries.
+//!   `--mix` chooses the datasets and measures the clients query (pure DP
+//!   on `cases` by default; zCDP on `cases_z`, or half the clients on each
+//!   of two datasets), reported per part; `prepare --zcdp` declares them.
 //!
-//! Every query is a real release: it durably debits `--epsilon` from the
-//! analyst's budget on every node. Give the analyst enough budget, and (for
+//! Every query is a real release: it durably debits `--epsilon` (or, on a
+//! zCDP dataset, `--rho`) from the analyst's budget on every node. Give the analyst enough budget, and (for
 //! `run`) per-analyst `queries_per_minute` and `concurrent_queries` limits
 //! that admit the load; `local` and `prepare` set them so.
 
@@ -30,13 +33,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use fedq::client::{new_query_id, Federation, Outcome};
 use fedq::federation::{ClientTls, Defaults, FederationConfig, NodeEntry};
+use fedq_dp::accounting::Measure;
+use fedq_engine::synth::{self, Partner};
 use fedq_node::config::BudgetLimits;
-use fedq_node::pki::{Authority, Role};
-use fedq_node::schema::Schema;
-use fedq_node::synth::{self, Partner};
+use fedq_pki::{Authority, Role};
+use fedq_plan::schema::Schema;
 use fedq_proto::v1::node_client::NodeClient;
 use fedq_proto::v1::{DescribeRequest, QueryRequest};
 use tokio::task::JoinSet;
@@ -48,6 +52,93 @@ const QUERIES: [&str; 3] = [
     "SELECT gender, ageBroad, COUNT(*) FROM cases WHERE isSexualExploit = 1 GROUP BY gender, ageBroad",
     "SELECT AVG(traffickMonths) FROM cases WHERE isForcedLabour = 1",
 ];
+
+/// The pure-DP dataset every node has (and the e2e queries use).
+const PURE: &str = "cases";
+/// A second pure-DP dataset over the same rows (`prepare --zcdp`).
+const PURE_2: &str = "cases_p";
+/// A zCDP dataset over the same rows (`prepare --zcdp`).
+const ZCDP: &str = "cases_z";
+/// The delta at which `cases_z` states its (epsilon, delta) equivalents.
+const ZCDP_DELTA: f64 = 1e-7;
+
+/// The throughput run's workload: which datasets its clients query, in
+/// which measure. Clients are split evenly (client `c` takes part
+/// `c % parts`) between the two parts of a `+` mix.
+#[derive(ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Mix {
+    /// Every client queries `cases` (pure DP, `--epsilon`).
+    #[default]
+    Pure,
+    /// Every client queries `cases_z` (zCDP, `--rho`).
+    Zcdp,
+    /// Half the clients query `cases`, half `cases_p` (both pure DP).
+    #[value(name = "pure+pure")]
+    PurePure,
+    /// Half the clients query `cases` (pure DP), half `cases_z` (zCDP).
+    #[value(name = "pure+zcdp")]
+    PureZcdp,
+}
+
+impl Mix {
+    /// The mix's parts, in order, with each query's cost.
+    fn parts(self, epsilon: f64, rho: f64) -> Vec<Part> {
+        let pure = |dataset| Part {
+            dataset,
+            epsilon,
+            rho: 0.0,
+        };
+        let zcdp = Part {
+            dataset: ZCDP,
+            epsilon: 0.0,
+            rho,
+        };
+        match self {
+            Mix::Pure => vec![pure(PURE)],
+            Mix::Zcdp => vec![zcdp],
+            Mix::PurePure => vec![pure(PURE), pure(PURE_2)],
+            Mix::PureZcdp => vec![pure(PURE), zcdp],
+        }
+    }
+
+    /// The name `--mix` takes.
+    fn name(self) -> &'static str {
+        match self {
+            Mix::Pure => "pure",
+            Mix::Zcdp => "zcdp",
+            Mix::PurePure => "pure+pure",
+            Mix::PureZcdp => "pure+zcdp",
+        }
+    }
+}
+
+/// One part of a throughput mix: the dataset its clients query and what
+/// each query costs (exactly one of `epsilon` and `rho` is positive).
+#[derive(Clone, Copy, Debug)]
+struct Part {
+    dataset: &'static str,
+    epsilon: f64,
+    rho: f64,
+}
+
+impl Part {
+    /// The `i`th benchmark query (in turn) on this part's dataset.
+    fn request(&self, i: usize) -> QueryRequest {
+        QueryRequest {
+            rho: self.rho,
+            ..request_on(i, self.dataset, self.epsilon)
+        }
+    }
+
+    /// The dataset and the cost, in words.
+    fn describe(&self) -> String {
+        if self.rho > 0.0 {
+            format!("{}, zCDP, rho {}", self.dataset, self.rho)
+        } else {
+            format!("{}, pure DP, epsilon {}", self.dataset, self.epsilon)
+        }
+    }
+}
 
 #[derive(Parser)]
 #[command(
@@ -78,6 +169,17 @@ struct Load {
     /// Epsilon of each query (debited on every node).
     #[arg(long, default_value_t = 0.001)]
     epsilon: f64,
+    /// Workload of the throughput run: `pure` (dataset `cases`, `--epsilon`),
+    /// `zcdp` (dataset `cases_z`, `--rho`), or half the clients on each of
+    /// two datasets, `pure+pure` (`cases` and `cases_p`) or `pure+zcdp`
+    /// (`cases` and `cases_z`), reported per part. All but `pure` need the
+    /// datasets of `prepare --zcdp`.
+    #[arg(long, value_enum, default_value_t = Mix::Pure)]
+    mix: Mix,
+    /// Rho of each zCDP query of the throughput run (`--mix zcdp` or
+    /// `pure+zcdp`; epsilon 0).
+    #[arg(long, default_value_t = 0.0001)]
+    rho: f64,
     /// Process id of the first node (a separate process, `run` only): the
     /// throughput run then reports the node's CPU time per query (Linux,
     /// from /proc/<pid>/stat).
@@ -115,6 +217,11 @@ enum Command {
         /// Node i listens on 127.0.0.1:(base-port + i).
         #[arg(long, default_value_t = 7101)]
         base_port: u16,
+        /// Also declare, over the same CSV (ingested into each), dataset
+        /// `cases_p` (pure DP, the same budget as `cases`) and `cases_z`
+        /// (`measure = "zcdp"`, a rho budget for long runs), for `run --mix`.
+        #[arg(long)]
+        zcdp: bool,
     },
     /// Measure an existing federation.
     Run {
@@ -158,9 +265,10 @@ fn main() -> anyhow::Result<()> {
                 nodes,
                 rows,
                 base_port,
+                zcdp,
             } => {
                 std::fs::create_dir_all(&dir)?;
-                let fed = prepare(&dir, nodes, rows, Some(base_port))?;
+                let fed = prepare(&dir, nodes, rows, Some(base_port), zcdp)?;
                 let path = dir.join("federation.toml");
                 std::fs::write(&path, toml::to_string(&fed.federation)?)?;
                 for n in &fed.nodes {
@@ -170,6 +278,9 @@ fn main() -> anyhow::Result<()> {
                     );
                 }
                 println!("then:  fedq-loadgen run --federation {}", path.display());
+                if zcdp {
+                    println!("       (with --mix pure|zcdp|pure+pure|pure+zcdp)");
+                }
                 Ok(())
             }
             Command::Run { federation, load } => {
@@ -205,12 +316,15 @@ fn rss_mb() -> f64 {
 }
 
 /// Generates each node's data, ingests it (printing the rate) and writes
-/// its config; writes an analyst certificate and the federation file.
+/// its config; writes an analyst certificate and the federation file. With
+/// `zcdp`, each node also has datasets `cases_p` (pure) and `cases_z`
+/// (zCDP) over the same CSV.
 fn prepare(
     dir: &Path,
     nodes: usize,
     rows: usize,
     base_port: Option<u16>,
+    zcdp: bool,
 ) -> anyhow::Result<PreparedFederation> {
     let ca = Authority::generate("fedq-loadgen CA")?;
     ca.pem.write(&dir.join("ca"), "ca")?;
@@ -223,6 +337,15 @@ fn prepare(
         per_query_max: 10.0,
         measure: Default::default(),
         delta: None,
+    };
+    // Rho: 1e3 is ten million queries at the default `--rho`.
+    let zcdp_budget = BudgetLimits {
+        per_analyst: 1e3,
+        total: 1e4,
+        per_query_max: 10.0,
+        measure: Measure::Zcdp,
+        delta: Some(ZCDP_DELTA),
+        ..budget
     };
     let partners = Partner::ALL;
     let mut prepared = Vec::new();
@@ -245,20 +368,35 @@ fn prepare(
         if let Some(p) = base_port {
             config.node.listen = format!("127.0.0.1:{}", p + i as u16).parse()?;
         }
-        let schema =
-            Schema::from_specs("cases", &config.datasets[0].columns).map_err(anyhow::Error::msg)?;
-        let size = std::fs::metadata(&csv)?.len();
-        let start = Instant::now();
-        {
-            let store = fedq_node::store::Store::open(&config.resolve(&config.node.store))?;
-            fedq_node::ingest::ingest_csv(&store, "cases", &schema, &csv, false)?;
+        if zcdp {
+            let base = config.datasets[0].clone();
+            for (dataset, budget) in [(PURE_2, budget), (ZCDP, zcdp_budget)] {
+                let mut d = base.clone();
+                d.name = dataset.into();
+                d.budget = budget;
+                config.datasets.push(d);
+            }
         }
-        let secs = start.elapsed().as_secs_f64();
-        println!(
-            "{name}: ingested {rows} rows ({:.1} MB of CSV) in {secs:.2} s = {:.0} rows/s",
-            size as f64 / 1e6,
-            rows as f64 / secs
-        );
+        let size = std::fs::metadata(&csv)?.len();
+        for d in &config.datasets {
+            let schema = Schema::from_specs(&d.name, &d.columns).map_err(anyhow::Error::msg)?;
+            let start = Instant::now();
+            {
+                let store = fedq_node::store::Store::open(&config.resolve(&config.node.store))?;
+                fedq_node::ingest::ingest_csv(&store, &d.name, &schema, &csv, false)?;
+            }
+            let secs = start.elapsed().as_secs_f64();
+            let label = if d.name == PURE {
+                name.clone()
+            } else {
+                format!("{name}, dataset {}", d.name)
+            };
+            println!(
+                "{label}: ingested {rows} rows ({:.1} MB of CSV) in {secs:.2} s = {:.0} rows/s",
+                size as f64 / 1e6,
+                rows as f64 / secs
+            );
+        }
         std::fs::write(node_dir.join("node.toml"), toml::to_string(&config)?)?;
         prepared.push(Prepared {
             dir: node_dir,
@@ -326,7 +464,7 @@ async fn local(nodes: usize, rows: usize, dir: Option<PathBuf>, load: Load) -> a
         cores(),
         rss_mb()
     );
-    let mut prepared = prepare(&dir, nodes, rows, None)?;
+    let mut prepared = prepare(&dir, nodes, rows, None, load.mix != Mix::Pure)?;
     println!("RSS after generating and ingesting: {:.0} MB", rss_mb());
     let mut running = Vec::new();
     for n in &mut prepared.nodes {
@@ -397,9 +535,19 @@ async fn connect(fed: &FederationConfig, node: &NodeEntry) -> anyhow::Result<Nod
 }
 
 fn request(i: usize, epsilon: f64) -> QueryRequest {
+    request_on(i, PURE, epsilon)
+}
+
+/// The `i`th benchmark query (in turn) on `dataset`, costing `epsilon`.
+fn request_on(i: usize, dataset: &str, epsilon: f64) -> QueryRequest {
+    let sql = QUERIES[i % QUERIES.len()];
     QueryRequest {
         query_id: new_query_id(),
-        sql: QUERIES[i % QUERIES.len()].to_string(),
+        sql: if dataset == PURE {
+            sql.to_string()
+        } else {
+            sql.replace("FROM cases", &format!("FROM {dataset}"))
+        },
         epsilon,
         ..Default::default()
     }
@@ -483,40 +631,69 @@ async fn measure(fed: &Federation, load: &Load) -> anyhow::Result<()> {
     );
 
     // Throughput: concurrent clients, each on its own connection, against
-    // the first node.
+    // the first node; client c queries part c % parts of the mix.
     let node = &cfg.nodes[0];
+    let parts = load.mix.parts(load.epsilon, load.rho);
+    if load.clients > 0 {
+        // Warm-up of each part's dataset and measure (the e2e warm-up only
+        // queried `cases`).
+        let mut client = clients[0].clone();
+        for part in &parts {
+            for i in 0..10 {
+                part_query(&mut client, part, i).await?;
+            }
+        }
+    }
     let cpu_before = load.node_pid.map(cpu_seconds).transpose()?;
     let deadline = Instant::now() + Duration::from_secs_f64(load.seconds);
     let mut set = JoinSet::new();
-    let epsilon = load.epsilon;
     let wall = Instant::now();
     for c in 0..load.clients {
+        let p = c % parts.len();
+        let part = parts[p];
         let mut client = connect(cfg, node).await?;
         set.spawn(async move {
             let mut samples = Vec::new();
             let mut i = c;
             while Instant::now() < deadline {
                 let start = Instant::now();
-                client.query(request(i, epsilon)).await?;
+                part_query(&mut client, &part, i).await?;
                 samples.push(start.elapsed());
                 i += 1;
             }
-            Ok::<_, tonic::Status>(samples)
+            Ok::<_, anyhow::Error>((p, samples))
         });
     }
-    let mut all = Vec::new();
+    let mut per_part: Vec<Vec<Duration>> = vec![Vec::new(); parts.len()];
     while let Some(r) = set.join_next().await {
-        all.extend(r??);
+        let (p, samples) = r??;
+        per_part[p].extend(samples);
     }
+    let wall = wall.elapsed();
+    let all: Vec<Duration> = per_part.iter().flatten().copied().collect();
     let answered = all.len();
+    let mix = match load.mix {
+        Mix::Pure => String::new(),
+        m => format!(", mix {}", m.name()),
+    };
     summary(
         &format!(
-            "throughput, {} concurrent clients on {}, mixed queries",
+            "throughput, {} concurrent clients on {}, mixed queries{mix}",
             load.clients, node.name
         ),
         all,
-        wall.elapsed(),
+        wall,
     );
+    if parts.len() > 1 || load.mix != Mix::Pure {
+        for (p, (part, samples)) in parts.iter().zip(per_part).enumerate() {
+            let clients = (p..load.clients).step_by(parts.len()).count();
+            summary(
+                &format!("  part {}: {clients} clients on {}", p + 1, part.describe()),
+                samples,
+                wall,
+            );
+        }
+    }
     if let (Some(pid), Some(before)) = (load.node_pid, cpu_before) {
         let used = cpu_seconds(pid)? - before;
         println!(
@@ -524,9 +701,24 @@ async fn measure(fed: &Federation, load: &Load) -> anyhow::Result<()> {
             node.name,
             used * 1e3 / answered.max(1) as f64,
             used,
-            used * 100.0 / wall.elapsed().as_secs_f64()
+            used * 100.0 / wall.as_secs_f64()
         );
     }
+    Ok(())
+}
+
+/// Sends the `i`th query of `part` over `client`; an error names the part
+/// (a node without the mix's datasets, see `prepare --zcdp`, says which it
+/// serves).
+async fn part_query(client: &mut NodeClient<Channel>, part: &Part, i: usize) -> anyhow::Result<()> {
+    client.query(part.request(i)).await.map_err(|s| {
+        anyhow!(
+            "query on {} failed: {:?}: {}",
+            part.describe(),
+            s.code(),
+            s.message()
+        )
+    })?;
     Ok(())
 }
 

@@ -4,8 +4,8 @@
 
 use std::time::{Duration, SystemTime};
 
+use fedq_engine::synth::Partner;
 use fedq_node::config::{AccessSection, AnalystAccess};
-use fedq_node::synth::Partner;
 use fedq_pki::{Authority, Role};
 use fedq_proto::v1::{BudgetRequest, QueryRequest};
 use fedq_tests::{connect, roomy_budget, TestFederation};

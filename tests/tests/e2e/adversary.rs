@@ -81,8 +81,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use fedq_dp::accounting::Measure;
+use fedq_engine::synth::Partner;
 use fedq_node::config::BudgetLimits;
-use fedq_node::synth::Partner;
 use fedq_pki::Role;
 use fedq_plan::schema::parse_bool;
 use fedq_proto::v1::node_client::NodeClient;

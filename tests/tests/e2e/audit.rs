@@ -8,9 +8,9 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use fedq::audit::{check, HeadsFile};
+use fedq_engine::synth::Partner;
 use fedq_node::audit::{parse_public_key, verify, Event};
 use fedq_node::config::BudgetLimits;
-use fedq_node::synth::Partner;
 use fedq_pki::Role;
 use fedq_proto::v1::{BudgetRequest, ExportAuditRequest, QueryRequest};
 use fedq_tests::{node_binary, roomy_budget, TestFederation};

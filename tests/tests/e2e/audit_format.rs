@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use fedq_node::synth::Partner;
+use fedq_engine::synth::Partner;
 use fedq_pki::Role;
 use fedq_proto::v1::QueryRequest;
 use fedq_tests::{audit_verify, export_audit_text, roomy_budget, Logged, ProcessNode};

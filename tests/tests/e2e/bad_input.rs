@@ -1,6 +1,6 @@
 //! Bad input gets a clear error that says what is wrong, and spends nothing.
 
-use fedq_node::synth::Partner;
+use fedq_engine::synth::Partner;
 use fedq_pki::{Authority, Role};
 use fedq_proto::v1::{BudgetRequest, QueryRequest};
 use fedq_tests::{connect, TestFederation};

@@ -1,8 +1,8 @@
 //! Budget limits: exhaustion refuses and releases nothing; concurrent
 //! queries never spend more than the limits.
 
+use fedq_engine::synth::Partner;
 use fedq_node::config::BudgetLimits;
-use fedq_node::synth::Partner;
 use fedq_pki::Role;
 use fedq_proto::v1::{BudgetRequest, QueryRequest};
 use fedq_tests::TestFederation;

@@ -11,7 +11,7 @@ fn example_node_config_is_valid_and_declares_the_ctdc_schema() {
     let cases = cfg.dataset("cases").expect("declares cases");
     assert_eq!(
         cases.columns,
-        fedq_node::synth::ctdc_columns(),
+        fedq_engine::synth::ctdc_columns(),
         "matches the synthetic schema"
     );
     assert!(cases.budget.per_query_max <= cases.budget.per_analyst);

@@ -11,9 +11,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use fedq_engine::synth::Partner;
 use fedq_node::audit::{parse_public_key, verify, Event};
 use fedq_node::fault::fail_point::{self, Point};
-use fedq_node::synth::Partner;
 use fedq_pki::Role;
 use fedq_proto::v1::{BudgetRequest, QueryRequest};
 use fedq_tests::{roomy_budget, TestFederation};

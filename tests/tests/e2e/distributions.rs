@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use fedq::client::new_query_id;
 use fedq::combine::{combine, sum_half_width, Combined};
-use fedq_node::synth::Partner;
+use fedq_engine::synth::Partner;
 use fedq_proto::v1::QueryRequest;
 use fedq_tests::{roomy_budget, TestFederation};
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use fedq::client::{new_query_id, Failure};
 use fedq::combine::{combine, sum_half_width, ALPHA};
-use fedq_node::synth::Partner;
+use fedq_engine::synth::Partner;
 use fedq_proto::v1::QueryRequest;
 use fedq_tests::{exact_counts, opendp_accuracy, roomy_budget, TestFederation};
 

@@ -24,8 +24,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use fedq_engine::synth::Partner;
 use fedq_node::config::BudgetLimits;
-use fedq_node::synth::Partner;
 use fedq_pki::Role;
 use fedq_proto::v1::QueryRequest;
 use fedq_tests::{audit_verify, export_audit_text, roomy_budget, ProcessNode};

@@ -18,9 +18,9 @@
 use std::cell::{Cell, RefCell};
 use std::time::Duration;
 
+use fedq_engine::synth::{self, Partner};
 use fedq_node::config::NodeConfig;
 use fedq_node::ledger::{from_nano, to_nano_ceil};
-use fedq_node::synth::{self, Partner};
 use fedq_pki::Role;
 use fedq_plan::plan::{plan, Plan};
 use fedq_plan::schema::{ColumnSpec, ColumnType, Schema};

@@ -24,5 +24,6 @@ mod postgres;
 mod released_keys;
 mod replay_window;
 mod request_codes;
+mod researcher_sql;
 mod trust;
 mod zcdp;

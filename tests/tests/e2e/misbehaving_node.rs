@@ -17,7 +17,7 @@ use fedq::combine::{combine, Combined};
 use fedq::federation::NodeEntry;
 use fedq::output::{render, Format};
 use fedq::run::{run_query, QueryOptions};
-use fedq_node::synth::Partner;
+use fedq_engine::synth::Partner;
 use fedq_pki::Role;
 use fedq_proto::v1::node_client::NodeClient;
 use fedq_proto::v1::node_server::{Node, NodeServer};

@@ -11,7 +11,7 @@
 //! With n = 20 * 210 = 4200 and t = 10 a scale off by 20% moves the mean
 //! of |X| by about 2.0, i.e. about 13 standard errors: it fails reliably.
 
-use fedq_node::synth::Partner;
+use fedq_engine::synth::Partner;
 use fedq_pki::Role;
 use fedq_proto::v1::QueryRequest;
 use fedq_tests::{exact_counts, roomy_budget, TestFederation};

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use fedq::client::new_query_id;
+use fedq_engine::synth::{self, Partner};
 use fedq_node::config::PrivacyUnitConfig;
-use fedq_node::synth::{self, Partner};
 use fedq_proto::v1::{BudgetRequest, DescribeRequest, QueryRequest};
 use fedq_tests::{node_config, roomy_budget, TestFederation, TestNode};
 

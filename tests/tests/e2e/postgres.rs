@@ -10,9 +10,9 @@
 //! - injection through values, dataset names and identifiers is refused or
 //!   inert, and the table keeps all its rows.
 
+use fedq_engine::synth::Partner;
 use fedq_node::audit::Event;
 use fedq_node::config::NodeConfig;
-use fedq_node::synth::Partner;
 use fedq_pki::Role;
 use fedq_proto::v1::node_client::NodeClient;
 use fedq_proto::v1::{BudgetRequest, ExportAuditRequest, QueryRequest, QueryResponse};
@@ -247,7 +247,8 @@ async fn the_start_up_check_names_every_mismatched_column() {
     let url = test_database_url();
     let dir = tempfile::tempdir().unwrap();
     let csv = dir.path().join("cases.csv");
-    fedq_node::synth::write_csv(Partner::Ngo, 50, 1, std::fs::File::create(&csv).unwrap()).unwrap();
+    fedq_engine::synth::write_csv(Partner::Ngo, 50, 1, std::fs::File::create(&csv).unwrap())
+        .unwrap();
     let table = load_csv_into_postgres(&url, &csv).await;
     let client = database_client(&url).await;
     client
@@ -465,7 +466,7 @@ async fn tls_to_the_database_and_a_database_that_stops() {
         .await
         .unwrap();
     let csv = dir.path().join("cases.csv");
-    fedq_node::synth::write_csv(Partner::Ngo, 300, 9, std::fs::File::create(&csv).unwrap())
+    fedq_engine::synth::write_csv(Partner::Ngo, 300, 9, std::fs::File::create(&csv).unwrap())
         .unwrap();
     let table = load_csv_into_postgres(&url, &csv).await;
     std::fs::write(dir.path().join("db-ca.pem"), &db_ca.pem.cert).unwrap();

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use fedq::client::new_query_id;
 use fedq::combine::combine;
+use fedq_engine::synth::{self, Partner};
 use fedq_node::audit::Event;
 use fedq_node::config::BudgetLimits;
-use fedq_node::synth::{self, Partner};
 use fedq_pki::Role;
 use fedq_plan::schema::{ColumnSpec, ColumnType, Schema};
 use fedq_proto::v1::{

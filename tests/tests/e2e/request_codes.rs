@@ -4,7 +4,7 @@
 //! protobuf message INVALID_ARGUMENT (tonic said INTERNAL, which reads as
 //! a node fault). The node serves on after both.
 
-use fedq_node::synth::Partner;
+use fedq_engine::synth::Partner;
 use fedq_pki::Role;
 use fedq_proto::v1::QueryRequest;
 use fedq_tests::{roomy_budget, TestFederation};

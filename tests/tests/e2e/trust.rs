@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use ed25519_dalek::{Signer, SigningKey};
 use fedq::audit::{check, HeadsFile};
 use fedq::client::Failure;
-use fedq_node::synth::Partner;
+use fedq_engine::synth::Partner;
 use fedq_pki::{serial_and_holder, RevocationList, Role};
 use fedq_proto::v1::QueryRequest;
 use fedq_tests::{connect, roomy_budget, TestFederation};

@@ -4,7 +4,7 @@
 //! configuration only, never from the analyst's SQL text:
 //!
 //! - identifiers (table, columns) come from `node.toml`, were checked at load
-//!   to be plain identifiers (see [`crate::config::is_plain_identifier`]) and
+//!   to be plain identifiers (see [`crate::source::is_plain_identifier`]) and
 //!   are double-quoted here;
 //! - every value (category strings, integer literals of the WHERE clause,
 //!   declared bounds) is a bound parameter `$n` with an explicit type;

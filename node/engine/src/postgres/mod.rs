@@ -21,7 +21,8 @@ use std::time::Duration;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config};
 
-use crate::config::SourceConfig;
+use crate::source::SourceConfig;
+use fedq_dp::mechanism::Exact;
 use fedq_plan::plan::Plan;
 use fedq_plan::schema::{Column, Schema};
 use statement::{DbType, Relation};
@@ -271,7 +272,14 @@ impl PgSource {
 
     /// The exact aggregates of `plan`, computed by the database, in the
     /// engine's cell order. Bounded by the statement timeout on both sides.
-    pub async fn exact(&self, plan: &Plan) -> Result<Vec<Vec<i64>>, SourceError> {
+    /// Opaque, as [`crate::table::Table::exact`]'s are.
+    pub async fn exact(&self, plan: &Plan) -> Result<Vec<Exact>, SourceError> {
+        let values = self.exact_values(plan).await?;
+        Ok(values.into_iter().map(Exact::new).collect())
+    }
+
+    /// The values of [`PgSource::exact`], readable: for this crate only.
+    pub(crate) async fn exact_values(&self, plan: &Plan) -> Result<Vec<Vec<i64>>, SourceError> {
         let limit = self.statement_timeout + CLIENT_GRACE;
         match tokio::time::timeout(limit, self.exact_within(plan)).await {
             Ok(r) => r,

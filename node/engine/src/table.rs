@@ -23,14 +23,15 @@
 //! into the declared-domain cross product (mixed radix, each column with its
 //! missing key), so every cell exists whether or not any row falls in it.
 //!
-//! Exact results computed here never leave the node: [`Table::exact`] is
-//! `pub(crate)` and its only caller is [`crate::service`], which passes them
-//! straight into [`fedq_dp::mechanism`] inside the request's blocking task.
+//! Exact results computed here never leave the node: outside this crate
+//! they exist only as [`Exact`] (and [`ExactKeyCounts`]) values, which
+//! nothing but a mechanism of [`fedq_dp::mechanism`] can read.
 
 use std::borrow::Cow;
 use std::sync::OnceLock;
 
 use crate::bits::{self, KeyBits};
+use fedq_dp::mechanism::{Exact, ExactKeyCounts};
 use fedq_plan::plan::{cell_count, CmpOp, MeasurementSpec, Plan, Predicate, MISSING_KEY};
 use fedq_plan::schema::{Column, Schema, MISSING};
 
@@ -330,18 +331,14 @@ impl Table {
     }
 
     /// Sets the labels of open-domain column `column` (from the store).
-    pub(crate) fn set_labels(
-        &mut self,
-        column: usize,
-        labels: std::collections::HashMap<u64, String>,
-    ) {
+    pub fn set_labels(&mut self, column: usize, labels: std::collections::HashMap<u64, String>) {
         self.labels.insert(column, labels);
     }
 
     /// The label of key `code` of open-domain column `column`:
     /// [`MISSING_KEY`] for the missing code; `None` if no ingest recorded
     /// one (the store is damaged).
-    pub(crate) fn open_label(&self, column: usize, code: u64) -> Option<String> {
+    pub fn open_label(&self, column: usize, code: u64) -> Option<String> {
         if code == OPEN_MISSING_KEY {
             return Some(MISSING_KEY.to_string());
         }
@@ -403,7 +400,7 @@ impl Table {
     }
 
     /// Appends rows given in row-major order (`schema.columns.len()` codes
-    /// a row), as [`crate::ingest`] encodes them.
+    /// a row), as `fedq_node::ingest` encodes them.
     ///
     /// # Panics
     /// If a code lies outside its column's declared domain or bounds:
@@ -429,7 +426,7 @@ impl Table {
     /// Appends one stored chunk (see [`encode_chunk`]), checking its shape
     /// and that every value is a valid offset or the missing code; on error
     /// the table is left unusable and must be dropped.
-    pub(crate) fn append_chunk(&mut self, bytes: &[u8]) -> Result<(), String> {
+    pub fn append_chunk(&mut self, bytes: &[u8]) -> Result<(), String> {
         self.kept = OnceLock::new();
         let (head, mut rest) = bytes
             .split_first_chunk::<4>()
@@ -474,6 +471,19 @@ impl Table {
         self.columns.first().map_or(0, Packed::len)
     }
 
+    /// Checks that the table holds `expected` rows (the count the store
+    /// recorded with its chunks), without handing the count out.
+    pub fn has_rows(&self, expected: u64) -> bool {
+        self.len() as u64 == expected
+    }
+
+    /// Chooses, now rather than at the first query, the records that count
+    /// for each person (a dataset whose unit is a person); nothing for a
+    /// record unit.
+    pub fn prepare(&self) {
+        self.kept_rows();
+    }
+
     /// Approximate heap bytes held by the columns (for capacity planning).
     pub fn heap_bytes(&self) -> usize {
         self.columns.iter().map(|c| c.len() * c.width()).sum()
@@ -501,8 +511,17 @@ impl Table {
 
     /// Computes the exact value of every measurement of `plan`, one vector
     /// per measurement with one value per cell (in cell order, see
-    /// [`cell_keys`]). Sums clamp each value to the measurement's bounds.
-    pub(crate) fn exact(&self, plan: &Plan) -> Vec<Vec<i64>> {
+    /// [`fedq_plan::plan::cell_keys`]). Sums clamp each value to the
+    /// measurement's bounds. Opaque: only a mechanism can read them.
+    pub fn exact(&self, plan: &Plan) -> Vec<Exact> {
+        self.exact_values(plan)
+            .into_iter()
+            .map(Exact::new)
+            .collect()
+    }
+
+    /// The values of [`Table::exact`], readable: for this crate only.
+    pub(crate) fn exact_values(&self, plan: &Plan) -> Vec<Vec<i64>> {
         let selected = self.selected(plan);
         let keys = self.group_keys(plan);
         let cells = std::cell::OnceCell::new();
@@ -597,7 +616,13 @@ impl Table {
     /// per key present among the selected rows (keys are the stored codes,
     /// the missing code being [`OPEN_MISSING_KEY`]). A key with no selected
     /// row is absent, as the threshold mechanism expects.
-    pub(crate) fn open_counts(&self, plan: &Plan) -> std::collections::HashMap<u64, i64> {
+    /// Opaque: only the threshold mechanism can read them.
+    pub fn open_counts(&self, plan: &Plan) -> ExactKeyCounts {
+        ExactKeyCounts::new(self.open_counts_values(plan))
+    }
+
+    /// The counts of [`Table::open_counts`], readable: for this crate only.
+    pub(crate) fn open_counts_values(&self, plan: &Plan) -> std::collections::HashMap<u64, i64> {
         let mut counts = std::collections::HashMap::new();
         let Some(column) = plan.open_key else {
             return counts;
@@ -690,7 +715,7 @@ impl Table {
     #[cfg(feature = "bench-internals")]
     #[doc(hidden)]
     pub fn exact_for_bench(&self, plan: &Plan) -> Vec<Vec<i64>> {
-        self.exact(plan)
+        self.exact_values(plan)
     }
 
     /// The dense cell index of every row, or `None` without GROUP BY.
@@ -868,7 +893,7 @@ impl Table {
     }
 }
 
-/// Encodes row-major codes (as [`crate::ingest`] produces them) into one
+/// Encodes row-major codes (as `fedq_node::ingest` produces them) into one
 /// stored chunk: the row count (`u32` LE), then each column in declaration
 /// order as its packing width (one byte: 1, 2, 4 or 8) followed by every
 /// row's offset, little-endian, in that width. A chunk is the in-memory
@@ -876,7 +901,7 @@ impl Table {
 ///
 /// Fails, naming the column, if a code lies outside its declared domain or
 /// bounds (ingest validates every cell, so this means a bug upstream).
-pub(crate) fn encode_chunk(schema: &Schema, codes: &[i64]) -> Result<Vec<u8>, String> {
+pub fn encode_chunk(schema: &Schema, codes: &[i64]) -> Result<Vec<u8>, String> {
     let width = schema.columns.len();
     let rows = codes.len() / width;
     let row_count = u32::try_from(rows).map_err(|_| "a chunk holds at most 2^32 - 1 rows")?;
@@ -1256,7 +1281,7 @@ mod tests {
             cell_keys(&p, &t.schema),
             vec![vec!["a"], vec!["b"], vec![MISSING_KEY]]
         );
-        let exact = t.exact(&p);
+        let exact = t.exact_values(&p);
         assert_eq!(exact[0], vec![1, 1, 1]); // COUNT(*) where f = 1
         assert_eq!(exact[1], vec![5, 0, 3]); // SUM(m)
         assert_eq!(exact[2], vec![1, 0, 1]); // COUNT(m)
@@ -1266,21 +1291,21 @@ mod tests {
     fn three_valued_not_excludes_missing() {
         let t = table();
         let p = plan("SELECT COUNT(*) FROM t WHERE NOT f = 1", &t.schema, 100).unwrap();
-        assert_eq!(t.exact(&p), vec![vec![1]]);
+        assert_eq!(t.exact_values(&p), vec![vec![1]]);
         let p = plan(
             "SELECT COUNT(*) FROM t WHERE f IS NULL OR m BETWEEN 6 AND 9",
             &t.schema,
             100,
         )
         .unwrap();
-        assert_eq!(t.exact(&p), vec![vec![2]]);
+        assert_eq!(t.exact_values(&p), vec![vec![2]]);
         let p = plan(
             "SELECT COUNT(*) FROM t WHERE g NOT IN ('a')",
             &t.schema,
             100,
         )
         .unwrap();
-        assert_eq!(t.exact(&p), vec![vec![2]]);
+        assert_eq!(t.exact_values(&p), vec![vec![2]]);
     }
 
     #[test]
@@ -1316,7 +1341,7 @@ mod tests {
             100,
         )
         .unwrap();
-        assert_eq!(t.exact(&p), vec![vec![1, 1, 1], vec![5, 0, 3]]);
+        assert_eq!(t.exact_values(&p), vec![vec![1, 1, 1], vec![5, 0, 3]]);
         assert!(t.derived[0].keys.get().is_some());
         assert!(t.derived[1].keys.get().is_some());
         assert!(t.derived[2].planes.get().is_some());
@@ -1329,7 +1354,7 @@ mod tests {
         assert!(t.derived.iter().all(|d| d.keys.get().is_none()));
         assert!(t.derived.iter().all(|d| d.planes.get().is_none()));
         assert_eq!(t.cached_bytes(), 0);
-        assert_eq!(t.exact(&p), vec![vec![2, 2, 1], vec![14, 2, 3]]);
+        assert_eq!(t.exact_values(&p), vec![vec![2, 2, 1], vec![14, 2, 3]]);
     }
 
     /// The budget of cached bitmaps is decided from the declared spans
@@ -1423,7 +1448,7 @@ mod tests {
             "SELECT f, g, COUNT(*) FROM t WHERE m >= 40 OR a IS NULL GROUP BY f, g",
         ] {
             let p = plan(sql, &t.schema, 100).unwrap();
-            let exact = t.exact(&p);
+            let exact = t.exact_values(&p);
             let selected = t.selected(&p);
             let cells = t.cells(&p);
             for (m, got) in p.measurements.iter().zip(&exact) {
@@ -1793,7 +1818,7 @@ mod tests {
                     filter,
                     contribution_bound: 1,
                 };
-                assert_eq!(t.exact(&p), reference::exact(&rows, &p), "{p:?}");
+                assert_eq!(t.exact_values(&p), reference::exact(&rows, &p), "{p:?}");
             }
         }
     }

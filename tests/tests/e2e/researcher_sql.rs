@@ -1,0 +1,198 @@
+//! The SQL researchers write (issue 19), as written, through real nodes
+//! over mutual TLS: top-k with ORDER BY ... DESC LIMIT, HAVING on noisy
+//! counts and ROUND of an aggregate (applied by the coordinator to the
+//! combined noisy answers, `fedq::post`), a flag's average as a
+//! prevalence, and the other spellings of a quantile; and the refusals
+//! that remain name the construct and the alternative.
+
+use std::time::Duration;
+
+use fedq::client::{new_query_id, Federation};
+use fedq::combine::{combine, Combined};
+use fedq_engine::synth::Partner;
+use fedq_proto::v1::QueryRequest;
+use fedq_tests::{roomy_budget, TestFederation};
+
+const PARTNERS: [(Partner, usize, u64); 2] =
+    [(Partner::Ngo, 4000, 21), (Partner::Hotline, 5000, 22)];
+
+/// As `fedq query` runs a query: post-processing split off, the rest sent
+/// to every node, the answers combined, then post-processed.
+async fn ask(fed: &Federation, written: &str, epsilon: f64) -> Combined {
+    let (core, post) = fedq::post::split(written).unwrap_or_else(|e| panic!("{written}: {e}"));
+    let req = QueryRequest {
+        query_id: new_query_id(),
+        sql: core.clone(),
+        epsilon,
+        ..Default::default()
+    };
+    let outcomes = fed.query(req.clone(), Duration::from_secs(60)).await;
+    let mut c = combine(&core, &req.query_id, epsilon, &outcomes);
+    assert!(
+        c.nodes.iter().all(|n| n.failure.is_none()),
+        "{written}: {:?}",
+        c.nodes
+    );
+    if let Some(p) = &post {
+        fedq::post::apply(&mut c, p).unwrap_or_else(|e| panic!("{written}: {e}"));
+    }
+    c
+}
+
+fn value(c: &Combined, row: usize, output: usize) -> f64 {
+    c.rows[row].estimates[output].as_ref().unwrap().value
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_k_having_and_round_are_applied_to_the_combined_noisy_answers() {
+    let fed = TestFederation::start(&PARTNERS, roomy_budget()).await;
+    let f = fed.federation("alice");
+
+    // The largest citizenships, as written.
+    let c = ask(
+        &f,
+        "SELECT citizenship, COUNT(*) AS victims FROM cases GROUP BY citizenship ORDER BY victims DESC LIMIT 5",
+        1.0,
+    )
+    .await;
+    assert_eq!(c.rows.len(), 5, "LIMIT 5");
+    for w in 0..4 {
+        assert!(value(&c, w, 0) >= value(&c, w + 1, 0), "sorted descending");
+    }
+    let note = c.post_processing.as_deref().unwrap_or_default();
+    assert!(note.contains("no privacy cost"), "{note}");
+    // The nodes were sent the query without ORDER BY and LIMIT (the
+    // combined result names what was sent).
+    assert!(
+        !c.sql.contains("ORDER BY") && !c.sql.contains("LIMIT"),
+        "{}",
+        c.sql
+    );
+
+    // HAVING on a noisy count, ORDER BY a position, ROUND of an average.
+    let c = ask(
+        &f,
+        "SELECT gender, COUNT(*), ROUND(AVG(traffickMonths), 1) FROM cases GROUP BY gender HAVING COUNT(*) >= 500 ORDER BY 1",
+        1.0,
+    )
+    .await;
+    assert!(!c.rows.is_empty(), "some gender has 500 cases");
+    for (i, r) in c.rows.iter().enumerate() {
+        assert!(value(&c, i, 0) >= 500.0, "HAVING holds: {:?}", r);
+        let avg = r.estimates[1].as_ref().unwrap();
+        assert!(
+            ((avg.value * 10.0).round() - avg.value * 10.0).abs() < 1e-9,
+            "rounded to one digit: {}",
+            avg.value
+        );
+        assert!(
+            avg.ci_low <= avg.value && avg.value <= avg.ci_high,
+            "{avg:?}"
+        );
+    }
+    let keys: Vec<&String> = c.rows.iter().map(|r| &r.key[0]).collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(keys, sorted, "ORDER BY 1 sorts by gender");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flag_average_is_a_prevalence_and_quantiles_answer_in_every_spelling() {
+    let fed = TestFederation::start(&PARTNERS, roomy_budget()).await;
+    let f = fed.federation("alice");
+
+    // The prevalence of forced labour, against the truth read from the CSVs.
+    let (mut yes, mut known) = (0i64, 0i64);
+    for n in &fed.nodes {
+        let mut r = csv::Reader::from_path(&n.csv).unwrap();
+        let h = r.headers().unwrap().clone();
+        let i = h.iter().position(|x| x == "isForcedLabour").unwrap();
+        for rec in r.records() {
+            match rec.unwrap().get(i).unwrap() {
+                "1" | "true" => {
+                    yes += 1;
+                    known += 1
+                }
+                "0" | "false" => known += 1,
+                _ => {}
+            }
+        }
+    }
+    let truth = yes as f64 / known as f64;
+    let c = ask(
+        &f,
+        "SELECT AVG(isForcedLabour), SUM(isForcedLabour) FROM cases",
+        1.0,
+    )
+    .await;
+    let avg = c.rows[0].estimates[0].as_ref().unwrap();
+    assert!((0.0..=1.0).contains(&avg.value), "{avg:?}");
+    assert!(
+        avg.ci_low >= 0.0 && avg.ci_high <= 1.0,
+        "cut to the flag's bounds: {avg:?}"
+    );
+    // The 95% interval, doubled: a miss is far rarer than one in a million.
+    let half = (avg.ci_high - avg.ci_low).max(1e-3);
+    assert!(
+        (avg.value - truth).abs() <= half * 2.0,
+        "prevalence {} far from the truth {truth}: {avg:?}",
+        avg.value
+    );
+    let sum = c.rows[0].estimates[1].as_ref().unwrap();
+    assert!(
+        (sum.value - yes as f64).abs() <= (sum.ci_high - sum.ci_low).max(1.0) * 2.0,
+        "{sum:?} against {yes}"
+    );
+
+    // One median, four spellings: every one is answered.
+    for sql in [
+        "SELECT MEDIAN(traffickMonths) FROM cases",
+        "SELECT QUANTILE(traffickMonths, 0.5) FROM cases",
+        "SELECT quantile_cont(traffickMonths, 0.5) FROM cases",
+        "SELECT PERCENTILE_CONT(0.5) WITHIN GROUP (ORDER BY traffickMonths) FROM cases",
+    ] {
+        let c = ask(&f, sql, 0.5).await;
+        let m = c.rows[0].estimates[0].as_ref().unwrap();
+        assert!((0.0..=1000.0).contains(&m.value), "{sql}: {m:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_refusals_that_remain_name_the_construct_and_the_alternative() {
+    let fed = TestFederation::start(&PARTNERS[..1], roomy_budget()).await;
+    let f = fed.federation("alice");
+    for (sql, says) in [
+        (
+            "SELECT MAX(traffickMonths) FROM cases",
+            "QUANTILE(col, 0.95)",
+        ),
+        (
+            "SELECT COUNT(DISTINCT citizenship) FROM cases",
+            "GROUP BY col",
+        ),
+        (
+            "SELECT ROUND(traffickMonths) FROM cases",
+            "applies to an aggregate",
+        ),
+    ] {
+        let message = match fedq::post::split(sql) {
+            Err(e) => e,
+            Ok((core, _)) => {
+                let req = QueryRequest {
+                    query_id: new_query_id(),
+                    sql: core,
+                    epsilon: 0.1,
+                    ..Default::default()
+                };
+                let outcomes = f.query(req, Duration::from_secs(30)).await;
+                let e = outcomes[0].result.as_ref().expect_err(sql);
+                format!("{e}")
+            }
+        };
+        assert!(message.contains(says), "{sql}: {message}");
+        assert!(
+            !message.contains("exactly one argument"),
+            "{sql}: {message}"
+        );
+    }
+}
