@@ -16,6 +16,8 @@
 //! - [`verify`]: every answer checked against the coordinator's own plan from the
 //!   nodes' public schemas; a node whose answer disagrees is left out and named.
 
+#![deny(missing_docs)]
+
 pub mod audit;
 pub mod client;
 pub mod combine;

@@ -32,6 +32,8 @@
 //! - [`tls`]: the node's mutual TLS: its files checked at start, the client
 //!   verifier with the revocation list reloaded live, refusals logged.
 
+#![deny(missing_docs)]
+
 pub mod audit;
 pub mod backup;
 pub mod config;

@@ -4,4 +4,6 @@
 //! three nodes in this process and so links the node (the coordinator
 //! library never does).
 
+#![deny(missing_docs)]
+
 pub mod demo;

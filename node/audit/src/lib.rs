@@ -26,6 +26,8 @@
 //! - [`report`]: summaries of a verified log and the self-contained HTML
 //!   report for auditors.
 
+#![deny(missing_docs)]
+
 pub mod decimal;
 pub mod report;
 

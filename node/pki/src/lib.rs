@@ -13,6 +13,8 @@
 //! certificate before it expires with a revocation list ([`RevocationList`],
 //! `fedq ca revoke`), which nodes load from `[tls] crl`.
 
+#![deny(missing_docs)]
+
 use std::path::Path;
 
 use rcgen::{

@@ -16,5 +16,7 @@
 //! Entry point: [`plan::plan`] (SQL text and a schema in, a plan or a
 //! [`plan::PlanError`] out).
 
+#![deny(missing_docs)]
+
 pub mod plan;
 pub mod schema;

@@ -16,7 +16,7 @@ use sqlparser::ast::{
 use sqlparser::dialect::GenericDialect;
 use sqlparser::parser::Parser;
 
-use crate::schema::{parse_bool, Column, Schema, MAX_BINS};
+use crate::schema::{parse_bool, Column, Schema, MAX_BINS, MAX_INTEGER_GROUP_KEYS};
 
 /// A query that failed validation, with a message meant for the analyst.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -342,9 +342,9 @@ pub fn plan_parsed(parsed: &Parsed, schema: &Schema, max_cells: usize) -> Result
     let mut group_by = Vec::new();
     let mut open_key = None;
     for e in group_exprs {
-        let name = column_name(e).ok_or_else(|| {
+        let name = group_column(&select.projection, e).ok_or_else(|| {
             PlanError(format!(
-                "GROUP BY {e}: only plain column names can be grouped by"
+                "GROUP BY {e}: group by a column, its alias or its position in the SELECT list; per-row expressions (CASE, arithmetic) are not supported yet"
             ))
         })?;
         let (idx, col) = schema.column(&name).map_err(PlanError)?;
@@ -358,10 +358,14 @@ pub fn plan_parsed(parsed: &Parsed, schema: &Schema, max_cells: usize) -> Result
             group_by.push(idx);
             continue;
         }
-        if col.domain_size().is_none() {
-            return err(format!(
-                "GROUP BY {name}: {name} is an integer column; only categorical and boolean columns (with a declared domain) can be grouped by"
-            ));
+        if col.group_size().is_none() {
+            return err(match col {
+                Column::Integer { min, max, .. } => format!(
+                    "GROUP BY {name}: {name} has {} possible values ({min} to {max}), more than the {MAX_INTEGER_GROUP_KEYS} keys a GROUP BY of an integer column may have; use HISTOGRAM({name}, k) for its distribution, or ranges in WHERE",
+                    (max - min) as u64 + 1
+                ),
+                _ => format!("GROUP BY {name}: {name} cannot be grouped by"),
+            });
         }
         if group_by.contains(&idx) {
             return err(format!("GROUP BY lists {name} twice"));
@@ -370,7 +374,7 @@ pub fn plan_parsed(parsed: &Parsed, schema: &Schema, max_cells: usize) -> Result
     }
     let group_sizes: Vec<usize> = group_by
         .iter()
-        .map(|&i| schema.columns[i].domain_size().unwrap_or(0))
+        .map(|&i| schema.columns[i].group_size().unwrap_or(0))
         .collect();
     let cells = group_sizes
         .iter()
@@ -845,6 +849,30 @@ fn column_name(e: &Expr) -> Option<String> {
     }
 }
 
+/// The column a GROUP BY item names: a column, an alias of a selected
+/// column (`SELECT citizenship AS c ... GROUP BY c`), or the position of a
+/// selected column (`GROUP BY 1`).
+fn group_column(projection: &[SelectItem], e: &Expr) -> Option<String> {
+    let selected = |item: &SelectItem| match item {
+        SelectItem::UnnamedExpr(x) | SelectItem::ExprWithAlias { expr: x, .. } => column_name(x),
+        _ => None,
+    };
+    if let Some(n) = number_literal(e) {
+        if n.fract() != 0.0 || n < 1.0 {
+            return None;
+        }
+        return projection.get(n as usize - 1).and_then(selected);
+    }
+    let name = column_name(e)?;
+    let aliased = projection.iter().find_map(|item| match item {
+        SelectItem::ExprWithAlias { expr, alias } if alias.value.eq_ignore_ascii_case(&name) => {
+            column_name(expr)
+        }
+        _ => None,
+    });
+    Some(aliased.unwrap_or(name))
+}
+
 fn aggregate_column(
     schema: &Schema,
     e: &Expr,
@@ -1090,9 +1118,10 @@ SQL subset: SELECT [group columns,] aggregates FROM dataset [WHERE ...] [GROUP B
     flags as 0 and 1 (AVG(flag) is a prevalence, SUM(flag) a count)
   WHERE: col = | <> | < | <= | > | >= literal, col [NOT] IN (...),
     col [NOT] BETWEEN a AND b, col IS [NOT] NULL, AND, OR, NOT
-  GROUP BY: categorical or boolean columns; every key of the declared domain is
-    returned, plus (missing); an open-domain column releases only the keys whose
-    noisy count passes a threshold
+  GROUP BY: categorical or boolean columns, or integer columns with at most 1000
+    values in their declared bounds (one key per value), by name, alias or
+    position; every key of the declared domain is returned, plus (missing); an
+    open-domain column releases only the keys whose noisy count passes a threshold
   applied by fedq query to the combined noisy answers (post-processing, no privacy
     cost): HAVING aggregate <op> number [AND ...]; ORDER BY group columns, aggregates,
     aliases or positions [DESC]; LIMIT n; ROUND(aggregate, digits)";
@@ -1127,6 +1156,8 @@ pub const SQL_SUBSET_EXAMPLES: &[&str] = &[
     "SELECT PERCENTILE_DISC(0.9) WITHIN GROUP (ORDER BY traffickMonths) FROM cases",
     "SELECT AVG(isForcedLabour), SUM(isForcedLabour) FROM cases",
     "SELECT gender, AVG(isForcedLabour) FROM cases GROUP BY gender",
+    "SELECT yearOfRegistration, COUNT(*) FROM cases GROUP BY yearOfRegistration",
+    "SELECT gender AS g, ageBroad, COUNT(*) FROM cases GROUP BY g, 2",
 ];
 
 #[cfg(test)]
@@ -1254,8 +1285,8 @@ mod tests {
             "unknown column \"nope\"",
         );
         fails(
-            "SELECT COUNT(*) FROM cases GROUP BY traffickMonths",
-            "integer column",
+            "SELECT COUNT(*) FROM cases GROUP BY traffickMonths / 12",
+            "per-row expressions",
         );
         fails(
             "SELECT SUM(gender) FROM cases",
@@ -1423,6 +1454,55 @@ mod tests {
             assert!(e.contains(says), "{sql}: {e}");
             assert!(!e.contains("exactly one argument"), "{sql}: {e}");
         }
+    }
+
+    /// An integer column groups by one key per value of its declared
+    /// bounds (labelled with the value), up to a limit; a GROUP BY item may
+    /// be an alias or a position of the SELECT list.
+    #[test]
+    fn integer_columns_aliases_and_positions_group() {
+        let s = schema();
+        let p = plan(
+            "SELECT yearOfRegistration, COUNT(*) FROM cases GROUP BY yearOfRegistration",
+            &s,
+            10_000,
+        )
+        .unwrap();
+        assert_eq!(p.group_sizes, vec![24]);
+        let keys = cell_keys(&p, &s);
+        assert_eq!(keys.len(), 25);
+        assert_eq!(keys[0], vec!["2002"]);
+        assert_eq!(keys[23], vec!["2025"]);
+        assert_eq!(keys[24], vec![MISSING_KEY]);
+        let by_alias = plan(
+            "SELECT yearOfRegistration AS y, gender AS g, COUNT(*) FROM cases GROUP BY y, 2",
+            &s,
+            10_000,
+        )
+        .unwrap();
+        assert_eq!(by_alias.group_by, vec![3, 0]);
+        let e = plan("SELECT COUNT(*) FROM cases GROUP BY 2", &s, 10_000).unwrap_err();
+        assert!(e.0.contains("its position in the SELECT list"), "{e}");
+        let wide = Schema::from_specs(
+            "cases",
+            &[ColumnSpec {
+                open: None,
+                name: "amount".into(),
+                kind: ColumnType::Integer,
+                domain: None,
+                min: Some(0),
+                max: Some(100_000),
+                bins: None,
+            }],
+        )
+        .unwrap();
+        let e = plan(
+            "SELECT amount, COUNT(*) FROM cases GROUP BY amount",
+            &wide,
+            1_000_000,
+        )
+        .unwrap_err();
+        assert!(e.0.contains("HISTOGRAM(amount, k)"), "{e}");
     }
 
     /// The README's section on the SQL fedq answers states the same list.

@@ -68,6 +68,11 @@ pub struct ColumnSpec {
 /// Quantile bins of an integer column that declares none.
 pub const DEFAULT_BINS: u64 = 100;
 
+/// Most keys a GROUP BY of an integer column may have: one per value of
+/// its declared bounds (a year of registration has a few dozen; wider
+/// columns are grouped with HISTOGRAM(col, k) instead).
+pub const MAX_INTEGER_GROUP_KEYS: u64 = 1000;
+
 /// Most bins a column may declare or a `HISTOGRAM` may ask for.
 pub const MAX_BINS: u64 = 10_000;
 
@@ -197,6 +202,21 @@ impl Column {
         }
     }
 
+    /// Number of GROUP BY keys besides (missing): the declared domain of a
+    /// categorical or boolean column, or one key per value of an integer
+    /// column's declared bounds when there are at most
+    /// [`MAX_INTEGER_GROUP_KEYS`]; `None` when the column cannot be grouped
+    /// by (open domains are grouped by their own mechanism).
+    pub fn group_size(&self) -> Option<usize> {
+        match self {
+            Column::Integer { min, max, .. } => {
+                let n = (max - min) as u64 + 1;
+                (n <= MAX_INTEGER_GROUP_KEYS).then_some(n as usize)
+            }
+            _ => self.domain_size(),
+        }
+    }
+
     /// Number of distinct group-by keys (categorical and boolean only).
     pub fn domain_size(&self) -> Option<usize> {
         match self {
@@ -210,10 +230,11 @@ impl Column {
     pub fn key_label(&self, code: usize) -> String {
         match self {
             Column::Categorical { domain, .. } => domain[code].clone(),
-            Column::Boolean { .. }
-            | Column::Integer { .. }
-            | Column::PersonId { .. }
-            | Column::Open { .. } => code.to_string(),
+            // Keys are offsets from the lower bound.
+            Column::Integer { min, .. } => (min + code as i64).to_string(),
+            Column::Boolean { .. } | Column::PersonId { .. } | Column::Open { .. } => {
+                code.to_string()
+            }
         }
     }
 }

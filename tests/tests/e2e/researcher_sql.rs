@@ -11,7 +11,7 @@ use fedq::client::{new_query_id, Federation};
 use fedq::combine::{combine, Combined};
 use fedq_engine::synth::Partner;
 use fedq_proto::v1::QueryRequest;
-use fedq_tests::{roomy_budget, TestFederation};
+use fedq_tests::{exact_counts, roomy_budget, TestFederation};
 
 const PARTNERS: [(Partner, usize, u64); 2] =
     [(Partner::Ngo, 4000, 21), (Partner::Hotline, 5000, 22)];
@@ -94,6 +94,45 @@ async fn top_k_having_and_round_are_applied_to_the_combined_noisy_answers() {
     let mut sorted = keys.clone();
     sorted.sort();
     assert_eq!(keys, sorted, "ORDER BY 1 sorts by gender");
+
+    // Victims per year: an integer column grouped by one key per year of
+    // its declared bounds, against the truth read from the CSVs.
+    let c = ask(
+        &f,
+        "SELECT yearOfRegistration AS year, COUNT(*) FROM cases GROUP BY year ORDER BY year",
+        1.0,
+    )
+    .await;
+    let mut truth = std::collections::HashMap::new();
+    for n in &fed.nodes {
+        for (k, v) in exact_counts(&n.csv, &["yearOfRegistration"], |_| true) {
+            *truth.entry(k[0].clone()).or_insert(0i64) += v;
+        }
+    }
+    let years: Vec<i64> = c
+        .rows
+        .iter()
+        .filter_map(|r| r.key[0].parse().ok())
+        .collect();
+    assert!(
+        years.len() > 10,
+        "one row per year of the bounds: {years:?}"
+    );
+    assert!(
+        years.windows(2).all(|w| w[0] < w[1]),
+        "ORDER BY year: {years:?}"
+    );
+    for r in &c.rows {
+        let e = r.estimates[0].as_ref().unwrap();
+        let want = truth.get(&r.key[0]).copied().unwrap_or(0) as f64;
+        // The 95% interval, doubled: a miss is far rarer than one in a million.
+        assert!(
+            (e.value - want).abs() <= (e.ci_high - e.ci_low).max(1.0) * 2.0,
+            "{}: {} against {want}",
+            r.key[0],
+            e.value
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

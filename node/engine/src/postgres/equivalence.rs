@@ -299,6 +299,8 @@ const QUERIES: &[&str] = &[
     "SELECT gender, COUNT(gender), COUNT(ageBroad) FROM cases WHERE ageBroad = '48+' GROUP BY gender",
     "SELECT MEDIAN(traffickMonths), QUANTILE(yearOfRegistration, 0.9) FROM cases",
     "SELECT gender, AVG(isForcedLabour), SUM(isSexualExploit), VARIANCE(isOtherExploit) FROM cases GROUP BY gender",
+    "SELECT yearOfRegistration, COUNT(*), AVG(traffickMonths) FROM cases GROUP BY yearOfRegistration",
+    "SELECT yearOfRegistration AS y, gender, COUNT(*) FROM cases WHERE yearOfRegistration >= 2010 GROUP BY y, 2",
     "SELECT gender, isForcedLabour, VARIANCE(traffickMonths), STDDEV(yearOfRegistration) FROM cases WHERE NOT ageBroad IS NULL GROUP BY gender, isForcedLabour",
     "SELECT ageBroad, HISTOGRAM(traffickMonths, 7) FROM cases WHERE isSexualExploit = 1 GROUP BY ageBroad",
 ];
@@ -376,7 +378,7 @@ fn random_query(rng: &mut ChaCha8Rng, schema: &Schema) -> String {
     let groupable: Vec<&Column> = schema
         .columns
         .iter()
-        .filter(|c| c.domain_size().is_some_and(|n| n <= 20))
+        .filter(|c| c.group_size().is_some_and(|n| n <= 30))
         .collect();
     let integers: Vec<&Column> = schema
         .columns

@@ -237,7 +237,16 @@ pub fn build(plan: &Plan, schema: &Schema, db: &[DbType], relation: &Relation) -
     }
 
     sql.push_str(" SELECT ");
-    let mut items: Vec<String> = plan.group_by.iter().map(|&i| code(i)).collect();
+    // A key is its column's code; an integer column's code is its value,
+    // whose key is its offset from the lower bound (as the engine's).
+    let mut items: Vec<String> = plan
+        .group_by
+        .iter()
+        .map(|&i| match &schema.columns[i] {
+            Column::Integer { min, .. } => format!("({} - {})", code(i), p.int(*min)),
+            _ => code(i),
+        })
+        .collect();
     // Values saturate to i64 like the engine's.
     let saturate = |x: String| {
         format!(
