@@ -194,6 +194,19 @@ pub fn combine(
     epsilon: f64,
     outcomes: &[Outcome<QueryResponse>],
 ) -> Combined {
+    combine_at(sql, query_id, epsilon, outcomes, ALPHA)
+}
+
+/// [`combine`] with `1 - alpha` intervals instead of 95% ones: for
+/// quantities derived from several aggregates ([`crate::post`]), whose
+/// interval holds when all of theirs do (a union bound).
+pub fn combine_at(
+    sql: &str,
+    query_id: &str,
+    epsilon: f64,
+    outcomes: &[Outcome<QueryResponse>],
+    alpha: f64,
+) -> Combined {
     let answered: Vec<&QueryResponse> = outcomes
         .iter()
         .filter_map(|o| o.result.as_ref().ok())
@@ -352,7 +365,7 @@ pub fn combine(
                 rows.push(Row {
                     key: k,
                     estimates: vec![
-                        (!dry_run && !bin.is_empty()).then(|| total(&bin, ALPHA, &mut widths))
+                        (!dry_run && !bin.is_empty()).then(|| total(&bin, alpha, &mut widths))
                     ],
                     nodes: contributors.clone(),
                 });
@@ -367,12 +380,12 @@ pub fn combine(
                     return None;
                 }
                 match spec.kind {
-                    OutputKind::Avg => average(&p.main, &p.count, spec.bounds, &mut widths),
-                    OutputKind::Quantile => crate::distribution::quantile(p, spec),
+                    OutputKind::Avg => average(&p.main, &p.count, spec.bounds, alpha, &mut widths),
+                    OutputKind::Quantile => crate::distribution::quantile(p, spec, alpha),
                     OutputKind::Variance | OutputKind::Stddev => {
-                        crate::distribution::variance(p, spec, &mut widths)
+                        crate::distribution::variance(p, spec, alpha, &mut widths)
                     }
-                    _ => Some(total(&p.main, ALPHA, &mut widths)),
+                    _ => Some(total(&p.main, alpha, &mut widths)),
                 }
             })
             .collect();
@@ -471,18 +484,19 @@ pub(crate) fn total(parts: &[Part], alpha: f64, widths: &mut HalfWidths) -> Esti
 }
 
 /// Mean from a combined noisy sum and count. The interval holds the true
-/// mean whenever both the sum's and the count's `1 - ALPHA/2` intervals
+/// mean whenever both the sum's and the count's `1 - alpha/2` intervals
 /// hold (a union bound), and is cut to the column's declared bounds.
 fn average(
     sum: &[Part],
     count: &[Part],
     bounds: Option<(i64, i64)>,
+    alpha: f64,
     widths: &mut HalfWidths,
 ) -> Option<Estimate> {
     if count.is_empty() {
         return None;
     }
-    let each = ALPHA / 2.0;
+    let each = alpha / 2.0;
     let s = total(sum, each, widths);
     let c = total(count, each, widths);
     let (lo_b, hi_b) = bounds
@@ -735,6 +749,7 @@ mod tests {
             &[part(-5000, 480.0)],
             &[part(300, 4.0)],
             Some((0, 120)),
+            ALPHA,
             &mut w,
         )
         .unwrap();
@@ -743,6 +758,7 @@ mod tests {
             &[part(90_000, 480.0)],
             &[part(300, 4.0)],
             Some((0, 120)),
+            ALPHA,
             &mut w,
         )
         .unwrap();
@@ -764,7 +780,7 @@ mod tests {
                 quantile: 0.0,
                 center: 60,
             };
-            let e = crate::distribution::variance(&parts, &spec, &mut w).unwrap();
+            let e = crate::distribution::variance(&parts, &spec, ALPHA, &mut w).unwrap();
             assert!(
                 e.ci_low.is_finite() && e.ci_high.is_finite() && e.ci_low <= e.ci_high,
                 "{kind:?}: {e:?}"

@@ -6,13 +6,13 @@ use fedq_dp::distribution::{self as dist, BinNoise};
 use fedq_dp::mechanism::Noise;
 use fedq_proto::v1::OutputKind;
 
-use crate::combine::{total, Estimate, HalfWidths, OutputSpec, Parts, ALPHA};
+use crate::combine::{total, Estimate, HalfWidths, OutputSpec, Parts};
 
 /// The federated quantile: the nodes' noisy histograms are summed bin by
 /// bin (each bin's noise is then the sum of the nodes' independent
 /// noises), and the quantile and its interval are read off the summed
 /// histogram by [`fedq_dp::distribution::quantile`].
-pub(crate) fn quantile(p: &Parts, spec: &OutputSpec) -> Option<Estimate> {
+pub(crate) fn quantile(p: &Parts, spec: &OutputSpec, alpha: f64) -> Option<Estimate> {
     let k = p.edges.len().checked_sub(1)?;
     let mut counts = vec![0i64; k];
     for (values, _) in &p.bins {
@@ -30,7 +30,7 @@ pub(crate) fn quantile(p: &Parts, spec: &OutputSpec) -> Option<Estimate> {
             None => None,
         })
         .collect::<Option<_>>()?;
-    let q = dist::quantile(&p.edges, &counts, &noises, spec.quantile, ALPHA)?;
+    let q = dist::quantile(&p.edges, &counts, &noises, spec.quantile, alpha)?;
     Some(Estimate {
         value: q.value,
         ci_low: q.ci_low,
@@ -41,15 +41,20 @@ pub(crate) fn quantile(p: &Parts, spec: &OutputSpec) -> Option<Estimate> {
 /// Sample variance (or standard deviation) from the combined noisy count
 /// `N`, sum `S` and centred sum of squares `Q = sum (x - c)^2`:
 /// `var = (Q - N m^2) / (N - 1)` with `m = S / N - c`. The interval holds
-/// whenever the three `1 - ALPHA/3` intervals of `N`, `S` and `Q` hold (a
+/// whenever the three `1 - alpha/3` intervals of `N`, `S` and `Q` hold (a
 /// union bound): it is the range of the formula over that box, cut to
 /// `[0, (max - min)^2 / 4 * N / (N - 1)]`, the largest sample variance of
 /// values within the declared bounds.
-pub(crate) fn variance(p: &Parts, spec: &OutputSpec, widths: &mut HalfWidths) -> Option<Estimate> {
+pub(crate) fn variance(
+    p: &Parts,
+    spec: &OutputSpec,
+    alpha: f64,
+    widths: &mut HalfWidths,
+) -> Option<Estimate> {
     if p.count.is_empty() || p.squares.is_empty() {
         return None;
     }
-    let each = ALPHA / 3.0;
+    let each = alpha / 3.0;
     let n = total(&p.count, each, widths);
     let s = total(&p.main, each, widths);
     let q = total(&p.squares, each, widths);

@@ -21,7 +21,7 @@ use sqlparser::ast::{
 use sqlparser::dialect::GenericDialect;
 use sqlparser::parser::Parser;
 
-use crate::combine::{Combined, Row};
+use crate::combine::{Combined, Estimate, Row};
 
 /// What [`split`] took out of a query, to apply to its combined answer.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,6 +34,11 @@ pub struct PostProcess {
     pub limit: Option<usize>,
     /// ROUND(aggregate, digits) in the SELECT list.
     pub round: Vec<(Target, i32)>,
+    /// Arithmetic over aggregates in the SELECT list (ratios, percentages),
+    /// computed from the released aggregates, with their labels.
+    pub derived: Vec<(String, Formula)>,
+    /// Aggregates sent to the nodes only as parts of a formula (not shown).
+    pub hidden: Vec<Target>,
     /// The clauses as written, for the note shown with the result.
     pub text: String,
 }
@@ -101,6 +106,8 @@ pub fn split(sql: &str) -> Result<(String, Option<PostProcess>), String> {
         order_by: Vec::new(),
         limit: None,
         round: Vec::new(),
+        derived: Vec::new(),
+        hidden: Vec::new(),
         text: String::new(),
     };
     let mut clauses = Vec::new();
@@ -117,8 +124,8 @@ pub fn split(sql: &str) -> Result<(String, Option<PostProcess>), String> {
             *e = inner;
         }
     }
-    // The SELECT list, for ORDER BY aliases and ordinals.
-    let items: Vec<(Option<String>, String)> = select
+    // The SELECT list as written (ROUND aside), for aliases and positions.
+    let written: Vec<(Option<String>, String)> = select
         .projection
         .iter()
         .filter_map(|item| match item {
@@ -130,6 +137,56 @@ pub fn split(sql: &str) -> Result<(String, Option<PostProcess>), String> {
             _ => None,
         })
         .collect();
+    // Arithmetic over aggregates (ratios, percentages): the nodes release
+    // the aggregates; the coordinator computes the formula. A formula's
+    // item is replaced by the first of its aggregates not selected
+    // otherwise, and the others are appended, once each.
+    let selected: Vec<String> = written.iter().map(|(_, e)| e.clone()).collect();
+    let mut appended: Vec<Expr> = Vec::new();
+    let mut dropped: Vec<usize> = Vec::new();
+    for (i, item) in select.projection.iter_mut().enumerate() {
+        let e = match item {
+            SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => e,
+            _ => continue,
+        };
+        let mut parts = Vec::new();
+        let Some(f) = formula(e, &mut parts) else {
+            continue;
+        };
+        if matches!(f, Formula::Agg(_)) || parts.is_empty() {
+            continue;
+        }
+        let label = e.to_string();
+        clauses.push(label.clone());
+        post.derived.push((label, f));
+        let mut replaced = false;
+        for part in parts {
+            let t = norm(&part.to_string());
+            let shown = selected.contains(&t) || post.hidden.iter().any(|h| h.0 == t);
+            if shown {
+                continue;
+            }
+            post.hidden.push(Target(t));
+            if replaced {
+                appended.push(part);
+            } else {
+                *e = part;
+                replaced = true;
+            }
+        }
+        if !replaced {
+            dropped.push(i);
+        }
+    }
+    let mut i = 0;
+    select.projection.retain(|_| {
+        i += 1;
+        !dropped.contains(&(i - 1))
+    });
+    select
+        .projection
+        .extend(appended.into_iter().map(SelectItem::UnnamedExpr));
+    let items = written;
     let target = |e: &Expr, clause: &str| -> Result<Target, String> {
         if let Expr::Value(v) = e {
             if let Value::Number(n, _) = &v.value {
@@ -227,6 +284,124 @@ pub fn split(sql: &str) -> Result<(String, Option<PostProcess>), String> {
     Ok((statements[0].to_string(), Some(post)))
 }
 
+/// A value with the range it lies in: `(value, low, high)`.
+type Ranged = (f64, f64, f64);
+
+/// Arithmetic over released aggregates, evaluated per row by [`apply`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Formula {
+    /// An aggregate of the query, by its normalised text.
+    Agg(String),
+    /// A number.
+    Num(f64),
+    /// `a + b`, `a - b`, `a * b`, `a / b`.
+    Op(char, Box<Formula>, Box<Formula>),
+    /// `-a`.
+    Neg(Box<Formula>),
+}
+
+/// The formula of `e` if it is arithmetic over aggregates and numbers,
+/// collecting its aggregates (in order, each once) into `parts`; `None`
+/// for anything else (left for the planner to accept or explain).
+fn formula(e: &Expr, parts: &mut Vec<Expr>) -> Option<Formula> {
+    match e {
+        Expr::Nested(inner) => formula(inner, parts),
+        Expr::Function(f) if f.over.is_none() => {
+            let t = norm(&e.to_string());
+            if !parts.iter().any(|p| norm(&p.to_string()) == t) {
+                parts.push(e.clone());
+            }
+            Some(Formula::Agg(t))
+        }
+        Expr::Value(_) => number(e).map(Formula::Num),
+        Expr::UnaryOp {
+            op: sqlparser::ast::UnaryOperator::Minus,
+            expr,
+        } => Some(Formula::Neg(Box::new(formula(expr, parts)?))),
+        Expr::BinaryOp { left, op, right } => {
+            let op = match op {
+                BinaryOperator::Plus => '+',
+                BinaryOperator::Minus => '-',
+                BinaryOperator::Multiply => '*',
+                BinaryOperator::Divide => '/',
+                _ => return None,
+            };
+            Some(Formula::Op(
+                op,
+                Box::new(formula(left, parts)?),
+                Box::new(formula(right, parts)?),
+            ))
+        }
+        _ => None,
+    }
+}
+
+impl Formula {
+    /// How many distinct aggregates it reads.
+    pub fn aggregates(&self) -> usize {
+        let mut seen = Vec::new();
+        self.collect(&mut seen);
+        seen.len()
+    }
+
+    fn collect<'a>(&'a self, seen: &mut Vec<&'a str>) {
+        match self {
+            Formula::Agg(t) => {
+                if !seen.contains(&t.as_str()) {
+                    seen.push(t)
+                }
+            }
+            Formula::Num(_) => {}
+            Formula::Op(_, a, b) => {
+                a.collect(seen);
+                b.collect(seen);
+            }
+            Formula::Neg(a) => a.collect(seen),
+        }
+    }
+
+    /// Its value and the range it takes over the aggregates' intervals
+    /// (interval arithmetic; `None` when a divisor's interval holds 0, or
+    /// an aggregate has no value).
+    fn eval(&self, get: &dyn Fn(&str) -> Option<Ranged>) -> Option<Ranged> {
+        Some(match self {
+            Formula::Agg(t) => get(t)?,
+            Formula::Num(x) => (*x, *x, *x),
+            Formula::Neg(a) => {
+                let (v, lo, hi) = a.eval(get)?;
+                (-v, -hi, -lo)
+            }
+            Formula::Op(op, a, b) => {
+                let (x, xl, xh) = a.eval(get)?;
+                let (y, yl, yh) = b.eval(get)?;
+                match op {
+                    '+' => (x + y, xl + yl, xh + yh),
+                    '-' => (x - y, xl - yh, xh - yl),
+                    '*' => {
+                        let c = [xl * yl, xl * yh, xh * yl, xh * yh];
+                        (
+                            x * y,
+                            c.iter().copied().fold(f64::INFINITY, f64::min),
+                            c.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                        )
+                    }
+                    _ => {
+                        if yl <= 0.0 && yh >= 0.0 {
+                            return None;
+                        }
+                        let c = [xl / yl, xl / yh, xh / yl, xh / yh];
+                        (
+                            x / y,
+                            c.iter().copied().fold(f64::INFINITY, f64::min),
+                            c.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                        )
+                    }
+                }
+            }
+        })
+    }
+}
+
 /// `ROUND(x)` or `ROUND(x, d)`: `x` and `d`.
 fn round_of(e: &Expr) -> Result<Option<(Expr, i32)>, String> {
     let Expr::Function(f) = e else {
@@ -262,7 +437,7 @@ fn round_of(e: &Expr) -> Result<Option<(Expr, i32)>, String> {
             ))
         }
     };
-    if !matches!(inner, Expr::Function(_)) {
+    if formula(inner, &mut Vec::new()).is_none_or(|f| f.aggregates() == 0) {
         return Err(format!(
             "{e}: ROUND applies to an aggregate, e.g. ROUND(AVG(traffickMonths), 1); the coordinator rounds the released value"
         ));
@@ -298,6 +473,78 @@ fn number(e: &Expr) -> Option<f64> {
         Expr::Nested(inner) => number(inner),
         _ => None,
     }
+}
+
+impl PostProcess {
+    /// The confidence at which a formula's aggregates must be combined so
+    /// that its interval, the range of the formula over theirs, holds with
+    /// 95% (a union bound over `k` aggregates: `0.05 / k` each); `None`
+    /// when no formula reads more than one aggregate.
+    pub fn alpha(&self) -> Option<f64> {
+        let k = self.derived.iter().map(|(_, f)| f.aggregates()).max()?;
+        (k > 1).then(|| crate::combine::ALPHA / k as f64)
+    }
+}
+
+/// Computes `p`'s formulas into new outputs of `c`, then drops the
+/// aggregates that were asked only for them.
+fn derive(c: &mut Combined, p: &PostProcess, components: Option<&Combined>) -> Result<(), String> {
+    if p.derived.is_empty() {
+        return Ok(());
+    }
+    let index = |c: &Combined, t: &str| c.outputs.iter().position(|o| norm(o) == t);
+    let mut columns: Vec<Vec<Option<Estimate>>> = Vec::new();
+    for (label, f) in &p.derived {
+        let wide = if f.aggregates() > 1 {
+            components.ok_or_else(|| {
+                format!("{label}: its aggregates' wider intervals are missing (combine them at PostProcess::alpha)")
+            })?
+        } else {
+            &*c
+        };
+        if wide.rows.len() != c.rows.len() {
+            return Err(format!(
+                "{label}: the answer changed between its two combinations"
+            ));
+        }
+        let column = c
+            .rows
+            .iter()
+            .zip(&wide.rows)
+            .map(|(row, wrow)| {
+                let get = |t: &str| -> Option<Ranged> {
+                    let v = row.estimates.get(index(c, t)?)?.as_ref()?.value;
+                    let w = wrow.estimates.get(index(wide, t)?)?.as_ref()?;
+                    Some((v, w.ci_low, w.ci_high))
+                };
+                f.eval(&get).and_then(|(value, lo, hi)| {
+                    (value.is_finite() && lo.is_finite() && hi.is_finite()).then_some(Estimate {
+                        value,
+                        ci_low: lo.min(value),
+                        ci_high: hi.max(value),
+                    })
+                })
+            })
+            .collect();
+        columns.push(column);
+    }
+    for ((label, _), column) in p.derived.iter().zip(columns) {
+        c.outputs.push(label.clone());
+        for (row, e) in c.rows.iter_mut().zip(column) {
+            row.estimates.push(e);
+        }
+    }
+    let mut hidden: Vec<usize> = p.hidden.iter().filter_map(|t| index(c, &t.0)).collect();
+    hidden.sort_unstable_by(|a, b| b.cmp(a));
+    for i in hidden {
+        c.outputs.remove(i);
+        for row in &mut c.rows {
+            if i < row.estimates.len() {
+                row.estimates.remove(i);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Where a target's values are in a combined result.
@@ -358,10 +605,17 @@ fn order(a: &Row, b: &Row, col: Column, desc: bool) -> Ordering {
     }
 }
 
-/// Applies `p` to `c`'s rows: HAVING, then ORDER BY (stable), then LIMIT,
-/// then ROUND; and says so in `c.post_processing`. A dry run has no
-/// values: only the note is set.
-pub fn apply(c: &mut Combined, p: &PostProcess) -> Result<(), String> {
+/// Applies `p` to `c`'s rows: the formulas, then HAVING, then ORDER BY
+/// (stable), then LIMIT, then ROUND; and says so in `c.post_processing`.
+/// A dry run has no values: only the note is set. `components` is the same
+/// answer combined with `1 - alpha` intervals at [`PostProcess::alpha`]
+/// (needed when a formula reads several aggregates).
+pub fn apply(
+    c: &mut Combined,
+    p: &PostProcess,
+    components: Option<&Combined>,
+) -> Result<(), String> {
+    derive(c, p, components)?;
     let having: Vec<(Column, Cmp, f64)> = p
         .having
         .iter()
@@ -383,8 +637,13 @@ pub fn apply(c: &mut Combined, p: &PostProcess) -> Result<(), String> {
             )),
         })
         .collect::<Result<_, String>>()?;
+    let formulas = if p.derived.is_empty() {
+        String::new()
+    } else {
+        "; a formula over several aggregates has the range of the formula over their intervals, each at 1 - 0.05/k for k aggregates, so it holds with at least 95% (a union bound); a ratio whose divisor's interval holds 0 has no value".to_string()
+    };
     c.post_processing = Some(format!(
-        "{}: applied by the coordinator to the combined noisy values (post-processing: no privacy cost; orders and cuts are of noisy values, so a row near the cut may rank differently from its true value; rounded intervals are widened outwards)",
+        "{}: applied by the coordinator to the combined noisy values (post-processing: no privacy cost; orders and cuts are of noisy values, so a row near the cut may rank differently from its true value; rounded intervals are widened outwards{formulas})",
         p.text
     ));
     if c.dry_run {
@@ -457,6 +716,40 @@ mod tests {
         );
         assert_eq!(p.limit, Some(10));
         assert_eq!(p.round, vec![(Target("AVG(TRAFFICKMONTHS)".into()), 1)]);
+    }
+
+    #[test]
+    fn formulas_send_their_aggregates_and_keep_their_labels() {
+        let (core, post) = split(
+            "SELECT gender, SUM(isForcedLabour) / COUNT(isForcedLabour) AS share, COUNT(*), \
+             ROUND(100.0 * AVG(isForcedLabour), 1) AS pct FROM cases GROUP BY gender ORDER BY pct DESC",
+        )
+        .unwrap();
+        assert_eq!(
+            core,
+            "SELECT gender, SUM(isForcedLabour) AS share, COUNT(*), AVG(isForcedLabour) AS pct, COUNT(isForcedLabour) FROM cases GROUP BY gender"
+        );
+        let p = post.unwrap();
+        assert_eq!(p.derived.len(), 2);
+        assert_eq!(p.derived[1].0, "100.0 * AVG(isForcedLabour)");
+        assert_eq!(
+            p.hidden,
+            vec![
+                Target("SUM(ISFORCEDLABOUR)".into()),
+                Target("COUNT(ISFORCEDLABOUR)".into()),
+                Target("AVG(ISFORCEDLABOUR)".into())
+            ]
+        );
+        assert_eq!(
+            p.order_by,
+            vec![(Target("100.0*AVG(ISFORCEDLABOUR)".into()), true)]
+        );
+        assert_eq!(
+            p.round,
+            vec![(Target("100.0*AVG(ISFORCEDLABOUR)".into()), 1)]
+        );
+        // Two aggregates in one formula: each at 97.5%.
+        assert_eq!(p.alpha(), Some(0.025));
     }
 
     #[test]

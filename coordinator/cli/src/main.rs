@@ -419,7 +419,18 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 }
                 let mut combined = combine(sql, &opts.query_id, each_epsilon, &outcomes);
                 if let Some(p) = &post {
-                    if let Err(e) = fedq::post::apply(&mut combined, p) {
+                    // A formula over several aggregates reads them at wider
+                    // intervals, so that its own holds with 95%.
+                    let components = p.alpha().map(|alpha| {
+                        fedq::combine::combine_at(
+                            sql,
+                            &opts.query_id,
+                            each_epsilon,
+                            &outcomes,
+                            alpha,
+                        )
+                    });
+                    if let Err(e) = fedq::post::apply(&mut combined, p, components.as_ref()) {
                         eprintln!("error: {e}");
                         code = EXIT_ERROR;
                         continue;

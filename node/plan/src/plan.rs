@@ -1124,7 +1124,9 @@ SQL subset: SELECT [group columns,] aggregates FROM dataset [WHERE ...] [GROUP B
     open-domain column releases only the keys whose noisy count passes a threshold
   applied by fedq query to the combined noisy answers (post-processing, no privacy
     cost): HAVING aggregate <op> number [AND ...]; ORDER BY group columns, aggregates,
-    aliases or positions [DESC]; LIMIT n; ROUND(aggregate, digits)";
+    aliases or positions [DESC]; LIMIT n; ROUND(aggregate, digits); arithmetic over
+    aggregates and numbers (+ - * /: ratios and percentages such as
+    100.0 * SUM(flag) / COUNT(*)), with intervals that hold with at least 95%";
 
 /// One query per construct of [`SQL_SUBSET`], over the CTDC-shaped columns
 /// (`gender`, `ageBroad`, `isForcedLabour`, `yearOfRegistration`,

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use fedq::client::{new_query_id, Federation};
-use fedq::combine::{combine, Combined};
+use fedq::combine::{combine, combine_at, Combined};
 use fedq_engine::synth::Partner;
 use fedq_proto::v1::QueryRequest;
 use fedq_tests::{exact_counts, roomy_budget, TestFederation};
@@ -34,7 +34,11 @@ async fn ask(fed: &Federation, written: &str, epsilon: f64) -> Combined {
         c.nodes
     );
     if let Some(p) = &post {
-        fedq::post::apply(&mut c, p).unwrap_or_else(|e| panic!("{written}: {e}"));
+        let components = p
+            .alpha()
+            .map(|a| combine_at(&core, &req.query_id, epsilon, &outcomes, a));
+        fedq::post::apply(&mut c, p, components.as_ref())
+            .unwrap_or_else(|e| panic!("{written}: {e}"));
     }
     c
 }
@@ -234,4 +238,58 @@ async fn the_refusals_that_remain_name_the_construct_and_the_alternative() {
             "{sql}: {message}"
         );
     }
+}
+
+/// A ratio of two aggregates and a percentage, computed by the coordinator
+/// from released aggregates: their intervals cover the truth (read from
+/// the CSVs) at least as often as the 95% they claim, over repeated
+/// queries (a ratio's is the range over its parts' 97.5% intervals).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ratios_and_percentages_have_intervals_that_cover_the_truth() {
+    let fed = TestFederation::start(&PARTNERS, roomy_budget()).await;
+    let f = fed.federation("alice");
+    let (mut yes, mut known) = (0i64, 0i64);
+    for n in &fed.nodes {
+        let mut r = csv::Reader::from_path(&n.csv).unwrap();
+        let h = r.headers().unwrap().clone();
+        let i = h.iter().position(|x| x == "isForcedLabour").unwrap();
+        for rec in r.records() {
+            match rec.unwrap().get(i).unwrap() {
+                "1" | "true" => {
+                    yes += 1;
+                    known += 1
+                }
+                "0" | "false" => known += 1,
+                _ => {}
+            }
+        }
+    }
+    let share = yes as f64 / known as f64;
+    const RUNS: usize = 40;
+    let mut covered = [0usize; 2];
+    for _ in 0..RUNS {
+        let c = ask(
+            &f,
+            "SELECT SUM(isForcedLabour) / COUNT(isForcedLabour) AS share, 100.0 * AVG(isForcedLabour) AS pct FROM cases",
+            0.05,
+        )
+        .await;
+        assert_eq!(
+            c.outputs.len(),
+            2,
+            "only the two formulas are shown: {:?}",
+            c.outputs
+        );
+        let ratio = c.rows[0].estimates[0].as_ref().expect("a ratio");
+        let pct = c.rows[0].estimates[1].as_ref().expect("a percentage");
+        assert!(ratio.ci_low < ratio.ci_high && pct.ci_low < pct.ci_high);
+        covered[0] += usize::from(ratio.ci_low <= share && share <= ratio.ci_high);
+        covered[1] += usize::from(pct.ci_low <= 100.0 * share && 100.0 * share <= pct.ci_high);
+    }
+    // At 95% or more each, fewer than 30 of 40 is a one-in-a-billion event;
+    // intervals that ignored the noise would cover almost never.
+    assert!(
+        covered.iter().all(|&k| k >= 30),
+        "covered {covered:?} of {RUNS}"
+    );
 }
