@@ -414,11 +414,7 @@ fn expect(request: &QueryRequest, ds: &DatasetSchema) -> Result<Expected, Disagr
             center: o.squares.map_or(0, |s| s.1),
         })
         .collect();
-    let group_by = plan
-        .group_by
-        .iter()
-        .map(|&i| schema.columns[i].name().to_string())
-        .collect();
+    let group_by = plan.group_names(&schema);
     Ok(Expected {
         skeleton: QueryResponse {
             query_id: request.query_id.clone(),

@@ -694,11 +694,7 @@ fn describe_release(
         query_id: q.query_id.clone(),
         node_name: node.to_string(),
         dataset: plan.dataset.clone(),
-        group_by: plan
-            .group_by
-            .iter()
-            .map(|&i| ds.schema.columns[i].name().to_string())
-            .collect(),
+        group_by: plan.group_names(&ds.schema),
         // Open-domain keys are known only once released.
         cells: if plan.open_key.is_some() {
             Vec::new()

@@ -165,7 +165,7 @@ fn loss_lower_bound(a: &[f64], b: &[f64], thresholds: &[f64]) -> f64 {
     worst
 }
 
-/// For COUNT, SUM, GROUP BY, a flag's average and QUANTILE: the empirical loss between the
+/// For COUNT, SUM, GROUP BY, a CASE bucket, a flag's average and QUANTILE: the empirical loss between the
 /// neighbours never exceeds the claimed epsilon (its lower confidence bound
 /// stays below it), while the same releases calibrated for one record
 /// instead of one person (sensitivity without the bound) are caught
@@ -197,6 +197,14 @@ fn empirical_privacy_loss_stays_within_the_claimed_epsilon() {
             // The cell of the added person (F).
             Box::new(|r: &[Vec<i64>]| r[0][0] as f64),
             (146..=156).map(f64::from).collect(),
+            true,
+        ),
+        (
+            // A CASE bucket (months of exploitation, two bands): the band
+            // of the added person's kept records (all 10 months or more).
+            "SELECT CASE WHEN months < 10 THEN 'short' ELSE 'long' END AS band, COUNT(*) FROM cases GROUP BY band",
+            Box::new(|r: &[Vec<i64>]| r[0][1] as f64),
+            (145..=158).map(f64::from).collect(),
             true,
         ),
         (

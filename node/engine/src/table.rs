@@ -32,7 +32,7 @@ use std::sync::OnceLock;
 
 use crate::bits::{self, KeyBits};
 use fedq_dp::mechanism::{Exact, ExactKeyCounts};
-use fedq_plan::plan::{cell_count, CmpOp, MeasurementSpec, Plan, Predicate, MISSING_KEY};
+use fedq_plan::plan::{cell_count, Bucket, CmpOp, MeasurementSpec, Plan, Predicate, MISSING_KEY};
 use fedq_plan::schema::{Column, Schema, MISSING};
 
 /// An unsigned code type a column can be packed in.
@@ -653,6 +653,10 @@ impl Table {
     /// [`GROUPED_COST_MAX`]); without, no bitmap (one cell). `None`: count
     /// row at a time through [`Table::cells`].
     fn group_keys(&self, plan: &Plan) -> Option<Vec<KeyBits<'_>>> {
+        // A CASE bucket has no stored key bitmaps: row at a time.
+        if !plan.buckets.is_empty() {
+            return None;
+        }
         let sizes: Vec<usize> = plan.group_sizes.iter().map(|s| s + 1).collect();
         if bits::grouped_cost(&sizes, 0) > GROUPED_COST_MAX {
             return None;
@@ -724,11 +728,45 @@ impl Table {
     /// last key).
     fn cells(&self, plan: &Plan) -> Option<Vec<u32>> {
         let (&first, rest) = plan.group_by.split_first()?;
-        let mut cells: Vec<u32> = with_codes!(&self.columns[first].codes, v => v.iter().map(|&c| c.to_u64() as u32).collect());
+        let mut cells: Vec<u32> = match plan.bucket(first) {
+            Some(b) => self.bucket_codes(b),
+            None => {
+                with_codes!(&self.columns[first].codes, v => v.iter().map(|&c| c.to_u64() as u32).collect())
+            }
+        };
         for (&col, &size) in rest.iter().zip(&plan.group_sizes[1..]) {
-            with_codes!(&self.columns[col].codes, v => add_key(&mut cells, v, size as u32 + 1));
+            match plan.bucket(col) {
+                Some(b) => add_key(&mut cells, &self.bucket_codes(b), size as u32 + 1),
+                None => {
+                    with_codes!(&self.columns[col].codes, v => add_key(&mut cells, v, size as u32 + 1))
+                }
+            }
         }
         Some(cells)
+    }
+
+    /// Every row's key in a CASE bucket: the label of the first branch
+    /// whose condition is TRUE for it, else the ELSE label, else missing
+    /// (the bucket's last key).
+    fn bucket_codes(&self, b: &Bucket) -> Vec<u32> {
+        let n = self.len();
+        let missing = b.labels.len() as u32;
+        let mut codes = vec![b.otherwise.map_or(missing, |o| o as u32); n];
+        // Later branches first, so that earlier ones take precedence.
+        for (p, label) in b.branches.iter().rev() {
+            let rows = self.rows_where(p, true);
+            for (w, &word) in rows.iter().enumerate() {
+                let mut x = word;
+                while x != 0 {
+                    let row = w * 64 + x.trailing_zeros() as usize;
+                    if row < n {
+                        codes[row] = *label as u32;
+                    }
+                    x &= x - 1;
+                }
+            }
+        }
+        codes
     }
 
     /// Rows where `column` is not missing (cached).
@@ -1809,6 +1847,8 @@ mod tests {
                     .random_bool(0.85)
                     .then(|| random_predicate(&mut rng, &schema, &rows, 3));
                 let p = Plan {
+                    buckets: Vec::new(),
+                    schema_columns: schema.columns.len(),
                     open_key: None,
                     dataset: "t".into(),
                     group_by,

@@ -276,9 +276,57 @@ pub struct Plan {
     /// GROUP BY column, `COUNT(*)` the only measurement, and the released
     /// keys are those passing a threshold (not the declared domain).
     pub open_key: Option<usize>,
+    /// GROUP BY keys computed per row (CASE buckets). A `group_by` entry
+    /// `schema_columns + i` is `buckets[i]` ([`Plan::bucket`]).
+    pub buckets: Vec<Bucket>,
+    /// How many columns the schema declares (where bucket indices start).
+    pub schema_columns: usize,
+}
+
+/// A GROUP BY key computed per row from declared columns alone:
+/// `CASE WHEN c1 THEN 'a' WHEN c2 THEN 'b' ... [ELSE 'z'] END`. Its domain
+/// is its literal labels (public: they are in the query), so every record
+/// still lands in exactly one cell and the sensitivities are those of any
+/// GROUP BY.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bucket {
+    /// Its name in answers: the alias, or the expression as written.
+    pub name: String,
+    /// The expression as written (matched against the SELECT list).
+    pub text: String,
+    /// In order: a row takes the label of the first condition that is
+    /// TRUE for it (SQL's CASE; an unknown condition does not match).
+    pub branches: Vec<(Predicate, usize)>,
+    /// The labels (THEN and ELSE literals), each once, in order of first
+    /// appearance; a cell's key code is the label's index.
+    pub labels: Vec<String>,
+    /// The ELSE label; without ELSE a row no condition matches is (missing).
+    pub otherwise: Option<usize>,
 }
 
 impl Plan {
+    /// The CASE bucket a `group_by` entry stands for, if it is one.
+    pub fn bucket(&self, g: usize) -> Option<&Bucket> {
+        g.checked_sub(self.schema_columns)
+            .and_then(|i| self.buckets.get(i))
+    }
+
+    /// The name of GROUP BY entry `g` in answers.
+    pub fn group_name<'a>(&'a self, schema: &'a Schema, g: usize) -> &'a str {
+        match self.bucket(g) {
+            Some(b) => &b.name,
+            None => schema.columns[g].name(),
+        }
+    }
+
+    /// The names of the GROUP BY entries in answers, in order.
+    pub fn group_names(&self, schema: &Schema) -> Vec<String> {
+        self.group_by
+            .iter()
+            .map(|&g| self.group_name(schema, g).to_string())
+            .collect()
+    }
+
     /// Number of released cells: the product of the GROUP BY domain sizes.
     pub fn cell_count(&self) -> usize {
         self.group_sizes.iter().product()
@@ -341,7 +389,17 @@ pub fn plan_parsed(parsed: &Parsed, schema: &Schema, max_cells: usize) -> Result
     };
     let mut group_by = Vec::new();
     let mut open_key = None;
+    let mut buckets: Vec<Bucket> = Vec::new();
     for e in group_exprs {
+        if let Some((case, name)) = group_case(&select.projection, e) {
+            let b = bucket(schema, case, name)?;
+            if buckets.iter().any(|x| x.text == b.text) {
+                return err(format!("GROUP BY lists {} twice", b.name));
+            }
+            group_by.push(schema.columns.len() + buckets.len());
+            buckets.push(b);
+            continue;
+        }
         let name = group_column(&select.projection, e).ok_or_else(|| {
             PlanError(format!(
                 "GROUP BY {e}: group by a column, its alias or its position in the SELECT list; per-row expressions (CASE, arithmetic) are not supported yet"
@@ -372,9 +430,17 @@ pub fn plan_parsed(parsed: &Parsed, schema: &Schema, max_cells: usize) -> Result
         }
         group_by.push(idx);
     }
+    if open_key.is_some() && !buckets.is_empty() {
+        return err(
+            "an open-domain column is grouped by alone; drop the CASE (filter in WHERE instead)",
+        );
+    }
     let group_sizes: Vec<usize> = group_by
         .iter()
-        .map(|&i| schema.columns[i].group_size().unwrap_or(0))
+        .map(|&i| match i.checked_sub(schema.columns.len()) {
+            Some(b) => buckets[b].labels.len(),
+            None => schema.columns[i].group_size().unwrap_or(0),
+        })
         .collect();
     let cells = group_sizes
         .iter()
@@ -403,6 +469,15 @@ pub fn plan_parsed(parsed: &Parsed, schema: &Schema, max_cells: usize) -> Result
                 return err(format!("SELECT * is not supported: fedq releases aggregates only ({SUPPORTED}) and the GROUP BY columns"))
             }
         };
+        if let Expr::Case { .. } = expr {
+            let text = expr.to_string();
+            if !buckets.iter().any(|b| b.text == text) {
+                return err(format!(
+                    "SELECT {expr}: a CASE expression is selected but not grouped by; add it (or its alias, or its position) to GROUP BY"
+                ));
+            }
+            continue;
+        }
         if let Some(name) = column_name(expr) {
             let (idx, _) = schema.column(&name).map_err(PlanError)?;
             if !group_by.contains(&idx) {
@@ -658,6 +733,8 @@ pub fn plan_parsed(parsed: &Parsed, schema: &Schema, max_cells: usize) -> Result
         filter,
         contribution_bound: schema.contribution_bound(),
         open_key,
+        buckets,
+        schema_columns: schema.columns.len(),
     })
 }
 
@@ -849,6 +926,125 @@ fn column_name(e: &Expr) -> Option<String> {
     }
 }
 
+/// Most branches a CASE bucket may have.
+const MAX_CASE_BRANCHES: usize = 64;
+
+/// The CASE expression a GROUP BY item stands for (itself, or the
+/// selected CASE its alias or position names), with its name in answers.
+fn group_case<'a>(projection: &'a [SelectItem], e: &'a Expr) -> Option<(&'a Expr, String)> {
+    if let Expr::Case { .. } = e {
+        // Grouped as written; named after a selected alias of the same CASE.
+        let text = e.to_string();
+        let alias = projection.iter().find_map(|item| match item {
+            SelectItem::ExprWithAlias { expr, alias } if expr.to_string() == text => {
+                Some(alias.value.clone())
+            }
+            _ => None,
+        });
+        return Some((e, alias.unwrap_or(text)));
+    }
+    let item = if let Some(n) = number_literal(e) {
+        if n.fract() != 0.0 || n < 1.0 {
+            return None;
+        }
+        projection.get(n as usize - 1)?
+    } else {
+        let name = column_name(e)?;
+        projection.iter().find(|item| {
+            matches!(item, SelectItem::ExprWithAlias { alias, .. } if alias.value.eq_ignore_ascii_case(&name))
+        })?
+    };
+    match item {
+        SelectItem::ExprWithAlias {
+            expr: c @ Expr::Case { .. },
+            alias,
+        } => Some((c, alias.value.clone())),
+        SelectItem::UnnamedExpr(c @ Expr::Case { .. }) => Some((c, c.to_string())),
+        _ => None,
+    }
+}
+
+/// A CASE bucket: every condition a WHERE condition over declared columns,
+/// every result a literal label.
+fn bucket(schema: &Schema, e: &Expr, name: String) -> Result<Bucket, PlanError> {
+    let Expr::Case {
+        operand,
+        conditions,
+        else_result,
+        ..
+    } = e
+    else {
+        return err(format!("GROUP BY {e}: expected a CASE expression"));
+    };
+    if conditions.len() > MAX_CASE_BRANCHES {
+        return err(format!(
+            "{e}: a CASE may have at most {MAX_CASE_BRANCHES} branches"
+        ));
+    }
+    let mut labels: Vec<String> = Vec::new();
+    let mut label_of = |r: &Expr| -> Result<usize, PlanError> {
+        let text = match r {
+            Expr::Value(v) => match &v.value {
+                Value::SingleQuotedString(t) => t.clone(),
+                Value::Number(n, _) => n.clone(),
+                _ => return Err(bad_label(e, r)),
+            },
+            Expr::UnaryOp {
+                op: UnaryOperator::Minus,
+                expr,
+            } => match number_literal(expr) {
+                Some(_) => r.to_string(),
+                None => return Err(bad_label(e, r)),
+            },
+            _ => return Err(bad_label(e, r)),
+        };
+        if text == MISSING_KEY {
+            return err(format!(
+                "{e}: {MISSING_KEY} is the label of rows no branch matches; choose another"
+            ));
+        }
+        Ok(match labels.iter().position(|l| *l == text) {
+            Some(i) => i,
+            None => {
+                labels.push(text);
+                labels.len() - 1
+            }
+        })
+    };
+    let mut branches = Vec::with_capacity(conditions.len());
+    for w in conditions {
+        // `CASE x WHEN v THEN ...` is `CASE WHEN x = v THEN ...`.
+        let condition = match operand {
+            Some(x) => Expr::BinaryOp {
+                left: x.clone(),
+                op: BinaryOperator::Eq,
+                right: Box::new(w.condition.clone()),
+            },
+            None => w.condition.clone(),
+        };
+        let p = predicate(schema, &condition)
+            .map_err(|why| PlanError(format!("{e}: in WHEN {}: {}", w.condition, why.0)))?;
+        branches.push((p, label_of(&w.result)?));
+    }
+    let otherwise = match else_result {
+        Some(r) => Some(label_of(r)?),
+        None => None,
+    };
+    Ok(Bucket {
+        name,
+        text: e.to_string(),
+        branches,
+        labels,
+        otherwise,
+    })
+}
+
+fn bad_label(case: &Expr, r: &Expr) -> PlanError {
+    PlanError(format!(
+        "{case}: THEN {r}: a CASE's results must be literal labels (e.g. THEN '6-11 months'), so the keys it releases are known from the query alone"
+    ))
+}
+
 /// The column a GROUP BY item names: a column, an alias of a selected
 /// column (`SELECT citizenship AS c ... GROUP BY c`), or the position of a
 /// selected column (`GROUP BY 1`).
@@ -1034,8 +1230,11 @@ fn literal(col: &Column, e: &Expr) -> Result<i64, PlanError> {
                 .position(|d| *d == text)
                 .map(|i| i as i64)
                 .ok_or_else(|| {
+                    let hint = crate::schema::closest(&text, domain.iter().map(String::as_str))
+                        .map(|d| format!(" (did you mean {d:?}? values are case-sensitive)"))
+                        .unwrap_or_default();
                     PlanError(format!(
-                        "{text:?} is not in the declared domain of {name}: expected {}",
+                        "{text:?} is not in the declared domain of {name}{hint}: expected {}",
                         col.expectation()
                             .trim_end_matches(", or -99/empty for missing")
                     ))
@@ -1087,7 +1286,10 @@ pub const MISSING_KEY: &str = "(missing)";
 pub fn cell_keys(plan: &Plan, schema: &Schema) -> Vec<Vec<String>> {
     let mut keys: Vec<Vec<String>> = vec![Vec::new()];
     for (&col, &size) in plan.group_by.iter().zip(&plan.group_sizes) {
-        let column = &schema.columns[col];
+        let label = |code: usize| match plan.bucket(col) {
+            Some(b) => b.labels[code].clone(),
+            None => schema.columns[col].key_label(code),
+        };
         let mut next = Vec::with_capacity(keys.len() * (size + 1));
         for k in &keys {
             for code in 0..=size {
@@ -1095,7 +1297,7 @@ pub fn cell_keys(plan: &Plan, schema: &Schema) -> Vec<Vec<String>> {
                 key.push(if code == size {
                     MISSING_KEY.to_string()
                 } else {
-                    column.key_label(code)
+                    label(code)
                 });
                 next.push(key);
             }
@@ -1118,9 +1320,10 @@ SQL subset: SELECT [group columns,] aggregates FROM dataset [WHERE ...] [GROUP B
     flags as 0 and 1 (AVG(flag) is a prevalence, SUM(flag) a count)
   WHERE: col = | <> | < | <= | > | >= literal, col [NOT] IN (...),
     col [NOT] BETWEEN a AND b, col IS [NOT] NULL, AND, OR, NOT
-  GROUP BY: categorical or boolean columns, or integer columns with at most 1000
-    values in their declared bounds (one key per value), by name, alias or
-    position; every key of the declared domain is returned, plus (missing); an
+  GROUP BY: categorical or boolean columns, integer columns with at most 1000
+    values in their declared bounds (one key per value), or CASE WHEN condition
+    THEN 'label' ... [ELSE 'label'] END buckets (conditions as in WHERE), by name,
+    alias or position; every key of the declared domain is returned, plus (missing); an
     open-domain column releases only the keys whose noisy count passes a threshold
   applied by fedq query to the combined noisy answers (post-processing, no privacy
     cost): HAVING aggregate <op> number [AND ...]; ORDER BY group columns, aggregates,
@@ -1160,6 +1363,7 @@ pub const SQL_SUBSET_EXAMPLES: &[&str] = &[
     "SELECT gender, AVG(isForcedLabour) FROM cases GROUP BY gender",
     "SELECT yearOfRegistration, COUNT(*) FROM cases GROUP BY yearOfRegistration",
     "SELECT gender AS g, ageBroad, COUNT(*) FROM cases GROUP BY g, 2",
+    "SELECT CASE WHEN traffickMonths < 12 THEN 'under a year' ELSE 'a year or more' END AS d, COUNT(*) FROM cases GROUP BY d",
 ];
 
 #[cfg(test)]
@@ -1505,6 +1709,88 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.0.contains("HISTOGRAM(amount, k)"), "{e}");
+    }
+
+    /// A CASE of literal labels over declared columns is a GROUP BY key
+    /// whose domain is its labels (first TRUE branch wins; without ELSE,
+    /// unmatched rows are (missing)); named by its alias, grouped by the
+    /// expression, its alias or its position.
+    #[test]
+    fn case_buckets_group_by_their_literal_labels() {
+        let s = schema();
+        let case = "CASE WHEN traffickMonths < 6 THEN '<6m' WHEN traffickMonths < 12 THEN '6-11m' WHEN traffickMonths >= 12 THEN '12m+' END";
+        for group in [case, "d", "1"] {
+            let p = plan(
+                &format!("SELECT {case} AS d, COUNT(*) FROM cases GROUP BY {group}"),
+                &s,
+                10_000,
+            )
+            .unwrap();
+            assert_eq!(p.group_sizes, vec![3]);
+            assert_eq!(p.group_names(&s), vec!["d"]);
+            assert_eq!(p.buckets[0].otherwise, None);
+            assert_eq!(
+                cell_keys(&p, &s),
+                vec![vec!["<6m"], vec!["6-11m"], vec!["12m+"], vec![MISSING_KEY]]
+            );
+            assert!(p.measurements.iter().all(|m| m.sensitivity() == 1));
+        }
+        let p = plan(
+            "SELECT gender, CASE isForcedLabour WHEN 1 THEN 'yes' ELSE 'no' END, COUNT(*) FROM cases GROUP BY 1, 2",
+            &s,
+            10_000,
+        )
+        .unwrap();
+        assert_eq!(p.group_sizes, vec![3, 2]);
+        assert_eq!(p.buckets[0].otherwise, Some(1));
+        for (sql, says) in [
+            (
+                "SELECT CASE WHEN traffickMonths < 6 THEN traffickMonths END, COUNT(*) FROM cases GROUP BY 1",
+                "literal labels",
+            ),
+            (
+                "SELECT CASE WHEN nope < 6 THEN 'a' END AS x, COUNT(*) FROM cases GROUP BY x",
+                "unknown column",
+            ),
+            (
+                "SELECT CASE WHEN traffickMonths < 6 THEN 'a' END, COUNT(*) FROM cases",
+                "not grouped by",
+            ),
+        ] {
+            let e = plan(sql, &s, 10_000).unwrap_err().0;
+            assert!(e.contains(says), "{sql}: {e}");
+        }
+    }
+
+    /// A typo in a column name or a value gets the closest declared one.
+    #[test]
+    fn typos_get_the_closest_declared_name() {
+        let s = schema();
+        for (sql, says) in [
+            (
+                "SELECT gendr, COUNT(*) FROM cases GROUP BY gendr",
+                "did you mean \"gender\"?",
+            ),
+            (
+                "SELECT COUNT(*) FROM cases WHERE gender = 'female'",
+                "did you mean \"Female\"?",
+            ),
+            (
+                "SELECT COUNT(*) FROM cases WHERE gender = 'Femal'",
+                "did you mean \"Female\"?",
+            ),
+            (
+                "SELECT AVG(trafickMonths) FROM cases",
+                "did you mean \"traffickMonths\"?",
+            ),
+        ] {
+            let e = plan(sql, &s, 10_000).unwrap_err().0;
+            assert!(e.contains(says), "{sql}: {e}");
+        }
+        let e = plan("SELECT COUNT(*) FROM cases WHERE xyz = 1", &s, 10_000)
+            .unwrap_err()
+            .0;
+        assert!(!e.contains("did you mean"), "{e}");
     }
 
     /// The README's section on the SQL fedq answers states the same list.

@@ -119,6 +119,19 @@ pub enum Column {
     },
 }
 
+/// The candidate closest to `written`, if it is close enough to be what
+/// was meant: a case-insensitive match, or at most two edits away (one for
+/// short names).
+pub fn closest<'a>(written: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let lower = written.to_lowercase();
+    let limit = if written.chars().count() <= 4 { 1 } else { 2 };
+    candidates
+        .map(|c| (strsim::levenshtein(&lower, &c.to_lowercase()), c))
+        .filter(|&(d, _)| d <= limit)
+        .min_by_key(|&(d, _)| d)
+        .map(|(_, c)| c)
+}
+
 impl Column {
     /// The column's name.
     pub fn name(&self) -> &str {
@@ -487,12 +500,21 @@ impl Schema {
             }
             return Ok((i, &self.columns[i]));
         }
-        let hint = self
+        let names = self
+            .columns
+            .iter()
+            .filter(|c| !matches!(c, Column::PersonId { .. }))
+            .map(Column::name);
+        let hint = match self
             .columns
             .iter()
             .find(|c| c.name().eq_ignore_ascii_case(name))
-            .map(|c| format!(" (did you mean {:?}? names are case-sensitive)", c.name()))
-            .unwrap_or_default();
+        {
+            Some(c) => format!(" (did you mean {:?}? names are case-sensitive)", c.name()),
+            None => closest(name, names)
+                .map(|c| format!(" (did you mean {c:?}?)"))
+                .unwrap_or_default(),
+        };
         Err(format!(
             "unknown column {name:?}{hint}; declared columns: {}",
             self.columns

@@ -519,8 +519,14 @@ fn check_plan(p: &Plan, s: &Schema, max_cells: usize) -> Result<(), TestCaseErro
     prop_assert!(!p.measurements.is_empty());
     prop_assert_eq!(p.group_by.len(), p.group_sizes.len());
     for (&g, &size) in p.group_by.iter().zip(&p.group_sizes) {
-        prop_assert!(g < s.columns.len());
-        prop_assert_eq!(Some(size), s.columns[g].group_size());
+        match p.bucket(g) {
+            // A CASE bucket: its labels are its domain.
+            Some(b) => prop_assert_eq!(size, b.labels.len()),
+            None => {
+                prop_assert!(g < s.columns.len());
+                prop_assert_eq!(Some(size), s.columns[g].group_size());
+            }
+        }
     }
     let mut sorted = p.group_by.clone();
     sorted.sort_unstable();

@@ -99,6 +99,48 @@ async fn top_k_having_and_round_are_applied_to_the_combined_noisy_answers() {
     sorted.sort();
     assert_eq!(keys, sorted, "ORDER BY 1 sorts by gender");
 
+    // Duration of exploitation in bands, as researchers bucket it: a CASE
+    // of literal labels, against the truth read from the CSVs.
+    let c = ask(
+        &f,
+        "SELECT CASE WHEN traffickMonths < 6 THEN 'under 6 months' WHEN traffickMonths < 12 THEN '6 to 11 months' ELSE 'a year or more' END AS duration, COUNT(*) FROM cases GROUP BY duration",
+        1.0,
+    )
+    .await;
+    assert_eq!(c.group_by, vec!["duration"]);
+    let mut bands = std::collections::HashMap::new();
+    for n in &fed.nodes {
+        for (k, v) in exact_counts(&n.csv, &["traffickMonths"], |_| true) {
+            let band = match k[0].parse::<i64>() {
+                Ok(m) if m < 6 => "under 6 months",
+                Ok(m) if m < 12 => "6 to 11 months",
+                // A missing duration matches no WHEN: it falls to ELSE.
+                _ => "a year or more",
+            };
+            *bands.entry(band.to_string()).or_insert(0i64) += v;
+        }
+    }
+    let keys: Vec<&str> = c.rows.iter().map(|r| r.key[0].as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "under 6 months",
+            "6 to 11 months",
+            "a year or more",
+            "(missing)"
+        ]
+    );
+    for r in &c.rows {
+        let e = r.estimates[0].as_ref().unwrap();
+        let want = bands.get(&r.key[0]).copied().unwrap_or(0) as f64;
+        assert!(
+            (e.value - want).abs() <= (e.ci_high - e.ci_low).max(1.0) * 2.0,
+            "{}: {} against {want}",
+            r.key[0],
+            e.value
+        );
+    }
+
     // Victims per year: an integer column grouped by one key per year of
     // its declared bounds, against the truth read from the CSVs.
     let c = ask(

@@ -195,7 +195,16 @@ fn rows_stage(schema: &Schema, p: &mut Params) -> (Option<String>, &'static str)
 pub fn build(plan: &Plan, schema: &Schema, db: &[DbType], relation: &Relation) -> Statement {
     let mut p = Params::default();
     // The columns the query touches, each once, in declaration order.
-    let mut used: Vec<usize> = plan.group_by.clone();
+    let mut used: Vec<usize> = Vec::new();
+    for &g in &plan.group_by {
+        match plan.bucket(g) {
+            Some(b) => b
+                .branches
+                .iter()
+                .for_each(|(c, _)| predicate_columns(c, &mut used)),
+            None => used.push(g),
+        }
+    }
     for m in &plan.measurements {
         match m {
             MeasurementSpec::CountRows => {}
@@ -242,9 +251,26 @@ pub fn build(plan: &Plan, schema: &Schema, db: &[DbType], relation: &Relation) -
     let mut items: Vec<String> = plan
         .group_by
         .iter()
-        .map(|&i| match &schema.columns[i] {
-            Column::Integer { min, .. } => format!("({} - {})", code(i), p.int(*min)),
-            _ => code(i),
+        .map(|&i| match plan.bucket(i) {
+            // A CASE bucket's key: the first TRUE branch's label index,
+            // else the ELSE label's, else NULL (missing), as the engine.
+            Some(b) => {
+                let mut k = String::from("(CASE");
+                for (c, label) in &b.branches {
+                    k.push_str(" WHEN ");
+                    predicate(c, &mut p, &mut k);
+                    let _ = write!(k, " THEN {label}");
+                }
+                if let Some(o) = b.otherwise {
+                    let _ = write!(k, " ELSE {o}");
+                }
+                k.push_str(" END)::bigint");
+                k
+            }
+            None => match &schema.columns[i] {
+                Column::Integer { min, .. } => format!("({} - {})", code(i), p.int(*min)),
+                _ => code(i),
+            },
         })
         .collect();
     // Values saturate to i64 like the engine's.
