@@ -27,3 +27,9 @@ pub mod output;
 pub mod post;
 pub mod run;
 pub mod verify;
+
+/// The candidate closest to `written` (a case-insensitive match, or at most
+/// two edits away), for "did you mean" in messages.
+pub fn closest_name<'a>(written: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    fedq_plan::schema::closest(written, candidates.iter().copied())
+}

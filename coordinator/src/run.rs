@@ -169,14 +169,96 @@ fn in_order<T>(fed: &Federation, mut parts: Vec<Outcome<T>>) -> Vec<Outcome<T>> 
     out
 }
 
-/// Runs `sql` on the federation. `Err` only when a quorum was asked for
-/// and not reached (then nothing is spent anywhere).
+/// Why [`run_query`] released nothing anywhere.
+#[derive(Debug, Clone)]
+pub enum RunError {
+    /// The query is wrong for every node that serves its dataset (planned
+    /// here, from the schemas they describe): said once, nothing was sent.
+    Query(String),
+    /// A quorum was asked for and not reached; nothing is spent anywhere.
+    Quorum(QuorumFailure),
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunError::Query(why) => {
+                write!(f, "{why}; nothing was sent to any node, nothing was spent")
+            }
+            RunError::Quorum(q) => write!(f, "{q}"),
+        }
+    }
+}
+
+/// Plans `sql` here against every described node's public schema, so that
+/// a mistake common to all (a typo, a value outside a domain, SQL outside
+/// the subset) is said once, before any node is asked. `Ok` as soon as one
+/// node serving the dataset can answer it (nodes may declare different
+/// schemas; the others then refuse on their own), and when no node could
+/// be described (their failures are the answer).
+pub fn plan_locally(
+    described: &[(NodeEntry, fedq_proto::v1::DescribeResponse)],
+    sql: &str,
+) -> Result<(), String> {
+    if described.is_empty() {
+        return Ok(());
+    }
+    let dataset = fedq_plan::plan::dataset_of(sql).map_err(|e| e.0)?;
+    let mut errors: Vec<(String, String)> = Vec::new();
+    let mut serving = 0;
+    for (entry, d) in described {
+        let Some(ds) = d.datasets.iter().find(|ds| ds.name == dataset) else {
+            continue;
+        };
+        serving += 1;
+        let planned = crate::verify::schema_from_proto(ds)
+            .and_then(|schema| fedq_plan::plan::plan(sql, &schema, usize::MAX).map_err(|e| e.0));
+        match planned {
+            Ok(_) => return Ok(()),
+            Err(why) => errors.push((entry.name.clone(), why)),
+        }
+    }
+    if serving == 0 {
+        let mut served: Vec<&str> = described
+            .iter()
+            .flat_map(|(_, d)| d.datasets.iter().map(|ds| ds.name.as_str()))
+            .collect();
+        served.sort_unstable();
+        served.dedup();
+        let hint = crate::closest_name(&dataset, &served)
+            .map(|n| format!(" (did you mean {n:?}?)"))
+            .unwrap_or_default();
+        return Err(format!(
+            "dataset {dataset:?} is not served by any node{hint}; the nodes serve: {}",
+            served.join(", ")
+        ));
+    }
+    let (first_node, first) = &errors[0];
+    let others: Vec<&str> = errors
+        .iter()
+        .filter(|(_, why)| why != first)
+        .map(|(n, _)| n.as_str())
+        .collect();
+    Err(if others.is_empty() {
+        first.clone()
+    } else {
+        format!(
+            "{first} (on {first_node}; {} declare other schemas and refuse it differently: see fedq schema --federation ...)",
+            others.join(", ")
+        )
+    })
+}
+
+/// Runs `sql` on the federation. `Err` when the query is wrong for every
+/// node ([`plan_locally`]: nothing was sent), or when a quorum was asked
+/// for and not reached (nothing is spent anywhere).
 pub async fn run_query(
     fed: &Federation,
     sql: &str,
     opts: &QueryOptions,
-) -> Result<Vec<Outcome<QueryResponse>>, QuorumFailure> {
+) -> Result<Vec<Outcome<QueryResponse>>, RunError> {
     let (described, left_out) = described(fed, &required(opts), opts.calls).await;
+    plan_locally(&described, sql).map_err(RunError::Query)?;
     let nodes: Vec<NodeEntry> = described.iter().map(|(e, _)| e.clone()).collect();
     let request = QueryRequest {
         query_id: opts.query_id.clone(),
@@ -254,7 +336,7 @@ pub async fn run_query(
             result: o.result.map(|_| ()),
             elapsed: o.elapsed,
         }));
-        return Err(QuorumFailure {
+        return Err(RunError::Quorum(QuorumFailure {
             accepted: accepted.len(),
             needed,
             outcomes: in_order(fed, outcomes),
@@ -263,7 +345,7 @@ pub async fn run_query(
                 .filter(|o| o.result.is_err())
                 .map(|o| o.node)
                 .collect(),
-        });
+        }));
     }
     // Phase 2: release where accepted.
     let id = opts.query_id.clone();

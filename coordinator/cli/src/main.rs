@@ -401,8 +401,8 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 progress.stop().await;
                 let mut outcomes = match result {
                     Ok(o) => o,
-                    Err(quorum) => {
-                        eprintln!("error: {quorum}");
+                    Err(e) => {
+                        eprintln!("error: {e}");
                         code = EXIT_ERROR;
                         continue;
                     }

@@ -122,7 +122,10 @@ async fn a_node_that_never_answers_is_cut_at_the_deadline_and_a_quorum_spends_no
     let before = [spent(&fed, 0, "alice").await, spent(&fed, 1, "alice").await];
     let mut q = opts(0.5, calls);
     q.min_nodes = Some(3);
-    let failure = run_query(&coordinator, SQL, &q).await.unwrap_err();
+    let fedq::run::RunError::Quorum(failure) = run_query(&coordinator, SQL, &q).await.unwrap_err()
+    else {
+        panic!("expected a quorum failure")
+    };
     assert_eq!((failure.accepted, failure.needed), (2, 3));
     assert!(
         failure.to_string().contains("nothing was released"),

@@ -335,3 +335,57 @@ async fn ratios_and_percentages_have_intervals_that_cover_the_truth() {
         "covered {covered:?} of {RUNS}"
     );
 }
+
+/// A typo is said once, by the coordinator, before any node is asked: the
+/// message names the closest column or value, and nothing reaches a node
+/// (no budget spent, no audit entry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_typo_is_said_once_before_any_node_is_asked() {
+    use fedq::run::{run_query, QueryOptions, RunError};
+    let fed = TestFederation::start(&PARTNERS, roomy_budget()).await;
+    let f = fed.federation("alice");
+    for (sql, says) in [
+        (
+            "SELECT gendr, COUNT(*) FROM cases GROUP BY gendr",
+            "did you mean \"gender\"?",
+        ),
+        (
+            "SELECT COUNT(*) FROM cases WHERE gender = 'female'",
+            "did you mean \"Female\"?",
+        ),
+        ("SELECT COUNT(*) FROM case", "did you mean \"cases\"?"),
+    ] {
+        let opts = QueryOptions {
+            epsilon: 0.5,
+            rho: 0.0,
+            dry_run: false,
+            calls: fedq::client::Calls {
+                timeout: Duration::from_secs(20),
+                retries: 1,
+            },
+            min_nodes: None,
+            query_id: new_query_id(),
+        };
+        match run_query(&f, sql, &opts).await {
+            Err(e @ RunError::Query(_)) => {
+                let text = e.to_string();
+                assert!(text.contains(says), "{sql}: {text}");
+                assert!(text.contains("nothing was sent"), "{text}");
+                assert_eq!(text.matches(says).count(), 1, "said once: {text}");
+            }
+            other => panic!("{sql}: expected a local refusal, got {other:?}"),
+        }
+    }
+    // Nothing reached a node: no budget was spent anywhere.
+    let budgets = f.budget(Duration::from_secs(10)).await;
+    for b in budgets {
+        let spent: f64 = b
+            .result
+            .expect("budget")
+            .budgets
+            .iter()
+            .map(|x| x.spent_by_analyst)
+            .sum();
+        assert_eq!(spent, 0.0, "{}", b.node);
+    }
+}
