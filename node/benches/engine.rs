@@ -16,7 +16,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use fedq_dp::mechanism;
 use fedq_engine::synth::{self, Partner};
 use fedq_engine::table::Table;
-use fedq_node::store::Store;
+use fedq_ledger::store::Store;
 use fedq_plan::plan::plan;
 use fedq_plan::schema::Schema;
 

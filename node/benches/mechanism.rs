@@ -7,9 +7,9 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use fedq_dp::mechanism;
+use fedq_ledger::ledger::Ledger;
+use fedq_ledger::store::Store;
 use fedq_node::config::BudgetLimits;
-use fedq_node::ledger::Ledger;
-use fedq_node::store::Store;
 
 fn noise(c: &mut Criterion) {
     let mut g = c.benchmark_group("discrete_laplace");
@@ -39,12 +39,12 @@ fn noise(c: &mut Criterion) {
 fn ledger(c: &mut Criterion) {
     let dir = tempfile::tempdir_in(std::env::temp_dir()).expect("temp dir");
     let store = Store::open(&dir.path().join("store")).expect("store");
-    let key = fedq_node::audit::AuditKey::load_or_create(
+    let key = fedq_ledger::audit::AuditKey::load_or_create(
         &dir.path().join("audit.key"),
         &dir.path().join("audit.pub"),
     )
     .expect("audit key");
-    let audit = std::sync::Arc::new(fedq_node::audit::AuditLog::new(store.audit.clone(), key));
+    let audit = std::sync::Arc::new(fedq_ledger::audit::AuditLog::new(store.audit.clone(), key));
     let ledger = Ledger::new(store, audit);
     let limits = BudgetLimits {
         keys_delta: None,

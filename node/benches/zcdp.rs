@@ -26,9 +26,9 @@ use std::time::{Duration, Instant};
 
 use criterion::Criterion;
 use fedq_dp::accounting::{self, Measure};
+use fedq_ledger::ledger::Ledger;
+use fedq_ledger::store::Store;
 use fedq_node::config::BudgetLimits;
-use fedq_node::ledger::Ledger;
-use fedq_node::store::Store;
 
 const DELTA: f64 = 1e-7;
 
@@ -47,10 +47,12 @@ fn limits(measure: Measure) -> BudgetLimits {
 
 fn ledger(dir: &std::path::Path) -> Ledger {
     let store = Store::open(&dir.join("store")).expect("store");
-    let key =
-        fedq_node::audit::AuditKey::load_or_create(&dir.join("audit.key"), &dir.join("audit.pub"))
-            .expect("audit key");
-    let audit = Arc::new(fedq_node::audit::AuditLog::new(store.audit.clone(), key));
+    let key = fedq_ledger::audit::AuditKey::load_or_create(
+        &dir.join("audit.key"),
+        &dir.join("audit.pub"),
+    )
+    .expect("audit key");
+    let audit = Arc::new(fedq_ledger::audit::AuditLog::new(store.audit.clone(), key));
     Ledger::new(store, audit)
 }
 
@@ -125,7 +127,7 @@ fn cpu_per_query(measure: Measure, conv: Conversions, queries: u64) -> (Duration
         for n in from..to {
             let id = format!("q{n}");
             let digest = [(n % 251) as u8; 32];
-            let fedq_node::ledger::Admission::Debited(state) = ledger
+            let fedq_ledger::ledger::Admission::Debited(state) = ledger
                 .admit("alice", "cases", &id, digest, amount, &l)
                 .expect("admit")
                 .expect("admitted")
@@ -181,7 +183,7 @@ fn pure_throughput(with_zcdp_load: bool, seconds: f64) -> (f64, f64) {
     let response = fedq_proto::v1::QueryResponse::default();
     let query = |analyst: &str, dataset: &str, id: String, amount: f64, l: &BudgetLimits| {
         let digest = [7; 32];
-        let fedq_node::ledger::Admission::Debited(state) = ledger
+        let fedq_ledger::ledger::Admission::Debited(state) = ledger
             .admit(analyst, dataset, &id, digest, amount, l)
             .expect("admit")
             .expect("admitted")

@@ -35,9 +35,9 @@ use anyhow::{anyhow, bail, Context};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::audit::{self, AuditKey, AuditLog, Head};
 use crate::config::NodeConfig;
-use crate::store::{Store, FORMAT_VERSION};
+use fedq_ledger::audit::{self, AuditKey, AuditLog, Head};
+use fedq_ledger::store::{Store, FORMAT_VERSION};
 
 /// Name of the manifest inside a backup directory.
 pub const MANIFEST: &str = "manifest.json";
@@ -224,7 +224,7 @@ pub fn backup(config: &NodeConfig, out: &Path) -> anyhow::Result<BackupReport> {
     let audit = crate::service::open_audit(config, &store)?;
     let head = audit.head()?.as_ref().map(Mark::from);
     let audit_public_key = audit.key.public_hex();
-    let ledger = crate::ledger::Ledger::new(store.clone(), std::sync::Arc::new(audit));
+    let ledger = fedq_ledger::ledger::Ledger::new(store.clone(), std::sync::Arc::new(audit));
     let mut budgets = Vec::new();
     for d in &config.datasets {
         let analysts: Vec<AnalystBudget> = ledger

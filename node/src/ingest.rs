@@ -13,7 +13,7 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context};
 use sha2::{Digest, Sha256};
 
-use crate::store::Store;
+use fedq_ledger::store::Store;
 use fedq_plan::schema::{Column, Schema, MISSING};
 
 /// What an ingest did.
@@ -50,7 +50,7 @@ pub fn ingest_csv(
 /// again is then allowed and logged again), never rows without an entry.
 pub fn ingest_csv_audited(
     store: &Store,
-    audit: &crate::audit::AuditLog,
+    audit: &fedq_ledger::audit::AuditLog,
     dataset: &str,
     schema: &Schema,
     csv_path: &Path,
@@ -68,7 +68,7 @@ pub fn ingest_csv_audited(
 
 fn ingest_with(
     store: &Store,
-    audit: Option<&crate::audit::AuditLog>,
+    audit: Option<&fedq_ledger::audit::AuditLog>,
     dataset: &str,
     schema: &Schema,
     csv_path: &Path,
@@ -175,7 +175,7 @@ fn ingest_with(
     let rows_added = (codes.len() / schema.columns.len()) as u64;
     if let Some(audit) = audit {
         audit
-            .append(crate::audit::Event::Ingested {
+            .append(fedq_ledger::audit::Event::Ingested {
                 dataset: dataset.to_string(),
                 rows: None,
                 rows_total: None,

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
 use fedq_engine::synth::{self, Partner};
-use fedq_node::audit::{self, Entry};
+use fedq_ledger::audit::{self, Entry};
 use fedq_node::config::NodeConfig;
 
 /// mimalloc rather than glibc's allocator: a node's request threads each
@@ -266,11 +266,11 @@ fn open_node(
     config: &std::path::Path,
 ) -> anyhow::Result<(
     NodeConfig,
-    fedq_node::store::Store,
-    fedq_node::audit::AuditLog,
+    fedq_ledger::store::Store,
+    fedq_ledger::audit::AuditLog,
 )> {
     let cfg = NodeConfig::load(config)?;
-    let store = fedq_node::store::Store::open(&cfg.resolve(&cfg.node.store))?;
+    let store = fedq_ledger::store::Store::open(&cfg.resolve(&cfg.node.store))?;
     let audit = fedq_node::service::open_audit(&cfg, &store)?;
     Ok((cfg, store, audit))
 }
@@ -442,7 +442,7 @@ fn budget_command(cmd: BudgetCommand) -> anyhow::Result<()> {
     match cmd {
         BudgetCommand::Show { config } => {
             let (cfg, store, audit) = open_node(&config)?;
-            let ledger = fedq_node::ledger::Ledger::new(store, std::sync::Arc::new(audit));
+            let ledger = fedq_ledger::ledger::Ledger::new(store, std::sync::Arc::new(audit));
             for d in &cfg.datasets {
                 println!(
                     "dataset {}: per analyst {}, total {}, per query at most {} ({})",
@@ -493,7 +493,7 @@ fn budget_command(cmd: BudgetCommand) -> anyhow::Result<()> {
                     measure.unit()
                 ));
             }
-            let ledger = fedq_node::ledger::Ledger::new(store, std::sync::Arc::new(audit));
+            let ledger = fedq_ledger::ledger::Ledger::new(store, std::sync::Arc::new(audit));
             ledger.check_measures([(dataset.as_str(), measure)])?;
             let total = ledger.grant(&analyst, &dataset, amount, measure)?;
             let unit = measure.unit();
@@ -560,7 +560,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             let schema = ds.schema().map_err(anyhow::Error::msg)?;
-            let store = fedq_node::store::Store::open(&cfg.resolve(&cfg.node.store))?;
+            let store = fedq_ledger::store::Store::open(&cfg.resolve(&cfg.node.store))?;
             // Every ingest is in the audit log (dataset and file digest).
             let audit = fedq_node::service::open_audit(&cfg, &store)?;
             let r = fedq_node::ingest::ingest_csv_audited(
@@ -613,7 +613,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let audit_key = cfg.resolve(&cfg.audit.key);
             let existed = audit_key.exists();
-            let key = fedq_node::audit::AuditKey::load_or_create(
+            let key = fedq_ledger::audit::AuditKey::load_or_create(
                 &audit_key,
                 &cfg.resolve(&cfg.audit.public_key),
             )?;

@@ -9,7 +9,7 @@
 //! does write is what `serve` writes first anyway: the audit public key
 //! beside an existing audit key, the high-water mark raised to the log's
 //! head ([`crate::backup::raise_high_water`]), and an interrupted ledger
-//! write completed ([`crate::journal`]). It creates no store and no key:
+//! write completed ([`fedq_ledger::journal`]). It creates no store and no key:
 //! where those are missing it checks that `serve` could create them.
 //! Database sources are checked by the caller (`check` and `serve` treat
 //! an unreachable database differently: see `NodeState::check_sources`).
@@ -81,7 +81,7 @@ pub fn preflight(cfg: &NodeConfig, rows: Rows) -> anyhow::Result<Preflight> {
 fn audit_key(
     cfg: &NodeConfig,
     checked: &mut Vec<String>,
-) -> anyhow::Result<Option<crate::audit::AuditKey>> {
+) -> anyhow::Result<Option<fedq_ledger::audit::AuditKey>> {
     let path = cfg.resolve(&cfg.audit.key);
     match std::fs::metadata(&path) {
         Ok(m) if m.is_dir() => bail!(
@@ -89,9 +89,11 @@ fn audit_key(
             path.display()
         ),
         Ok(_) => {
-            let key =
-                crate::audit::AuditKey::load_or_create(&path, &cfg.resolve(&cfg.audit.public_key))
-                    .context("audit.key")?;
+            let key = fedq_ledger::audit::AuditKey::load_or_create(
+                &path,
+                &cfg.resolve(&cfg.audit.public_key),
+            )
+            .context("audit.key")?;
             checked.push(format!(
                 "audit.key: {} read (public key {})",
                 path.display(),
@@ -118,7 +120,7 @@ fn audit_key(
 fn check_store(
     cfg: &NodeConfig,
     dir: &Path,
-    key: Option<crate::audit::AuditKey>,
+    key: Option<fedq_ledger::audit::AuditKey>,
     rows: Rows,
     checked: &mut Vec<String>,
 ) -> anyhow::Result<()> {
@@ -133,7 +135,7 @@ fn check_store(
         ));
         return Ok(());
     }
-    let store = crate::store::Store::open(dir).context("node.store")?;
+    let store = fedq_ledger::store::Store::open(dir).context("node.store")?;
     for d in cfg.datasets.iter().filter(|d| d.source.is_none()) {
         let schema = d
             .schema()
@@ -157,14 +159,14 @@ fn check_store(
         }
     }
     if let Some(key) = key {
-        let audit = Arc::new(crate::audit::AuditLog::new(store.audit.clone(), key));
+        let audit = Arc::new(fedq_ledger::audit::AuditLog::new(store.audit.clone(), key));
         // The audit log's last start entry is readable (serve reads it to
         // log what changed)...
         audit.last_limits().context("the store's audit log")?;
         // ... the store was not rolled back below what the node reached ...
         crate::backup::raise_high_water(cfg, &audit)?;
         // ... and no dataset changed its privacy measure.
-        let ledger = crate::ledger::Ledger::new(store.clone(), audit);
+        let ledger = fedq_ledger::ledger::Ledger::new(store.clone(), audit);
         ledger.check_measures(
             cfg.datasets
                 .iter()

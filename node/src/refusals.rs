@@ -25,7 +25,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use crate::audit::{AuditLog, Event};
+use fedq_ledger::audit::{AuditLog, Event};
 
 /// Length of a summary window (a minute).
 pub const WINDOW_MS: u64 = 60_000;
@@ -282,7 +282,7 @@ fn write(audit: &AuditLog, mut due: Vec<(Key, Window)>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::AuditKey;
+    use fedq_ledger::audit::AuditKey;
 
     fn log() -> (tempfile::TempDir, AuditLog) {
         let dir = tempfile::tempdir().unwrap();

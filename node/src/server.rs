@@ -7,9 +7,9 @@
 //!
 //! Before serving, [`crate::preflight::preflight`] checks everything the
 //! node needs (the same function `fedq-node check` runs). While serving,
-//! a failed store write or flush ([`crate::fault`]) turns the health
+//! a failed store write or flush ([`fedq_ledger::fault`]) turns the health
 //! service NOT_SERVING and stops the node with [`StoreFailed`]
-//! (`fedq-node serve` then exits with [`crate::fault::EXIT_STORE_FAILED`]
+//! (`fedq-node serve` then exits with [`fedq_ledger::fault::EXIT_STORE_FAILED`]
 //! for its supervisor to restart it).
 
 use std::net::SocketAddr;
@@ -22,8 +22,8 @@ use tokio::task::JoinHandle;
 use tonic::transport::Server;
 
 use crate::config::NodeConfig;
-use crate::fault::StoreFailed;
 use crate::service::{NodeService, NodeState};
+use fedq_ledger::fault::StoreFailed;
 
 /// How long a node whose store failed keeps answering NOT_SERVING before
 /// it stops: long enough for a health check or load balancer to see it,
@@ -58,11 +58,11 @@ impl RunningNode {
 }
 
 /// The exit code of `fedq-node serve` for the error it stopped with:
-/// [`crate::fault::EXIT_STORE_FAILED`] after a failed store write or
+/// [`fedq_ledger::fault::EXIT_STORE_FAILED`] after a failed store write or
 /// flush, 1 for anything else.
 pub fn exit_code(e: &anyhow::Error) -> u8 {
     if e.chain().any(|c| c.is::<StoreFailed>()) {
-        crate::fault::EXIT_STORE_FAILED
+        fedq_ledger::fault::EXIT_STORE_FAILED
     } else {
         1
     }

@@ -21,15 +21,15 @@ use fedq_proto::v1::{
 use prost::Message;
 use tonic::{Request, Response, Status};
 
-use crate::audit::{AuditKey, AuditLog, DatasetLimits, Decimal, Event, ReleasedMeasurement};
 use crate::config::{DatasetConfig, NodeConfig};
-use crate::ledger::{Admission, BudgetState, Computed, Ledger};
 use crate::refusals::{RefusalKind, RefusalLog};
-use crate::store::Store;
 use fedq_dp::accounting::{self, Measure};
 use fedq_dp::mechanism::{self, Exact, Noise};
 use fedq_engine::postgres::{PgSource, SourceError};
 use fedq_engine::source::Source;
+use fedq_ledger::audit::{AuditKey, AuditLog, DatasetLimits, Decimal, Event, ReleasedMeasurement};
+use fedq_ledger::ledger::{Admission, BudgetState, Computed, Ledger};
+use fedq_ledger::store::Store;
 use fedq_pki::{caller_from_der, Caller};
 use fedq_plan::plan::cell_keys;
 use fedq_plan::plan::{self, Plan};
@@ -760,9 +760,9 @@ fn refusal_status(
     receipt: Option<&Receipt>,
     (analyst, dataset): (&str, &str),
     query_id: &str,
-    refusal: crate::ledger::Refusal,
+    refusal: fedq_ledger::ledger::Refusal,
 ) -> Status {
-    use crate::ledger::Refusal;
+    use fedq_ledger::ledger::Refusal;
     let (kind, status) = match refusal {
         Refusal::IdReused(_) | Refusal::ReplayExpired { .. } => (
             RefusalKind::IdReused,
@@ -1636,8 +1636,8 @@ impl Node for NodeService {
                     .state(&who.name, &plan.dataset, &ds.config.budget)
                     .map_err(internal)?;
                 let expires_at_ms = match outcome {
-                    crate::ledger::ReserveOutcome::Reserved(_, e) => e,
-                    crate::ledger::ReserveOutcome::AlreadyReleased => 0,
+                    fedq_ledger::ledger::ReserveOutcome::Reserved(_, e) => e,
+                    fedq_ledger::ledger::ReserveOutcome::AlreadyReleased => 0,
                 };
                 Ok::<_, Status>(PrepareResponse {
                     query_id: q.query_id.clone(),

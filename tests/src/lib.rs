@@ -76,7 +76,7 @@ impl TestFederation {
             let schema = Schema::from_specs("cases", &config.datasets[0].columns).unwrap();
             {
                 let store =
-                    fedq_node::store::Store::open(&config.resolve(&config.node.store)).unwrap();
+                    fedq_ledger::store::Store::open(&config.resolve(&config.node.store)).unwrap();
                 fedq_node::ingest::ingest_csv(&store, "cases", &schema, &csv, false).unwrap();
             }
             nodes.push(TestNode {
@@ -850,13 +850,13 @@ pub struct Logged {
     /// Its hash (hex).
     pub hash: String,
     /// The event.
-    pub event: fedq_node::audit::Event,
+    pub event: fedq_ledger::audit::Event,
 }
 
 impl Logged {
     /// Reads one exported line (panics on a line that is not an entry).
     pub fn parse(line: &str) -> Logged {
-        let e: fedq_node::audit::Entry = serde_json::from_str(line).unwrap();
+        let e: fedq_ledger::audit::Entry = serde_json::from_str(line).unwrap();
         Logged {
             seq: e.seq,
             time_ms: e.time_ms,

@@ -117,7 +117,7 @@ pub fn build_federation(dir: &Path, out: &mut impl std::io::Write) -> anyhow::Re
         let ds = &config.datasets[0];
         let schema = ds.schema().map_err(anyhow::Error::msg)?;
         {
-            let store = fedq_node::store::Store::open(&config.resolve(&config.node.store))?;
+            let store = fedq_ledger::store::Store::open(&config.resolve(&config.node.store))?;
             let audit = fedq_node::service::open_audit(&config, &store)?;
             let r = fedq_node::ingest::ingest_csv_audited(
                 &store, &audit, "cases", &schema, &csv_path, false,

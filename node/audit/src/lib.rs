@@ -1,6 +1,6 @@
 //! `fedq-audit`: the audit log's format, what auditors and coordinators
 //! need to read and check a node's log, with no server and no store in it
-//! (a node's store of the log is `fedq_node::audit::AuditLog`).
+//! (a node's store of the log is `fedq_ledger::audit::AuditLog`).
 //!
 //! Every privacy-relevant event is an [`Entry`]: a sequence number, a
 //! timestamp, the SHA-256 hash of the previous entry, an [`Event`], its own

@@ -382,7 +382,7 @@ fn prepare(
             let schema = Schema::from_specs(&d.name, &d.columns).map_err(anyhow::Error::msg)?;
             let start = Instant::now();
             {
-                let store = fedq_node::store::Store::open(&config.resolve(&config.node.store))?;
+                let store = fedq_ledger::store::Store::open(&config.resolve(&config.node.store))?;
                 fedq_node::ingest::ingest_csv(&store, &d.name, &schema, &csv, false)?;
             }
             let secs = start.elapsed().as_secs_f64();

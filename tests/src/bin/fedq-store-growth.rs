@@ -17,8 +17,8 @@ use std::path::Path;
 
 use clap::Parser;
 use fedq_engine::synth::Partner;
-use fedq_node::ledger::Ledger;
-use fedq_node::store::Store;
+use fedq_ledger::ledger::Ledger;
+use fedq_ledger::store::Store;
 use fedq_pki::Role;
 use fedq_proto::v1::QueryRequest;
 use fedq_tests::{roomy_budget, TestFederation};

@@ -190,7 +190,7 @@ async fn the_analyst_list_binds_identities_to_datasets_and_refusals_are_logged()
     let mut refused = Vec::new();
     while let Some(line) = stream.message().await.unwrap() {
         let e = fedq_tests::Logged::parse(&line.json);
-        if let fedq_node::audit::Event::Refusals {
+        if let fedq_ledger::audit::Event::Refusals {
             identity, example, ..
         } = e.event
         {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use fedq::audit::{check, HeadsFile};
 use fedq_engine::synth::Partner;
-use fedq_node::audit::{parse_public_key, verify, Event};
+use fedq_ledger::audit::{parse_public_key, verify, Event};
 use fedq_node::config::BudgetLimits;
 use fedq_pki::Role;
 use fedq_proto::v1::{BudgetRequest, ExportAuditRequest, QueryRequest};
@@ -501,9 +501,9 @@ async fn starts_grants_and_limit_changes_are_logged() {
     // A grant by the partner's admin, on the stopped node's store.
     {
         let cfg = &fed.nodes[0].config;
-        let store = fedq_node::store::Store::open(&cfg.resolve(&cfg.node.store)).unwrap();
+        let store = fedq_ledger::store::Store::open(&cfg.resolve(&cfg.node.store)).unwrap();
         let audit = std::sync::Arc::new(fedq_node::service::open_audit(cfg, &store).unwrap());
-        let ledger = fedq_node::ledger::Ledger::new(store, audit);
+        let ledger = fedq_ledger::ledger::Ledger::new(store, audit);
         assert_eq!(
             ledger
                 .grant("alice", "cases", 1.5, Default::default())

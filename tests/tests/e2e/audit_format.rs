@@ -59,7 +59,7 @@ async fn ordinary_and_non_finite_queries_leave_a_log_that_verifies_and_a_node_th
     assert!(
         matches!(
             ingested[0].event,
-            fedq_node::audit::Event::Ingested {
+            fedq_ledger::audit::Event::Ingested {
                 rows: None,
                 rows_total: None,
                 ..
@@ -136,7 +136,7 @@ async fn ordinary_and_non_finite_queries_leave_a_log_that_verifies_and_a_node_th
     let refused: u64 = entries
         .iter()
         .filter_map(|e| match &e.event {
-            fedq_node::audit::Event::Refusals { count, .. } => Some(*count),
+            fedq_ledger::audit::Event::Refusals { count, .. } => Some(*count),
             _ => None,
         })
         .sum();

@@ -10,7 +10,7 @@ use fedq::federation::NodeEntry;
 use fedq::output::{render, Format};
 use fedq::run::{run_query, QueryOptions};
 use fedq_engine::synth::Partner;
-use fedq_node::audit::Event;
+use fedq_ledger::audit::Event;
 use fedq_pki::Role;
 use fedq_proto::v1::{BudgetRequest, ExportAuditRequest, PrepareRequest, QueryRequest};
 use fedq_tests::{roomy_budget, TestFederation};

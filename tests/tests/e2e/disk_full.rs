@@ -5,15 +5,15 @@
 //! equals the debits in its log. Before the fix it went on answering
 //! health SERVING while every query failed until someone restarted it.
 //!
-//! The disk is filled by a fail point (`fedq_node::fault::fail_point`):
+//! The disk is filled by a fail point (`fedq_ledger::fault::fail_point`):
 //! every flush of the node's store fails as a full disk fails it.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use fedq_engine::synth::Partner;
-use fedq_node::audit::{parse_public_key, verify, Event};
-use fedq_node::fault::fail_point::{self, Point};
+use fedq_ledger::audit::{parse_public_key, verify, Event};
+use fedq_ledger::fault::fail_point::{self, Point};
 use fedq_pki::Role;
 use fedq_proto::v1::{BudgetRequest, QueryRequest};
 use fedq_tests::{roomy_budget, TestFederation};
@@ -117,7 +117,7 @@ async fn a_full_disk_stops_the_node_which_restarts_whole() {
     let e = stopped.expect_err("a failed store is an error exit");
     assert_eq!(
         fedq_node::server::exit_code(&e),
-        fedq_node::fault::EXIT_STORE_FAILED,
+        fedq_ledger::fault::EXIT_STORE_FAILED,
         "{e:#}"
     );
 

@@ -19,8 +19,8 @@ use std::cell::{Cell, RefCell};
 use std::time::Duration;
 
 use fedq_engine::synth::{self, Partner};
+use fedq_ledger::ledger::{from_nano, to_nano_ceil};
 use fedq_node::config::NodeConfig;
-use fedq_node::ledger::{from_nano, to_nano_ceil};
 use fedq_pki::Role;
 use fedq_plan::plan::{plan, Plan};
 use fedq_plan::schema::{ColumnSpec, ColumnType, Schema};
@@ -1249,7 +1249,7 @@ proptest! {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("cases.csv");
         std::fs::write(&path, &bytes).expect("write CSV");
-        let store = fedq_node::store::Store::open(&dir.path().join("store")).expect("open store");
+        let store = fedq_ledger::store::Store::open(&dir.path().join("store")).expect("open store");
         let s = schema();
         match fedq_node::ingest::ingest_csv(&store, "cases", &s, &path, false) {
             Ok(report) => {

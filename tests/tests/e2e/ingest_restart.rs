@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fedq_engine::synth::{self, Partner};
+use fedq_ledger::store::Store;
 use fedq_node::config::BudgetLimits;
 use fedq_node::ingest::ingest_csv;
-use fedq_node::store::Store;
 use fedq_pki::Role;
 use fedq_plan::schema::Schema;
 use fedq_proto::v1::node_client::NodeClient;

@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use fedq_engine::synth::Partner;
+use fedq_ledger::ledger::Ledger;
+use fedq_ledger::store::{Store, FORMAT_VERSION};
 use fedq_node::backup::{self, Mark};
 use fedq_node::config::{BudgetLimits, NodeConfig};
-use fedq_node::ledger::Ledger;
-use fedq_node::store::{Store, FORMAT_VERSION};
 use fedq_pki::{Authority, Role};
 use fedq_proto::v1::{BudgetRequest, DescribeRequest, QueryRequest};
 use fedq_tests::{node_binary, node_config, TestFederation, TestNode};

@@ -49,7 +49,7 @@ async fn person_level_unit_scales_sensitivity_and_hides_the_identifier() {
     });
     let schema = config.datasets[0].schema().unwrap();
     {
-        let store = fedq_node::store::Store::open(&config.resolve(&config.node.store)).unwrap();
+        let store = fedq_ledger::store::Store::open(&config.resolve(&config.node.store)).unwrap();
         fedq_node::ingest::ingest_csv(&store, "cases", &schema, &csv, false).unwrap();
 
         // A record without a person identifier is refused, naming its line.

@@ -11,7 +11,7 @@
 //!   inert, and the table keeps all its rows.
 
 use fedq_engine::synth::Partner;
-use fedq_node::audit::Event;
+use fedq_ledger::audit::Event;
 use fedq_node::config::NodeConfig;
 use fedq_pki::Role;
 use fedq_proto::v1::node_client::NodeClient;

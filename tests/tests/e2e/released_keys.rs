@@ -12,7 +12,7 @@ use std::time::Duration;
 use fedq::client::new_query_id;
 use fedq::combine::combine;
 use fedq_engine::synth::{self, Partner};
-use fedq_node::audit::Event;
+use fedq_ledger::audit::Event;
 use fedq_node::config::BudgetLimits;
 use fedq_pki::Role;
 use fedq_plan::schema::{ColumnSpec, ColumnType, Schema};
@@ -84,7 +84,7 @@ async fn rho_releases_keys_with_the_gaussian_threshold() {
     config.validate().unwrap();
     let schema = Schema::from_specs("cases", &config.datasets[0].columns).unwrap();
     {
-        let store = fedq_node::store::Store::open(&config.resolve(&config.node.store)).unwrap();
+        let store = fedq_ledger::store::Store::open(&config.resolve(&config.node.store)).unwrap();
         fedq_node::ingest::ingest_csv(&store, "cases", &schema, &csv, false).unwrap();
     }
     fed.nodes.push(TestNode {
@@ -154,7 +154,7 @@ async fn federation(n: usize) -> TestFederation {
         config.datasets[0].columns.push(open_column());
         config.validate().unwrap();
         let schema = Schema::from_specs("cases", &config.datasets[0].columns).unwrap();
-        let store = fedq_node::store::Store::open(&config.resolve(&config.node.store)).unwrap();
+        let store = fedq_ledger::store::Store::open(&config.resolve(&config.node.store)).unwrap();
         fedq_node::ingest::ingest_csv(&store, "cases", &schema, &csv, false).unwrap();
         drop(store);
         fed.nodes.push(TestNode {
@@ -402,7 +402,7 @@ fn an_overlong_open_value_fails_the_whole_ingest() {
     let mut columns = synth::ctdc_columns();
     columns.push(open_column());
     let schema = Schema::from_specs("cases", &columns).unwrap();
-    let store = fedq_node::store::Store::open(&dir.path().join("store")).unwrap();
+    let store = fedq_ledger::store::Store::open(&dir.path().join("store")).unwrap();
     let e = fedq_node::ingest::ingest_csv(&store, "cases", &schema, &csv, false)
         .unwrap_err()
         .to_string();

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use fedq_engine::synth::Partner;
-use fedq_node::audit::Event;
+use fedq_ledger::audit::Event;
 use fedq_pki::Role;
 use fedq_proto::v1::{BudgetRequest, QueryRequest};
 use fedq_tests::{audit_verify, export_audit_text, roomy_budget, Logged, ProcessNode};

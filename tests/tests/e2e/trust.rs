@@ -322,7 +322,7 @@ async fn the_audit_key_is_pinned_at_the_first_answer_and_a_resigned_log_diverges
     let other = SigningKey::from_bytes(&[7u8; 32]);
     let other_hex = hex::encode(other.verifying_key().to_bytes());
     let resigned = resign(&export, &other);
-    fedq_node::audit::verify(&resigned, &other.verifying_key(), 0, None)
+    fedq_ledger::audit::verify(&resigned, &other.verifying_key(), 0, None)
         .expect("the re-signed log is consistent under its own key");
     let with_new_key = check("node-0", &resigned, &other_hex, &mut known.clone());
     assert!(!with_new_key.consistent, "{}", with_new_key.detail);

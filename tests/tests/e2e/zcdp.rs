@@ -14,7 +14,7 @@ use fedq::client::new_query_id;
 use fedq::combine::combine;
 use fedq_dp::accounting::{zcdp_to_approx, Measure};
 use fedq_engine::synth::Partner;
-use fedq_node::audit::{parse_public_key, verify, Event};
+use fedq_ledger::audit::{parse_public_key, verify, Event};
 use fedq_node::config::BudgetLimits;
 use fedq_pki::Role;
 use fedq_proto::v1::{BudgetRequest, QueryRequest};
@@ -332,7 +332,7 @@ async fn concurrent_rho_queries_never_overspend() {
 /// (node stopped).
 fn store_contents(fed: &TestFederation, i: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
     let cfg = &fed.nodes[i].config;
-    let store = fedq_node::store::Store::open(&cfg.resolve(&cfg.node.store)).unwrap();
+    let store = fedq_ledger::store::Store::open(&cfg.resolve(&cfg.node.store)).unwrap();
     store
         .ledger
         .iter()

@@ -50,8 +50,8 @@ use sha2::{Digest, Sha256};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
 use crate::audit::{append_in, AuditLog, Decimal, Equivalent, Event, Head, ReleasedMeasurement};
-use crate::config::BudgetLimits;
 use crate::journal::{Kv, Overlay};
+use crate::limits::BudgetLimits;
 use crate::store::decode_u64;
 use fedq_dp::accounting::Measure;
 
