@@ -39,6 +39,9 @@ pub struct PostProcess {
     pub derived: Vec<(String, Formula)>,
     /// Aggregates sent to the nodes only as parts of a formula (not shown).
     pub hidden: Vec<Target>,
+    /// The SELECT list as written (normalised), the order results are
+    /// shown in once the formulas are computed.
+    pub select_order: Vec<String>,
     /// The clauses as written, for the note shown with the result.
     pub text: String,
 }
@@ -108,6 +111,7 @@ pub fn split(sql: &str) -> Result<(String, Option<PostProcess>), String> {
         round: Vec::new(),
         derived: Vec::new(),
         hidden: Vec::new(),
+        select_order: Vec::new(),
         text: String::new(),
     };
     let mut clauses = Vec::new();
@@ -142,6 +146,7 @@ pub fn split(sql: &str) -> Result<(String, Option<PostProcess>), String> {
     // item is replaced by the first of its aggregates not selected
     // otherwise, and the others are appended, once each.
     let selected: Vec<String> = written.iter().map(|(_, e)| e.clone()).collect();
+    post.select_order = selected.clone();
     let mut appended: Vec<Expr> = Vec::new();
     let mut dropped: Vec<usize> = Vec::new();
     for (i, item) in select.projection.iter_mut().enumerate() {
@@ -542,6 +547,21 @@ fn derive(c: &mut Combined, p: &PostProcess, components: Option<&Combined>) -> R
             if i < row.estimates.len() {
                 row.estimates.remove(i);
             }
+        }
+    }
+    // Back in the order of the SELECT list as written.
+    let rank = |label: &str| {
+        p.select_order
+            .iter()
+            .position(|w| *w == norm(label))
+            .unwrap_or(usize::MAX)
+    };
+    let mut order: Vec<usize> = (0..c.outputs.len()).collect();
+    order.sort_by_key(|&i| rank(&c.outputs[i]));
+    c.outputs = order.iter().map(|&i| c.outputs[i].clone()).collect();
+    for row in &mut c.rows {
+        if row.estimates.len() == order.len() {
+            row.estimates = order.iter().map(|&i| row.estimates[i]).collect();
         }
     }
     Ok(())

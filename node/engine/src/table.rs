@@ -540,6 +540,13 @@ impl Table {
                         Some(keys) => grouped_count(&selected, keys, &mut out),
                         None => count_bits(&selected, cells(), &mut out),
                     },
+                    MeasurementSpec::CountWhere { condition, .. } => {
+                        let bits = and(&selected, &self.rows_where(condition, true));
+                        match &keys {
+                            Some(keys) => grouped_count(&bits, keys, &mut out),
+                            None => count_bits(&bits, cells(), &mut out),
+                        }
+                    }
                     MeasurementSpec::CountPresent { column } => {
                         let bits = and(&selected, self.present(*column));
                         match &keys {
@@ -1629,6 +1636,9 @@ mod tests {
                 for (m, out) in plan.measurements.iter().zip(out.iter_mut()) {
                     match m {
                         MeasurementSpec::CountRows => out[cell] += 1,
+                        MeasurementSpec::CountWhere { condition, .. } => {
+                            out[cell] += i64::from(is_true(rows, i, condition))
+                        }
                         MeasurementSpec::CountPresent { column } => {
                             out[cell] += i64::from(row[*column] != MISSING)
                         }
@@ -1806,6 +1816,12 @@ mod tests {
                     .map(|&c| schema.columns[c].domain_size().unwrap())
                     .collect();
                 let mut measurements = vec![MeasurementSpec::CountRows];
+                if rng.random_bool(0.5) {
+                    measurements.push(MeasurementSpec::CountWhere {
+                        condition: random_predicate(&mut rng, &schema, &rows, 2),
+                        text: String::new(),
+                    });
+                }
                 for c in 0..ncols {
                     if rng.random_bool(0.3) {
                         measurements.push(MeasurementSpec::CountPresent { column: c });

@@ -74,6 +74,14 @@ pub struct Output {
 pub enum MeasurementSpec {
     /// Number of records in the cell.
     CountRows,
+    /// Number of records in the cell for which a condition is TRUE:
+    /// `COUNT(*) FILTER (WHERE c)`, `SUM(CASE WHEN c THEN 1 ELSE 0 END)`.
+    CountWhere {
+        /// The condition, as in WHERE.
+        condition: Predicate,
+        /// The condition as written (for labels).
+        text: String,
+    },
     /// Number of records in the cell whose column is not missing.
     CountPresent {
         /// Column index.
@@ -152,6 +160,7 @@ impl MeasurementSpec {
     fn one_record_change(&self) -> i64 {
         match self {
             MeasurementSpec::CountRows
+            | MeasurementSpec::CountWhere { .. }
             | MeasurementSpec::CountPresent { .. }
             | MeasurementSpec::Histogram { .. } => 1,
             MeasurementSpec::Sum { min, max, .. } => {
@@ -172,6 +181,7 @@ impl MeasurementSpec {
     pub fn label(&self, schema: &Schema) -> String {
         match self {
             MeasurementSpec::CountRows => "COUNT(*)".into(),
+            MeasurementSpec::CountWhere { text, .. } => format!("COUNT(*) FILTER (WHERE {text})"),
             MeasurementSpec::CountPresent { column } => {
                 format!("COUNT({})", schema.columns[*column].name())
             }
@@ -493,9 +503,38 @@ pub fn plan_parsed(parsed: &Parsed, schema: &Schema, max_cells: usize) -> Result
             ));
         };
         let written = f.name.to_string().to_ascii_uppercase();
-        if f.filter.is_some() || f.over.is_some() || f.null_treatment.is_some() {
+        if f.over.is_some() || f.null_treatment.is_some() {
             return err(format!(
-                "{expr}: FILTER and OVER are not supported; filter in WHERE (one query per filter), and for shares of a total divide by the total's own query"
+                "{expr}: OVER (window functions) is not supported; for shares of a total divide by the total's own query, or use AVG(CASE WHEN condition THEN 1 ELSE 0 END)"
+            ));
+        }
+        // Counts of rows meeting a condition, in the spellings researchers
+        // use: COUNT(*) FILTER (WHERE c), SUM(CASE WHEN c THEN 1 ELSE 0 END),
+        // COUNT(CASE WHEN c THEN 1 END); and AVG(CASE WHEN c THEN 1 ELSE 0
+        // END), the share of rows meeting it.
+        if let Some((kind, condition)) = conditional_count(&written, f, expr)? {
+            let text = condition.to_string();
+            let condition = predicate(schema, &condition)
+                .map_err(|why| PlanError(format!("{expr}: {}", why.0)))?;
+            let measurement = intern(MeasurementSpec::CountWhere { condition, text });
+            let (count_measurement, bounds) = match kind {
+                OutputKind::Avg => (Some(intern(MeasurementSpec::CountRows)), Some((0, 1))),
+                _ => (None, None),
+            };
+            outputs.push(Output {
+                label: expr.to_string(),
+                kind,
+                measurement,
+                count_measurement,
+                bounds,
+                quantile: None,
+                squares: None,
+            });
+            continue;
+        }
+        if f.filter.is_some() {
+            return err(format!(
+                "{expr}: FILTER applies to COUNT(*) only (COUNT(*) FILTER (WHERE condition)); for other aggregates, filter in WHERE"
             ));
         }
         // Other spellings of a quantile: the same histogram estimate.
@@ -923,6 +962,69 @@ fn column_name(e: &Expr) -> Option<String> {
         Expr::CompoundIdentifier(parts) if parts.len() == 2 => Some(parts[1].value.clone()),
         Expr::Nested(inner) => column_name(inner),
         _ => None,
+    }
+}
+
+/// `COUNT(*) FILTER (WHERE c)`, `SUM(CASE WHEN c THEN 1 ELSE 0 END)` (or
+/// without the ELSE), `COUNT(CASE WHEN c THEN 1 END)`: a count of the rows
+/// where `c` is TRUE; `AVG(CASE WHEN c THEN 1 ELSE 0 END)`: their share.
+/// `None` for any other aggregate; an error for a CASE inside an aggregate
+/// in any other form, saying which forms are supported.
+fn conditional_count(
+    fname: &str,
+    f: &sqlparser::ast::Function,
+    expr: &Expr,
+) -> Result<Option<(OutputKind, Expr)>, PlanError> {
+    let args: Vec<&FunctionArgExpr> = match &f.args {
+        FunctionArguments::List(list) if list.duplicate_treatment.is_none() => list
+            .args
+            .iter()
+            .filter_map(|a| match a {
+                FunctionArg::Unnamed(a) => Some(a),
+                _ => None,
+            })
+            .collect(),
+        _ => return Ok(None),
+    };
+    if let Some(filter) = &f.filter {
+        return Ok(match (fname, args.as_slice()) {
+            ("COUNT", [FunctionArgExpr::Wildcard]) => Some((OutputKind::Count, (**filter).clone())),
+            _ => None,
+        });
+    }
+    let [FunctionArgExpr::Expr(Expr::Case {
+        operand: None,
+        conditions,
+        else_result,
+        ..
+    })] = args.as_slice()
+    else {
+        return Ok(None);
+    };
+    let one = |e: &Expr| number_literal(e) == Some(1.0);
+    let zero = |e: Option<&Expr>| e.is_some_and(|e| number_literal(e) == Some(0.0));
+    let null = |e: Option<&Expr>| {
+        e.is_none_or(|e| matches!(e, Expr::Value(v) if matches!(v.value, Value::Null)))
+    };
+    let form = match (fname, conditions.as_slice()) {
+        ("SUM", [w])
+            if one(&w.result) && (zero(else_result.as_deref()) || null(else_result.as_deref())) =>
+        {
+            Some((OutputKind::Count, w.condition.clone()))
+        }
+        ("COUNT", [w]) if null(else_result.as_deref()) => {
+            Some((OutputKind::Count, w.condition.clone()))
+        }
+        ("AVG", [w]) if one(&w.result) && zero(else_result.as_deref()) => {
+            Some((OutputKind::Avg, w.condition.clone()))
+        }
+        _ => None,
+    };
+    match form {
+        Some(f) => Ok(Some(f)),
+        None => err(format!(
+            "{expr}: a CASE inside an aggregate is supported as a count or a share of the rows meeting one condition: SUM(CASE WHEN c THEN 1 ELSE 0 END), COUNT(CASE WHEN c THEN 1 END), AVG(CASE WHEN c THEN 1 ELSE 0 END), or COUNT(*) FILTER (WHERE c); to break a count down by several labels, GROUP BY the CASE"
+        )),
     }
 }
 
@@ -1364,6 +1466,9 @@ pub const SQL_SUBSET_EXAMPLES: &[&str] = &[
     "SELECT yearOfRegistration, COUNT(*) FROM cases GROUP BY yearOfRegistration",
     "SELECT gender AS g, ageBroad, COUNT(*) FROM cases GROUP BY g, 2",
     "SELECT CASE WHEN traffickMonths < 12 THEN 'under a year' ELSE 'a year or more' END AS d, COUNT(*) FROM cases GROUP BY d",
+    "SELECT COUNT(*) FILTER (WHERE isForcedLabour = 1) FROM cases",
+    "SELECT SUM(CASE WHEN ageBroad IN ('0--8', '9--17') THEN 1 ELSE 0 END) FROM cases",
+    "SELECT gender, AVG(CASE WHEN ageBroad IN ('0--8', '9--17') THEN 1 ELSE 0 END) FROM cases GROUP BY gender",
 ];
 
 #[cfg(test)]
@@ -1791,6 +1896,51 @@ mod tests {
             .unwrap_err()
             .0;
         assert!(!e.contains("did you mean"), "{e}");
+    }
+
+    /// A count or a share of the rows meeting a condition, in the spellings
+    /// researchers use, is one measurement of sensitivity 1 (shared by the
+    /// spellings of the same condition); other CASEs inside aggregates are
+    /// refused naming the supported forms.
+    #[test]
+    fn conditional_counts_and_shares() {
+        let s = schema();
+        let p = plan(
+            "SELECT SUM(CASE WHEN ageBroad IN ('0--8', '9--17') THEN 1 ELSE 0 END), \
+             COUNT(CASE WHEN ageBroad IN ('0--8', '9--17') THEN 1 END), \
+             AVG(CASE WHEN ageBroad IN ('0--8', '9--17') THEN 1 ELSE 0 END), \
+             COUNT(*) FILTER (WHERE isForcedLabour = 1) FROM cases",
+            &s,
+            10_000,
+        )
+        .unwrap();
+        // The three spellings of one condition share a measurement; the
+        // share adds COUNT(*); the FILTER is another condition.
+        assert_eq!(p.measurements.len(), 3, "{:?}", p.measurements);
+        assert!(matches!(
+            p.measurements[0],
+            MeasurementSpec::CountWhere { .. }
+        ));
+        assert_eq!(p.outputs[0].measurement, p.outputs[1].measurement);
+        assert_eq!(p.outputs[2].kind, OutputKind::Avg);
+        assert_eq!(p.outputs[2].bounds, Some((0, 1)));
+        assert!(p.measurements.iter().all(|m| m.sensitivity() == 1));
+        for sql in [
+            "SELECT SUM(CASE WHEN isForcedLabour = 1 THEN 2 ELSE 0 END) FROM cases",
+            "SELECT AVG(CASE WHEN isForcedLabour = 1 THEN 1 END) FROM cases",
+            "SELECT SUM(CASE WHEN gender = 'Male' THEN 1 WHEN gender = 'Female' THEN 1 ELSE 0 END) FROM cases",
+        ] {
+            let e = plan(sql, &s, 10_000).unwrap_err().0;
+            assert!(e.contains("count or a share of the rows"), "{sql}: {e}");
+        }
+        let e = plan(
+            "SELECT SUM(traffickMonths) FILTER (WHERE isForcedLabour = 1) FROM cases",
+            &s,
+            10_000,
+        )
+        .unwrap_err()
+        .0;
+        assert!(e.contains("FILTER applies to COUNT(*) only"), "{e}");
     }
 
     /// The README's section on the SQL fedq answers states the same list.

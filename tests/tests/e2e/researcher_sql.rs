@@ -389,3 +389,48 @@ async fn a_typo_is_said_once_before_any_node_is_asked() {
         assert_eq!(spent, 0.0, "{}", b.node);
     }
 }
+
+/// The share of minors, as researchers write it (a CASE inside AVG, and
+/// the same as a percentage of a conditional SUM over COUNT(*)), against
+/// the truth read from the CSVs; and COUNT(*) FILTER (WHERE ...).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shares_and_conditional_counts_answer_as_written() {
+    let fed = TestFederation::start(&PARTNERS, roomy_budget()).await;
+    let f = fed.federation("alice");
+    let (mut minors, mut rows) = (0i64, 0i64);
+    for n in &fed.nodes {
+        for (k, v) in exact_counts(&n.csv, &["ageBroad"], |_| true) {
+            rows += v;
+            if k[0] == "0--8" || k[0] == "9--17" {
+                minors += v;
+            }
+        }
+    }
+    let truth = minors as f64 / rows as f64;
+    let c = ask(
+        &f,
+        "SELECT AVG(CASE WHEN ageBroad IN ('0--8', '9--17') THEN 1 ELSE 0 END) AS share, \
+         100.0 * SUM(CASE WHEN ageBroad IN ('0--8', '9--17') THEN 1 ELSE 0 END) / COUNT(*) AS pct, \
+         COUNT(*) FILTER (WHERE ageBroad IN ('0--8', '9--17')) AS minors FROM cases",
+        1.0,
+    )
+    .await;
+    let share = c.rows[0].estimates[0].as_ref().expect("a share");
+    let pct = c.rows[0].estimates[1].as_ref().expect("a percentage");
+    let count = c.rows[0].estimates[2].as_ref().expect("a count");
+    assert!((0.0..=1.0).contains(&share.value), "{share:?}");
+    // Each interval, doubled: a miss is far rarer than one in a million.
+    assert!(
+        (share.value - truth).abs() <= (share.ci_high - share.ci_low).max(1e-3) * 2.0,
+        "share {share:?} against {truth}"
+    );
+    assert!(
+        (pct.value - 100.0 * truth).abs() <= (pct.ci_high - pct.ci_low).max(0.1) * 2.0,
+        "percentage {pct:?} against {}",
+        100.0 * truth
+    );
+    assert!(
+        (count.value - minors as f64).abs() <= (count.ci_high - count.ci_low).max(1.0) * 2.0,
+        "count {count:?} against {minors}"
+    );
+}

@@ -303,6 +303,7 @@ const QUERIES: &[&str] = &[
     "SELECT CASE WHEN traffickMonths < 6 THEN '<6m' WHEN traffickMonths < 12 THEN '6-11m' ELSE '12m+' END AS duration, COUNT(*), SUM(isForcedLabour) FROM cases GROUP BY duration",
     "SELECT gender, CASE WHEN ageBroad IN ('0--8', '9--17') THEN 'minor' WHEN ageBroad IS NOT NULL THEN 'adult' END, COUNT(*) FROM cases WHERE yearOfRegistration > 2012 GROUP BY 1, 2",
     "SELECT CASE isForcedLabour WHEN 1 THEN 'forced labour' WHEN 0 THEN 'other' END AS kind, AVG(traffickMonths) FROM cases GROUP BY kind",
+    "SELECT gender, SUM(CASE WHEN ageBroad IN ('0--8', '9--17') THEN 1 ELSE 0 END), COUNT(*) FILTER (WHERE traffickMonths > 12 OR isForcedLabour = 1), AVG(CASE WHEN yearOfRegistration >= 2015 THEN 1 ELSE 0 END) FROM cases GROUP BY gender",
     "SELECT yearOfRegistration AS y, gender, COUNT(*) FROM cases WHERE yearOfRegistration >= 2010 GROUP BY y, 2",
     "SELECT gender, isForcedLabour, VARIANCE(traffickMonths), STDDEV(yearOfRegistration) FROM cases WHERE NOT ageBroad IS NULL GROUP BY gender, isForcedLabour",
     "SELECT ageBroad, HISTOGRAM(traffickMonths, 7) FROM cases WHERE isSexualExploit = 1 GROUP BY ageBroad",

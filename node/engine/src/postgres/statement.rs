@@ -208,6 +208,9 @@ pub fn build(plan: &Plan, schema: &Schema, db: &[DbType], relation: &Relation) -
     for m in &plan.measurements {
         match m {
             MeasurementSpec::CountRows => {}
+            MeasurementSpec::CountWhere { condition, .. } => {
+                predicate_columns(condition, &mut used)
+            }
             MeasurementSpec::CountPresent { column }
             | MeasurementSpec::Sum { column, .. }
             | MeasurementSpec::Histogram { column, .. }
@@ -282,6 +285,13 @@ pub fn build(plan: &Plan, schema: &Schema, db: &[DbType], relation: &Relation) -
     for m in &plan.measurements {
         match m {
             MeasurementSpec::CountRows => items.push("COUNT(*)".to_string()),
+            MeasurementSpec::CountWhere { condition, .. } => {
+                // COUNT skips the NULL of rows the condition is not TRUE for.
+                let mut c = String::from("COUNT(CASE WHEN ");
+                predicate(condition, &mut p, &mut c);
+                c.push_str(" THEN 1 END)");
+                items.push(c);
+            }
             MeasurementSpec::CountPresent { column } => {
                 items.push(format!("COUNT({})", code(*column)))
             }
