@@ -68,12 +68,16 @@ fn ledger(c: &mut Criterion) {
             n += 1;
             let id = format!("q{n}");
             let digest = [(n % 251) as u8; 32];
-            ledger
+            let fedq_ledger::ledger::Admission::Debited(_, durable) = ledger
                 .admit("alice", "cases", &id, digest, 0.01, &limits)
                 .expect("admit")
-                .expect("admitted");
+                .expect("admitted")
+            else {
+                panic!("not a fresh debit")
+            };
             ledger
                 .record_release(
+                    durable,
                     "alice",
                     &id,
                     "cases",

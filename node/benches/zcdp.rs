@@ -127,7 +127,7 @@ fn cpu_per_query(measure: Measure, conv: Conversions, queries: u64) -> (Duration
         for n in from..to {
             let id = format!("q{n}");
             let digest = [(n % 251) as u8; 32];
-            let fedq_ledger::ledger::Admission::Debited(state) = ledger
+            let fedq_ledger::ledger::Admission::Debited(state, durable) = ledger
                 .admit("alice", "cases", &id, digest, amount, &l)
                 .expect("admit")
                 .expect("admitted")
@@ -151,6 +151,7 @@ fn cpu_per_query(measure: Measure, conv: Conversions, queries: u64) -> (Duration
             }
             ledger
                 .record_release(
+                    durable,
                     "alice",
                     &id,
                     "cases",
@@ -183,7 +184,7 @@ fn pure_throughput(with_zcdp_load: bool, seconds: f64) -> (f64, f64) {
     let response = fedq_proto::v1::QueryResponse::default();
     let query = |analyst: &str, dataset: &str, id: String, amount: f64, l: &BudgetLimits| {
         let digest = [7; 32];
-        let fedq_ledger::ledger::Admission::Debited(state) = ledger
+        let fedq_ledger::ledger::Admission::Debited(state, durable) = ledger
             .admit(analyst, dataset, &id, digest, amount, l)
             .expect("admit")
             .expect("admitted")
@@ -195,6 +196,7 @@ fn pure_throughput(with_zcdp_load: bool, seconds: f64) -> (f64, f64) {
         black_box(l.measure.equivalent(amount, delta).unwrap());
         ledger
             .record_release(
+                durable,
                 analyst,
                 &id,
                 dataset,

@@ -28,7 +28,7 @@ use fedq_dp::mechanism::{self, Exact, Noise};
 use fedq_engine::postgres::{PgSource, SourceError};
 use fedq_engine::source::Source;
 use fedq_ledger::audit::{AuditKey, AuditLog, DatasetLimits, Decimal, Event, ReleasedMeasurement};
-use fedq_ledger::ledger::{Admission, BudgetState, Computed, Ledger};
+use fedq_ledger::ledger::{Admission, BudgetState, Computed, Durable, Ledger};
 use fedq_ledger::store::Store;
 use fedq_pki::{caller_from_der, Caller};
 use fedq_plan::plan::cell_keys;
@@ -900,10 +900,20 @@ fn run_query(
     StageClock::lap(clock, "debit_durable_and_exact");
     match admission {
         Computed::Replay(bytes) => replay(state, analyst, &q.query_id, &bytes),
-        Computed::Debited(b, (exact, scan)) => {
+        Computed::Debited(b, durable, (exact, scan)) => {
             StageClock::note(clock, "of_which_exact", scan);
             let exact = exact.map_err(|e| source_failed(state, &plan.dataset, &e))?;
-            release(state, analyst, q, plan, response, b, digest, exact, clock)
+            release(
+                state,
+                analyst,
+                q,
+                plan,
+                response,
+                (b, durable),
+                digest,
+                exact,
+                clock,
+            )
         }
     }
 }
@@ -969,25 +979,43 @@ fn run_on_database(
         Admission::Replay(bytes) => replay(state, analyst, &q.query_id, &bytes),
         // Debited before and never released (the node stopped after the
         // commit): the budget is spent for this id; a retry resumes it.
-        Admission::Resume(b) => {
+        Admission::Resume(b, durable) => {
             let exact = exact(ds, plan).map_err(|e| source_failed(state, &plan.dataset, &e))?;
             release(
-                state, analyst, q, plan, response, b, digest, exact, &mut None,
+                state,
+                analyst,
+                q,
+                plan,
+                response,
+                (b, durable),
+                digest,
+                exact,
+                &mut None,
             )
         }
-        Admission::Debited(b) => {
+        Admission::Held(b) => {
             let exact = fetch_or_give_back(state, ds, plan, analyst, &q.query_id)?;
             match state
                 .ledger
                 .commit(analyst, &q.query_id, now_ms())
                 .map_err(internal)?
             {
-                Ok((Admission::Resume(_), Some(_), _)) => release(
-                    state, analyst, q, plan, response, b, digest, exact, &mut None,
+                // Committed, durably: the proof the noise step needs.
+                Ok((Admission::Resume(_, durable), Some(_), _)) => release(
+                    state,
+                    analyst,
+                    q,
+                    plan,
+                    response,
+                    (b, durable),
+                    digest,
+                    exact,
+                    &mut None,
                 ),
                 _ => Err(held_too_long(state, &plan.dataset)),
             }
         }
+        Admission::Debited(..) => Err(internal("a hold was debited without a reservation")),
     }
 }
 
@@ -1111,7 +1139,7 @@ fn release(
     q: &QueryRequest,
     plan: &Plan,
     mut response: QueryResponse,
-    budget: BudgetState,
+    (budget, durable): (BudgetState, Durable),
     digest: [u8; 32],
     exact: Vec<Exact>,
     clock: &mut Option<StageClock>,
@@ -1151,6 +1179,7 @@ fn release(
     state
         .ledger
         .record_release(
+            durable,
             analyst,
             &q.query_id,
             &plan.dataset,
@@ -1674,9 +1703,13 @@ impl Node for NodeService {
                     .commit(&who.name, &query_id, now_ms())
                     .map_err(internal)?
                     .map_err(|r| refusal_status(state, None, (&who.name, ""), &query_id, r))?;
-                if let Admission::Replay(bytes) = admission {
-                    return replay(state, &who.name, &query_id, &bytes);
-                }
+                let durable = match admission {
+                    Admission::Replay(bytes) => return replay(state, &who.name, &query_id, &bytes),
+                    Admission::Resume(_, durable) => durable,
+                    Admission::Debited(..) | Admission::Held(_) => {
+                        return Err(internal("a commit neither replayed nor resumed"))
+                    }
+                };
                 let r = reservation.ok_or_else(|| {
                     Status::failed_precondition(format!(
                     "query id {query_id:?} was debited by a one-phase query; retry it with Query"
@@ -1709,7 +1742,15 @@ impl Node for NodeService {
                     }
                 };
                 release(
-                    state, &who.name, &q, &plan, response, b, digest, exact, &mut None,
+                    state,
+                    &who.name,
+                    &q,
+                    &plan,
+                    response,
+                    (b, durable),
+                    digest,
+                    exact,
+                    &mut None,
                 )
             })
             .await?;

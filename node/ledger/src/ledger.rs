@@ -201,17 +201,32 @@ pub enum ReserveOutcome {
     AlreadyReleased,
 }
 
-/// What [`Ledger::admit`] decided.
+/// Proof that a query id's debit is durable and its release not yet
+/// recorded: noise may be drawn for it, and [`Ledger::record_release`]
+/// takes it. Only this crate makes one, and it hands one out only once
+/// the debit is durable (DESIGN invariant 3), so the node's pipeline
+/// cannot reach its noise step without the ledger's say-so: the order of
+/// operations is checked by the compiler, not kept by convention.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Durable(());
+
+/// What [`Ledger::admit`] (and [`Ledger::hold`], [`Ledger::commit`])
+/// decided.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Admission {
-    /// Debited now; compute and release.
-    Debited(BudgetState),
+    /// Debited now, durably; compute and release.
+    Debited(BudgetState, Durable),
+    /// Held as a reservation by [`Ledger::hold`] (not yet a debit):
+    /// compute, then [`Ledger::commit`] it (which gives the [`Durable`]) or
+    /// give it back.
+    Held(BudgetState),
     /// This query id was answered before with the same query: replay the
     /// stored response, spend nothing.
     Replay(Vec<u8>),
-    /// Debited earlier but never released (the node stopped in between):
-    /// compute and release under that debit.
-    Resume(BudgetState),
+    /// Debited earlier (durably) but never released (the node stopped in
+    /// between, or a reservation was just committed): compute and release
+    /// under that debit.
+    Resume(BudgetState, Durable),
 }
 
 /// What [`Ledger::admit_overlapping`] decided, with what it computed.
@@ -219,7 +234,7 @@ pub enum Admission {
 pub enum Computed<R> {
     /// Debited (now, or earlier and never released), durably: `R` was
     /// computed while the debit was being made durable.
-    Debited(BudgetState, R),
+    Debited(BudgetState, Durable, R),
     /// A retry of a released query: replay the stored response; nothing
     /// was spent or computed.
     Replay(Vec<u8>),
@@ -736,18 +751,20 @@ impl Ledger {
         let (outcome, _) = self.debit_in_tx(
             analyst, dataset, query_id, digest, cost, limits, None, received,
         );
-        let budget = match outcome {
+        let (budget, durable) = match outcome {
             Ok(Admission::Replay(bytes)) => return Ok(Ok(Computed::Replay(bytes))),
-            Ok(Admission::Debited(b) | Admission::Resume(b)) => b,
+            Ok(Admission::Debited(b, d) | Admission::Resume(b, d)) => (b, d),
+            Ok(Admission::Held(_)) => anyhow::bail!("a debit without a hold was held"),
             Err(TransactionError::Abort(refusal)) => return Ok(Err(refusal)),
             Err(TransactionError::Storage(e)) => return Err(self.failed(e)),
         };
         // The flusher thread makes the debit durable while this thread
-        // computes; the result is handed back only once it is.
+        // computes; the result (and the proof) is handed back only once it
+        // is.
         let ticket = self.store.ticket();
         let computed = meanwhile();
         self.store.wait(ticket)?;
-        Ok(Ok(Computed::Debited(budget, computed)))
+        Ok(Ok(Computed::Debited(budget, durable, computed)))
     }
 
     /// As [`Ledger::admit`], but a fresh debit is held as a reservation
@@ -756,7 +773,7 @@ impl Ledger {
     /// [`Ledger::commit`]s it once the values are in hand, or
     /// [`Ledger::give_back`]s it if nothing was computed. `hold.0` is the
     /// SQL, kept with the reservation; `request` is the (epsilon, rho)
-    /// asked. A fresh hold is returned as [`Admission::Debited`]; replays and
+    /// asked. A fresh hold is returned as [`Admission::Held`]; replays and
     /// resumes are as for `admit`.
     #[allow(clippy::too_many_arguments)]
     pub fn hold(
@@ -965,7 +982,10 @@ impl Ledger {
                 }
                 RecordState::Pending(_) => {
                     log_receipt()?;
-                    return Ok(Admission::Resume(acct.state(acct.a_spent, acct.d_spent)));
+                    return Ok(Admission::Resume(
+                        acct.state(acct.a_spent, acct.d_spent),
+                        Durable(()),
+                    ));
                 }
                 RecordState::Reserved(_) => return abort(Refusal::Reserved(query_id.to_string())),
                 RecordState::Expired { released_ms } => {
@@ -1039,7 +1059,13 @@ impl Ledger {
             .encode(),
         )?;
         append_in(atx, &self.audit.key, event)?;
-        Ok(Admission::Debited(acct.state(a_new, d_new)))
+        let state = acct.state(a_new, d_new);
+        // The proof leaves the ledger only once the write is durable
+        // (`settle`, `admit_overlapping`).
+        Ok(match job.hold {
+            None => Admission::Debited(state, Durable(())),
+            Some(_) => Admission::Held(state),
+        })
     }
 
     /// Stores the released response under its query id (for replays) and
@@ -1056,6 +1082,7 @@ impl Ledger {
     #[allow(clippy::too_many_arguments)]
     pub fn record_release(
         &self,
+        _debit: Durable,
         analyst: &str,
         query_id: &str,
         dataset: &str,
@@ -1213,7 +1240,9 @@ impl Ledger {
             };
             match rec.state {
                 RecordState::Released(r) => Ok((Admission::Replay(r), None, rec.digest)),
-                RecordState::Pending(r) => Ok((Admission::Resume(zero), r, rec.digest)),
+                RecordState::Pending(r) => {
+                    Ok((Admission::Resume(zero, Durable(())), r, rec.digest))
+                }
                 RecordState::Returned => abort(Refusal::NoReservation(query_id.to_string())),
                 RecordState::Expired { released_ms } => abort(Refusal::ReplayExpired {
                     query_id: query_id.to_string(),
@@ -1233,7 +1262,7 @@ impl Ledger {
                         .encode(),
                     )?;
                     tx.remove(expiry_key(r.expires_ms, analyst, query_id))?;
-                    Ok((Admission::Resume(zero), Some(r), rec.digest))
+                    Ok((Admission::Resume(zero, Durable(())), Some(r), rec.digest))
                 }
             }
         });
@@ -1716,7 +1745,7 @@ mod tests {
                 .unwrap()
         };
         let flushes = ledger.store.group_flushes();
-        let Ok(Computed::Debited(b, 42)) = admit("q1", 1, 0.6) else {
+        let Ok(Computed::Debited(b, _, 42)) = admit("q1", 1, 0.6) else {
             panic!("a fresh debit is computed");
         };
         assert_eq!(b.spent_by_analyst, 0.6);
@@ -1732,7 +1761,10 @@ mod tests {
         ));
         assert_eq!(calls.get(), 1);
         // Debited and never released: a retry computes under the same debit.
-        assert!(matches!(admit("q1", 1, 0.6), Ok(Computed::Debited(_, 42))));
+        assert!(matches!(
+            admit("q1", 1, 0.6),
+            Ok(Computed::Debited(_, _, 42))
+        ));
         assert_eq!(calls.get(), 2);
         assert_eq!(
             ledger.state("alice", "cases", &l).unwrap().spent_by_analyst,
@@ -1741,6 +1773,7 @@ mod tests {
         // Released: a retry replays, nothing computed.
         ledger
             .record_release(
+                Durable(()),
                 "alice",
                 "q1",
                 "cases",
@@ -1944,7 +1977,7 @@ mod tests {
             .collect();
         let debited: Vec<_> = outcomes
             .iter()
-            .filter(|(_, _, o)| matches!(o, Ok(Admission::Debited(_))))
+            .filter(|(_, _, o)| matches!(o, Ok(Admission::Debited(..))))
             .collect();
         let refused = outcomes
             .iter()
@@ -1963,7 +1996,7 @@ mod tests {
                 .admit("alice", "cases", id, [*digest; 32], 0.1, &l)
                 .unwrap();
             match o {
-                Ok(_) => assert!(matches!(again, Ok(Admission::Resume(_))), "{id}"),
+                Ok(_) => assert!(matches!(again, Ok(Admission::Resume(..))), "{id}"),
                 Err(_) => assert!(matches!(again, Err(Refusal::AnalystBudget { .. })), "{id}"),
             }
         }
@@ -1991,7 +2024,7 @@ mod tests {
                         let digest = [t * 8 + i; 32];
                         assert!(matches!(
                             ledger.admit("alice", "cases", &id, digest, 0.01, &l),
-                            Ok(Ok(Admission::Debited(_)))
+                            Ok(Ok(Admission::Debited(..)))
                         ));
                         let mut response = fedq_proto::v1::QueryResponse {
                             query_id: id.clone(),
@@ -2000,6 +2033,7 @@ mod tests {
                         };
                         let head = ledger
                             .record_release(
+                                Durable(()),
                                 "alice",
                                 &id,
                                 "cases",
@@ -2062,7 +2096,7 @@ mod tests {
             )
             .unwrap()
             .unwrap();
-        assert!(matches!(held, Admission::Debited(_)));
+        assert!(matches!(held, Admission::Held(_)));
         assert_eq!(spent(&ledger), 0.5);
         assert!(ledger.reservation("alice", "q1", 0).unwrap().is_some());
         assert_eq!(
@@ -2093,7 +2127,7 @@ mod tests {
             .unwrap()
             .unwrap();
         let (admission, r, _) = ledger.commit("alice", "q1", 0).unwrap().unwrap();
-        assert!(matches!(admission, Admission::Resume(_)) && r.is_some());
+        assert!(matches!(admission, Admission::Resume(..)) && r.is_some());
         assert_eq!(ledger.give_back("alice", "q1", "late", None).unwrap(), 0.0);
         assert_eq!(spent(&ledger), 0.5);
 
@@ -2186,7 +2220,9 @@ mod tests {
             .admit("alice", "cases", "q1", [1; 32], 0.6, &l)
             .unwrap()
             .unwrap();
-        assert!(matches!(a, Admission::Debited(s) if (s.remaining_for_analyst - 0.4).abs() < 1e-9));
+        assert!(
+            matches!(a, Admission::Debited(s, _) if (s.remaining_for_analyst - 0.4).abs() < 1e-9)
+        );
         // Over alice's own limit: refused, nothing written.
         let r = ledger
             .admit("alice", "cases", "q2", [2; 32], 0.5, &l)
@@ -2206,14 +2242,23 @@ mod tests {
                 .admit("alice", "cases", "q1", [1; 32], 0.6, &l)
                 .unwrap()
                 .unwrap(),
-            Admission::Resume(_)
+            Admission::Resume(..)
         ));
         let mut resp = fedq_proto::v1::QueryResponse {
             query_id: "q1".into(),
             ..Default::default()
         };
         let head = ledger
-            .record_release("alice", "q1", "cases", [1; 32], vec![], None, &mut resp)
+            .record_release(
+                Durable(()),
+                "alice",
+                "q1",
+                "cases",
+                [1; 32],
+                vec![],
+                None,
+                &mut resp,
+            )
             .unwrap();
         assert_eq!(resp.audit_head, Some(head.to_proto()));
         use prost::Message;
@@ -2259,7 +2304,16 @@ mod tests {
                 ..Default::default()
             };
             ledger
-                .record_release("alice", id, "cases", [1; 32], vec![], None, &mut resp)
+                .record_release(
+                    Durable(()),
+                    "alice",
+                    id,
+                    "cases",
+                    [1; 32],
+                    vec![],
+                    None,
+                    &mut resp,
+                )
                 .unwrap();
         }
         // A release stored before the index existed (no `kept/` key).
