@@ -53,14 +53,50 @@ Retrying with the same --query-id returns the same release without spending agai
     )
 }
 
+/// `--federation`, shared by the commands that call the federation.
+#[derive(clap::Args)]
+struct FederationArg {
+    /// Path to federation.toml.
+    #[arg(long)]
+    federation: PathBuf,
+}
+
+/// `--output`, shared by the commands that print results.
+#[derive(clap::Args)]
+struct OutputArg {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    output: Format,
+}
+
+/// The role a certificate is issued for.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RoleArg {
+    /// A partner's node (server certificate).
+    Node,
+    /// A researcher who queries through the coordinator.
+    Analyst,
+    /// Someone who may export a node's audit log.
+    Auditor,
+}
+
+impl RoleArg {
+    fn pki(self) -> fedq_pki::Role {
+        match self {
+            RoleArg::Node => fedq_pki::Role::Node,
+            RoleArg::Analyst => fedq_pki::Role::Analyst,
+            RoleArg::Auditor => fedq_pki::Role::Auditor,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run an aggregate SQL query on every node and combine the answers.
     #[command(after_help = query_help())]
     Query {
-        /// Path to federation.toml.
-        #[arg(long)]
-        federation: PathBuf,
+        #[command(flatten)]
+        fed: FederationArg,
         /// Privacy cost per node (pure epsilon-DP, discrete Laplace noise),
         /// e.g. 0.5; with --file, the total, split evenly across the file's
         /// queries.
@@ -83,9 +119,8 @@ enum Command {
         /// Do not ask for confirmation (with --target-ci).
         #[arg(long)]
         yes: bool,
-        /// Output format.
-        #[arg(long, value_enum, default_value_t = Format::Table)]
-        output: Format,
+        #[command(flatten)]
+        out: OutputArg,
         /// Per-node deadline in seconds, retries included (default: the federation file's).
         #[arg(long)]
         timeout: Option<f64>,
@@ -113,30 +148,24 @@ enum Command {
     },
     /// Show each node's reachability, software and API version, capabilities and round-trip time.
     Nodes {
-        /// Path to federation.toml.
-        #[arg(long)]
-        federation: PathBuf,
-        /// Output format.
-        #[arg(long, value_enum, default_value_t = Format::Table)]
-        output: Format,
+        #[command(flatten)]
+        fed: FederationArg,
+        #[command(flatten)]
+        out: OutputArg,
     },
     /// List each node's datasets, columns, types and public bounds/domains.
     Schema {
-        /// Path to federation.toml.
-        #[arg(long)]
-        federation: PathBuf,
-        /// Output format.
-        #[arg(long, value_enum, default_value_t = Format::Table)]
-        output: Format,
+        #[command(flatten)]
+        fed: FederationArg,
+        #[command(flatten)]
+        out: OutputArg,
     },
     /// Show your spent and remaining privacy budget on every node.
     Budget {
-        /// Path to federation.toml.
-        #[arg(long)]
-        federation: PathBuf,
-        /// Output format.
-        #[arg(long, value_enum, default_value_t = Format::Table)]
-        output: Format,
+        #[command(flatten)]
+        fed: FederationArg,
+        #[command(flatten)]
+        out: OutputArg,
     },
     /// Audit: pull a node's signed log, check it against the heads seen in answers.
     #[command(subcommand)]
@@ -181,9 +210,9 @@ The name becomes the certificate's CN (the identity nodes see) and the role its 
         /// The CA directory (ca.pem, ca.key).
         #[arg(long)]
         ca: PathBuf,
-        /// node, analyst or auditor.
-        #[arg(long)]
-        role: String,
+        /// Who the certificate is for.
+        #[arg(long, value_enum)]
+        role: RoleArg,
         /// The holder's name (a node's DNS name; an analyst's or auditor's identity).
         #[arg(long)]
         name: String,
@@ -296,12 +325,12 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Query {
-            federation,
+            fed: FederationArg { federation },
             epsilon,
             rho,
             target_ci,
             yes,
-            output,
+            out: OutputArg { output },
             timeout,
             retries,
             min_nodes,
@@ -541,9 +570,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             days,
             also_name,
         }) => {
-            let role = fedq_pki::Role::parse(&role).ok_or_else(|| {
-                anyhow::anyhow!("unknown role {role:?}; use node, analyst or auditor")
-            })?;
+            let role = role.pki();
             if name.trim().is_empty() || name.contains('/') {
                 bail!("--name must be a non-empty name without '/'");
             }
@@ -590,19 +617,28 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             std::fs::write(out.join("ca.pem"), &authority.pem.cert)?;
             Ok(EXIT_OK)
         }
-        Command::Nodes { federation, output } => {
+        Command::Nodes {
+            fed: FederationArg { federation },
+            out: OutputArg { output },
+        } => {
             let fed = Federation::load(&federation)?;
             let outcomes = fed.describe(fed.default_timeout()).await;
             print!("{}", render_nodes(&fed, &outcomes, output)?);
             Ok(exit_for(outcomes.iter().map(|o| o.result.is_ok())))
         }
-        Command::Schema { federation, output } => {
+        Command::Schema {
+            fed: FederationArg { federation },
+            out: OutputArg { output },
+        } => {
             let fed = Federation::load(&federation)?;
             let outcomes = fed.describe(fed.default_timeout()).await;
             print!("{}", render_schemas(&outcomes, output)?);
             Ok(exit_for(outcomes.iter().map(|o| o.result.is_ok())))
         }
-        Command::Budget { federation, output } => {
+        Command::Budget {
+            fed: FederationArg { federation },
+            out: OutputArg { output },
+        } => {
             let fed = Federation::load(&federation)?;
             let outcomes = fed.budget(fed.default_timeout()).await;
             print!("{}", render_budgets(&outcomes, output)?);

@@ -100,8 +100,12 @@ fn a_ca_is_created_once_and_issues_certificates_and_signs_requests() {
         "--out",
         node.to_str().unwrap(),
     ]);
-    assert_eq!(code, 1);
-    assert!(out.contains("unknown role"), "{out}");
+    // A bad command line (exit 2), naming the roles there are.
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("possible values: node, analyst, auditor"),
+        "{out}"
+    );
 }
 
 fn identity(pem_path: &Path) -> (String, String) {
