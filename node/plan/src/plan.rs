@@ -1028,6 +1028,17 @@ fn conditional_count(
     }
 }
 
+/// `'-99'`, `-99` or `''`: the source files' spelling of a missing value.
+fn is_missing_marker(e: &Expr) -> bool {
+    match e {
+        Expr::Value(v) => match &v.value {
+            Value::SingleQuotedString(t) => t.trim() == "-99" || t.trim().is_empty(),
+            _ => false,
+        },
+        _ => number_literal(e) == Some(-99.0),
+    }
+}
+
 /// Most branches a CASE bucket may have.
 const MAX_CASE_BRANCHES: usize = 64;
 
@@ -1237,7 +1248,21 @@ fn predicate(schema: &Schema, e: &Expr) -> Result<Predicate, PlanError> {
             } else {
                 return err(format!("{e}: a comparison needs a column on one side and a literal on the other"));
             };
+            if column_name(lit).is_some() {
+                return err(format!(
+                    "{e}: comparing two columns is not supported yet (a row-level comparison needs per-row expressions); compare each with literals, or GROUP BY both and compare the cells"
+                ));
+            }
             let (column, col) = where_column(schema, col_expr)?;
+            // '-99' (and -99, and '') is how the source files write a missing
+            // value, and what ingest stores as missing: `col = '-99'` is
+            // `col IS NULL`, `col <> '-99'` is `col IS NOT NULL`.
+            if matches!(op, CmpOp::Eq | CmpOp::Ne) && is_missing_marker(lit) {
+                return Ok(Predicate::IsMissing {
+                    column,
+                    negated: op == CmpOp::Ne,
+                });
+            }
             if matches!(col, Column::Categorical { .. } | Column::Boolean { .. } | Column::Open { .. })
                 && !matches!(op, CmpOp::Eq | CmpOp::Ne)
             {
@@ -1421,7 +1446,8 @@ SQL subset: SELECT [group columns,] aggregates FROM dataset [WHERE ...] [GROUP B
     integer columns with declared bounds (values clamped to them) or on boolean
     flags as 0 and 1 (AVG(flag) is a prevalence, SUM(flag) a count)
   WHERE: col = | <> | < | <= | > | >= literal, col [NOT] IN (...),
-    col [NOT] BETWEEN a AND b, col IS [NOT] NULL, AND, OR, NOT
+    col [NOT] BETWEEN a AND b, col IS [NOT] NULL ('-99', the files' missing
+    value, also: col = '-99' is col IS NULL), AND, OR, NOT
   GROUP BY: categorical or boolean columns, integer columns with at most 1000
     values in their declared bounds (one key per value), or CASE WHEN condition
     THEN 'label' ... [ELSE 'label'] END buckets (conditions as in WHERE), by name,
@@ -1865,6 +1891,44 @@ mod tests {
             let e = plan(sql, &s, 10_000).unwrap_err().0;
             assert!(e.contains(says), "{sql}: {e}");
         }
+    }
+
+    /// `'-99'` (the files' missing value) compares as missing; comparing
+    /// two columns is refused saying so.
+    #[test]
+    fn minus_99_is_missing_and_two_columns_do_not_compare() {
+        let s = schema();
+        let p = plan(
+            "SELECT COUNT(*) FROM cases WHERE gender <> '-99'",
+            &s,
+            10_000,
+        )
+        .unwrap();
+        assert_eq!(
+            p.filter,
+            Some(Predicate::IsMissing {
+                column: 0,
+                negated: true
+            })
+        );
+        let p = plan(
+            "SELECT COUNT(*) FROM cases WHERE traffickMonths = -99",
+            &s,
+            10_000,
+        )
+        .unwrap();
+        assert!(matches!(
+            p.filter,
+            Some(Predicate::IsMissing { negated: false, .. })
+        ));
+        let e = plan(
+            "SELECT COUNT(*) FROM cases WHERE gender <> ageBroad",
+            &s,
+            10_000,
+        )
+        .unwrap_err()
+        .0;
+        assert!(e.contains("comparing two columns"), "{e}");
     }
 
     /// A typo in a column name or a value gets the closest declared one.
