@@ -391,29 +391,7 @@ fn expect(request: &QueryRequest, ds: &DatasetSchema) -> Result<Expected, Disagr
             l2_sensitivity: if gaussian { l2 as f64 } else { 0.0 },
         });
     }
-    let outputs = plan
-        .outputs
-        .iter()
-        .map(|o| OutputColumn {
-            label: o.label.clone(),
-            kind: match o.kind {
-                plan::OutputKind::Count => OutputKind::Count,
-                plan::OutputKind::Sum => OutputKind::Sum,
-                plan::OutputKind::Avg => OutputKind::Avg,
-                plan::OutputKind::Quantile => OutputKind::Quantile,
-                plan::OutputKind::Histogram => OutputKind::Histogram,
-                plan::OutputKind::Variance => OutputKind::Variance,
-                plan::OutputKind::Stddev => OutputKind::Stddev,
-            } as i32,
-            measurement: o.measurement as u32,
-            count_measurement: o.count_measurement.map(|c| c as u32),
-            lower: o.bounds.map(|b| b.0),
-            upper: o.bounds.map(|b| b.1),
-            quantile: o.quantile.unwrap_or(0.0),
-            square_measurement: o.squares.map(|s| s.0 as u32),
-            center: o.squares.map_or(0, |s| s.1),
-        })
-        .collect();
+    let outputs = plan.output_columns();
     let group_by = plan.group_names(&schema);
     Ok(Expected {
         skeleton: QueryResponse {

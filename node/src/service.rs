@@ -15,8 +15,7 @@ use fedq_proto::v1::node_server::Node;
 use fedq_proto::v1::{
     AuditLine, Budget, BudgetRequest, BudgetResponse, CancelRequest, CancelResponse, CellKey,
     CommitRequest, DatasetSchema, DescribeRequest, DescribeResponse, ExportAuditRequest,
-    Measurement, OutputColumn, OutputKind, PrepareRequest, PrepareResponse, QueryRequest,
-    QueryResponse, ReleasedKeys,
+    Measurement, PrepareRequest, PrepareResponse, QueryRequest, QueryResponse, ReleasedKeys,
 };
 use prost::Message;
 use tonic::{Request, Response, Status};
@@ -627,29 +626,7 @@ fn describe_release(
             l2_sensitivity: if gaussian { l2 as f64 } else { 0.0 },
         });
     }
-    let outputs = plan
-        .outputs
-        .iter()
-        .map(|o| OutputColumn {
-            label: o.label.clone(),
-            kind: match o.kind {
-                plan::OutputKind::Count => OutputKind::Count,
-                plan::OutputKind::Sum => OutputKind::Sum,
-                plan::OutputKind::Avg => OutputKind::Avg,
-                plan::OutputKind::Quantile => OutputKind::Quantile,
-                plan::OutputKind::Histogram => OutputKind::Histogram,
-                plan::OutputKind::Variance => OutputKind::Variance,
-                plan::OutputKind::Stddev => OutputKind::Stddev,
-            } as i32,
-            measurement: o.measurement as u32,
-            count_measurement: o.count_measurement.map(|c| c as u32),
-            lower: o.bounds.map(|b| b.0),
-            upper: o.bounds.map(|b| b.1),
-            quantile: o.quantile.unwrap_or(0.0),
-            square_measurement: o.squares.map(|s| s.0 as u32),
-            center: o.squares.map_or(0, |s| s.1),
-        })
-        .collect();
+    let outputs = plan.output_columns();
     let mut split = if m == 1 {
         format!("all of {what} {total} to {}", measurements[0].label)
     } else {

@@ -329,6 +329,34 @@ impl Plan {
         }
     }
 
+    /// The SELECT list's outputs as answers state them: the node builds its
+    /// answer with this, the coordinator the answer it expects.
+    pub fn output_columns(&self) -> Vec<fedq_proto::v1::OutputColumn> {
+        use fedq_proto::v1::OutputKind as Wire;
+        self.outputs
+            .iter()
+            .map(|o| fedq_proto::v1::OutputColumn {
+                label: o.label.clone(),
+                kind: match o.kind {
+                    OutputKind::Count => Wire::Count,
+                    OutputKind::Sum => Wire::Sum,
+                    OutputKind::Avg => Wire::Avg,
+                    OutputKind::Quantile => Wire::Quantile,
+                    OutputKind::Histogram => Wire::Histogram,
+                    OutputKind::Variance => Wire::Variance,
+                    OutputKind::Stddev => Wire::Stddev,
+                } as i32,
+                measurement: o.measurement as u32,
+                count_measurement: o.count_measurement.map(|c| c as u32),
+                lower: o.bounds.map(|b| b.0),
+                upper: o.bounds.map(|b| b.1),
+                quantile: o.quantile.unwrap_or(0.0),
+                square_measurement: o.squares.map(|s| s.0 as u32),
+                center: o.squares.map_or(0, |s| s.1),
+            })
+            .collect()
+    }
+
     /// The names of the GROUP BY entries in answers, in order.
     pub fn group_names(&self, schema: &Schema) -> Vec<String> {
         self.group_by

@@ -43,6 +43,28 @@ async fn ask(fed: &Federation, written: &str, epsilon: f64) -> Combined {
     c
 }
 
+/// Rows with isForcedLabour = 1, and rows where it is known, over every
+/// node's CSV (read here, independently of the node's code).
+fn forced_labour(fed: &TestFederation) -> (i64, i64) {
+    let (mut yes, mut known) = (0i64, 0i64);
+    for n in &fed.nodes {
+        let mut r = csv::Reader::from_path(&n.csv).unwrap();
+        let h = r.headers().unwrap().clone();
+        let i = h.iter().position(|x| x == "isForcedLabour").unwrap();
+        for rec in r.records() {
+            match rec.unwrap().get(i).unwrap() {
+                "1" | "true" => {
+                    yes += 1;
+                    known += 1
+                }
+                "0" | "false" => known += 1,
+                _ => {}
+            }
+        }
+    }
+    (yes, known)
+}
+
 fn value(c: &Combined, row: usize, output: usize) -> f64 {
     c.rows[row].estimates[output].as_ref().unwrap().value
 }
@@ -187,22 +209,7 @@ async fn a_flag_average_is_a_prevalence_and_quantiles_answer_in_every_spelling()
     let f = fed.federation("alice");
 
     // The prevalence of forced labour, against the truth read from the CSVs.
-    let (mut yes, mut known) = (0i64, 0i64);
-    for n in &fed.nodes {
-        let mut r = csv::Reader::from_path(&n.csv).unwrap();
-        let h = r.headers().unwrap().clone();
-        let i = h.iter().position(|x| x == "isForcedLabour").unwrap();
-        for rec in r.records() {
-            match rec.unwrap().get(i).unwrap() {
-                "1" | "true" => {
-                    yes += 1;
-                    known += 1
-                }
-                "0" | "false" => known += 1,
-                _ => {}
-            }
-        }
-    }
+    let (yes, known) = forced_labour(&fed);
     let truth = yes as f64 / known as f64;
     let c = ask(
         &f,
@@ -290,22 +297,7 @@ async fn the_refusals_that_remain_name_the_construct_and_the_alternative() {
 async fn ratios_and_percentages_have_intervals_that_cover_the_truth() {
     let fed = TestFederation::start(&PARTNERS, roomy_budget()).await;
     let f = fed.federation("alice");
-    let (mut yes, mut known) = (0i64, 0i64);
-    for n in &fed.nodes {
-        let mut r = csv::Reader::from_path(&n.csv).unwrap();
-        let h = r.headers().unwrap().clone();
-        let i = h.iter().position(|x| x == "isForcedLabour").unwrap();
-        for rec in r.records() {
-            match rec.unwrap().get(i).unwrap() {
-                "1" | "true" => {
-                    yes += 1;
-                    known += 1
-                }
-                "0" | "false" => known += 1,
-                _ => {}
-            }
-        }
-    }
+    let (yes, known) = forced_labour(&fed);
     let share = yes as f64 / known as f64;
     const RUNS: usize = 40;
     let mut covered = [0usize; 2];
