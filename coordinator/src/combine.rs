@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use fedq_dp::accounting::Measure;
 use fedq_dp::mechanism::Noise;
 use fedq_proto::v1::{OutputKind, QueryResponse};
 use serde::Serialize;
@@ -78,6 +79,22 @@ pub struct NodeStatus {
     pub replayed: bool,
     /// Milliseconds the call took.
     pub elapsed_ms: f64,
+}
+
+/// The (epsilon, delta) equivalent of an answer's `spent_by_analyst`. A
+/// zCDP node leaves it to the reader in answers (`spent_delta` 0; one
+/// conversion per query was most of its extra CPU): it is OpenDP's
+/// conversion at the dataset's delta, which the answer's `cost_delta`
+/// states.
+fn spent_equivalent(b: &fedq_proto::v1::Budget, delta: f64) -> (f64, f64) {
+    if b.measure == Measure::Zcdp.name() && b.spent_delta == 0.0 && b.spent_by_analyst > 0.0 {
+        let epsilon = Measure::Zcdp
+            .equivalent(b.spent_by_analyst, delta)
+            .map_or(f64::INFINITY, |(e, _)| e);
+        (epsilon, delta)
+    } else {
+        (b.spent_epsilon, b.spent_delta)
+    }
 }
 
 /// A privacy cost in a ledger's measure and its (epsilon, delta) equivalent.
@@ -235,7 +252,7 @@ pub fn combine_at(
                         .budget
                         .as_ref()
                         .filter(|b| !b.measure.is_empty())
-                        .map(|b| (b.spent_epsilon, b.spent_delta)),
+                        .map(|b| spent_equivalent(b, r.cost_delta)),
                     remaining_for_analyst: r.budget.as_ref().map(|b| b.remaining_for_analyst),
                     remaining_for_dataset: r.budget.as_ref().map(|b| b.remaining_for_dataset),
                     epsilon_split: Some(r.epsilon_split.clone()),

@@ -426,12 +426,34 @@ fn require_analyst(state: &NodeState, c: &Caller) -> Result<(), Status> {
     Err(Status::permission_denied(refusal))
 }
 
-fn budget_proto(analyst: &str, dataset: &DatasetConfig, s: BudgetState) -> Budget {
+/// Whether a [`Budget`] states the (epsilon, delta) equivalent of a zCDP
+/// analyst's total (a pure total is its own equivalent, always stated).
+#[derive(Clone, Copy, PartialEq)]
+enum SpentEquivalent {
+    /// The Budget RPC and dry runs: converted here (OpenDP's conversion).
+    Stated,
+    /// Answers: left 0, for the reader to compute from `spent_by_analyst`
+    /// and the answer's `cost_delta`. A new total each query is never
+    /// remembered, so converting it was most of a zCDP query's extra CPU
+    /// (BENCHMARKS.md, zCDP cost).
+    LeftToReader,
+}
+
+fn budget_proto(
+    analyst: &str,
+    dataset: &DatasetConfig,
+    s: BudgetState,
+    equivalent: SpentEquivalent,
+) -> Budget {
     let b = &dataset.budget;
-    let (spent_epsilon, spent_delta) = b
-        .measure
-        .equivalent(s.spent_by_analyst, b.equivalence_delta())
-        .unwrap_or((f64::INFINITY, b.equivalence_delta()));
+    let (spent_epsilon, spent_delta) =
+        if b.measure == Measure::Zcdp && equivalent == SpentEquivalent::LeftToReader {
+            (0.0, 0.0)
+        } else {
+            b.measure
+                .equivalent(s.spent_by_analyst, b.equivalence_delta())
+                .unwrap_or((f64::INFINITY, b.equivalence_delta()))
+        };
     Budget {
         analyst: analyst.to_string(),
         dataset: dataset.name.clone(),
@@ -1140,7 +1162,12 @@ fn release(
             .map_err(|e| noise_failed(&q.query_id, &e))?;
     }
     StageClock::lap(clock, "noise");
-    response.budget = Some(budget_proto(analyst, &ds.config, budget));
+    response.budget = Some(budget_proto(
+        analyst,
+        &ds.config,
+        budget,
+        SpentEquivalent::LeftToReader,
+    ));
     let logged = response
         .measurements
         .iter()
@@ -1577,7 +1604,12 @@ impl Node for NodeService {
                         .ledger
                         .state(&who.name, &plan.dataset, &ds.config.budget)
                         .map_err(internal)?;
-                    response.budget = Some(budget_proto(&who.name, &ds.config, b));
+                    response.budget = Some(budget_proto(
+                        &who.name,
+                        &ds.config,
+                        b,
+                        SpentEquivalent::Stated,
+                    ));
                     return Ok(response);
                 }
                 let answer = run_query(state, &who.name, &q, &plan, response, &receipt, &mut clock);
@@ -1650,7 +1682,12 @@ impl Node for NodeService {
                     epsilon_reserved: q.epsilon,
                     rho_reserved: q.rho,
                     expires_at_ms,
-                    budget: Some(budget_proto(&who.name, &ds.config, b)),
+                    budget: Some(budget_proto(
+                        &who.name,
+                        &ds.config,
+                        b,
+                        SpentEquivalent::LeftToReader,
+                    )),
                 })
             })
             .await?;
@@ -1791,7 +1828,12 @@ impl Node for NodeService {
                 .ledger
                 .state(&who.name, n, &d.config.budget)
                 .map_err(internal)?;
-            budgets.push(budget_proto(&who.name, &d.config, s));
+            budgets.push(budget_proto(
+                &who.name,
+                &d.config,
+                s,
+                SpentEquivalent::Stated,
+            ));
         }
         Ok(Response::new(BudgetResponse {
             node_name: self.state.config.node.name.clone(),

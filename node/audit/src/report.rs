@@ -7,6 +7,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 
+use fedq_dp::accounting::Measure;
+
 use crate::{Entry, Event};
 
 /// One line of the summary.
@@ -28,6 +30,22 @@ pub struct SummaryRow {
     pub measure: String,
     /// Left for this analyst under the latest logged limits, if known.
     pub remaining: Option<f64>,
+    /// For a zCDP dataset: the (epsilon, delta)-DP equivalent of `spent`
+    /// at the dataset's logged delta, computed here (OpenDP's conversion,
+    /// as the node's Budget RPC states it; debit entries leave it out).
+    pub spent_equivalent: Option<(f64, f64)>,
+}
+
+impl SummaryRow {
+    /// The unit of `spent`: `epsilon`, or `rho` with its (epsilon, delta)
+    /// equivalent when the dataset's delta is logged.
+    pub fn unit(&self) -> String {
+        match (self.measure.as_str(), self.spent_equivalent) {
+            ("zcdp", Some((e, d))) => format!("rho (epsilon {e:.4} at delta {d:e})"),
+            ("zcdp", None) => "rho".into(),
+            _ => "epsilon".into(),
+        }
+    }
 }
 
 /// Summarises entries per analyst and dataset, sorted.
@@ -36,6 +54,7 @@ pub fn summarize(entries: &[Entry]) -> Vec<SummaryRow> {
     let mut dataset_of: HashMap<(String, String), String> = HashMap::new();
     let mut limits: HashMap<String, (f64, f64)> = HashMap::new();
     let mut measure_of: HashMap<String, String> = HashMap::new();
+    let mut delta_of: HashMap<String, f64> = HashMap::new();
     let mut dataset_spent: HashMap<String, f64> = HashMap::new();
     let row = |a: &str, d: &str| -> (String, String) { (a.to_string(), d.to_string()) };
     for e in entries {
@@ -47,6 +66,9 @@ pub fn summarize(entries: &[Entry]) -> Vec<SummaryRow> {
                 for x in l {
                     limits.insert(x.dataset.clone(), (x.per_analyst.value(), x.total.value()));
                     measure_of.insert(x.dataset.clone(), x.measure.clone());
+                    if let Some(d) = &x.delta {
+                        delta_of.insert(x.dataset.clone(), d.value());
+                    }
                 }
             }
             Event::LimitsChanged { after, .. } => {
@@ -55,6 +77,9 @@ pub fn summarize(entries: &[Entry]) -> Vec<SummaryRow> {
                     (after.per_analyst.value(), after.total.value()),
                 );
                 measure_of.insert(after.dataset.clone(), after.measure.clone());
+                if let Some(d) = &after.delta {
+                    delta_of.insert(after.dataset.clone(), d.value());
+                }
             }
             Event::QueryReceived {
                 analyst,
@@ -147,6 +172,10 @@ pub fn summarize(entries: &[Entry]) -> Vec<SummaryRow> {
                 Some("zcdp") => "zcdp".into(),
                 _ => "pure".into(),
             };
+            r.spent_equivalent = (r.measure == "zcdp")
+                .then(|| delta_of.get(&dataset))
+                .flatten()
+                .and_then(|&delta| Measure::Zcdp.equivalent(r.spent, delta).ok());
             r.analyst = analyst;
             r.dataset = dataset;
             r
@@ -161,11 +190,7 @@ pub fn summary_table(rows: &[SummaryRow]) -> String {
         "analyst", "dataset", "answered", "refused", "spent", "granted", "remaining", "unit"
     );
     for r in rows {
-        let unit = if r.measure == "zcdp" {
-            "rho"
-        } else {
-            "epsilon"
-        };
+        let unit = r.unit();
         let _ = writeln!(
             out,
             "{:<24} {:<12} {:>8} {:>8} {:>10.4} {:>9.4} {:>10}  {unit}",
@@ -329,11 +354,7 @@ code{{font-size:12px;word-break:break-all}}</style></head><body>\
     );
     page.push_str("<h2>Budget per analyst and dataset</h2><table><tr><th>analyst</th><th>dataset</th><th>answered</th><th>refused</th><th>spent</th><th>granted</th><th>remaining</th></tr>");
     for r in summarize(entries) {
-        let unit = if r.measure == "zcdp" {
-            "rho"
-        } else {
-            "epsilon"
-        };
+        let unit = escape(&r.unit());
         let _ = write!(
             page,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.4} {unit}</td><td>{:.4}</td><td>{}</td></tr>",
@@ -524,5 +545,65 @@ mod tests {
             !page.contains("<script") && !page.contains("src="),
             "self-contained"
         );
+    }
+
+    /// A zCDP dataset's totals are shown in rho with their (epsilon, delta)
+    /// equivalent at the logged delta, computed from the entries (which
+    /// no longer state it per debit) as the node's Budget RPC states it.
+    #[test]
+    fn zcdp_totals_are_shown_with_their_equivalent() {
+        let debit = |seq, id: &str, rho: f64, total: f64| {
+            entry(
+                seq,
+                2000 + seq,
+                Event::Debited {
+                    keys_delta: d(0.0),
+                    analyst_keys_delta_spent: d(0.0),
+                    analyst: "a".into(),
+                    query_id: id.into(),
+                    dataset: "cases_z".into(),
+                    epsilon: d(0.0),
+                    analyst_spent: d(total),
+                    dataset_spent: d(total),
+                    measure: "zcdp".into(),
+                    rho: d(rho),
+                    analyst_spent_equivalent: None,
+                },
+            )
+        };
+        let entries = vec![
+            entry(
+                0,
+                1000,
+                Event::NodeStarted {
+                    version: "0".into(),
+                    config_sha256: String::new(),
+                    audit_public_key: String::new(),
+                    limits: vec![crate::DatasetLimits {
+                        dataset: "cases_z".into(),
+                        per_analyst: d(1.0),
+                        total: d(5.0),
+                        per_query_max: d(0.5),
+                        measure: "zcdp".into(),
+                        delta: Some(d(1e-7)),
+                    }],
+                },
+            ),
+            debit(1, "q1", 0.02, 0.02),
+            debit(2, "q2", 0.03, 0.05),
+        ];
+        let rows = summarize(&entries);
+        assert_eq!(rows.len(), 1);
+        let r = &rows[0];
+        assert!((r.spent - 0.05).abs() < 1e-12, "{r:?}");
+        let want = fedq_dp::accounting::zcdp_to_approx_opendp(r.spent, 1e-7).unwrap();
+        assert_eq!(r.spent_equivalent, Some((want, 1e-7)));
+        let unit = r.unit();
+        assert!(
+            unit.starts_with("rho (epsilon ") && unit.contains(&format!("{want:.4}")),
+            "{unit}"
+        );
+        assert!(summary_table(&rows).contains(&unit));
+        assert!(html("n", &entries, "verified").contains(&escape(&unit)));
     }
 }

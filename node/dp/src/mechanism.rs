@@ -255,10 +255,19 @@ fn dg_weights(scale: f64) -> Vec<f64> {
 /// [`DG_EXACT_SCALE`] it is summed exactly from the pmf (it is less than
 /// sigma^2 for small sigma); above, it is sigma^2 (the relative difference
 /// is below `e^{-2 pi^2 sigma^2}` by Poisson summation, i.e. zero in f64).
+/// The sum is remembered by scale, as the half-width is (an answer's
+/// scale depends only on the query's cost and sensitivity).
 pub fn discrete_gaussian_variance(scale: f64) -> f64 {
     if scale > DG_EXACT_SCALE {
         return scale * scale;
     }
+    static MEMO: std::sync::OnceLock<crate::memo::Memo> = std::sync::OnceLock::new();
+    MEMO.get_or_init(|| crate::memo::Memo::new(4096))
+        .get_or(scale, 0.0, || Ok(discrete_gaussian_variance_summed(scale)))
+        .unwrap_or(f64::NAN)
+}
+
+fn discrete_gaussian_variance_summed(scale: f64) -> f64 {
     let w = dg_weights(scale);
     let z = w[0] + 2.0 * w[1..].iter().sum::<f64>();
     let second: f64 = w
@@ -629,6 +638,16 @@ mod tests {
         };
         assert!((v - brute).abs() < 1e-12 && v < 0.25, "{v} {brute}");
         assert!((discrete_gaussian_variance(10.0) / 100.0 - 1.0).abs() < 1e-12);
+        // Remembered: the same bits as the sum, at every call.
+        for scale in [0.5, 3.7, 10.0, 199.0] {
+            let summed = discrete_gaussian_variance_summed(scale);
+            for _ in 0..2 {
+                assert_eq!(
+                    discrete_gaussian_variance(scale).to_bits(),
+                    summed.to_bits()
+                );
+            }
+        }
         // Tails: symmetric, P[X >= 0] + P[X >= 1] = 1.
         let (t, e) = discrete_gaussian_upper_tails(3.0, &[0, 1, 2, -1]);
         assert_eq!(e, 0.0);

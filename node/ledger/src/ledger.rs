@@ -49,7 +49,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use sha2::{Digest, Sha256};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
-use crate::audit::{append_in, AuditLog, Decimal, Equivalent, Event, Head, ReleasedMeasurement};
+use crate::audit::{append_in, AuditLog, Decimal, Event, Head, ReleasedMeasurement};
 use crate::journal::{Kv, Overlay};
 use crate::limits::BudgetLimits;
 use crate::store::decode_u64;
@@ -367,9 +367,6 @@ struct DebitJob {
     hold: Option<(String, u64, (f64, f64))>,
     /// The query's `query_received` entry, logged first when it commits.
     received: Option<Event>,
-    /// The analyst's presumed total after the debit and its stated
-    /// equivalent, computed before the admission lock ([`Presumed`]).
-    presumed: Option<Presumed>,
     #[allow(clippy::type_complexity)]
     done: Arc<OnceLock<Result<Result<Admission, Refusal>, sled::Error>>>,
 }
@@ -515,91 +512,34 @@ impl Account {
     }
 }
 
-/// What a debit or reservation entry says about its amount: the measure,
-/// the amount as `(epsilon, rho)` (one of them 0), and the (epsilon,
-/// delta) equivalent of the analyst's total after it.
+/// What a debit or reservation entry says about its amount: the measure
+/// and the amount as `(epsilon, rho)` (one of them 0).
+///
+/// Entries no longer state the (epsilon, delta) equivalent of the
+/// analyst's total (`analyst_spent_equivalent`, still read in entries
+/// written before): it is a function of the stated total and the
+/// dataset's logged delta, and computing it per debit (a new total each
+/// time, so never remembered) was most of a zCDP query's extra CPU. The
+/// audit report and the coordinator compute it where they show it.
 struct Stated {
     measure: String,
     epsilon: Decimal,
     rho: Decimal,
-    equivalent: Option<Equivalent>,
 }
 
 impl Stated {
-    /// The amounts are written exactly, from the ledger's nano-units. The
-    /// equivalent is `presumed`'s if it was computed for `analyst_total`,
-    /// else computed here (under the admission lock: only when a
-    /// concurrent debit by the same analyst changed the total meanwhile).
-    fn new(
-        limits: &BudgetLimits,
-        nano: u64,
-        analyst_total: u64,
-        presumed: Option<&Presumed>,
-    ) -> Stated {
+    /// The amounts are written exactly, from the ledger's nano-units.
+    fn new(limits: &BudgetLimits, nano: u64) -> Stated {
         let amount = Decimal::from_nano(nano);
         let (epsilon, rho) = match limits.measure {
             Measure::Pure => (amount, Decimal::zero()),
             Measure::Zcdp => (Decimal::zero(), amount),
         };
-        let equivalent = match presumed {
-            Some(p) if p.analyst_total == analyst_total => p.equivalent.clone(),
-            _ => stated_equivalent(limits, analyst_total),
-        };
         Stated {
             measure: limits.measure.name().to_string(),
             epsilon,
             rho,
-            equivalent,
         }
-    }
-}
-
-/// The (epsilon, delta) equivalent of an analyst's total, as the debit
-/// and reservation entries state it.
-fn stated_equivalent(limits: &BudgetLimits, analyst_total: u64) -> Option<Equivalent> {
-    limits
-        .measure
-        .equivalent(from_nano(analyst_total), limits.equivalence_delta())
-        .ok()
-        .and_then(|(epsilon, delta)| {
-            Some(Equivalent {
-                epsilon: Decimal::from_f64(epsilon)?,
-                delta: Decimal::from_f64(delta)?,
-            })
-        })
-}
-
-/// An analyst's total after a debit, presumed from the committed total
-/// read without the admission lock, and its [`stated_equivalent`]: the
-/// zCDP conversion is the slow part of a debit, so it is done before the
-/// lock, and used under it only if the total is still the one presumed.
-struct Presumed {
-    analyst_total: u64,
-    equivalent: Option<Equivalent>,
-}
-
-impl Presumed {
-    /// For a zCDP ledger only (a pure one states its total as it is).
-    fn before_lock(
-        tree: &sled::Tree,
-        dataset: &str,
-        analyst: &str,
-        nano: u64,
-        limits: &BudgetLimits,
-    ) -> Option<Presumed> {
-        if limits.measure == Measure::Pure {
-            return None;
-        }
-        let spent = tree
-            .get(analyst_key(dataset, analyst).as_bytes())
-            .ok()?
-            .map(|v| decode_u64(&v))
-            .unwrap_or(0);
-        let analyst_total = spent.checked_add(nano)?;
-        Some(Presumed {
-            analyst_total,
-            equivalent: stated_equivalent(limits, analyst_total),
-        })
     }
 }
 
@@ -917,8 +857,6 @@ impl Ledger {
         received: Option<&Event>,
     ) -> (Result<Admission, TransactionError<Refusal>>, bool) {
         let done = Arc::new(OnceLock::new());
-        let presumed =
-            Presumed::before_lock(&self.tree, dataset, analyst, to_nano_ceil(amount), limits);
         self.combine(
             Job::Debit(Box::new(DebitJob {
                 analyst: analyst.to_string(),
@@ -930,7 +868,6 @@ impl Ledger {
                 limits: *limits,
                 hold: hold.map(|(sql, expires, request)| (sql.to_string(), expires, request)),
                 received: received.cloned(),
-                presumed,
                 done: Arc::clone(&done),
             })),
             || done.get().is_some(),
@@ -1001,7 +938,7 @@ impl Ledger {
         // Checks, then the writes: a refusal writes nothing.
         let (a_new, d_new) = acct.debit(tx, dataset, analyst, job.amount, debit, keys, limits)?;
         log_receipt()?;
-        let stated = Stated::new(limits, debit, a_new, job.presumed.as_ref());
+        let stated = Stated::new(limits, debit);
         let (state, event) = match &job.hold {
             None => (
                 RecordState::Pending(None),
@@ -1014,7 +951,7 @@ impl Ledger {
                     dataset_spent: Decimal::from_nano(d_new),
                     measure: stated.measure,
                     rho: stated.rho,
-                    analyst_spent_equivalent: stated.equivalent,
+                    analyst_spent_equivalent: None,
                     keys_delta: Decimal::from_atto(keys),
                     analyst_keys_delta_spent: if keys > 0 {
                         Decimal::from_atto(acct.ka_spent + keys)
@@ -1045,7 +982,7 @@ impl Ledger {
                         expires_ms: *expires_ms,
                         measure: stated.measure,
                         rho: stated.rho,
-                        analyst_spent_equivalent: stated.equivalent,
+                        analyst_spent_equivalent: None,
                     },
                 )
             }
@@ -1141,8 +1078,6 @@ impl Ledger {
         sql: &str,
         expires_ms: u64,
     ) -> anyhow::Result<Result<ReserveOutcome, Refusal>> {
-        let presumed =
-            Presumed::before_lock(&self.tree, dataset, analyst, to_nano_ceil(amount), limits);
         let guard = self.admit_lock.lock().unwrap_or_else(|p| p.into_inner());
         // After a failed commit or flush nothing more is written: the
         // trees may hold part of a write only the restart completes.
@@ -1172,7 +1107,7 @@ impl Ledger {
                 }
             }
             let (a_new, d_new) = acct.debit(tx, dataset, analyst, amount, debit, 0, limits)?;
-            let stated = Stated::new(limits, debit, a_new, presumed.as_ref());
+            let stated = Stated::new(limits, debit);
             let reservation = Reservation {
                 dataset: dataset.to_string(),
                 sql: sql.to_string(),
@@ -1204,7 +1139,7 @@ impl Ledger {
                     expires_ms,
                     measure: stated.measure,
                     rho: stated.rho,
-                    analyst_spent_equivalent: stated.equivalent,
+                    analyst_spent_equivalent: None,
                 },
             )?;
             Ok(ReserveOutcome::Reserved(
@@ -2387,7 +2322,7 @@ mod tests {
     }
 
     #[test]
-    fn a_zcdp_ledger_records_its_measure_and_states_equivalents() {
+    fn a_zcdp_ledger_records_its_measure_and_states_rho() {
         let dir = tempfile::tempdir().unwrap();
         let ledger = test_ledger(dir.path());
         let l = BudgetLimits {
@@ -2420,7 +2355,8 @@ mod tests {
             epsilon,
             rho,
             measure,
-            analyst_spent_equivalent: Some(eq),
+            analyst_spent,
+            analyst_spent_equivalent,
             ..
         } = entry.event().unwrap()
         else {
@@ -2430,80 +2366,17 @@ mod tests {
             (epsilon.value(), rho.value(), measure.as_str()),
             (0.0, 0.25, "zcdp")
         );
-        assert_eq!(eq.delta.value(), 1e-7);
-        assert_eq!(
-            eq.epsilon.value(),
-            fedq_dp::accounting::zcdp_to_approx(0.25, 1e-7).unwrap()
-        );
+        // The total in rho, and no equivalent: readers compute it from the
+        // total and the logged delta (a conversion per debit was most of a
+        // zCDP query's CPU).
+        assert_eq!(analyst_spent.value(), 0.25);
+        assert_eq!(analyst_spent_equivalent, None);
         // Refusals are stated in rho.
         let r = ledger
             .admit("alice", "cases", "q2", [2; 32], 0.8, &l)
             .unwrap()
             .unwrap_err();
         assert!(r.to_string().starts_with("rho 0.8 exceeds"), "{r}");
-    }
-
-    /// Every zCDP debit and reservation entry states the equivalent of the
-    /// analyst's total after it, whether the total presumed before the lock
-    /// held (one debit at a time) or not (concurrent debits by one analyst).
-    #[test]
-    fn zcdp_equivalents_are_those_of_the_total_even_under_concurrency() {
-        let dir = tempfile::tempdir().unwrap();
-        let ledger = Arc::new(test_ledger(dir.path()));
-        let l = BudgetLimits {
-            measure: Measure::Zcdp,
-            delta: Some(1e-6),
-            per_analyst: 100.0,
-            total: 100.0,
-            ..limits()
-        };
-        std::thread::scope(|s| {
-            for t in 0..4 {
-                let ledger = Arc::clone(&ledger);
-                s.spawn(move || {
-                    for i in 0..6 {
-                        ledger
-                            .admit("alice", "cases", &format!("q{t}-{i}"), [t; 32], 0.013, &l)
-                            .unwrap()
-                            .unwrap();
-                    }
-                });
-            }
-        });
-        ledger
-            .reserve(
-                "alice",
-                "cases",
-                "r1",
-                [9; 32],
-                0.02,
-                (0.0, 0.02),
-                &l,
-                "SELECT 1",
-                u64::MAX / 2,
-            )
-            .unwrap()
-            .unwrap();
-        let mut stated = 0;
-        for entry in ledger.audit.entries(0) {
-            let (total, eq) = match entry.unwrap().event().unwrap() {
-                Event::Debited {
-                    analyst_spent,
-                    analyst_spent_equivalent,
-                    ..
-                }
-                | Event::Reserved {
-                    analyst_spent,
-                    analyst_spent_equivalent,
-                    ..
-                } => (analyst_spent, analyst_spent_equivalent.unwrap()),
-                _ => continue,
-            };
-            let want = fedq_dp::accounting::zcdp_to_approx_opendp(total.value(), 1e-6).unwrap();
-            assert_eq!(eq.epsilon.value().to_bits(), want.to_bits(), "{total:?}");
-            stated += 1;
-        }
-        assert_eq!(stated, 25);
     }
 
     #[test]

@@ -183,7 +183,9 @@ async fn a_zcdp_ledger_spends_rho_exactly_and_converts_epsilon() {
     let b = first.budget.unwrap();
     assert_eq!(b.measure, "zcdp");
     assert!((b.spent_by_analyst - 0.02).abs() < 1e-9);
-    assert!((b.spent_epsilon - eq).abs() < 1e-9 && b.spent_delta == DELTA);
+    // An answer leaves the total's equivalent to the reader (0, 0), as
+    // the coordinator computes it; the Budget RPC states it.
+    assert_eq!((b.spent_epsilon, b.spent_delta), (0.0, 0.0));
     assert!((b.remaining_for_analyst - 0.03).abs() < 1e-9);
 
     alice.query(rho_query("r1b", 0.02)).await.unwrap();
@@ -384,11 +386,12 @@ async fn restarts_keep_rho_spent_and_a_measure_change_is_refused_at_start() {
     let spent = budget(&mut alice).await.spent_by_analyst;
     assert!((spent - 0.2).abs() <= 2e-9, "spent {spent}");
 
-    // The audit log states native costs and (epsilon, delta) equivalents,
-    // and still verifies.
+    // The audit log states native costs and totals, and still verifies;
+    // the report states the total's (epsilon, delta) equivalent at the
+    // logged delta (the entries leave it to the reader).
     let (text, entries, key) = fed.pull_audit(0).await;
     verify(&text, &parse_public_key(&key).unwrap(), 0, None).expect("the log verifies");
-    let debits: Vec<(f64, f64, String, f64, f64, f64)> = entries
+    let debits: Vec<(f64, f64, String, f64)> = entries
         .iter()
         .filter_map(|e| match &e.event {
             Event::Debited {
@@ -396,7 +399,7 @@ async fn restarts_keep_rho_spent_and_a_measure_change_is_refused_at_start() {
                 rho,
                 measure,
                 analyst_spent,
-                analyst_spent_equivalent: Some(eq),
+                analyst_spent_equivalent: None,
                 ..
             }
             | Event::Reserved {
@@ -404,15 +407,13 @@ async fn restarts_keep_rho_spent_and_a_measure_change_is_refused_at_start() {
                 rho,
                 measure,
                 analyst_spent,
-                analyst_spent_equivalent: Some(eq),
+                analyst_spent_equivalent: None,
                 ..
             } => Some((
                 epsilon.value(),
                 rho.value(),
                 measure.clone(),
                 analyst_spent.value(),
-                eq.epsilon.value(),
-                eq.delta.value(),
             )),
             _ => None,
         })
@@ -420,16 +421,28 @@ async fn restarts_keep_rho_spent_and_a_measure_change_is_refused_at_start() {
     assert_eq!(debits.len(), 3, "{debits:?}");
     // (epsilon 0.4 costs 0.4^2/2 = 0.08, rounded up to whole nano-rho.)
     for (i, (rho, total)) in [(0.1, 0.1), (0.08, 0.18), (0.02, 0.2)].iter().enumerate() {
-        let (e, r, m, spent, eq_e, eq_d) = &debits[i];
+        let (e, r, m, spent) = &debits[i];
         assert_eq!((*e, m.as_str()), (0.0, "zcdp"));
         assert!(
             (r - rho).abs() <= 2e-9 && (spent - total).abs() <= 2e-9,
             "{:?}",
             debits[i]
         );
-        assert!((eq_e - zcdp_to_approx(*spent, DELTA).unwrap()).abs() < 1e-9);
-        assert_eq!(*eq_d, DELTA);
     }
+    let raw: Vec<fedq_audit::Entry> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let summary = fedq_audit::report::summarize(&raw);
+    let row = summary
+        .iter()
+        .find(|r| r.analyst == "alice" && r.dataset == "cases")
+        .expect("alice's row");
+    let (eq_e, eq_d) = row
+        .spent_equivalent
+        .expect("the report states the equivalent");
+    assert!((eq_e - zcdp_to_approx(spent, DELTA).unwrap()).abs() < 1e-9);
+    assert_eq!(eq_d, DELTA);
     let released: Vec<f64> = entries
         .iter()
         .filter_map(|e| match &e.event {
@@ -626,6 +639,24 @@ async fn the_coordinator_shows_the_mechanism_and_both_costs() {
     let cost = node.cost.expect("a cost");
     assert_eq!((cost.amount, cost.epsilon, cost.delta), (0.05, eq, DELTA));
     assert_eq!(node.measure.as_deref(), Some("zcdp"));
+    // The node leaves the total's equivalent to the coordinator, which
+    // computes OpenDP's conversion of the total at the answer's delta.
+    let spent = outcomes[0]
+        .result
+        .as_ref()
+        .unwrap()
+        .budget
+        .as_ref()
+        .unwrap();
+    assert_eq!((spent.spent_epsilon, spent.spent_delta), (0.0, 0.0));
+    assert_eq!(
+        node.spent_equivalent,
+        Some((
+            zcdp_to_approx(spent.spent_by_analyst, DELTA).unwrap(),
+            DELTA
+        ))
+    );
+    assert!(node.spent_equivalent.unwrap().0 > 0.0);
     let json = render(&c, Format::Json).unwrap();
     assert!(
         json.contains("\"rho\": 0.05") && json.contains("discrete_gaussian"),
