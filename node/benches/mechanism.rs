@@ -69,8 +69,16 @@ fn ledger(c: &mut Criterion) {
             let id = format!("q{n}");
             let digest = [(n % 251) as u8; 32];
             let fedq_ledger::ledger::Admission::Debited(_, durable) = ledger
-                .admit("alice", "cases", &id, digest, 0.01, &limits)
-                .expect("admit")
+                .admit(&fedq_ledger::ledger::Debit {
+                    analyst: "alice",
+                    dataset: "cases",
+                    query_id: &id,
+                    digest,
+                    amount: 0.01,
+                    keys_delta: 0.0,
+                    limits: &limits,
+                    received: None,
+                })
                 .expect("admitted")
             else {
                 panic!("not a fresh debit")
@@ -78,10 +86,12 @@ fn ledger(c: &mut Criterion) {
             ledger
                 .record_release(
                     durable,
-                    "alice",
-                    &id,
-                    "cases",
-                    digest,
+                    &fedq_ledger::ledger::ReleaseOf {
+                        analyst: "alice",
+                        query_id: &id,
+                        dataset: "cases",
+                        digest,
+                    },
                     vec![],
                     None,
                     &mut response.clone(),

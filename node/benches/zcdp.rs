@@ -129,8 +129,16 @@ fn cpu_per_query(measure: Measure, conv: Conversions, queries: u64) -> (Duration
             let id = format!("q{n}");
             let digest = [(n % 251) as u8; 32];
             let fedq_ledger::ledger::Admission::Debited(state, durable) = ledger
-                .admit("alice", "cases", &id, digest, amount, &l)
-                .expect("admit")
+                .admit(&fedq_ledger::ledger::Debit {
+                    analyst: "alice",
+                    dataset: "cases",
+                    query_id: &id,
+                    digest,
+                    amount,
+                    keys_delta: 0.0,
+                    limits: &l,
+                    received: None,
+                })
                 .expect("admitted")
             else {
                 panic!("not a fresh debit")
@@ -149,10 +157,12 @@ fn cpu_per_query(measure: Measure, conv: Conversions, queries: u64) -> (Duration
             ledger
                 .record_release(
                     durable,
-                    "alice",
-                    &id,
-                    "cases",
-                    digest,
+                    &fedq_ledger::ledger::ReleaseOf {
+                        analyst: "alice",
+                        query_id: &id,
+                        dataset: "cases",
+                        digest,
+                    },
                     vec![],
                     None,
                     &mut response.clone(),
@@ -182,8 +192,16 @@ fn pure_throughput(with_zcdp_load: bool, seconds: f64) -> (f64, f64) {
     let query = |analyst: &str, dataset: &str, id: String, amount: f64, l: &BudgetLimits| {
         let digest = [7; 32];
         let fedq_ledger::ledger::Admission::Debited(state, durable) = ledger
-            .admit(analyst, dataset, &id, digest, amount, l)
-            .expect("admit")
+            .admit(&fedq_ledger::ledger::Debit {
+                analyst,
+                dataset,
+                query_id: &id,
+                digest,
+                amount,
+                keys_delta: 0.0,
+                limits: l,
+                received: None,
+            })
             .expect("admitted")
         else {
             panic!("not a fresh debit")
@@ -193,10 +211,12 @@ fn pure_throughput(with_zcdp_load: bool, seconds: f64) -> (f64, f64) {
         ledger
             .record_release(
                 durable,
-                analyst,
-                &id,
-                dataset,
-                digest,
+                &fedq_ledger::ledger::ReleaseOf {
+                    analyst,
+                    query_id: &id,
+                    dataset,
+                    digest,
+                },
                 vec![],
                 None,
                 &mut response.clone(),

@@ -149,21 +149,35 @@ fn loggable_id(id: &str) -> String {
     }
 }
 
+/// One refusal, as it is counted: who (identity, role), on which dataset
+/// (one this node serves, or empty), of what kind, for which query id
+/// (may be empty), and the message the caller was sent.
+#[derive(Debug, Clone, Copy)]
+pub struct Refused<'a> {
+    /// Identity and role of the certificate.
+    pub who: (&'a str, &'a str),
+    /// A served dataset, or empty.
+    pub dataset: &'a str,
+    /// The kind of refusal.
+    pub kind: RefusalKind,
+    /// The query id, if any.
+    pub query_id: &'a str,
+    /// The message sent to the caller.
+    pub message: &'a str,
+}
+
 impl RefusalLog {
     /// Counts one refusal at `now_ms`. Windows that ended are logged first,
     /// as is everything when too many windows are open. `dataset` must be
     /// one this node serves, or empty.
-    #[allow(clippy::too_many_arguments)]
-    pub fn note(
-        &self,
-        audit: &AuditLog,
-        (identity, role): (&str, &str),
-        dataset: &str,
-        kind: RefusalKind,
-        query_id: &str,
-        message: &str,
-        now_ms: u64,
-    ) {
+    pub fn note(&self, audit: &AuditLog, r: &Refused<'_>, now_ms: u64) {
+        let Refused {
+            who: (identity, role),
+            dataset,
+            kind,
+            query_id,
+            message,
+        } = *r;
         let due = {
             let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
             let key = (bounded(identity), dataset.to_string(), kind);
@@ -187,16 +201,14 @@ impl RefusalLog {
     /// wait on the log (the TLS handshake): an ended window keeps counting
     /// until the sweeper logs it, and when [`MAX_PENDING`] windows are open
     /// a refusal that needs a new one is only in the operator's log.
-    #[allow(clippy::too_many_arguments)]
-    pub fn count(
-        &self,
-        (identity, role): (&str, &str),
-        dataset: &str,
-        kind: RefusalKind,
-        query_id: &str,
-        message: &str,
-        now_ms: u64,
-    ) {
+    pub fn count(&self, r: &Refused<'_>, now_ms: u64) {
+        let Refused {
+            who: (identity, role),
+            dataset,
+            kind,
+            query_id,
+            message,
+        } = *r;
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let key = (bounded(identity), dataset.to_string(), kind);
         if !open.contains_key(&key) && open.len() >= MAX_PENDING {
@@ -322,7 +334,14 @@ mod tests {
             } else {
                 RefusalKind::InvalidRequest
             };
-            refusals.note(&audit, ("mallory", "analyst"), "", kind, &huge, &huge, i);
+            let r = Refused {
+                who: ("mallory", "analyst"),
+                dataset: "",
+                kind,
+                query_id: &huge,
+                message: &huge,
+            };
+            refusals.note(&audit, &r, i);
         }
         // Nothing is written while the window is open.
         assert!(summaries(&audit).is_empty());
@@ -349,15 +368,14 @@ mod tests {
         let (_d, audit) = log();
         let refusals = RefusalLog::default();
         let note = |t| {
-            refusals.note(
-                &audit,
-                ("eve", "auditor"),
-                "",
-                RefusalKind::NotAllowed,
-                "q",
-                "no",
-                t,
-            )
+            let r = Refused {
+                who: ("eve", "auditor"),
+                dataset: "",
+                kind: RefusalKind::NotAllowed,
+                query_id: "q",
+                message: "no",
+            };
+            refusals.note(&audit, &r, t)
         };
         note(0);
         note(1);
@@ -376,15 +394,15 @@ mod tests {
         let (_d, audit) = log();
         let refusals = RefusalLog::default();
         for i in 0..=MAX_PENDING {
-            refusals.note(
-                &audit,
-                (&format!("id{i}"), "analyst"),
-                "cases",
-                RefusalKind::Budget,
-                "",
-                "no",
-                0,
-            );
+            let id = format!("id{i}");
+            let r = Refused {
+                who: (&id, "analyst"),
+                dataset: "cases",
+                kind: RefusalKind::Budget,
+                query_id: "",
+                message: "no",
+            };
+            refusals.note(&audit, &r, 0);
         }
         assert_eq!(summaries(&audit).len(), MAX_PENDING);
         assert_eq!(refusals.pending(), 1);

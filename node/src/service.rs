@@ -21,13 +21,15 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 
 use crate::config::{DatasetConfig, NodeConfig};
-use crate::refusals::{RefusalKind, RefusalLog};
+use crate::refusals::{RefusalKind, RefusalLog, Refused};
 use fedq_dp::accounting::{self, Measure};
 use fedq_dp::mechanism::{self, Exact, Noise};
 use fedq_engine::postgres::{PgSource, SourceError};
 use fedq_engine::source::Source;
 use fedq_ledger::audit::{AuditKey, AuditLog, DatasetLimits, Decimal, Event, ReleasedMeasurement};
-use fedq_ledger::ledger::{Admission, BudgetState, Computed, Durable, Ledger};
+use fedq_ledger::ledger::{
+    Admission, BudgetState, Computed, Debit, Durable, Hold, Ledger, LedgerError, ReleaseOf,
+};
 use fedq_ledger::store::Store;
 use fedq_pki::{caller_from_der, Caller};
 use fedq_plan::plan::cell_keys;
@@ -265,8 +267,14 @@ impl NodeState {
         } else {
             ""
         };
-        self.refusals
-            .note(self.audit(), who, dataset, kind, query_id, reason, now_ms());
+        let r = Refused {
+            who,
+            dataset,
+            kind,
+            query_id,
+            message: reason,
+        };
+        self.refusals.note(self.audit(), &r, now_ms());
     }
 
     /// Counts a certificate refused at the TLS handshake, without writing
@@ -281,8 +289,16 @@ impl NodeState {
             "certificate refused at the handshake: {} (serial {})",
             r.reason, r.serial
         );
-        self.refusals
-            .count(who_of(r), "", kind, "", &message, now_ms());
+        self.refusals.count(
+            &Refused {
+                who: who_of(r),
+                dataset: "",
+                kind,
+                query_id: "",
+                message: &message,
+            },
+            now_ms(),
+        );
     }
 
     /// Logs the refusal summaries whose window ended (all of them when
@@ -754,6 +770,22 @@ fn enter<'a>(state: &'a NodeState, analyst: &str, query_id: &str) -> Result<InFl
 }
 
 /// A ledger refusal as a gRPC status, logged.
+/// A ledger call's failure as the caller's status: a refusal as
+/// [`refusal_status`] says it (logged with `receipt`), a store failure as
+/// an internal error.
+fn ledger_status(
+    state: &NodeState,
+    receipt: Option<&Receipt>,
+    who: (&str, &str),
+    query_id: &str,
+    e: LedgerError,
+) -> Status {
+    match e {
+        LedgerError::Refused(r) => refusal_status(state, receipt, who, query_id, r),
+        LedgerError::Store(e) => internal(format!("{e:#}")),
+    }
+}
+
 fn refusal_status(
     state: &NodeState,
     receipt: Option<&Receipt>,
@@ -842,8 +874,31 @@ impl StageClock {
     }
 }
 
+/// One planned query on its way through the pipeline: the node, who asked
+/// what, the plan, and the digest its debit and release are recorded
+/// under.
+#[derive(Clone, Copy)]
+struct Planned<'a> {
+    state: &'a NodeState,
+    analyst: &'a str,
+    q: &'a QueryRequest,
+    plan: &'a Plan,
+    digest: [u8; 32],
+}
+
+impl Planned<'_> {
+    /// The release the debit pays for, as the ledger records it.
+    fn release_of(&self) -> ReleaseOf<'_> {
+        ReleaseOf {
+            analyst: self.analyst,
+            dataset: &self.plan.dataset,
+            query_id: &self.q.query_id,
+            digest: self.digest,
+        }
+    }
+}
+
 /// The blocking part of a one-phase query: debit, compute, add noise, record.
-#[allow(clippy::too_many_arguments)]
 fn run_query(
     state: &NodeState,
     analyst: &str,
@@ -856,8 +911,15 @@ fn run_query(
     let ds = &state.datasets[&plan.dataset];
     let _guard = enter(state, analyst, &q.query_id)?;
     let digest = query_digest(q);
+    let p = Planned {
+        state,
+        analyst,
+        q,
+        plan,
+        digest,
+    };
     if let Source::Postgres(pg) = &ds.source {
-        return run_on_database(state, pg, analyst, q, plan, response, digest, receipt);
+        return run_on_database(p, pg, response, receipt);
     }
     // The exact aggregates are computed while the debit's flush is in
     // flight: only once the check and the debit are committed (a refused
@@ -866,33 +928,28 @@ fn run_query(
     // values never leave this function's callees before `release` adds
     // noise, so computing them early releases nothing.
     let pending = receipt.pending();
-    let admission = state
-        .ledger
-        .admit_overlapping(
-            analyst,
-            &plan.dataset,
-            &q.query_id,
-            digest,
-            (
-                response.cost,
-                response.released_keys.as_ref().map_or(0.0, |k| k.delta),
-            ),
-            &ds.config.budget,
-            pending.as_ref(),
-            || {
-                let scan = std::time::Instant::now();
-                (exact(ds, plan), scan.elapsed())
-            },
-        )
-        .map_err(internal);
+    let debit = Debit {
+        analyst,
+        dataset: &plan.dataset,
+        query_id: &q.query_id,
+        digest,
+        amount: response.cost,
+        keys_delta: response.released_keys.as_ref().map_or(0.0, |k| k.delta),
+        limits: &ds.config.budget,
+        received: pending.as_ref(),
+    };
+    let admission = state.ledger.admit_overlapping(&debit, || {
+        let scan = std::time::Instant::now();
+        (exact(ds, plan), scan.elapsed())
+    });
     drop(pending);
-    let admission = admission?.map_err(|r| {
-        refusal_status(
+    let admission = admission.map_err(|e| {
+        ledger_status(
             state,
             Some(receipt),
             (analyst, &plan.dataset),
             &q.query_id,
-            r,
+            e,
         )
     })?;
     receipt.logged();
@@ -902,17 +959,7 @@ fn run_query(
         Computed::Debited(b, durable, (exact, scan)) => {
             StageClock::note(clock, "of_which_exact", scan);
             let exact = exact.map_err(|e| source_failed(state, &plan.dataset, &e))?;
-            release(
-                state,
-                analyst,
-                q,
-                plan,
-                response,
-                (b, durable),
-                digest,
-                exact,
-                clock,
-            )
+            release(p, response, (b, durable), exact, clock)
         }
     }
 }
@@ -935,42 +982,46 @@ fn run_query(
 ///
 /// A crash between 1 and 4 leaves a reservation that expires and returns
 /// its budget (or, if the store is lost, budget is lost: never gained).
-#[allow(clippy::too_many_arguments)]
 fn run_on_database(
-    state: &NodeState,
+    p: Planned<'_>,
     pg: &PgSource,
-    analyst: &str,
-    q: &QueryRequest,
-    plan: &Plan,
     response: QueryResponse,
-    digest: [u8; 32],
     receipt: &Receipt,
 ) -> Result<QueryResponse, Status> {
+    let Planned {
+        state,
+        analyst,
+        q,
+        plan,
+        digest,
+    } = p;
     let ds = &state.datasets[&plan.dataset];
     let expires = now_ms() + pg.hold_ms();
     let pending = receipt.pending();
-    let admission = state
-        .ledger
-        .hold(
-            analyst,
-            &plan.dataset,
-            &q.query_id,
-            digest,
-            response.cost,
-            (q.epsilon, q.rho),
-            &ds.config.budget,
-            (&q.sql, expires),
-            pending.as_ref(),
-        )
-        .map_err(internal);
+    let debit = Debit {
+        analyst,
+        dataset: &plan.dataset,
+        query_id: &q.query_id,
+        digest,
+        amount: response.cost,
+        keys_delta: 0.0,
+        limits: &ds.config.budget,
+        received: pending.as_ref(),
+    };
+    let hold = Hold {
+        sql: &q.sql,
+        expires_ms: expires,
+        request: (q.epsilon, q.rho),
+    };
+    let admission = state.ledger.hold(&debit, &hold);
     drop(pending);
-    let admission = admission?.map_err(|r| {
-        refusal_status(
+    let admission = admission.map_err(|e| {
+        ledger_status(
             state,
             Some(receipt),
             (analyst, &plan.dataset),
             &q.query_id,
-            r,
+            e,
         )
     })?;
     receipt.logged();
@@ -980,37 +1031,16 @@ fn run_on_database(
         // commit): the budget is spent for this id; a retry resumes it.
         Admission::Resume(b, durable) => {
             let exact = exact(ds, plan).map_err(|e| source_failed(state, &plan.dataset, &e))?;
-            release(
-                state,
-                analyst,
-                q,
-                plan,
-                response,
-                (b, durable),
-                digest,
-                exact,
-                &mut None,
-            )
+            release(p, response, (b, durable), exact, &mut None)
         }
         Admission::Held(b) => {
             let exact = fetch_or_give_back(state, ds, plan, analyst, &q.query_id)?;
-            match state
-                .ledger
-                .commit(analyst, &q.query_id, now_ms())
-                .map_err(internal)?
-            {
+            match state.ledger.commit(analyst, &q.query_id, now_ms()) {
                 // Committed, durably: the proof the noise step needs.
-                Ok((Admission::Resume(_, durable), Some(_), _)) => release(
-                    state,
-                    analyst,
-                    q,
-                    plan,
-                    response,
-                    (b, durable),
-                    digest,
-                    exact,
-                    &mut None,
-                ),
+                Ok((Admission::Resume(_, durable), Some(_), _)) => {
+                    release(p, response, (b, durable), exact, &mut None)
+                }
+                Err(LedgerError::Store(e)) => Err(internal(format!("{e:#}"))),
                 _ => Err(held_too_long(state, &plan.dataset)),
             }
         }
@@ -1130,19 +1160,22 @@ fn replay(
 }
 
 /// Adds OpenDP noise to the exact aggregates and records the release.
-/// Only called once the debit (or committed reservation) is durable.
-#[allow(clippy::too_many_arguments)]
+/// Only called once the debit (or committed reservation) is durable: the
+/// [`Durable`] proof says so, and recording the release consumes it.
 fn release(
-    state: &NodeState,
-    analyst: &str,
-    q: &QueryRequest,
-    plan: &Plan,
+    p: Planned<'_>,
     mut response: QueryResponse,
     (budget, durable): (BudgetState, Durable),
-    digest: [u8; 32],
     exact: Vec<Exact>,
     clock: &mut Option<StageClock>,
 ) -> Result<QueryResponse, Status> {
+    let Planned {
+        state,
+        analyst,
+        q,
+        plan,
+        ..
+    } = p;
     let ds = &state.datasets[&plan.dataset];
     if let Some(column) = plan.open_key {
         release_keys(
@@ -1184,10 +1217,7 @@ fn release(
         .ledger
         .record_release(
             durable,
-            analyst,
-            &q.query_id,
-            &plan.dataset,
-            digest,
+            &p.release_of(),
             logged,
             ds.source.audit_name(),
             &mut response,
@@ -1652,23 +1682,24 @@ impl Node for NodeService {
                 let ds = &state.datasets[&plan.dataset];
                 let hold = hold_ms.clamp(1000, state.config.limits.max_reservation_ms);
                 let expires = now_ms() + hold;
-                let outcome = state
-                    .ledger
-                    .reserve(
-                        &who.name,
-                        &plan.dataset,
-                        &q.query_id,
-                        query_digest(&q),
-                        planned.cost,
-                        (q.epsilon, q.rho),
-                        &ds.config.budget,
-                        &q.sql,
-                        expires,
-                    )
-                    .map_err(internal)?
-                    .map_err(|r| {
-                        refusal_status(state, None, (&who.name, &plan.dataset), &q.query_id, r)
-                    })?;
+                let debit = Debit {
+                    analyst: &who.name,
+                    dataset: &plan.dataset,
+                    query_id: &q.query_id,
+                    digest: query_digest(&q),
+                    amount: planned.cost,
+                    keys_delta: 0.0,
+                    limits: &ds.config.budget,
+                    received: None,
+                };
+                let hold = Hold {
+                    sql: &q.sql,
+                    expires_ms: expires,
+                    request: (q.epsilon, q.rho),
+                };
+                let outcome = state.ledger.reserve(&debit, &hold).map_err(|e| {
+                    ledger_status(state, None, (&who.name, &plan.dataset), &q.query_id, e)
+                })?;
                 let b = state
                     .ledger
                     .state(&who.name, &plan.dataset, &ds.config.budget)
@@ -1715,8 +1746,7 @@ impl Node for NodeService {
                 let (admission, reservation, digest) = state
                     .ledger
                     .commit(&who.name, &query_id, now_ms())
-                    .map_err(internal)?
-                    .map_err(|r| refusal_status(state, None, (&who.name, ""), &query_id, r))?;
+                    .map_err(|e| ledger_status(state, None, (&who.name, ""), &query_id, e))?;
                 let durable = match admission {
                     Admission::Replay(bytes) => return replay(state, &who.name, &query_id, &bytes),
                     Admission::Resume(_, durable) => durable,
@@ -1755,17 +1785,14 @@ impl Node for NodeService {
                         exact(ds, &plan).map_err(|e| source_failed(state, &plan.dataset, &e))?
                     }
                 };
-                release(
+                let p = Planned {
                     state,
-                    &who.name,
-                    &q,
-                    &plan,
-                    response,
-                    (b, durable),
+                    analyst: &who.name,
+                    q: &q,
+                    plan: &plan,
                     digest,
-                    exact,
-                    &mut None,
-                )
+                };
+                release(p, response, (b, durable), exact, &mut None)
             })
             .await?;
         Ok(Response::new(answer))

@@ -306,6 +306,107 @@ pub enum Refusal {
     NoReservation(String),
 }
 
+/// Why a ledger call did not do what it was asked: refused (nothing was
+/// written; the caller tells the analyst why), or the store failed (the
+/// node stops: its fault is set, see [`crate::fault`]).
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// Refused by the ledger's checks; nothing was written.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// A write or flush failed; nothing more is written until a restart.
+    #[error("{0:#}")]
+    Store(anyhow::Error),
+}
+
+impl From<anyhow::Error> for LedgerError {
+    fn from(e: anyhow::Error) -> Self {
+        LedgerError::Store(e)
+    }
+}
+
+impl From<crate::fault::StoreFailed> for LedgerError {
+    fn from(e: crate::fault::StoreFailed) -> Self {
+        LedgerError::Store(e.into())
+    }
+}
+
+impl LedgerError {
+    /// The refusal, if this is one.
+    pub fn refusal(&self) -> Option<&Refusal> {
+        match self {
+            LedgerError::Refused(r) => Some(r),
+            LedgerError::Store(_) => None,
+        }
+    }
+}
+
+/// One debit asked of the ledger: whose, for which query, how much. The
+/// same value names the release that [`Ledger::record_release`] records
+/// under the debit.
+#[derive(Debug, Clone, Copy)]
+pub struct Debit<'a> {
+    /// Analyst identity (certificate CN).
+    pub analyst: &'a str,
+    /// Dataset.
+    pub dataset: &'a str,
+    /// Query id.
+    pub query_id: &'a str,
+    /// The query's digest ([`fedq_proto::query_digest`]): a retry under the
+    /// same id must match it.
+    pub digest: [u8; 32],
+    /// The cost, in the dataset's measure (`limits.measure`).
+    pub amount: f64,
+    /// Delta of a release of open-domain keys (0 otherwise), debited from
+    /// the dataset's released-key delta budget in the same write.
+    pub keys_delta: f64,
+    /// The dataset's limits.
+    pub limits: &'a BudgetLimits,
+    /// The query's `query_received` entry if not logged yet: appended
+    /// first, in the same write, when the debit (or a resume or replay)
+    /// commits; on a refusal nothing is written and the caller logs it.
+    pub received: Option<&'a Event>,
+}
+
+impl Debit<'_> {
+    /// The query this debit pays for, as its release is recorded.
+    pub fn release_of(&self) -> ReleaseOf<'_> {
+        ReleaseOf {
+            analyst: self.analyst,
+            dataset: self.dataset,
+            query_id: self.query_id,
+            digest: self.digest,
+        }
+    }
+}
+
+/// The query a release is recorded for ([`Ledger::record_release`]): the
+/// ids its debit was made under.
+#[derive(Debug, Clone, Copy)]
+pub struct ReleaseOf<'a> {
+    /// Analyst identity.
+    pub analyst: &'a str,
+    /// Dataset.
+    pub dataset: &'a str,
+    /// Query id.
+    pub query_id: &'a str,
+    /// The query's digest.
+    pub digest: [u8; 32],
+}
+
+/// A debit held for a two-phase query or a database source: the SQL kept
+/// with it, when it expires, and the `(epsilon, rho)` asked (to rebuild
+/// the query at Commit).
+#[derive(Debug, Clone, Copy)]
+pub struct Hold<'a> {
+    /// The SQL.
+    pub sql: &'a str,
+    /// Expiry, ms since the Unix epoch.
+    pub expires_ms: u64,
+    /// `(epsilon, rho)` asked.
+    pub request: (f64, f64),
+}
+
 /// Spent and remaining budget of one analyst on one dataset, in the
 /// dataset's measure.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -397,6 +498,16 @@ struct Account {
     kd_spent: u64,
 }
 
+/// What one debit charges: the amount as asked (for messages), in whole
+/// nano-units of the measure (rounded up), and the released-key delta in
+/// atto-units.
+#[derive(Clone, Copy)]
+struct Charge {
+    amount: f64,
+    nano: u64,
+    keys: u64,
+}
+
 impl Account {
     fn read(
         tx: &impl Kv,
@@ -434,20 +545,16 @@ impl Account {
         }
     }
 
-    /// Refuses a debit of `nano` (and `keys` atto-delta of released keys)
-    /// that any limit cannot take, or writes it (and the ledger's
-    /// measure); returns the totals after it.
-    #[allow(clippy::too_many_arguments)]
+    /// Refuses a debit of `charge` that any limit cannot take, or writes
+    /// it (and the ledger's measure); returns the totals after it.
     fn debit(
         &self,
         tx: &impl Kv,
-        dataset: &str,
-        analyst: &str,
-        amount: f64,
-        nano: u64,
-        keys: u64,
+        (dataset, analyst): (&str, &str),
+        charge: Charge,
         limits: &BudgetLimits,
     ) -> Result<(u64, u64), ConflictableTransactionError<Refusal>> {
+        let Charge { amount, nano, keys } = charge;
         let unit = limits.measure.unit();
         if keys > 0 {
             let ka_limit = to_atto_floor(limits.keys_delta_per_analyst.unwrap_or(0.0));
@@ -617,41 +724,24 @@ impl Ledger {
         &self,
         outcome: Result<T, TransactionError<Refusal>>,
         flush: bool,
-    ) -> anyhow::Result<Result<T, Refusal>> {
+    ) -> Result<T, LedgerError> {
         match outcome {
             Ok(o) => {
                 if flush {
                     self.store.wait_durable()?;
                 }
-                Ok(Ok(o))
+                Ok(o)
             }
-            Err(TransactionError::Abort(refusal)) => Ok(Err(refusal)),
-            Err(TransactionError::Storage(e)) => Err(self.failed(e)),
+            Err(TransactionError::Abort(refusal)) => Err(refusal.into()),
+            Err(TransactionError::Storage(e)) => Err(self.failed(e).into()),
         }
     }
 
-    /// Checks limits and durably debits `amount` (in the dataset's measure,
-    /// `limits.measure`), or recognises a retry of `query_id`. Nothing is
-    /// written when refused.
-    pub fn admit(
-        &self,
-        analyst: &str,
-        dataset: &str,
-        query_id: &str,
-        digest: [u8; 32],
-        amount: f64,
-        limits: &BudgetLimits,
-    ) -> anyhow::Result<Result<Admission, Refusal>> {
-        let (outcome, wrote) = self.debit_in_tx(
-            analyst,
-            dataset,
-            query_id,
-            digest,
-            (amount, 0.0),
-            limits,
-            None,
-            None,
-        );
+    /// Checks limits and durably debits `d.amount` (in the dataset's
+    /// measure), or recognises a retry of `d.query_id`. Nothing is written
+    /// when refused.
+    pub fn admit(&self, d: &Debit<'_>) -> Result<Admission, LedgerError> {
+        let (outcome, wrote) = self.debit_in_tx(d, None);
         self.settle(outcome, wrote)
     }
 
@@ -661,42 +751,28 @@ impl Ledger {
     /// overspend) and only for a query that will be computed (a fresh
     /// debit or a resume; never for a refusal or a replay), the debit is
     /// queued for the store's flusher thread and `meanwhile` runs alongside
-    /// the flush. Its result is
-    /// handed back only once the debit is durable; if the flush fails it is
-    /// dropped and the error returned. `cost.1` is the delta of a release
-    /// of open-domain keys (0 otherwise), checked against and debited from
-    /// the dataset's released-key delta budget in the same transaction.
-    /// `received`, the query's `query_received` audit entry if not logged
-    /// yet, is appended first in that transaction when it commits (a
-    /// debit, resume or replay); on a refusal nothing is written and the
-    /// caller logs it with the refusal.
+    /// the flush. Its result is handed back only once the debit is
+    /// durable; if the flush fails it is dropped and the error returned.
     ///
     /// **Guarantee.** `meanwhile` must not release anything: it is meant for
     /// the exact aggregates, which stay inside the process and are not a
     /// release. Noise is drawn from what this returns, so after the debit is
     /// durable (DESIGN invariant 3); a crash before then loses the exact
     /// values with the un-synced debit, and nothing was released.
-    #[allow(clippy::too_many_arguments)]
     pub fn admit_overlapping<R>(
         &self,
-        analyst: &str,
-        dataset: &str,
-        query_id: &str,
-        digest: [u8; 32],
-        cost: (f64, f64),
-        limits: &BudgetLimits,
-        received: Option<&Event>,
+        d: &Debit<'_>,
         meanwhile: impl FnOnce() -> R,
-    ) -> anyhow::Result<Result<Computed<R>, Refusal>> {
-        let (outcome, _) = self.debit_in_tx(
-            analyst, dataset, query_id, digest, cost, limits, None, received,
-        );
+    ) -> Result<Computed<R>, LedgerError> {
+        let (outcome, _) = self.debit_in_tx(d, None);
         let (budget, durable) = match outcome {
-            Ok(Admission::Replay(bytes)) => return Ok(Ok(Computed::Replay(bytes))),
+            Ok(Admission::Replay(bytes)) => return Ok(Computed::Replay(bytes)),
             Ok(Admission::Debited(b, d) | Admission::Resume(b, d)) => (b, d),
-            Ok(Admission::Held(_)) => anyhow::bail!("a debit without a hold was held"),
-            Err(TransactionError::Abort(refusal)) => return Ok(Err(refusal)),
-            Err(TransactionError::Storage(e)) => return Err(self.failed(e)),
+            Ok(Admission::Held(_)) => {
+                return Err(anyhow::anyhow!("a debit without a hold was held").into())
+            }
+            Err(TransactionError::Abort(refusal)) => return Err(refusal.into()),
+            Err(TransactionError::Storage(e)) => return Err(self.failed(e).into()),
         };
         // The flusher thread makes the debit durable while this thread
         // computes; the result (and the proof) is handed back only once it
@@ -704,40 +780,18 @@ impl Ledger {
         let ticket = self.store.ticket();
         let computed = meanwhile();
         self.store.wait(ticket)?;
-        Ok(Ok(Computed::Debited(budget, durable, computed)))
+        Ok(Computed::Debited(budget, durable, computed))
     }
 
     /// As [`Ledger::admit`], but a fresh debit is held as a reservation
-    /// expiring at `hold.1` (logged as `reserved`), for a query whose exact
-    /// values come from a database that may fail: the caller then either
-    /// [`Ledger::commit`]s it once the values are in hand, or
-    /// [`Ledger::give_back`]s it if nothing was computed. `hold.0` is the
-    /// SQL, kept with the reservation; `request` is the (epsilon, rho)
-    /// asked. A fresh hold is returned as [`Admission::Held`]; replays and
-    /// resumes are as for `admit`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn hold(
-        &self,
-        analyst: &str,
-        dataset: &str,
-        query_id: &str,
-        digest: [u8; 32],
-        amount: f64,
-        request: (f64, f64),
-        limits: &BudgetLimits,
-        hold: (&str, u64),
-        received: Option<&Event>,
-    ) -> anyhow::Result<Result<Admission, Refusal>> {
-        let (outcome, wrote) = self.debit_in_tx(
-            analyst,
-            dataset,
-            query_id,
-            digest,
-            (amount, 0.0),
-            limits,
-            Some((hold.0, hold.1, request)),
-            received,
-        );
+    /// expiring at `hold.expires_ms` (logged as `reserved`), for a query
+    /// whose exact values come from a database that may fail: the caller
+    /// then either [`Ledger::commit`]s it once the values are in hand, or
+    /// [`Ledger::give_back`]s it if nothing was computed. A fresh hold is
+    /// returned as [`Admission::Held`]; replays and resumes are as for
+    /// `admit`.
+    pub fn hold(&self, d: &Debit<'_>, hold: &Hold<'_>) -> Result<Admission, LedgerError> {
+        let (outcome, wrote) = self.debit_in_tx(d, Some(hold));
         self.settle(outcome, wrote)
     }
 
@@ -844,30 +898,23 @@ impl Ledger {
     /// with concurrent debits and release records ([`Ledger::combine`]),
     /// not yet durable; also whether it wrote anything (a replay writes
     /// only the receipt). Callers make it durable before computing.
-    #[allow(clippy::too_many_arguments)]
     fn debit_in_tx(
         &self,
-        analyst: &str,
-        dataset: &str,
-        query_id: &str,
-        digest: [u8; 32],
-        (amount, keys_delta): (f64, f64),
-        limits: &BudgetLimits,
-        hold: Option<(&str, u64, (f64, f64))>,
-        received: Option<&Event>,
+        d: &Debit<'_>,
+        hold: Option<&Hold<'_>>,
     ) -> (Result<Admission, TransactionError<Refusal>>, bool) {
         let done = Arc::new(OnceLock::new());
         self.combine(
             Job::Debit(Box::new(DebitJob {
-                analyst: analyst.to_string(),
-                dataset: dataset.to_string(),
-                query_id: query_id.to_string(),
-                digest,
-                amount,
-                keys_delta,
-                limits: *limits,
-                hold: hold.map(|(sql, expires, request)| (sql.to_string(), expires, request)),
-                received: received.cloned(),
+                analyst: d.analyst.to_string(),
+                dataset: d.dataset.to_string(),
+                query_id: d.query_id.to_string(),
+                digest: d.digest,
+                amount: d.amount,
+                keys_delta: d.keys_delta,
+                limits: *d.limits,
+                hold: hold.map(|h| (h.sql.to_string(), h.expires_ms, h.request)),
+                received: d.received.cloned(),
                 done: Arc::clone(&done),
             })),
             || done.get().is_some(),
@@ -936,7 +983,12 @@ impl Ledger {
             }
         }
         // Checks, then the writes: a refusal writes nothing.
-        let (a_new, d_new) = acct.debit(tx, dataset, analyst, job.amount, debit, keys, limits)?;
+        let charge = Charge {
+            amount: job.amount,
+            nano: debit,
+            keys,
+        };
+        let (a_new, d_new) = acct.debit(tx, (dataset, analyst), charge, limits)?;
         log_receipt()?;
         let stated = Stated::new(limits, debit);
         let (state, event) = match &job.hold {
@@ -1016,18 +1068,20 @@ impl Ledger {
     /// Concurrent releases and debits share one write ([`Ledger::combine`]).
     /// A thread whose record another wrote only waits for its durability;
     /// if the shared write fails, every record in it fails.
-    #[allow(clippy::too_many_arguments)]
     pub fn record_release(
         &self,
         _debit: Durable,
-        analyst: &str,
-        query_id: &str,
-        dataset: &str,
-        digest: [u8; 32],
+        of: &ReleaseOf<'_>,
         measurements: Vec<ReleasedMeasurement>,
         source: Option<&str>,
         response: &mut fedq_proto::v1::QueryResponse,
     ) -> anyhow::Result<Head> {
+        let ReleaseOf {
+            analyst,
+            dataset,
+            query_id,
+            digest,
+        } = *of;
         use prost::Message;
         let response_sha256 = hex::encode(Sha256::digest(response.encode_to_vec()));
         let qkey = query_key(analyst, query_id);
@@ -1060,24 +1114,17 @@ impl Ledger {
         Ok(head)
     }
 
-    /// Checks limits and durably reserves `amount` (in the dataset's
+    /// Checks limits and durably reserves `d.amount` (in the dataset's
     /// measure) for a two-phase query (counted as spent until committed,
-    /// cancelled or expired), logged in the same commit. `request` is the
-    /// `(epsilon, rho)` asked for, kept to rebuild the query at Commit.
-    /// Preparing the same query id again is idempotent.
-    #[allow(clippy::too_many_arguments)]
-    pub fn reserve(
-        &self,
-        analyst: &str,
-        dataset: &str,
-        query_id: &str,
-        digest: [u8; 32],
-        amount: f64,
-        request: (f64, f64),
-        limits: &BudgetLimits,
-        sql: &str,
-        expires_ms: u64,
-    ) -> anyhow::Result<Result<ReserveOutcome, Refusal>> {
+    /// cancelled or expired), logged in the same commit, with `hold`'s SQL
+    /// and `(epsilon, rho)` kept to rebuild the query at Commit. Preparing
+    /// the same query id again is idempotent. (`d.keys_delta` and
+    /// `d.received` are not used: Prepare logs its own receipt.)
+    pub fn reserve(&self, d: &Debit<'_>, hold: &Hold<'_>) -> Result<ReserveOutcome, LedgerError> {
+        let (analyst, dataset, query_id, digest, amount, limits) = (
+            d.analyst, d.dataset, d.query_id, d.digest, d.amount, d.limits,
+        );
+        let (sql, expires_ms, request) = (hold.sql, hold.expires_ms, hold.request);
         let guard = self.admit_lock.lock().unwrap_or_else(|p| p.into_inner());
         // After a failed commit or flush nothing more is written: the
         // trees may hold part of a write only the restart completes.
@@ -1106,7 +1153,12 @@ impl Ledger {
                     RecordState::Returned => {}
                 }
             }
-            let (a_new, d_new) = acct.debit(tx, dataset, analyst, amount, debit, 0, limits)?;
+            let charge = Charge {
+                amount,
+                nano: debit,
+                keys: 0,
+            };
+            let (a_new, d_new) = acct.debit(tx, (dataset, analyst), charge, limits)?;
             let stated = Stated::new(limits, debit);
             let reservation = Reservation {
                 dataset: dataset.to_string(),
@@ -1158,7 +1210,7 @@ impl Ledger {
         analyst: &str,
         query_id: &str,
         now_ms: u64,
-    ) -> anyhow::Result<Result<Committed, Refusal>> {
+    ) -> Result<Committed, LedgerError> {
         let guard = self.admit_lock.lock().unwrap_or_else(|p| p.into_inner());
         // After a failed commit or flush nothing more is written: the
         // trees may hold part of a write only the restart completes.
@@ -1646,6 +1698,159 @@ fn query_key(analyst: &str, query_id: &str) -> String {
 mod tests {
     use super::*;
 
+    /// A ledger call's outcome as the tests below read it: the store's
+    /// failure apart from the ledger's refusal.
+    fn nest<T>(r: Result<T, LedgerError>) -> anyhow::Result<Result<T, Refusal>> {
+        match r {
+            Ok(t) => Ok(Ok(t)),
+            Err(LedgerError::Refused(r)) => Ok(Err(r)),
+            Err(LedgerError::Store(e)) => Err(e),
+        }
+    }
+
+    fn debit<'a>(
+        (analyst, dataset, query_id): (&'a str, &'a str, &'a str),
+        digest: [u8; 32],
+        (amount, keys_delta): (f64, f64),
+        limits: &'a BudgetLimits,
+        received: Option<&'a Event>,
+    ) -> Debit<'a> {
+        Debit {
+            analyst,
+            dataset,
+            query_id,
+            digest,
+            amount,
+            keys_delta,
+            limits,
+            received,
+        }
+    }
+
+    /// The ledger's calls with their arguments in a row, for the tests.
+    impl Ledger {
+        fn t_admit(
+            &self,
+            analyst: &str,
+            dataset: &str,
+            query_id: &str,
+            digest: [u8; 32],
+            amount: f64,
+            limits: &BudgetLimits,
+        ) -> anyhow::Result<Result<Admission, Refusal>> {
+            let d = debit(
+                (analyst, dataset, query_id),
+                digest,
+                (amount, 0.0),
+                limits,
+                None,
+            );
+            nest(self.admit(&d))
+        }
+
+        #[allow(clippy::too_many_arguments)]
+        fn t_admit_overlapping<R>(
+            &self,
+            analyst: &str,
+            dataset: &str,
+            query_id: &str,
+            digest: [u8; 32],
+            cost: (f64, f64),
+            limits: &BudgetLimits,
+            received: Option<&Event>,
+            meanwhile: impl FnOnce() -> R,
+        ) -> anyhow::Result<Result<Computed<R>, Refusal>> {
+            let d = debit((analyst, dataset, query_id), digest, cost, limits, received);
+            nest(self.admit_overlapping(&d, meanwhile))
+        }
+
+        #[allow(clippy::too_many_arguments)]
+        fn t_hold(
+            &self,
+            analyst: &str,
+            dataset: &str,
+            query_id: &str,
+            digest: [u8; 32],
+            amount: f64,
+            request: (f64, f64),
+            limits: &BudgetLimits,
+            (sql, expires_ms): (&str, u64),
+            received: Option<&Event>,
+        ) -> anyhow::Result<Result<Admission, Refusal>> {
+            let d = debit(
+                (analyst, dataset, query_id),
+                digest,
+                (amount, 0.0),
+                limits,
+                received,
+            );
+            let h = Hold {
+                sql,
+                expires_ms,
+                request,
+            };
+            nest(self.hold(&d, &h))
+        }
+
+        #[allow(clippy::too_many_arguments)]
+        fn t_reserve(
+            &self,
+            analyst: &str,
+            dataset: &str,
+            query_id: &str,
+            digest: [u8; 32],
+            amount: f64,
+            request: (f64, f64),
+            limits: &BudgetLimits,
+            sql: &str,
+            expires_ms: u64,
+        ) -> anyhow::Result<Result<ReserveOutcome, Refusal>> {
+            let d = debit(
+                (analyst, dataset, query_id),
+                digest,
+                (amount, 0.0),
+                limits,
+                None,
+            );
+            let h = Hold {
+                sql,
+                expires_ms,
+                request,
+            };
+            nest(self.reserve(&d, &h))
+        }
+
+        fn t_commit(
+            &self,
+            analyst: &str,
+            query_id: &str,
+            now_ms: u64,
+        ) -> anyhow::Result<Result<Committed, Refusal>> {
+            nest(self.commit(analyst, query_id, now_ms))
+        }
+
+        #[allow(clippy::too_many_arguments)]
+        fn t_record_release(
+            &self,
+            durable: Durable,
+            analyst: &str,
+            query_id: &str,
+            dataset: &str,
+            digest: [u8; 32],
+            measurements: Vec<ReleasedMeasurement>,
+            source: Option<&str>,
+            response: &mut fedq_proto::v1::QueryResponse,
+        ) -> anyhow::Result<Head> {
+            let of = ReleaseOf {
+                analyst,
+                dataset,
+                query_id,
+                digest,
+            };
+            self.record_release(durable, &of, measurements, source, response)
+        }
+    }
+
     fn test_ledger(dir: &std::path::Path) -> Ledger {
         let store = crate::store::Store::open(&dir.join("store")).unwrap();
         let key = crate::audit::AuditKey::load_or_create(&dir.join("k"), &dir.join("p")).unwrap();
@@ -1664,7 +1869,7 @@ mod tests {
         let calls = std::cell::Cell::new(0);
         let admit = |id: &str, digest: u8, amount: f64| {
             ledger
-                .admit_overlapping(
+                .t_admit_overlapping(
                     "alice",
                     "cases",
                     id,
@@ -1707,7 +1912,7 @@ mod tests {
         );
         // Released: a retry replays, nothing computed.
         ledger
-            .record_release(
+            .t_record_release(
                 Durable(()),
                 "alice",
                 "q1",
@@ -1758,7 +1963,7 @@ mod tests {
         };
         for (id, amount) in [("q1", 0.6), ("q2", 0.6)] {
             let _ = ledger
-                .admit_overlapping(
+                .t_admit_overlapping(
                     "alice",
                     "cases",
                     id,
@@ -1796,7 +2001,7 @@ mod tests {
         {
             let ledger = test_ledger(dir.path());
             ledger
-                .reserve(
+                .t_reserve(
                     "bob",
                     "cases",
                     "r1",
@@ -1812,7 +2017,7 @@ mod tests {
             // The journal value and one key land, then the disk is full.
             fail_point::arm(&store_dir, Point::JournalWrite, 2, u64::MAX);
             assert!(ledger
-                .admit("alice", "cases", "q1", [1; 32], 0.5, &l)
+                .t_admit("alice", "cases", "q1", [1; 32], 0.5, &l)
                 .is_err());
             assert!(ledger.fault().is_set());
             // The disk takes writes again; the node has not restarted.
@@ -1823,7 +2028,7 @@ mod tests {
             };
             refused(
                 ledger
-                    .reserve(
+                    .t_reserve(
                         "carol",
                         "cases",
                         "r2",
@@ -1846,10 +2051,10 @@ mod tests {
                     .grant("alice", "cases", 1.0, Measure::Pure)
                     .unwrap_err(),
             );
-            refused(ledger.commit("bob", "r1", 0).unwrap_err());
+            refused(ledger.t_commit("bob", "r1", 0).unwrap_err());
             refused(
                 ledger
-                    .admit("alice", "cases", "q2", [2; 32], 0.1, &l)
+                    .t_admit("alice", "cases", "q2", [2; 32], 0.1, &l)
                     .unwrap_err(),
             );
             assert_eq!(ledger.tree.get(grant_key("cases", "alice")).unwrap(), None);
@@ -1898,7 +2103,7 @@ mod tests {
                         .map(|i| {
                             let id = format!("q{t}-{i}");
                             let outcome = ledger
-                                .admit("alice", "cases", &id, [t * 4 + i; 32], 0.1, &l)
+                                .t_admit("alice", "cases", &id, [t * 4 + i; 32], 0.1, &l)
                                 .unwrap();
                             (id, t * 4 + i, outcome)
                         })
@@ -1928,7 +2133,7 @@ mod tests {
         // refused again (it left no record).
         for (id, digest, o) in &outcomes {
             let again = ledger
-                .admit("alice", "cases", id, [*digest; 32], 0.1, &l)
+                .t_admit("alice", "cases", id, [*digest; 32], 0.1, &l)
                 .unwrap();
             match o {
                 Ok(_) => assert!(matches!(again, Ok(Admission::Resume(..))), "{id}"),
@@ -1958,7 +2163,7 @@ mod tests {
                         let id = format!("q{t}-{i}");
                         let digest = [t * 8 + i; 32];
                         assert!(matches!(
-                            ledger.admit("alice", "cases", &id, digest, 0.01, &l),
+                            ledger.t_admit("alice", "cases", &id, digest, 0.01, &l),
                             Ok(Ok(Admission::Debited(..)))
                         ));
                         let mut response = fedq_proto::v1::QueryResponse {
@@ -1967,7 +2172,7 @@ mod tests {
                             ..Default::default()
                         };
                         let head = ledger
-                            .record_release(
+                            .t_record_release(
                                 Durable(()),
                                 "alice",
                                 &id,
@@ -1996,7 +2201,7 @@ mod tests {
         assert_eq!(logged(&ledger, "released"), 128);
         for (id, digest, head) in &heads {
             let Ok(Ok(Admission::Replay(bytes))) =
-                ledger.admit("alice", "cases", id, *digest, 0.01, &l)
+                ledger.t_admit("alice", "cases", id, *digest, 0.01, &l)
             else {
                 panic!("{id} replays");
             };
@@ -2018,7 +2223,7 @@ mod tests {
         let l = limits();
         let spent = |ledger: &Ledger| ledger.state("alice", "cases", &l).unwrap().spent_by_analyst;
         let held = ledger
-            .hold(
+            .t_hold(
                 "alice",
                 "cases",
                 "q1",
@@ -2042,13 +2247,13 @@ mod tests {
         );
         assert_eq!(spent(&ledger), 0.0);
         assert!(
-            ledger.commit("alice", "q1", 0).unwrap().is_err(),
+            ledger.t_commit("alice", "q1", 0).unwrap().is_err(),
             "given back: no commit"
         );
 
         // The same id runs afresh, and commits.
         ledger
-            .hold(
+            .t_hold(
                 "alice",
                 "cases",
                 "q1",
@@ -2061,14 +2266,14 @@ mod tests {
             )
             .unwrap()
             .unwrap();
-        let (admission, r, _) = ledger.commit("alice", "q1", 0).unwrap().unwrap();
+        let (admission, r, _) = ledger.t_commit("alice", "q1", 0).unwrap().unwrap();
         assert!(matches!(admission, Admission::Resume(..)) && r.is_some());
         assert_eq!(ledger.give_back("alice", "q1", "late", None).unwrap(), 0.0);
         assert_eq!(spent(&ledger), 0.5);
 
         // Expired by the sweeper before the answer came: nothing to commit.
         ledger
-            .hold(
+            .t_hold(
                 "alice",
                 "cases",
                 "q2",
@@ -2082,7 +2287,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(ledger.expire_due(1_000).unwrap(), 1);
-        assert!(ledger.commit("alice", "q2", 1_001).unwrap().is_err());
+        assert!(ledger.t_commit("alice", "q2", 1_001).unwrap().is_err());
         assert_eq!(spent(&ledger), 0.5);
         let kinds: Vec<String> = ledger
             .audit
@@ -2107,11 +2312,11 @@ mod tests {
         let ledger = test_ledger(dir.path());
         let l = limits();
         ledger
-            .admit("alice", "cases", "q1", [1; 32], 1.0, &l)
+            .t_admit("alice", "cases", "q1", [1; 32], 1.0, &l)
             .unwrap()
             .unwrap();
         assert!(ledger
-            .admit("alice", "cases", "q2", [2; 32], 0.3, &l)
+            .t_admit("alice", "cases", "q2", [2; 32], 0.3, &l)
             .unwrap()
             .is_err());
         assert_eq!(
@@ -2119,7 +2324,7 @@ mod tests {
             0.5
         );
         ledger
-            .admit("alice", "cases", "q2", [2; 32], 0.3, &l)
+            .t_admit("alice", "cases", "q2", [2; 32], 0.3, &l)
             .unwrap()
             .unwrap();
         let kinds: Vec<String> = ledger
@@ -2152,7 +2357,7 @@ mod tests {
         let ledger = test_ledger(dir.path());
         let l = limits();
         let a = ledger
-            .admit("alice", "cases", "q1", [1; 32], 0.6, &l)
+            .t_admit("alice", "cases", "q1", [1; 32], 0.6, &l)
             .unwrap()
             .unwrap();
         assert!(
@@ -2160,21 +2365,21 @@ mod tests {
         );
         // Over alice's own limit: refused, nothing written.
         let r = ledger
-            .admit("alice", "cases", "q2", [2; 32], 0.5, &l)
+            .t_admit("alice", "cases", "q2", [2; 32], 0.5, &l)
             .unwrap()
             .unwrap_err();
         assert!(matches!(r, Refusal::AnalystBudget { .. }), "{r}");
         assert!((ledger.state("alice", "cases", &l).unwrap().spent_by_analyst - 0.6).abs() < 1e-9);
         // Same id, different query: refused.
         let r = ledger
-            .admit("alice", "cases", "q1", [9; 32], 0.1, &l)
+            .t_admit("alice", "cases", "q1", [9; 32], 0.1, &l)
             .unwrap()
             .unwrap_err();
         assert_eq!(r, Refusal::IdReused("q1".into()));
         // Same id, same query, not yet released: resume without a new debit.
         assert!(matches!(
             ledger
-                .admit("alice", "cases", "q1", [1; 32], 0.6, &l)
+                .t_admit("alice", "cases", "q1", [1; 32], 0.6, &l)
                 .unwrap()
                 .unwrap(),
             Admission::Resume(..)
@@ -2184,7 +2389,7 @@ mod tests {
             ..Default::default()
         };
         let head = ledger
-            .record_release(
+            .t_record_release(
                 Durable(()),
                 "alice",
                 "q1",
@@ -2199,18 +2404,18 @@ mod tests {
         use prost::Message;
         assert_eq!(
             ledger
-                .admit("alice", "cases", "q1", [1; 32], 0.6, &l)
+                .t_admit("alice", "cases", "q1", [1; 32], 0.6, &l)
                 .unwrap()
                 .unwrap(),
             Admission::Replay(resp.encode_to_vec())
         );
         // Bob hits the dataset total (1.5) before his own limit.
         ledger
-            .admit("bob", "cases", "q1", [3; 32], 0.8, &l)
+            .t_admit("bob", "cases", "q1", [3; 32], 0.8, &l)
             .unwrap()
             .unwrap();
         let r = ledger
-            .admit("bob", "cases", "q2", [4; 32], 0.2, &l)
+            .t_admit("bob", "cases", "q2", [4; 32], 0.2, &l)
             .unwrap()
             .unwrap_err();
         assert!(matches!(r, Refusal::DatasetBudget { .. }), "{r}");
@@ -2231,7 +2436,7 @@ mod tests {
         };
         for id in ["q1", "q2"] {
             ledger
-                .admit("alice", "cases", id, [1; 32], 0.5, &l)
+                .t_admit("alice", "cases", id, [1; 32], 0.5, &l)
                 .unwrap()
                 .unwrap();
             let mut resp = fedq_proto::v1::QueryResponse {
@@ -2239,7 +2444,7 @@ mod tests {
                 ..Default::default()
             };
             ledger
-                .record_release(
+                .t_record_release(
                     Durable(()),
                     "alice",
                     id,
@@ -2265,7 +2470,7 @@ mod tests {
         assert_eq!(ledger.expire_releases(before - 60_000).unwrap(), 0);
         assert!(matches!(
             ledger
-                .admit("alice", "cases", "q1", [1; 32], 0.5, &l)
+                .t_admit("alice", "cases", "q1", [1; 32], 0.5, &l)
                 .unwrap()
                 .unwrap(),
             Admission::Replay(_)
@@ -2276,7 +2481,7 @@ mod tests {
         assert_eq!(ledger.expire_releases(unix_ms()).unwrap(), 3);
         assert_eq!(ledger.expire_releases(unix_ms()).unwrap(), 0, "done once");
         let r = ledger
-            .admit("alice", "cases", "q1", [1; 32], 0.5, &l)
+            .t_admit("alice", "cases", "q1", [1; 32], 0.5, &l)
             .unwrap()
             .unwrap_err();
         assert!(
@@ -2284,7 +2489,7 @@ mod tests {
             "{r:?}"
         );
         let r = ledger
-            .reserve(
+            .t_reserve(
                 "alice",
                 "cases",
                 "q2",
@@ -2298,15 +2503,15 @@ mod tests {
             .unwrap()
             .unwrap_err();
         assert!(matches!(r, Refusal::ReplayExpired { .. }), "{r:?}");
-        let r = ledger.commit("alice", "q2", before).unwrap().unwrap_err();
+        let r = ledger.t_commit("alice", "q2", before).unwrap().unwrap_err();
         assert!(matches!(r, Refusal::ReplayExpired { .. }), "{r:?}");
         let r = ledger
-            .admit("alice", "cases", "q1", [9; 32], 0.5, &l)
+            .t_admit("alice", "cases", "q1", [9; 32], 0.5, &l)
             .unwrap()
             .unwrap_err();
         assert_eq!(r, Refusal::IdReused("q1".into()));
         let r = ledger
-            .admit("bob", "cases", "old", [7; 32], 0.5, &l)
+            .t_admit("bob", "cases", "old", [7; 32], 0.5, &l)
             .unwrap()
             .unwrap_err();
         assert!(matches!(r, Refusal::ReplayExpired { .. }), "{r:?}");
@@ -2334,7 +2539,7 @@ mod tests {
         // Before anything is spent, either measure may be configured.
         ledger.check_measures([("cases", Measure::Pure)]).unwrap();
         ledger
-            .admit("alice", "cases", "q1", [1; 32], 0.25, &l)
+            .t_admit("alice", "cases", "q1", [1; 32], 0.25, &l)
             .unwrap()
             .unwrap();
         assert_eq!(
@@ -2373,7 +2578,7 @@ mod tests {
         assert_eq!(analyst_spent_equivalent, None);
         // Refusals are stated in rho.
         let r = ledger
-            .admit("alice", "cases", "q2", [2; 32], 0.8, &l)
+            .t_admit("alice", "cases", "q2", [2; 32], 0.8, &l)
             .unwrap()
             .unwrap_err();
         assert!(r.to_string().starts_with("rho 0.8 exceeds"), "{r}");
@@ -2384,7 +2589,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ledger = test_ledger(dir.path());
         ledger
-            .admit("alice", "cases", "q1", [1; 32], 0.25, &limits())
+            .t_admit("alice", "cases", "q1", [1; 32], 0.25, &limits())
             .unwrap()
             .unwrap();
         // As a ledger written before measures were recorded.
@@ -2413,7 +2618,7 @@ mod tests {
         let ok = (0..12)
             .filter(|i| {
                 ledger
-                    .admit("a", "d", &format!("q{i}"), [*i as u8; 32], 0.1, &l)
+                    .t_admit("a", "d", &format!("q{i}"), [*i as u8; 32], 0.1, &l)
                     .unwrap()
                     .is_ok()
             })
