@@ -12,7 +12,7 @@ use fedq_proto::v1::{
     BudgetRequest, BudgetResponse, DescribeRequest, DescribeResponse, QueryRequest, QueryResponse,
 };
 use tokio::task::JoinSet;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, Endpoint};
 
 use crate::federation::{FederationConfig, NodeEntry};
 
@@ -82,8 +82,7 @@ pub struct Calls {
 pub struct Federation {
     /// The federation file.
     pub config: FederationConfig,
-    ca: Certificate,
-    identity: Identity,
+    tls: std::sync::Arc<crate::tls::ClientTls>,
     /// Calls in flight per node (shared by clones), for progress displays.
     pending: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, Instant>>>,
 }
@@ -101,15 +100,15 @@ impl Federation {
             std::fs::read(&path)
                 .with_context(|| format!("cannot read the {what} {}", path.display()))
         };
-        let ca = Certificate::from_pem(read(&config.tls.ca, "federation CA certificate")?);
-        let identity = Identity::from_pem(
-            read(&config.tls.cert, "client certificate")?,
-            read(&config.tls.key, "client private key")?,
-        );
+        let tls = crate::tls::ClientTls::load(
+            &read(&config.tls.ca, "federation CA certificate")?,
+            &read(&config.tls.cert, "client certificate")?,
+            &read(&config.tls.key, "client private key")?,
+            config.tls.crl.as_deref().map(|p| config.resolve(p)),
+        )?;
         Ok(Federation {
             config,
-            ca,
-            identity,
+            tls: std::sync::Arc::new(tls),
             pending: Default::default(),
         })
     }
@@ -149,25 +148,34 @@ impl Federation {
         node: &NodeEntry,
         timeout: Duration,
     ) -> Result<NodeClient<Channel>, Failure> {
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(self.ca.clone())
-            .identity(self.identity.clone())
-            .domain_name(node.name.clone());
-        let endpoint = Endpoint::from_shared(node.endpoint.clone())
+        // TLS is ours (tonic's takes no revocation list): tonic is given
+        // the node's address as plain http and connections already secured.
+        let authority = node
+            .endpoint
+            .parse::<tonic::codegen::http::Uri>()
+            .ok()
+            .and_then(|u| u.authority().map(|a| a.to_string()))
+            .ok_or_else(|| Failure::Unreachable(format!("invalid endpoint {:?}", node.endpoint)))?;
+        let endpoint = Endpoint::from_shared(format!("http://{authority}"))
             .map_err(|e| {
                 Failure::Unreachable(format!("invalid endpoint {:?}: {e}", node.endpoint))
             })?
-            .tls_config(tls)
-            .map_err(|e| Failure::Unreachable(format!("TLS set-up failed: {e}")))?
-            .connect_timeout(timeout)
             .timeout(timeout);
-        let channel = endpoint.connect().await.map_err(|e| {
-            Failure::Unreachable(format!(
-                "cannot connect to {}: {}",
-                node.endpoint,
-                error_chain(&e)
-            ))
-        })?;
+        let (tls, name) = (std::sync::Arc::clone(&self.tls), node.name.clone());
+        let connector = tower::service_fn(move |_: tonic::codegen::http::Uri| {
+            let (tls, name, authority) = (tls.clone(), name.clone(), authority.clone());
+            async move { tls.connect(&authority, &name, timeout).await }
+        });
+        let channel = endpoint
+            .connect_with_connector(connector)
+            .await
+            .map_err(|e| {
+                Failure::Unreachable(format!(
+                    "cannot connect to {}: {}",
+                    node.endpoint,
+                    error_chain(&e)
+                ))
+            })?;
         Ok(NodeClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
     }
 

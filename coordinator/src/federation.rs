@@ -34,6 +34,12 @@ pub struct ClientTls {
     pub cert: PathBuf,
     /// The researcher's private key.
     pub key: PathBuf,
+    /// The federation's certificate revocation list (PEM, from `fedq ca
+    /// revoke`), if it publishes one: a node whose certificate it revokes
+    /// is refused at the handshake and left out, named. Read again when
+    /// the file changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl: Option<PathBuf>,
 }
 
 /// `[defaults]`

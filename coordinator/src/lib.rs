@@ -7,7 +7,9 @@
 //!
 //! - [`audit`]: the audit heads seen in answers, pulling and checking node logs.
 //! - [`federation`]: `federation.toml`, the nodes and the researcher's certificate.
-//! - [`client`]: mutual-TLS channels and concurrent fan-out with deadlines.
+//! - [`client`]: mutual-TLS channels and concurrent fan-out with deadlines;
+//!   `tls` builds the rustls side (the CA, the researcher's certificate and
+//!   the federation's revocation list, `[tls] crl`).
 //! - [`combine`]: sums, means and federated confidence intervals.
 //! - [`output`]: tables, JSON and CSV.
 //! - [`post`]: ORDER BY, LIMIT, HAVING and ROUND, applied to the combined
@@ -26,6 +28,7 @@ pub mod federation;
 pub mod output;
 pub mod post;
 pub mod run;
+mod tls;
 pub mod verify;
 
 /// The candidate closest to `written` (a case-insensitive match, or at most

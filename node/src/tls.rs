@@ -47,7 +47,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::server::TlsStream;
 
 use crate::config::NodeConfig;
-use fedq_pki::{caller_from_der, check_node_name, serial_hex};
+use fedq_pki::{caller_from_der, check_node_name, load_crls, serial_hex};
 
 /// How often the verifier looks at the CRL file (its modification time and
 /// size) for a new list.
@@ -262,54 +262,6 @@ fn check_own_certificate(
             "the node's certificate would be refused by coordinators: {e}"
         ))),
     }
-}
-
-/// Reads a PEM file of revocation lists, each issued by the federation CA.
-fn load_crls(
-    path: &Path,
-    ca_certs: &[CertificateDer<'static>],
-) -> anyhow::Result<Vec<CertificateRevocationListDer<'static>>> {
-    let bytes =
-        std::fs::read(path).with_context(|| format!("tls.crl: cannot read {}", path.display()))?;
-    let crls: Vec<CertificateRevocationListDer<'static>> =
-        CertificateRevocationListDer::pem_slice_iter(&bytes)
-            .collect::<Result<_, _>>()
-            .ok()
-            .filter(|c: &Vec<_>| !c.is_empty())
-            .ok_or_else(|| {
-                anyhow!(
-                    "tls.crl: {} holds no PEM revocation list (-----BEGIN X509 CRL-----); make one with `fedq ca revoke`",
-                    path.display()
-                )
-            })?;
-    let subjects: Vec<Vec<u8>> = ca_certs
-        .iter()
-        .filter_map(|c| {
-            use x509_parser::prelude::FromDer;
-            x509_parser::certificate::X509Certificate::from_der(c.as_ref())
-                .ok()
-                .map(|(_, x)| x.subject().as_raw().to_vec())
-        })
-        .collect();
-    for crl in &crls {
-        use x509_parser::prelude::FromDer;
-        let (_, parsed) =
-            x509_parser::revocation_list::CertificateRevocationList::from_der(crl.as_ref())
-                .map_err(|e| {
-                    anyhow!(
-                        "tls.crl: {} holds a revocation list that does not parse: {e}",
-                        path.display()
-                    )
-                })?;
-        if !subjects.iter().any(|s| s == parsed.issuer().as_raw()) {
-            bail!(
-                "tls.crl: {} was issued by {}, not by the federation CA in tls.ca",
-                path.display(),
-                parsed.issuer()
-            );
-        }
-    }
-    Ok(crls)
 }
 
 /// A CRL file's identity for change detection: modification time and size.

@@ -175,6 +175,7 @@ impl TestFederation {
                 ca: self.dir.path().join("ca/ca.pem"),
                 cert,
                 key,
+                crl: None,
             },
             defaults: Defaults {
                 timeout_secs: 30.0,

@@ -141,6 +141,7 @@ pub fn build_federation(dir: &Path, out: &mut impl std::io::Write) -> anyhow::Re
             ca: "ca/ca.pem".into(),
             cert: "analyst/analyst.pem".into(),
             key: "analyst/analyst.key".into(),
+            crl: None,
         },
         defaults: Defaults::default(),
         nodes: entries,
@@ -156,6 +157,7 @@ pub fn build_federation(dir: &Path, out: &mut impl std::io::Write) -> anyhow::Re
             ca: "ca/ca.pem".into(),
             cert: "auditor/auditor.pem".into(),
             key: "auditor/auditor.key".into(),
+            crl: None,
         },
         ..fed
     };

@@ -17,11 +17,14 @@
 
 use std::path::Path;
 
+use anyhow::{anyhow, bail, Context};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
     RevokedCertParams, SerialNumber,
 };
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer};
 use serde::{Deserialize, Serialize};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
@@ -480,6 +483,54 @@ pub struct Caller {
     pub name: String,
     /// Subject OU (`analyst`, `node`, ...).
     pub role: String,
+}
+
+/// Reads a PEM file of revocation lists (`[tls] crl`, in node.toml and
+/// federation.toml), each issued by a certificate of `ca_certs` (the
+/// federation CA, DER). Each error names `tls.crl` and what to do.
+pub fn load_crls(
+    path: &Path,
+    ca_certs: &[CertificateDer<'static>],
+) -> anyhow::Result<Vec<CertificateRevocationListDer<'static>>> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("tls.crl: cannot read {}", path.display()))?;
+    let crls: Vec<CertificateRevocationListDer<'static>> =
+        CertificateRevocationListDer::pem_slice_iter(&bytes)
+            .collect::<Result<_, _>>()
+            .ok()
+            .filter(|c: &Vec<_>| !c.is_empty())
+            .ok_or_else(|| {
+                anyhow!(
+                    "tls.crl: {} holds no PEM revocation list (-----BEGIN X509 CRL-----); make one with `fedq ca revoke`",
+                    path.display()
+                )
+            })?;
+    let subjects: Vec<Vec<u8>> = ca_certs
+        .iter()
+        .filter_map(|c| {
+            X509Certificate::from_der(c.as_ref())
+                .ok()
+                .map(|(_, x)| x.subject().as_raw().to_vec())
+        })
+        .collect();
+    for crl in &crls {
+        let (_, parsed) =
+            x509_parser::revocation_list::CertificateRevocationList::from_der(crl.as_ref())
+                .map_err(|e| {
+                    anyhow!(
+                        "tls.crl: {} holds a revocation list that does not parse: {e}",
+                        path.display()
+                    )
+                })?;
+        if !subjects.iter().any(|s| s == parsed.issuer().as_raw()) {
+            bail!(
+                "tls.crl: {} was issued by {}, not by the federation CA in tls.ca",
+                path.display(),
+                parsed.issuer()
+            );
+        }
+    }
+    Ok(crls)
 }
 
 /// The DER bytes of the first certificate in a PEM text.

@@ -411,6 +411,7 @@ fn prepare(
             ca: "ca/ca.pem".into(),
             cert: "clients/loadgen.pem".into(),
             key: "clients/loadgen.key".into(),
+            crl: None,
         },
         defaults: Defaults {
             timeout_secs: 30.0,

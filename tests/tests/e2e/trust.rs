@@ -411,3 +411,85 @@ async fn serve_refuses_a_certificate_without_the_node_name() {
     config.node.name = "node-0".into();
     fedq_node::tls::load(&config).expect("the right name loads");
 }
+
+/// The federation's revocation list reaches coordinators too: with `[tls]
+/// crl` in the federation file, a node whose certificate the CA revoked
+/// (a partner's server compromised, say) is refused at the handshake,
+/// named, and left out, while the others answer; a new list is honoured
+/// by the same `Federation` without reloading it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_with_the_revocation_list_leaves_out_a_revoked_node() {
+    let fed = TestFederation::start(
+        &[(Partner::Ngo, 300, 31), (Partner::Hotline, 300, 32)],
+        roomy_budget(),
+    )
+    .await;
+    let ca_dir = fed.dir.path().join("ca");
+    let crl_path = fed.dir.path().join("federation-crl.pem");
+    let revoked = &fed.nodes[1];
+    let pem = std::fs::read_to_string(revoked.config.base_dir.join("certs/node.pem")).unwrap();
+    let (serial, who) = serial_and_holder(&pem).unwrap();
+    assert_eq!(who.name, revoked.name);
+    let mut list = RevocationList::load(&ca_dir).unwrap();
+    assert!(list.add(&serial, &who.name, &who.role));
+    install(&list.publish(&fed.ca, &ca_dir).unwrap(), &crl_path);
+
+    let mut config = fed.federation("alice").config.clone();
+    config.tls.crl = Some(crl_path.clone());
+    let coordinator = fedq::client::Federation::from_config(config).unwrap();
+    let ask = |id: &str| {
+        let mut r = q(id);
+        r.query_id = fedq::client::new_query_id();
+        r
+    };
+    let outcomes = coordinator
+        .query(ask("crl1"), Duration::from_secs(20))
+        .await;
+    assert!(outcomes[0].result.is_ok(), "{:?}", outcomes[0].result);
+    match &outcomes[1].result {
+        Err(Failure::Unreachable(why)) => assert!(
+            why.contains(&format!("{:?}", revoked.name))
+                && why.contains("revoked")
+                && why.contains("tls.crl"),
+            "{why}"
+        ),
+        other => panic!("a revoked node must be refused at the handshake: {other:?}"),
+    }
+    // The node never saw the query: nothing spent there.
+    let mut c = fed.raw_client(1, Role::Analyst, "alice").await;
+    let b = c
+        .budget(fedq_proto::v1::BudgetRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(b.budgets[0].spent_by_analyst, 0.0);
+    // Without the list the same node is answered (the list is what left
+    // it out) ...
+    let plain = fed.federation("alice");
+    let outcomes = plain.query(ask("crl2"), Duration::from_secs(20)).await;
+    assert!(outcomes.iter().all(|o| o.result.is_ok()), "{outcomes:?}");
+    // ... and an unreadable list is an error, never "trust every node".
+    std::fs::write(&crl_path, "-----BEGIN X509 CRL-----\ngarbage\n").unwrap();
+    let outcomes = coordinator
+        .query(ask("crl3"), Duration::from_secs(20))
+        .await;
+    for o in &outcomes {
+        match &o.result {
+            Err(Failure::Unreachable(why)) => assert!(why.contains("tls.crl"), "{why}"),
+            other => panic!("an unreadable list must stop the call: {other:?}"),
+        }
+    }
+    // A new list without the revocation is honoured by the same
+    // coordinator.
+    std::fs::create_dir_all(fed.dir.path().join("ca-empty")).unwrap();
+    install(
+        &RevocationList::default()
+            .publish(&fed.ca, &fed.dir.path().join("ca-empty"))
+            .unwrap(),
+        &crl_path,
+    );
+    let outcomes = coordinator
+        .query(ask("crl4"), Duration::from_secs(20))
+        .await;
+    assert!(outcomes.iter().all(|o| o.result.is_ok()), "{outcomes:?}");
+}
