@@ -391,11 +391,38 @@ fn column_parts(kind: Option<&Kind>) -> ColumnParts {
     }
 }
 
-/// Renders the caller's budgets.
+/// Renders the caller's budgets. JSON is one object per node and dataset
+/// with snake_case keys and numbers as JSON numbers (`spent_by_you`,
+/// `remaining_for_you`, `remaining_for_dataset`, `per_query_max`, in the
+/// ledger's `measure`: epsilon for `pure`, rho for `zcdp`; `spent_epsilon`
+/// and `spent_delta`, the (epsilon, delta)-DP equivalent of what you spent),
+/// or `{"node", "error"}` for a node that did not answer.
 pub fn render_budgets(
     outcomes: &[Outcome<BudgetResponse>],
     format: Format,
 ) -> anyhow::Result<String> {
+    if format == Format::Json {
+        let mut v: Vec<serde_json::Value> = Vec::new();
+        for o in outcomes {
+            match &o.result {
+                Ok(b) => v.extend(b.budgets.iter().map(|x| {
+                    serde_json::json!({
+                        "node": o.node,
+                        "dataset": x.dataset,
+                        "measure": if x.measure.is_empty() { "pure" } else { x.measure.as_str() },
+                        "spent_by_you": x.spent_by_analyst,
+                        "remaining_for_you": x.remaining_for_analyst,
+                        "remaining_for_dataset": x.remaining_for_dataset,
+                        "per_query_max": x.per_query_max,
+                        "spent_epsilon": x.spent_epsilon,
+                        "spent_delta": x.spent_delta,
+                    })
+                })),
+                Err(f) => v.push(serde_json::json!({"node": o.node, "error": f.to_string()})),
+            }
+        }
+        return Ok(serde_json::to_string_pretty(&v)? + "\n");
+    }
     let mut rows: Vec<[String; 6]> = Vec::new();
     for o in outcomes {
         match &o.result {

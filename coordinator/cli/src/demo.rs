@@ -13,12 +13,11 @@ use anyhow::{anyhow, Context};
 use fedq_engine::synth::{self, Partner};
 use fedq_node::config::{BudgetLimits, DatasetConfig, Limits, NodeConfig, NodeSection, TlsSection};
 use fedq_pki::{Authority, Role};
-use fedq_proto::v1::QueryRequest;
 
-use fedq::client::{new_query_id, Federation};
-use fedq::combine::combine;
+use fedq::client::{new_query_id, Calls, Federation};
 use fedq::federation::{ClientTls, Defaults, FederationConfig, NodeEntry};
 use fedq::output::{render, render_budgets, Format};
+use fedq::run::QueryOptions;
 
 /// The demo's partners: name, kind, rows and seed.
 const PARTNERS: [(&str, Partner, usize, u64); 3] = [
@@ -171,6 +170,34 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
+/// One example query, through the path `fedq query` takes
+/// ([`fedq::query::ask`]: planned locally, checked, combined).
+async fn ask_demo(
+    fed: &Federation,
+    sql: &str,
+    epsilon: f64,
+    timeout: Duration,
+) -> anyhow::Result<fedq::query::Answer> {
+    let opts = QueryOptions {
+        epsilon,
+        rho: 0.0,
+        dry_run: false,
+        calls: Calls {
+            timeout,
+            retries: 1,
+        },
+        min_nodes: None,
+        query_id: new_query_id(),
+    };
+    let answer = fedq::query::ask(fed, sql, &opts)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    if let Some(w) = &answer.audit_warning {
+        eprintln!("warning: {w}");
+    }
+    Ok(answer)
+}
+
 /// Runs the demo. With `serve`, leaves the nodes running until Ctrl-C.
 pub async fn run(dir: Option<PathBuf>, serve: bool) -> anyhow::Result<()> {
     let temp;
@@ -182,7 +209,8 @@ pub async fn run(dir: Option<PathBuf>, serve: bool) -> anyhow::Result<()> {
         }
     };
     let mut stdout = std::io::stdout();
-    let configs = if dir.join("federation.toml").exists() {
+    let reused = dir.join("federation.toml").exists();
+    let configs = if reused {
         // A federation built by an earlier `fedq demo --dir`: serve it again
         // as it is (same CA, certificates, ports, stores and spent budget)
         // rather than overwrite half of it.
@@ -230,23 +258,14 @@ pub async fn run(dir: Option<PathBuf>, serve: bool) -> anyhow::Result<()> {
     let fed = Federation::load(&dir.join("federation.toml"))?;
     let timeout = Duration::from_secs(30);
     println!();
-    for (sql, epsilon) in QUERIES {
-        let query_id = new_query_id();
-        let mut outcomes = fed
-            .query(
-                QueryRequest {
-                    query_id: query_id.clone(),
-                    sql: sql.into(),
-                    epsilon,
-                    dry_run: false,
-                    rho: 0.0,
-                },
-                timeout,
-            )
-            .await;
-        fedq::audit::screen_answers(&fed, &mut outcomes).await?;
-        let combined = combine(sql, &query_id, epsilon, &outcomes);
-        print!("{}", render(&combined, Format::Table)?);
+    if reused {
+        // The example queries ran when the federation was built; running
+        // them again would spend the analyst's budget again for nothing.
+        println!("the example queries ran when this federation was built; not running them again (they would spend budget again)\n");
+    }
+    for (sql, epsilon) in QUERIES.iter().copied().filter(|_| !reused) {
+        let answer = ask_demo(&fed, sql, epsilon, timeout).await?;
+        print!("{}", render(&answer.combined, Format::Table)?);
         println!();
     }
     println!("your remaining budget per node:");
@@ -269,37 +288,22 @@ pub async fn run(dir: Option<PathBuf>, serve: bool) -> anyhow::Result<()> {
             dir.display()
         );
         println!(
-            "as an auditor: cargo run --release --bin fedq -- audit check-heads --federation {}/auditor.toml",
+            "from Python (pip install ./python): fedq.Federation(\"{}/federation.toml\").query(sql, epsilon=0.5) gives a DataFrame",
             dir.display()
         );
         println!("after Ctrl-C, each node can be served on its own: fedq-node serve --config {}/<node>/node.toml", dir.display());
         tokio::signal::ctrl_c()
             .await
             .map_err(|e| anyhow!("cannot wait for Ctrl-C: {e}"))?;
-    } else {
+    } else if !reused {
         // Show what a researcher sees when a partner is offline.
         let down = nodes.remove(1);
         let name = down.name.clone();
         down.stop().await?;
         println!("\nstopping {name} to show a partial result:");
         let (sql, epsilon) = QUERIES[0];
-        let query_id = new_query_id();
-        let outcomes = fed
-            .query(
-                QueryRequest {
-                    query_id: query_id.clone(),
-                    sql: sql.into(),
-                    epsilon,
-                    dry_run: false,
-                    rho: 0.0,
-                },
-                Duration::from_secs(5),
-            )
-            .await;
-        print!(
-            "{}",
-            render(&combine(sql, &query_id, epsilon, &outcomes), Format::Table)?
-        );
+        let answer = ask_demo(&fed, sql, epsilon, Duration::from_secs(5)).await?;
+        print!("{}", render(&answer.combined, Format::Table)?);
     }
     for n in nodes {
         n.stop().await?;

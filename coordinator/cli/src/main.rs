@@ -9,11 +9,10 @@ use clap::{Parser, Subcommand};
 use std::io::IsTerminal;
 
 use fedq::client::{new_query_id, Calls, Federation, Outcome};
-use fedq::combine::combine;
 use fedq::output::{
     render_budgets, render_nodes, render_plan, render_schemas, render_with, Format,
 };
-use fedq::run::{run_query, QueryOptions};
+use fedq::run::QueryOptions;
 
 /// Exit code when every node answered.
 const EXIT_OK: u8 = 0;
@@ -43,7 +42,8 @@ fn query_help() -> String {
     format!(
         "Examples:\n  \
 fedq query --federation fed.toml --epsilon 0.5 \\\n    \"SELECT gender, COUNT(*) FROM cases WHERE isForcedLabour = 1 GROUP BY gender\"\n  \
-fedq query --federation fed.toml --epsilon 1 --output json \\\n    \"SELECT COUNT(*), AVG(traffickMonths) FROM cases WHERE yearOfRegistration BETWEEN 2015 AND 2020\"\n\n\
+fedq query --federation fed.toml --epsilon 1 --output json \\\n    \"SELECT COUNT(*), AVG(traffickMonths) FROM cases WHERE yearOfRegistration BETWEEN 2015 AND 2020\"\n  \
+fedq query --federation fed.toml --epsilon 0.5 --plot --save result.html \\\n    \"SELECT ageBroad, COUNT(*) FROM cases GROUP BY ageBroad\"\n\n\
 {subset}\n\n\
 --epsilon is spent on every node that answers, split evenly across the measurements of the query.\n\
 --rho asks for zCDP instead (discrete Gaussian noise), on nodes whose dataset accounts in zCDP;\n\
@@ -90,62 +90,73 @@ impl RoleArg {
     }
 }
 
+/// `fedq query`'s arguments.
+#[derive(clap::Args)]
+struct QueryArgs {
+    #[command(flatten)]
+    fed: FederationArg,
+    /// Privacy cost per node (pure epsilon-DP, discrete Laplace noise),
+    /// e.g. 0.5; with --file, the total, split evenly across the file's
+    /// queries (or the whole of it to each, asked as one query, when their
+    /// records are provably disjoint).
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        required_unless_present_any = ["target_ci", "rho"],
+        conflicts_with = "rho"
+    )]
+    epsilon: Option<f64>,
+    /// Privacy cost per node in zero-concentrated DP (rho-zCDP, discrete
+    /// Gaussian noise), e.g. 0.05; only nodes whose dataset accounts in
+    /// zCDP accept it. With --file, the total, split evenly.
+    #[arg(long, allow_negative_numbers = true)]
+    rho: Option<f64>,
+    /// Pick the smallest epsilon whose expected combined 95% CI half-width
+    /// is at most this (for every released count and sum); asks to confirm.
+    #[arg(long, conflicts_with_all = ["epsilon", "file"])]
+    target_ci: Option<f64>,
+    /// Do not ask for confirmation (with --target-ci).
+    #[arg(long)]
+    yes: bool,
+    #[command(flatten)]
+    out: OutputArg,
+    /// Per-node deadline in seconds, retries included (default: the federation file's).
+    #[arg(long)]
+    timeout: Option<f64>,
+    /// Retries of a node that did not answer (same query id: never spends twice).
+    #[arg(long, default_value_t = 2)]
+    retries: u32,
+    /// Release only if at least N nodes accept; otherwise nothing is spent anywhere.
+    #[arg(long)]
+    min_nodes: Option<usize>,
+    /// Report mechanisms, scales and expected intervals without spending anything.
+    #[arg(long)]
+    dry_run: bool,
+    /// Query id; reuse one to retry a query without spending twice.
+    #[arg(long, conflicts_with = "file")]
+    query_id: Option<String>,
+    /// Read queries from a file, separated by `;`.
+    #[arg(long, conflicts_with = "sql")]
+    file: Option<PathBuf>,
+    /// Also write the result to FILE: .html a self-contained page with the
+    /// table and a bar chart with the intervals, .json, .csv, anything
+    /// else the table.
+    #[arg(long)]
+    save: Option<PathBuf>,
+    /// Also draw the result as horizontal bars with their 95% intervals as
+    /// whiskers (GROUP BY results and histograms; one chart per aggregate).
+    #[arg(long)]
+    plot: bool,
+    /// The SQL query.
+    #[arg(required_unless_present = "file")]
+    sql: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run an aggregate SQL query on every node and combine the answers.
     #[command(after_help = query_help())]
-    Query {
-        #[command(flatten)]
-        fed: FederationArg,
-        /// Privacy cost per node (pure epsilon-DP, discrete Laplace noise),
-        /// e.g. 0.5; with --file, the total, split evenly across the file's
-        /// queries.
-        #[arg(
-            long,
-            allow_negative_numbers = true,
-            required_unless_present_any = ["target_ci", "rho"],
-            conflicts_with = "rho"
-        )]
-        epsilon: Option<f64>,
-        /// Privacy cost per node in zero-concentrated DP (rho-zCDP, discrete
-        /// Gaussian noise), e.g. 0.05; only nodes whose dataset accounts in
-        /// zCDP accept it. With --file, the total, split evenly.
-        #[arg(long, allow_negative_numbers = true)]
-        rho: Option<f64>,
-        /// Pick the smallest epsilon whose expected combined 95% CI half-width
-        /// is at most this (for every released count and sum); asks to confirm.
-        #[arg(long, conflicts_with_all = ["epsilon", "file"])]
-        target_ci: Option<f64>,
-        /// Do not ask for confirmation (with --target-ci).
-        #[arg(long)]
-        yes: bool,
-        #[command(flatten)]
-        out: OutputArg,
-        /// Per-node deadline in seconds, retries included (default: the federation file's).
-        #[arg(long)]
-        timeout: Option<f64>,
-        /// Retries of a node that did not answer (same query id: never spends twice).
-        #[arg(long, default_value_t = 2)]
-        retries: u32,
-        /// Release only if at least N nodes accept; otherwise nothing is spent anywhere.
-        #[arg(long)]
-        min_nodes: Option<usize>,
-        /// Report mechanisms, scales and expected intervals without spending anything.
-        #[arg(long)]
-        dry_run: bool,
-        /// Query id; reuse one to retry a query without spending twice.
-        #[arg(long, conflicts_with = "file")]
-        query_id: Option<String>,
-        /// Read queries from a file, separated by `;`.
-        #[arg(long, conflicts_with = "sql")]
-        file: Option<PathBuf>,
-        /// Also write the result to FILE (.json, .csv, anything else: the table).
-        #[arg(long)]
-        save: Option<PathBuf>,
-        /// The SQL query.
-        #[arg(required_unless_present = "file")]
-        sql: Option<String>,
-    },
+    Query(QueryArgs),
     /// Show each node's reachability, software and API version, capabilities and round-trip time.
     Nodes {
         #[command(flatten)]
@@ -322,245 +333,36 @@ fn main() -> ExitCode {
     }
 }
 
+/// Dispatches to the command's function.
 async fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
-        Command::Query {
+        Command::Query(args) => query(args).await,
+        Command::Nodes {
             fed: FederationArg { federation },
-            epsilon,
-            rho,
-            target_ci,
-            yes,
             out: OutputArg { output },
-            timeout,
-            retries,
-            min_nodes,
-            dry_run,
-            query_id,
-            file,
-            save,
-            sql,
-        } => {
-            let fed = Federation::load(&federation)?;
-            let timeout = match timeout {
-                Some(t) if t.is_finite() && t > 0.0 => Duration::from_secs_f64(t),
-                Some(t) => bail!("--timeout must be a positive number of seconds (got {t})"),
-                None => fed.default_timeout(),
-            };
-            let calls = Calls { timeout, retries };
-            if min_nodes == Some(0) || min_nodes.is_some_and(|n| n > fed.config.nodes.len()) {
-                bail!(
-                    "--min-nodes must be between 1 and the {} nodes of the federation",
-                    fed.config.nodes.len()
-                );
-            }
-            let queries: Vec<String> = match (&file, sql) {
-                (Some(path), _) => {
-                    let text = std::fs::read_to_string(path)
-                        .with_context(|| format!("cannot read {}", path.display()))?;
-                    let qs: Vec<String> = text
-                        .split(';')
-                        .map(str::trim)
-                        .filter(|q| !q.is_empty())
-                        .map(String::from)
-                        .collect();
-                    if qs.is_empty() {
-                        bail!("{} holds no query", path.display());
-                    }
-                    qs
-                }
-                (None, Some(sql)) => vec![sql],
-                (None, None) => bail!("give a SQL query or --file"),
-            };
-            let (unit, total) = match (epsilon, rho, target_ci) {
-                (Some(e), _, _) => ("epsilon", e),
-                (None, Some(_), Some(_)) => bail!(
-                    "--target-ci picks an epsilon (discrete Laplace) only; with --rho, run the query with --dry-run to see the expected combined 95% intervals"
-                ),
-                (None, Some(r), None) => ("rho", r),
-                (None, None, Some(w)) => {
-                    let e = pick_epsilon(&fed, &queries[0], w, calls).await?;
-                    if !yes {
-                        confirm(&format!("spend epsilon {e} per node?"))?;
-                    }
-                    ("epsilon", e)
-                }
-                (None, None, None) => bail!("give --epsilon, --rho or --target-ci"),
-            };
-            if !(total.is_finite() && total > 0.0) {
-                let example = if unit == "rho" { "0.05" } else { "0.5" };
-                bail!("--{unit} must be a positive, finite number such as {example} (got {total})");
-            }
-            let each = total / queries.len() as f64;
-            if queries.len() > 1 {
-                eprintln!(
-                    "{} queries; {unit} {total} split evenly: {each} each",
-                    queries.len()
-                );
-            }
-            let (each_epsilon, each_rho) = if unit == "rho" {
-                (0.0, each)
-            } else {
-                (each, 0.0)
-            };
-            let terminal = std::io::stdout().is_terminal();
-            let mut saved = Vec::new();
-            let mut code = EXIT_OK;
-            for written in &queries {
-                // ORDER BY, LIMIT, HAVING and ROUND are applied here to the
-                // combined noisy answers; the nodes get the rest.
-                let (core, post) = match fedq::post::split(written) {
-                    Ok(split) => split,
-                    Err(e) => {
-                        eprintln!("error: {e}; nothing was sent or spent");
-                        code = EXIT_ERROR;
-                        continue;
-                    }
-                };
-                let sql = &core;
-                let opts = QueryOptions {
-                    epsilon: each_epsilon,
-                    rho: each_rho,
-                    dry_run,
-                    calls,
-                    min_nodes,
-                    query_id: query_id.clone().unwrap_or_else(new_query_id),
-                };
-                let progress = Progress::start(&fed);
-                let result = run_query(&fed, sql, &opts).await;
-                progress.stop().await;
-                let mut outcomes = match result {
-                    Ok(o) => o,
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        code = EXIT_ERROR;
-                        continue;
-                    }
-                };
-                if !dry_run {
-                    // Every head checked against its node's pinned audit key
-                    // (pinned at the first answer); a mismatch is left out.
-                    match fedq::audit::screen_answers(&fed, &mut outcomes).await {
-                        Ok(notes) => notes.iter().for_each(|n| eprintln!("audit: {n}")),
-                        Err(e) => {
-                            eprintln!("warning: could not record the nodes' audit heads: {e:#}")
-                        }
-                    }
-                }
-                let mut combined = combine(sql, &opts.query_id, each_epsilon, &outcomes);
-                if let Some(p) = &post {
-                    // A formula over several aggregates reads them at wider
-                    // intervals, so that its own holds with 95%.
-                    let components = p.alpha().map(|alpha| {
-                        fedq::combine::combine_at(
-                            sql,
-                            &opts.query_id,
-                            each_epsilon,
-                            &outcomes,
-                            alpha,
-                        )
-                    });
-                    if let Err(e) = fedq::post::apply(&mut combined, p, components.as_ref()) {
-                        eprintln!("error: {e}");
-                        code = EXIT_ERROR;
-                        continue;
-                    }
-                }
-                let text = if dry_run {
-                    let mut text = render_plan(sql, &outcomes, output)?;
-                    if let (Some(p), Format::Table) = (&combined.post_processing, output) {
-                        text.push_str(&format!("post-processing: {p}\n"));
-                    }
-                    text
-                } else {
-                    render_with(&combined, output, terminal && output == Format::Table)?
-                };
-                print!("{text}");
-                if queries.len() > 1 && output == Format::Table {
-                    println!();
-                }
-                saved.push((combined.clone(), outcomes.clone()));
-                let answered = combined
-                    .nodes
-                    .iter()
-                    .filter(|n| n.failure.is_none())
-                    .count();
-                code = code.max(if answered == 0 {
-                    let reasons: Vec<String> = combined
-                        .nodes
-                        .iter()
-                        .filter_map(|n| n.failure.as_ref().map(|f| format!("{}: {f}", n.node)))
-                        .collect();
-                    eprintln!("error: no node answered:\n  {}", reasons.join("\n  "));
-                    EXIT_ERROR
-                } else if combined.partial {
-                    EXIT_PARTIAL
-                } else {
-                    EXIT_OK
-                });
-            }
-            if let Some(path) = save {
-                save_results(&path, &saved, dry_run)?;
-            }
-            // An error outranks a partial result.
-            Ok(if code == EXIT_ERROR { EXIT_ERROR } else { code })
-        }
-        Command::Ca(CaCommand::Revoke { ca, certificate }) => {
-            let authority = fedq_pki::Authority::load(&ca)?;
-            let path = std::path::Path::new(&certificate);
-            let (serial, name, role) = if path.is_file() {
-                let pem = std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read {}", path.display()))?;
-                let (serial, who) = fedq_pki::serial_and_holder(&pem).ok_or_else(|| {
-                    anyhow::anyhow!("{} is not a PEM certificate", path.display())
-                })?;
-                if !authority.is_issuer_of(&pem) {
-                    bail!(
-                        "{} was not issued by the CA in {}; listing it in this CA's revocation list would have no effect",
-                        path.display(),
-                        ca.display()
-                    );
-                }
-                (serial, who.name, who.role)
-            } else {
-                let serial = fedq_pki::parse_serial(&certificate)?;
-                (serial, String::new(), String::new())
-            };
-            let mut list = fedq_pki::RevocationList::load(&ca)?;
-            let added = list.add(&serial, &name, &role);
-            let crl = list.publish(&authority, &ca)?;
-            let who = if name.is_empty() {
-                String::new()
-            } else {
-                format!(" ({role} {name:?})")
-            };
-            println!(
-                "{} serial {}{who}; wrote {} ({} revoked in all, list number {})",
-                if added { "revoked" } else { "already revoked:" },
-                fedq_pki::serial_hex(&serial),
-                crl.display(),
-                list.revoked.len(),
-                list.crl_number
-            );
-            println!(
-                "copy it to every node's [tls] crl path: nodes load it within seconds, without a restart"
-            );
-            Ok(EXIT_OK)
-        }
-        Command::Ca(CaCommand::Init { dir, name }) => {
-            if dir.join("ca.key").exists() {
-                bail!(
-                    "{} already holds a CA (ca.key); refusing to overwrite it",
-                    dir.display()
-                );
-            }
-            let ca = fedq_pki::Authority::generate(&name)?;
-            ca.save(&dir)?;
-            println!(
-                "created CA {name:?} in {}: share ca.pem with every node and researcher; keep ca.key secret (mode 0600)",
-                dir.display()
-            );
-            Ok(EXIT_OK)
-        }
+        } => nodes(&federation, output).await,
+        Command::Schema {
+            fed: FederationArg { federation },
+            out: OutputArg { output },
+        } => schema(&federation, output).await,
+        Command::Budget {
+            fed: FederationArg { federation },
+            out: OutputArg { output },
+        } => budget(&federation, output).await,
+        Command::Audit(AuditCommand::Pull {
+            federation,
+            node,
+            out,
+            since,
+        }) => audit_pull(&federation, &node, &out, since).await,
+        Command::Audit(AuditCommand::CheckHeads {
+            federation,
+            node,
+            log,
+            pubkey,
+            heads,
+        }) => audit_check_heads(&federation, node, log, pubkey, heads).await,
+        Command::Ca(CaCommand::Init { dir, name }) => ca_init(&dir, &name),
         Command::Ca(CaCommand::Issue {
             ca,
             role,
@@ -569,166 +371,421 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             csr,
             days,
             also_name,
-        }) => {
-            let role = role.pki();
-            if name.trim().is_empty() || name.contains('/') {
-                bail!("--name must be a non-empty name without '/'");
-            }
-            if days == 0 || days > 3650 {
-                bail!("--days must be between 1 and 3650");
-            }
-            if !also_name.is_empty() && role != fedq_pki::Role::Node {
-                bail!("--also-name is for node certificates (the names a node serves under)");
-            }
-            let authority = fedq_pki::Authority::load(&ca)?;
-            std::fs::create_dir_all(&out)
-                .with_context(|| format!("cannot create {}", out.display()))?;
-            let stem = role.as_str();
-            match csr {
-                Some(path) => {
-                    let request = std::fs::read_to_string(&path)
-                        .with_context(|| format!("cannot read {}", path.display()))?;
-                    let cert = authority
-                        .sign_request_with_names(role, &name, &also_name, &request, days)?;
-                    std::fs::write(out.join(format!("{stem}.pem")), cert)?;
-                    println!(
-                        "issued {stem} certificate for {name:?} from {}: {}",
-                        path.display(),
-                        out.join(format!("{stem}.pem")).display()
-                    );
-                }
-                None => {
-                    let now = std::time::SystemTime::now();
-                    let pair = authority.issue_with_names(
-                        role,
-                        &name,
-                        &also_name,
-                        now - Duration::from_secs(3600),
-                        now + Duration::from_secs(u64::from(days) * 86_400),
-                    )?;
-                    pair.write(&out, stem)?;
-                    println!(
-                        "issued {stem} certificate and key for {name:?}: {} and {} (keep the key secret)",
-                        out.join(format!("{stem}.pem")).display(),
-                        out.join(format!("{stem}.key")).display()
-                    );
-                }
-            }
-            std::fs::write(out.join("ca.pem"), &authority.pem.cert)?;
-            Ok(EXIT_OK)
-        }
-        Command::Nodes {
-            fed: FederationArg { federation },
-            out: OutputArg { output },
-        } => {
-            let fed = Federation::load(&federation)?;
-            let outcomes = fed.describe(fed.default_timeout()).await;
-            print!("{}", render_nodes(&fed, &outcomes, output)?);
-            Ok(exit_for(outcomes.iter().map(|o| o.result.is_ok())))
-        }
-        Command::Schema {
-            fed: FederationArg { federation },
-            out: OutputArg { output },
-        } => {
-            let fed = Federation::load(&federation)?;
-            let outcomes = fed.describe(fed.default_timeout()).await;
-            print!("{}", render_schemas(&outcomes, output)?);
-            Ok(exit_for(outcomes.iter().map(|o| o.result.is_ok())))
-        }
-        Command::Budget {
-            fed: FederationArg { federation },
-            out: OutputArg { output },
-        } => {
-            let fed = Federation::load(&federation)?;
-            let outcomes = fed.budget(fed.default_timeout()).await;
-            print!("{}", render_budgets(&outcomes, output)?);
-            Ok(exit_for(outcomes.iter().map(|o| o.result.is_ok())))
-        }
-        Command::Audit(AuditCommand::Pull {
-            federation,
-            node,
-            out,
-            since,
-        }) => {
-            let fed = Federation::load(&federation)?;
-            let (text, key) = fedq::audit::pull(&fed, &node, since, fed.default_timeout()).await?;
-            std::fs::write(&out, &text)
-                .with_context(|| format!("cannot write {}", out.display()))?;
-            let key_path = PathBuf::from(format!("{}.pub", out.display()));
-            std::fs::write(&key_path, format!("{key}\n"))?;
-            println!(
-                "wrote {} entries to {} and the node's public key to {}",
-                text.lines().count(),
-                out.display(),
-                key_path.display()
-            );
-            Ok(EXIT_OK)
-        }
-        Command::Audit(AuditCommand::CheckHeads {
-            federation,
-            node,
-            log,
-            pubkey,
-            heads,
-        }) => {
-            let fed = Federation::load(&federation)?;
-            let heads_path =
-                heads.unwrap_or_else(|| fed.config.resolve(&fed.config.defaults.heads_file));
-            let mut file = fedq::audit::HeadsFile::load(&heads_path)?;
-            let names: Vec<String> = match &node {
-                Some(n) => vec![n.clone()],
-                None => fed.config.nodes.iter().map(|n| n.name.clone()).collect(),
-            };
-            let mut all_ok = true;
-            for name in names {
-                let known = file.nodes.entry(name.clone()).or_default();
-                let fetched = match &log {
-                    Some(path) => {
-                        let text = std::fs::read_to_string(path)
-                            .with_context(|| format!("cannot read {}", path.display()))?;
-                        let key = match &pubkey {
-                            Some(p) => std::fs::read_to_string(p)
-                                .with_context(|| format!("cannot read {}", p.display()))?,
-                            None => known.public_key.clone().ok_or_else(|| {
-                                anyhow::anyhow!("no public key pinned for {name}; pass --pubkey")
-                            })?,
-                        };
-                        Ok((text, key))
-                    }
-                    None => fedq::audit::pull(&fed, &name, 0, fed.default_timeout()).await,
-                };
-                let verdict = match fetched {
-                    Ok((text, key)) => fedq::audit::check(&name, &text, &key, known),
-                    Err(e) => fedq::audit::HeadCheck {
-                        node: name.clone(),
-                        consistent: false,
-                        detail: format!("could not check: {e:#}"),
-                    },
-                };
-                all_ok &= verdict.consistent;
-                println!(
-                    "{:<18} {:<12} {}",
-                    verdict.node,
-                    if verdict.consistent {
-                        "consistent"
-                    } else {
-                        "DIVERGED"
-                    },
-                    verdict.detail
-                );
-            }
-            file.save(&heads_path)?;
-            if all_ok {
-                Ok(EXIT_OK)
-            } else {
-                Ok(EXIT_ERROR)
-            }
-        }
+        }) => ca_issue(&ca, role, &name, &out, csr, days, &also_name),
+        Command::Ca(CaCommand::Revoke { ca, certificate }) => ca_revoke(&ca, &certificate),
         Command::Demo { dir, serve } => {
             fedq_cli::demo::run(dir, serve).await?;
             Ok(EXIT_OK)
         }
     }
+}
+
+/// The queries to run: `sql`, or those of `file` (separated by `;`).
+fn queries_of(file: Option<&std::path::Path>, sql: Option<String>) -> anyhow::Result<Vec<String>> {
+    match (file, sql) {
+        (Some(path), _) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            let qs: Vec<String> = text
+                .split(';')
+                .map(str::trim)
+                .filter(|q| !q.is_empty())
+                .map(String::from)
+                .collect();
+            if qs.is_empty() {
+                bail!("{} holds no query", path.display());
+            }
+            Ok(qs)
+        }
+        (None, Some(sql)) => Ok(vec![sql]),
+        (None, None) => bail!("give a SQL query or --file"),
+    }
+}
+
+/// `fedq query`: each query through [`fedq::query::ask`], printed, and
+/// saved with `--save`.
+async fn query(args: QueryArgs) -> anyhow::Result<u8> {
+    let QueryArgs {
+        fed: FederationArg { federation },
+        epsilon,
+        rho,
+        target_ci,
+        yes,
+        out: OutputArg { output },
+        timeout,
+        retries,
+        min_nodes,
+        dry_run,
+        query_id,
+        file,
+        save,
+        plot,
+        sql,
+    } = args;
+    let fed = Federation::load(&federation)?;
+    let timeout = match timeout {
+        Some(t) => match Duration::try_from_secs_f64(t) {
+            Ok(d) if t > 0.0 => d,
+            _ => bail!("--timeout must be a positive number of seconds (got {t})"),
+        },
+        None => fed.default_timeout(),
+    };
+    let calls = Calls { timeout, retries };
+    if min_nodes == Some(0) || min_nodes.is_some_and(|n| n > fed.config.nodes.len()) {
+        bail!(
+            "--min-nodes must be between 1 and the {} nodes of the federation",
+            fed.config.nodes.len()
+        );
+    }
+    let queries = queries_of(file.as_deref(), sql)?;
+    let (unit, total) = match (epsilon, rho, target_ci) {
+        (Some(e), _, _) => ("epsilon", e),
+        (None, Some(_), Some(_)) => bail!(
+            "--target-ci picks an epsilon (discrete Laplace) only; with --rho, run the query with --dry-run to see the expected combined 95% intervals"
+        ),
+        (None, Some(r), None) => ("rho", r),
+        (None, None, Some(w)) => {
+            if !(w.is_finite() && w > 0.0) {
+                bail!("--target-ci must be a positive number (got {w})");
+            }
+            let choice = fedq::query::epsilon_for_target(&fed, &queries[0], w, calls).await?;
+            eprintln!(
+                "epsilon {} per node gives an expected combined 95% CI of ± {:.1} (target ± {w}) over {} node(s)",
+                choice.epsilon, choice.half_width, choice.nodes
+            );
+            if !yes {
+                confirm(&format!("spend epsilon {} per node?", choice.epsilon))?;
+            }
+            ("epsilon", choice.epsilon)
+        }
+        (None, None, None) => bail!("give --epsilon, --rho or --target-ci"),
+    };
+    if !(total.is_finite() && total > 0.0) {
+        let example = if unit == "rho" { "0.05" } else { "0.5" };
+        bail!("--{unit} must be a positive, finite number such as {example} (got {total})");
+    }
+    let each = total / queries.len() as f64;
+    // Queries over provably disjoint records are asked as one grouped
+    // query, each with the whole budget (parallel composition; see
+    // fedq::compose); otherwise each gets an even share.
+    let mut set = None;
+    if queries.len() > 1 && !dry_run {
+        let whole = QueryOptions {
+            epsilon: if unit == "rho" { 0.0 } else { total },
+            rho: if unit == "rho" { total } else { 0.0 },
+            dry_run,
+            calls,
+            min_nodes,
+            query_id: query_id.clone().unwrap_or_else(new_query_id),
+        };
+        set = fedq::compose::ask_set(&fed, &queries, &whole)
+            .await
+            .map(Vec::into_iter);
+    }
+    if set.is_some() {
+        eprintln!(
+            "{} queries over provably disjoint records, asked as one: each gets the whole {unit} {total} (parallel composition)",
+            queries.len()
+        );
+    } else if queries.len() > 1 {
+        eprintln!(
+            "{} queries; {unit} {total} split evenly: {each} each",
+            queries.len()
+        );
+    }
+    let (each_epsilon, each_rho) = if unit == "rho" {
+        (0.0, each)
+    } else {
+        (each, 0.0)
+    };
+    let terminal = std::io::stdout().is_terminal();
+    let mut saved = Vec::new();
+    let mut code = EXIT_OK;
+    for written in &queries {
+        let opts = QueryOptions {
+            epsilon: each_epsilon,
+            rho: each_rho,
+            dry_run,
+            calls,
+            min_nodes,
+            query_id: query_id.clone().unwrap_or_else(new_query_id),
+        };
+        let progress = Progress::start(&fed);
+        let result = match set.as_mut().and_then(Iterator::next) {
+            Some(answer) => answer,
+            None => fedq::query::ask(&fed, written, &opts).await,
+        };
+        progress.stop().await;
+        let answer = match result {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("error: {e}");
+                code = EXIT_ERROR;
+                continue;
+            }
+        };
+        answer
+            .audit_notes
+            .iter()
+            .for_each(|n| eprintln!("audit: {n}"));
+        if let Some(w) = &answer.audit_warning {
+            eprintln!("warning: {w}");
+        }
+        let combined = &answer.combined;
+        let text = if dry_run {
+            let mut text = render_plan(&answer.sent, &answer.outcomes, output)?;
+            if let (Some(p), Format::Table) = (&combined.post_processing, output) {
+                text.push_str(&format!("post-processing: {p}\n"));
+            }
+            text
+        } else {
+            render_with(combined, output, terminal && output == Format::Table)?
+        };
+        print!("{text}");
+        if plot {
+            print!("\n{}", fedq::chart::plot(combined));
+        }
+        if queries.len() > 1 && output == Format::Table {
+            println!();
+        }
+        code = code.max(if answer.answered() == 0 {
+            let reasons: Vec<String> = combined
+                .nodes
+                .iter()
+                .filter_map(|n| n.failure.as_ref().map(|f| format!("{}: {f}", n.node)))
+                .collect();
+            eprintln!("error: no node answered:\n  {}", reasons.join("\n  "));
+            EXIT_ERROR
+        } else if combined.partial {
+            EXIT_PARTIAL
+        } else {
+            EXIT_OK
+        });
+        saved.push((answer.combined, answer.outcomes));
+    }
+    if let Some(path) = save {
+        save_results(&path, &saved, dry_run)?;
+    }
+    // An error outranks a partial result.
+    Ok(if code == EXIT_ERROR { EXIT_ERROR } else { code })
+}
+
+/// `fedq nodes`.
+async fn nodes(federation: &std::path::Path, output: Format) -> anyhow::Result<u8> {
+    let fed = Federation::load(federation)?;
+    let outcomes = fed.describe(fed.default_timeout()).await;
+    print!("{}", render_nodes(&fed, &outcomes, output)?);
+    Ok(exit_for(outcomes.iter().map(|o| o.result.is_ok())))
+}
+
+/// `fedq schema`.
+async fn schema(federation: &std::path::Path, output: Format) -> anyhow::Result<u8> {
+    let fed = Federation::load(federation)?;
+    let outcomes = fed.describe(fed.default_timeout()).await;
+    print!("{}", render_schemas(&outcomes, output)?);
+    Ok(exit_for(outcomes.iter().map(|o| o.result.is_ok())))
+}
+
+/// `fedq budget`.
+async fn budget(federation: &std::path::Path, output: Format) -> anyhow::Result<u8> {
+    let fed = Federation::load(federation)?;
+    let outcomes = fed.budget(fed.default_timeout()).await;
+    print!("{}", render_budgets(&outcomes, output)?);
+    Ok(exit_for(outcomes.iter().map(|o| o.result.is_ok())))
+}
+
+/// `fedq audit pull`.
+async fn audit_pull(
+    federation: &std::path::Path,
+    node: &str,
+    out: &std::path::Path,
+    since: u64,
+) -> anyhow::Result<u8> {
+    let fed = Federation::load(federation)?;
+    let (text, key) = fedq::audit::pull(&fed, node, since, fed.default_timeout()).await?;
+    std::fs::write(out, &text).with_context(|| format!("cannot write {}", out.display()))?;
+    let key_path = PathBuf::from(format!("{}.pub", out.display()));
+    std::fs::write(&key_path, format!("{key}\n"))?;
+    println!(
+        "wrote {} entries to {} and the node's public key to {}",
+        text.lines().count(),
+        out.display(),
+        key_path.display()
+    );
+    Ok(EXIT_OK)
+}
+
+/// `fedq audit check-heads`.
+async fn audit_check_heads(
+    federation: &std::path::Path,
+    node: Option<String>,
+    log: Option<PathBuf>,
+    pubkey: Option<PathBuf>,
+    heads: Option<PathBuf>,
+) -> anyhow::Result<u8> {
+    let fed = Federation::load(federation)?;
+    let heads_path = heads.unwrap_or_else(|| fed.config.resolve(&fed.config.defaults.heads_file));
+    let mut file = fedq::audit::HeadsFile::load(&heads_path)?;
+    let names: Vec<String> = match &node {
+        Some(n) => vec![n.clone()],
+        None => fed.config.nodes.iter().map(|n| n.name.clone()).collect(),
+    };
+    let mut all_ok = true;
+    for name in names {
+        let known = file.nodes.entry(name.clone()).or_default();
+        let fetched = match &log {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                let key = match &pubkey {
+                    Some(p) => std::fs::read_to_string(p)
+                        .with_context(|| format!("cannot read {}", p.display()))?,
+                    None => known.public_key.clone().ok_or_else(|| {
+                        anyhow::anyhow!("no public key pinned for {name}; pass --pubkey")
+                    })?,
+                };
+                Ok((text, key))
+            }
+            None => fedq::audit::pull(&fed, &name, 0, fed.default_timeout()).await,
+        };
+        let verdict = match fetched {
+            Ok((text, key)) => fedq::audit::check(&name, &text, &key, known),
+            Err(e) => fedq::audit::HeadCheck {
+                node: name.clone(),
+                consistent: false,
+                detail: format!("could not check: {e:#}"),
+            },
+        };
+        all_ok &= verdict.consistent;
+        println!(
+            "{:<18} {:<12} {}",
+            verdict.node,
+            if verdict.consistent {
+                "consistent"
+            } else {
+                "DIVERGED"
+            },
+            verdict.detail
+        );
+    }
+    file.save(&heads_path)?;
+    Ok(if all_ok { EXIT_OK } else { EXIT_ERROR })
+}
+
+/// `fedq ca init`.
+fn ca_init(dir: &std::path::Path, name: &str) -> anyhow::Result<u8> {
+    if dir.join("ca.key").exists() {
+        bail!(
+            "{} already holds a CA (ca.key); refusing to overwrite it",
+            dir.display()
+        );
+    }
+    let ca = fedq_pki::Authority::generate(name)?;
+    ca.save(dir)?;
+    println!(
+        "created CA {name:?} in {}: share ca.pem with every node and researcher; keep ca.key secret (mode 0600)",
+        dir.display()
+    );
+    Ok(EXIT_OK)
+}
+
+/// `fedq ca issue`.
+fn ca_issue(
+    ca: &std::path::Path,
+    role: RoleArg,
+    name: &str,
+    out: &std::path::Path,
+    csr: Option<PathBuf>,
+    days: u32,
+    also_name: &[String],
+) -> anyhow::Result<u8> {
+    let role = role.pki();
+    if name.trim().is_empty() || name.contains('/') {
+        bail!("--name must be a non-empty name without '/'");
+    }
+    if days == 0 || days > 3650 {
+        bail!("--days must be between 1 and 3650");
+    }
+    if !also_name.is_empty() && role != fedq_pki::Role::Node {
+        bail!("--also-name is for node certificates (the names a node serves under)");
+    }
+    let authority = fedq_pki::Authority::load(ca)?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let stem = role.as_str();
+    match csr {
+        Some(path) => {
+            let request = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            let cert = authority.sign_request_with_names(role, name, also_name, &request, days)?;
+            std::fs::write(out.join(format!("{stem}.pem")), cert)?;
+            println!(
+                "issued {stem} certificate for {name:?} from {}: {}",
+                path.display(),
+                out.join(format!("{stem}.pem")).display()
+            );
+        }
+        None => {
+            let now = std::time::SystemTime::now();
+            let pair = authority.issue_with_names(
+                role,
+                name,
+                also_name,
+                now - Duration::from_secs(3600),
+                now + Duration::from_secs(u64::from(days) * 86_400),
+            )?;
+            pair.write(out, stem)?;
+            println!(
+                "issued {stem} certificate and key for {name:?}: {} and {} (keep the key secret)",
+                out.join(format!("{stem}.pem")).display(),
+                out.join(format!("{stem}.key")).display()
+            );
+        }
+    }
+    std::fs::write(out.join("ca.pem"), &authority.pem.cert)?;
+    Ok(EXIT_OK)
+}
+
+/// `fedq ca revoke`.
+fn ca_revoke(ca: &std::path::Path, certificate: &str) -> anyhow::Result<u8> {
+    let authority = fedq_pki::Authority::load(ca)?;
+    let path = std::path::Path::new(certificate);
+    let (serial, name, role) = if path.is_file() {
+        let pem = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let (serial, who) = fedq_pki::serial_and_holder(&pem)
+            .ok_or_else(|| anyhow::anyhow!("{} is not a PEM certificate", path.display()))?;
+        if !authority.is_issuer_of(&pem) {
+            bail!(
+                "{} was not issued by the CA in {}; listing it in this CA's revocation list would have no effect",
+                path.display(),
+                ca.display()
+            );
+        }
+        (serial, who.name, who.role)
+    } else {
+        let serial = fedq_pki::parse_serial(certificate)?;
+        (serial, String::new(), String::new())
+    };
+    let mut list = fedq_pki::RevocationList::load(ca)?;
+    let added = list.add(&serial, &name, &role);
+    let crl = list.publish(&authority, ca)?;
+    let who = if name.is_empty() {
+        String::new()
+    } else {
+        format!(" ({role} {name:?})")
+    };
+    println!(
+        "{} serial {}{who}; wrote {} ({} revoked in all, list number {})",
+        if added { "revoked" } else { "already revoked:" },
+        fedq_pki::serial_hex(&serial),
+        crl.display(),
+        list.revoked.len(),
+        list.crl_number
+    );
+    println!(
+        "copy it to every node's [tls] crl path: nodes load it within seconds, without a restart"
+    );
+    Ok(EXIT_OK)
 }
 
 /// A one-line "waiting for ..." display on stderr while nodes are slow,
@@ -789,94 +846,6 @@ fn confirm(question: &str) -> anyhow::Result<()> {
     }
 }
 
-/// The smallest epsilon (3 significant digits, rounded up) whose expected
-/// combined 95% CI half-width is at most `target` for every measurement,
-/// from a dry run (nothing spent, nothing data-dependent).
-async fn pick_epsilon(
-    fed: &Federation,
-    sql: &str,
-    target: f64,
-    calls: Calls,
-) -> anyhow::Result<f64> {
-    if !(target.is_finite() && target > 0.0) {
-        bail!("--target-ci must be a positive number (got {target})");
-    }
-    let probe = 1e-3;
-    let opts = QueryOptions {
-        epsilon: probe,
-        rho: 0.0,
-        dry_run: true,
-        calls,
-        min_nodes: None,
-        query_id: new_query_id(),
-    };
-    let outcomes = run_query(fed, sql, &opts)
-        .await
-        .map_err(|q| anyhow::anyhow!("{q}"))?;
-    let plans: Vec<&fedq_proto::v1::QueryResponse> = outcomes
-        .iter()
-        .filter_map(|o| o.result.as_ref().ok())
-        .collect();
-    if plans.is_empty() {
-        let why: Vec<String> = outcomes
-            .iter()
-            .filter_map(|o| o.result.as_ref().err().map(|f| format!("{}: {f}", o.node)))
-            .collect();
-        bail!("no node accepted the dry run:\n  {}", why.join("\n  "));
-    }
-    let cap = plans
-        .iter()
-        .filter_map(|r| {
-            r.budget.as_ref().map(|b| {
-                let most = b.per_query_max.min(b.remaining_for_analyst);
-                // A zCDP dataset counts rho; epsilon costs epsilon^2/2 there.
-                if b.measure == "zcdp" {
-                    (2.0 * most).sqrt()
-                } else {
-                    most
-                }
-            })
-        })
-        .fold(f64::INFINITY, f64::min);
-    // Each measurement's scale is sensitivity / (epsilon / m) on every node.
-    let half_width = |eps: f64| -> f64 {
-        let m = plans[0].measurements.len();
-        (0..m)
-            .map(|i| {
-                let scales: Vec<f64> = plans
-                    .iter()
-                    .filter_map(|r| r.measurements.get(i))
-                    .map(|x| x.sensitivity * m as f64 / eps)
-                    .collect();
-                fedq::combine::sum_half_width(&scales, fedq::combine::ALPHA)
-            })
-            .fold(0.0, f64::max)
-    };
-    if !cap.is_finite() || half_width(cap) > target {
-        bail!(
-            "even epsilon {cap} (the most a node allows you now) gives an expected 95% CI of ± {:.1}; ask for a wider --target-ci",
-            half_width(cap)
-        );
-    }
-    let (mut lo, mut hi) = (1e-6_f64, cap);
-    for _ in 0..60 {
-        let mid = (lo * hi).sqrt();
-        if half_width(mid) <= target {
-            hi = mid;
-        } else {
-            lo = mid;
-        }
-    }
-    let digits = 10f64.powi(2 - hi.log10().floor() as i32);
-    let eps = ((hi * digits).ceil() / digits).min(cap);
-    eprintln!(
-        "epsilon {eps} per node gives an expected combined 95% CI of ± {:.1} (target ± {target}) over {} node(s)",
-        half_width(eps),
-        plans.len()
-    );
-    Ok(eps)
-}
-
 /// Writes results to `path` in the format its extension names.
 fn save_results(
     path: &std::path::Path,
@@ -886,7 +855,15 @@ fn save_results(
     )],
     dry_run: bool,
 ) -> anyhow::Result<()> {
-    let format = match path.extension().and_then(|e| e.to_str()) {
+    let extension = path.extension().and_then(|e| e.to_str());
+    if matches!(extension, Some("html" | "htm")) {
+        let all: Vec<&fedq::combine::Combined> = results.iter().map(|(c, _)| c).collect();
+        std::fs::write(path, fedq::chart::html(&all))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("saved to {} (open it in a browser)", path.display());
+        return Ok(());
+    }
+    let format = match extension {
         Some("json") => Format::Json,
         Some("csv") => Format::Csv,
         _ => Format::Table,

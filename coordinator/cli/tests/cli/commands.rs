@@ -67,7 +67,7 @@ fn older_than_sources(bin: &Path) -> bool {
     [
         "node",
         "proto/src",
-        "proto/proto",
+        "proto/fedq",
         "proto/Cargo.toml",
         "Cargo.lock",
     ]
@@ -349,18 +349,40 @@ fn json(r: &Run) -> Value {
     serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{r}"))
 }
 
-/// The `spent_by_you` of every node in `fedq budget --output json`.
+/// The `spent_by_you` of every node in `fedq budget --output json`, after
+/// checking that every object has the documented snake_case keys and that
+/// its amounts are JSON numbers (not strings).
 fn spent_by_node(v: &Value) -> Vec<(String, f64)> {
     v.as_array()
         .expect("an array of budgets")
         .iter()
         .map(|b| {
-            let spent = b["spent_by_you"]
-                .as_str()
-                .unwrap_or_else(|| panic!("no spent_by_you in {b}"));
+            let keys: Vec<&str> = b
+                .as_object()
+                .unwrap_or_else(|| panic!("not an object: {b}"))
+                .keys()
+                .map(String::as_str)
+                .collect();
+            for key in &keys {
+                assert!(
+                    key.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
+                    "key {key:?} is not snake_case in {b}"
+                );
+            }
+            for key in [
+                "spent_by_you",
+                "remaining_for_you",
+                "remaining_for_dataset",
+                "per_query_max",
+                "spent_epsilon",
+                "spent_delta",
+            ] {
+                assert!(b[key].is_number(), "{key} is not a JSON number in {b}");
+            }
+            assert_eq!(b["measure"], "pure", "{b}");
             (
                 b["node"].as_str().unwrap().to_string(),
-                spent.parse::<f64>().unwrap(),
+                b["spent_by_you"].as_f64().unwrap(),
             )
         })
         .collect()
