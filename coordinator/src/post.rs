@@ -303,6 +303,9 @@ pub enum Formula {
     Op(char, Box<Formula>, Box<Formula>),
     /// `-a`.
     Neg(Box<Formula>),
+    /// `SUM(agg) OVER ()`: the aggregate summed over every row of the
+    /// result (a share's denominator), by its normalised text.
+    Total(String),
 }
 
 /// The formula of `e` if it is arithmetic over aggregates and numbers,
@@ -311,7 +314,47 @@ pub enum Formula {
 fn formula(e: &Expr, parts: &mut Vec<Expr>) -> Option<Formula> {
     match e {
         Expr::Nested(inner) => formula(inner, parts),
-        Expr::Function(f) if f.over.is_none() => {
+        Expr::Function(f) if f.over.is_some() => {
+            // SUM(aggregate) OVER (): the total of the result's rows.
+            let Some(sqlparser::ast::WindowType::WindowSpec(w)) = &f.over else {
+                return None;
+            };
+            let plain = w.window_name.is_none()
+                && w.partition_by.is_empty()
+                && w.order_by.is_empty()
+                && w.window_frame.is_none();
+            let FunctionArguments::List(list) = &f.args else {
+                return None;
+            };
+            let [FunctionArg::Unnamed(FunctionArgExpr::Expr(inner @ Expr::Function(g)))] =
+                list.args.as_slice()
+            else {
+                return None;
+            };
+            if !plain || !f.name.to_string().eq_ignore_ascii_case("SUM") || g.over.is_some() {
+                return None;
+            }
+            let t = norm(&inner.to_string());
+            if !parts.iter().any(|p| norm(&p.to_string()) == t) {
+                parts.push(inner.clone());
+            }
+            Some(Formula::Total(t))
+        }
+        Expr::Function(f) if exact_scaling(f).is_some() => {
+            // SUM or AVG of `x / 12.0` or `x * 0.5`: exactly the aggregate
+            // of x scaled, which the nodes release as integers.
+            let (inner, op, k) = exact_scaling(f)?;
+            let t = norm(&inner.to_string());
+            if !parts.iter().any(|p| norm(&p.to_string()) == t) {
+                parts.push(inner);
+            }
+            Some(Formula::Op(
+                op,
+                Box::new(Formula::Agg(t)),
+                Box::new(Formula::Num(k)),
+            ))
+        }
+        Expr::Function(_) => {
             let t = norm(&e.to_string());
             if !parts.iter().any(|p| norm(&p.to_string()) == t) {
                 parts.push(e.clone());
@@ -341,6 +384,52 @@ fn formula(e: &Expr, parts: &mut Vec<Expr>) -> Option<Formula> {
     }
 }
 
+/// `SUM(x / k)`, `AVG(x / k)` with a decimal on either side (an exact
+/// division, as SQL does for numerics), or `SUM(x * k)`, `AVG(k * x)` with
+/// a fractional `k`: `(SUM(x), '/', k)` and so on. Linear, so the scaled
+/// aggregate of x is exactly the value asked for, and its interval scales
+/// with it. `None` for anything else (integer division stays per row).
+fn exact_scaling(f: &sqlparser::ast::Function) -> Option<(Expr, char, f64)> {
+    let name = f.name.to_string().to_ascii_uppercase();
+    if !matches!(name.as_str(), "SUM" | "AVG") || f.filter.is_some() || f.over.is_some() {
+        return None;
+    }
+    let FunctionArguments::List(list) = &f.args else {
+        return None;
+    };
+    if list.duplicate_treatment.is_some() {
+        return None;
+    }
+    let [FunctionArg::Unnamed(FunctionArgExpr::Expr(arg))] = list.args.as_slice() else {
+        return None;
+    };
+    let mut e = arg;
+    while let Expr::Nested(inner) = e {
+        e = inner;
+    }
+    let Expr::BinaryOp { left, op, right } = e else {
+        return None;
+    };
+    let (x, op, k) = match op {
+        BinaryOperator::Divide => {
+            let k = number(right).filter(|k| *k != 0.0)?;
+            let decimal = fedq_plan::plan::has_decimal(left) || fedq_plan::plan::has_decimal(right);
+            decimal.then_some((left, '/', k))?
+        }
+        BinaryOperator::Multiply => match (number(left), number(right)) {
+            (_, Some(k)) if k.fract() != 0.0 => (left, '*', k),
+            (Some(k), _) if k.fract() != 0.0 => (right, '*', k),
+            _ => return None,
+        },
+        _ => return None,
+    };
+    let mut g = f.clone();
+    if let FunctionArguments::List(l) = &mut g.args {
+        l.args = vec![FunctionArg::Unnamed(FunctionArgExpr::Expr((**x).clone()))];
+    }
+    Some((Expr::Function(g), op, k))
+}
+
 impl Formula {
     /// How many distinct aggregates it reads.
     pub fn aggregates(&self) -> usize {
@@ -356,7 +445,7 @@ impl Formula {
                     seen.push(t)
                 }
             }
-            Formula::Num(_) => {}
+            Formula::Num(_) | Formula::Total(_) => {}
             Formula::Op(_, a, b) => {
                 a.collect(seen);
                 b.collect(seen);
@@ -365,20 +454,41 @@ impl Formula {
         }
     }
 
+    /// How many `SUM(...) OVER ()` totals it reads.
+    fn totals(&self) -> usize {
+        match self {
+            Formula::Total(_) => 1,
+            Formula::Agg(_) | Formula::Num(_) => 0,
+            Formula::Op(_, a, b) => a.totals() + b.totals(),
+            Formula::Neg(a) => a.totals(),
+        }
+    }
+
+    /// How many released values its interval rests on, for a result of
+    /// `rows` rows: its row's aggregates, and every row's for a total.
+    fn cells(&self, rows: usize) -> usize {
+        self.aggregates() + self.totals() * rows
+    }
+
     /// Its value and the range it takes over the aggregates' intervals
     /// (interval arithmetic; `None` when a divisor's interval holds 0, or
     /// an aggregate has no value).
-    fn eval(&self, get: &dyn Fn(&str) -> Option<Ranged>) -> Option<Ranged> {
+    fn eval(
+        &self,
+        get: &dyn Fn(&str) -> Option<Ranged>,
+        total: &dyn Fn(&str) -> Option<Ranged>,
+    ) -> Option<Ranged> {
         Some(match self {
             Formula::Agg(t) => get(t)?,
+            Formula::Total(t) => total(t)?,
             Formula::Num(x) => (*x, *x, *x),
             Formula::Neg(a) => {
-                let (v, lo, hi) = a.eval(get)?;
+                let (v, lo, hi) = a.eval(get, total)?;
                 (-v, -hi, -lo)
             }
             Formula::Op(op, a, b) => {
-                let (x, xl, xh) = a.eval(get)?;
-                let (y, yl, yh) = b.eval(get)?;
+                let (x, xl, xh) = a.eval(get, total)?;
+                let (y, yl, yh) = b.eval(get, total)?;
                 match op {
                     '+' => (x + y, xl + yl, xh + yh),
                     '-' => (x - y, xl - yh, xh - yl),
@@ -483,10 +593,16 @@ fn number(e: &Expr) -> Option<f64> {
 impl PostProcess {
     /// The confidence at which a formula's aggregates must be combined so
     /// that its interval, the range of the formula over theirs, holds with
-    /// 95% (a union bound over `k` aggregates: `0.05 / k` each); `None`
-    /// when no formula reads more than one aggregate.
-    pub fn alpha(&self) -> Option<f64> {
-        let k = self.derived.iter().map(|(_, f)| f.aggregates()).max()?;
+    /// 95% (a union bound over the `k` released values it rests on: `0.05
+    /// / k` each); `rows` is the number of rows of the combined result (a
+    /// `SUM(...) OVER ()` total rests on every row's value). `None` when no
+    /// formula reads more than one value.
+    pub fn alpha(&self, rows: usize) -> Option<f64> {
+        let k = self
+            .derived
+            .iter()
+            .map(|(_, f)| f.cells(rows.max(1)))
+            .max()?;
         (k > 1).then(|| crate::combine::ALPHA / k as f64)
     }
 }
@@ -500,7 +616,7 @@ fn derive(c: &mut Combined, p: &PostProcess, components: Option<&Combined>) -> R
     let index = |c: &Combined, t: &str| c.outputs.iter().position(|o| norm(o) == t);
     let mut columns: Vec<Vec<Option<Estimate>>> = Vec::new();
     for (label, f) in &p.derived {
-        let wide = if f.aggregates() > 1 {
+        let wide = if f.cells(c.rows.len().max(1)) > 1 {
             components.ok_or_else(|| {
                 format!("{label}: its aggregates' wider intervals are missing (combine them at PostProcess::alpha)")
             })?
@@ -522,7 +638,20 @@ fn derive(c: &mut Combined, p: &PostProcess, components: Option<&Combined>) -> R
                     let w = wrow.estimates.get(index(wide, t)?)?.as_ref()?;
                     Some((v, w.ci_low, w.ci_high))
                 };
-                f.eval(&get).and_then(|(value, lo, hi)| {
+                // A total: the sum of every row's value, its range the sum
+                // of their (wide) intervals' ends.
+                let total = |t: &str| -> Option<Ranged> {
+                    let (i, wi) = (index(c, t)?, index(wide, t)?);
+                    c.rows.iter().zip(&wide.rows).try_fold(
+                        (0.0, 0.0, 0.0),
+                        |(v, lo, hi), (r, w)| {
+                            let x = r.estimates.get(i)?.as_ref()?.value;
+                            let e = w.estimates.get(wi)?.as_ref()?;
+                            Some((v + x, lo + e.ci_low, hi + e.ci_high))
+                        },
+                    )
+                };
+                f.eval(&get, &total).and_then(|(value, lo, hi)| {
                     (value.is_finite() && lo.is_finite() && hi.is_finite()).then_some(Estimate {
                         value,
                         ci_low: lo.min(value),
@@ -769,7 +898,54 @@ mod tests {
             vec![(Target("100.0*AVG(ISFORCEDLABOUR)".into()), 1)]
         );
         // Two aggregates in one formula: each at 97.5%.
-        assert_eq!(p.alpha(), Some(0.025));
+        assert_eq!(p.alpha(1), Some(0.025));
+    }
+
+    /// `SUM(agg) OVER ()` is the total of the result's rows: the nodes are
+    /// sent the aggregate, and the union bound covers every row's value.
+    #[test]
+    fn a_share_of_the_total_is_a_formula_over_every_row() {
+        let (core, post) = split(
+            "SELECT gender, COUNT(*) * 1.0 / SUM(COUNT(*)) OVER () AS share FROM cases GROUP BY gender",
+        )
+        .unwrap();
+        assert_eq!(
+            core,
+            "SELECT gender, COUNT(*) AS share FROM cases GROUP BY gender"
+        );
+        let p = post.unwrap();
+        assert_eq!(p.derived.len(), 1);
+        // This row's count and the 4 rows of the total: 5 values.
+        assert_eq!(p.alpha(4), Some(0.01));
+        // Windows other than a plain OVER () are left to the planner to refuse.
+        let (core, post) = split(
+            "SELECT gender, SUM(COUNT(*)) OVER (PARTITION BY gender) FROM cases GROUP BY gender",
+        )
+        .unwrap();
+        assert!(post.is_none() && core.contains("PARTITION BY"), "{core}");
+    }
+
+    /// A sum or an average of a column divided by a decimal (or times a
+    /// fraction) is the aggregate scaled, computed here; integer division
+    /// stays per row, for the nodes.
+    #[test]
+    fn exact_scalings_are_applied_to_the_aggregate() {
+        let (core, post) = split(
+            "SELECT AVG(traffickMonths / 12.0) AS years, SUM(0.5 * traffickMonths) FROM cases",
+        )
+        .unwrap();
+        assert_eq!(
+            core,
+            "SELECT AVG(traffickMonths) AS years, SUM(traffickMonths) FROM cases"
+        );
+        let p = post.unwrap();
+        assert_eq!(p.derived.len(), 2);
+        assert_eq!(p.alpha(1), None, "one aggregate each: no wider intervals");
+        let (core, post) = split("SELECT AVG(traffickMonths * 1.0 / 12) FROM cases").unwrap();
+        assert_eq!(core, "SELECT AVG(traffickMonths * 1.0) FROM cases");
+        assert!(post.is_some());
+        let sql = "SELECT AVG(traffickMonths / 12) FROM cases";
+        assert_eq!(split(sql).unwrap(), (sql.to_string(), None));
     }
 
     #[test]

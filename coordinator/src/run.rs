@@ -110,6 +110,13 @@ pub async fn eligible(
     (ok.into_iter().map(|(entry, _)| entry).collect(), left_out)
 }
 
+/// What every node that answers `Describe` and speaks this API declares
+/// (its public schemas), for planning across several queries.
+pub async fn descriptions(fed: &Federation, calls: Calls) -> Vec<DescribeResponse> {
+    let (ok, _) = described(fed, &[], calls).await;
+    ok.into_iter().map(|(_, d)| d).collect()
+}
+
 /// [`eligible`], keeping each eligible node's description: its declared
 /// schemas are what its answer is checked against.
 async fn described(

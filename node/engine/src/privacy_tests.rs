@@ -82,6 +82,8 @@ fn one_person_changes_exact_aggregates_by_at_most_the_bound() {
         "SELECT forced, COUNT(months) FROM cases WHERE months >= 10 GROUP BY forced",
         "SELECT HISTOGRAM(months, 20) FROM cases",
         "SELECT gender, VARIANCE(months), MEDIAN(months) FROM cases GROUP BY gender",
+        "SELECT gender, SUM(months + forced), AVG(COALESCE(months, 0) * 2 - 5), SUM(months / 3) FROM cases WHERE months > forced GROUP BY gender",
+        "SELECT COALESCE(gender, 'unknown'), COUNT(*) FROM cases WHERE COALESCE(forced, 0) = 1 GROUP BY 1",
     ] {
         let p = plan(sql, &d.schema, 10_000).unwrap();
         assert_eq!(p.contribution_bound, i64::from(BOUND));
@@ -175,6 +177,10 @@ fn empirical_privacy_loss_stays_within_the_claimed_epsilon() {
     const N: usize = 6000;
     let epsilon = 1.0;
     let (d, d2) = neighbours();
+    // The exact sum of a per-row expression on `d`, where its thresholds
+    // start (the added person moves it up by about 3 x 18).
+    let expr_sum = plan("SELECT SUM(months + forced) FROM cases", &d.schema, 10_000).unwrap();
+    let base = d.exact_values(&expr_sum)[0][0] as f64;
     type Stat = Box<dyn Fn(&[Vec<i64>]) -> f64>;
     // (query, statistic of a release, thresholds, whether per-record
     // calibration must be caught: not required of post-processed quantiles,
@@ -214,6 +220,14 @@ fn empirical_privacy_loss_stays_within_the_claimed_epsilon() {
             "SELECT AVG(forced) FROM cases",
             Box::new(|r: &[Vec<i64>]| r[0][0] as f64),
             (95..=110).map(f64::from).collect(),
+            true,
+        ),
+        (
+            // A sum of a per-row expression: its bounds (0 + 0 to 19 + 1,
+            // from the declared ones) are its sensitivity per record.
+            "SELECT SUM(months + forced) FROM cases",
+            Box::new(|r: &[Vec<i64>]| r[0][0] as f64),
+            (0..16).map(|i| base - 60.0 + 15.0 * f64::from(i)).collect(),
             true,
         ),
         (

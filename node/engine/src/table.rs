@@ -598,6 +598,30 @@ impl Table {
                             out[cell * k + fedq_dp::distribution::bin_of(value, *min, *max, *bins)] += 1;
                         }));
                     }
+                    MeasurementSpec::SumOf { expr, .. } | MeasurementSpec::CountOf { expr, .. } => {
+                        // Row at a time over the columns the expression reads.
+                        let columns = expr.columns();
+                        let values: Vec<Vec<i64>> =
+                            columns.iter().map(|&c| self.values(c)).collect();
+                        let cells = (!plan.group_by.is_empty()).then(cells);
+                        let bounds = match m {
+                            MeasurementSpec::SumOf { min, max, .. } => Some((*min, *max)),
+                            _ => None,
+                        };
+                        for_each_bit(&selected, |i| {
+                            let value = |c: usize| {
+                                let k = columns.iter().position(|&x| x == c)?;
+                                Some(values[k][i]).filter(|&v| v != MISSING)
+                            };
+                            let Some(v) = expr.eval(&value) else { return };
+                            let cell = cells.map_or(0, |c| c[i] as usize);
+                            out[cell] = out[cell].saturating_add(match bounds {
+                                // Within ±2^40 once clamped: fits.
+                                Some((lo, hi)) => v.clamp(lo.into(), hi.into()) as i64,
+                                None => 1,
+                            });
+                        });
+                    }
                     MeasurementSpec::SumSquares {
                         column,
                         center,
@@ -776,6 +800,24 @@ impl Table {
         codes
     }
 
+    /// Every row's value code in `column` (the schema's code: a category's
+    /// index, an integer's value, 0 or 1, an open column's hash), or
+    /// [`MISSING`].
+    fn values(&self, column: usize) -> Vec<i64> {
+        let p = &self.columns[column];
+        with_codes!(&p.codes, v => v
+            .iter()
+            .map(|&c| {
+                let o = c.to_u64();
+                if o == p.span {
+                    MISSING
+                } else {
+                    p.base + o as i64
+                }
+            })
+            .collect())
+    }
+
     /// Rows where `column` is not missing (cached).
     fn present(&self, column: usize) -> &Bits {
         self.present[column].get_or_init(|| {
@@ -866,6 +908,34 @@ impl Table {
                     _ => Test::Set(set),
                 };
                 self.leaf(*column, &test, side != *negated)
+            }
+            Predicate::Columns {
+                left,
+                op,
+                right,
+                relabel,
+            } => {
+                // Row at a time: TRUE (or FALSE) needs both values present.
+                let (a, b) = (self.values(*left), self.values(*right));
+                let outcome: Vec<u8> = a
+                    .iter()
+                    .zip(&b)
+                    .map(|(&x, &y)| {
+                        if x == MISSING || y == MISSING {
+                            return 0;
+                        }
+                        let x = match relabel {
+                            Some(m) => usize::try_from(x)
+                                .ok()
+                                .and_then(|i| m.get(i))
+                                .copied()
+                                .unwrap_or(-1),
+                            None => x,
+                        };
+                        u8::from(op.holds(x, y) == side)
+                    })
+                    .collect();
+                Cow::Owned(pack_bits(&outcome, |t| t == 1))
             }
             Predicate::IsMissing { column, negated } => {
                 let present = self.present(*column);
@@ -1265,7 +1335,7 @@ pub const OPEN_MISSING_KEY: u64 = 1 << 63;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fedq_plan::plan::{cell_keys, plan};
+    use fedq_plan::plan::{cell_keys, plan, RowExpr};
     use fedq_plan::schema::{ColumnSpec, ColumnType};
 
     fn table() -> Table {
@@ -1607,6 +1677,20 @@ mod tests {
                 Predicate::IsMissing { column, negated } => {
                     u8::from((rows[i][*column] == MISSING) != *negated)
                 }
+                Predicate::Columns {
+                    left,
+                    op,
+                    right,
+                    relabel,
+                } => {
+                    let (x, y) = (rows[i][*left], rows[i][*right]);
+                    if x == MISSING || y == MISSING {
+                        UNKNOWN
+                    } else {
+                        let x = relabel.as_ref().map_or(x, |m| m[x as usize]);
+                        u8::from(op.holds(x, y))
+                    }
+                }
             }
         }
 
@@ -1677,10 +1761,34 @@ mod tests {
                                 out[cell] = out[cell].saturating_add(d * d);
                             }
                         }
+                        MeasurementSpec::SumOf { expr, min, max, .. } => {
+                            if let Some(v) = value(row, expr) {
+                                let v = v.clamp(i128::from(*min), i128::from(*max)) as i64;
+                                out[cell] = out[cell].saturating_add(v);
+                            }
+                        }
+                        MeasurementSpec::CountOf { expr, .. } => {
+                            out[cell] += i64::from(value(row, expr).is_some())
+                        }
                     }
                 }
             }
             out
+        }
+
+        /// A per-row expression's value, written out again here (NULL
+        /// propagates; COALESCE takes the first non-NULL argument).
+        fn value(row: &[i64], e: &RowExpr) -> Option<i128> {
+            let both = |a: &RowExpr, b: &RowExpr| Some((value(row, a)?, value(row, b)?));
+            match e {
+                RowExpr::Column(c) => (row[*c] != MISSING).then(|| i128::from(row[*c])),
+                RowExpr::Const(k) => Some(i128::from(*k)),
+                RowExpr::Coalesce(args) => args.iter().find_map(|a| value(row, a)),
+                RowExpr::Add(a, b) => both(a, b).map(|(x, y)| x + y),
+                RowExpr::Sub(a, b) => both(a, b).map(|(x, y)| x - y),
+                RowExpr::Mul(a, b) => both(a, b).map(|(x, y)| x * y),
+                RowExpr::Div(a, k) => value(row, a).map(|x| x / i128::from(*k)),
+            }
         }
     }
 
@@ -1859,6 +1967,38 @@ mod tests {
                         }
                     }
                 }
+                // A per-row expression over small-bounded numeric columns.
+                let numeric: Vec<usize> = (0..ncols)
+                    .filter(|&c| match schema.columns[c] {
+                        Column::Boolean { .. } => true,
+                        Column::Integer { min, max, .. } => min > -(1 << 18) && max < 1 << 18,
+                        _ => false,
+                    })
+                    .collect();
+                if !numeric.is_empty() && rng.random_bool(0.5) {
+                    let expr = random_row_expr(&mut rng, &numeric, 2);
+                    let bound = fedq_plan::plan::MAX_EXPR_BOUND;
+                    if let Some((lo, hi)) = expr
+                        .bounds(&schema)
+                        .filter(|&(lo, hi)| lo >= -bound && hi <= bound)
+                    {
+                        measurements.push(MeasurementSpec::CountOf {
+                            expr: expr.clone(),
+                            text: String::new(),
+                        });
+                        measurements.push(MeasurementSpec::SumOf {
+                            expr,
+                            text: String::new(),
+                            min: lo as i64,
+                            // Sometimes narrower than derived: clamping.
+                            max: if rng.random_bool(0.3) {
+                                (lo + hi) / 2
+                            } else {
+                                hi
+                            } as i64,
+                        });
+                    }
+                }
                 let filter = rng
                     .random_bool(0.85)
                     .then(|| random_predicate(&mut rng, &schema, &rows, 3));
@@ -1876,6 +2016,26 @@ mod tests {
                 };
                 assert_eq!(t.exact_values(&p), reference::exact(&rows, &p), "{p:?}");
             }
+        }
+    }
+
+    fn random_row_expr(
+        rng: &mut rand_chacha::ChaCha8Rng,
+        numeric: &[usize],
+        depth: usize,
+    ) -> RowExpr {
+        use rand::Rng;
+        let sub = |rng: &mut rand_chacha::ChaCha8Rng| {
+            Box::new(random_row_expr(rng, numeric, depth.saturating_sub(1)))
+        };
+        match rng.random_range(0..if depth == 0 { 2 } else { 7 }) {
+            0 => RowExpr::Column(numeric[rng.random_range(0..numeric.len())]),
+            1 => RowExpr::Const(rng.random_range(-20..20)),
+            2 => RowExpr::Coalesce(vec![*sub(rng), *sub(rng)]),
+            3 => RowExpr::Add(sub(rng), sub(rng)),
+            4 => RowExpr::Sub(sub(rng), sub(rng)),
+            5 => RowExpr::Mul(sub(rng), sub(rng)),
+            _ => RowExpr::Div(sub(rng), [-7, -1, 2, 12][rng.random_range(0..4)]),
         }
     }
 
@@ -1910,6 +2070,43 @@ mod tests {
         let sub = |rng: &mut rand_chacha::ChaCha8Rng| {
             Box::new(random_predicate(rng, schema, rows, depth - 1))
         };
+        // Two columns compared: numbers by value, categories through a
+        // random relabelling (as the planner's by label), else a literal.
+        let other = rng.random_range(0..schema.columns.len());
+        let op = [
+            CmpOp::Eq,
+            CmpOp::Ne,
+            CmpOp::Lt,
+            CmpOp::Le,
+            CmpOp::Gt,
+            CmpOp::Ge,
+        ][rng.random_range(0..6)];
+        let numeric = |c: &Column| matches!(c, Column::Integer { .. } | Column::Boolean { .. });
+        let columns = match (&schema.columns[column], &schema.columns[other]) {
+            (a, b) if numeric(a) && numeric(b) => Some(None),
+            (Column::Categorical { domain: a, .. }, Column::Categorical { domain: b, .. }) => {
+                Some(Some(
+                    (0..a.len())
+                        .map(|_| rng.random_range(-1..b.len() as i64))
+                        .collect(),
+                ))
+            }
+            (Column::Open { .. }, Column::Open { .. }) => Some(None),
+            _ => None,
+        };
+        if let Some(relabel) = columns.filter(|_| rng.random_bool(0.15)) {
+            let op = if relabel.is_some() || !numeric(&schema.columns[column]) {
+                [CmpOp::Eq, CmpOp::Ne][rng.random_range(0..2)]
+            } else {
+                op
+            };
+            return Predicate::Columns {
+                left: column,
+                op,
+                right: other,
+                relabel,
+            };
+        }
         match rng.random_range(0..if depth == 0 { 5 } else { 8 }) {
             0 => Predicate::Cmp {
                 column,

@@ -12,11 +12,14 @@
 //! - [`plan`]: SQL (via `sqlparser`) to a typed, validated [`plan::Plan`]:
 //!   the filter, the GROUP BY, the measurements with their bounds and
 //!   sensitivities, and the cells they release ([`plan::cell_keys`]).
+//! - [`lookup`]: public lookup tables (country to region) a query may join
+//!   to its dataset by key, planned as CASE buckets and IN lists.
 //!
 //! Entry point: [`plan::plan`] (SQL text and a schema in, a plan or a
 //! [`plan::PlanError`] out).
 
 #![deny(missing_docs)]
 
+pub mod lookup;
 pub mod plan;
 pub mod schema;

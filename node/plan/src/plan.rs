@@ -16,6 +16,7 @@ use sqlparser::ast::{
 use sqlparser::dialect::GenericDialect;
 use sqlparser::parser::Parser;
 
+use crate::lookup::{public_table, LookupTable, PUBLIC_TABLES};
 use crate::schema::{parse_bool, Column, Schema, MAX_BINS, MAX_INTEGER_GROUP_KEYS};
 
 /// A query that failed validation, with a message meant for the analyst.
@@ -96,6 +97,28 @@ pub enum MeasurementSpec {
         /// Declared upper bound.
         max: i64,
     },
+    /// Sum of a per-row expression (`SUM(a + b)`, `SUM(COALESCE(x, 0))`),
+    /// each value clamped to `[min, max]`, the bounds derived from the
+    /// declared bounds by interval arithmetic ([`RowExpr::bounds`]); rows
+    /// where the expression is NULL add nothing.
+    SumOf {
+        /// The expression.
+        expr: RowExpr,
+        /// The expression as written (for labels).
+        text: String,
+        /// Derived lower bound.
+        min: i64,
+        /// Derived upper bound.
+        max: i64,
+    },
+    /// Number of records in the cell where a per-row expression is not
+    /// NULL (the count AVG of an expression divides by).
+    CountOf {
+        /// The expression.
+        expr: RowExpr,
+        /// The expression as written (for labels).
+        text: String,
+    },
     /// Per cell, the number of non-missing values in each of `bins`
     /// equal-width bins over `[min, max]` (see [`fedq_dp::distribution`]):
     /// `bins` values per cell, cell-major.
@@ -162,8 +185,9 @@ impl MeasurementSpec {
             MeasurementSpec::CountRows
             | MeasurementSpec::CountWhere { .. }
             | MeasurementSpec::CountPresent { .. }
+            | MeasurementSpec::CountOf { .. }
             | MeasurementSpec::Histogram { .. } => 1,
-            MeasurementSpec::Sum { min, max, .. } => {
+            MeasurementSpec::Sum { min, max, .. } | MeasurementSpec::SumOf { min, max, .. } => {
                 min.unsigned_abs().max(max.unsigned_abs()).max(1) as i64
             }
             MeasurementSpec::SumSquares {
@@ -191,6 +215,8 @@ impl MeasurementSpec {
             MeasurementSpec::Histogram { column, bins, .. } => {
                 format!("HISTOGRAM({}, {bins})", schema.columns[*column].name())
             }
+            MeasurementSpec::SumOf { text, .. } => format!("SUM({text})"),
+            MeasurementSpec::CountOf { text, .. } => format!("COUNT({text})"),
             MeasurementSpec::SumSquares { column, center, .. } => {
                 format!("SUM(({} - {center})^2)", schema.columns[*column].name())
             }
@@ -261,6 +287,194 @@ pub enum Predicate {
         /// `IS NOT NULL`.
         negated: bool,
     },
+    /// `left op right`: two columns of the same row compared (for example
+    /// `citizenship <> CountryOfExploitation`, the cross-border cases).
+    /// Unknown when either value is missing (SQL's three-valued logic: a
+    /// missing citizenship is neither equal nor unequal to any country).
+    /// Numbers (integers, clamped to their declared bounds, and flags as 0
+    /// and 1) compare by value; categories by label, through `relabel`.
+    Columns {
+        /// Column index of the left side.
+        left: usize,
+        /// Operator (only `=` and `<>` for categories).
+        op: CmpOp,
+        /// Column index of the right side.
+        right: usize,
+        /// Categories: for each code of `left`, the code of `right` with
+        /// the same label, or -1 if `right` declares no such label (then
+        /// the two are never equal). `None`: the codes compare as they
+        /// are (numbers, or two open-domain columns, whose codes are
+        /// hashes of their text). Built from the declared domains only.
+        relabel: Option<Vec<i64>>,
+    },
+}
+
+impl CmpOp {
+    /// Whether `a op b` holds.
+    pub fn holds(self, a: i64, b: i64) -> bool {
+        match self {
+            CmpOp::Eq => a == b,
+            CmpOp::Ne => a != b,
+            CmpOp::Lt => a < b,
+            CmpOp::Le => a <= b,
+            CmpOp::Gt => a > b,
+            CmpOp::Ge => a >= b,
+        }
+    }
+
+    /// The operator with its sides swapped (`a < b` is `b > a`).
+    pub fn flipped(self) -> CmpOp {
+        match self {
+            CmpOp::Lt => CmpOp::Gt,
+            CmpOp::Le => CmpOp::Ge,
+            CmpOp::Gt => CmpOp::Lt,
+            CmpOp::Ge => CmpOp::Le,
+            o => o,
+        }
+    }
+
+    /// SQL spelling.
+    pub fn sql(self) -> &'static str {
+        match self {
+            CmpOp::Eq => "=",
+            CmpOp::Ne => "<>",
+            CmpOp::Lt => "<",
+            CmpOp::Le => "<=",
+            CmpOp::Gt => ">",
+            CmpOp::Ge => ">=",
+        }
+    }
+}
+
+/// A number computed per row from declared integer columns and flags:
+/// `traffickMonths + 1`, `COALESCE(traffickMonths, 0)`, `a * b`,
+/// `traffickMonths / 12`. NULL (missing) propagates as in SQL: an
+/// operation on a missing value is missing, and COALESCE takes its first
+/// non-missing argument. Its bounds follow from the declared bounds alone
+/// ([`RowExpr::bounds`]), so a sum of it has a sensitivity from public
+/// metadata (DESIGN invariant 4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RowExpr {
+    /// A column's value: an integer (clamped to its declared bounds) or a
+    /// flag as 0 or 1.
+    Column(usize),
+    /// A literal integer.
+    Const(i64),
+    /// `COALESCE(a, b, ...)`: the first argument that is not missing.
+    Coalesce(Vec<RowExpr>),
+    /// `a + b`.
+    Add(Box<RowExpr>, Box<RowExpr>),
+    /// `a - b`.
+    Sub(Box<RowExpr>, Box<RowExpr>),
+    /// `a * b`.
+    Mul(Box<RowExpr>, Box<RowExpr>),
+    /// `a / k` for a non-zero integer literal `k`: integer division
+    /// truncating toward zero, as SQL divides integers.
+    Div(Box<RowExpr>, i64),
+}
+
+/// `x / k` truncating toward zero, saturating (`i128::MIN / -1`). The
+/// evaluation and the bounds both saturate, and saturation is monotone, so
+/// every value stays within the bounds; an expression whose bounds
+/// saturate is refused anyway (beyond ±2^40).
+fn div(x: i128, k: i64) -> i128 {
+    x.checked_div(i128::from(k)).unwrap_or(i128::MAX)
+}
+
+/// Largest magnitude a per-row expression's bounds may reach: a sum of
+/// such values over 2^22 rows still fits an `i64`, as declared bounds do
+/// (see `schema.rs`).
+pub const MAX_EXPR_BOUND: i128 = 1 << 40;
+
+impl RowExpr {
+    /// The value for one row, given each column's value (`None`: missing).
+    /// Computed in `i128`: within [`MAX_EXPR_BOUND`] for values within
+    /// their declared bounds, so it cannot overflow.
+    pub fn eval(&self, value: &dyn Fn(usize) -> Option<i64>) -> Option<i128> {
+        Some(match self {
+            RowExpr::Column(c) => i128::from(value(*c)?),
+            RowExpr::Const(k) => i128::from(*k),
+            RowExpr::Coalesce(args) => return args.iter().find_map(|a| a.eval(value)),
+            RowExpr::Add(a, b) => a.eval(value)?.saturating_add(b.eval(value)?),
+            RowExpr::Sub(a, b) => a.eval(value)?.saturating_sub(b.eval(value)?),
+            RowExpr::Mul(a, b) => a.eval(value)?.saturating_mul(b.eval(value)?),
+            RowExpr::Div(a, k) => div(a.eval(value)?, *k),
+        })
+    }
+
+    /// The interval every value lies in, by interval arithmetic over the
+    /// declared bounds of its columns (flags: 0 to 1). Public metadata
+    /// only. `None` when a column has no numeric bounds.
+    pub fn bounds(&self, schema: &Schema) -> Option<(i128, i128)> {
+        Some(match self {
+            RowExpr::Column(c) => match &schema.columns[*c] {
+                Column::Integer { min, max, .. } => (i128::from(*min), i128::from(*max)),
+                Column::Boolean { .. } => (0, 1),
+                _ => return None,
+            },
+            RowExpr::Const(k) => (i128::from(*k), i128::from(*k)),
+            RowExpr::Coalesce(args) => {
+                let mut b: Option<(i128, i128)> = None;
+                for a in args {
+                    let (lo, hi) = a.bounds(schema)?;
+                    b = Some(b.map_or((lo, hi), |(l, h)| (l.min(lo), h.max(hi))));
+                }
+                b?
+            }
+            RowExpr::Add(a, b) | RowExpr::Sub(a, b) | RowExpr::Mul(a, b) => {
+                let (x, y) = (a.bounds(schema)?, b.bounds(schema)?);
+                let ends = match self {
+                    RowExpr::Add(..) => {
+                        let (lo, hi) = (x.0.saturating_add(y.0), x.1.saturating_add(y.1));
+                        [lo, hi, lo, hi]
+                    }
+                    RowExpr::Sub(..) => {
+                        let (lo, hi) = (x.0.saturating_sub(y.1), x.1.saturating_sub(y.0));
+                        [lo, hi, lo, hi]
+                    }
+                    _ => [
+                        x.0.saturating_mul(y.0),
+                        x.0.saturating_mul(y.1),
+                        x.1.saturating_mul(y.0),
+                        x.1.saturating_mul(y.1),
+                    ],
+                };
+                (
+                    ends.iter().copied().min().unwrap_or(0),
+                    ends.iter().copied().max().unwrap_or(0),
+                )
+            }
+            RowExpr::Div(a, k) => {
+                // Truncating division by a constant is monotone.
+                let (lo, hi) = a.bounds(schema)?;
+                let (x, y) = (div(lo, *k), div(hi, *k));
+                (x.min(y), x.max(y))
+            }
+        })
+    }
+
+    /// The columns it reads, each once.
+    pub fn columns(&self) -> Vec<usize> {
+        let mut out = Vec::new();
+        let mut stack = vec![self];
+        while let Some(e) = stack.pop() {
+            match e {
+                RowExpr::Column(c) => {
+                    if !out.contains(c) {
+                        out.push(*c)
+                    }
+                }
+                RowExpr::Const(_) => {}
+                RowExpr::Coalesce(args) => stack.extend(args),
+                RowExpr::Add(a, b) | RowExpr::Sub(a, b) | RowExpr::Mul(a, b) => {
+                    stack.push(a);
+                    stack.push(b);
+                }
+                RowExpr::Div(a, _) => stack.push(a),
+            }
+        }
+        out
+    }
 }
 
 /// A validated query.
@@ -384,6 +598,22 @@ impl Plan {
 /// subset, not yet validated against a schema.
 pub struct Parsed {
     select: Box<sqlparser::ast::Select>,
+    /// Joins to public lookup tables (their JOIN clauses taken out of
+    /// `select`), resolved against the schema by [`plan_parsed`].
+    joins: Vec<PublicJoin>,
+}
+
+/// A join of the dataset to a public lookup table ([`crate::lookup`]).
+#[derive(Debug, Clone)]
+struct PublicJoin {
+    table: &'static LookupTable,
+    /// The names the query calls it by: its alias, else its name.
+    name: String,
+    /// The dataset column joined to the table's key (ON).
+    column: String,
+    /// INNER: records whose value has no key in the table are dropped;
+    /// LEFT: kept, the table's value missing for them.
+    inner: bool,
 }
 
 impl Parsed {
@@ -395,9 +625,9 @@ impl Parsed {
 
 /// Parses `sql` (see [`Parsed`]).
 pub fn parse(sql: &str) -> Result<Parsed, PlanError> {
-    Ok(Parsed {
-        select: parse_select(sql)?,
-    })
+    let mut select = parse_select(sql)?;
+    let joins = public_joins(&mut select)?;
+    Ok(Parsed { select, joins })
 }
 
 /// Extracts the dataset named in FROM, so the caller can fetch its schema.
@@ -413,7 +643,15 @@ pub fn plan(sql: &str, schema: &Schema, max_cells: usize) -> Result<Plan, PlanEr
 
 /// Validates a parsed query against `schema` (see [`plan`]).
 pub fn plan_parsed(parsed: &Parsed, schema: &Schema, max_cells: usize) -> Result<Plan, PlanError> {
-    let select = &parsed.select;
+    // A query joining a public table is planned as its rewrite over the
+    // dataset's own column (CASE buckets, IN lists); others as written.
+    let rewritten;
+    let select: &sqlparser::ast::Select = if parsed.joins.is_empty() {
+        &parsed.select
+    } else {
+        rewritten = resolve_joins(&parsed.select, &parsed.joins, schema)?;
+        &rewritten
+    };
     let dataset = table_name(&select.from)?;
 
     let group_exprs = match &select.group_by {
@@ -507,11 +745,11 @@ pub fn plan_parsed(parsed: &Parsed, schema: &Schema, max_cells: usize) -> Result
                 return err(format!("SELECT * is not supported: fedq releases aggregates only ({SUPPORTED}) and the GROUP BY columns"))
             }
         };
-        if let Expr::Case { .. } = expr {
+        if is_bucket_expr(expr) {
             let text = expr.to_string();
             if !buckets.iter().any(|b| b.text == text) {
                 return err(format!(
-                    "SELECT {expr}: a CASE expression is selected but not grouped by; add it (or its alias, or its position) to GROUP BY"
+                    "SELECT {expr}: a per-row key (CASE or COALESCE) is selected but not grouped by; add it (or its alias, or its position) to GROUP BY"
                 ));
             }
             continue;
@@ -533,7 +771,7 @@ pub fn plan_parsed(parsed: &Parsed, schema: &Schema, max_cells: usize) -> Result
         let written = f.name.to_string().to_ascii_uppercase();
         if f.over.is_some() || f.null_treatment.is_some() {
             return err(format!(
-                "{expr}: OVER (window functions) is not supported; for shares of a total divide by the total's own query, or use AVG(CASE WHEN condition THEN 1 ELSE 0 END)"
+                "{expr}: window functions are not released by a node; the one fedq query computes is a share of the result's total, agg * 1.0 / SUM(agg) OVER () (no PARTITION BY or ORDER BY), from the released values; or use AVG(CASE WHEN condition THEN 1 ELSE 0 END)"
             ));
         }
         // Counts of rows meeting a condition, in the spellings researchers
@@ -652,6 +890,22 @@ pub fn plan_parsed(parsed: &Parsed, schema: &Schema, max_cells: usize) -> Result
                     None,
                     None,
                 )
+            }
+            ("SUM" | "AVG", FunctionArgExpr::Expr(e)) if column_name(e).is_none() => {
+                let (row, (min, max)) = row_expression(schema, e, &fname)?;
+                let text = e.to_string();
+                let sum = intern(MeasurementSpec::SumOf {
+                    expr: row.clone(),
+                    text: text.clone(),
+                    min,
+                    max,
+                });
+                if fname == "SUM" {
+                    (OutputKind::Sum, sum, None, Some((min, max)))
+                } else {
+                    let count = intern(MeasurementSpec::CountOf { expr: row, text });
+                    (OutputKind::Avg, sum, Some(count), Some((min, max)))
+                }
             }
             ("SUM" | "AVG", FunctionArgExpr::Expr(e)) => {
                 let (column, (min, max)) = aggregate_column(schema, e, &fname, true)?;
@@ -816,7 +1070,7 @@ fn unsupported_function(fname: &str, f: &sqlparser::ast::Function) -> Option<Str
         FunctionArguments::List(l) if l.duplicate_treatment == Some(sqlparser::ast::DuplicateTreatment::Distinct)
     );
     Some(match fname {
-        "COUNT" if distinct => "COUNT(DISTINCT col) is not released: one record can add or remove a distinct value, and how many distinct values exist is rarely what a question needs; ask SELECT col, COUNT(*) FROM ... GROUP BY col and read which keys have noisy counts well above their interval".to_string(),
+        "COUNT" if distinct => "COUNT(DISTINCT col) is not released: over a declared domain the possible values are public already, and which of them occur could only be estimated as the number of keys whose noisy count passes a threshold, a number with no interval that holds; ask SELECT col, COUNT(*) FROM ... GROUP BY col: every key of the domain with its noisy count and interval, from which the keys that clearly occur can be read".to_string(),
         "COUNT" | "SUM" | "AVG" | "VARIANCE" | "VAR_SAMP" | "STDDEV" | "STDDEV_SAMP" | "MEDIAN"
         | "QUANTILE" | "HISTOGRAM" => return None,
         "MIN" | "MAX" => format!("{fname} is not released: a single record decides it, so no noise small enough to be useful can hide that record; use QUANTILE(col, {}) for a robust {} or the declared bounds", if fname == "MIN" { "0.05" } else { "0.95" }, if fname == "MIN" { "low end" } else { "high end" }),
@@ -931,7 +1185,7 @@ fn parse_select(sql: &str) -> Result<Box<sqlparser::ast::Select>, PlanError> {
         return err("only a plain SELECT ... FROM ... [WHERE ...] [GROUP BY ...] is supported");
     }
     let SetExpr::Select(select) = *query.body else {
-        return err("UNION, INTERSECT, EXCEPT, VALUES and subqueries are not supported");
+        return err("UNION, INTERSECT, EXCEPT, VALUES and subqueries are not released by a node; a UNION ALL of aggregate queries over one dataset is asked by fedq query (or the coordinator library's fedq::compose), part by part or as one query grouped by part");
     };
     if select.distinct.is_some() {
         return err("SELECT DISTINCT is not supported");
@@ -957,6 +1211,397 @@ fn parse_select(sql: &str) -> Result<Box<sqlparser::ast::Select>, PlanError> {
         return err("only a plain SELECT ... FROM ... [WHERE ...] [GROUP BY ...] is supported");
     }
     Ok(select)
+}
+
+/// Takes the JOINs to public lookup tables out of `select`, checking each:
+/// `[INNER | LEFT] JOIN table [alias] ON table.key = dataset_column`. A
+/// join to anything else (another dataset, a subquery) is refused saying
+/// why: no sensitivity follows from the schemas for a private join.
+fn public_joins(select: &mut sqlparser::ast::Select) -> Result<Vec<PublicJoin>, PlanError> {
+    use sqlparser::ast::{JoinConstraint, JoinOperator};
+    let [from] = select.from.as_mut_slice() else {
+        return Ok(Vec::new());
+    };
+    let tables: Vec<&str> = PUBLIC_TABLES.iter().map(|t| t.name).collect();
+    let mut joins = Vec::new();
+    for j in &from.joins {
+        let TableFactor::Table {
+            name,
+            alias,
+            args: None,
+            ..
+        } = &j.relation
+        else {
+            return err(format!(
+                "JOIN {}: only a public lookup table ({}) can be joined",
+                j.relation,
+                tables.join(", ")
+            ));
+        };
+        let table = match name.0.as_slice() {
+            [ObjectNamePart::Identifier(id)] => public_table(&id.value),
+            _ => None,
+        }
+        .ok_or_else(|| {
+            PlanError(format!(
+                "JOIN {name}: joins between private datasets are not supported (a record could pair with any number of records of the other, so no sensitivity follows from the schemas); join a public lookup table ({}), or query each dataset on its own",
+                tables.join(", ")
+            ))
+        })?;
+        let (constraint, inner) = match &j.join_operator {
+            JoinOperator::Join(c) | JoinOperator::Inner(c) => (c, true),
+            JoinOperator::Left(c) | JoinOperator::LeftOuter(c) => (c, false),
+            _ => {
+                return err(format!(
+                    "JOIN {name}: only [INNER] JOIN and LEFT JOIN to a public lookup table are supported"
+                ))
+            }
+        };
+        let name = alias
+            .as_ref()
+            .map_or_else(|| table.name.to_string(), |a| a.name.value.clone());
+        let on = || {
+            PlanError(format!(
+                "JOIN {}: join on {name}.{} = a column of the dataset",
+                table.name, table.key
+            ))
+        };
+        let JoinConstraint::On(Expr::BinaryOp {
+            left,
+            op: BinaryOperator::Eq,
+            right,
+        }) = constraint
+        else {
+            return Err(on());
+        };
+        let is_key = |e: &Expr| {
+            matches!(e, Expr::CompoundIdentifier(p) if p.len() == 2
+                && p[0].value.eq_ignore_ascii_case(&name)
+                && p[1].value.eq_ignore_ascii_case(table.key))
+        };
+        let column = if is_key(left) {
+            column_name(right)
+        } else if is_key(right) {
+            column_name(left)
+        } else {
+            None
+        }
+        .ok_or_else(on)?;
+        joins.push(PublicJoin {
+            table,
+            name,
+            column,
+            inner,
+        });
+    }
+    from.joins.clear();
+    Ok(joins)
+}
+
+/// `col IN (keys of the table whose value passes)` for a join.
+type KeysWhere<'a> = dyn Fn(&PublicJoin, &dyn Fn(&str) -> bool) -> Result<Expr, PlanError> + 'a;
+
+/// What a name refers to in a query joining public tables.
+enum LookupRef<'a> {
+    /// The table's value column (`r.region`).
+    Value(&'a PublicJoin),
+    /// The table's key column (`r.country`): the dataset's column.
+    Key(&'a PublicJoin),
+}
+
+fn lookup_ref<'a>(joins: &'a [PublicJoin], e: &Expr) -> Option<LookupRef<'a>> {
+    match e {
+        Expr::Nested(inner) => lookup_ref(joins, inner),
+        Expr::CompoundIdentifier(p) if p.len() == 2 => {
+            let j = joins
+                .iter()
+                .find(|j| j.name.eq_ignore_ascii_case(&p[0].value))?;
+            if p[1].value.eq_ignore_ascii_case(j.table.value) {
+                Some(LookupRef::Value(j))
+            } else if p[1].value.eq_ignore_ascii_case(j.table.key) {
+                Some(LookupRef::Key(j))
+            } else {
+                None
+            }
+        }
+        // Unqualified: the value column of the one joined table that has it.
+        Expr::Identifier(id) => {
+            let mut found = joins
+                .iter()
+                .filter(|j| id.value.eq_ignore_ascii_case(j.table.value));
+            match (found.next(), found.next()) {
+                (Some(j), None) => Some(LookupRef::Value(j)),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// An expression the planner writes itself (never the analyst's text).
+fn generated(sql: &str) -> Result<Expr, PlanError> {
+    Parser::new(&GenericDialect {})
+        .try_with_sql(sql)
+        .and_then(|mut p| p.parse_expr())
+        .map_err(|e| {
+            PlanError(format!(
+                "internal: a generated expression does not parse: {e}"
+            ))
+        })
+}
+
+fn quoted_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+fn quoted_text(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// The query over the dataset alone that a query joining public tables
+/// means: the table's value in SELECT and GROUP BY becomes a CASE bucket
+/// over the joined column (`CASE WHEN country IN ('DE', 'FR') THEN
+/// 'Europe' ... END`, unmatched and missing values the (missing) key), a
+/// condition on it an IN list of the keys with those values, its key the
+/// column itself; an INNER join also keeps only the records whose value
+/// has a key. Only keys within the column's declared domain are listed.
+fn resolve_joins(
+    select: &sqlparser::ast::Select,
+    joins: &[PublicJoin],
+    schema: &Schema,
+) -> Result<sqlparser::ast::Select, PlanError> {
+    // Keys of the table present in each join's column, with their values.
+    let mut keyed: Vec<Vec<(&'static str, &'static str)>> = Vec::new();
+    for j in joins {
+        let (_, col) = schema.column(&j.column).map_err(PlanError)?;
+        let declared = |k: &str| match col {
+            Column::Categorical { domain, .. } => domain.iter().any(|d| d == k),
+            Column::Open { .. } => true,
+            _ => false,
+        };
+        if !matches!(col, Column::Categorical { .. } | Column::Open { .. }) {
+            return err(format!(
+                "JOIN {} ON ... {}: {} is {}; a lookup table joins a categorical column",
+                j.table.name,
+                j.column,
+                j.column,
+                col.kind_name()
+            ));
+        }
+        keyed.push(
+            j.table
+                .rows
+                .iter()
+                .flat_map(|(v, keys)| keys.iter().map(move |k| (*k, *v)))
+                .filter(|(k, _)| declared(k))
+                .collect(),
+        );
+    }
+    let index = |j: &PublicJoin| joins.iter().position(|x| std::ptr::eq(x, j)).unwrap_or(0);
+    // `col IN (keys whose value passes)`, or FALSE (never unknown) if none.
+    let keys_where = |j: &PublicJoin, pass: &dyn Fn(&str) -> bool| -> Result<Expr, PlanError> {
+        let keys: Vec<String> = keyed[index(j)]
+            .iter()
+            .filter(|(_, v)| pass(v))
+            .map(|(k, _)| quoted_text(k))
+            .collect();
+        let c = quoted_ident(&j.column);
+        generated(&if keys.is_empty() {
+            format!("({c} IS NULL AND {c} IS NOT NULL)")
+        } else {
+            format!("{c} IN ({})", keys.join(", "))
+        })
+    };
+    let bucket_of = |j: &PublicJoin| -> Result<Expr, PlanError> {
+        let mut case = String::from("CASE");
+        for (value, _) in j.table.rows {
+            let keys: Vec<String> = keyed[index(j)]
+                .iter()
+                .filter(|(_, v)| v == value)
+                .map(|(k, _)| quoted_text(k))
+                .collect();
+            if !keys.is_empty() {
+                case.push_str(&format!(
+                    " WHEN {} IN ({}) THEN {}",
+                    quoted_ident(&j.column),
+                    keys.join(", "),
+                    quoted_text(value)
+                ));
+            }
+        }
+        if case == "CASE" {
+            return err(format!(
+                "JOIN {}: no value of {} is a key of the table",
+                j.table.name, j.column
+            ));
+        }
+        generated(&format!("{case} END"))
+    };
+    let column_of = |j: &PublicJoin| generated(&quoted_ident(&j.column));
+    let mut out = select.clone();
+    for item in &mut out.projection {
+        let (e, alias) = match item {
+            SelectItem::UnnamedExpr(e) => (e.clone(), None),
+            SelectItem::ExprWithAlias { expr, alias } => (expr.clone(), Some(alias.clone())),
+            _ => continue,
+        };
+        let (expr, name) = match lookup_ref(joins, &e) {
+            Some(LookupRef::Value(j)) => (bucket_of(j)?, j.table.value),
+            Some(LookupRef::Key(j)) => (column_of(j)?, j.table.key),
+            None => continue,
+        };
+        *item = SelectItem::ExprWithAlias {
+            expr,
+            alias: alias.unwrap_or_else(|| sqlparser::ast::Ident::new(name)),
+        };
+    }
+    if let GroupByExpr::Expressions(exprs, _) = &mut out.group_by {
+        for e in exprs.iter_mut() {
+            match lookup_ref(joins, e) {
+                Some(LookupRef::Value(j)) => *e = bucket_of(j)?,
+                Some(LookupRef::Key(j)) => *e = column_of(j)?,
+                None => {}
+            }
+        }
+    }
+    // A condition on the value of a LEFT JOIN's table would be unknown
+    // for a record whose value has no key, which an IN list cannot say.
+    fn left_join_filter(j: &PublicJoin) -> Result<(), PlanError> {
+        if j.inner {
+            return Ok(());
+        }
+        err(format!(
+            "LEFT JOIN {}: to filter on {}.{}, use an INNER JOIN (a condition on it drops the records without a key anyway); with a LEFT JOIN, test it with IS [NOT] NULL",
+            j.table.name, j.name, j.table.value
+        ))
+    }
+    fn condition(
+        e: &mut Expr,
+        joins: &[PublicJoin],
+        keys_where: &KeysWhere<'_>,
+        column_of: &dyn Fn(&PublicJoin) -> Result<Expr, PlanError>,
+    ) -> Result<(), PlanError> {
+        let text = |x: &Expr| match x {
+            Expr::Value(v) => match &v.value {
+                Value::SingleQuotedString(t) => Some(t.clone()),
+                _ => None,
+            },
+            _ => None,
+        };
+        let shown = e.to_string();
+        let null = matches!(e, Expr::IsNull(_));
+        let unsupported = || {
+            PlanError(format!(
+                "{shown}: a lookup table's value compares with a quoted literal by =, <>, IN or IS [NOT] NULL"
+            ))
+        };
+        let replacement = match e {
+            Expr::Nested(x) | Expr::UnaryOp { expr: x, .. } => {
+                return condition(x, joins, keys_where, column_of)
+            }
+            Expr::BinaryOp {
+                left,
+                op: BinaryOperator::And | BinaryOperator::Or,
+                right,
+            } => {
+                condition(left, joins, keys_where, column_of)?;
+                return condition(right, joins, keys_where, column_of);
+            }
+            Expr::BinaryOp { left, op, right } => {
+                for side in [&mut *left, &mut *right] {
+                    if let Some(LookupRef::Key(j)) = lookup_ref(joins, side) {
+                        **side = column_of(j)?;
+                    }
+                }
+                let (r, lit) = match (lookup_ref(joins, left), lookup_ref(joins, right)) {
+                    (Some(LookupRef::Value(j)), None) => (j, text(right)),
+                    (None, Some(LookupRef::Value(j))) => (j, text(left)),
+                    (None, None) => return Ok(()),
+                    _ => return Err(unsupported()),
+                };
+                let lit = lit.ok_or_else(unsupported)?;
+                left_join_filter(r)?;
+                match op {
+                    BinaryOperator::Eq => keys_where(r, &|v| v == lit)?,
+                    BinaryOperator::NotEq => keys_where(r, &|v| v != lit)?,
+                    _ => return Err(unsupported()),
+                }
+            }
+            Expr::InList {
+                expr,
+                list,
+                negated,
+            } => match lookup_ref(joins, expr) {
+                Some(LookupRef::Key(j)) => {
+                    **expr = column_of(j)?;
+                    return Ok(());
+                }
+                Some(LookupRef::Value(j)) => {
+                    left_join_filter(j)?;
+                    let lits: Vec<String> = list
+                        .iter()
+                        .map(|l| text(l).ok_or_else(unsupported))
+                        .collect::<Result<_, _>>()?;
+                    let negated = *negated;
+                    keys_where(j, &|v| lits.iter().any(|l| l == v) != negated)?
+                }
+                None => return Ok(()),
+            },
+            Expr::IsNull(x) | Expr::IsNotNull(x) => {
+                match lookup_ref(joins, x) {
+                    Some(LookupRef::Key(j)) => {
+                        **x = column_of(j)?;
+                        return Ok(());
+                    }
+                    Some(LookupRef::Value(j)) => {
+                        // Never unknown: a missing column has no value.
+                        let mapped = keys_where(j, &|_| true)?;
+                        let c = column_of(j)?;
+                        let present = Expr::IsNotNull(Box::new(c.clone()));
+                        let has = Expr::BinaryOp {
+                            left: Box::new(present),
+                            op: BinaryOperator::And,
+                            right: Box::new(Expr::Nested(Box::new(mapped))),
+                        };
+                        if null {
+                            Expr::UnaryOp {
+                                op: UnaryOperator::Not,
+                                expr: Box::new(Expr::Nested(Box::new(has))),
+                            }
+                        } else {
+                            has
+                        }
+                    }
+                    None => return Ok(()),
+                }
+            }
+            Expr::Between { expr, .. } => {
+                if lookup_ref(joins, expr).is_some() {
+                    return Err(unsupported());
+                }
+                return Ok(());
+            }
+            _ => return Ok(()),
+        };
+        *e = Expr::Nested(Box::new(replacement));
+        Ok(())
+    }
+    if let Some(w) = &mut out.selection {
+        condition(w, joins, &keys_where, &column_of)?;
+    }
+    // An inner join keeps the records whose value is a key of the table.
+    for j in joins.iter().filter(|j| j.inner) {
+        let kept = keys_where(j, &|_| true)?;
+        out.selection = Some(match out.selection.take() {
+            Some(w) => Expr::BinaryOp {
+                left: Box::new(Expr::Nested(Box::new(w))),
+                op: BinaryOperator::And,
+                right: Box::new(kept),
+            },
+            None => kept,
+        });
+    }
+    Ok(out)
 }
 
 fn table_name(from: &[sqlparser::ast::TableWithJoins]) -> Result<String, PlanError> {
@@ -1073,7 +1718,7 @@ const MAX_CASE_BRANCHES: usize = 64;
 /// The CASE expression a GROUP BY item stands for (itself, or the
 /// selected CASE its alias or position names), with its name in answers.
 fn group_case<'a>(projection: &'a [SelectItem], e: &'a Expr) -> Option<(&'a Expr, String)> {
-    if let Expr::Case { .. } = e {
+    if is_bucket_expr(e) {
         // Grouped as written; named after a selected alias of the same CASE.
         let text = e.to_string();
         let alias = projection.iter().find_map(|item| match item {
@@ -1096,18 +1741,120 @@ fn group_case<'a>(projection: &'a [SelectItem], e: &'a Expr) -> Option<(&'a Expr
         })?
     };
     match item {
-        SelectItem::ExprWithAlias {
-            expr: c @ Expr::Case { .. },
-            alias,
-        } => Some((c, alias.value.clone())),
-        SelectItem::UnnamedExpr(c @ Expr::Case { .. }) => Some((c, c.to_string())),
+        SelectItem::ExprWithAlias { expr: c, alias } if is_bucket_expr(c) => {
+            Some((c, alias.value.clone()))
+        }
+        SelectItem::UnnamedExpr(c) if is_bucket_expr(c) => Some((c, c.to_string())),
         _ => None,
     }
+}
+
+/// Whether a GROUP BY key is computed per row: a CASE, or a COALESCE.
+fn is_bucket_expr(e: &Expr) -> bool {
+    coalesce_args(e).is_some() || matches!(e, Expr::Case { .. })
+}
+
+/// The arguments of `COALESCE(...)`, if `e` is one.
+fn coalesce_args(e: &Expr) -> Option<Vec<&Expr>> {
+    let Expr::Function(f) = e else { return None };
+    if !f.name.to_string().eq_ignore_ascii_case("COALESCE") {
+        return None;
+    }
+    let FunctionArguments::List(list) = &f.args else {
+        return None;
+    };
+    list.args
+        .iter()
+        .map(|a| match a {
+            FunctionArg::Unnamed(FunctionArgExpr::Expr(x)) => Some(x),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The text of a literal (a quoted string, or a number as written), for
+/// COALESCE's default.
+fn literal_text(e: &Expr) -> Option<String> {
+    match e {
+        Expr::Value(v) => match &v.value {
+            Value::SingleQuotedString(t) => Some(t.clone()),
+            Value::Number(n, _) => Some(n.clone()),
+            _ => None,
+        },
+        Expr::UnaryOp {
+            op: UnaryOperator::Minus,
+            expr,
+        } => literal_text(expr).map(|t| format!("-{t}")),
+        _ => None,
+    }
+}
+
+/// `COALESCE(category, 'label')` as a GROUP BY key: each declared value
+/// is its own key, and a missing value takes `'label'` (a declared value,
+/// or a new key named in the query). Built as a CASE bucket over the
+/// declared domain, so its keys come from the schema and the query only.
+fn coalesce_bucket(schema: &Schema, e: &Expr, name: String) -> Result<Bucket, PlanError> {
+    let (column, col, default) = match coalesce_args(e).as_deref() {
+        Some([c, d]) => {
+            let (column, col) = where_column(schema, c)?;
+            let default = literal_text(d).filter(|t| !is_missing_marker(d) && t != MISSING_KEY);
+            (column, col, default)
+        }
+        _ => None.ok_or_else(|| {
+            PlanError(format!(
+                "GROUP BY {e}: a COALESCE key is COALESCE(column, 'label') over a categorical column or a flag"
+            ))
+        })?,
+    };
+    let Some(default) = default else {
+        return err(format!(
+            "GROUP BY {e}: the second argument must be a literal label other than the missing value"
+        ));
+    };
+    let mut labels: Vec<String> = (0..col.group_size().unwrap_or(0))
+        .map(|code| col.key_label(code))
+        .collect();
+    if !matches!(col, Column::Categorical { .. } | Column::Boolean { .. }) {
+        return err(format!(
+            "GROUP BY {e}: COALESCE as a key applies to a categorical column or a flag; {} is {} (for a number, GROUP BY it: missing values are their own key)",
+            col.name(),
+            col.kind_name()
+        ));
+    }
+    let branches = (0..labels.len())
+        .map(|code| {
+            (
+                Predicate::Cmp {
+                    column,
+                    op: CmpOp::Eq,
+                    value: code as i64,
+                },
+                code,
+            )
+        })
+        .collect();
+    let otherwise = match labels.iter().position(|l| *l == default) {
+        Some(i) => i,
+        None => {
+            labels.push(default);
+            labels.len() - 1
+        }
+    };
+    Ok(Bucket {
+        name,
+        text: e.to_string(),
+        branches,
+        labels,
+        otherwise: Some(otherwise),
+    })
 }
 
 /// A CASE bucket: every condition a WHERE condition over declared columns,
 /// every result a literal label.
 fn bucket(schema: &Schema, e: &Expr, name: String) -> Result<Bucket, PlanError> {
+    if coalesce_args(e).is_some() {
+        return coalesce_bucket(schema, e, name);
+    }
     let Expr::Case {
         operand,
         conditions,
@@ -1210,6 +1957,169 @@ fn group_column(projection: &[SelectItem], e: &Expr) -> Option<String> {
     Some(aliased.unwrap_or(name))
 }
 
+/// Most operators and COALESCE arguments one per-row expression may hold.
+const MAX_EXPR_NODES: usize = 32;
+
+/// The per-row expression an aggregate sums (see [`RowExpr`]), with its
+/// bounds: integer columns and flags, integer literals, `+ - *`, division
+/// by a non-zero integer literal, COALESCE; `* 1.0` (a cast to a decimal)
+/// changes nothing. Anything else is refused saying why and what to write.
+fn row_expression(
+    schema: &Schema,
+    e: &Expr,
+    fname: &str,
+) -> Result<(RowExpr, (i64, i64)), PlanError> {
+    let mut nodes = 0usize;
+    let row = row_expr(schema, e, fname, &mut nodes)?;
+    let (lo, hi) = row.bounds(schema).ok_or_else(|| {
+        PlanError(format!(
+            "{fname}({e}): the expression has no declared bounds (it needs integer columns or flags)"
+        ))
+    })?;
+    if lo < -MAX_EXPR_BOUND || hi > MAX_EXPR_BOUND {
+        return err(format!(
+            "{fname}({e}): the expression's bounds, [{lo}, {hi}] from the declared bounds, exceed ±2^40, so its sum's sensitivity would be unusable; aggregate the columns separately (SUM(a) + SUM(b) is applied to the released sums)"
+        ));
+    }
+    Ok((row, (lo as i64, hi as i64)))
+}
+
+/// Whether a number literal written with a decimal point or an exponent
+/// (a SQL numeric, not an integer) occurs in `e`.
+pub fn has_decimal(e: &Expr) -> bool {
+    let mut stack = vec![e];
+    while let Some(e) = stack.pop() {
+        match e {
+            Expr::Value(v) => {
+                if let Value::Number(n, _) = &v.value {
+                    if n.contains(['.', 'e', 'E']) {
+                        return true;
+                    }
+                }
+            }
+            Expr::BinaryOp { left, right, .. } => {
+                stack.push(left);
+                stack.push(right);
+            }
+            Expr::UnaryOp { expr, .. } | Expr::Nested(expr) | Expr::Cast { expr, .. } => {
+                stack.push(expr)
+            }
+            Expr::Function(f) => {
+                if let FunctionArguments::List(l) = &f.args {
+                    for a in &l.args {
+                        if let FunctionArg::Unnamed(FunctionArgExpr::Expr(x)) = a {
+                            stack.push(x);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    false
+}
+
+fn row_expr(
+    schema: &Schema,
+    e: &Expr,
+    fname: &str,
+    nodes: &mut usize,
+) -> Result<RowExpr, PlanError> {
+    *nodes += 1;
+    if *nodes > MAX_EXPR_NODES {
+        return err(format!(
+            "{fname}(...): a per-row expression may hold at most {MAX_EXPR_NODES} operators, columns and literals"
+        ));
+    }
+    let operand = |x: &Expr, nodes: &mut usize| row_expr(schema, x, fname, nodes).map(Box::new);
+    // A literal: an integer, or a decimal equal to one (`* 1.0`).
+    let whole =
+        |x: &Expr| number_literal(x).filter(|v| v.fract() == 0.0 && v.abs() < 2f64.powi(40));
+    match e {
+        Expr::Nested(inner) => row_expr(schema, inner, fname, nodes),
+        _ if column_name(e).is_some() => {
+            let name = column_name(e).unwrap_or_default();
+            let (idx, col) = schema.column(&name).map_err(PlanError)?;
+            match col {
+                Column::Integer { .. } | Column::Boolean { .. } => Ok(RowExpr::Column(idx)),
+                _ => err(format!(
+                    "{fname}(... {name} ...): {name} is {}; per-row arithmetic takes integer columns with declared bounds and flags (for a category, count its rows: SUM(CASE WHEN {name} = '...' THEN 1 ELSE 0 END))",
+                    col.kind_name()
+                )),
+            }
+        }
+        Expr::Value(_) | Expr::UnaryOp { op: UnaryOperator::Minus, .. } if number_literal(e).is_some() => {
+            match whole(e) {
+                Some(v) => Ok(RowExpr::Const(v as i64)),
+                None => err(format!(
+                    "{fname}(... {e} ...): per-row arithmetic takes integer literals; for a fraction, apply it to the aggregate (e.g. {fname}(traffickMonths) / 12.0), which fedq query computes from the released value"
+                )),
+            }
+        }
+        Expr::BinaryOp { left, op, right } => {
+            // `x * 1.0`, `1.0 * x`, `x / 1.0`: a cast to a decimal, no change.
+            let is_one = |x: &Expr| number_literal(x) == Some(1.0);
+            match op {
+                BinaryOperator::Multiply if is_one(right) => return row_expr(schema, left, fname, nodes),
+                BinaryOperator::Multiply if is_one(left) => return row_expr(schema, right, fname, nodes),
+                BinaryOperator::Divide if is_one(right) => return row_expr(schema, left, fname, nodes),
+                _ => {}
+            }
+            match op {
+                BinaryOperator::Plus => Ok(RowExpr::Add(operand(left, nodes)?, operand(right, nodes)?)),
+                BinaryOperator::Minus => Ok(RowExpr::Sub(operand(left, nodes)?, operand(right, nodes)?)),
+                BinaryOperator::Multiply => Ok(RowExpr::Mul(operand(left, nodes)?, operand(right, nodes)?)),
+                // Integer division only when both sides are integers, as
+                // SQL: a decimal on either side (`x * 1.0 / 12`, `x / 12.0`)
+                // divides exactly, which a sum of integers cannot hold.
+                BinaryOperator::Divide => match whole(right)
+                    .filter(|_| !has_decimal(left) && !has_decimal(right))
+                {
+                    Some(k) if k != 0.0 => Ok(RowExpr::Div(operand(left, nodes)?, k as i64)),
+                    _ => err(format!(
+                        "{fname}({e}): per-row division is by a non-zero integer literal only (integer division, as SQL divides integers); for a ratio or a fraction, divide the aggregates (e.g. {fname}(traffickMonths) / 12.0 or SUM(a) / SUM(b)), which fedq query computes from the released values"
+                    )),
+                },
+                other => err(format!(
+                    "{fname}({e}): operator {other} is not supported in a per-row expression; use + - * and / by an integer literal"
+                )),
+            }
+        }
+        Expr::Function(f) if f.name.to_string().eq_ignore_ascii_case("COALESCE") => {
+            let FunctionArguments::List(list) = &f.args else {
+                return err(format!("{e}: COALESCE takes two or more arguments"));
+            };
+            let args = list
+                .args
+                .iter()
+                .map(|a| match a {
+                    FunctionArg::Unnamed(FunctionArgExpr::Expr(x)) => row_expr(schema, x, fname, nodes),
+                    _ => err(format!("{e}: COALESCE takes expressions")),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            if args.len() < 2 {
+                return err(format!("{e}: COALESCE takes two or more arguments"));
+            }
+            Ok(RowExpr::Coalesce(args))
+        }
+        Expr::Cast { expr, .. } => row_expr(schema, expr, fname, nodes),
+        // `-x` is `0 - x` (missing stays missing).
+        Expr::UnaryOp {
+            op: UnaryOperator::Minus,
+            expr,
+        } => Ok(RowExpr::Sub(
+            Box::new(RowExpr::Const(0)),
+            operand(expr, nodes)?,
+        )),
+        Expr::Case { .. } => err(format!(
+            "{fname}({e}): a CASE inside an aggregate is supported as a count or a share of the rows meeting one condition: SUM(CASE WHEN c THEN 1 ELSE 0 END), AVG(CASE WHEN c THEN 1 ELSE 0 END)"
+        )),
+        other => err(format!(
+            "{fname}({other}): per-row expressions are integer columns, flags and integer literals with + - *, / by an integer literal, and COALESCE; this one cannot be bounded from the declared metadata"
+        )),
+    }
+}
+
 fn aggregate_column(
     schema: &Schema,
     e: &Expr,
@@ -1261,25 +2171,19 @@ fn predicate(schema: &Schema, e: &Expr) -> Result<Predicate, PlanError> {
                     ))
                 }
             };
+            if let Some(p) = coalesce_condition(schema, e, left, op, right)? {
+                return Ok(p);
+            }
             // Accept both `col op literal` and `literal op col`.
             let (col_expr, lit, op) = if column_name(left).is_some() {
                 (left, right, op)
             } else if column_name(right).is_some() {
-                let flipped = match op {
-                    CmpOp::Lt => CmpOp::Gt,
-                    CmpOp::Le => CmpOp::Ge,
-                    CmpOp::Gt => CmpOp::Lt,
-                    CmpOp::Ge => CmpOp::Le,
-                    o => o,
-                };
-                (right, left, flipped)
+                (right, left, op.flipped())
             } else {
-                return err(format!("{e}: a comparison needs a column on one side and a literal on the other"));
+                return err(format!("{e}: a comparison needs a column on one side and a literal or another column on the other"));
             };
             if column_name(lit).is_some() {
-                return err(format!(
-                    "{e}: comparing two columns is not supported yet (a row-level comparison needs per-row expressions); compare each with literals, or GROUP BY both and compare the cells"
-                ));
+                return columns_predicate(schema, e, col_expr, op, lit);
             }
             let (column, col) = where_column(schema, col_expr)?;
             // '-99' (and -99, and '') is how the source files write a missing
@@ -1301,6 +2205,20 @@ fn predicate(schema: &Schema, e: &Expr) -> Result<Predicate, PlanError> {
             }
             let value = literal(col, lit)?;
             Ok(Predicate::Cmp { column, op, value })
+        }
+        Expr::InList { expr, list, negated } if coalesce_args(expr).is_some() => {
+            // COALESCE(col, d) IN (a, b): an OR of equalities.
+            let mut alternatives = list.iter().map(|l| {
+                coalesce_condition(schema, e, expr, CmpOp::Eq, l)
+                    .and_then(|p| p.ok_or_else(|| PlanError(format!("{e}: expected COALESCE(column, literal)"))))
+            });
+            let first = alternatives
+                .next()
+                .ok_or_else(|| PlanError(format!("{e}: the IN list is empty")))??;
+            let any = alternatives.try_fold(first, |acc, p| {
+                p.map(|p| Predicate::Or(Box::new(acc), Box::new(p)))
+            })?;
+            Ok(if *negated { Predicate::Not(Box::new(any)) } else { any })
         }
         Expr::InList { expr, list, negated } => {
             let (column, col) = where_column(schema, expr)?;
@@ -1333,6 +2251,158 @@ fn predicate(schema: &Schema, e: &Expr) -> Result<Predicate, PlanError> {
             "WHERE {other}: not supported; use comparisons of a column with a literal, IN, BETWEEN, IS [NOT] NULL, AND, OR, NOT"
         )),
     }
+}
+
+/// `COALESCE(col, d) op literal` (either side): for a present value the
+/// comparison of the value, for a missing one the (constant) comparison of
+/// `d`, so it is `col op literal OR col IS NULL` when `d op literal` holds
+/// and `col op literal AND col IS NOT NULL` when it does not: exactly
+/// SQL's value, never unknown. `None` when neither side is a COALESCE.
+fn coalesce_condition(
+    schema: &Schema,
+    e: &Expr,
+    left: &Expr,
+    op: CmpOp,
+    right: &Expr,
+) -> Result<Option<Predicate>, PlanError> {
+    let (c, lit, op) = if coalesce_args(left).is_some() {
+        (left, right, op)
+    } else if coalesce_args(right).is_some() {
+        (right, left, op.flipped())
+    } else {
+        return Ok(None);
+    };
+    let shape = || {
+        PlanError(format!(
+            "{e}: in a condition, COALESCE is COALESCE(column, literal) compared with a literal"
+        ))
+    };
+    let args = coalesce_args(c).ok_or_else(shape)?;
+    let [col_e, d] = args.as_slice() else {
+        return Err(shape());
+    };
+    if column_name(col_e).is_none() || is_missing_marker(d) {
+        return Err(shape());
+    }
+    let (Some(d_text), Some(lit_text)) = (literal_text(d), literal_text(lit)) else {
+        return Err(shape());
+    };
+    let (column, col) = where_column(schema, col_e)?;
+    let holds = match col {
+        Column::Categorical { .. } | Column::Open { .. } => match op {
+            CmpOp::Eq => d_text == lit_text,
+            CmpOp::Ne => d_text != lit_text,
+            _ => {
+                return err(format!(
+                    "{e}: {} is not an integer column; only =, <> and IN apply to it",
+                    col.name()
+                ))
+            }
+        },
+        _ => op.holds(literal(col, d)?, literal(col, lit)?),
+    };
+    let missing = |negated| Predicate::IsMissing { column, negated };
+    // A label the domain does not declare, equal to the default: only the
+    // missing rows take it.
+    let undeclared =
+        matches!(col, Column::Categorical { domain, .. } if !domain.contains(&lit_text));
+    let present = if undeclared && d_text == lit_text {
+        return Ok(Some(missing(op == CmpOp::Ne)));
+    } else {
+        Predicate::Cmp {
+            column,
+            op,
+            value: literal(col, lit)?,
+        }
+    };
+    Ok(Some(if holds {
+        Predicate::Or(Box::new(present), Box::new(missing(false)))
+    } else {
+        Predicate::And(Box::new(present), Box::new(missing(true)))
+    }))
+}
+
+/// `left op right` over two columns of the same row (see
+/// [`Predicate::Columns`]): numbers with numbers (any operator),
+/// categories with categories by label (`=` and `<>`). What may be
+/// compared, and how labels correspond, follows from the declared schema
+/// alone.
+fn columns_predicate(
+    schema: &Schema,
+    e: &Expr,
+    left: &Expr,
+    op: CmpOp,
+    right: &Expr,
+) -> Result<Predicate, PlanError> {
+    let (l, lc) = where_column(schema, left)?;
+    let (r, rc) = where_column(schema, right)?;
+    let numeric = |c: &Column| matches!(c, Column::Integer { .. } | Column::Boolean { .. });
+    let text = |c: &Column| matches!(c, Column::Categorical { .. } | Column::Open { .. });
+    if let Some(c) = [lc, rc]
+        .into_iter()
+        .find(|c| matches!(c, Column::PersonId { .. }))
+    {
+        return err(format!(
+            "{e}: {} is the person identifier of the privacy unit; it cannot be queried",
+            c.name()
+        ));
+    }
+    if l == r {
+        return err(format!(
+            "{e}: compares {} with itself; write {} IS NOT NULL (or IS NULL) instead",
+            lc.name(),
+            lc.name()
+        ));
+    }
+    if numeric(lc) && numeric(rc) {
+        return Ok(Predicate::Columns {
+            left: l,
+            op,
+            right: r,
+            relabel: None,
+        });
+    }
+    if !(text(lc) && text(rc)) {
+        return err(format!(
+            "{e}: {} is {} and {} is {}: only numbers (integer columns, flags) compare with numbers, and categories with categories",
+            lc.name(),
+            lc.kind_name(),
+            rc.name(),
+            rc.kind_name()
+        ));
+    }
+    if !matches!(op, CmpOp::Eq | CmpOp::Ne) {
+        return err(format!(
+            "{e}: categories compare with = and <> only (by label); {} has no order",
+            lc.name()
+        ));
+    }
+    // Categories compare by label. A categorical side's codes are mapped
+    // to the other side's codes (or, against an open-domain column, to the
+    // hash of the label, which is how an open column codes its text).
+    let relabel = match (lc, rc) {
+        (Column::Categorical { domain: a, .. }, Column::Categorical { domain: b, .. }) => Some(
+            a.iter()
+                .map(|x| b.iter().position(|y| y == x).map_or(-1, |i| i as i64))
+                .collect(),
+        ),
+        (Column::Categorical { domain, .. }, Column::Open { .. }) => Some(
+            domain
+                .iter()
+                .map(|x| crate::schema::open_code(x.trim()))
+                .collect(),
+        ),
+        (Column::Open { .. }, Column::Categorical { .. }) => {
+            return columns_predicate(schema, e, right, op, left)
+        }
+        _ => None,
+    };
+    Ok(Predicate::Columns {
+        left: l,
+        op,
+        right: r,
+        relabel,
+    })
 }
 
 fn where_column<'s>(schema: &'s Schema, e: &Expr) -> Result<(usize, &'s Column), PlanError> {
@@ -1428,6 +2498,152 @@ fn literal(col: &Column, e: &Expr) -> Result<i64, PlanError> {
     }
 }
 
+/// Whether no record can satisfy both WHERE clauses, proven from the
+/// query and the declared schema alone (never from the data): some column
+/// has, in each clause, a top-level AND term over that column only, and no
+/// value of the column (missing included) makes both terms TRUE. Such
+/// queries release disjoint sets of records, so parallel composition
+/// applies: together they cost what one of them costs. `false` whenever
+/// this cannot be shown (then their costs add up), and always for a
+/// person-level privacy unit (one person's records may fall on both sides).
+pub fn provably_disjoint(a: Option<&Predicate>, b: Option<&Predicate>, schema: &Schema) -> bool {
+    let (Some(a), Some(b)) = (a, b) else {
+        return false;
+    };
+    if schema.person.is_some() {
+        return false;
+    }
+    let (ta, tb) = (single_column_terms(a), single_column_terms(b));
+    ta.iter().any(|(c, x)| {
+        tb.iter()
+            .filter(|(d, _)| d == c)
+            .any(|(_, y)| never_both(*c, x, y, schema))
+    })
+}
+
+/// The top-level AND terms of `p` that read one column, with it.
+fn single_column_terms(p: &Predicate) -> Vec<(usize, &Predicate)> {
+    let mut terms = Vec::new();
+    let mut stack = vec![p];
+    while let Some(p) = stack.pop() {
+        if let Predicate::And(x, y) = p {
+            stack.push(x);
+            stack.push(y);
+        } else if let Some(c) = only_column(p) {
+            terms.push((c, p));
+        }
+    }
+    terms
+}
+
+/// The one column `p` reads, if it reads exactly one.
+fn only_column(p: &Predicate) -> Option<usize> {
+    let mut column = None;
+    let mut stack = vec![p];
+    while let Some(p) = stack.pop() {
+        let c = match p {
+            Predicate::And(x, y) | Predicate::Or(x, y) => {
+                stack.push(x);
+                stack.push(y);
+                continue;
+            }
+            Predicate::Not(x) => {
+                stack.push(x);
+                continue;
+            }
+            Predicate::Columns { .. } => return None,
+            Predicate::Cmp { column, .. }
+            | Predicate::In { column, .. }
+            | Predicate::Between { column, .. }
+            | Predicate::IsMissing { column, .. } => *column,
+        };
+        if column.is_some_and(|x| x != c) {
+            return None;
+        }
+        column = Some(c);
+    }
+    column
+}
+
+/// The literal codes `p` compares with.
+fn literals(p: &Predicate, out: &mut Vec<i64>) {
+    match p {
+        Predicate::And(x, y) | Predicate::Or(x, y) => {
+            literals(x, out);
+            literals(y, out);
+        }
+        Predicate::Not(x) => literals(x, out),
+        Predicate::Cmp { value, .. } => out.push(*value),
+        Predicate::In { values, .. } => out.extend(values),
+        Predicate::Between { low, high, .. } => out.extend([*low, *high]),
+        Predicate::IsMissing { .. } | Predicate::Columns { .. } => {}
+    }
+}
+
+/// Whether no value of column `c` makes both `x` and `y` (terms over `c`
+/// alone) TRUE. A term over one column is constant between the literals
+/// it compares with, so the values checked are the missing value, the
+/// declared ends, every literal and its neighbours, and a value equal to
+/// no literal: that covers every case.
+fn never_both(c: usize, x: &Predicate, y: &Predicate, schema: &Schema) -> bool {
+    let mut lits = Vec::new();
+    literals(x, &mut lits);
+    literals(y, &mut lits);
+    let (lo, hi) = match &schema.columns[c] {
+        Column::Categorical { domain, .. } => (0, domain.len() as i64 - 1),
+        Column::Boolean { .. } => (0, 1),
+        Column::Integer { min, max, .. } => (*min, *max),
+        Column::Open { .. } => (0, i64::MAX),
+        Column::PersonId { .. } => return false,
+    };
+    let fresh = lits
+        .iter()
+        .copied()
+        .filter(|&v| v != MISSING_CODE)
+        .max()
+        .unwrap_or(0)
+        .saturating_add(1);
+    let mut values = vec![MISSING_CODE, lo, hi, fresh.clamp(lo, hi)];
+    for v in lits.into_iter().filter(|&v| v != MISSING_CODE) {
+        for w in [v.saturating_sub(1), v, v.saturating_add(1)] {
+            values.push(w.clamp(lo, hi));
+        }
+    }
+    values
+        .into_iter()
+        .all(|v| !(truth_at(x, v) == Some(true) && truth_at(y, v) == Some(true)))
+}
+
+const MISSING_CODE: i64 = crate::schema::MISSING;
+
+/// The value of a one-column term when the column holds `v` (`None`:
+/// unknown), in SQL's three-valued logic as the engines evaluate it.
+fn truth_at(p: &Predicate, v: i64) -> Option<bool> {
+    let known = |f: &dyn Fn() -> bool| (v != MISSING_CODE).then(f);
+    match p {
+        Predicate::And(x, y) => match (truth_at(x, v), truth_at(y, v)) {
+            (Some(false), _) | (_, Some(false)) => Some(false),
+            (Some(true), Some(true)) => Some(true),
+            _ => None,
+        },
+        Predicate::Or(x, y) => match (truth_at(x, v), truth_at(y, v)) {
+            (Some(true), _) | (_, Some(true)) => Some(true),
+            (Some(false), Some(false)) => Some(false),
+            _ => None,
+        },
+        Predicate::Not(x) => truth_at(x, v).map(|t| !t),
+        Predicate::Cmp { op, value, .. } => known(&|| op.holds(v, *value)),
+        Predicate::In {
+            values, negated, ..
+        } => known(&|| values.contains(&v) != *negated),
+        Predicate::Between {
+            low, high, negated, ..
+        } => known(&|| (*low <= v && v <= *high) != *negated),
+        Predicate::IsMissing { negated, .. } => Some((v == MISSING_CODE) != *negated),
+        Predicate::Columns { .. } => None,
+    }
+}
+
 /// Number of released cells: each GROUP BY column contributes its declared
 /// domain plus a "missing" key.
 pub fn cell_count(plan: &Plan) -> usize {
@@ -1475,17 +2691,41 @@ SQL subset: SELECT [group columns,] aggregates FROM dataset [WHERE ...] [GROUP B
     flags as 0 and 1 (AVG(flag) is a prevalence, SUM(flag) a count)
   WHERE: col = | <> | < | <= | > | >= literal, col [NOT] IN (...),
     col [NOT] BETWEEN a AND b, col IS [NOT] NULL ('-99', the files' missing
-    value, also: col = '-99' is col IS NULL), AND, OR, NOT
+    value, also: col = '-99' is col IS NULL), AND, OR, NOT; two columns of a
+    row compared (integers and flags by value with any operator, categories
+    by label with = and <>, e.g. citizenship <> CountryOfExploitation; unknown,
+    so not counted, when either is missing); conditions in FILTER and CASE alike;
+    COALESCE(col, literal) compared with a literal (exact: a missing value takes it)
+  per-row numbers: SUM and AVG of integer columns, flags and integer literals with
+    + - *, / by an integer literal (truncating, as SQL divides integers) and
+    COALESCE(a, b, ...), e.g. SUM(a + b), AVG(COALESCE(traffickMonths, 0)); their
+    bounds, the sensitivity, come from the declared bounds by interval arithmetic;
+    * 1.0 changes nothing; SUM or AVG of x / 12.0 (a decimal divides exactly) or
+    of 0.5 * x is the aggregate of x scaled, computed by fedq query
   GROUP BY: categorical or boolean columns, integer columns with at most 1000
     values in their declared bounds (one key per value), or CASE WHEN condition
-    THEN 'label' ... [ELSE 'label'] END buckets (conditions as in WHERE), by name,
+    THEN 'label' ... [ELSE 'label'] END buckets (conditions as in WHERE) or
+    COALESCE(category, 'label') (missing values take the label), by name,
     alias or position; every key of the declared domain is returned, plus (missing); an
     open-domain column releases only the keys whose noisy count passes a threshold
+  JOIN a public lookup table by key: [INNER | LEFT] JOIN regions r ON r.country =
+    CountryOfExploitation (ISO alpha-2 to UN M49 region), then r.region in GROUP BY
+    (a key per region) and in WHERE (=, <>, IN with an INNER JOIN; IS [NOT] NULL);
+    joins between private datasets are refused
   applied by fedq query to the combined noisy answers (post-processing, no privacy
     cost): HAVING aggregate <op> number [AND ...]; ORDER BY group columns, aggregates,
     aliases or positions [DESC]; LIMIT n; ROUND(aggregate, digits); arithmetic over
     aggregates and numbers (+ - * /: ratios and percentages such as
-    100.0 * SUM(flag) / COUNT(*)), with intervals that hold with at least 95%";
+    100.0 * SUM(flag) / COUNT(*)), shares of the result's total
+    (COUNT(*) * 1.0 / SUM(COUNT(*)) OVER ()), with intervals that hold with at
+    least 95% (a union bound over every released value they read)
+  UNION ALL of such queries over one dataset, by fedq query: one query grouped by
+    part, each part the full epsilon (parallel composition), when their WHERE
+    clauses provably select disjoint records and they ask the same aggregates;
+    else one query per part, the epsilon split evenly; the result says which
+  refused, with the reason and the rewrite: COUNT(DISTINCT col) (ask SELECT col,
+    COUNT(*) ... GROUP BY col: every declared key with its noisy count and its
+    interval; a number of keys above a noise threshold has no interval that holds)";
 
 /// One query per construct of [`SQL_SUBSET`], over the CTDC-shaped columns
 /// (`gender`, `ageBroad`, `isForcedLabour`, `yearOfRegistration`,
@@ -1523,6 +2763,14 @@ pub const SQL_SUBSET_EXAMPLES: &[&str] = &[
     "SELECT COUNT(*) FILTER (WHERE isForcedLabour = 1) FROM cases",
     "SELECT SUM(CASE WHEN ageBroad IN ('0--8', '9--17') THEN 1 ELSE 0 END) FROM cases",
     "SELECT gender, AVG(CASE WHEN ageBroad IN ('0--8', '9--17') THEN 1 ELSE 0 END) FROM cases GROUP BY gender",
+    "SELECT COUNT(*) FROM cases WHERE citizenship <> CountryOfExploitation",
+    "SELECT COUNT(*) FILTER (WHERE traffickMonths < yearOfRegistration) FROM cases",
+    "SELECT COUNT(*) FROM cases WHERE COALESCE(traffickMonths, 0) < 6",
+    "SELECT SUM(traffickMonths + isForcedLabour), AVG(COALESCE(traffickMonths, 0)) FROM cases",
+    "SELECT AVG(traffickMonths / 12), AVG(traffickMonths * 1.0), SUM((traffickMonths - 1) * 2) FROM cases",
+    "SELECT COALESCE(gender, 'Unknown') AS g, COUNT(*) FROM cases GROUP BY g",
+    "SELECT r.region, COUNT(*) FROM cases JOIN regions r ON r.country = CountryOfExploitation WHERE r.region <> 'Europe' GROUP BY r.region",
+    "SELECT COUNT(*) FROM cases LEFT JOIN regions r ON r.country = citizenship WHERE r.region IS NULL",
 ];
 
 #[cfg(test)]
@@ -1563,6 +2811,18 @@ mod tests {
                     Some((2002, 2025)),
                 ),
                 col("traffickMonths", ColumnType::Integer, None, Some((0, 120))),
+                col(
+                    "citizenship",
+                    ColumnType::Categorical,
+                    Some(&["PH", "UA", "US"]),
+                    None,
+                ),
+                col(
+                    "CountryOfExploitation",
+                    ColumnType::Categorical,
+                    Some(&["US", "RU", "PH"]),
+                    None,
+                ),
             ],
         )
         .unwrap()
@@ -1722,7 +2982,7 @@ mod tests {
             plan(sql, &s, 10_000).unwrap_or_else(|e| panic!("{sql}: {e}"));
         }
         // ROUND is the coordinator's (post-processing, `fedq::post`), not
-        // the planner's; its own tests cover it.
+        // the planner's; its own tests cover it. COALESCE is per row.
         let functions = [
             "COUNT",
             "SUM",
@@ -1756,6 +3016,9 @@ mod tests {
                 format!("SELECT {f}(traffickMonths, 0.5) FROM cases"),
                 format!("SELECT {f}(traffickMonths, 12) FROM cases"),
                 format!("SELECT {f}(0.5) WITHIN GROUP (ORDER BY traffickMonths) FROM cases"),
+                // Per-row functions, inside an aggregate.
+                format!("SELECT SUM({f}(traffickMonths, 0)) FROM cases"),
+                format!("SELECT SUM({f}(traffickMonths)) FROM cases"),
             ]
             .iter()
             .any(|sql| plan(sql, &s, 10_000).is_ok());
@@ -1921,10 +3184,9 @@ mod tests {
         }
     }
 
-    /// `'-99'` (the files' missing value) compares as missing; comparing
-    /// two columns is refused saying so.
+    /// `'-99'` (the files' missing value) compares as missing.
     #[test]
-    fn minus_99_is_missing_and_two_columns_do_not_compare() {
+    fn minus_99_is_missing() {
         let s = schema();
         let p = plan(
             "SELECT COUNT(*) FROM cases WHERE gender <> '-99'",
@@ -1949,14 +3211,84 @@ mod tests {
             p.filter,
             Some(Predicate::IsMissing { negated: false, .. })
         ));
-        let e = plan(
-            "SELECT COUNT(*) FROM cases WHERE gender <> ageBroad",
+    }
+
+    /// Two columns of a row compare: categories by label (through the
+    /// declared domains, which differ), numbers by value; mixed kinds,
+    /// orders on categories and the person column are refused saying why.
+    /// The sensitivity is that of any filter: a record is counted at most
+    /// once.
+    #[test]
+    fn two_columns_compare_by_label_or_by_value() {
+        let s = schema();
+        let p = plan(
+            "SELECT COUNT(*) FROM cases WHERE citizenship <> CountryOfExploitation",
             &s,
             10_000,
         )
-        .unwrap_err()
-        .0;
-        assert!(e.contains("comparing two columns"), "{e}");
+        .unwrap();
+        // citizenship PH, UA, US are CountryOfExploitation's codes 2, none, 0.
+        assert_eq!(
+            p.filter,
+            Some(Predicate::Columns {
+                left: 5,
+                op: CmpOp::Ne,
+                right: 6,
+                relabel: Some(vec![2, -1, 0]),
+            })
+        );
+        assert!(p.measurements.iter().all(|m| m.sensitivity() == 1));
+        // `a < b` with the literal-side rule: `b > a` is the same.
+        let p = plan(
+            "SELECT SUM(traffickMonths) FROM cases WHERE traffickMonths < yearOfRegistration",
+            &s,
+            10_000,
+        )
+        .unwrap();
+        assert_eq!(
+            p.filter,
+            Some(Predicate::Columns {
+                left: 4,
+                op: CmpOp::Lt,
+                right: 3,
+                relabel: None,
+            })
+        );
+        // In FILTER and in a CASE bucket too.
+        plan(
+            "SELECT COUNT(*) FILTER (WHERE citizenship = CountryOfExploitation), AVG(CASE WHEN citizenship <> CountryOfExploitation THEN 1 ELSE 0 END) FROM cases",
+            &s,
+            10_000,
+        )
+        .unwrap();
+        let p = plan(
+            "SELECT CASE WHEN citizenship = CountryOfExploitation THEN 'domestic' ELSE 'cross-border or unknown' END AS c, COUNT(*) FROM cases GROUP BY c",
+            &s,
+            10_000,
+        )
+        .unwrap();
+        assert_eq!(p.buckets[0].labels.len(), 2);
+        for (sql, says) in [
+            (
+                "SELECT COUNT(*) FROM cases WHERE gender = traffickMonths",
+                "only numbers (integer columns, flags) compare with numbers",
+            ),
+            (
+                "SELECT COUNT(*) FROM cases WHERE citizenship < CountryOfExploitation",
+                "categories compare with = and <> only",
+            ),
+            (
+                "SELECT COUNT(*) FROM cases WHERE gender = gender",
+                "write gender IS NOT NULL",
+            ),
+            (
+                "SELECT COUNT(*) FROM cases WHERE gender = nosuch",
+                "unknown column",
+            ),
+        ] {
+            let e = plan(sql, &s, 10_000).unwrap_err().0;
+            assert!(e.contains(says), "{sql}: {e}");
+        }
     }
 
     /// A typo in a column name or a value gets the closest declared one.
@@ -2033,6 +3365,285 @@ mod tests {
         .unwrap_err()
         .0;
         assert!(e.contains("FILTER applies to COUNT(*) only"), "{e}");
+    }
+
+    /// Per-row arithmetic: bounds by interval arithmetic over the declared
+    /// bounds only, the sum's sensitivity the larger end; `* 1.0` changes
+    /// nothing; what cannot be bounded is refused saying why and what to
+    /// write instead.
+    #[test]
+    fn per_row_arithmetic_has_bounds_from_the_declared_ones() {
+        let s = schema();
+        let p = plan(
+            "SELECT SUM(traffickMonths + isForcedLabour), AVG(COALESCE(traffickMonths, 0) * 1.0), AVG(traffickMonths / 12), SUM((traffickMonths - 60) * -2) FROM cases",
+            &s,
+            10_000,
+        )
+        .unwrap();
+        let bounds: Vec<Option<(i64, i64)>> = p.outputs.iter().map(|o| o.bounds).collect();
+        assert_eq!(
+            bounds,
+            [
+                Some((0, 121)),
+                Some((0, 120)),
+                Some((0, 10)),
+                Some((-120, 120))
+            ]
+        );
+        let sums: Vec<i64> = p
+            .measurements
+            .iter()
+            .filter(|m| matches!(m, MeasurementSpec::SumOf { .. }))
+            .map(MeasurementSpec::sensitivity)
+            .collect();
+        assert_eq!(sums, [121, 120, 10, 120]);
+        // AVG divides by the rows where the expression is not NULL.
+        assert!(matches!(
+            p.measurements[p.outputs[1].count_measurement.unwrap()],
+            MeasurementSpec::CountOf { .. }
+        ));
+        let e = |x: RowExpr| x.eval(&|c| [None, Some(7), Some(1)].get(c).copied().flatten());
+        use RowExpr::*;
+        assert_eq!(e(Add(Box::new(Column(0)), Box::new(Const(1)))), None);
+        assert_eq!(e(Coalesce(vec![Column(0), Column(1)])), Some(7));
+        assert_eq!(e(Div(Box::new(Const(-7)), 2)), Some(-3), "toward zero");
+        for (sql, says) in [
+            ("SELECT AVG(traffickMonths / 12.5) FROM cases", "AVG(traffickMonths) / 12.0"),
+            // A decimal divides exactly, not as integers.
+            ("SELECT AVG(traffickMonths / 12.0) FROM cases", "AVG(traffickMonths) / 12.0"),
+            ("SELECT AVG(traffickMonths * 1.0 / 12) FROM cases", "AVG(traffickMonths) / 12.0"),
+            ("SELECT SUM(traffickMonths / yearOfRegistration) FROM cases", "SUM(a) / SUM(b)"),
+            ("SELECT SUM(gender + 1) FROM cases", "gender is a category"),
+            ("SELECT SUM(traffickMonths % 2) FROM cases", "operator % is not supported"),
+            (
+                "SELECT SUM(yearOfRegistration * yearOfRegistration * yearOfRegistration * yearOfRegistration) FROM cases",
+                "exceed ±2^40",
+            ),
+            ("SELECT SUM(ABS(traffickMonths)) FROM cases", "cannot be bounded"),
+            // Bounds that saturate i128 on the way (2025^12 > 2^127), then
+            // the division that would overflow it: refused, no panic.
+            (
+                "SELECT SUM(-(yearOfRegistration * yearOfRegistration * yearOfRegistration * yearOfRegistration * yearOfRegistration * yearOfRegistration * yearOfRegistration * yearOfRegistration * yearOfRegistration * yearOfRegistration * yearOfRegistration * yearOfRegistration) * -1 / -1) FROM cases",
+                "exceed ±2^40",
+            ),
+            (
+                "SELECT SUM(traffickMonths + traffickMonths + traffickMonths + traffickMonths + traffickMonths + traffickMonths + traffickMonths + traffickMonths + traffickMonths + traffickMonths + traffickMonths + traffickMonths + traffickMonths + traffickMonths + traffickMonths + traffickMonths + traffickMonths) FROM cases",
+                "at most 32",
+            ),
+        ] {
+            let e = plan(sql, &s, 10_000).unwrap_err().0;
+            assert!(e.contains(says), "{sql}: {e}");
+        }
+    }
+
+    /// COALESCE(col, literal) in a condition is exact (never unknown); as a
+    /// GROUP BY key over a category, the declared labels plus the default.
+    #[test]
+    fn coalesce_in_conditions_and_keys() {
+        let s = schema();
+        let p = plan(
+            "SELECT COUNT(*) FROM cases WHERE COALESCE(traffickMonths, 0) < 6",
+            &s,
+            10_000,
+        )
+        .unwrap();
+        assert!(
+            matches!(&p.filter, Some(Predicate::Or(_, b)) if **b == Predicate::IsMissing { column: 4, negated: false }),
+            "{:?}",
+            p.filter
+        );
+        let p = plan(
+            "SELECT COUNT(*) FROM cases WHERE COALESCE(gender, 'Unknown') = 'Unknown'",
+            &s,
+            10_000,
+        )
+        .unwrap();
+        assert_eq!(
+            p.filter,
+            Some(Predicate::IsMissing {
+                column: 0,
+                negated: false
+            })
+        );
+        let p = plan(
+            "SELECT COALESCE(gender, 'Unknown') AS g, COUNT(*) FROM cases GROUP BY g",
+            &s,
+            10_000,
+        )
+        .unwrap();
+        assert_eq!(p.buckets[0].labels, ["Female", "Male", "Trans", "Unknown"]);
+        assert_eq!(p.buckets[0].name, "g");
+        let p = plan(
+            "SELECT COALESCE(gender, 'Male'), COUNT(*) FROM cases GROUP BY 1",
+            &s,
+            10_000,
+        )
+        .unwrap();
+        assert_eq!(p.buckets[0].labels, ["Female", "Male", "Trans"]);
+        for (sql, says) in [
+            (
+                "SELECT COALESCE(traffickMonths, 0), COUNT(*) FROM cases GROUP BY 1",
+                "applies to a categorical column or a flag",
+            ),
+            (
+                "SELECT COUNT(*) FROM cases WHERE COALESCE(gender, 'Unknown') < 'M'",
+                "only =, <> and IN",
+            ),
+            (
+                "SELECT COALESCE(gender, 'Unknown'), COUNT(*) FROM cases",
+                "selected but not grouped by",
+            ),
+        ] {
+            let e = plan(sql, &s, 10_000).unwrap_err().0;
+            assert!(e.contains(says), "{sql}: {e}");
+        }
+    }
+
+    /// Disjoint WHERE clauses are proven so from the query and the schema;
+    /// anything less certain is not.
+    #[test]
+    fn disjoint_filters_are_proven_from_the_query_alone() {
+        let s = schema();
+        let filter = |w: &str| {
+            plan(&format!("SELECT COUNT(*) FROM cases WHERE {w}"), &s, 10_000)
+                .unwrap()
+                .filter
+        };
+        for (a, b, disjoint) in [
+            ("gender = 'Female'", "gender = 'Male'", true),
+            (
+                "gender = 'Female' AND isForcedLabour = 1",
+                "gender <> 'Female'",
+                true,
+            ),
+            (
+                "yearOfRegistration < 2015",
+                "yearOfRegistration >= 2015",
+                true,
+            ),
+            (
+                "yearOfRegistration <= 2015",
+                "yearOfRegistration >= 2015",
+                false,
+            ),
+            (
+                "yearOfRegistration BETWEEN 2002 AND 2010",
+                "2011 <= yearOfRegistration",
+                true,
+            ),
+            ("gender IS NULL", "gender = 'Female'", true),
+            ("gender IS NULL", "NOT gender = 'Female'", true),
+            ("gender = 'Female'", "ageBroad = '18+'", false),
+            ("NOT gender = 'Female'", "gender = 'Female'", true),
+            (
+                "gender IN ('Female', 'Male')",
+                "gender = 'Trans' AND traffickMonths > 3",
+                true,
+            ),
+            (
+                "gender IN ('Female', 'Male')",
+                "gender = 'Male' OR isForcedLabour = 1",
+                false,
+            ),
+            (
+                "gender = 'Female' OR ageBroad = '18+'",
+                "gender = 'Male'",
+                false,
+            ),
+            (
+                "citizenship = CountryOfExploitation",
+                "citizenship <> CountryOfExploitation",
+                false,
+            ),
+        ] {
+            assert_eq!(
+                provably_disjoint(filter(a).as_ref(), filter(b).as_ref(), &s),
+                disjoint,
+                "{a} / {b}"
+            );
+            assert_eq!(
+                provably_disjoint(filter(b).as_ref(), filter(a).as_ref(), &s),
+                disjoint,
+                "{b} / {a}"
+            );
+        }
+        assert!(!provably_disjoint(
+            None,
+            filter("gender = 'Male'").as_ref(),
+            &s
+        ));
+    }
+
+    /// A join to a public lookup table is a CASE bucket over the joined
+    /// column (GROUP BY) or an IN list (WHERE), over the keys in its
+    /// declared domain; private joins are refused saying why.
+    #[test]
+    fn public_lookup_tables_join_by_key() {
+        let s = schema();
+        let p = plan(
+            "SELECT r.region, COUNT(*) FROM cases c JOIN regions r ON c.CountryOfExploitation = r.country GROUP BY r.region",
+            &s,
+            10_000,
+        )
+        .unwrap();
+        // US: Americas, RU: Europe, PH: Asia, in the table's order.
+        assert_eq!(p.buckets[0].labels, ["Americas", "Asia", "Europe"]);
+        assert_eq!(p.buckets[0].name, "region");
+        // An inner join keeps the records whose country has a region.
+        assert!(p.filter.is_some());
+        let p = plan(
+            "SELECT COUNT(*) FROM cases LEFT JOIN regions AS o ON o.country = citizenship WHERE o.region IS NULL",
+            &s,
+            10_000,
+        )
+        .unwrap();
+        assert!(p.buckets.is_empty());
+        let europe = plan(
+            "SELECT COUNT(*) FROM cases JOIN regions r ON citizenship = r.country WHERE r.region = 'Europe'",
+            &s,
+            10_000,
+        )
+        .unwrap();
+        let ua = plan(
+            "SELECT COUNT(*) FROM cases WHERE citizenship IN ('UA') AND citizenship IN ('US', 'PH', 'UA')",
+            &s,
+            10_000,
+        )
+        .unwrap();
+        assert_eq!(europe.filter, ua.filter);
+        // Two joins of one table: origin and destination regions.
+        let p = plan(
+            "SELECT o.region AS origin, d.region AS destination, COUNT(*) FROM cases JOIN regions o ON citizenship = o.country JOIN regions d ON CountryOfExploitation = d.country GROUP BY 1, 2",
+            &s,
+            10_000,
+        )
+        .unwrap();
+        assert_eq!(p.group_names(&s), ["origin", "destination"]);
+        for (sql, says) in [
+            (
+                "SELECT COUNT(*) FROM cases JOIN cases c2 ON cases.gender = c2.gender",
+                "joins between private datasets are not supported",
+            ),
+            (
+                "SELECT COUNT(*) FROM cases LEFT JOIN regions r ON citizenship = r.country WHERE r.region = 'Asia'",
+                "use an INNER JOIN",
+            ),
+            (
+                "SELECT COUNT(*) FROM cases JOIN regions r ON traffickMonths = r.country",
+                "joins a categorical column",
+            ),
+            (
+                "SELECT COUNT(*) FROM cases JOIN regions r ON r.region = citizenship",
+                "join on r.country = a column of the dataset",
+            ),
+            (
+                "SELECT COUNT(*) FROM cases CROSS JOIN regions",
+                "only [INNER] JOIN and LEFT JOIN",
+            ),
+        ] {
+            let e = plan(sql, &s, 10_000).unwrap_err().0;
+            assert!(e.contains(says), "{sql}: {e}");
+        }
     }
 
     /// The README's section on the SQL fedq answers states the same list.

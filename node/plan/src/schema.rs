@@ -144,6 +144,17 @@ impl Column {
         }
     }
 
+    /// What kind of column it is, for error messages: "a category",
+    /// "an integer column", ...
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Column::Categorical { .. } | Column::Open { .. } => "a category",
+            Column::Integer { .. } => "an integer column",
+            Column::Boolean { .. } => "a flag",
+            Column::PersonId { .. } => "the person identifier",
+        }
+    }
+
     /// A short description of what a cell of this column may hold, used in
     /// ingest and SQL error messages.
     pub fn expectation(&self) -> String {

@@ -194,6 +194,14 @@ fn some_citizenships(get: &dyn Fn(&str) -> String) -> bool {
     ["UA", "MD", "PH"].contains(&get("citizenship").as_str())
 }
 
+/// Citizenship and country of exploitation both known and different
+/// (a missing side makes the comparison unknown: not counted).
+fn cross_border(get: &dyn Fn(&str) -> String) -> bool {
+    let (a, b) = (get("citizenship"), get("CountryOfExploitation"));
+    let known = |s: &str| !s.is_empty() && s != "-99";
+    known(&a) && known(&b) && a != b
+}
+
 /// Valid queries (`{ds}` is the dataset) and, for COUNT(*)-only ones, how
 /// to compute their exact counts from the CSV (grouping columns, filter).
 #[allow(clippy::type_complexity)]
@@ -247,6 +255,22 @@ const TEMPLATES: &[(&str, Option<(&[&str], Filter)>)] = &[
     ),
     (
         "select count(*), sum(traffickMonths) from {ds} where gender <> 'Male' or traffickMonths >= 12",
+        None,
+    ),
+    (
+        "SELECT gender, COUNT(*) FROM {ds} WHERE citizenship <> CountryOfExploitation GROUP BY gender",
+        Some((&["gender"], cross_border)),
+    ),
+    (
+        "SELECT CASE WHEN citizenship = CountryOfExploitation THEN 'domestic' ELSE 'other' END AS c, COUNT(*) FILTER (WHERE isForcedLabour < isSexualExploit), AVG(CASE WHEN traffickMonths >= yearOfRegistration THEN 1 ELSE 0 END) FROM {ds} GROUP BY c",
+        None,
+    ),
+    (
+        "SELECT COALESCE(gender, 'Unknown') AS g, SUM(traffickMonths + isForcedLabour), AVG(COALESCE(traffickMonths, 0) / 12) FROM {ds} WHERE COALESCE(yearOfRegistration, 0) >= 2010 GROUP BY g",
+        None,
+    ),
+    (
+        "SELECT r.region, COUNT(*) FROM {ds} JOIN regions r ON r.country = CountryOfExploitation WHERE r.region IN ('Asia', 'Europe') GROUP BY r.region",
         None,
     ),
 ];

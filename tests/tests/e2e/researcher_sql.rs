@@ -35,7 +35,7 @@ async fn ask(fed: &Federation, written: &str, epsilon: f64) -> Combined {
     );
     if let Some(p) = &post {
         let components = p
-            .alpha()
+            .alpha(c.rows.len())
             .map(|a| combine_at(&core, &req.query_id, epsilon, &outcomes, a));
         fedq::post::apply(&mut c, p, components.as_ref())
             .unwrap_or_else(|e| panic!("{written}: {e}"));
@@ -425,4 +425,474 @@ async fn shares_and_conditional_counts_answer_as_written() {
         (count.value - minors as f64).abs() <= (count.ci_high - count.ci_low).max(1.0) * 2.0,
         "count {count:?} against {minors}"
     );
+}
+
+/// Comparisons between two columns of a row, as researchers write them:
+/// the cross-border cases (citizenship differs from the country of
+/// exploitation; unknown, so not counted, when either is missing), their
+/// share as a percentage, a CASE bucket on the same comparison, and flags
+/// compared with `<` (sexual exploitation without forced labour); each
+/// against the truth read from the CSVs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_share_of_cross_border_cases_compares_two_columns() {
+    let fed = TestFederation::start(&PARTNERS, roomy_budget()).await;
+    let f = fed.federation("alice");
+    let (mut cross, mut domestic, mut rows, mut sex_only) = (0i64, 0i64, 0i64, 0i64);
+    for n in &fed.nodes {
+        let keys = [
+            "citizenship",
+            "CountryOfExploitation",
+            "isForcedLabour",
+            "isSexualExploit",
+        ];
+        for (k, v) in exact_counts(&n.csv, &keys, |_| true) {
+            rows += v;
+            let missing = |s: &str| s == "(missing)";
+            if !missing(&k[0]) && !missing(&k[1]) {
+                if k[0] == k[1] {
+                    domestic += v;
+                } else {
+                    cross += v;
+                }
+            }
+            let flag = |s: &str| match s {
+                "1" | "true" => Some(1),
+                "0" | "false" => Some(0),
+                _ => None,
+            };
+            if let (Some(a), Some(b)) = (flag(&k[2]), flag(&k[3])) {
+                sex_only += v * i64::from(a < b);
+            }
+        }
+    }
+    assert!(
+        cross > 100 && domestic > 100,
+        "the data has both: {cross} {domestic}"
+    );
+    let c = ask(
+        &f,
+        "SELECT COUNT(*) FILTER (WHERE citizenship <> CountryOfExploitation) AS cross_border, \
+         100.0 * SUM(CASE WHEN citizenship <> CountryOfExploitation THEN 1 ELSE 0 END) / COUNT(*) AS pct, \
+         COUNT(*) FILTER (WHERE isForcedLabour < isSexualExploit) AS sexual_only FROM cases",
+        1.0,
+    )
+    .await;
+    let count = c.rows[0].estimates[0].as_ref().expect("a count");
+    let pct = c.rows[0].estimates[1].as_ref().expect("a percentage");
+    let only = c.rows[0].estimates[2].as_ref().expect("a count");
+    let truth = 100.0 * cross as f64 / rows as f64;
+    // Each interval, doubled: a miss is far rarer than one in a million.
+    assert!(
+        (count.value - cross as f64).abs() <= (count.ci_high - count.ci_low).max(1.0) * 2.0,
+        "cross-border {count:?} against {cross}"
+    );
+    assert!(
+        (pct.value - truth).abs() <= (pct.ci_high - pct.ci_low).max(0.1) * 2.0,
+        "percentage {pct:?} against {truth}"
+    );
+    assert!(
+        (only.value - sex_only as f64).abs() <= (only.ci_high - only.ci_low).max(1.0) * 2.0,
+        "{only:?} against {sex_only}"
+    );
+
+    // The same comparison as a CASE bucket: a missing side matches no
+    // WHEN (unknown), so those rows are the (missing) key.
+    let c = ask(
+        &f,
+        "SELECT CASE WHEN citizenship = CountryOfExploitation THEN 'domestic' \
+         WHEN citizenship <> CountryOfExploitation THEN 'cross-border' END AS corridor, \
+         COUNT(*) FROM cases GROUP BY corridor",
+        1.0,
+    )
+    .await;
+    let keys: Vec<&str> = c.rows.iter().map(|r| r.key[0].as_str()).collect();
+    assert_eq!(keys, ["domestic", "cross-border", "(missing)"]);
+    for (r, want) in c
+        .rows
+        .iter()
+        .zip([domestic, cross, rows - domestic - cross])
+    {
+        let e = r.estimates[0].as_ref().unwrap();
+        assert!(
+            (e.value - want as f64).abs() <= (e.ci_high - e.ci_low).max(1.0) * 2.0,
+            "{}: {e:?} against {want}",
+            r.key[0]
+        );
+    }
+}
+
+/// Per-row arithmetic and COALESCE, as researchers write them: an average
+/// with missing durations counted as 0, a sum of two columns, durations in
+/// whole years, and COALESCE as a GROUP BY key; each against the truth
+/// read from the CSVs (NULL propagating as in SQL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_row_arithmetic_and_coalesce_answer_as_written() {
+    let fed = TestFederation::start(&PARTNERS, roomy_budget()).await;
+    let f = fed.federation("alice");
+    let (mut rows, mut months, mut both, mut present, mut years) = (0i64, 0i64, 0i64, 0i64, 0i64);
+    let mut genders = std::collections::HashMap::new();
+    for n in &fed.nodes {
+        let keys = ["traffickMonths", "isForcedLabour", "gender"];
+        for (k, v) in exact_counts(&n.csv, &keys, |_| true) {
+            rows += v;
+            let gender = if k[2] == "(missing)" {
+                "Unknown"
+            } else {
+                &k[2]
+            };
+            *genders.entry(gender.to_string()).or_insert(0i64) += v;
+            let Ok(m) = k[0].parse::<i64>() else { continue };
+            months += v * m;
+            present += v;
+            years += v * (m / 12);
+            let flag = match k[1].as_str() {
+                "1" | "true" => Some(1),
+                "0" | "false" => Some(0),
+                _ => None,
+            };
+            if let Some(x) = flag {
+                both += v * (m + x);
+            }
+        }
+    }
+    let c = ask(
+        &f,
+        "SELECT AVG(COALESCE(traffickMonths, 0)) AS avg0, SUM(traffickMonths + isForcedLabour) AS s, \
+         AVG(traffickMonths / 12) AS years FROM cases",
+        1.0,
+    )
+    .await;
+    let truths = [
+        months as f64 / rows as f64,
+        both as f64,
+        years as f64 / present as f64,
+    ];
+    for (i, want) in truths.into_iter().enumerate() {
+        let e = c.rows[0].estimates[i].as_ref().expect("a value");
+        // The 95% interval, doubled: a miss is far rarer than one in a million.
+        assert!(
+            (e.value - want).abs() <= (e.ci_high - e.ci_low).max(1e-3) * 2.0,
+            "{}: {e:?} against {want}",
+            c.outputs[i]
+        );
+    }
+
+    let c = ask(
+        &f,
+        "SELECT COALESCE(gender, 'Unknown') AS g, COUNT(*) FROM cases GROUP BY g",
+        1.0,
+    )
+    .await;
+    assert_eq!(c.group_by, vec!["g"]);
+    let keys: Vec<&str> = c.rows.iter().map(|r| r.key[0].as_str()).collect();
+    assert!(
+        keys.contains(&"Unknown") && keys.contains(&"Female"),
+        "{keys:?}"
+    );
+    for r in &c.rows {
+        let e = r.estimates[0].as_ref().unwrap();
+        let want = genders.get(&r.key[0]).copied().unwrap_or(0) as f64;
+        assert!(
+            (e.value - want).abs() <= (e.ci_high - e.ci_low).max(1.0) * 2.0,
+            "{}: {e:?} against {want}",
+            r.key[0]
+        );
+    }
+}
+
+/// Epsilon spent by the analyst on each node, in federation order.
+async fn spent(f: &Federation) -> Vec<f64> {
+    f.budget(Duration::from_secs(10))
+        .await
+        .into_iter()
+        .map(|b| {
+            b.result
+                .expect("budget")
+                .budgets
+                .iter()
+                .map(|x| x.spent_by_analyst)
+                .sum()
+        })
+        .collect()
+}
+
+/// As `fedq query` asks (`fedq::query::ask`: UNION ALL included).
+async fn ask_written(f: &Federation, sql: &str, epsilon: f64) -> fedq::query::Answer {
+    let opts = fedq::run::QueryOptions {
+        epsilon,
+        rho: 0.0,
+        dry_run: false,
+        calls: fedq::client::Calls {
+            timeout: Duration::from_secs(60),
+            retries: 1,
+        },
+        min_nodes: None,
+        query_id: new_query_id(),
+    };
+    fedq::query::ask(f, sql, &opts)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+/// UNION ALL of aggregate queries: parts over provably disjoint records
+/// are asked as one grouped query, so each part gets the full epsilon and
+/// each node debits it once (parallel composition); overlapping parts are
+/// asked one by one with half each, and the debits add up to what was
+/// asked (sequential composition). The result says which, and the values
+/// match the truth read from the CSVs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn union_all_parts_are_costed_by_how_their_records_overlap() {
+    let fed = TestFederation::start(&PARTNERS, roomy_budget()).await;
+    let f = fed.federation("alice");
+    let mut genders = std::collections::HashMap::new();
+    for n in &fed.nodes {
+        for (k, v) in exact_counts(&n.csv, &["gender"], |_| true) {
+            *genders.entry(k[0].clone()).or_insert(0i64) += v;
+        }
+    }
+    let (forced, _) = forced_labour(&fed);
+
+    let before = spent(&f).await;
+    let a = ask_written(
+        &f,
+        "SELECT 'women' AS who, COUNT(*) AS victims FROM cases WHERE gender = 'Female' \
+         UNION ALL SELECT 'men', COUNT(*) FROM cases WHERE gender = 'Male'",
+        0.5,
+    )
+    .await;
+    let c = &a.combined;
+    let note = c.post_processing.as_deref().unwrap_or_default();
+    assert!(note.contains("parallel composition"), "{note}");
+    assert_eq!(c.group_by, ["who"]);
+    let keys: Vec<&str> = c.rows.iter().map(|r| r.key[0].as_str()).collect();
+    assert_eq!(keys, ["women", "men"], "the rows of no part are not shown");
+    for (r, g) in c.rows.iter().zip(["Female", "Male"]) {
+        let e = r.estimates[0].as_ref().unwrap();
+        let want = genders[g] as f64;
+        assert!(
+            (e.value - want).abs() <= (e.ci_high - e.ci_low).max(1.0) * 2.0,
+            "{g}: {e:?} against {want}"
+        );
+    }
+    let after = spent(&f).await;
+    for (b, a) in before.iter().zip(&after) {
+        assert!((a - b - 0.5).abs() < 1e-9, "debited once: {b} -> {a}");
+    }
+
+    let a = ask_written(
+        &f,
+        "SELECT 'forced labour' AS what, COUNT(*) FROM cases WHERE isForcedLabour = 1 \
+         UNION ALL SELECT 'women', COUNT(*) FROM cases WHERE gender = 'Female'",
+        0.5,
+    )
+    .await;
+    let c = &a.combined;
+    let note = c.post_processing.as_deref().unwrap_or_default();
+    assert!(
+        note.contains("sequential composition") && note.contains("0.25 each"),
+        "{note}"
+    );
+    let keys: Vec<&str> = c.rows.iter().map(|r| r.key[0].as_str()).collect();
+    assert_eq!(keys, ["forced labour", "women"]);
+    for (r, want) in c.rows.iter().zip([forced, genders["Female"]]) {
+        let e = r.estimates[0].as_ref().unwrap();
+        assert!(
+            (e.value - want as f64).abs() <= (e.ci_high - e.ci_low).max(1.0) * 2.0,
+            "{}: {e:?} against {want}",
+            r.key[0]
+        );
+    }
+    let last = spent(&f).await;
+    for (b, a) in after.iter().zip(&last) {
+        assert!((a - b - 0.5).abs() < 1e-9, "0.25 twice: {b} -> {a}");
+    }
+}
+
+/// A `--file` set whose queries select provably disjoint records is asked
+/// as one grouped query: each query gets the whole epsilon (its interval
+/// as narrow as asked alone) and each node debits it once; each query's
+/// answer comes back as if asked alone, saying how the cost was split.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_of_disjoint_queries_gives_each_the_whole_epsilon() {
+    let fed = TestFederation::start(&PARTNERS, roomy_budget()).await;
+    let f = fed.federation("alice");
+    let mut genders = std::collections::HashMap::new();
+    for n in &fed.nodes {
+        for (k, v) in exact_counts(&n.csv, &["gender"], |_| true) {
+            *genders.entry(k[0].clone()).or_insert(0i64) += v;
+        }
+    }
+    let queries = [
+        "SELECT COUNT(*) FROM cases WHERE gender = 'Female'".to_string(),
+        "SELECT COUNT(*) FROM cases WHERE gender = 'Male'".to_string(),
+    ];
+    let opts = fedq::run::QueryOptions {
+        epsilon: 0.5,
+        rho: 0.0,
+        dry_run: false,
+        calls: fedq::client::Calls {
+            timeout: Duration::from_secs(60),
+            retries: 1,
+        },
+        min_nodes: None,
+        query_id: new_query_id(),
+    };
+    let before = spent(&f).await;
+    let answers = fedq::compose::ask_set(&f, &queries, &opts)
+        .await
+        .expect("disjoint: asked as one");
+    let after = spent(&f).await;
+    for (b, a) in before.iter().zip(&after) {
+        assert!((a - b - 0.5).abs() < 1e-9, "debited once: {b} -> {a}");
+    }
+    // The width a lone query at epsilon 0.5 gets.
+    let alone = ask_written(&f, &queries[0], 0.5).await;
+    let width = |c: &fedq::combine::Combined| {
+        let e = c.rows[0].estimates[0].as_ref().unwrap();
+        e.ci_high - e.ci_low
+    };
+    for (a, g) in answers.iter().zip(["Female", "Male"]) {
+        let c = &a.as_ref().unwrap().combined;
+        assert!(c.group_by.is_empty(), "{:?}", c.group_by);
+        assert_eq!(c.rows.len(), 1);
+        let e = c.rows[0].estimates[0].as_ref().unwrap();
+        let want = genders[g] as f64;
+        assert!(
+            (e.value - want).abs() <= (e.ci_high - e.ci_low).max(1.0) * 2.0,
+            "{g}: {e:?} against {want}"
+        );
+        assert!(
+            (width(c) - width(&alone.combined)).abs() < 1e-6,
+            "the whole epsilon: {} against {}",
+            width(c),
+            width(&alone.combined)
+        );
+        let note = c.post_processing.as_deref().unwrap_or_default();
+        assert!(note.contains("parallel composition"), "{note}");
+    }
+    // Overlapping queries are not merged.
+    let overlapping = [
+        queries[0].clone(),
+        "SELECT COUNT(*) FROM cases WHERE isForcedLabour = 1".to_string(),
+    ];
+    assert!(fedq::compose::ask_set(&f, &overlapping, &opts)
+        .await
+        .is_none());
+}
+
+/// A share of the result's total, `COUNT(*) * 1.0 / SUM(COUNT(*)) OVER
+/// ()`, computed by the coordinator from the released counts: the shares
+/// sum to one, and their intervals (a union bound over every row's count)
+/// cover the truth read from the CSVs at least as often as the 95% they
+/// claim, over repeated queries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shares_of_the_total_over_all_rows_cover_the_truth() {
+    let fed = TestFederation::start(&PARTNERS, roomy_budget()).await;
+    let f = fed.federation("alice");
+    let mut genders = std::collections::HashMap::new();
+    let mut rows = 0i64;
+    for n in &fed.nodes {
+        for (k, v) in exact_counts(&n.csv, &["gender"], |_| true) {
+            *genders.entry(k[0].clone()).or_insert(0i64) += v;
+            rows += v;
+        }
+    }
+    const RUNS: usize = 30;
+    let (mut checked, mut covered) = (0usize, 0usize);
+    for _ in 0..RUNS {
+        let c = ask(
+            &f,
+            "SELECT gender, COUNT(*) * 1.0 / SUM(COUNT(*)) OVER () AS share FROM cases GROUP BY gender",
+            0.05,
+        )
+        .await;
+        assert_eq!(c.outputs.len(), 1, "{:?}", c.outputs);
+        let total: f64 = c
+            .rows
+            .iter()
+            .map(|r| r.estimates[0].as_ref().unwrap().value)
+            .sum();
+        assert!((total - 1.0).abs() < 1e-9, "shares sum to {total}");
+        for r in &c.rows {
+            let e = r.estimates[0].as_ref().expect("a share");
+            let truth = genders.get(&r.key[0]).copied().unwrap_or(0) as f64 / rows as f64;
+            assert!(e.ci_low <= e.value && e.value <= e.ci_high, "{e:?}");
+            checked += 1;
+            covered += usize::from(e.ci_low <= truth && truth <= e.ci_high);
+        }
+    }
+    // At 95% or more each, 20 misses of 120 or more is far beyond 4
+    // standard deviations (about 6 expected, sd 2.4); intervals that
+    // ignored the noise would miss most of the time.
+    assert!(
+        checked - covered < checked / 6,
+        "covered {covered} of {checked}"
+    );
+}
+
+/// A public lookup table joined by key, as researchers write it: victims
+/// by region of origin (a CASE bucket over citizenship, every region a key)
+/// and the cross-border cases exploited in Europe; each against the truth
+/// read from the CSVs, the regions looked up in the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_public_lookup_table_joins_by_key() {
+    use fedq_plan::lookup::REGIONS;
+    let fed = TestFederation::start(&PARTNERS, roomy_budget()).await;
+    let f = fed.federation("alice");
+    let (mut origins, mut europe) = (std::collections::HashMap::new(), 0i64);
+    for n in &fed.nodes {
+        for (k, v) in exact_counts(&n.csv, &["citizenship", "CountryOfExploitation"], |_| true) {
+            if let Some(r) = REGIONS.value_of(&k[0]) {
+                *origins.entry(r.to_string()).or_insert(0i64) += v;
+            }
+            let known = k[0] != "(missing)" && k[1] != "(missing)";
+            if known && k[0] != k[1] && REGIONS.value_of(&k[1]) == Some("Europe") {
+                europe += v;
+            }
+        }
+    }
+    let c = ask(
+        &f,
+        "SELECT o.region AS origin, COUNT(*) FROM cases c JOIN regions o ON o.country = c.citizenship GROUP BY origin",
+        1.0,
+    )
+    .await;
+    assert_eq!(c.group_by, ["origin"]);
+    for r in &c.rows {
+        let e = r.estimates[0].as_ref().unwrap();
+        let want = origins.get(&r.key[0]).copied().unwrap_or(0) as f64;
+        // The 95% interval, doubled: a miss is far rarer than one in a million.
+        assert!(
+            (e.value - want).abs() <= (e.ci_high - e.ci_low).max(1.0) * 2.0,
+            "{}: {e:?} against {want}",
+            r.key[0]
+        );
+    }
+    assert!(
+        c.rows.iter().any(|r| r.key[0] == "Asia"),
+        "{:?}",
+        c.rows.iter().map(|r| &r.key).collect::<Vec<_>>()
+    );
+    let c = ask(
+        &f,
+        "SELECT COUNT(*) FROM cases JOIN regions d ON d.country = CountryOfExploitation \
+         WHERE d.region = 'Europe' AND citizenship <> CountryOfExploitation",
+        1.0,
+    )
+    .await;
+    let e = c.rows[0].estimates[0].as_ref().unwrap();
+    assert!(
+        (e.value - europe as f64).abs() <= (e.ci_high - e.ci_low).max(1.0) * 2.0,
+        "{e:?} against {europe}"
+    );
+    // A private join is refused naming the alternative.
+    let req = QueryRequest {
+        query_id: new_query_id(),
+        sql: "SELECT COUNT(*) FROM cases JOIN cases c2 ON cases.gender = c2.gender".into(),
+        epsilon: 0.1,
+        ..Default::default()
+    };
+    let outcomes = f.query(req, Duration::from_secs(30)).await;
+    let e = format!("{}", outcomes[0].result.as_ref().expect_err("refused"));
+    assert!(e.contains("public lookup table"), "{e}");
 }

@@ -307,6 +307,22 @@ const QUERIES: &[&str] = &[
     "SELECT yearOfRegistration AS y, gender, COUNT(*) FROM cases WHERE yearOfRegistration >= 2010 GROUP BY y, 2",
     "SELECT gender, isForcedLabour, VARIANCE(traffickMonths), STDDEV(yearOfRegistration) FROM cases WHERE NOT ageBroad IS NULL GROUP BY gender, isForcedLabour",
     "SELECT ageBroad, HISTOGRAM(traffickMonths, 7) FROM cases WHERE isSexualExploit = 1 GROUP BY ageBroad",
+    "SELECT COUNT(*) FROM cases WHERE citizenship <> CountryOfExploitation",
+    "SELECT CountryOfExploitation, COUNT(*) FILTER (WHERE citizenship = CountryOfExploitation), AVG(CASE WHEN CountryOfExploitation <> citizenship THEN 1 ELSE 0 END) FROM cases GROUP BY CountryOfExploitation",
+    "SELECT CASE WHEN citizenship = CountryOfExploitation THEN 'domestic' WHEN citizenship <> CountryOfExploitation THEN 'cross-border' END AS corridor, COUNT(*) FROM cases GROUP BY corridor",
+    "SELECT COUNT(*) FROM cases WHERE NOT (gender = majorityStatus) OR isForcedLabour <> isSexualExploit",
+    "SELECT COUNT(*) FROM cases WHERE traffickMonths < yearOfRegistration AND isForcedLabour >= isOtherExploit",
+    "SELECT gender, COUNT(*) FROM cases WHERE yearOfRegistration <= traffickMonths OR isSexualExploit > isForcedLabour GROUP BY gender",
+    "SELECT SUM(traffickMonths), SUM(traffickMonths + 0), COUNT(traffickMonths), SUM(yearOfRegistration), SUM(yearOfRegistration * 1), SUM(traffickMonths + yearOfRegistration) FROM cases",
+    "SELECT SUM(traffickMonths + yearOfRegistration), AVG(COALESCE(traffickMonths, 0)) FROM cases",
+    "SELECT gender, AVG(traffickMonths / 12), SUM(traffickMonths * 1.0), AVG(isForcedLabour + isSexualExploit) FROM cases GROUP BY gender",
+    "SELECT SUM((traffickMonths - 60) * -3), AVG(COALESCE(traffickMonths, yearOfRegistration - 2000, -1) / -7) FROM cases WHERE COALESCE(traffickMonths, 0) > 6",
+    "SELECT COALESCE(gender, 'Unknown') AS g, COUNT(*) FROM cases WHERE COALESCE(ageBroad, '18--20') IN ('18--20', '9--17') GROUP BY g",
+    "SELECT COUNT(*) FROM cases WHERE COALESCE(gender, 'Unknown') <> 'Unknown' OR NOT COALESCE(isForcedLabour, 0) = 1",
+    "SELECT COALESCE(isForcedLabour, 0), SUM(traffickMonths * traffickMonths - isOtherExploit) FROM cases GROUP BY 1",
+    "SELECT SUM(-traffickMonths + 3), AVG(-(isForcedLabour - 1)) FROM cases",
+    "SELECT r.region, COUNT(*), AVG(traffickMonths) FROM cases JOIN regions r ON r.country = CountryOfExploitation WHERE r.region <> 'Asia' GROUP BY r.region",
+    "SELECT o.region AS origin, d.region AS destination, COUNT(*) FROM cases LEFT JOIN regions o ON citizenship = o.country LEFT JOIN regions d ON d.country = CountryOfExploitation WHERE o.region IS NULL OR d.region IS NOT NULL GROUP BY 1, 2",
 ];
 
 /// With a person-level unit, the push-down's `ROW_NUMBER()` stage keeps
@@ -402,10 +418,19 @@ fn random_query(rng: &mut ChaCha8Rng, schema: &Schema) -> String {
     for _ in 0..rng.random_range(0..3) {
         let any = schema.columns[rng.random_range(0..schema.columns.len())].name();
         let int = integers[rng.random_range(0..integers.len())].name();
-        items.push(match rng.random_range(0..3) {
+        let other = integers[rng.random_range(0..integers.len())].name();
+        let k = rng.random_range(-13..13);
+        items.push(match rng.random_range(0..6) {
             0 => format!("COUNT({any})"),
             1 => format!("SUM({int})"),
-            _ => format!("AVG({int})"),
+            2 => format!("AVG({int})"),
+            // Per-row arithmetic, NULL-propagating, and COALESCE.
+            3 => format!("SUM({int} - {other} * {k})"),
+            4 => format!(
+                "AVG(COALESCE({int}, {other}, {k}) / {})",
+                if k == 0 { 5 } else { k }
+            ),
+            _ => format!("SUM(COALESCE({int} + {k}, 0))"),
         });
     }
     let mut sql = format!("SELECT {} FROM cases", items.join(", "));
@@ -431,6 +456,23 @@ fn random_predicate(rng: &mut ChaCha8Rng, schema: &Schema, depth: usize) -> Stri
     }
     let c = &schema.columns[rng.random_range(0..schema.columns.len())];
     let name = c.name();
+    // Two columns of one kind compared: numbers by value, categories by
+    // label (their domains differ: most labels have no match).
+    let d = &schema.columns[rng.random_range(0..schema.columns.len())];
+    let numeric = |c: &Column| matches!(c, Column::Integer { .. } | Column::Boolean { .. });
+    if d.name() != name && rng.random_bool(0.15) {
+        if numeric(c) && numeric(d) {
+            let op = ["=", "<>", "<", "<=", ">", ">="][rng.random_range(0..6)];
+            return format!("{name} {op} {}", d.name());
+        }
+        if matches!(
+            (c, d),
+            (Column::Categorical { .. }, Column::Categorical { .. })
+        ) {
+            let op = ["=", "<>"][rng.random_range(0..2)];
+            return format!("{name} {op} {}", d.name());
+        }
+    }
     if rng.random_bool(0.12) {
         let not = if rng.random_bool(0.5) { "NOT " } else { "" };
         return format!("{name} IS {not}NULL");

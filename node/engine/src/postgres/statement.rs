@@ -31,7 +31,7 @@ use std::fmt::Write as _;
 
 use tokio_postgres::types::ToSql;
 
-use fedq_plan::plan::{CmpOp, MeasurementSpec, Plan, Predicate};
+use fedq_plan::plan::{MeasurementSpec, Plan, Predicate, RowExpr};
 use fedq_plan::schema::{Column, Schema};
 
 /// How a declared column is stored in the database, as found by the
@@ -211,6 +211,9 @@ pub fn build(plan: &Plan, schema: &Schema, db: &[DbType], relation: &Relation) -
             MeasurementSpec::CountWhere { condition, .. } => {
                 predicate_columns(condition, &mut used)
             }
+            MeasurementSpec::SumOf { expr, .. } | MeasurementSpec::CountOf { expr, .. } => {
+                used.extend(expr.columns())
+            }
             MeasurementSpec::CountPresent { column }
             | MeasurementSpec::Sum { column, .. }
             | MeasurementSpec::Histogram { column, .. }
@@ -306,6 +309,21 @@ pub fn build(plan: &Plan, schema: &Schema, db: &[DbType], relation: &Relation) -
                     p.int(*max)
                 )))
             }
+            MeasurementSpec::SumOf { expr, min, max, .. } => {
+                // In numeric (no overflow); clamped to the derived bounds
+                // like the engine. LEAST and GREATEST skip NULLs, so a NULL
+                // expression is kept NULL by the CASE (it adds nothing).
+                let x = row_expr(expr, &mut p);
+                items.push(saturate(format!(
+                    "SUM(CASE WHEN {x} IS NOT NULL THEN LEAST(GREATEST({x}, {}), {}) END)",
+                    p.int(*min),
+                    p.int(*max)
+                )))
+            }
+            MeasurementSpec::CountOf { expr, .. } => {
+                let x = row_expr(expr, &mut p);
+                items.push(format!("COUNT({x})"))
+            }
             MeasurementSpec::SumSquares {
                 column,
                 center,
@@ -357,6 +375,25 @@ pub fn build(plan: &Plan, schema: &Schema, db: &[DbType], relation: &Relation) -
     Statement { sql, params: p.0 }
 }
 
+/// A per-row expression over the codes of `src` (an integer's code is its
+/// clamped value, a flag's 0 or 1, NULL when missing), in `numeric` so
+/// that nothing overflows; NULL propagates as in the engine. Integer
+/// division truncates toward zero, as the engine's.
+fn row_expr(e: &RowExpr, p: &mut Params) -> String {
+    match e {
+        RowExpr::Column(c) => format!("{}::numeric", code(*c)),
+        RowExpr::Const(k) => format!("{}::numeric", p.int(*k)),
+        RowExpr::Coalesce(args) => {
+            let args: Vec<String> = args.iter().map(|a| row_expr(a, p)).collect();
+            format!("COALESCE({})", args.join(", "))
+        }
+        RowExpr::Add(a, b) => format!("({} + {})", row_expr(a, p), row_expr(b, p)),
+        RowExpr::Sub(a, b) => format!("({} - {})", row_expr(a, p), row_expr(b, p)),
+        RowExpr::Mul(a, b) => format!("({} * {})", row_expr(a, p), row_expr(b, p)),
+        RowExpr::Div(a, k) => format!("trunc({} / {}::numeric)", row_expr(a, p), p.int(*k)),
+    }
+}
+
 fn predicate_columns(f: &Predicate, out: &mut Vec<usize>) {
     match f {
         Predicate::And(a, b) | Predicate::Or(a, b) => {
@@ -368,6 +405,7 @@ fn predicate_columns(f: &Predicate, out: &mut Vec<usize>) {
         | Predicate::In { column, .. }
         | Predicate::Between { column, .. }
         | Predicate::IsMissing { column, .. } => out.push(*column),
+        Predicate::Columns { left, right, .. } => out.extend([*left, *right]),
     }
 }
 
@@ -392,15 +430,23 @@ fn predicate(f: &Predicate, p: &mut Params, sql: &mut String) {
             sql.push(')');
         }
         Predicate::Cmp { column, op, value } => {
-            let op = match op {
-                CmpOp::Eq => "=",
-                CmpOp::Ne => "<>",
-                CmpOp::Lt => "<",
-                CmpOp::Le => "<=",
-                CmpOp::Gt => ">",
-                CmpOp::Ge => ">=",
+            let _ = write!(sql, "({} {} {})", code(*column), op.sql(), p.int(*value));
+        }
+        Predicate::Columns {
+            left,
+            op,
+            right,
+            relabel,
+        } => {
+            // Categories by label: the left code mapped to the right's
+            // (arrays are 1-based; a NULL subscript gives NULL, so a
+            // missing value leaves the comparison unknown, as in the
+            // engine). Numbers compare their (clamped) values.
+            let l = match relabel {
+                Some(m) => format!("({})[({} + 1)::integer]", p.ints(m.clone()), code(*left)),
+                None => code(*left),
             };
-            let _ = write!(sql, "({} {op} {})", code(*column), p.int(*value));
+            let _ = write!(sql, "({l} {} {})", op.sql(), code(*right));
         }
         Predicate::In {
             column,
