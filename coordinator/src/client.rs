@@ -4,6 +4,7 @@
 //! node that is down, slow or refuses never stops the others: its outcome
 //! says what happened, and the caller decides what a partial answer means.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -77,12 +78,28 @@ pub struct Calls {
     pub retries: u32,
 }
 
+/// Longest wait for a node's TCP connection (within the call's deadline).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An open channel to a node, and what it was opened under.
+struct Cached {
+    generation: u64,
+    endpoint: String,
+    channel: Channel,
+}
+
 /// A federation ready to be called: its file plus loaded TLS material.
 #[derive(Clone)]
 pub struct Federation {
     /// The federation file.
     pub config: FederationConfig,
     tls: std::sync::Arc<crate::tls::ClientTls>,
+    /// Open channels by node name (shared by clones), reused across calls
+    /// and queries: a query's Describe and Query, and every later query,
+    /// ride one HTTP/2 connection per node instead of a TLS handshake per
+    /// call. Dropped when a call to the node fails at the transport, when
+    /// its endpoint changes, or when the revocation list changes.
+    channels: std::sync::Arc<std::sync::Mutex<HashMap<String, Cached>>>,
     /// Calls in flight per node (shared by clones), for progress displays.
     pending: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, Instant>>>,
 }
@@ -109,6 +126,7 @@ impl Federation {
         Ok(Federation {
             config,
             tls: std::sync::Arc::new(tls),
+            channels: Default::default(),
             pending: Default::default(),
         })
     }
@@ -143,11 +161,58 @@ impl Federation {
         self.connect(node, timeout).await
     }
 
+    /// A client for `node`: over its open channel if there is one (made
+    /// under the current revocation list, to the same endpoint), else over
+    /// a new connection, kept for the next call.
     async fn connect(
         &self,
         node: &NodeEntry,
         timeout: Duration,
     ) -> Result<NodeClient<Channel>, Failure> {
+        let generation = self
+            .tls
+            .generation()
+            .map_err(|e| Failure::Unreachable(e.to_string()))?;
+        let cached = self
+            .channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&node.name)
+            .filter(|c| c.generation == generation && c.endpoint == node.endpoint)
+            .map(|c| c.channel.clone());
+        let channel = match cached {
+            Some(channel) => channel,
+            None => {
+                let channel = self.open(node, timeout).await?;
+                self.channels
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(
+                        node.name.clone(),
+                        Cached {
+                            generation,
+                            endpoint: node.endpoint.clone(),
+                            channel: channel.clone(),
+                        },
+                    );
+                channel
+            }
+        };
+        Ok(NodeClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
+    }
+
+    /// Forgets `node`'s open channel (a call over it failed at the
+    /// transport): the next call connects afresh.
+    fn forget(&self, node: &str) {
+        self.channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(node);
+    }
+
+    /// A new mutual-TLS connection to `node`, its TCP connection made
+    /// within `timeout` (at most [`CONNECT_TIMEOUT`]).
+    async fn open(&self, node: &NodeEntry, timeout: Duration) -> Result<Channel, Failure> {
         // TLS is ours (tonic's takes no revocation list): tonic is given
         // the node's address as plain http and connections already secured.
         let authority = node
@@ -160,13 +225,18 @@ impl Federation {
             .map_err(|e| {
                 Failure::Unreachable(format!("invalid endpoint {:?}: {e}", node.endpoint))
             })?
-            .timeout(timeout);
+            // A kept connection whose node went away is noticed within
+            // about 40 s even while idle, and the next call reconnects.
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
+        let connect_timeout = timeout.min(CONNECT_TIMEOUT);
         let (tls, name) = (std::sync::Arc::clone(&self.tls), node.name.clone());
         let connector = tower::service_fn(move |_: tonic::codegen::http::Uri| {
             let (tls, name, authority) = (tls.clone(), name.clone(), authority.clone());
-            async move { tls.connect(&authority, &name, timeout).await }
+            async move { tls.connect(&authority, &name, connect_timeout).await }
         });
-        let channel = endpoint
+        endpoint
             .connect_with_connector(connector)
             .await
             .map_err(|e| {
@@ -175,8 +245,7 @@ impl Federation {
                     node.endpoint,
                     error_chain(&e)
                 ))
-            })?;
-        Ok(NodeClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
+            })
     }
 
     /// Calls every node concurrently with `call`, each under `timeout`, once.
@@ -242,6 +311,9 @@ impl Federation {
                             calls.timeout.as_secs_f64()
                         ))),
                     };
+                    if matches!(result, Err(Failure::Unreachable(_) | Failure::TimedOut(_))) {
+                        fed.forget(&node.name);
+                    }
                     match result {
                         Err(f) if f.retryable() && attempt < calls.retries => {
                             let backoff = Duration::from_millis(250 << attempt.min(4));

@@ -6,14 +6,20 @@
 //! differential privacy. The map:
 //!
 //! - [`audit`]: the audit heads seen in answers, pulling and checking node logs.
+//! - [`chart`]: results as bars with interval whiskers, in the terminal and as an HTML page.
 //! - [`federation`]: `federation.toml`, the nodes and the researcher's certificate.
 //! - [`client`]: mutual-TLS channels and concurrent fan-out with deadlines;
 //!   `tls` builds the rustls side (the CA, the researcher's certificate and
 //!   the federation's revocation list, `[tls] crl`).
 //! - [`combine`]: sums, means and federated confidence intervals.
+//! - [`compose`]: several queries asked together (UNION ALL, `--file`), as
+//!   one grouped query when their records are provably disjoint (parallel
+//!   composition), else one by one with the budget split.
 //! - [`output`]: tables, JSON and CSV.
 //! - [`post`]: ORDER BY, LIMIT, HAVING and ROUND, applied to the combined
 //!   noisy answers (post-processing, no privacy cost).
+//! - [`query`]: a researcher's query from the SQL written to the combined
+//!   result, the one path of `fedq query` and the Python package.
 //! - [`run`]: one query across the federation: capability checks, retries, quorum (two phases).
 //! - [`verify`]: every answer checked against the coordinator's own plan from the
 //!   nodes' public schemas; a node whose answer disagrees is left out and named.
@@ -21,12 +27,15 @@
 #![deny(missing_docs)]
 
 pub mod audit;
+pub mod chart;
 pub mod client;
 pub mod combine;
+pub mod compose;
 mod distribution;
 pub mod federation;
 pub mod output;
 pub mod post;
+pub mod query;
 pub mod run;
 mod tls;
 pub mod verify;

@@ -11,6 +11,7 @@
 //! without being reloaded.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -32,7 +33,16 @@ pub(crate) struct ClientTls {
     crl: Option<PathBuf>,
     /// The configuration and the CRL file's stamp it was built with.
     built: Mutex<Option<Built>>,
+    /// Bumped at every rebuild: connections made under an older
+    /// configuration (an older revocation list) are not reused.
+    generation: AtomicU64,
+    /// Handshakes in progress at once: a fan-out to many nodes sets up its
+    /// connections a bounded number at a time, not all at once.
+    handshakes: tokio::sync::Semaphore,
 }
+
+/// Most TLS handshakes a coordinator runs at once.
+pub(crate) const MAX_HANDSHAKES: usize = 64;
 
 type Built = (Arc<ClientConfig>, Option<(SystemTime, u64)>);
 
@@ -72,6 +82,8 @@ impl ClientTls {
             key,
             crl,
             built: Mutex::new(None),
+            generation: AtomicU64::new(0),
+            handshakes: tokio::sync::Semaphore::new(MAX_HANDSHAKES),
         };
         *tls.built.lock().unwrap_or_else(|p| p.into_inner()) = Some(tls.build()?);
         Ok(tls)
@@ -124,9 +136,17 @@ impl ClientTls {
                     .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
                 let config = Arc::clone(&b.0);
                 *built = Some(b);
+                self.generation.fetch_add(1, Ordering::SeqCst);
                 Ok(config)
             }
         }
+    }
+
+    /// The configuration's generation, after rebuilding it if the
+    /// revocation list changed; an error if the list no longer reads.
+    pub(crate) fn generation(&self) -> std::io::Result<u64> {
+        self.config()?;
+        Ok(self.generation.load(Ordering::SeqCst))
     }
 
     /// A TCP connection to `addr` (made within `connect_timeout`) secured
@@ -141,6 +161,11 @@ impl ClientTls {
         connect_timeout: std::time::Duration,
     ) -> std::io::Result<TokioIo<TlsStream<TcpStream>>> {
         let config = self.config()?;
+        let _permit = self
+            .handshakes
+            .acquire()
+            .await
+            .map_err(|_| std::io::Error::other("the coordinator is shutting down"))?;
         let server = ServerName::try_from(name.to_string()).map_err(|_| {
             std::io::Error::other(format!(
                 "the node name {name:?} is not a DNS name or an IP address, so no certificate can carry it"

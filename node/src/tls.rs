@@ -26,7 +26,10 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context};
@@ -294,6 +297,9 @@ pub struct ClientVerifier {
     own: Option<OwnCertificate>,
     hints: Vec<DistinguishedName>,
     current: RwLock<Arc<dyn ClientCertVerifier>>,
+    /// Bumped at every revocation list loaded: open connections check
+    /// their certificate again when it moves ([`Revocable`]).
+    generation: AtomicU64,
     crl: Option<CrlFile>,
     refusals: RefusalLog,
     hook: OnceLock<RefusalHook>,
@@ -348,6 +354,7 @@ impl ClientVerifier {
             ca_certs,
             own,
             current: RwLock::new(inner),
+            generation: AtomicU64::new(0),
             crl: crl_file,
             refusals: RefusalLog::default(),
             hook: OnceLock::new(),
@@ -397,6 +404,7 @@ impl ClientVerifier {
         }) {
             Ok((v, n)) => {
                 *self.current.write().unwrap_or_else(|p| p.into_inner()) = v;
+                self.generation.fetch_add(1, Ordering::SeqCst);
                 tracing::info!(crl = %crl.path.display(), lists = n, "loaded the new certificate revocation list (tls.crl)");
             }
             Err(e) => tracing::error!(
@@ -588,6 +596,117 @@ impl RefusalLog {
     }
 }
 
+/// An accepted connection whose client certificate is checked again
+/// whenever a new revocation list is loaded: a certificate revoked after
+/// its handshake loses its connection at the next read (logged as a
+/// `revoked` refusal), so holding a connection open does not outlive a
+/// revocation. Between lists it costs one atomic load per read.
+pub struct Revocable {
+    inner: TlsStream<TcpStream>,
+    verifier: Arc<ClientVerifier>,
+    leaf: Option<CertificateDer<'static>>,
+    checked: u64,
+}
+
+impl Revocable {
+    fn new(inner: TlsStream<TcpStream>, verifier: Arc<ClientVerifier>) -> Revocable {
+        let leaf = inner
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.clone().into_owned());
+        let checked = verifier.generation.load(Ordering::SeqCst);
+        Revocable {
+            inner,
+            verifier,
+            leaf,
+            checked,
+        }
+    }
+
+    /// Refused now (revoked since the handshake)?
+    fn revoked(&mut self) -> bool {
+        self.verifier.reload_if_changed();
+        let now = self.verifier.generation.load(Ordering::SeqCst);
+        if now == self.checked {
+            return false;
+        }
+        self.checked = now;
+        let Some(leaf) = &self.leaf else { return false };
+        match self
+            .verifier
+            .inner()
+            .verify_client_cert(leaf, &[], UnixTime::now())
+        {
+            Err(rustls::Error::InvalidCertificate(CertificateError::Revoked)) => {
+                self.verifier.refuse(
+                    leaf,
+                    "revoked",
+                    "an open connection was closed: its certificate was revoked after the handshake",
+                );
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Revocable {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.revoked() {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "the client certificate was revoked",
+            )));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Revocable {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+impl tonic::transport::server::Connected for Revocable {
+    type ConnectInfo = <TlsStream<TcpStream> as tonic::transport::server::Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
 /// Accepts TCP connections on `listener` and completes their TLS
 /// handshakes concurrently (each under a deadline), yielding the
 /// established streams for tonic's `serve_with_incoming*`. Returns the
@@ -597,9 +716,10 @@ pub fn incoming(
     listener: TcpListener,
     tls: &ServerTls,
 ) -> (
-    tokio_stream::wrappers::ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>>,
+    tokio_stream::wrappers::ReceiverStream<Result<Revocable, std::io::Error>>,
     JoinHandle<()>,
 ) {
+    let verifier = Arc::clone(&tls.verifier);
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.config));
     let task = tokio::spawn(async move {
@@ -617,10 +737,11 @@ pub fn incoming(
                         let _ = tcp.set_nodelay(true);
                         let acceptor = acceptor.clone();
                         let tx = tx.clone();
+                        let verifier = Arc::clone(&verifier);
                         handshakes.spawn(async move {
                             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                                 Ok(Ok(stream)) => {
-                                    let _ = tx.send(Ok(stream)).await;
+                                    let _ = tx.send(Ok(Revocable::new(stream, verifier))).await;
                                 }
                                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),

@@ -223,6 +223,33 @@ enum Command {
         #[arg(long)]
         zcdp: bool,
     },
+    /// The coordinator's own cost of one query fanned out to every node of
+    /// a federation (e.g. `fedq-simnode`'s, whose answers cost nothing):
+    /// the first query (connections set up) and the rest, wall and process
+    /// CPU time, the combine step, and this process's memory.
+    Fanout {
+        /// The federation file.
+        #[arg(long)]
+        federation: PathBuf,
+        /// Queries after the first.
+        #[arg(long, default_value_t = 20)]
+        queries: usize,
+        /// The query.
+        #[arg(
+            long,
+            default_value = "SELECT gender, COUNT(*) FROM cases GROUP BY gender"
+        )]
+        sql: String,
+        /// Epsilon of each query.
+        #[arg(long, default_value_t = 0.1)]
+        epsilon: f64,
+        /// Two phases: a quorum of every node (Prepare, then Commit).
+        #[arg(long)]
+        two_phase: bool,
+        /// Per-node deadline, seconds.
+        #[arg(long, default_value_t = 60.0)]
+        timeout: f64,
+    },
     /// Measure an existing federation.
     Run {
         /// The federation file (its certificate must be an analyst's).
@@ -283,6 +310,17 @@ fn main() -> anyhow::Result<()> {
                 }
                 Ok(())
             }
+            Command::Fanout {
+                federation,
+                queries,
+                sql,
+                epsilon,
+                two_phase,
+                timeout,
+            } => {
+                let fed = Federation::load(&federation)?;
+                fanout(&fed, &sql, epsilon, queries, two_phase, timeout).await
+            }
             Command::Run { federation, load } => {
                 let fed = Federation::load(&federation)?;
                 measure(&fed, &load).await
@@ -301,6 +339,115 @@ struct Prepared {
 struct PreparedFederation {
     nodes: Vec<Prepared>,
     federation: FederationConfig,
+}
+
+/// `field` of /proc/self/status, in MB (VmRSS, VmHWM).
+fn status_mb(field: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+        })
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// User + system CPU time of this process (Linux, /proc/self/stat).
+fn own_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let Some(end) = stat.rfind(')') else {
+        return Duration::ZERO;
+    };
+    let f: Vec<&str> = stat[end + 2..].split_whitespace().collect();
+    let ticks = f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
+/// The coordinator's cost per query over the whole federation: see
+/// `Command::Fanout`.
+async fn fanout(
+    fed: &Federation,
+    sql: &str,
+    epsilon: f64,
+    queries: usize,
+    two_phase: bool,
+    timeout: f64,
+) -> anyhow::Result<()> {
+    let n = fed.config.nodes.len();
+    let opts = || fedq::run::QueryOptions {
+        epsilon,
+        rho: 0.0,
+        dry_run: false,
+        calls: fedq::client::Calls {
+            timeout: Duration::from_secs_f64(timeout),
+            retries: 1,
+        },
+        min_nodes: two_phase.then_some(n),
+        query_id: new_query_id(),
+    };
+    println!(
+        "fan-out to {n} nodes, {}: {sql:?} at epsilon {epsilon}; RSS before {:.1} MB",
+        if two_phase {
+            "two phases (quorum of all)"
+        } else {
+            "one phase"
+        },
+        status_mb("VmRSS:")
+    );
+    let (mut wall, mut cpu, mut comb) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..=queries {
+        let o = opts();
+        let (t, c) = (Instant::now(), own_cpu());
+        let outcomes = fedq::run::run_query(fed, sql, &o)
+            .await
+            .map_err(|e| anyhow::anyhow!("query {i}: {e}"))?;
+        let called = t.elapsed();
+        let tc = Instant::now();
+        let combined = fedq::combine::combine(sql, &o.query_id, epsilon, &outcomes);
+        let combine = tc.elapsed();
+        let (w, c) = (t.elapsed(), own_cpu() - c);
+        let failed = outcomes.iter().filter(|o| o.result.is_err()).count();
+        if i == 0 || failed > 0 {
+            println!(
+                "query {i}: {:.1} ms wall ({:.1} ms calls, {:.2} ms combine), {:.0} ms CPU, {failed} of {n} nodes failed{}",
+                w.as_secs_f64() * 1e3,
+                called.as_secs_f64() * 1e3,
+                combine.as_secs_f64() * 1e3,
+                c.as_secs_f64() * 1e3,
+                outcomes
+                    .iter()
+                    .find_map(|o| o.result.as_ref().err())
+                    .map(|f| format!(" (first: {f})"))
+                    .unwrap_or_default()
+            );
+        }
+        assert_eq!(combined.nodes.len(), n);
+        if i > 0 {
+            wall.push(w);
+            cpu.push(c);
+            comb.push(combine);
+        }
+    }
+    let ms = |v: &mut Vec<Duration>, p: f64| {
+        v.sort();
+        v.get(((v.len() as f64 - 1.0) * p).round() as usize)
+            .map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
+    };
+    let mean_cpu = cpu.iter().sum::<Duration>().as_secs_f64() * 1e3 / cpu.len().max(1) as f64;
+    println!(
+        "warm, {queries} queries: wall p50 {:.1} ms, p95 {:.1} ms, max {:.1} ms; combine p50 {:.2} ms; coordinator CPU {:.0} ms per query (mean); RSS {:.1} MB, peak {:.1} MB",
+        ms(&mut wall, 0.5),
+        ms(&mut wall, 0.95),
+        ms(&mut wall, 1.0),
+        ms(&mut comb, 0.5),
+        mean_cpu,
+        status_mb("VmRSS:"),
+        status_mb("VmHWM:")
+    );
+    Ok(())
 }
 
 fn rss_mb() -> f64 {

@@ -493,3 +493,63 @@ async fn a_coordinator_with_the_revocation_list_leaves_out_a_revoked_node() {
         .await;
     assert!(outcomes.iter().all(|o| o.result.is_ok()), "{outcomes:?}");
 }
+
+/// A connection opened before a revocation does not outlive it: the node
+/// checks each open connection's certificate again when a new list is
+/// loaded, and closes the revoked one at its next request; another
+/// analyst's open connection is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_connection_is_closed_when_its_certificate_is_revoked() {
+    let (fed, ca_dir) = with_crl().await;
+    let ca = fed.dir.path().join("ca/ca.pem");
+    let (alice_cert, alice_key) = fed.client_cert(Role::Analyst, "alice");
+    let (bob_cert, bob_key) = fed.client_cert(Role::Analyst, "bob");
+    // Both hold a connection open, and are answered over it.
+    let mut alice = connect(&fed.nodes[0], &ca, &alice_cert, &alice_key)
+        .await
+        .unwrap();
+    let mut bob = connect(&fed.nodes[0], &ca, &bob_cert, &bob_key)
+        .await
+        .unwrap();
+    alice.query(q("held-a0")).await.unwrap();
+    bob.query(q("held-b0")).await.unwrap();
+
+    let pem = std::fs::read_to_string(&alice_cert).unwrap();
+    let (serial, who) = serial_and_holder(&pem).unwrap();
+    let mut list = RevocationList::load(&ca_dir).unwrap();
+    assert!(list.add(&serial, &who.name, &who.role));
+    let crl = list.publish(&fed.ca, &ca_dir).unwrap();
+    install(&crl, &fed.nodes[0].config.base_dir.join("certs/crl.pem"));
+
+    // Within a few seconds alice's requests on her open connection fail
+    // (the connection is closed; a new one is refused at the handshake).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut n = 0;
+    loop {
+        n += 1;
+        match alice.query(q(&format!("held-a{n}"))).await {
+            Ok(_) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "a connection opened before the revocation was still answered 20 s after it"
+                );
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(s) => {
+                assert!(
+                    matches!(
+                        s.code(),
+                        Code::Unknown | Code::Unavailable | Code::Cancelled
+                    ),
+                    "refused at the transport, not by the service: {s:?}"
+                );
+                break;
+            }
+        }
+    }
+    for i in 0..3 {
+        assert!(alice.query(q(&format!("held-again{i}"))).await.is_err());
+    }
+    // Bob's open connection still answers.
+    bob.query(q("held-b1")).await.unwrap();
+}
