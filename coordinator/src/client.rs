@@ -93,6 +93,14 @@ struct Cached {
 pub struct Federation {
     /// The federation file.
     pub config: FederationConfig,
+    links: Links,
+}
+
+/// What calls to nodes share: the TLS material, the open channels and the
+/// calls in flight. Cheap to clone (three pointers): each of a fan-out's
+/// per-node tasks takes a copy, never the whole federation file.
+#[derive(Clone)]
+struct Links {
     tls: std::sync::Arc<crate::tls::ClientTls>,
     /// Open channels by node name (shared by clones), reused across calls
     /// and queries: a query's Describe and Query, and every later query,
@@ -125,9 +133,11 @@ impl Federation {
         )?;
         Ok(Federation {
             config,
-            tls: std::sync::Arc::new(tls),
-            channels: Default::default(),
-            pending: Default::default(),
+            links: Links {
+                tls: std::sync::Arc::new(tls),
+                channels: Default::default(),
+                pending: Default::default(),
+            },
         })
     }
 
@@ -158,9 +168,190 @@ impl Federation {
                         .join(", ")
                 ))
             })?;
-        self.connect(node, timeout).await
+        self.links.connect(node, timeout).await
     }
 
+    /// Calls every node concurrently with `call`, each under `timeout`, once.
+    /// Outcomes come back in the order of the federation file.
+    pub async fn fan_out<T, F, Fut>(&self, timeout: Duration, call: F) -> Vec<Outcome<T>>
+    where
+        T: Send + 'static,
+        F: Fn(NodeClient<Channel>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>> + Send,
+    {
+        let nodes = self.config.nodes.clone();
+        self.call_nodes(
+            &nodes,
+            Calls {
+                timeout,
+                retries: 0,
+            },
+            call,
+        )
+        .await
+    }
+
+    /// Calls `nodes` concurrently with `call`. Each node has `calls.timeout`
+    /// in all (its deadline); a failed call that may succeed later (no
+    /// connection, no answer yet, the same query still running) is retried
+    /// up to `calls.retries` times within that deadline, with backoff.
+    /// Callers retry only idempotent calls (the same query id replays on the
+    /// node, so a retry never spends twice). Outcomes follow `nodes`' order.
+    pub async fn call_nodes<T, F, Fut>(
+        &self,
+        nodes: &[NodeEntry],
+        calls: Calls,
+        call: F,
+    ) -> Vec<Outcome<T>>
+    where
+        T: Send + 'static,
+        F: Fn(NodeClient<Channel>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>> + Send,
+    {
+        let mut set = JoinSet::new();
+        for (i, node) in nodes.iter().enumerate() {
+            let fed = self.links.clone();
+            let node = node.clone();
+            let call = call.clone();
+            set.spawn(async move {
+                let start = Instant::now();
+                fed.pending_insert(&node.name);
+                let deadline = start + calls.timeout;
+                let mut attempt = 0u32;
+                let result = loop {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let work = async {
+                        let client = fed.connect(&node, left).await?;
+                        call(client)
+                            .await
+                            .map(tonic::Response::into_inner)
+                            .map_err(status_failure)
+                    };
+                    let result = match tokio::time::timeout(left, work).await {
+                        Ok(r) => r,
+                        Err(_) => Err(Failure::TimedOut(format!(
+                            "no answer within {:.1} s",
+                            calls.timeout.as_secs_f64()
+                        ))),
+                    };
+                    if matches!(result, Err(Failure::Unreachable(_) | Failure::TimedOut(_))) {
+                        fed.forget(&node.name);
+                    }
+                    match result {
+                        Err(f) if f.retryable() && attempt < calls.retries => {
+                            let backoff = Duration::from_millis(250 << attempt.min(4));
+                            if Instant::now() + backoff >= deadline {
+                                break Err(f);
+                            }
+                            tracing::info!(node = %node.name, attempt, failure = %f, "retrying");
+                            tokio::time::sleep(backoff).await;
+                            attempt += 1;
+                        }
+                        other => break other,
+                    }
+                };
+                fed.pending_remove(&node.name);
+                (
+                    i,
+                    Outcome {
+                        node: node.name.clone(),
+                        result,
+                        elapsed: start.elapsed(),
+                    },
+                )
+            });
+        }
+        let mut outcomes: Vec<Option<Outcome<T>>> = (0..nodes.len()).map(|_| None).collect();
+        while let Some(joined) = set.join_next().await {
+            if let Ok((i, outcome)) = joined {
+                outcomes[i] = Some(outcome);
+            }
+        }
+        outcomes
+            .into_iter()
+            .enumerate()
+            .map(|(i, o)| {
+                o.unwrap_or_else(|| Outcome {
+                    node: nodes[i].name.clone(),
+                    result: Err(Failure::Unreachable("the call task failed".into())),
+                    elapsed: Duration::ZERO,
+                })
+            })
+            .collect()
+    }
+
+    /// Nodes whose call is still running, with when it started (for a
+    /// progress display).
+    pub fn pending(&self) -> Vec<(String, Duration)> {
+        self.links
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(n, t)| (n.clone(), t.elapsed()))
+            .collect()
+    }
+
+    /// Sends one query (same id to every node) to all nodes, and checks
+    /// every answer against the coordinator's own plan from the nodes'
+    /// declared schemas, asked for first ([`crate::verify::check_outcomes`]):
+    /// an answer that disagrees comes back as [`Failure::LeftOut`]. No
+    /// capability checks or retries: see [`crate::run::run_query`].
+    pub async fn query(
+        &self,
+        request: QueryRequest,
+        timeout: Duration,
+    ) -> Vec<Outcome<QueryResponse>> {
+        let described = self.describe(timeout).await;
+        let sent = request.clone();
+        let answers = self
+            .fan_out(timeout, move |mut c| {
+                let r = sent.clone();
+                async move { c.query(r).await }
+            })
+            .await;
+        crate::verify::check_outcomes(&request, answers, |node| {
+            described
+                .iter()
+                .find(|d| d.node == node)
+                .and_then(|d| d.result.as_ref().ok())
+        })
+    }
+
+    /// Asks every node for its public description.
+    pub async fn describe(&self, timeout: Duration) -> Vec<Outcome<DescribeResponse>> {
+        self.fan_out(timeout, |mut c| async move {
+            c.describe(DescribeRequest {}).await
+        })
+        .await
+    }
+
+    /// Asks every node for the caller's budgets.
+    pub async fn budget(&self, timeout: Duration) -> Vec<Outcome<BudgetResponse>> {
+        self.fan_out(
+            timeout,
+            |mut c| async move { c.budget(BudgetRequest {}).await },
+        )
+        .await
+    }
+}
+
+/// A fresh random query id (128 bits, hex).
+pub fn new_query_id() -> String {
+    let mut b = [0u8; 16];
+    // The OS RNG failing is not recoverable in a meaningful way; fall back
+    // to time-based uniqueness rather than aborting the researcher's query.
+    if getrandom::fill(&mut b).is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        b = t.to_be_bytes();
+    }
+    hex::encode(b)
+}
+
+impl Links {
     /// A client for `node`: over its open channel if there is one (made
     /// under the current revocation list, to the same endpoint), else over
     /// a new connection, kept for the next call.
@@ -248,115 +439,6 @@ impl Federation {
             })
     }
 
-    /// Calls every node concurrently with `call`, each under `timeout`, once.
-    /// Outcomes come back in the order of the federation file.
-    pub async fn fan_out<T, F, Fut>(&self, timeout: Duration, call: F) -> Vec<Outcome<T>>
-    where
-        T: Send + 'static,
-        F: Fn(NodeClient<Channel>) -> Fut + Clone + Send + Sync + 'static,
-        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>> + Send,
-    {
-        let nodes = self.config.nodes.clone();
-        self.call_nodes(
-            &nodes,
-            Calls {
-                timeout,
-                retries: 0,
-            },
-            call,
-        )
-        .await
-    }
-
-    /// Calls `nodes` concurrently with `call`. Each node has `calls.timeout`
-    /// in all (its deadline); a failed call that may succeed later (no
-    /// connection, no answer yet, the same query still running) is retried
-    /// up to `calls.retries` times within that deadline, with backoff.
-    /// Callers retry only idempotent calls (the same query id replays on the
-    /// node, so a retry never spends twice). Outcomes follow `nodes`' order.
-    pub async fn call_nodes<T, F, Fut>(
-        &self,
-        nodes: &[NodeEntry],
-        calls: Calls,
-        call: F,
-    ) -> Vec<Outcome<T>>
-    where
-        T: Send + 'static,
-        F: Fn(NodeClient<Channel>) -> Fut + Clone + Send + Sync + 'static,
-        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>> + Send,
-    {
-        let mut set = JoinSet::new();
-        for (i, node) in nodes.iter().enumerate() {
-            let fed = self.clone();
-            let node = node.clone();
-            let call = call.clone();
-            set.spawn(async move {
-                let start = Instant::now();
-                fed.pending_insert(&node.name);
-                let deadline = start + calls.timeout;
-                let mut attempt = 0u32;
-                let result = loop {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    let work = async {
-                        let client = fed.connect(&node, left).await?;
-                        call(client)
-                            .await
-                            .map(tonic::Response::into_inner)
-                            .map_err(status_failure)
-                    };
-                    let result = match tokio::time::timeout(left, work).await {
-                        Ok(r) => r,
-                        Err(_) => Err(Failure::TimedOut(format!(
-                            "no answer within {:.1} s",
-                            calls.timeout.as_secs_f64()
-                        ))),
-                    };
-                    if matches!(result, Err(Failure::Unreachable(_) | Failure::TimedOut(_))) {
-                        fed.forget(&node.name);
-                    }
-                    match result {
-                        Err(f) if f.retryable() && attempt < calls.retries => {
-                            let backoff = Duration::from_millis(250 << attempt.min(4));
-                            if Instant::now() + backoff >= deadline {
-                                break Err(f);
-                            }
-                            tracing::info!(node = %node.name, attempt, failure = %f, "retrying");
-                            tokio::time::sleep(backoff).await;
-                            attempt += 1;
-                        }
-                        other => break other,
-                    }
-                };
-                fed.pending_remove(&node.name);
-                (
-                    i,
-                    Outcome {
-                        node: node.name.clone(),
-                        result,
-                        elapsed: start.elapsed(),
-                    },
-                )
-            });
-        }
-        let mut outcomes: Vec<Option<Outcome<T>>> = (0..nodes.len()).map(|_| None).collect();
-        while let Some(joined) = set.join_next().await {
-            if let Ok((i, outcome)) = joined {
-                outcomes[i] = Some(outcome);
-            }
-        }
-        outcomes
-            .into_iter()
-            .enumerate()
-            .map(|(i, o)| {
-                o.unwrap_or_else(|| Outcome {
-                    node: nodes[i].name.clone(),
-                    result: Err(Failure::Unreachable("the call task failed".into())),
-                    elapsed: Duration::ZERO,
-                })
-            })
-            .collect()
-    }
-
     fn pending_insert(&self, node: &str) {
         self.pending
             .lock()
@@ -370,75 +452,6 @@ impl Federation {
             .unwrap_or_else(|p| p.into_inner())
             .remove(node);
     }
-
-    /// Nodes whose call is still running, with when it started (for a
-    /// progress display).
-    pub fn pending(&self) -> Vec<(String, Duration)> {
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(n, t)| (n.clone(), t.elapsed()))
-            .collect()
-    }
-
-    /// Sends one query (same id to every node) to all nodes, and checks
-    /// every answer against the coordinator's own plan from the nodes'
-    /// declared schemas, asked for first ([`crate::verify::check_outcomes`]):
-    /// an answer that disagrees comes back as [`Failure::LeftOut`]. No
-    /// capability checks or retries: see [`crate::run::run_query`].
-    pub async fn query(
-        &self,
-        request: QueryRequest,
-        timeout: Duration,
-    ) -> Vec<Outcome<QueryResponse>> {
-        let described = self.describe(timeout).await;
-        let sent = request.clone();
-        let answers = self
-            .fan_out(timeout, move |mut c| {
-                let r = sent.clone();
-                async move { c.query(r).await }
-            })
-            .await;
-        crate::verify::check_outcomes(&request, answers, |node| {
-            described
-                .iter()
-                .find(|d| d.node == node)
-                .and_then(|d| d.result.as_ref().ok())
-        })
-    }
-
-    /// Asks every node for its public description.
-    pub async fn describe(&self, timeout: Duration) -> Vec<Outcome<DescribeResponse>> {
-        self.fan_out(timeout, |mut c| async move {
-            c.describe(DescribeRequest {}).await
-        })
-        .await
-    }
-
-    /// Asks every node for the caller's budgets.
-    pub async fn budget(&self, timeout: Duration) -> Vec<Outcome<BudgetResponse>> {
-        self.fan_out(
-            timeout,
-            |mut c| async move { c.budget(BudgetRequest {}).await },
-        )
-        .await
-    }
-}
-
-/// A fresh random query id (128 bits, hex).
-pub fn new_query_id() -> String {
-    let mut b = [0u8; 16];
-    // The OS RNG failing is not recoverable in a meaningful way; fall back
-    // to time-based uniqueness rather than aborting the researcher's query.
-    if getrandom::fill(&mut b).is_err() {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        b = t.to_be_bytes();
-    }
-    hex::encode(b)
 }
 
 /// What a gRPC status means for the researcher.

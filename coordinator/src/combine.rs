@@ -602,7 +602,13 @@ pub fn noise_sum_half_width(noises: &[Noise], alpha: f64) -> f64 {
                     .collect();
                 return c * noise_sum_half_width(&scaled, alpha);
             }
-            let h = (sd / 100.0).floor().max(1.0) as i64;
+            // The grid step: each node's value is within h/2 of its bin, so
+            // the sum is within k h / 2 of the binned sum (the slack added
+            // at the end). At most sd/100, and sd/(4k) for many nodes, so
+            // that the slack stays under an eighth of sd however many
+            // nodes there are.
+            let k = noises.len() as f64;
+            let h = (sd / (100.0f64).max(4.0 * k)).floor().max(1.0) as i64;
             let mut dropped = 0.0;
             let mut dist: Vec<f64> = vec![1.0];
             for n in noises {
@@ -621,7 +627,7 @@ pub fn noise_sum_half_width(noises: &[Noise], alpha: f64) -> f64 {
                             center: bin(0),
                             right: bin(1),
                             left: bin(-1),
-                            ratio: q.powi(h.min(i32::MAX as i64) as i32),
+                            ratio: geometric(q, h),
                             reach: k as usize,
                         };
                         dist = kernel.convolve(&dist);
@@ -644,6 +650,11 @@ pub fn noise_sum_half_width(noises: &[Noise], alpha: f64) -> f64 {
                         dist = next;
                     }
                 }
+                // The tails the running sum can no longer bring into the
+                // interval are dropped as they form (their mass counted in
+                // `dropped`, so the bound stays one), keeping the work
+                // about linear in the nodes rather than quadratic.
+                dropped += trim_tails(&mut dist, TAIL_TRIM);
             }
             let center = (dist.len() / 2) as i64;
             // Smallest w (in bins) with P[|S| > w] <= alpha - dropped.
@@ -665,6 +676,29 @@ pub fn noise_sum_half_width(noises: &[Noise], alpha: f64) -> f64 {
     }
 }
 
+/// Mass below which a running sum's outer bins are dropped (on each
+/// side): over 1,000 nodes at most 2e-13 of the interval's alpha.
+const TAIL_TRIM: f64 = 1e-16;
+
+/// Drops the same number of outer bins from both ends of the symmetric
+/// distribution `dist` (so its centre stays its middle), as many as hold at
+/// most `limit` mass on each side; returns the mass dropped.
+fn trim_tails(dist: &mut Vec<f64>, limit: f64) -> f64 {
+    let (mut left, mut right, mut t) = (0.0, 0.0, 0usize);
+    while 2 * (t + 1) < dist.len() {
+        let (l, r) = (left + dist[t], right + dist[dist.len() - 1 - t]);
+        if l > limit || r > limit {
+            break;
+        }
+        (left, right, t) = (l, r, t + 1);
+    }
+    if t > 0 {
+        dist.truncate(dist.len() - t);
+        dist.drain(..t);
+    }
+    left + right
+}
+
 /// Tail `P[X >= k]` of a discrete Laplace variable with parameter
 /// `q = e^{-1/scale}`: `q^k / (1 + q)` for `k >= 1`.
 fn upper_tail(q: f64, k: i64) -> f64 {
@@ -672,7 +706,17 @@ fn upper_tail(q: f64, k: i64) -> f64 {
         // P[X >= k] = 1 - P[X <= k - 1] = 1 - P[X >= 1 - k] by symmetry.
         1.0 - upper_tail(q, 1 - k)
     } else {
-        q.powi(k.min(i32::MAX as i64) as i32) / (1.0 + q)
+        geometric(q, k) / (1.0 + q)
+    }
+}
+
+/// `q^k` for `k >= 0`; beyond `i32::MAX` (scales of 1e8 and more) by
+/// `powf`, where `powi`'s exponent would have to be cut (and the tail made
+/// far too heavy).
+fn geometric(q: f64, k: i64) -> f64 {
+    match i32::try_from(k) {
+        Ok(k) => q.powi(k),
+        Err(_) => q.powf(k as f64),
     }
 }
 
@@ -845,7 +889,9 @@ mod tests {
             .map(|&s| fedq_dp::mechanism::discrete_laplace_variance(s))
             .sum::<f64>()
             .sqrt();
-        let h = (sd / 100.0).floor().max(1.0) as i64;
+        let h = (sd / (100.0f64).max(4.0 * scales.len() as f64))
+            .floor()
+            .max(1.0) as i64;
         let mut dropped = 0.0;
         let mut dist: Vec<f64> = vec![1.0];
         for &s in scales {
@@ -879,6 +925,33 @@ mod tests {
             scales.len() as f64 * h as f64 / 2.0
         };
         (w * h) as f64 + slack
+    }
+
+    /// Half-widths scale with the noise, also past `i32::MAX` grid steps
+    /// (a scale of 1e9 once made the dropped tail mass 0.117 and the
+    /// interval ten times too wide), and for many nodes, whose running
+    /// sum's far tails are dropped as they form.
+    #[test]
+    fn huge_scales_and_many_nodes_scale_as_the_noise_does() {
+        for k in [2usize, 3, 30] {
+            let small = sum_half_width(&vec![1e6; k], 0.05);
+            let huge = sum_half_width(&vec![1e9; k], 0.05);
+            let ratio = huge / small;
+            assert!(
+                (ratio / 1000.0 - 1.0).abs() < 0.01,
+                "{k} nodes: {huge} / {small}"
+            );
+        }
+        // 1,000 nodes: about sqrt(1000) times one node's spread, and the
+        // same whether or not the tails are dropped on the way (within a
+        // grid step per node of slack).
+        let one = sum_half_width(&[50.0], 0.05);
+        let many = sum_half_width(&[50.0; 1000], 0.05);
+        let sd = (1000.0f64 * 2.0 * 50.0 * 50.0).sqrt();
+        assert!(
+            many > 1.9 * sd && many < 2.2 * sd,
+            "{many} vs sd {sd} (one node {one})"
+        );
     }
 
     #[test]

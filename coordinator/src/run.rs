@@ -17,6 +17,7 @@
 //!    from most nodes', is left out like a node that failed, and its
 //!    outcome names the node and what disagreed.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use fedq_proto::v1::{
@@ -166,14 +167,30 @@ async fn described(
 }
 
 /// Puts outcomes back in federation order.
-fn in_order<T>(fed: &Federation, mut parts: Vec<Outcome<T>>) -> Vec<Outcome<T>> {
-    let mut out = Vec::with_capacity(parts.len());
-    for n in &fed.config.nodes {
-        if let Some(i) = parts.iter().position(|o| o.node == n.name) {
-            out.push(parts.swap_remove(i));
-        }
-    }
-    out
+fn in_order<T>(fed: &Federation, parts: Vec<Outcome<T>>) -> Vec<Outcome<T>> {
+    // Linear in the number of nodes (a fan-out to 1,000 nodes must not
+    // compare every name with every other).
+    let rank: HashMap<&str, usize> = fed
+        .config
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.name.as_str(), i))
+        .collect();
+    let mut ranked: Vec<(usize, Outcome<T>)> = parts
+        .into_iter()
+        .filter_map(|o| rank.get(o.node.as_str()).map(|&r| (r, o)))
+        .collect();
+    ranked.sort_by_key(|(r, _)| *r);
+    ranked.into_iter().map(|(_, o)| o).collect()
+}
+
+/// Each described node's Describe by name, for the answer checks.
+fn by_name(described: &[(NodeEntry, DescribeResponse)]) -> HashMap<&str, &DescribeResponse> {
+    described
+        .iter()
+        .map(|(e, d)| (e.name.as_str(), d))
+        .collect()
 }
 
 /// Why [`run_query`] released nothing anywhere.
@@ -292,11 +309,9 @@ pub async fn run_query(
             })
             .await;
         let mut all = failed(&left_out);
+        let by_name = by_name(&described);
         all.extend(verify::check_outcomes(&request, answered, |node| {
-            described
-                .iter()
-                .find(|(e, _)| e.name == node)
-                .map(|(_, d)| d)
+            by_name.get(node).copied()
         }));
         return Ok(in_order(fed, all));
     };
@@ -375,11 +390,9 @@ pub async fn run_query(
             elapsed: o.elapsed,
         }
     }));
+    let by_name = by_name(&described);
     all.extend(verify::check_outcomes(&request, committed, |node| {
-        described
-            .iter()
-            .find(|(e, _)| e.name == node)
-            .map(|(_, d)| d)
+        by_name.get(node).copied()
     }));
     Ok(in_order(fed, all))
 }

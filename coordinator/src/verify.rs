@@ -943,11 +943,20 @@ impl Layout {
 /// federation order), the one most answers share (the earliest on a tie):
 /// the coordinator's plan for the combination. Returns its index.
 pub fn reference_layout(layouts: &[Layout]) -> Option<usize> {
-    let mut best: Option<(usize, usize)> = None;
+    // Each distinct layout by its first index, with its count: linear in
+    // the answers when they agree (as honest ones do).
+    let mut distinct: Vec<(usize, usize)> = Vec::new();
     for (i, l) in layouts.iter().enumerate() {
-        let n = layouts.iter().filter(|x| *x == l).count();
+        match distinct.iter_mut().find(|(first, _)| layouts[*first] == *l) {
+            Some((_, n)) => *n += 1,
+            None => distinct.push((i, 1)),
+        }
+    }
+    // The most common; on a tie, the one seen first.
+    let mut best: Option<(usize, usize)> = None;
+    for &(first, n) in &distinct {
         if best.is_none_or(|(_, b)| n > b) {
-            best = Some((i, n));
+            best = Some((first, n));
         }
     }
     best.map(|(i, _)| i)

@@ -288,7 +288,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .max_decoding_message_size(4 << 20);
         let server = Server::builder().tls_config(tls)?.add_service(service);
         tokio::spawn(async move {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            // As a real node does: no Nagle delay on answers.
+            let incoming = tokio_stream::StreamExt::map(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                |s| {
+                    s.inspect(|t| {
+                        let _ = t.set_nodelay(true);
+                    })
+                },
+            );
             if let Err(e) = server.serve_with_incoming(incoming).await {
                 eprintln!("{name}: {e}");
             }
