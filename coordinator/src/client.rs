@@ -110,7 +110,17 @@ struct Links {
     channels: std::sync::Arc<std::sync::Mutex<HashMap<String, Cached>>>,
     /// Calls in flight per node (shared by clones), for progress displays.
     pending: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, Instant>>>,
+    /// Each node's latest Describe and when it came, reused for
+    /// [`DESCRIBE_TTL`] by [`Federation::described`]; dropped with the
+    /// node's channel and when an answer of the node is left out.
+    descriptions: std::sync::Arc<std::sync::Mutex<HashMap<String, (Instant, DescribeResponse)>>>,
 }
+
+/// How long a node's Describe (its public schemas, capabilities and API
+/// version) is reused by later queries of the same `Federation` before it
+/// is asked again. A node whose answers stop matching it is asked afresh
+/// at the next query.
+pub const DESCRIBE_TTL: Duration = Duration::from_secs(30);
 
 impl Federation {
     /// Loads the file and the TLS material it names.
@@ -137,6 +147,7 @@ impl Federation {
                 tls: std::sync::Arc::new(tls),
                 channels: Default::default(),
                 pending: Default::default(),
+                descriptions: Default::default(),
             },
         })
     }
@@ -326,6 +337,79 @@ impl Federation {
         .await
     }
 
+    /// Every node's Describe, in federation order: a fresh one (younger
+    /// than [`DESCRIBE_TTL`]) kept from an earlier query, else asked now
+    /// (and kept if it answered). Half the calls of a query to nodes
+    /// described a moment ago.
+    pub async fn described(&self, calls: Calls) -> Vec<Outcome<DescribeResponse>> {
+        let kept: HashMap<String, DescribeResponse> = {
+            let d = self
+                .links
+                .descriptions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            self.config
+                .nodes
+                .iter()
+                .filter_map(|n| {
+                    d.get(&n.name)
+                        .filter(|(at, _)| at.elapsed() < DESCRIBE_TTL)
+                        .map(|(_, r)| (n.name.clone(), r.clone()))
+                })
+                .collect()
+        };
+        let ask: Vec<NodeEntry> = self
+            .config
+            .nodes
+            .iter()
+            .filter(|n| !kept.contains_key(&n.name))
+            .cloned()
+            .collect();
+        let mut asked: HashMap<String, Outcome<DescribeResponse>> = self
+            .call_nodes(&ask, calls, |mut c| async move {
+                c.describe(DescribeRequest {}).await
+            })
+            .await
+            .into_iter()
+            .map(|o| (o.node.clone(), o))
+            .collect();
+        {
+            let mut d = self
+                .links
+                .descriptions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for o in asked.values() {
+                if let Ok(r) = &o.result {
+                    d.insert(o.node.clone(), (Instant::now(), r.clone()));
+                }
+            }
+        }
+        let mut kept = kept;
+        self.config
+            .nodes
+            .iter()
+            .map(|n| match kept.remove(&n.name) {
+                Some(r) => Outcome {
+                    node: n.name.clone(),
+                    result: Ok(r),
+                    elapsed: Duration::ZERO,
+                },
+                None => asked.remove(&n.name).unwrap_or_else(|| Outcome {
+                    node: n.name.clone(),
+                    result: Err(Failure::Unreachable("not described".into())),
+                    elapsed: Duration::ZERO,
+                }),
+            })
+            .collect()
+    }
+
+    /// Forgets `node`'s kept Describe: its answer disagreed with it (the
+    /// node may have changed its schemas), so the next query asks again.
+    pub fn forget_description(&self, node: &str) {
+        self.links.forget_description(node);
+    }
+
     /// Asks every node for the caller's budgets.
     pub async fn budget(&self, timeout: Duration) -> Vec<Outcome<BudgetResponse>> {
         self.fan_out(
@@ -396,6 +480,14 @@ impl Links {
     /// transport): the next call connects afresh.
     fn forget(&self, node: &str) {
         self.channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(node);
+        self.forget_description(node);
+    }
+
+    fn forget_description(&self, node: &str) {
+        self.descriptions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(node);

@@ -21,8 +21,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use fedq_proto::v1::{
-    CancelRequest, CommitRequest, DescribeRequest, DescribeResponse, PrepareRequest, QueryRequest,
-    QueryResponse,
+    CancelRequest, CommitRequest, DescribeResponse, PrepareRequest, QueryRequest, QueryResponse,
 };
 
 use crate::client::{Calls, Failure, Federation, Outcome};
@@ -125,11 +124,7 @@ async fn described(
     caps: &[&str],
     calls: Calls,
 ) -> (Vec<(NodeEntry, DescribeResponse)>, Vec<Outcome<()>>) {
-    let described = fed
-        .call_nodes(&fed.config.nodes, calls, |mut c| async move {
-            c.describe(DescribeRequest {}).await
-        })
-        .await;
+    let described = fed.described(calls).await;
     let mut ok = Vec::new();
     let mut left_out = Vec::new();
     for (entry, o) in fed.config.nodes.iter().zip(described) {
@@ -168,6 +163,13 @@ async fn described(
 
 /// Puts outcomes back in federation order.
 fn in_order<T>(fed: &Federation, parts: Vec<Outcome<T>>) -> Vec<Outcome<T>> {
+    // A node whose answer was left out may have changed what it declares:
+    // describe it afresh next time.
+    for o in &parts {
+        if matches!(o.result, Err(Failure::LeftOut(_))) {
+            fed.forget_description(&o.node);
+        }
+    }
     // Linear in the number of nodes (a fan-out to 1,000 nodes must not
     // compare every name with every other).
     let rank: HashMap<&str, usize> = fed

@@ -388,3 +388,50 @@ async fn thirty_nodes_answer_one_query() {
     let slowest = outcomes.iter().map(|o| o.elapsed).max().unwrap();
     eprintln!("30-node fan-out (debug build): {took:?} in all, slowest node call {slowest:?}");
 }
+
+/// A coordinator reuses each node's Describe for a while (half the calls
+/// of a query); a node that changes what it declares meanwhile (here: its
+/// ledger's measure) is not trusted on the stale description: its answer
+/// disagrees, is left out and named, and the next query describes it
+/// afresh and uses it again, without a new `Federation`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_changes_its_declaration_is_described_afresh() {
+    let mut fed = TestFederation::start(
+        &[(Partner::Ngo, 400, 41), (Partner::Hotline, 400, 42)],
+        roomy_budget(),
+    )
+    .await;
+    let coordinator = fed.federation("alice");
+    let calls = Calls {
+        timeout: Duration::from_secs(20),
+        retries: 1,
+    };
+    // A dry run describes both nodes (and spends nothing).
+    let mut dry = opts(0.2, calls);
+    dry.dry_run = true;
+    run_query(&coordinator, SQL, &dry).await.unwrap();
+    // Node 1 now accounts in zCDP (nothing spent there yet, so it may).
+    fed.stop_node(1).await;
+    fed.nodes[1].config.datasets[0].budget = fedq_node::config::BudgetLimits {
+        measure: fedq_dp::accounting::Measure::Zcdp,
+        delta: Some(1e-7),
+        ..roomy_budget()
+    };
+    fed.start_node(1).await;
+    let mut moved = coordinator.clone();
+    moved.config.nodes[1].endpoint = format!("https://{}", fed.nodes[1].config.node.listen);
+    // Its answer states another measure than the kept description: left
+    // out, named; node 0 still answers.
+    let o = opts(0.2, calls);
+    let c = combine(SQL, &o.query_id, 0.2, &run_query(&moved, SQL, &o).await.unwrap());
+    assert!(c.nodes[0].failure.is_none(), "{:?}", c.nodes[0]);
+    match &c.nodes[1].failure {
+        Some(Failure::LeftOut(why)) => assert!(why.contains("node-1"), "{why}"),
+        other => panic!("a stale description must not vouch for an answer: {other:?}"),
+    }
+    // The next query describes it again and uses it.
+    let o = opts(0.2, calls);
+    let c = combine(SQL, &o.query_id, 0.2, &run_query(&moved, SQL, &o).await.unwrap());
+    assert!(!c.partial, "{:?}", c.nodes);
+    assert_eq!(c.nodes[1].measure.as_deref(), Some("zcdp"));
+}
