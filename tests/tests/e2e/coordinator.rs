@@ -423,7 +423,12 @@ async fn a_node_that_changes_its_declaration_is_described_afresh() {
     // Its answer states another measure than the kept description: left
     // out, named; node 0 still answers.
     let o = opts(0.2, calls);
-    let c = combine(SQL, &o.query_id, 0.2, &run_query(&moved, SQL, &o).await.unwrap());
+    let c = combine(
+        SQL,
+        &o.query_id,
+        0.2,
+        &run_query(&moved, SQL, &o).await.unwrap(),
+    );
     assert!(c.nodes[0].failure.is_none(), "{:?}", c.nodes[0]);
     match &c.nodes[1].failure {
         Some(Failure::LeftOut(why)) => assert!(why.contains("node-1"), "{why}"),
@@ -431,7 +436,12 @@ async fn a_node_that_changes_its_declaration_is_described_afresh() {
     }
     // The next query describes it again and uses it.
     let o = opts(0.2, calls);
-    let c = combine(SQL, &o.query_id, 0.2, &run_query(&moved, SQL, &o).await.unwrap());
+    let c = combine(
+        SQL,
+        &o.query_id,
+        0.2,
+        &run_query(&moved, SQL, &o).await.unwrap(),
+    );
     assert!(!c.partial, "{:?}", c.nodes);
     assert_eq!(c.nodes[1].measure.as_deref(), Some("zcdp"));
 }
