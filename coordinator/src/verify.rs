@@ -30,6 +30,7 @@ use fedq_proto::v1::{
     column_schema::Kind, DatasetSchema, DescribeResponse, Measurement, OutputColumn, OutputKind,
     QueryRequest, QueryResponse,
 };
+use std::collections::HashMap;
 
 /// Relative tolerance when comparing a stated scale (or any other derived
 /// float) with the coordinator's: both sides run the same deterministic
@@ -435,17 +436,61 @@ pub fn verify_answer(
     described: &DescribeResponse,
     answer: &QueryResponse,
 ) -> Result<Expected, Disagreement> {
+    verify_with(&mut Expectations::new(request), node, described, answer)
+}
+
+/// What every answer to one request is checked against, computed once per
+/// query rather than once per node: the request's digest and dataset, and
+/// the expected answer per distinct declared schema (nodes of one
+/// federation usually declare the same, so a fan-out to 1,000 nodes plans
+/// the query once, not 1,000 times).
+pub struct Expectations<'r> {
+    request: &'r QueryRequest,
+    digest: String,
+    dataset: Result<String, Disagreement>,
+    by_schema: HashMap<Vec<u8>, Result<Expected, Disagreement>>,
+}
+
+impl<'r> Expectations<'r> {
+    /// Nothing planned yet.
+    pub fn new(request: &'r QueryRequest) -> Self {
+        Expectations {
+            request,
+            digest: hex::encode(fedq_proto::query_digest(request)),
+            dataset: plan::dataset_of(&request.sql).map_err(|e| Disagreement::Plan(e.0)),
+            by_schema: HashMap::new(),
+        }
+    }
+
+    /// The expected answer on `ds`, planned once per distinct schema.
+    fn on(&mut self, ds: &DatasetSchema) -> Result<Expected, Disagreement> {
+        use prost::Message;
+        let request = self.request;
+        self.by_schema
+            .entry(ds.encode_to_vec())
+            .or_insert_with(|| expect(request, ds))
+            .clone()
+    }
+}
+
+/// [`verify_answer`] with the per-query work in `ex`.
+pub fn verify_with(
+    ex: &mut Expectations<'_>,
+    node: &str,
+    described: &DescribeResponse,
+    answer: &QueryResponse,
+) -> Result<Expected, Disagreement> {
+    let request = ex.request;
     if answer.query_id != request.query_id {
         return Err(Disagreement::QueryId {
             got: quoted(&answer.query_id),
             sent: quoted(&request.query_id),
         });
     }
-    let digest = hex::encode(fedq_proto::query_digest(request));
-    if answer.request_sha256 != digest {
+    if answer.request_sha256 != ex.digest {
         return Err(Disagreement::RequestDigest {
             got: quoted(&answer.request_sha256),
-            expected: digest,
+            expected: ex.digest.clone(),
         });
     }
     if answer.node_name != node {
@@ -461,13 +506,13 @@ pub fn verify_answer(
         });
     }
     check_finite(answer)?;
-    let dataset = plan::dataset_of(&request.sql).map_err(|e| Disagreement::Plan(e.0))?;
+    let dataset = ex.dataset.clone()?;
     let ds = described
         .datasets
         .iter()
         .find(|d| d.name == dataset)
         .ok_or_else(|| Disagreement::UnknownDataset(quoted(&dataset)))?;
-    let mut expected = expect(request, ds)?;
+    let mut expected = ex.on(ds)?;
     let want = &expected.skeleton;
     if answer.dataset != want.dataset {
         return Err(field(
@@ -981,13 +1026,14 @@ pub fn check_outcomes<'a>(
         Failure::LeftOut(format!("node {node:?}: answer left out: {why}"))
     };
     let mut checked: Vec<(Outcome<QueryResponse>, Option<Layout>)> = Vec::new();
+    let mut ex = Expectations::new(request);
     for mut o in outcomes {
         let Ok(answer) = &mut o.result else {
             checked.push((o, None));
             continue;
         };
         let verdict: Result<Expected, String> = match described(&o.node) {
-            Some(d) => verify_answer(&o.node, request, d, answer).map_err(|e| e.to_string()),
+            Some(d) => verify_with(&mut ex, &o.node, d, answer).map_err(|e| e.to_string()),
             None => Err("the coordinator did not get its Describe (its declared schemas), so it cannot check the answer".into()),
         };
         match verdict {
@@ -1091,6 +1137,25 @@ mod tests {
         })
         .unwrap_err()
         .contains("household"));
+    }
+
+    /// One plan per distinct declared schema, whatever the number of
+    /// nodes; a node declaring another schema gets its own, and the
+    /// verdicts are those of `verify_answer`.
+    #[test]
+    fn the_query_is_planned_once_per_distinct_schema() {
+        let d = described("record", "pure");
+        let q = request(SQL, 0.5, 0.0);
+        let a = honest(&d, &q);
+        let mut ex = Expectations::new(&q);
+        for _ in 0..50 {
+            verify_with(&mut ex, "n", &d, &a).unwrap();
+        }
+        assert_eq!(ex.by_schema.len(), 1);
+        let z = described("record", "zcdp");
+        let e = verify_with(&mut ex, "n", &z, &a).unwrap_err();
+        assert_eq!(e, verify_answer("n", &q, &z, &a).unwrap_err());
+        assert_eq!(ex.by_schema.len(), 2);
     }
 
     #[test]
