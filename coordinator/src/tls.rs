@@ -50,11 +50,6 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len()))
-}
-
 impl ClientTls {
     /// Reads the PEM files (already resolved paths); each error names the
     /// `[tls]` key and the file.
@@ -102,7 +97,7 @@ impl ClientTls {
         );
         let mut crl_stamp = None;
         if let Some(path) = &self.crl {
-            crl_stamp = stamp(path);
+            crl_stamp = fedq_pki::crl_stamp(path);
             let crls = fedq_pki::load_crls(path, &self.ca_certs)?;
             verifier = verifier.with_crls(crls).only_check_end_entity_revocation();
         }
@@ -126,7 +121,7 @@ impl ClientTls {
     /// list's file changed. A list that no longer reads is an error (the
     /// coordinator does not fall back to trusting every node).
     fn config(&self) -> std::io::Result<Arc<ClientConfig>> {
-        let current = self.crl.as_deref().and_then(stamp);
+        let current = self.crl.as_deref().and_then(fedq_pki::crl_stamp);
         let mut built = self.built.lock().unwrap_or_else(|p| p.into_inner());
         match &*built {
             Some((config, s)) if *s == current => Ok(Arc::clone(config)),

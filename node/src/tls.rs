@@ -267,12 +267,6 @@ fn check_own_certificate(
     }
 }
 
-/// A CRL file's identity for change detection: modification time and size.
-fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len()))
-}
-
 struct CrlFile {
     path: PathBuf,
     state: Mutex<CrlState>,
@@ -336,7 +330,7 @@ impl ClientVerifier {
                 Some(CrlFile {
                     state: Mutex::new(CrlState {
                         checked: Instant::now(),
-                        stamp: stamp(&path),
+                        stamp: fedq_pki::crl_stamp(&path),
                     }),
                     path,
                 }),
@@ -379,7 +373,7 @@ impl ClientVerifier {
             return;
         }
         st.checked = Instant::now();
-        let now = stamp(&crl.path);
+        let now = fedq_pki::crl_stamp(&crl.path);
         if now == st.stamp {
             return;
         }

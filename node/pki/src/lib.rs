@@ -485,6 +485,14 @@ pub struct Caller {
     pub role: String,
 }
 
+/// A revocation list file's identity for change detection: its
+/// modification time and size (node and coordinator read the list again
+/// when it changes).
+pub fn crl_stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
 /// Reads a PEM file of revocation lists (`[tls] crl`, in node.toml and
 /// federation.toml), each issued by a certificate of `ca_certs` (the
 /// federation CA, DER). Each error names `tls.crl` and what to do.
