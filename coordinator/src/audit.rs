@@ -185,7 +185,7 @@ fn short(hex: &str) -> &str {
 }
 
 fn parse_key(hex: &str) -> anyhow::Result<VerifyingKey> {
-    fedq_audit::parse_public_key(hex)
+    Ok(fedq_audit::parse_public_key(hex)?)
 }
 
 /// Why `head`'s signature (ed25519 over the 32 hash bytes, as the node

@@ -114,6 +114,23 @@ struct Links {
     /// [`DESCRIBE_TTL`] by [`Federation::described`]; dropped with the
     /// node's channel and when an answer of the node is left out.
     descriptions: std::sync::Arc<std::sync::Mutex<HashMap<String, (Instant, DescribeResponse)>>>,
+    /// The latest round of calls (one [`Federation::call_nodes`]): how many
+    /// nodes it asked and how they fared so far, for the progress line
+    /// ([`crate::progress`]).
+    round: std::sync::Arc<std::sync::Mutex<Round>>,
+}
+
+/// The latest round of calls to nodes, as [`crate::progress`] shows it.
+#[derive(Debug, Default)]
+struct Round {
+    /// Counts the rounds, so that a call of an earlier round that ends late
+    /// is not counted in the current one.
+    id: u64,
+    /// Nodes called, answered, failed; the slowest finished call.
+    asked: usize,
+    answered: usize,
+    failed: usize,
+    slowest: Option<(String, Duration)>,
 }
 
 /// How long a node's Describe (its public schemas, capabilities and API
@@ -148,6 +165,7 @@ impl Federation {
                 channels: Default::default(),
                 pending: Default::default(),
                 descriptions: Default::default(),
+                round: Default::default(),
             },
         })
     }
@@ -220,6 +238,7 @@ impl Federation {
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>> + Send,
     {
         let mut set = JoinSet::new();
+        let round = self.links.round_start(nodes.len());
         for (i, node) in nodes.iter().enumerate() {
             let fed = self.links.clone();
             let node = node.clone();
@@ -262,6 +281,7 @@ impl Federation {
                     }
                 };
                 fed.pending_remove(&node.name);
+                fed.round_done(round, &node.name, start.elapsed(), result.is_ok());
                 (
                     i,
                     Outcome {
@@ -289,6 +309,33 @@ impl Federation {
                 })
             })
             .collect()
+    }
+
+    /// The latest round of calls as the progress line shows it: nodes
+    /// asked, answered and failed, and the slowest so far (a call still
+    /// running counts when it has taken longer than every finished one).
+    pub fn progress(&self) -> crate::progress::Snapshot {
+        let r = self.links.round.lock().unwrap_or_else(|p| p.into_inner());
+        let waiting = self
+            .links
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(n, t)| (n.clone(), t.elapsed()))
+            .max_by_key(|(_, t)| *t);
+        let (slowest, slowest_waiting) = match (&r.slowest, waiting) {
+            (Some(done), Some(w)) if w.1 <= done.1 => (Some(done.clone()), false),
+            (_, Some(w)) => (Some(w), true),
+            (done, None) => (done.clone(), false),
+        };
+        crate::progress::Snapshot {
+            asked: r.asked,
+            answered: r.answered,
+            failed: r.failed,
+            slowest,
+            slowest_waiting,
+        }
     }
 
     /// Nodes whose call is still running, with when it started (for a
@@ -543,6 +590,33 @@ impl Links {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(node);
+    }
+
+    /// A new round of calls to `asked` nodes; its id.
+    fn round_start(&self, asked: usize) -> u64 {
+        let mut r = self.round.lock().unwrap_or_else(|p| p.into_inner());
+        *r = Round {
+            id: r.id + 1,
+            asked,
+            ..Round::default()
+        };
+        r.id
+    }
+
+    /// One call of round `id` ended after `took`.
+    fn round_done(&self, id: u64, node: &str, took: Duration, answered: bool) {
+        let mut r = self.round.lock().unwrap_or_else(|p| p.into_inner());
+        if r.id != id {
+            return;
+        }
+        if answered {
+            r.answered += 1;
+        } else {
+            r.failed += 1;
+        }
+        if r.slowest.as_ref().is_none_or(|(_, t)| took > *t) {
+            r.slowest = Some((node.to_string(), took));
+        }
     }
 }
 

@@ -468,16 +468,7 @@ pub(crate) struct HalfWidths(HashMap<(Vec<u64>, u64), f64>);
 impl HalfWidths {
     /// [`noise_sum_half_width`] of `noises` at `alpha`, computed once.
     fn get(&mut self, noises: &[Noise], alpha: f64) -> f64 {
-        let key = (
-            noises
-                .iter()
-                .map(|n| match n {
-                    Noise::DiscreteLaplace { scale } => scale.to_bits() << 1,
-                    Noise::DiscreteGaussian { scale } => scale.to_bits() << 1 | 1,
-                })
-                .collect(),
-            alpha.to_bits(),
-        );
+        let key = (noises.iter().map(noise_key).collect(), alpha.to_bits());
         *self
             .0
             .entry(key)
@@ -609,63 +600,8 @@ pub fn noise_sum_half_width(noises: &[Noise], alpha: f64) -> f64 {
             // nodes there are.
             let k = noises.len() as f64;
             let h = (sd / (100.0f64).max(4.0 * k)).floor().max(1.0) as i64;
-            let mut dropped = 0.0;
-            let mut dist: Vec<f64> = vec![1.0];
-            for n in noises {
-                // Bins b = round(x / h): x in [b h - floor(h/2), b h + ceil(h/2) - 1].
-                match *n {
-                    // Geometric away from its centre: linear-time convolution.
-                    Noise::DiscreteLaplace { scale: s } => {
-                        let q = (-1.0 / s).exp();
-                        let reach = (s * 28.0) as i64 + h; // q^reach < 1e-12
-                        let k = reach / h + 1;
-                        let lo_edge = |b: i64| b * h - h / 2;
-                        let bin =
-                            |b: i64| upper_tail(q, lo_edge(b)) - upper_tail(q, lo_edge(b + 1));
-                        dropped += 2.0 * upper_tail(q, lo_edge(k + 1));
-                        let kernel = Binned {
-                            center: bin(0),
-                            right: bin(1),
-                            left: bin(-1),
-                            ratio: geometric(q, h),
-                            reach: k as usize,
-                        };
-                        dist = kernel.convolve(&dist);
-                    }
-                    Noise::DiscreteGaussian { .. } => {
-                        let k = (n.reach() + h) / h + 1;
-                        let edges: Vec<i64> = (-k..=k + 1).map(|b| b * h - h / 2).collect();
-                        let (tails, err) = n.upper_tails(&edges);
-                        let pmf: Vec<f64> = tails.windows(2).map(|t| t[0] - t[1]).collect();
-                        dropped += (1.0 - tails[0]) + tails[tails.len() - 1] + 2.0 * err;
-                        let mut next = vec![0.0; dist.len() + pmf.len() - 1];
-                        for (i, &a) in dist.iter().enumerate() {
-                            if a == 0.0 {
-                                continue;
-                            }
-                            for (j, &b) in pmf.iter().enumerate() {
-                                next[i + j] += a * b;
-                            }
-                        }
-                        dist = next;
-                    }
-                }
-                // The tails the running sum can no longer bring into the
-                // interval are dropped as they form (their mass counted in
-                // `dropped`, so the bound stays one), keeping the work
-                // about linear in the nodes rather than quadratic.
-                dropped += trim_tails(&mut dist, TAIL_TRIM);
-            }
-            let center = (dist.len() / 2) as i64;
-            // Smallest w (in bins) with P[|S| > w] <= alpha - dropped.
-            let budget = alpha - dropped;
-            let mut outside: f64 = dist.iter().sum::<f64>();
-            let mut w = 0i64;
-            outside -= dist[center as usize];
-            while outside > budget && w < center {
-                w += 1;
-                outside -= dist[(center - w) as usize] + dist[(center + w) as usize];
-            }
+            let (dist, dropped) = sum_distribution(noises, h, POWER_FROM);
+            let w = half_width_bins(&dist, alpha - dropped);
             let slack = if h == 1 {
                 0.0
             } else {
@@ -673,6 +609,348 @@ pub fn noise_sum_half_width(noises: &[Noise], alpha: f64) -> f64 {
             };
             (w * h) as f64 + slack
         }
+    }
+}
+
+/// The smallest `w` (in bins) with `P[|S| > w] <= budget` for the
+/// distribution `dist` of `S` (bin 0 in the middle).
+fn half_width_bins(dist: &[f64], budget: f64) -> i64 {
+    let center = (dist.len() / 2) as i64;
+    let mut outside: f64 = dist.iter().sum::<f64>();
+    let mut w = 0i64;
+    outside -= dist[center as usize];
+    while outside > budget && w < center {
+        w += 1;
+        outside -= dist[(center - w) as usize] + dist[(center + w) as usize];
+    }
+    w
+}
+
+/// The distribution of the sum of `noises` binned on the grid of step `h`
+/// (bin 0 in the middle) and the mass it leaves out of any tail (see
+/// [`noise_sum_half_width`]). Groups of at least `power_from` equal noises
+/// are summed by repeated squaring, the others one at a time.
+fn sum_distribution(noises: &[Noise], h: i64, power_from: usize) -> (Vec<f64>, f64) {
+    // Many nodes usually carry the same noise (same mechanism and
+    // scale): such a group's sum is one binned pmf raised to the
+    // group's size by repeated squaring, O(log k) convolutions of
+    // length about sqrt(k) (by FFT) instead of k of them.
+    let mut group_size: HashMap<u64, usize> = HashMap::new();
+    for n in noises {
+        *group_size.entry(noise_key(n)).or_default() += 1;
+    }
+    let mut dropped = 0.0;
+    let mut dist: Vec<f64> = vec![1.0];
+    for n in noises {
+        let size = group_size.get(&noise_key(n)).copied().unwrap_or(1);
+        if size >= power_from {
+            // The whole group at its first member; later members skipped.
+            group_size.insert(noise_key(n), 0);
+            let (pmf, lost) = binned_pmf(n, h);
+            let sum = power(Dist { pmf, lost }, size);
+            let both = times(
+                &Dist {
+                    pmf: dist,
+                    lost: 0.0,
+                },
+                &sum,
+            );
+            dist = both.pmf;
+            dropped += both.lost;
+            continue;
+        }
+        if size == 0 {
+            continue;
+        }
+        // Bins b = round(x / h): x in [b h - floor(h/2), b h + ceil(h/2) - 1].
+        match *n {
+            // Geometric away from its centre: linear-time convolution.
+            Noise::DiscreteLaplace { scale: s } => {
+                let (kernel, lost) = laplace_kernel(s, h);
+                dropped += lost;
+                dist = kernel.convolve(&dist);
+            }
+            Noise::DiscreteGaussian { .. } => {
+                let (pmf, lost) = binned_pmf(n, h);
+                dropped += lost;
+                dist = direct_convolution(&dist, &pmf);
+            }
+        }
+        // The tails the running sum can no longer bring into the
+        // interval are dropped as they form (their mass counted in
+        // `dropped`, so the bound stays one), keeping the work
+        // about linear in the nodes rather than quadratic.
+        dropped += trim_tails(&mut dist, TAIL_TRIM);
+    }
+    (dist, dropped)
+}
+
+/// Groups of at least this many nodes with the same noise are summed by
+/// repeated squaring ([`power`]); smaller ones one node at a time (a
+/// linear-time step each for the discrete Laplace), which is as fast there
+/// and keeps small federations' intervals exactly as before.
+const POWER_FROM: usize = 16;
+
+/// The identity of a noise for grouping: mechanism and scale, bit for bit.
+fn noise_key(n: &Noise) -> u64 {
+    match n {
+        Noise::DiscreteLaplace { scale } => scale.to_bits() << 1,
+        Noise::DiscreteGaussian { scale } => scale.to_bits() << 1 | 1,
+    }
+}
+
+/// A discrete Laplace noise of scale `s` binned on the grid of step `h`
+/// (bins `b = round(x / h)`), as the linear-time kernel, and the mass it
+/// leaves out beyond its reach (both tails; `q^reach < 1e-12`).
+fn laplace_kernel(s: f64, h: i64) -> (Binned, f64) {
+    let q = (-1.0 / s).exp();
+    let reach = (s * 28.0) as i64 + h;
+    let k = reach / h + 1;
+    let lo_edge = |b: i64| b * h - h / 2;
+    let bin = |b: i64| upper_tail(q, lo_edge(b)) - upper_tail(q, lo_edge(b + 1));
+    let kernel = Binned {
+        center: bin(0),
+        right: bin(1),
+        left: bin(-1),
+        ratio: geometric(q, h),
+        reach: k as usize,
+    };
+    (kernel, 2.0 * upper_tail(q, lo_edge(k + 1)))
+}
+
+/// One node's noise binned on the grid of step `h`, as a pmf with bin 0 in
+/// the middle, and what it leaves out of the bound: the tail mass beyond its
+/// reach, and for a discrete Gaussian twice the error bound of its tails (an
+/// error of at most e in each noise's distribution function moves each tail
+/// of the sum by at most the sum of the e's).
+fn binned_pmf(n: &Noise, h: i64) -> (Vec<f64>, f64) {
+    match *n {
+        Noise::DiscreteLaplace { scale } => {
+            let (kernel, lost) = laplace_kernel(scale, h);
+            (kernel.convolve(&[1.0]), lost)
+        }
+        Noise::DiscreteGaussian { .. } => {
+            let k = (n.reach() + h) / h + 1;
+            let edges: Vec<i64> = (-k..=k + 1).map(|b| b * h - h / 2).collect();
+            let (tails, err) = n.upper_tails(&edges);
+            let pmf: Vec<f64> = tails.windows(2).map(|t| t[0] - t[1]).collect();
+            let lost = (1.0 - tails[0]) + tails[tails.len() - 1] + 2.0 * err;
+            (pmf, lost)
+        }
+    }
+}
+
+/// A computed distribution of a sum of binned noises (bin 0 in the middle
+/// of `pmf`) and a bound on what it leaves out: every tail of the true
+/// distribution exceeds the same tail of `pmf` by at most `lost` (tails
+/// dropped, the noises' own error bounds, floating-point error of the
+/// convolutions).
+struct Dist {
+    /// Bin masses, symmetric about the middle bin up to rounding.
+    pmf: Vec<f64>,
+    /// Upper bound on the mass missing from any tail.
+    lost: f64,
+}
+
+/// The distribution of `n` independent copies of `base` summed, by
+/// repeated squaring (binary powering): `base^n` from the squares `base^(2^j)`
+/// of the bits of `n`. Each product's far tails are dropped as they form
+/// (at most [`TAIL_TRIM`] a side, counted in `lost`), as in the one-by-one
+/// sum; the rounding slack of the grid is the caller's (each node's value
+/// is within h/2 of its bin however the sum is formed).
+fn power(base: Dist, mut n: usize) -> Dist {
+    let mut result: Option<Dist> = None;
+    let mut square = base;
+    loop {
+        if n & 1 == 1 {
+            result = Some(match result {
+                None => Dist {
+                    pmf: square.pmf.clone(),
+                    lost: square.lost,
+                },
+                Some(r) => times(&r, &square),
+            });
+        }
+        n >>= 1;
+        if n == 0 {
+            break;
+        }
+        square = times(&square, &square);
+    }
+    result.unwrap_or(Dist {
+        pmf: vec![1.0],
+        lost: 0.0,
+    })
+}
+
+/// The distribution of the sum of two independent sums, its far tails
+/// trimmed. What each left out adds up (plus their product, as either may
+/// be a sub-probability), and so does the product's floating-point error.
+fn times(a: &Dist, b: &Dist) -> Dist {
+    let (mut pmf, err) = if a.pmf.len().min(b.pmf.len()) <= DIRECT_UP_TO {
+        (direct_convolution(&a.pmf, &b.pmf), 0.0)
+    } else {
+        fft_convolution(&a.pmf, &b.pmf)
+    };
+    let trimmed = trim_tails(&mut pmf, TAIL_TRIM);
+    Dist {
+        pmf,
+        lost: a.lost + b.lost + a.lost * b.lost + err + trimmed,
+    }
+}
+
+/// Below this length the direct convolution is cheaper than an FFT (and
+/// exact up to ordinary rounding).
+const DIRECT_UP_TO: usize = 64;
+
+fn direct_convolution(a: &[f64], b: &[f64]) -> Vec<f64> {
+    let mut out = vec![0.0; a.len() + b.len() - 1];
+    for (i, &x) in a.iter().enumerate() {
+        if x == 0.0 {
+            continue;
+        }
+        for (j, &y) in b.iter().enumerate() {
+            out[i + j] += x * y;
+        }
+    }
+    out
+}
+
+/// The convolution of two non-negative sequences by FFT, and a bound on
+/// its error in total (L1) mass.
+///
+/// The error bound: a radix-2 FFT of length N with accurate twiddle factors
+/// is within `log2(N) eta` (relative, 2-norm) of the exact transform, eta
+/// about 7 unit roundoffs (Higham, Accuracy and Stability of Numerical
+/// Algorithms, 2nd ed., Theorem 24.2); through the forward transform, the
+/// pointwise product and the inverse transform, the output is within
+/// `3 (log2(N) + 2) eta (|a|_2 + |b|_2)` of the exact convolution in the
+/// 2-norm, for sequences of total mass at most about one. We take eta as 16
+/// unit roundoffs (more than twice the theorem's), turn the 2-norm into a
+/// bound per bin, set to zero every bin at or below it (their total, which
+/// is what zeroing changes, counted too, so that the far tails that are
+/// only rounding noise can be trimmed) and bound the L1 error by
+/// `sqrt(len)` times the 2-norm bound (Cauchy-Schwarz).
+fn fft_convolution(a: &[f64], b: &[f64]) -> (Vec<f64>, f64) {
+    let len = a.len() + b.len() - 1;
+    let size = len.next_power_of_two();
+    // a in the real part, b in the imaginary part: one forward transform.
+    let mut x = vec![Complex::default(); size];
+    for (i, &v) in a.iter().enumerate() {
+        x[i].re = v;
+    }
+    for (i, &v) in b.iter().enumerate() {
+        x[i].im = v;
+    }
+    fft(&mut x, false);
+    // A_k = (X_k + conj X_{-k}) / 2, B_k = (X_k - conj X_{-k}) / 2i, and
+    // the product A_k B_k = (X_k^2 - conj(X_{-k})^2) / 4i.
+    let product: Vec<Complex> = (0..size)
+        .map(|k| {
+            let xk = x[k];
+            let xm = x[(size - k) % size].conj();
+            let d = xk.mul(xk).sub(xm.mul(xm));
+            // d / 4i = -i d / 4
+            Complex {
+                re: d.im / 4.0,
+                im: -d.re / 4.0,
+            }
+        })
+        .collect();
+    let mut y = product;
+    fft(&mut y, true);
+    let norm = |v: &[f64]| v.iter().map(|t| t * t).sum::<f64>().sqrt();
+    let log2 = size.trailing_zeros() as f64;
+    let eta = 16.0 * f64::EPSILON / 2.0;
+    let bound = 3.0 * (log2 + 2.0) * eta * (norm(a) + norm(b));
+    let mut zeroed = 0.0;
+    let out: Vec<f64> = y[..len]
+        .iter()
+        .map(|c| {
+            let v = c.re / size as f64;
+            if v <= bound {
+                zeroed += v.max(0.0);
+                0.0
+            } else {
+                v
+            }
+        })
+        .collect();
+    (out, (len as f64).sqrt() * bound + zeroed)
+}
+
+/// A complex number, for [`fft`] (the only place the coordinator needs one).
+#[derive(Debug, Clone, Copy, Default)]
+struct Complex {
+    re: f64,
+    im: f64,
+}
+
+impl Complex {
+    fn mul(self, o: Complex) -> Complex {
+        Complex {
+            re: self.re * o.re - self.im * o.im,
+            im: self.re * o.im + self.im * o.re,
+        }
+    }
+    fn add(self, o: Complex) -> Complex {
+        Complex {
+            re: self.re + o.re,
+            im: self.im + o.im,
+        }
+    }
+    fn sub(self, o: Complex) -> Complex {
+        Complex {
+            re: self.re - o.re,
+            im: self.im - o.im,
+        }
+    }
+    fn conj(self) -> Complex {
+        Complex {
+            re: self.re,
+            im: -self.im,
+        }
+    }
+}
+
+/// In-place iterative radix-2 FFT (`x.len()` a power of two); `inverse`
+/// without the 1/N factor. Twiddle factors are computed each from its own
+/// angle (not by repeated multiplication), so each is accurate to a unit
+/// roundoff or so, as the error bound of [`fft_convolution`] assumes.
+fn fft(x: &mut [Complex], inverse: bool) {
+    let n = x.len();
+    let mut j = 0usize;
+    for i in 1..n {
+        let mut bit = n >> 1;
+        while j & bit != 0 {
+            j ^= bit;
+            bit >>= 1;
+        }
+        j |= bit;
+        if i < j {
+            x.swap(i, j);
+        }
+    }
+    let sign = if inverse { 1.0 } else { -1.0 };
+    let twiddles: Vec<Complex> = (0..n / 2)
+        .map(|t| {
+            let (s, c) = (sign * 2.0 * std::f64::consts::PI * t as f64 / n as f64).sin_cos();
+            Complex { re: c, im: s }
+        })
+        .collect();
+    let mut len = 2;
+    while len <= n {
+        let stride = n / len;
+        for start in (0..n).step_by(len) {
+            for t in 0..len / 2 {
+                let w = twiddles[t * stride];
+                let u = x[start + t];
+                let v = x[start + t + len / 2].mul(w);
+                x[start + t] = u.add(v);
+                x[start + t + len / 2] = u.sub(v);
+            }
+        }
+        len <<= 1;
     }
 }
 
@@ -976,6 +1254,77 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Binary powering of equal noises gives the distribution (and so the
+    /// interval) that summing them one at a time does: 37 nodes in groups
+    /// of equal scales, both mechanisms, on the integer grid and on a
+    /// coarser one, and 1,000 equal nodes (the fan-out benchmark's case).
+    #[test]
+    fn powered_sums_match_one_by_one() {
+        let mut mixed = vec![laplace(10.0); 19];
+        mixed.extend(vec![gaussian(40.0); 16]);
+        mixed.extend([laplace(7.0), gaussian(3.0)]);
+        let mut coarse = vec![laplace(2_000.0); 20];
+        coarse.extend(vec![gaussian(5_000.0); 17]);
+        let cases = [mixed, coarse, vec![laplace(10.0); 1000]];
+        for noises in cases {
+            let sd: f64 = noises.iter().map(Noise::variance).sum::<f64>().sqrt();
+            let h = (sd / (100.0f64).max(4.0 * noises.len() as f64))
+                .floor()
+                .max(1.0) as i64;
+            let (powered, lost_p) = sum_distribution(&noises, h, POWER_FROM);
+            let (one_by_one, lost_s) = sum_distribution(&noises, h, usize::MAX);
+            let label = format!("{} nodes, h = {h}", noises.len());
+            // The same per-node tail bounds (1e-5 of them for the large
+            // discrete Gaussians' approximate tails), plus the products'
+            // trimmed tails and FFT error: tiny next to alpha.
+            assert!(
+                lost_p < 1e-5 && (lost_p - lost_s).abs() < 1e-8,
+                "{label}: lost {lost_p} against {lost_s}"
+            );
+            // Same centre; every bin within 1e-12 where either has mass.
+            let (cp, cs) = (powered.len() / 2, one_by_one.len() / 2);
+            let reach = cp.max(cs);
+            let at = |d: &[f64], c: usize, i: isize| {
+                let j = c as isize + i;
+                if j >= 0 && (j as usize) < d.len() {
+                    d[j as usize]
+                } else {
+                    0.0
+                }
+            };
+            let mut worst = 0.0f64;
+            for i in -(reach as isize)..=reach as isize {
+                worst = worst.max((at(&powered, cp, i) - at(&one_by_one, cs, i)).abs());
+            }
+            assert!(worst < 1e-12, "{label}: bins differ by {worst}");
+            let total: f64 = powered.iter().sum();
+            assert!((total - 1.0).abs() < 1e-9, "{label}: mass {total}");
+            for alpha in [0.05, 0.01, 0.05 / 3.0] {
+                let wp = half_width_bins(&powered, alpha - lost_p);
+                let ws = half_width_bins(&one_by_one, alpha - lost_s);
+                assert!(
+                    (wp - ws).abs() <= 1,
+                    "{label} at {alpha}: {wp} vs {ws} bins"
+                );
+            }
+        }
+    }
+
+    /// The FFT convolution agrees with the direct one, and its stated
+    /// error bound covers the difference.
+    #[test]
+    fn fft_convolution_agrees_with_the_direct_one() {
+        let (kernel, _) = laplace_kernel(30.0, 1);
+        let a = kernel.convolve(&[1.0]);
+        let b = direct_convolution(&a, &a);
+        let (fast, err) = fft_convolution(&a, &b);
+        let exact = direct_convolution(&a, &b);
+        assert_eq!(fast.len(), exact.len());
+        let l1: f64 = fast.iter().zip(&exact).map(|(x, y)| (x - y).abs()).sum();
+        assert!(l1 <= err, "L1 difference {l1} above the bound {err}");
+        assert!(err < 1e-10, "bound {err}");
     }
 
     #[test]

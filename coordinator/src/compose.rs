@@ -261,7 +261,20 @@ pub fn compose(parts: &[String], schema: &Schema, labels: &[String]) -> Composit
     merged.projection.insert(0, head.projection[0].clone());
     let column_expr = Expr::Identifier(sqlparser::ast::Ident::new(column.clone()));
     match &mut merged.group_by {
-        sqlparser::ast::GroupByExpr::Expressions(exprs, _) => exprs.insert(0, column_expr),
+        sqlparser::ast::GroupByExpr::Expressions(exprs, _) => {
+            // A position counts the SELECT list, which now starts with the
+            // part column: `GROUP BY 1` is `GROUP BY 2`.
+            for e in exprs.iter_mut() {
+                if let Expr::Value(v) = e {
+                    if let Value::Number(n, _) = &mut v.value {
+                        if let Ok(k) = n.parse::<u64>() {
+                            *n = (k + 1).to_string();
+                        }
+                    }
+                }
+            }
+            exprs.insert(0, column_expr)
+        }
         sqlparser::ast::GroupByExpr::All(_) => return sequential("GROUP BY ALL"),
     }
     let sql = merged.to_string();
@@ -290,19 +303,28 @@ pub fn part_of(c: &Combined, label: &str) -> Combined {
     out
 }
 
-/// A note on how the cost of `parts` parts was split, shown with the result.
+/// A note on how the cost of `parts` parts was split, shown with the
+/// result; for a dry run, how it would be split by the real run (which
+/// composes the parts the same way).
 pub fn cost_note(composition: &Composition, parts: usize, opts: &QueryOptions) -> String {
     let (unit, total) = if opts.rho > 0.0 {
         ("rho", opts.rho)
     } else {
         ("epsilon", opts.epsilon)
     };
-    match composition {
-        Composition::Parallel { .. } => format!(
+    match (composition, opts.dry_run) {
+        (Composition::Parallel { .. }, false) => format!(
             "{parts} parts over provably disjoint records, asked as one query grouped by part: each part got the full {unit} {total} and each node debited {unit} {total} once (parallel composition)"
         ),
-        Composition::Sequential { why } => format!(
+        (Composition::Parallel { .. }, true) => format!(
+            "dry run: {parts} parts over provably disjoint records would be asked as one query grouped by part (the query shown): each part would get the full {unit} {total} and each node would debit {unit} {total} once (parallel composition)"
+        ),
+        (Composition::Sequential { why }, false) => format!(
             "{parts} parts asked one by one with {unit} {} each, {total} in all (sequential composition: {why})",
+            total / parts as f64
+        ),
+        (Composition::Sequential { why }, true) => format!(
+            "dry run: {parts} parts would be asked one by one with {unit} {} each, {total} in all (sequential composition: {why})",
             total / parts as f64
         ),
     }
@@ -356,7 +378,7 @@ pub async fn ask_union(
 ) -> Result<Answer, QueryError> {
     let mut datasets = Vec::new();
     for p in parts {
-        datasets.push(fedq_plan::plan::dataset_of(p).map_err(|e| QueryError::Sql(e.0))?);
+        datasets.push(fedq_plan::plan::dataset_of(p).map_err(|e| QueryError::Sql(e.to_string()))?);
     }
     if datasets.iter().any(|d| *d != datasets[0]) {
         return Err(QueryError::Sql(
@@ -442,6 +464,8 @@ pub async fn ask_union(
 /// query's answer, its rows as if asked alone, with a note on how the cost
 /// was split. `None` when they cannot be asked as one: then each is asked
 /// on its own with an even share of the budget (sequential composition).
+/// A dry run (`opts.dry_run`) is composed the same way, so its plan (the
+/// grouped query, at the whole budget) is what the real run will spend.
 pub async fn ask_set(
     fed: &Federation,
     queries: &[String],
@@ -630,5 +654,52 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A dry run's note says how the real run would split the cost: the
+    /// whole budget for each of disjoint parts, an even share otherwise.
+    #[test]
+    fn a_dry_run_notes_the_split_the_real_run_will_make() {
+        let opts = |dry_run| QueryOptions {
+            secure: false,
+            epsilon: 1.0,
+            rho: 0.0,
+            dry_run,
+            calls: crate::client::Calls {
+                timeout: std::time::Duration::from_secs(1),
+                retries: 0,
+            },
+            min_nodes: None,
+            query_id: "q".into(),
+        };
+        let parts = [
+            "SELECT BIN(traffickMonths, 4), COUNT(*) FROM cases WHERE gender = 'Female' GROUP BY 1"
+                .to_string(),
+            "SELECT BIN(traffickMonths, 4), COUNT(*) FROM cases WHERE gender = 'Male' GROUP BY 1"
+                .to_string(),
+        ];
+        let parallel = compose(&parts, &schema(), &["1".into(), "2".into()]);
+        assert!(
+            matches!(&parallel, Composition::Parallel { sql, .. } if sql.contains("BIN(traffickMonths, 4)")),
+            "{parallel:?}"
+        );
+        let dry = cost_note(&parallel, 2, &opts(true));
+        assert!(
+            dry.starts_with("dry run")
+                && dry.contains("would get the full epsilon 1")
+                && dry.contains("parallel composition"),
+            "{dry}"
+        );
+        let real = cost_note(&parallel, 2, &opts(false));
+        assert!(real.contains("each part got the full epsilon 1"), "{real}");
+        let sequential = Composition::Sequential {
+            why: "overlap".into(),
+        };
+        let dry = cost_note(&sequential, 2, &opts(true));
+        assert!(
+            dry.starts_with("dry run")
+                && dry.contains("would be asked one by one with epsilon 0.5 each"),
+            "{dry}"
+        );
     }
 }

@@ -50,6 +50,9 @@ pub struct Defaults {
     pub timeout_secs: f64,
     /// Where the audit heads seen in answers are kept (see `fedq audit check-heads`).
     pub heads_file: PathBuf,
+    /// Ask with secure aggregation by default (`fedq query --secure`):
+    /// for a federation whose zCDP datasets all allow it.
+    pub secure: bool,
 }
 
 impl Default for Defaults {
@@ -57,6 +60,7 @@ impl Default for Defaults {
         Defaults {
             timeout_secs: 30.0,
             heads_file: "fedq-heads.json".into(),
+            secure: false,
         }
     }
 }

@@ -18,9 +18,16 @@
 //! - [`output`]: tables, JSON and CSV.
 //! - [`post`]: ORDER BY, LIMIT, HAVING and ROUND, applied to the combined
 //!   noisy answers (post-processing, no privacy cost).
+//! - [`progress`]: the progress line of a long fan-out (nodes answered of
+//!   those asked, the slowest so far), on a terminal only unless forced.
 //! - [`query`]: a researcher's query from the SQL written to the combined
 //!   result, the one path of `fedq query` and the Python package.
 //! - [`run`]: one query across the federation: capability checks, retries, quorum (two phases).
+//! - [`secure`]: secure aggregation: the nodes' round keys relayed, their
+//!   masked shares summed, so that only the sum is ever in the clear.
+//! - [`standard`]: whether the nodes asked follow the same data standard
+//!   (name, major version, and the columns a query reads declared alike),
+//!   checked before anything is spent; the differences `fedq schema --diff` shows.
 //! - [`verify`]: every answer checked against the coordinator's own plan from the
 //!   nodes' public schemas; a node whose answer disagrees is left out and named.
 
@@ -35,8 +42,11 @@ mod distribution;
 pub mod federation;
 pub mod output;
 pub mod post;
+pub mod progress;
 pub mod query;
 pub mod run;
+pub mod secure;
+pub mod standard;
 mod tls;
 pub mod verify;
 

@@ -289,11 +289,16 @@ pub fn render_schemas(
                     "datasets": d.datasets.iter().map(|ds| serde_json::json!({
                         "name": ds.name,
                         "description": ds.description,
+                        "standard": ds.standard.as_ref().map(|s| serde_json::json!({"name": s.name, "version": s.version, "digest": s.digest})),
                         "privacy_unit": ds.privacy_unit,
                         "columns": ds.columns.iter().map(|c| {
                             let (ty, domain, bounds) = column_parts(c.kind.as_ref());
                             serde_json::json!({"name": c.name, "type": ty, "domain": domain, "bounds": bounds})
                         }).collect::<Vec<_>>(),
+                        "lookups": ds.lookups.iter().map(|t| serde_json::json!({
+                            "name": t.name, "key": t.key, "value": t.value,
+                            "rows": t.rows.iter().map(|r| serde_json::json!({"value": r.value, "keys": r.keys})).collect::<Vec<_>>(),
+                        })).collect::<Vec<_>>(),
                     })).collect::<Vec<_>>(),
                 }),
                 Err(f) => serde_json::json!({"node": o.node, "error": f.to_string()}),
@@ -349,15 +354,36 @@ pub fn render_schemas(
                     }
                     if format == Format::Table {
                         out.push_str(&format!(
-                            "dataset {} (privacy unit: one {}){}\n{t}\n",
+                            "dataset {} (privacy unit: one {}){}{}\n{t}\n",
                             ds.name,
                             ds.privacy_unit,
+                            ds.standard
+                                .as_ref()
+                                .map(|s| format!(
+                                    ", standard {} {} (digest {})",
+                                    s.name, s.version, s.digest
+                                ))
+                                .unwrap_or_default(),
                             if ds.description.is_empty() {
                                 String::new()
                             } else {
                                 format!(": {}", ds.description)
                             }
                         ));
+                        // Its public lookup tables, joinable by key.
+                        for l in &ds.lookups {
+                            let keys: usize = l.rows.iter().map(|r| r.keys.len()).sum();
+                            let values: Vec<&str> =
+                                l.rows.iter().map(|r| r.value.as_str()).collect();
+                            out.push_str(&format!(
+                                "lookup table {} (JOIN {} x ON x.{} = column; x.{}): {keys} keys, values {}\n",
+                                l.name,
+                                l.name,
+                                l.key,
+                                l.value,
+                                values.join(", ")
+                            ));
+                        }
                     }
                 }
                 if format == Format::Table {
@@ -370,6 +396,75 @@ pub fn render_schemas(
         return Ok(String::from_utf8(w.into_inner()?)?);
     }
     Ok(out)
+}
+
+/// Renders `fedq schema --diff`: per dataset served by several nodes, the
+/// rows (the standard, the privacy unit, each column) they do not all
+/// declare the same, one column of the table per node; `-` where a node
+/// does not declare the column. JSON: `[{"dataset", "column", "nodes":
+/// [[node, declaration or null], ...]}]`.
+pub fn render_schema_diff(
+    outcomes: &[Outcome<DescribeResponse>],
+    format: Format,
+) -> anyhow::Result<String> {
+    let diffs = crate::standard::differences(outcomes);
+    match format {
+        Format::Json => Ok(serde_json::to_string_pretty(&diffs)? + "\n"),
+        Format::Csv => {
+            let mut w = csv::Writer::from_writer(Vec::new());
+            w.write_record(["dataset", "column", "node", "declaration"])?;
+            for d in &diffs {
+                for (n, v) in &d.nodes {
+                    w.write_record([
+                        d.dataset.as_str(),
+                        d.column.as_str(),
+                        n.as_str(),
+                        v.as_deref().unwrap_or(""),
+                    ])?;
+                }
+            }
+            Ok(String::from_utf8(w.into_inner()?)?)
+        }
+        Format::Table => {
+            let mut out = String::new();
+            for o in outcomes {
+                if let Err(f) = &o.result {
+                    out.push_str(&format!("node {}: {f} (not compared)\n", o.node));
+                }
+            }
+            if diffs.is_empty() {
+                out.push_str(
+                    "every dataset served by several nodes is declared the same on each of them\n",
+                );
+                return Ok(out);
+            }
+            let mut datasets: Vec<&str> = diffs.iter().map(|d| d.dataset.as_str()).collect();
+            datasets.dedup();
+            for ds in datasets {
+                let rows: Vec<&crate::standard::Difference> =
+                    diffs.iter().filter(|d| d.dataset == ds).collect();
+                let mut t = Table::new();
+                t.load_preset(UTF8_FULL_CONDENSED);
+                let mut header = vec!["column".to_string()];
+                header.extend(rows[0].nodes.iter().map(|(n, _)| n.clone()));
+                t.set_header(header);
+                for d in &rows {
+                    let mut row = vec![d.column.clone()];
+                    row.extend(
+                        d.nodes
+                            .iter()
+                            .map(|(_, v)| v.clone().unwrap_or_else(|| "-".to_string())),
+                    );
+                    t.add_row(row);
+                }
+                out.push_str(&format!(
+                    "dataset {ds}: {} difference(s) between the nodes serving it\n{t}\n",
+                    rows.len()
+                ));
+            }
+            Ok(out)
+        }
+    }
 }
 
 /// A column's type name, categorical domain and integer bounds.
@@ -521,6 +616,18 @@ pub fn render_plan(
             f64::NAN,
             combined,
         ));
+        // What secure aggregation would give, when every node offers it:
+        // each adds a share of one release's noise.
+        if let Some(secure) = crate::secure::dry_run_half_width(&answered, label) {
+            rows.push((
+                label.clone(),
+                format!("combined, --secure ({count} nodes)"),
+                f64::NAN,
+                String::new(),
+                f64::NAN,
+                secure,
+            ));
+        }
     }
     let cells = answered.first().map_or(0, |r| r.cells.len());
     match format {

@@ -354,6 +354,15 @@ fn formula(e: &Expr, parts: &mut Vec<Expr>) -> Option<Formula> {
                 Box::new(Formula::Num(k)),
             ))
         }
+        // Per-row functions (a GROUP BY key such as COALESCE(x, -1) / 24
+        // or BIN(x, 4)) are the nodes', not aggregates to compute over.
+        Expr::Function(f)
+            if ["COALESCE", "BIN"]
+                .iter()
+                .any(|n| f.name.to_string().eq_ignore_ascii_case(n)) =>
+        {
+            None
+        }
         Expr::Function(_) => {
             let t = norm(&e.to_string());
             if !parts.iter().any(|p| norm(&p.to_string()) == t) {
@@ -865,6 +874,19 @@ mod tests {
         );
         assert_eq!(p.limit, Some(10));
         assert_eq!(p.round, vec![(Target("AVG(TRAFFICKMONTHS)".into()), 1)]);
+    }
+
+    #[test]
+    fn per_row_keys_are_sent_as_written() {
+        for sql in [
+            "SELECT COALESCE(traffickMonths, -1) / 24 AS d, COUNT(*) FROM cases GROUP BY d",
+            "SELECT BIN(traffickMonths, 4) + 1, COUNT(*) FROM cases GROUP BY 1",
+            "SELECT traffickMonths / 12 AS y, COUNT(*) FROM cases GROUP BY y",
+        ] {
+            let (core, post) = split(sql).unwrap();
+            assert_eq!(core, sql);
+            assert!(post.is_none(), "{sql}");
+        }
     }
 
     #[test]

@@ -148,6 +148,7 @@ pub async fn epsilon_for_target(
     let (sent, _) = crate::post::split(written).map_err(anyhow::Error::msg)?;
     let probe = 1e-3;
     let opts = QueryOptions {
+        secure: false,
         epsilon: probe,
         rho: 0.0,
         dry_run: true,

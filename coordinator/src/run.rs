@@ -3,6 +3,10 @@
 //! 1. **Capabilities.** Every node is asked what it speaks (`Describe`);
 //!    a node on another API version, or lacking a capability the query
 //!    needs, is left out and the result says which node lacks what.
+//!    Then the data standard ([`crate::standard::screen`]): a node whose
+//!    dataset follows another standard (name or major version), or declares
+//!    a column the query reads differently from the newest version the
+//!    others follow, is left out and named, before anything is spent.
 //! 2. **One phase** (default): `Query` on every eligible node, retried with
 //!    the same query id on failures that may pass (the node replays a
 //!    release it already made, so a retry never spends twice).
@@ -21,7 +25,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use fedq_proto::v1::{
-    CancelRequest, CommitRequest, DescribeResponse, PrepareRequest, QueryRequest, QueryResponse,
+    CancelRequest, CommitRequest, DescribeResponse, PrepareRequest, PrepareResponse, QueryRequest,
+    QueryResponse,
 };
 
 use crate::client::{Calls, Failure, Federation, Outcome};
@@ -45,6 +50,10 @@ pub struct QueryOptions {
     pub min_nodes: Option<usize>,
     /// The query id sent to every node.
     pub query_id: String,
+    /// Secure aggregation (two phases, rho only): each node releases a
+    /// masked share of the noise, and only the sum is in the clear
+    /// ([`crate::secure`]).
+    pub secure: bool,
 }
 
 /// A quorum that was not reached: nothing was released or kept spent.
@@ -95,6 +104,10 @@ fn required(opts: &QueryOptions) -> Vec<&'static str> {
     }
     if opts.rho > 0.0 {
         caps.push("zcdp");
+    }
+    if opts.secure {
+        caps.push("two_phase");
+        caps.push("secure_aggregation");
     }
     caps
 }
@@ -229,7 +242,7 @@ pub fn plan_locally(
     if described.is_empty() {
         return Ok(());
     }
-    let dataset = fedq_plan::plan::dataset_of(sql).map_err(|e| e.0)?;
+    let dataset = fedq_plan::plan::dataset_of(sql).map_err(|e| e.to_string())?;
     let mut errors: Vec<(String, String)> = Vec::new();
     let mut serving = 0;
     for (entry, d) in described {
@@ -237,8 +250,9 @@ pub fn plan_locally(
             continue;
         };
         serving += 1;
-        let planned = crate::verify::schema_from_proto(ds)
-            .and_then(|schema| fedq_plan::plan::plan(sql, &schema, usize::MAX).map_err(|e| e.0));
+        let planned = crate::verify::schema_from_proto(ds).and_then(|schema| {
+            fedq_plan::plan::plan(sql, &schema, usize::MAX).map_err(|e| e.to_string())
+        });
         match planned {
             Ok(_) => return Ok(()),
             Err(why) => errors.push((entry.name.clone(), why)),
@@ -283,7 +297,11 @@ pub async fn run_query(
     sql: &str,
     opts: &QueryOptions,
 ) -> Result<Vec<Outcome<QueryResponse>>, RunError> {
-    let (described, left_out) = described(fed, &required(opts), opts.calls).await;
+    let (described, mut left_out) = described(fed, &required(opts), opts.calls).await;
+    // Nodes off the federation's data standard are left out before
+    // anything is sent or spent.
+    let (described, off_standard) = crate::standard::screen(described, sql);
+    left_out.extend(off_standard);
     plan_locally(&described, sql).map_err(RunError::Query)?;
     let nodes: Vec<NodeEntry> = described.iter().map(|(e, _)| e.clone()).collect();
     let request = QueryRequest {
@@ -302,7 +320,18 @@ pub async fn run_query(
             })
             .collect()
     };
-    let Some(needed) = opts.min_nodes.filter(|_| !opts.dry_run) else {
+    if opts.secure && (opts.rho.is_nan() || opts.rho <= 0.0) {
+        return Err(RunError::Query(
+            "secure aggregation releases discrete Gaussian shares: ask in rho (--rho), not epsilon; nothing was sent or spent".into(),
+        ));
+    }
+    // Secure aggregation always runs in two phases: the keys are
+    // exchanged at Prepare.
+    let min_nodes = match (opts.secure, opts.min_nodes) {
+        (true, m) => Some(m.unwrap_or(2).max(2)),
+        (false, m) => m,
+    };
+    let Some(needed) = min_nodes.filter(|_| !opts.dry_run) else {
         let sent = request.clone();
         let answered = fed
             .call_nodes(&nodes, opts.calls, move |mut c| {
@@ -324,6 +353,7 @@ pub async fn run_query(
     let prepare = PrepareRequest {
         query: Some(request.clone()),
         hold_ms,
+        secure_aggregation: opts.secure,
     };
     let prepared = fed
         .call_nodes(&nodes, opts.calls, move |mut c| {
@@ -337,6 +367,23 @@ pub async fn run_query(
         .filter(|(_, o)| o.result.is_ok())
         .map(|(n, _)| n.clone())
         .collect();
+    // Secure aggregation: the round keys of every node that accepted, and
+    // at least as many nodes as the most demanding one's min_honest.
+    let relay = if opts.secure {
+        let keys: Vec<(String, PrepareResponse)> = prepared
+            .iter()
+            .filter_map(|o| o.result.as_ref().ok().map(|p| (o.node.clone(), p.clone())))
+            .collect();
+        Some(crate::secure::relay(&request, &keys))
+    } else {
+        None
+    };
+    let needed = match &relay {
+        Some(Ok(r)) => needed.max(r.min_honest as usize),
+        // No round can start: nothing is committed.
+        Some(Err(_)) => usize::MAX,
+        None => needed,
+    };
     if accepted.len() < needed {
         let id = opts.query_id.clone();
         let cancels = fed
@@ -355,9 +402,18 @@ pub async fn run_query(
             )
             .await;
         let mut outcomes: Vec<Outcome<()>> = left_out;
+        let no_round = match &relay {
+            Some(Err(why)) => Some(why.clone()),
+            _ => None,
+        };
         outcomes.extend(prepared.into_iter().map(|o| Outcome {
             node: o.node,
-            result: o.result.map(|_| ()),
+            result: match (&no_round, o.result) {
+                (Some(why), Ok(_)) => Err(Failure::LeftOut(format!(
+                    "secure aggregation cannot start: {why}"
+                ))),
+                (_, r) => r.map(|_| ()),
+            },
             elapsed: o.elapsed,
         }));
         return Err(RunError::Quorum(QuorumFailure {
@@ -373,14 +429,34 @@ pub async fn run_query(
     }
     // Phase 2: release where accepted.
     let id = opts.query_id.clone();
-    let committed = fed
+    let relay = relay.and_then(Result::ok);
+    let participants = relay
+        .as_ref()
+        .map(|r| r.participants.clone())
+        .unwrap_or_default();
+    let mut committed = fed
         .call_nodes(&accepted, opts.calls, move |mut c| {
             let r = CommitRequest {
                 query_id: id.clone(),
+                participants: participants.clone(),
             };
             async move { c.commit(r).await }
         })
         .await;
+    // Secure aggregation: the masked shares summed before the checks.
+    let unmasked = match &relay {
+        Some(r) => match crate::secure::unmask(r, &mut committed) {
+            Ok(u) => Some(u),
+            Err(why) => {
+                crate::secure::abandon(
+                    &mut committed,
+                    &format!("secure aggregation round abandoned: {why}; the shares cannot be summed, and the releases are spent; ask again with a new query id"),
+                );
+                None
+            }
+        },
+        None => None,
+    };
     let mut all = failed(&left_out);
     all.extend(prepared.into_iter().filter(|o| o.result.is_err()).map(|o| {
         Outcome {
@@ -393,9 +469,12 @@ pub async fn run_query(
         }
     }));
     let by_name = by_name(&described);
-    all.extend(verify::check_outcomes(&request, committed, |node| {
-        by_name.get(node).copied()
-    }));
+    let mut checked =
+        verify::check_outcomes(&request, committed, |node| by_name.get(node).copied());
+    if let Some(u) = unmasked {
+        crate::secure::restore(u, &mut checked);
+    }
+    all.extend(checked);
     Ok(in_order(fed, all))
 }
 

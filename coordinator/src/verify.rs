@@ -252,10 +252,18 @@ pub fn schema_from_proto(ds: &DatasetSchema) -> Result<Schema, String> {
         specs.push(spec);
     }
     let schema = Schema::from_specs(&ds.name, &specs)?;
-    match person_unit(&ds.privacy_unit)? {
-        None => Ok(schema),
-        Some((column, max_records)) => schema.with_person_unit(&column, max_records),
-    }
+    let schema = match person_unit(&ds.privacy_unit)? {
+        None => schema,
+        Some((column, max_records)) => schema.with_person_unit(&column, max_records)?,
+    };
+    // The dataset's public lookup tables, so that a join to one is planned
+    // as the node plans it.
+    let lookups = ds
+        .lookups
+        .iter()
+        .map(fedq_plan::lookup::Lookup::from_proto)
+        .collect::<Result<Vec<_>, _>>()?;
+    schema.with_lookups(lookups)
 }
 
 /// Reads `privacy_unit` as the node words it: `record`, or `person
@@ -321,8 +329,8 @@ fn expect(request: &QueryRequest, ds: &DatasetSchema) -> Result<Expected, Disagr
     // The node enforced its own cell limit when it accepted the query; the
     // coordinator's cost is bounded by the answer it compares against (see
     // `check_cells`), so no limit is applied here.
-    let plan =
-        plan::plan(&request.sql, &schema, usize::MAX).map_err(|e| Disagreement::Plan(e.0))?;
+    let plan = plan::plan(&request.sql, &schema, usize::MAX)
+        .map_err(|e| Disagreement::Plan(e.to_string()))?;
     let m = plan.measurements.len();
     if m == 0 {
         return Err(Disagreement::Plan("the plan has no measurement".into()));
@@ -390,6 +398,7 @@ fn expect(request: &QueryRequest, ds: &DatasetSchema) -> Result<Expected, Disagr
             bin_edges,
             rho: if gaussian { per } else { 0.0 },
             l2_sensitivity: if gaussian { l2 as f64 } else { 0.0 },
+            masked: Vec::new(),
         });
     }
     let outputs = plan.output_columns();
@@ -457,7 +466,7 @@ impl<'r> Expectations<'r> {
         Expectations {
             request,
             digest: hex::encode(fedq_proto::query_digest(request)),
-            dataset: plan::dataset_of(&request.sql).map_err(|e| Disagreement::Plan(e.0)),
+            dataset: plan::dataset_of(&request.sql).map_err(|e| Disagreement::Plan(e.to_string())),
             by_schema: HashMap::new(),
         }
     }

@@ -91,6 +91,7 @@ fn ledger(c: &mut Criterion) {
                         query_id: &id,
                         dataset: "cases",
                         digest,
+                        secure: None,
                     },
                     vec![],
                     None,

@@ -37,7 +37,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::NodeConfig;
 use fedq_ledger::audit::{self, AuditKey, AuditLog, Head};
-use fedq_ledger::store::{Store, FORMAT_VERSION};
+use fedq_ledger::store::{Store, StoreError, FORMAT_VERSION};
 
 /// Name of the manifest inside a backup directory.
 pub const MANIFEST: &str = "manifest.json";
@@ -594,17 +594,13 @@ fn check_files(from: &Path, manifest: &Manifest) -> anyhow::Result<()> {
 
 /// Opens the store of a stopped node, saying so clearly when it is running.
 fn open_stopped(dir: &Path) -> anyhow::Result<Store> {
-    Store::open(dir).map_err(|e| {
-        let text = format!("{e:#}");
-        if text.contains("in use by another process") {
-            anyhow!(
-                "store {} is in use: stop the node first (e.g. `systemctl stop fedq-node`), then run this again; \
-                 nothing was changed",
-                dir.display()
-            )
-        } else {
-            e
-        }
+    Store::open(dir).map_err(|e| match e {
+        StoreError::Locked { .. } => anyhow!(
+            "store {} is in use: stop the node first (e.g. `systemctl stop fedq-node`), then run this again; \
+             nothing was changed",
+            dir.display()
+        ),
+        e => e.into(),
     })
 }
 

@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
 use fedq_dp::accounting::Measure;
+pub use fedq_engine::mapping::{ColumnMapping, Mapping};
 use fedq_plan::schema::{ColumnSpec, Schema};
+use fedq_plan::standard::{Followed, Standard};
 
 /// The whole node configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -195,8 +197,18 @@ pub struct DatasetConfig {
     pub description: String,
     /// Privacy budget limits for this dataset.
     pub budget: BudgetLimits,
-    /// Declared columns.
+    /// Declared columns. With a `standard`, they may be left out (they
+    /// are then the standard's); if given, they must be the standard's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub columns: Vec<ColumnSpec>,
+    /// `[datasets.standard]`: the federation data standard this dataset
+    /// follows (its columns and privacy unit come from it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standard: Option<StandardRef>,
+    /// `[datasets.mapping.<column>]`: how the partner's own columns and
+    /// codes are read as the declared ones at ingest.
+    #[serde(default, skip_serializing_if = "Mapping::is_empty")]
+    pub mapping: Mapping,
     /// `[datasets.privacy_unit]`: protect persons rather than records.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub privacy_unit: Option<PrivacyUnitConfig>,
@@ -205,6 +217,81 @@ pub struct DatasetConfig {
     /// from CSV into the embedded store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<SourceConfig>,
+    /// `[datasets.secure_aggregation]`: this dataset takes part in
+    /// secure-aggregation rounds (zCDP only). Absent: it refuses them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure_aggregation: Option<SecureAggregationConfig>,
+    /// `[[datasets.lookups]]`: small public lookup tables (key to value)
+    /// that queries of this dataset may join by key, like the built-in
+    /// `regions`; published in `Describe` with the schema.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lookups: Vec<LookupConfig>,
+}
+
+/// `[[datasets.lookups]]`: a public lookup table, e.g.
+///
+/// ```toml
+/// [[datasets.lookups]]
+/// name = "zones"
+/// key = "country"
+/// value = "zone"
+/// rows = { UA = "East", MD = "East", PH = "Pacific" }
+/// ```
+///
+/// joined as `JOIN zones z ON z.country = citizenship` and grouped by or
+/// filtered on `z.zone`. Public: every researcher sees it in `Describe`,
+/// so it must hold nothing confidential. Validated by
+/// [`fedq_plan::lookup::Lookup::new`] (identifiers, at most 10,000 keys
+/// and 64 values, no missing values).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LookupConfig {
+    /// Its name in JOIN.
+    pub name: String,
+    /// The key column's name (`ON table.key = column`).
+    pub key: String,
+    /// The value column's name.
+    pub value: String,
+    /// `key = "value"` pairs (values are shown in order of first
+    /// appearance over the keys in sorted order).
+    pub rows: std::collections::BTreeMap<String, String>,
+}
+
+/// `[datasets.secure_aggregation]`: the node adds only a share of a
+/// release's noise, calibrated so that the shares of `min_honest` honest
+/// participants sum to one central release's privacy
+/// (`fedq_dp::distributed`), and refuses a round with fewer participants.
+/// It still debits its own ledger for the whole release.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecureAggregationConfig {
+    /// The fewest participants of a round this node assumes honest (not
+    /// colluding with the coordinator): at least 2. With fewer honest
+    /// ones than this, its share alone carries less noise than one
+    /// release needs (SECURITY.md says how much).
+    pub min_honest: u32,
+}
+
+/// `[datasets.standard]`: which standard a dataset follows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StandardRef {
+    /// The standard file (relative to the config's directory).
+    pub file: PathBuf,
+    /// The standard's name, checked against the file's if given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The version (`MAJOR.MINOR`), checked against the file's if given,
+    /// so that a replaced file cannot change the dataset unnoticed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// The standard's dataset this one follows; default: the same name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<String>,
+    /// What the node states in `Describe`, filled in when the config is
+    /// loaded ([`NodeConfig::apply_standards`]).
+    #[serde(skip)]
+    pub followed: Option<Followed>,
 }
 
 /// `[datasets.privacy_unit]`: the dataset's records may repeat a person.
@@ -226,12 +313,137 @@ impl DatasetConfig {
     /// The validated schema, with the person-level privacy unit if declared.
     pub fn schema(&self) -> Result<Schema, String> {
         let schema = Schema::from_specs(&self.name, &self.columns)?;
-        match &self.privacy_unit {
-            None => Ok(schema),
+        let schema = match &self.privacy_unit {
+            None => schema,
             Some(u) => schema
                 .with_person_unit(&u.person_column, u.max_records)
-                .map_err(|e| format!("dataset {:?}: {e}", self.name)),
+                .map_err(|e| format!("dataset {:?}: {e}", self.name))?,
+        };
+        if self.lookups.is_empty() {
+            return Ok(schema);
         }
+        let at = |e: String| format!("dataset {:?}: [[datasets.lookups]]: {e}", self.name);
+        let mut lookups = Vec::with_capacity(self.lookups.len());
+        for t in &self.lookups {
+            if t.name.eq_ignore_ascii_case(&self.name) {
+                return Err(at(format!(
+                    "lookup table {:?} has the dataset's name; choose another",
+                    t.name
+                )));
+            }
+            let pairs = t.rows.iter().map(|(k, v)| (k.clone(), v.clone()));
+            lookups.push(
+                fedq_plan::lookup::Lookup::new(&t.name, &t.key, &t.value, pairs).map_err(at)?,
+            );
+        }
+        schema.with_lookups(lookups).map_err(at)
+    }
+
+    /// What the dataset states about its standard in `Describe`, if it
+    /// follows one (after [`NodeConfig::apply_standards`]).
+    pub fn followed(&self) -> Option<&Followed> {
+        self.standard.as_ref().and_then(|s| s.followed.as_ref())
+    }
+
+    /// Reads the dataset's standard file and takes its columns and privacy
+    /// unit (or checks the declared ones against them). Errors name the
+    /// key and what differs.
+    fn apply_standard(&mut self, base: &Path) -> Result<(), String> {
+        let Some(r) = &mut self.standard else {
+            return Ok(());
+        };
+        let path = if r.file.is_absolute() {
+            r.file.clone()
+        } else {
+            base.join(&r.file)
+        };
+        let at = format!("dataset {:?}: standard", self.name);
+        let standard = Standard::load(&path).map_err(|e| format!("{at}: {e}"))?;
+        if let Some(name) = &r.name {
+            if *name != standard.name {
+                return Err(format!(
+                    "{at}: name = {name:?}, but {} is standard {:?}; fix `name` or `file`",
+                    path.display(),
+                    standard.name
+                ));
+            }
+        }
+        if let Some(version) = &r.version {
+            if *version != standard.version.to_string() {
+                return Err(format!(
+                    "{at}: version = {version:?}, but {} is version {}; install the version you mean, or change `version` (and re-ingest if the columns changed)",
+                    path.display(),
+                    standard.version
+                ));
+            }
+        }
+        let ds = standard
+            .dataset(r.dataset.as_deref().unwrap_or(&self.name))
+            .map_err(|e| format!("{at}: {e}; set [datasets.standard] dataset"))?;
+        if self.columns.is_empty() {
+            self.columns = ds.columns.clone();
+        } else {
+            let declared = Schema::from_specs(&self.name, &self.columns)?;
+            let theirs = Schema::from_specs(&self.name, &ds.columns)?;
+            if declared != theirs {
+                let differs = theirs
+                    .columns
+                    .iter()
+                    .find_map(
+                        |c| match declared.columns.iter().find(|d| d.name() == c.name()) {
+                            None => Some(format!("node.toml lacks column {:?}", c.name())),
+                            Some(d) if d != c => Some(format!(
+                                "column {:?} is declared as {}, the standard has {}",
+                                c.name(),
+                                d.expectation(),
+                                c.expectation()
+                            )),
+                            Some(_) => None,
+                        },
+                    )
+                    .or_else(|| {
+                        declared
+                            .columns
+                            .iter()
+                            .find(|d| theirs.index_of(d.name()).is_none())
+                            .map(|d| {
+                                format!(
+                                    "node.toml declares {:?}, which the standard does not",
+                                    d.name()
+                                )
+                            })
+                    })
+                    .unwrap_or_else(|| "the columns are in another order".to_string());
+                return Err(format!(
+                    "{at}: {differs}; remove [[datasets.columns]] to take the standard's, and map your own coding in [datasets.mapping]"
+                ));
+            }
+        }
+        let unit = ds
+            .privacy_unit
+            .as_ref()
+            .map(|u| (u.person_column.clone(), u.max_records));
+        let mine = self
+            .privacy_unit
+            .as_ref()
+            .map(|u| (u.person_column.clone(), u.max_records));
+        match (&mine, &unit) {
+            (None, Some((person_column, max_records))) => {
+                self.privacy_unit = Some(PrivacyUnitConfig {
+                    person_column: person_column.clone(),
+                    max_records: *max_records,
+                })
+            }
+            _ if mine != unit => {
+                return Err(format!(
+                    "{at}: [datasets.privacy_unit] differs from the standard's ({}); remove it to take the standard's",
+                    unit.map_or("one record".to_string(), |(c, k)| format!("person by {c}, at most {k} records"))
+                ))
+            }
+            _ => {}
+        }
+        r.followed = Some(standard.followed());
+        Ok(())
     }
 
     /// The unit of privacy in words, as `Describe` reports it.
@@ -258,9 +470,22 @@ impl NodeConfig {
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
-        cfg.validate()
+        cfg.apply_standards()
+            .and_then(|()| cfg.validate())
             .map_err(|e| anyhow::anyhow!("invalid node config {}: {e}", path.display()))?;
         Ok(cfg)
+    }
+
+    /// Reads each dataset's `[datasets.standard]` file (relative to
+    /// `base_dir`): takes its columns and privacy unit, or checks the
+    /// declared ones against them. [`NodeConfig::load`] calls it; a config
+    /// built in code calls it before use.
+    pub fn apply_standards(&mut self) -> Result<(), String> {
+        let base = self.base_dir.clone();
+        for d in &mut self.datasets {
+            d.apply_standard(&base)?;
+        }
+        Ok(())
     }
 
     /// Checks everything that TOML types cannot: names, budgets, schemas.
@@ -291,6 +516,21 @@ impl NodeConfig {
                     "dataset name {:?} must be non-empty and use only letters, digits and '_'",
                     d.name
                 ));
+            }
+            if let Some(sa) = &d.secure_aggregation {
+                if d.budget.measure != Measure::Zcdp {
+                    return Err(format!(
+                        "dataset {:?}: secure_aggregation needs measure = \"zcdp\" (its noise is the distributed discrete Gaussian); set budget.measure = \"zcdp\" or remove [datasets.secure_aggregation]",
+                        d.name
+                    ));
+                }
+                let most = fedq_secagg::MAX_PARTICIPANTS as u32;
+                if !(2..=most).contains(&sa.min_honest) {
+                    return Err(format!(
+                        "dataset {:?}: secure_aggregation.min_honest must be from 2 to {most} (got {}): the fewest participants of a round this node assumes do not collude with the coordinator",
+                        d.name, sa.min_honest
+                    ));
+                }
             }
             let b = d.budget;
             for (what, v) in [
@@ -366,7 +606,20 @@ impl NodeConfig {
                     ));
                 }
             }
-            d.schema()?;
+            let schema = d.schema()?;
+            if d.standard.as_ref().is_some_and(|s| s.followed.is_none()) {
+                return Err(format!(
+                    "dataset {:?}: [datasets.standard] was not read (NodeConfig::apply_standards)",
+                    d.name
+                ));
+            }
+            fedq_engine::mapping::Mapper::compile(&d.name, &schema, &d.mapping)?;
+            if d.source.is_some() && !d.mapping.is_empty() {
+                return Err(format!(
+                    "dataset {:?}: [datasets.mapping] applies when CSV files are ingested; a database source reads the declared coding, so map in a view over your table (deploy/README.md, \"Answering from a PostgreSQL database\") and remove the mapping",
+                    d.name
+                ));
+            }
             if let Some(source) = &d.source {
                 source.validate(&d.name, &d.columns)?;
                 if let Some(c) = d.columns.iter().find(|c| c.open == Some(true)) {
@@ -452,5 +705,122 @@ mod tests {
         );
         cfg.limits.replay_window_ms = cfg.limits.query_deadline_ms;
         cfg.validate().unwrap();
+    }
+
+    /// `[[datasets.lookups]]` become the schema's public lookup tables
+    /// (published in `Describe`); a bad one is refused at load naming the
+    /// dataset and what is wrong.
+    #[test]
+    fn a_dataset_declares_public_lookup_tables() {
+        let text = include_str!("../../deploy/node.example.toml");
+        let with = |table: &str| format!("{text}\n[[datasets.lookups]]\n{table}\n");
+        let good = "name = \"zones\"\nkey = \"country\"\nvalue = \"zone\"\nrows = { UA = \"East\", MD = \"East\", PH = \"Pacific\" }";
+        let cfg: NodeConfig = toml::from_str(&with(good)).unwrap();
+        cfg.validate().unwrap();
+        let d = cfg.datasets.last().unwrap();
+        let s = d.schema().unwrap();
+        assert_eq!(s.lookups.len(), 1);
+        assert_eq!(s.lookups[0].value_of("MD"), Some("East"));
+        // Keys in sorted order, values in order of first appearance.
+        let values: Vec<&str> = s.lookups[0].rows.iter().map(|(v, _)| v.as_str()).collect();
+        assert_eq!(values, ["East", "Pacific"]);
+        for (bad, says) in [
+            (good.replace("zones", "regions"), "built-in"),
+            (good.replace("zones", &d.name), "the dataset's name"),
+            (good.replace("\"Pacific\"", "\"-99\""), "missing value"),
+            (good.replace("\"zone\"", "\"country\""), "different names"),
+        ] {
+            let cfg: NodeConfig = toml::from_str(&with(&bad)).unwrap();
+            let e = cfg.validate().unwrap_err();
+            assert!(
+                e.contains(says) && e.contains("[[datasets.lookups]]"),
+                "{bad}: {e}"
+            );
+        }
+        let unknown = format!("{good}\ncolour = \"blue\"");
+        assert!(toml::from_str::<NodeConfig>(&with(&unknown)).is_err());
+    }
+
+    /// A node.toml following the shipped standard, in a directory with a
+    /// copy of it.
+    fn following(dir: &Path, extra: &str) -> anyhow::Result<NodeConfig> {
+        std::fs::write(
+            dir.join("ctdc.toml"),
+            include_str!("../../deploy/standards/ctdc-cases-1.0.toml"),
+        )?;
+        let text = format!(
+            r#"[node]
+name = "n1"
+listen = "127.0.0.1:7001"
+store = "store"
+[tls]
+ca = "ca.pem"
+cert = "node.pem"
+key = "node.key"
+[[datasets]]
+name = "cases"
+[datasets.budget]
+per_analyst = 1.0
+total = 2.0
+per_query_max = 1.0
+[datasets.standard]
+file = "ctdc.toml"
+{extra}"#
+        );
+        let path = dir.join("node.toml");
+        std::fs::write(&path, text)?;
+        NodeConfig::load(&path)
+    }
+
+    /// The shipped standard declares exactly what `fedq-node synth`
+    /// writes, a dataset following it takes its columns, and a mapping or
+    /// a pin that does not fit is refused at load naming the key.
+    #[test]
+    fn a_dataset_follows_the_shipped_standard() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = following(dir.path(), "version = \"1.0\"\n").unwrap();
+        let d = &cfg.datasets[0];
+        assert_eq!(d.columns, fedq_engine::synth::ctdc_columns());
+        let f = d.followed().unwrap();
+        assert_eq!(
+            (f.name.as_str(), f.version.to_string().as_str()),
+            ("ctdc-cases", "1.0")
+        );
+        let mapping = fedq_engine::partner_coding::MAPPING_TOML;
+        following(dir.path(), mapping).unwrap();
+        for (extra, says) in [
+            ("version = \"1.1\"\n", "is version 1.0"),
+            ("name = \"other\"\n", "is standard \"ctdc-cases\""),
+            ("dataset = \"victims\"\n", "has no dataset \"victims\""),
+            (
+                "[datasets.mapping.gender]\nvalues = { F = \"female\" }\n",
+                "values maps \"F\" to \"female\"",
+            ),
+            (
+                "[[datasets.columns]]\nname = \"gender\"\ntype = \"categorical\"\ndomain = [\"F\", \"M\"]\n",
+                "remove [[datasets.columns]]",
+            ),
+        ] {
+            let e = format!("{:#}", following(dir.path(), extra).unwrap_err());
+            assert!(e.contains(says), "{says}: {e}");
+        }
+        // A mapping is for CSV ingest; a database source maps in a view.
+        let e = format!(
+            "{:#}",
+            following(
+                dir.path(),
+                &format!(
+                    "[datasets.source]\nkind = \"postgres\"\ntable = \"cases\"\nurl_env = \"DB\"\n{mapping}"
+                )
+            )
+            .unwrap_err()
+        );
+        assert!(e.contains("map in a view"), "{e}");
+        std::fs::remove_file(dir.path().join("ctdc.toml")).unwrap();
+        let e = format!(
+            "{:#}",
+            NodeConfig::load(&dir.path().join("node.toml")).unwrap_err()
+        );
+        assert!(e.contains("cannot read standard file"), "{e}");
     }
 }

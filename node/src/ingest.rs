@@ -1,6 +1,13 @@
 //! CSV ingest: validate every row against the declared schema, then store
 //! them all in one atomic, durable commit, or store nothing.
 //!
+//! A dataset with a `[datasets.mapping]` reads the partner's own columns
+//! and codes through it ([`fedq_engine::mapping::Mapper`]): unmapped values
+//! become missing and are counted per column in the report
+//! ([`IngestReport::coverage`], shown to the operator by `fedq-node
+//! ingest`, never sent anywhere), or, with `unmapped = "error"`, fail the
+//! whole ingest naming the file, line, column and value.
+//!
 //! Errors name the file, the line, the column and what was expected. The
 //! message quotes only the offending cell of the partner's own file, on the
 //! partner's own machine, and at most its first
@@ -13,6 +20,7 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context};
 use sha2::{Digest, Sha256};
 
+use fedq_engine::mapping::{ColumnCoverage, CoverageCounter, Mapped, Mapper, Mapping, Unmapped};
 use fedq_ledger::store::Store;
 use fedq_plan::schema::{Column, Schema, MISSING};
 
@@ -27,6 +35,9 @@ pub struct IngestReport {
     pub file_sha256: String,
     /// CSV columns that are not declared and were not stored.
     pub ignored_columns: Vec<String>,
+    /// Per declared column: where it was read from and how many cells were
+    /// coded, missing, or unmapped (for the operator only).
+    pub coverage: Vec<ColumnCoverage>,
 }
 
 /// Ingests `csv_path` into `dataset`. Undeclared CSV columns are ignored
@@ -40,7 +51,16 @@ pub fn ingest_csv(
     csv_path: &Path,
     allow_duplicate: bool,
 ) -> anyhow::Result<IngestReport> {
-    ingest_with(store, None, dataset, schema, csv_path, allow_duplicate)
+    let mapper = Mapper::compile(dataset, schema, &Mapping::new()).map_err(|e| anyhow!(e))?;
+    ingest_with(
+        store,
+        None,
+        dataset,
+        schema,
+        &mapper,
+        csv_path,
+        allow_duplicate,
+    )
 }
 
 /// [`ingest_csv`], logged: once the whole file is validated, and before its
@@ -56,11 +76,36 @@ pub fn ingest_csv_audited(
     csv_path: &Path,
     allow_duplicate: bool,
 ) -> anyhow::Result<IngestReport> {
+    let mapper = Mapper::compile(dataset, schema, &Mapping::new()).map_err(|e| anyhow!(e))?;
     ingest_with(
         store,
         Some(audit),
         dataset,
         schema,
+        &mapper,
+        csv_path,
+        allow_duplicate,
+    )
+}
+
+/// [`ingest_csv_audited`] through the dataset's mapping: the partner's own
+/// columns and codes are read as the declared ones.
+pub fn ingest_mapped_audited(
+    store: &Store,
+    audit: &fedq_ledger::audit::AuditLog,
+    dataset: &str,
+    schema: &Schema,
+    mapping: &Mapping,
+    csv_path: &Path,
+    allow_duplicate: bool,
+) -> anyhow::Result<IngestReport> {
+    let mapper = Mapper::compile(dataset, schema, mapping).map_err(|e| anyhow!(e))?;
+    ingest_with(
+        store,
+        Some(audit),
+        dataset,
+        schema,
+        &mapper,
         csv_path,
         allow_duplicate,
     )
@@ -71,6 +116,7 @@ fn ingest_with(
     audit: Option<&fedq_ledger::audit::AuditLog>,
     dataset: &str,
     schema: &Schema,
+    mapper: &Mapper,
     csv_path: &Path,
     allow_duplicate: bool,
 ) -> anyhow::Result<IngestReport> {
@@ -93,12 +139,22 @@ fn ingest_with(
         .clone();
     // Position of each declared column in the CSV.
     let mut positions = Vec::with_capacity(schema.columns.len());
-    for col in &schema.columns {
-        let pos = headers.iter().position(|h| h.trim() == col.name()).ok_or_else(|| {
-            anyhow!(
-                "{file}:1: the header has no column {:?}, which dataset {dataset:?} declares; nothing was stored",
-                col.name()
-            )
+    for (i, col) in schema.columns.iter().enumerate() {
+        let source = mapper.source(i);
+        let pos = headers.iter().position(|h| h.trim() == source).ok_or_else(|| {
+            if source == col.name() {
+                anyhow!(
+                    "{file}:1: the header has no column {:?}, which dataset {dataset:?} declares; rename it in the file or name your column in [datasets.mapping.{}] from; nothing was stored",
+                    col.name(),
+                    col.name()
+                )
+            } else {
+                anyhow!(
+                    "{file}:1: the header has no column {source:?}, which [datasets.mapping.{}] reads {:?} from; nothing was stored",
+                    col.name(),
+                    col.name()
+                )
+            }
         })?;
         positions.push(pos);
     }
@@ -112,9 +168,11 @@ fn ingest_with(
     }
     let ignored_columns: Vec<String> = headers
         .iter()
-        .filter(|h| schema.index_of(h.trim()).is_none())
-        .map(str::to_string)
+        .enumerate()
+        .filter(|(i, _)| !positions.contains(i))
+        .map(|(_, h)| h.to_string())
         .collect();
+    let mut counters: Vec<CoverageCounter> = vec![CoverageCounter::default(); schema.columns.len()];
 
     let encoders: Vec<Encoder> = schema.columns.iter().map(Encoder::new).collect();
     // The text of each open-domain value seen, by (column, code).
@@ -147,6 +205,33 @@ fn ingest_with(
             .enumerate()
         {
             let cell = record.get(pos).unwrap_or("");
+            let mapped = match mapper.map(ci, col, cell) {
+                None => None,
+                Some(Mapped::Code(code)) => Some(Some(code)),
+                Some(Mapped::Unmapped(Unmapped::Missing)) => Some(None),
+                Some(Mapped::Unmapped(Unmapped::Error)) => {
+                    let line = record.position().map(|p| line_of(&bytes, p)).unwrap_or(0);
+                    bail!(
+                        "{file}:{line}: column {:?} (read as {:?}): the value {} is not in [datasets.mapping.{}] and is not {}; add it to the mapping's values (or set unmapped = \"missing\"); nothing was stored",
+                        mapper.source(ci),
+                        col.name(),
+                        fedq_plan::schema::excerpt(cell.trim()),
+                        col.name(),
+                        col.expectation()
+                    );
+                }
+            };
+            if let Some(m) = mapped {
+                counters[ci].count(m, cell);
+                let code = m.unwrap_or(MISSING);
+                if code != MISSING && matches!(col, Column::Open { .. }) {
+                    labels
+                        .entry((ci, code))
+                        .or_insert_with(|| cell.trim().to_string());
+                }
+                codes.push(code);
+                continue;
+            }
             let code = match enc.encode(cell) {
                 Some(code) => code,
                 // The slow path gives the exact error message (or, for a
@@ -165,9 +250,21 @@ fn ingest_with(
                     .entry((ci, code))
                     .or_insert_with(|| cell.trim().to_string());
             }
+            counters[ci].count(Some(code), cell);
             codes.push(code);
         }
     }
+    let coverage: Vec<ColumnCoverage> = counters
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            c.finish(
+                schema.columns[i].name(),
+                mapper.source(i),
+                mapper.is_mapped(i),
+            )
+        })
+        .collect();
     let labels: Vec<(usize, i64, String)> = labels
         .into_iter()
         .map(|((c, code), t)| (c, code, t))
@@ -193,6 +290,7 @@ fn ingest_with(
         rows_total,
         file_sha256,
         ignored_columns,
+        coverage,
     })
 }
 

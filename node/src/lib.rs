@@ -7,7 +7,8 @@
 //! The crates below it (each with its own map): `fedq-proto` (the API),
 //! `fedq-dp` (measures, OpenDP's mechanisms, accuracy, distributions),
 //! `fedq-plan` (schemas, SQL to a plan with its sensitivities),
-//! `fedq-pki` (certificates), `fedq-audit` (the audit format and its
+//! `fedq-pki` (certificates), `fedq-secagg` (secure aggregation's keys
+//! and masks), `fedq-audit` (the audit format and its
 //! verifier), `fedq-engine` (exact aggregates, handed out only as opaque
 //! values a mechanism can read) and `fedq-ledger` (the budget ledger and
 //! its storage: the store, journaled writes, shared flushes, faults, the
@@ -21,6 +22,9 @@
 //!   summaries (one entry per identity, kind and minute).
 //! - [`service`]: the `fedq.v1.Node` gRPC service and the order of
 //!   operations of a query.
+//! - [`secure`]: secure aggregation: round keys, the participant set's
+//!   checks before anything is spent, the masked noise share
+//!   (`fedq-secagg`, `fedq_dp::distributed`).
 //! - [`preflight`]: everything `serve` needs, checked once for `check` and
 //!   `serve` alike.
 //! - [`server`]: serving over mutual TLS, start and graceful stop.
@@ -34,6 +38,7 @@ pub mod config;
 pub mod ingest;
 pub mod preflight;
 pub mod refusals;
+pub mod secure;
 pub mod server;
 pub mod service;
 pub mod tls;

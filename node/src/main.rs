@@ -63,7 +63,8 @@ enum Command {
     /// or nothing. Stop the node first: the store is opened exclusively.
     #[command(
         after_help = "Example:\n  fedq-node ingest --config node.toml --dataset cases --csv export-2026-11.csv\n\n\
-Cells -99 or empty are missing. One bad row fails the whole ingest with file:line, column and what was expected; nothing is stored."
+Cells -99 or empty are missing. One bad row fails the whole ingest with file:line, column and what was expected; nothing is stored. \
+A dataset with [datasets.mapping] reads your own columns and codes through it; the coverage per column (coded, missing, unmapped and the commonest unmapped values) is printed here, for you only."
     )]
     Ingest {
         /// Path to node.toml.
@@ -299,7 +300,7 @@ fn load_entries(
     }
     let config = config.ok_or_else(|| anyhow!("give --config or --log"))?;
     let (cfg, _store, audit) = open_node(config)?;
-    let entries = audit.entries(0).collect::<anyhow::Result<Vec<_>>>()?;
+    let entries = audit.entries(0).collect::<Result<Vec<_>, _>>()?;
     Ok((cfg.node.name, entries))
 }
 
@@ -365,7 +366,7 @@ fn audit_command(cmd: AuditCommand) -> anyhow::Result<()> {
             let heads = head
                 .iter()
                 .map(|h| audit::parse_head(h))
-                .collect::<anyhow::Result<Vec<_>>>()?;
+                .collect::<Result<Vec<_>, _>>()?;
             let mut result = audit::verify(&text, &public, since, None);
             for (seq, hash) in &heads {
                 if result.is_err() {
@@ -563,11 +564,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let store = fedq_ledger::store::Store::open(&cfg.resolve(&cfg.node.store))?;
             // Every ingest is in the audit log (dataset and file digest).
             let audit = fedq_node::service::open_audit(&cfg, &store)?;
-            let r = fedq_node::ingest::ingest_csv_audited(
+            let r = fedq_node::ingest::ingest_mapped_audited(
                 &store,
                 &audit,
                 &dataset,
                 &schema,
+                &ds.mapping,
                 &csv,
                 allow_duplicate,
             )?;
@@ -575,6 +577,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "ingested {} rows into {dataset:?} ({} rows in total); file sha256 {}",
                 r.rows_added, r.rows_total, r.file_sha256
             );
+            if let Some(f) = ds.followed() {
+                println!(
+                    "following standard {} {} (digest {})",
+                    f.name, f.version, f.digest
+                );
+            }
+            // Per column, for you only (never sent to analysts): where it
+            // was read from, and how many cells were coded, missing in
+            // your file, or unmapped (and so stored as missing).
+            println!("coverage per column:");
+            for c in &r.coverage {
+                println!("  {c}");
+            }
             if !r.ignored_columns.is_empty() {
                 println!(
                     "ignored undeclared columns: {}",
@@ -632,6 +647,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let pre = fedq_node::preflight::preflight(&cfg, fedq_node::preflight::Rows::Load)?;
             for line in &pre.checked {
                 println!("{line}");
+            }
+            // Each dataset's standard and how each column is read.
+            for d in &cfg.datasets {
+                if let Some(f) = d.followed() {
+                    println!(
+                        "dataset {:?}: follows standard {} {} (digest {})",
+                        d.name, f.name, f.version, f.digest
+                    );
+                }
+                if d.mapping.is_empty() {
+                    continue;
+                }
+                let schema = d.schema().map_err(anyhow::Error::msg)?;
+                let mapper = fedq_engine::mapping::Mapper::compile(&d.name, &schema, &d.mapping)
+                    .map_err(anyhow::Error::msg)?;
+                println!("dataset {:?}: mapping coverage per column:", d.name);
+                for (i, c) in schema.columns.iter().enumerate() {
+                    let from = if mapper.source(i) == c.name() {
+                        String::new()
+                    } else {
+                        format!(" <- {}", mapper.source(i))
+                    };
+                    match mapper.summary(i) {
+                        Some(how) => println!("  {}{from}: {how}", c.name()),
+                        None => println!(
+                            "  {}{from}: read as declared ({})",
+                            c.name(),
+                            c.expectation()
+                        ),
+                    }
+                }
             }
             // Database sources: connect and check the table's columns.
             for d in &cfg.datasets {

@@ -8,7 +8,7 @@
 //! Before serving, [`crate::preflight::preflight`] checks everything the
 //! node needs (the same function `fedq-node check` runs). While serving,
 //! a failed store write or flush ([`fedq_ledger::fault`]) turns the health
-//! service NOT_SERVING and stops the node with [`StoreFailed`]
+//! service NOT_SERVING and stops the node with [`StoreFailed`](fedq_ledger::fault::StoreFailed)
 //! (`fedq-node serve` then exits with [`fedq_ledger::fault::EXIT_STORE_FAILED`]
 //! for its supervisor to restart it).
 
@@ -23,7 +23,6 @@ use tonic::transport::Server;
 
 use crate::config::NodeConfig;
 use crate::service::{NodeService, NodeState};
-use fedq_ledger::fault::StoreFailed;
 
 /// How long a node whose store failed keeps answering NOT_SERVING before
 /// it stops: long enough for a health check or load balancer to see it,
@@ -61,7 +60,7 @@ impl RunningNode {
 /// [`fedq_ledger::fault::EXIT_STORE_FAILED`] after a failed store write or
 /// flush, 1 for anything else.
 pub fn exit_code(e: &anyhow::Error) -> u8 {
-    if e.chain().any(|c| c.is::<StoreFailed>()) {
+    if e.chain().any(fedq_ledger::fault::is_store_failure) {
         fedq_ledger::fault::EXIT_STORE_FAILED
     } else {
         1
@@ -107,12 +106,13 @@ async fn serve_on(
     let name = config.node.name.clone();
     let addr = listener.local_addr()?;
     // The checks `fedq-node check` runs, and the TLS configuration.
-    let (state, tls) = tokio::task::spawn_blocking(move || {
+    let (mut state, tls) = tokio::task::spawn_blocking(move || {
         let pre = crate::preflight::preflight(&config, crate::preflight::Rows::SchemaOnly)?;
         anyhow::Ok((NodeState::open(config)?, pre.tls))
     })
     .await
     .context("loading the store panicked")??;
+    state.secagg = tls.secagg();
     // Refuse a store rolled back below the ledger's high-water mark (that
     // would hand back spent budget), then log the start and raise the mark.
     crate::backup::raise_high_water(&state.config, state.audit())?;

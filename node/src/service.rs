@@ -54,6 +54,7 @@ pub const CAPABILITIES: &[&str] = &[
     "audit_export",
     "two_phase",
     "released_keys",
+    "secure_aggregation",
 ];
 
 /// Smallest epsilon a query may ask for: below it an answer is pure noise
@@ -94,6 +95,12 @@ pub struct NodeState {
     throttle: Throttle,
     /// Refusals waiting to be logged in summary form.
     refusals: RefusalLog,
+    /// This node's secure-aggregation identity (its certificate key and
+    /// the federation CA), set by the server once TLS is loaded; `None`:
+    /// secure rounds are refused.
+    pub secagg: Option<Arc<crate::tls::SecAggIdentity>>,
+    /// The round keys of prepared secure-aggregation queries.
+    rounds: crate::secure::Rounds,
 }
 
 impl NodeState {
@@ -137,6 +144,8 @@ impl NodeState {
             in_flight: Mutex::new(HashSet::new()),
             throttle: Throttle::default(),
             refusals: RefusalLog::default(),
+            secagg: None,
+            rounds: crate::secure::Rounds::default(),
         })
     }
 
@@ -662,6 +671,7 @@ fn describe_release(
             bin_edges,
             rho: if gaussian { per } else { 0.0 },
             l2_sensitivity: if gaussian { l2 as f64 } else { 0.0 },
+            masked: Vec::new(),
         });
     }
     let outputs = plan.output_columns();
@@ -732,6 +742,14 @@ fn describe_release(
         cost_delta,
         released_keys,
         request_sha256: hex::encode(query_digest(q)),
+        participant_set: String::new(),
+        // Stated for dry runs too, so a coordinator can show what secure
+        // aggregation would give.
+        min_honest: ds
+            .config
+            .secure_aggregation
+            .as_ref()
+            .map_or(0, |s| s.min_honest),
     })
 }
 
@@ -894,6 +912,7 @@ impl Planned<'_> {
             dataset: &self.plan.dataset,
             query_id: &self.q.query_id,
             digest: self.digest,
+            secure: None,
         }
     }
 }
@@ -959,7 +978,7 @@ fn run_query(
         Computed::Debited(b, durable, (exact, scan)) => {
             StageClock::note(clock, "of_which_exact", scan);
             let exact = exact.map_err(|e| source_failed(state, &plan.dataset, &e))?;
-            release(p, response, (b, durable), exact, clock)
+            release(p, response, (b, durable), exact, clock, None)
         }
     }
 }
@@ -1031,14 +1050,14 @@ fn run_on_database(
         // commit): the budget is spent for this id; a retry resumes it.
         Admission::Resume(b, durable) => {
             let exact = exact(ds, plan).map_err(|e| source_failed(state, &plan.dataset, &e))?;
-            release(p, response, (b, durable), exact, &mut None)
+            release(p, response, (b, durable), exact, &mut None, None)
         }
         Admission::Held(b) => {
             let exact = fetch_or_give_back(state, ds, plan, analyst, &q.query_id)?;
             match state.ledger.commit(analyst, &q.query_id, now_ms()) {
                 // Committed, durably: the proof the noise step needs.
                 Ok((Admission::Resume(_, durable), Some(_), _)) => {
-                    release(p, response, (b, durable), exact, &mut None)
+                    release(p, response, (b, durable), exact, &mut None, None)
                 }
                 Err(LedgerError::Store(e)) => Err(internal(format!("{e:#}"))),
                 _ => Err(held_too_long(state, &plan.dataset)),
@@ -1168,6 +1187,7 @@ fn release(
     (budget, durable): (BudgetState, Durable),
     exact: Vec<Exact>,
     clock: &mut Option<StageClock>,
+    secure: Option<&crate::secure::CheckedRound>,
 ) -> Result<QueryResponse, Status> {
     let Planned {
         state,
@@ -1187,12 +1207,20 @@ fn release(
         )
         .map_err(|e| noise_failed(&q.query_id, &e))?;
     }
-    for (m, values) in response.measurements.iter_mut().zip(exact) {
-        let noise = Noise::reported(&m.mechanism, m.scale)
-            .ok_or_else(|| internal(format!("unknown mechanism {}", m.mechanism)))?;
-        m.values = noise
-            .release(&values)
-            .map_err(|e| noise_failed(&q.query_id, &e))?;
+    match secure {
+        Some(round) => {
+            crate::secure::mask_release(&state.config.node.name, round, &mut response, exact)
+                .map_err(|e| noise_failed(&q.query_id, &e))?
+        }
+        None => {
+            for (m, values) in response.measurements.iter_mut().zip(exact) {
+                let noise = Noise::reported(&m.mechanism, m.scale)
+                    .ok_or_else(|| internal(format!("unknown mechanism {}", m.mechanism)))?;
+                m.values = noise
+                    .release(&values)
+                    .map_err(|e| noise_failed(&q.query_id, &e))?;
+            }
+        }
     }
     StageClock::lap(clock, "noise");
     response.budget = Some(budget_proto(
@@ -1213,15 +1241,13 @@ fn release(
             rho: Decimal::from_f64(m.rho).unwrap_or_default(),
         })
         .collect();
+    let of = ReleaseOf {
+        secure: secure.map(|r| &r.logged),
+        ..p.release_of()
+    };
     state
         .ledger
-        .record_release(
-            durable,
-            &p.release_of(),
-            logged,
-            ds.source.audit_name(),
-            &mut response,
-        )
+        .record_release(durable, &of, logged, ds.source.audit_name(), &mut response)
         .map_err(internal)?;
     StageClock::lap(clock, "release_durable");
     tracing::info!(
@@ -1388,11 +1414,20 @@ fn accept<'a>(
     };
     validate_request(q, state.config.limits.max_sql_bytes)
         .map_err(|s| refuse(RefusalKind::InvalidRequest, "", s))?;
-    let parsed = plan::parse(&q.sql)
-        .map_err(|e| refuse(RefusalKind::InvalidQuery, "", Status::invalid_argument(e.0)))?;
-    let name = parsed
-        .dataset()
-        .map_err(|e| refuse(RefusalKind::InvalidQuery, "", Status::invalid_argument(e.0)))?;
+    let parsed = plan::parse(&q.sql).map_err(|e| {
+        refuse(
+            RefusalKind::InvalidQuery,
+            "",
+            Status::invalid_argument(e.to_string()),
+        )
+    })?;
+    let name = parsed.dataset().map_err(|e| {
+        refuse(
+            RefusalKind::InvalidQuery,
+            "",
+            Status::invalid_argument(e.to_string()),
+        )
+    })?;
     let ds = state.datasets.get(&name).ok_or_else(|| {
         let mut known: Vec<&str> = state.datasets.keys().map(String::as_str).collect();
         known.sort();
@@ -1423,7 +1458,7 @@ fn accept<'a>(
             refuse(
                 RefusalKind::InvalidQuery,
                 &name,
-                Status::invalid_argument(e.0),
+                Status::invalid_argument(e.to_string()),
             )
         })?;
     let budget = &ds.config.budget;
@@ -1507,8 +1542,8 @@ fn prefetch_for_commit(
     if !matches!(ds.source, Source::Postgres(_)) {
         return Ok(None);
     }
-    let plan =
-        plan::plan(&r.sql, &ds.schema, state.config.limits.max_cells).map_err(|e| internal(e.0))?;
+    let plan = plan::plan(&r.sql, &ds.schema, state.config.limits.max_cells)
+        .map_err(|e| internal(e.to_string()))?;
     fetch_or_give_back(state, ds, &plan, analyst, query_id).map(Some)
 }
 
@@ -1539,6 +1574,12 @@ impl Node for NodeService {
                     privacy_unit: d.config.privacy_unit_text(),
                     measure: d.config.budget.measure.name().into(),
                     delta: d.config.budget.equivalence_delta(),
+                    standard: d.config.followed().map(|f| fedq_proto::v1::DataStandard {
+                        name: f.name.clone(),
+                        version: f.version.to_string(),
+                        digest: f.digest.clone(),
+                    }),
+                    lookups: d.schema.lookups.iter().map(|t| t.to_proto()).collect(),
                 }
             })
             .collect();
@@ -1656,7 +1697,11 @@ impl Node for NodeService {
     ) -> Result<Response<PrepareResponse>, Status> {
         let who = caller(&req)?;
         require_analyst(&self.state, &who)?;
-        let PrepareRequest { query, hold_ms } = req.into_inner();
+        let PrepareRequest {
+            query,
+            hold_ms,
+            secure_aggregation,
+        } = req.into_inner();
         let invalid = |why: &str| {
             self.state
                 .log_refusal((&who.name, &who.role), RefusalKind::InvalidRequest, "", why);
@@ -1680,6 +1725,26 @@ impl Node for NodeService {
                     return Err(Status::failed_precondition(why));
                 }
                 let ds = &state.datasets[&plan.dataset];
+                // Secure aggregation is checked before anything is reserved.
+                let secure = if secure_aggregation {
+                    let refuse = |why: String| {
+                        state.log_refusal((&who.name, &who.role), RefusalKind::Unsupported, &q.query_id, &why);
+                        Status::failed_precondition(why)
+                    };
+                    let policy = ds.config.secure_aggregation.as_ref().ok_or_else(|| refuse(format!(
+                        "dataset {} does not take part in secure aggregation (its node.toml has no [datasets.secure_aggregation]); ask without it; nothing was reserved",
+                        plan.dataset
+                    )))?;
+                    if q.rho.is_nan() || q.rho <= 0.0 {
+                        return Err(refuse("secure aggregation releases discrete Gaussian shares: ask in rho (zCDP), not epsilon; nothing was reserved".into()));
+                    }
+                    let identity = state.secagg.as_ref().ok_or_else(|| refuse(
+                        "this node's certificate key cannot sign round keys (see its start log), so it cannot take part in secure aggregation; nothing was reserved".into()
+                    ))?;
+                    Some((policy, Arc::clone(identity)))
+                } else {
+                    None
+                };
                 let hold = hold_ms.clamp(1000, state.config.limits.max_reservation_ms);
                 let expires = now_ms() + hold;
                 let debit = Debit {
@@ -1708,10 +1773,26 @@ impl Node for NodeService {
                     fedq_ledger::ledger::ReserveOutcome::Reserved(_, e) => e,
                     fedq_ledger::ledger::ReserveOutcome::AlreadyReleased => 0,
                 };
+                let round_key = match secure {
+                    Some((policy, identity)) => Some(state.rounds.open(
+                        &identity,
+                        crate::secure::Opening {
+                            node: &state.config.node.name,
+                            analyst: &who.name,
+                            query_id: &q.query_id,
+                            digest: query_digest(&q),
+                            policy,
+                            expires_ms: expires_at_ms.max(expires),
+                        },
+                        now_ms(),
+                    )?),
+                    None => None,
+                };
                 Ok::<_, Status>(PrepareResponse {
                     query_id: q.query_id.clone(),
                     epsilon_reserved: q.epsilon,
                     rho_reserved: q.rho,
+                    round_key,
                     expires_at_ms,
                     budget: Some(budget_proto(
                         &who.name,
@@ -1728,7 +1809,10 @@ impl Node for NodeService {
     async fn commit(&self, req: Request<CommitRequest>) -> Result<Response<QueryResponse>, Status> {
         let who = caller(&req)?;
         require_analyst(&self.state, &who)?;
-        let query_id = req.into_inner().query_id;
+        let CommitRequest {
+            query_id,
+            participants,
+        } = req.into_inner();
         validate_query_id(&query_id).inspect_err(|s| {
             self.state.log_refusal(
                 (&who.name, &who.role),
@@ -1742,13 +1826,53 @@ impl Node for NodeService {
             .state
             .within_deadline(slot, move |state| {
                 let _guard = enter(state, &who.name, &query_id)?;
+                // A secure round's participant set is checked before the
+                // reservation is debited.
+                let node = &state.config.node.name;
+                let secure = match (&state.secagg, participants.is_empty()) {
+                    (_, true) if state.rounds.is_open(&who.name, &query_id) => {
+                        return Err(Status::invalid_argument(format!(
+                            "query id {query_id:?} was prepared for secure aggregation: commit it with its participant set (or cancel it); nothing was released"
+                        )))
+                    }
+                    (_, true) => None,
+                    (None, false) => {
+                        return Err(Status::failed_precondition(
+                            "this node cannot take part in secure aggregation; nothing was released",
+                        ))
+                    }
+                    (Some(identity), false) => Some(
+                        state
+                            .rounds
+                            .check_commit(identity, node, &who.name, &query_id, &participants)
+                            .inspect_err(|s| {
+                                state.log_refusal(
+                                    (&who.name, &who.role),
+                                    RefusalKind::InvalidRequest,
+                                    &query_id,
+                                    s.message(),
+                                )
+                            })?,
+                    ),
+                };
                 let prefetched = prefetch_for_commit(state, &who.name, &query_id)?;
                 let (admission, reservation, digest) = state
                     .ledger
                     .commit(&who.name, &query_id, now_ms())
                     .map_err(|e| ledger_status(state, None, (&who.name, ""), &query_id, e))?;
                 let durable = match admission {
-                    Admission::Replay(bytes) => return replay(state, &who.name, &query_id, &bytes),
+                    Admission::Replay(bytes) => {
+                        // One participant set per query id: a second sum
+                        // over the same shares would reveal their difference.
+                        let stored = QueryResponse::decode(bytes.as_slice()).map_err(internal)?;
+                        let asked = secure.as_ref().map(|r| r.logged.participant_set.as_str()).unwrap_or("");
+                        if stored.participant_set != asked {
+                            return Err(Status::failed_precondition(format!(
+                                "query id {query_id:?} was answered for another participant set; a release is given to one set only (a second sum would reveal the difference); nothing was released"
+                            )));
+                        }
+                        return replay(state, &who.name, &query_id, &bytes);
+                    }
                     Admission::Resume(_, durable) => durable,
                     Admission::Debited(..) | Admission::Held(_) => {
                         return Err(internal("a commit neither replayed nor resumed"))
@@ -1773,7 +1897,7 @@ impl Node for NodeService {
                     ))
                 })?;
                 let plan = plan::plan(&q.sql, &ds.schema, state.config.limits.max_cells)
-                    .map_err(|e| internal(e.0))?;
+                    .map_err(|e| internal(e.to_string()))?;
                 let response = describe_release(&state.config.node.name, &q, ds, &plan)?;
                 let b = state
                     .ledger
@@ -1792,7 +1916,7 @@ impl Node for NodeService {
                     plan: &plan,
                     digest,
                 };
-                release(p, response, (b, durable), exact, &mut None)
+                release(p, response, (b, durable), exact, &mut None, secure.as_ref())
             })
             .await?;
         Ok(Response::new(answer))

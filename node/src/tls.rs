@@ -92,6 +92,41 @@ pub struct HandshakeRefusal {
 pub struct ServerTls {
     config: Arc<ServerConfig>,
     verifier: Arc<ClientVerifier>,
+    secagg: Option<Arc<SecAggIdentity>>,
+}
+
+/// What a node needs to take part in secure aggregation: its certificate
+/// key (signing its round keys), its certificate, and the federation CA
+/// and revocation list (checking the other participants' certificates).
+pub struct SecAggIdentity {
+    /// The node certificate's key.
+    pub signer: fedq_secagg::Signer,
+    /// The node certificate, DER.
+    pub certificate: Vec<u8>,
+    verifier: Arc<ClientVerifier>,
+}
+
+impl SecAggIdentity {
+    /// A verifier of node certificates (serverAuth, for their name)
+    /// against the federation CA and the revocation list as it is on disk
+    /// now: what a round checks its participants with.
+    pub fn node_verifier(
+        &self,
+    ) -> anyhow::Result<Arc<dyn rustls::client::danger::ServerCertVerifier>> {
+        let v = &self.verifier;
+        let mut b = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::clone(&v.roots),
+            provider(),
+        );
+        if let Some(crl) = &v.crl {
+            let crls = load_crls(&crl.path, &v.ca_certs)
+                .map_err(|e| anyhow!("tls.crl {}: {e}", crl.path.display()))?;
+            b = b.with_crls(crls).only_check_end_entity_revocation();
+        }
+        let v: Arc<dyn rustls::client::danger::ServerCertVerifier> =
+            b.build().map_err(|e| anyhow!("tls.ca: {e}"))?;
+        Ok(v)
+    }
 }
 
 impl ServerTls {
@@ -105,6 +140,13 @@ impl ServerTls {
     /// The verifier (tests and `check` look at it).
     pub fn verifier(&self) -> &Arc<ClientVerifier> {
         &self.verifier
+    }
+
+    /// The node's secure-aggregation identity; `None` when its
+    /// certificate key cannot sign round keys (not PKCS#8 ECDSA or
+    /// Ed25519: the start says so).
+    pub fn secagg(&self) -> Option<Arc<SecAggIdentity>> {
+        self.secagg.clone()
     }
 }
 
@@ -130,7 +172,7 @@ pub fn load(cfg: &NodeConfig) -> anyhow::Result<ServerTls> {
         .ok()
         .filter(|c: &Vec<_>| !c.is_empty())
         .ok_or_else(|| anyhow!("tls.cert: {} holds no PEM certificate", cert_path.display()))?;
-    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| {
+    let key: PrivateKeyDer<'static> = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| {
         anyhow!(
             "tls.key: {} holds no PEM private key (PKCS#8, SEC1 or PKCS#1)",
             key_path.display()
@@ -178,6 +220,17 @@ pub fn load(cfg: &NodeConfig) -> anyhow::Result<ServerTls> {
         crl,
         Some(own),
     )?);
+    let secagg = match fedq_secagg::Signer::from_pkcs8(key.secret_der()) {
+        Ok(signer) => Some(Arc::new(SecAggIdentity {
+            signer,
+            certificate: chain[0].to_vec(),
+            verifier: Arc::clone(&verifier),
+        })),
+        Err(e) => {
+            tracing::warn!(key = %key_path.display(), error = %e, "secure aggregation unavailable: the node key cannot sign round keys");
+            None
+        }
+    };
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?
@@ -198,6 +251,7 @@ pub fn load(cfg: &NodeConfig) -> anyhow::Result<ServerTls> {
     Ok(ServerTls {
         config: Arc::new(config),
         verifier,
+        secagg,
     })
 }
 
@@ -378,7 +432,9 @@ impl ClientVerifier {
             return;
         }
         st.stamp = now;
-        match load_crls(&crl.path, &self.ca_certs).and_then(|crls| {
+        match load_crls(&crl.path, &self.ca_certs)
+            .map_err(anyhow::Error::from)
+            .and_then(|crls| {
             if let Some(own) = &self.own {
                 match check_own_certificate(&own.chain, &self.roots, &own.name, Some(&crls)) {
                     Err(OwnCertProblem::BadCrl(e)) => {

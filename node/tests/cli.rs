@@ -105,6 +105,10 @@ fn ready_node(dir: &std::path::Path) -> std::path::PathBuf {
             columns: fedq_engine::synth::ctdc_columns(),
             privacy_unit: None,
             source: None,
+            secure_aggregation: None,
+            standard: None,
+            mapping: Default::default(),
+            lookups: Vec::new(),
         }],
         base_dir: dir.to_path_buf(),
     };
@@ -261,4 +265,130 @@ fn an_ingest_error_quotes_a_huge_cell_in_short() {
         "the start and the length: {out}"
     );
     assert!(out.contains("gender"), "the column is named: {out}");
+}
+
+/// A node following the shipped standard with a partner mapping: `check`
+/// states the standard and how each column is read, `ingest` prints the
+/// coverage per column (the unmapped spellings counted, for the operator),
+/// and a value a strict map lacks fails the ingest naming file, line and
+/// value, storing nothing.
+#[test]
+fn check_and_ingest_report_the_standard_and_the_mapping_coverage() {
+    use fedq_pki::{Authority, Role};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let at = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let ca = Authority::generate("cli test CA").unwrap();
+    ca.issue(Role::Node, "node-a")
+        .unwrap()
+        .write(&d.join("certs"), "node")
+        .unwrap();
+    std::fs::write(d.join("certs/ca.pem"), &ca.pem.cert).unwrap();
+    std::fs::write(
+        d.join("ctdc.toml"),
+        include_str!("../../deploy/standards/ctdc-cases-1.0.toml"),
+    )
+    .unwrap();
+    let config = d.join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[node]\nname = \"node-a\"\nlisten = \"127.0.0.1:0\"\nstore = \"store\"\n\
+             [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/node.pem\"\nkey = \"certs/node.key\"\n\
+             [[datasets]]\nname = \"cases\"\n\
+             [datasets.budget]\nper_analyst = 1.0\ntotal = 10.0\nper_query_max = 1.0\n\
+             [datasets.standard]\nfile = \"ctdc.toml\"\nversion = \"1.0\"\n{}",
+            fedq_engine::partner_coding::MAPPING_TOML
+        ),
+    )
+    .unwrap();
+    let standard_csv = d.join("standard.csv");
+    let (code, out) = node(&[
+        "synth",
+        "--partner",
+        "hotline",
+        "--rows",
+        "400",
+        "--seed",
+        "4",
+        "--out",
+        &at(&standard_csv),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let local = d.join("export.csv");
+    fedq_engine::partner_coding::recode(
+        std::fs::File::open(&standard_csv).unwrap(),
+        std::fs::File::create(&local).unwrap(),
+    )
+    .unwrap();
+    let unknowns = std::fs::read_to_string(&local)
+        .unwrap()
+        .lines()
+        .filter(|l| l.split(',').nth(2) == Some("unknown"))
+        .count();
+    assert!(unknowns > 0);
+    let (code, out) = node(&["init", "--config", &at(&config)]);
+    assert_eq!(code, 0, "{out}");
+
+    let (code, out) = node(&["check", "--config", &at(&config)]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("dataset \"cases\": follows standard ctdc-cases 1.0 (digest "),
+        "{out}"
+    );
+    assert!(out.contains("gender <- sex: values F -> Female, M -> Male, T -> Trans/Transgender/NonConforming; reaches 3 of 3 declared values; other values -> missing (counted)"), "{out}");
+    assert!(
+        out.contains("citizenship <- nationality: country_to_iso2; reaches 20 of 20"),
+        "{out}"
+    );
+    assert!(
+        out.contains("yearOfRegistration: read as declared"),
+        "{out}"
+    );
+
+    // A strict map meets a value it lacks: the whole file is refused.
+    let text = std::fs::read_to_string(&local).unwrap();
+    let bad = d.join("bad.csv");
+    let mut lines: Vec<&str> = text.lines().collect();
+    let fixed = lines[10]
+        .replacen(",yes,", ",oui,", 1)
+        .replacen(",no,", ",non,", 1);
+    lines[10] = &fixed;
+    std::fs::write(&bad, lines.join("\n") + "\n").unwrap();
+    let (code, out) = node(&[
+        "ingest",
+        "--config",
+        &at(&config),
+        "--dataset",
+        "cases",
+        "--csv",
+        &at(&bad),
+    ]);
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("{}:11:", bad.display())) && out.contains("nothing was stored"),
+        "{out}"
+    );
+    assert!(out.contains("\"oui\"") || out.contains("\"non\""), "{out}");
+
+    let (code, out) = node(&[
+        "ingest",
+        "--config",
+        &at(&config),
+        "--dataset",
+        "cases",
+        "--csv",
+        &at(&local),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("ingested 400 rows into \"cases\" (400 rows in total)"),
+        "{out}"
+    );
+    assert!(out.contains("coverage per column:"), "{out}");
+    assert!(
+        out.contains("unmapped -> missing") && out.contains(&format!("\"unknown\" x{unknowns}")),
+        "{out}"
+    );
+    assert!(out.contains("ageBroad <- age: "), "{out}");
 }

@@ -163,6 +163,7 @@ class Federation:
         timeout: Optional[float] = None,
         retries: int = 2,
         query_id: Optional[str] = None,
+        secure: bool = False,
     ) -> pd.DataFrame:
         """Runs ``sql`` on every node and returns the combined answer.
 
@@ -175,7 +176,10 @@ class Federation:
         accept, otherwise nothing is spent anywhere. ``query_id``: reuse one
         to retry without spending twice. ``timeout`` (seconds per node,
         retries included; default: the federation file's) and ``retries``
-        as in ``fedq query``.
+        as in ``fedq query``. ``secure`` (with ``rho``): secure aggregation,
+        each node adding a masked share of the noise, so the combined
+        interval is about sqrt(nodes) times narrower and only the sum is
+        ever seen (nodes whose datasets allow it; two phases).
         """
         payload = _unwrap(
             self._native.query(
@@ -188,6 +192,7 @@ class Federation:
                 timeout=timeout,
                 retries=retries,
                 query_id=query_id,
+                secure=secure,
             )
         )
         combined = payload["combined"]

@@ -84,6 +84,7 @@ struct Ask {
     timeout: Option<f64>,
     retries: u32,
     query_id: Option<String>,
+    secure: bool,
 }
 
 /// A positive, finite amount named `name`, or the input error saying so.
@@ -161,6 +162,7 @@ impl NativeFederation {
             }
         };
         let opts = QueryOptions {
+            secure: a.secure || self.fed.config.defaults.secure,
             epsilon,
             rho,
             dry_run: a.dry_run,
@@ -252,7 +254,7 @@ impl NativeFederation {
     }
 
     /// Runs one query; see the Python `Federation.query` for the arguments.
-    #[pyo3(signature = (sql, epsilon=None, rho=None, dry_run=false, target_ci=None, min_nodes=None, timeout=None, retries=2, query_id=None))]
+    #[pyo3(signature = (sql, epsilon=None, rho=None, dry_run=false, target_ci=None, min_nodes=None, timeout=None, retries=2, query_id=None, secure=false))]
     #[allow(clippy::too_many_arguments)]
     fn query(
         &self,
@@ -266,8 +268,10 @@ impl NativeFederation {
         timeout: Option<f64>,
         retries: u32,
         query_id: Option<String>,
+        secure: bool,
     ) -> String {
         let a = Ask {
+            secure,
             sql,
             epsilon,
             rho,

@@ -3,6 +3,8 @@
 //! (throw-away) CA, and the real coordinator library talking mutual-TLS gRPC
 //! over loopback. Nothing of ours is mocked.
 
+pub mod netns;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -167,6 +169,33 @@ impl TestFederation {
         (d.join(format!("{name}.pem")), d.join(format!("{name}.key")))
     }
 
+    /// A coordinator federation over the nodes `indices` only, as analyst
+    /// `analyst` (two federations over one CA, say).
+    pub fn federation_of(&self, analyst: &str, indices: &[usize]) -> Federation {
+        let (cert, key) = self.client_cert(Role::Analyst, analyst);
+        let config = FederationConfig {
+            tls: ClientTls {
+                ca: self.dir.path().join("ca/ca.pem"),
+                cert,
+                key,
+                crl: None,
+            },
+            defaults: Defaults {
+                timeout_secs: 30.0,
+                ..Defaults::default()
+            },
+            nodes: indices
+                .iter()
+                .map(|&i| NodeEntry {
+                    name: self.nodes[i].name.clone(),
+                    endpoint: format!("https://{}", self.nodes[i].config.node.listen),
+                })
+                .collect(),
+            base_dir: self.dir.path().to_path_buf(),
+        };
+        Federation::from_config(config).unwrap()
+    }
+
     /// A coordinator federation over all nodes, as analyst `analyst`.
     pub fn federation(&self, analyst: &str) -> Federation {
         let (cert, key) = self.client_cert(Role::Analyst, analyst);
@@ -290,6 +319,10 @@ pub fn node_config(ca: &Authority, dir: &Path, name: &str, budget: BudgetLimits)
             columns: synth::ctdc_columns(),
             privacy_unit: None,
             source: None,
+            secure_aggregation: None,
+            standard: None,
+            mapping: Default::default(),
+            lookups: Vec::new(),
         }],
         base_dir: dir.to_path_buf(),
     }

@@ -2,6 +2,9 @@
 //!
 //! Creates a throw-away CA and certificates, three partners with their own
 //! synthetic CTDC-shaped datasets (different marginals per partner kind),
+//! all following the shipped data standard (`deploy/standards/`), one of
+//! them exporting its records in its own coding (F/M/T, ages in years,
+//! country names) and mapping it onto the standard at ingest,
 //! their own sled stores and `node.toml` files, starts the three nodes on
 //! loopback over mutual TLS, and runs example queries through the same
 //! coordinator code `fedq query` uses.
@@ -18,6 +21,16 @@ use fedq::client::{new_query_id, Calls, Federation};
 use fedq::federation::{ClientTls, Defaults, FederationConfig, NodeEntry};
 use fedq::output::{render, render_budgets, Format};
 use fedq::run::QueryOptions;
+
+/// The federation's data standard every demo node follows (the shipped one).
+const STANDARD: &str = include_str!("../../../deploy/standards/ctdc-cases-1.0.toml");
+
+/// Where the demo writes the standard, relative to its directory.
+const STANDARD_FILE: &str = "standards/ctdc-cases-1.0.toml";
+
+/// The partner that exports its records in its own coding and maps them
+/// onto the standard ([`fedq_engine::partner_coding`]).
+const MAPPING_PARTNER: &str = "ngo-north";
 
 /// The demo's partners: name, kind, rows and seed.
 const PARTNERS: [(&str, Partner, usize, u64); 3] = [
@@ -53,6 +66,8 @@ pub fn build_federation(dir: &Path, out: &mut impl std::io::Write) -> anyhow::Re
     ca.pem.write(&dir.join("ca"), "ca")?;
     ca.issue(Role::Analyst, "demo-analyst")?
         .write(&dir.join("analyst"), "analyst")?;
+    std::fs::create_dir_all(dir.join("standards"))?;
+    std::fs::write(dir.join(STANDARD_FILE), STANDARD)?;
     let mut configs = Vec::new();
     let mut entries = Vec::new();
     for (name, partner, rows, seed) in PARTNERS {
@@ -61,8 +76,22 @@ pub fn build_federation(dir: &Path, out: &mut impl std::io::Write) -> anyhow::Re
         ca.issue(Role::Node, name)?.write(&certs, "node")?;
         std::fs::write(certs.join("ca.pem"), &ca.pem.cert)?;
         let csv_path = node_dir.join("cases.csv");
-        let file = std::fs::File::create(&csv_path)?;
-        synth::write_csv(partner, rows, seed, std::io::BufWriter::new(file))?;
+        let mapping = if name == MAPPING_PARTNER {
+            // This partner's case system exports its own coding.
+            let mut standard_coded = Vec::new();
+            synth::write_csv(partner, rows, seed, &mut standard_coded)?;
+            let file = std::fs::File::create(&csv_path)?;
+            fedq_engine::partner_coding::recode(
+                standard_coded.as_slice(),
+                std::io::BufWriter::new(file),
+            )?;
+            let file: toml::Table = toml::from_str(fedq_engine::partner_coding::MAPPING_TOML)?;
+            file["datasets"]["mapping"].clone().try_into()?
+        } else {
+            let file = std::fs::File::create(&csv_path)?;
+            synth::write_csv(partner, rows, seed, std::io::BufWriter::new(file))?;
+            Default::default()
+        };
         let port = free_port()?;
         let config = NodeConfig {
             node: NodeSection {
@@ -104,9 +133,19 @@ pub fn build_federation(dir: &Path, out: &mut impl std::io::Write) -> anyhow::Re
                     measure: Default::default(),
                     delta: None,
                 },
-                columns: synth::ctdc_columns(),
+                columns: Vec::new(),
                 privacy_unit: None,
                 source: None,
+                secure_aggregation: None,
+                standard: Some(fedq_node::config::StandardRef {
+                    file: Path::new("..").join(STANDARD_FILE),
+                    name: Some("ctdc-cases".into()),
+                    version: Some("1.0".into()),
+                    dataset: None,
+                    followed: None,
+                }),
+                mapping,
+                lookups: Vec::new(),
             }],
             base_dir: node_dir.clone(),
         };
@@ -118,8 +157,14 @@ pub fn build_federation(dir: &Path, out: &mut impl std::io::Write) -> anyhow::Re
         {
             let store = fedq_ledger::store::Store::open(&config.resolve(&config.node.store))?;
             let audit = fedq_node::service::open_audit(&config, &store)?;
-            let r = fedq_node::ingest::ingest_csv_audited(
-                &store, &audit, "cases", &schema, &csv_path, false,
+            let r = fedq_node::ingest::ingest_mapped_audited(
+                &store,
+                &audit,
+                "cases",
+                &schema,
+                &ds.mapping,
+                &csv_path,
+                false,
             )?;
             store.flush()?;
             writeln!(
@@ -128,6 +173,16 @@ pub fn build_federation(dir: &Path, out: &mut impl std::io::Write) -> anyhow::Re
                 partner.as_str(),
                 r.rows_added
             )?;
+            if !ds.mapping.is_empty() {
+                writeln!(
+                    out,
+                    "  {:<16} exports its own coding, mapped onto the standard at ingest ([datasets.mapping] in {name}/node.toml); coverage, for its operator only:",
+                    ""
+                )?;
+                for c in r.coverage.iter().filter(|c| c.mapped) {
+                    writeln!(out, "  {:<18} {c}", "")?;
+                }
+            }
         }
         entries.push(NodeEntry {
             name: name.to_string(),
@@ -179,6 +234,7 @@ async fn ask_demo(
     timeout: Duration,
 ) -> anyhow::Result<fedq::query::Answer> {
     let opts = QueryOptions {
+        secure: false,
         epsilon,
         rho: 0.0,
         dry_run: false,
@@ -238,7 +294,7 @@ pub async fn run(dir: Option<PathBuf>, serve: bool) -> anyhow::Result<()> {
             ));
         }
         println!(
-            "fedq demo: building a three-partner federation in {}",
+            "fedq demo: building a three-partner federation in {}, every node following the data standard {STANDARD_FILE}",
             dir.display()
         );
         let dir_for_build = dir.clone();

@@ -129,9 +129,20 @@ struct QueryArgs {
     /// Release only if at least N nodes accept; otherwise nothing is spent anywhere.
     #[arg(long)]
     min_nodes: Option<usize>,
+    /// Secure aggregation (with --rho): each node adds only a share of the
+    /// noise and masks its answer, so the combined answer carries about one
+    /// release's noise instead of one per node, and only the sum is ever
+    /// seen. Nodes whose datasets allow it only; two phases.
+    #[arg(long)]
+    secure: bool,
     /// Report mechanisms, scales and expected intervals without spending anything.
     #[arg(long)]
     dry_run: bool,
+    /// A line on stderr while a query takes over a second (nodes answered
+    /// of those asked, the slowest so far): auto (when stderr is a
+    /// terminal; the default, or FEDQ_PROGRESS), always or never.
+    #[arg(long, value_parser = fedq::progress::Mode::parse)]
+    progress: Option<fedq::progress::Mode>,
     /// Query id; reuse one to retry a query without spending twice.
     #[arg(long, conflicts_with = "file")]
     query_id: Option<String>,
@@ -164,12 +175,22 @@ enum Command {
         #[command(flatten)]
         out: OutputArg,
     },
-    /// List each node's datasets, columns, types and public bounds/domains.
+    /// List each node's datasets, columns, types and public bounds/domains,
+    /// and the data standard each dataset follows.
+    #[command(
+        after_help = "Examples:\n  fedq schema --federation federation.toml\n  fedq schema --federation federation.toml --diff\n\n\
+--diff shows only what differs between the nodes serving a dataset, column by column \
+(the standard each follows, the privacy unit, each column's type, domain, bounds and bins; - where a node lacks the column). \
+A query reading a column the nodes declare differently leaves out the nodes off the newest standard version, before anything is spent."
+    )]
     Schema {
         #[command(flatten)]
         fed: FederationArg,
         #[command(flatten)]
         out: OutputArg,
+        /// Show only the differences between nodes, column by column.
+        #[arg(long)]
+        diff: bool,
     },
     /// Show your spent and remaining privacy budget on every node.
     Budget {
@@ -344,7 +365,8 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Schema {
             fed: FederationArg { federation },
             out: OutputArg { output },
-        } => schema(&federation, output).await,
+            diff,
+        } => schema(&federation, output, diff).await,
         Command::Budget {
             fed: FederationArg { federation },
             out: OutputArg { output },
@@ -415,7 +437,9 @@ async fn query(args: QueryArgs) -> anyhow::Result<u8> {
         timeout,
         retries,
         min_nodes,
+        secure,
         dry_run,
+        progress,
         query_id,
         file,
         save,
@@ -423,6 +447,10 @@ async fn query(args: QueryArgs) -> anyhow::Result<u8> {
         sql,
     } = args;
     let fed = Federation::load(&federation)?;
+    let progress_mode = match progress {
+        Some(mode) => mode,
+        None => fedq::progress::Mode::from_env().map_err(anyhow::Error::msg)?,
+    };
     let timeout = match timeout {
         Some(t) => match Duration::try_from_secs_f64(t) {
             Ok(d) if t > 0.0 => d,
@@ -467,10 +495,12 @@ async fn query(args: QueryArgs) -> anyhow::Result<u8> {
     let each = total / queries.len() as f64;
     // Queries over provably disjoint records are asked as one grouped
     // query, each with the whole budget (parallel composition; see
-    // fedq::compose); otherwise each gets an even share.
+    // fedq::compose); otherwise each gets an even share. A dry run asks
+    // the same way, so it shows what the real run will do.
     let mut set = None;
-    if queries.len() > 1 && !dry_run {
+    if queries.len() > 1 {
         let whole = QueryOptions {
+            secure: secure || fed.config.defaults.secure,
             epsilon: if unit == "rho" { 0.0 } else { total },
             rho: if unit == "rho" { total } else { 0.0 },
             dry_run,
@@ -484,12 +514,13 @@ async fn query(args: QueryArgs) -> anyhow::Result<u8> {
     }
     if set.is_some() {
         eprintln!(
-            "{} queries over provably disjoint records, asked as one: each gets the whole {unit} {total} (parallel composition)",
-            queries.len()
+            "{} queries over provably disjoint records, {}: each gets the whole {unit} {total} (parallel composition)",
+            queries.len(),
+            if dry_run { "would be asked as one" } else { "asked as one" }
         );
     } else if queries.len() > 1 {
         eprintln!(
-            "{} queries; {unit} {total} split evenly: {each} each",
+            "{} queries; {unit} {total} split evenly: {each} each (sequential composition)",
             queries.len()
         );
     }
@@ -503,6 +534,7 @@ async fn query(args: QueryArgs) -> anyhow::Result<u8> {
     let mut code = EXIT_OK;
     for written in &queries {
         let opts = QueryOptions {
+            secure: secure || fed.config.defaults.secure,
             epsilon: each_epsilon,
             rho: each_rho,
             dry_run,
@@ -510,7 +542,7 @@ async fn query(args: QueryArgs) -> anyhow::Result<u8> {
             min_nodes,
             query_id: query_id.clone().unwrap_or_else(new_query_id),
         };
-        let progress = Progress::start(&fed);
+        let progress = fedq::progress::Progress::start(&fed, progress_mode);
         let result = match set.as_mut().and_then(Iterator::next) {
             Some(answer) => answer,
             None => fedq::query::ask(&fed, written, &opts).await,
@@ -579,10 +611,14 @@ async fn nodes(federation: &std::path::Path, output: Format) -> anyhow::Result<u
 }
 
 /// `fedq schema`.
-async fn schema(federation: &std::path::Path, output: Format) -> anyhow::Result<u8> {
+async fn schema(federation: &std::path::Path, output: Format, diff: bool) -> anyhow::Result<u8> {
     let fed = Federation::load(federation)?;
     let outcomes = fed.describe(fed.default_timeout()).await;
-    print!("{}", render_schemas(&outcomes, output)?);
+    if diff {
+        print!("{}", fedq::output::render_schema_diff(&outcomes, output)?);
+    } else {
+        print!("{}", render_schemas(&outcomes, output)?);
+    }
     Ok(exit_for(outcomes.iter().map(|o| o.result.is_ok())))
 }
 
@@ -786,49 +822,6 @@ fn ca_revoke(ca: &std::path::Path, certificate: &str) -> anyhow::Result<u8> {
         "copy it to every node's [tls] crl path: nodes load it within seconds, without a restart"
     );
     Ok(EXIT_OK)
-}
-
-/// A one-line "waiting for ..." display on stderr while nodes are slow,
-/// only on a terminal (never in pipes or logs).
-struct Progress {
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Progress {
-    fn start(fed: &Federation) -> Progress {
-        let (stop, mut rx) = tokio::sync::oneshot::channel();
-        let fed = fed.clone();
-        let show = std::io::stderr().is_terminal();
-        let task = tokio::spawn(async move {
-            let mut drawn = false;
-            loop {
-                tokio::select! {
-                    _ = &mut rx => break,
-                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-                }
-                let slow: Vec<String> = fed
-                    .pending()
-                    .into_iter()
-                    .filter(|(_, t)| *t > Duration::from_millis(500))
-                    .map(|(n, t)| format!("{n} ({:.1} s)", t.as_secs_f64()))
-                    .collect();
-                if show && !slow.is_empty() {
-                    eprint!("\r\x1b[2Kwaiting for {}", slow.join(", "));
-                    drawn = true;
-                }
-            }
-            if drawn {
-                eprint!("\r\x1b[2K");
-            }
-        });
-        Progress { stop, task }
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        let _ = self.task.await;
-    }
 }
 
 /// Asks on the terminal; refuses to guess when there is no terminal.

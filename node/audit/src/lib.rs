@@ -31,9 +31,8 @@
 pub mod decimal;
 pub mod report;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context};
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -282,6 +281,11 @@ pub enum Event {
         /// written before sources existed keep their form and hashes).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         source: Option<String>,
+        /// A secure-aggregation release: the participant set its masked
+        /// noise share was for. Absent otherwise (so other entries keep
+        /// their form and hashes).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        secure: Option<SecureRound>,
     },
     /// A retried query id was answered from the stored release; nothing spent.
     Replayed {
@@ -324,6 +328,20 @@ impl Event {
             Event::BudgetGranted { .. } => "budget_granted",
         }
     }
+}
+
+/// The round a secure-aggregation release took part in: what an auditor
+/// needs to see that the node added a share calibrated for `min_honest`
+/// participants and answered one participant set only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecureRound {
+    /// SHA-256 (hex) of the participant set (`fedq_secagg`).
+    pub participant_set: String,
+    /// The participants' names, in order.
+    pub participants: Vec<String>,
+    /// The fewest honest participants the share is calibrated for.
+    pub min_honest: u32,
 }
 
 /// What the log says about one released measurement (never its values).
@@ -469,6 +487,75 @@ impl Head {
     }
 }
 
+/// Why an audit key or a head could not be loaded, made or parsed (a
+/// verification failure is a [`VerifyError`]). Each message names the
+/// file or the text at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// The audit key file could not be read.
+    #[error("cannot read the audit key {}: {error}", path.display())]
+    ReadKey {
+        /// The key file.
+        path: PathBuf,
+        /// The system's error.
+        error: std::io::Error,
+    },
+    /// The audit key file does not hold a 32-byte hex seed.
+    #[error("audit key {} is not 64 hex characters", path.display())]
+    KeyNotHex {
+        /// The key file.
+        path: PathBuf,
+    },
+    /// The system gave no randomness for a new key.
+    #[error("cannot get randomness for the audit key: {0}")]
+    Randomness(getrandom::Error),
+    /// The directory of a key file could not be created.
+    #[error("cannot create the directory {}: {error}", path.display())]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The system's error.
+        error: std::io::Error,
+    },
+    /// The new audit key could not be written.
+    #[error("cannot write the audit key {}: {error}", path.display())]
+    WriteKey {
+        /// The key file.
+        path: PathBuf,
+        /// The system's error.
+        error: std::io::Error,
+    },
+    /// The audit public key could not be written.
+    #[error("cannot write the audit public key {}: {error}", path.display())]
+    WritePublic {
+        /// The public key file.
+        path: PathBuf,
+        /// The system's error.
+        error: std::io::Error,
+    },
+    /// A public key is not hex.
+    #[error("the public key is not hex")]
+    PublicKeyNotHex,
+    /// A public key has the wrong length.
+    #[error("the public key must be 32 bytes (64 hex characters)")]
+    PublicKeyLength,
+    /// A public key is not a valid ed25519 point.
+    #[error("invalid ed25519 public key: {0}")]
+    PublicKeyInvalid(ed25519_dalek::SignatureError),
+    /// A head is not written `SEQ:HASH`.
+    #[error("a head is written SEQ:HASH, e.g. 41:9f86d0...")]
+    HeadFormat,
+    /// A head's sequence number is not a number.
+    #[error("the head's sequence number {seq:?} is not a number")]
+    HeadSeq {
+        /// The text given as the sequence number.
+        seq: String,
+    },
+    /// A head's hash is not 64 hex characters.
+    #[error("the head's hash must be 64 hex characters")]
+    HeadHash,
+}
+
 /// The node's audit signing key.
 pub struct AuditKey {
     signing: SigningKey,
@@ -477,37 +564,46 @@ pub struct AuditKey {
 impl AuditKey {
     /// Loads the key from `key_path` (hex seed), or creates it there (mode
     /// 0600) on first start; (re)writes the public key (hex) to `pub_path`.
-    pub fn load_or_create(key_path: &Path, pub_path: &Path) -> anyhow::Result<AuditKey> {
+    pub fn load_or_create(key_path: &Path, pub_path: &Path) -> Result<AuditKey, AuditError> {
+        let create_parent = |file: &Path| match file.parent() {
+            Some(dir) => std::fs::create_dir_all(dir).map_err(|error| AuditError::CreateDir {
+                path: dir.to_path_buf(),
+                error,
+            }),
+            None => Ok(()),
+        };
         let signing = if key_path.exists() {
-            let text = std::fs::read_to_string(key_path)
-                .with_context(|| format!("cannot read the audit key {}", key_path.display()))?;
+            let text = std::fs::read_to_string(key_path).map_err(|error| AuditError::ReadKey {
+                path: key_path.to_path_buf(),
+                error,
+            })?;
             let bytes = hex::decode(text.trim())
                 .ok()
                 .and_then(|b| <[u8; 32]>::try_from(b).ok())
-                .ok_or_else(|| {
-                    anyhow!("audit key {} is not 64 hex characters", key_path.display())
+                .ok_or_else(|| AuditError::KeyNotHex {
+                    path: key_path.to_path_buf(),
                 })?;
             SigningKey::from_bytes(&bytes)
         } else {
             let mut seed = [0u8; 32];
-            getrandom::fill(&mut seed)
-                .map_err(|e| anyhow!("cannot get randomness for the audit key: {e}"))?;
-            if let Some(dir) = key_path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
+            getrandom::fill(&mut seed).map_err(AuditError::Randomness)?;
+            create_parent(key_path)?;
             // Mode 0600 from its first byte, never world-readable.
-            fedq_pki::write_secret(key_path, (hex::encode(seed) + "\n").as_bytes())
-                .with_context(|| format!("cannot write the audit key {}", key_path.display()))?;
+            fedq_pki::write_secret(key_path, (hex::encode(seed) + "\n").as_bytes()).map_err(
+                |error| AuditError::WriteKey {
+                    path: key_path.to_path_buf(),
+                    error,
+                },
+            )?;
             SigningKey::from_bytes(&seed)
         };
         let key = AuditKey { signing };
         let public = key.public_hex() + "\n";
         if std::fs::read_to_string(pub_path).ok().as_deref() != Some(public.as_str()) {
-            if let Some(dir) = pub_path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            std::fs::write(pub_path, public).with_context(|| {
-                format!("cannot write the audit public key {}", pub_path.display())
+            create_parent(pub_path)?;
+            std::fs::write(pub_path, public).map_err(|error| AuditError::WritePublic {
+                path: pub_path.to_path_buf(),
+                error,
             })?;
         }
         Ok(key)
@@ -572,11 +668,10 @@ pub struct Verified {
 }
 
 /// Parses a hex ed25519 public key (as written to `audit.pub`).
-pub fn parse_public_key(text: &str) -> anyhow::Result<VerifyingKey> {
-    let bytes = hex::decode(text.trim()).map_err(|_| anyhow!("the public key is not hex"))?;
-    let arr = <[u8; 32]>::try_from(bytes)
-        .map_err(|_| anyhow!("the public key must be 32 bytes (64 hex characters)"))?;
-    VerifyingKey::from_bytes(&arr).map_err(|e| anyhow!("invalid ed25519 public key: {e}"))
+pub fn parse_public_key(text: &str) -> Result<VerifyingKey, AuditError> {
+    let bytes = hex::decode(text.trim()).map_err(|_| AuditError::PublicKeyNotHex)?;
+    let arr = <[u8; 32]>::try_from(bytes).map_err(|_| AuditError::PublicKeyLength)?;
+    VerifyingKey::from_bytes(&arr).map_err(AuditError::PublicKeyInvalid)
 }
 
 /// Verifies an export (JSON lines) against `public`: consecutive sequence
@@ -682,16 +777,13 @@ pub fn verify(
 }
 
 /// Parses `SEQ:HASH` (as printed by `fedq audit` and in responses).
-pub fn parse_head(s: &str) -> anyhow::Result<(u64, String)> {
-    let (seq, hash) = s
-        .split_once(':')
-        .ok_or_else(|| anyhow!("a head is written SEQ:HASH, e.g. 41:9f86d0..."))?;
-    let seq = seq
-        .trim()
-        .parse()
-        .map_err(|_| anyhow!("the head's sequence number {seq:?} is not a number"))?;
+pub fn parse_head(s: &str) -> Result<(u64, String), AuditError> {
+    let (seq, hash) = s.split_once(':').ok_or(AuditError::HeadFormat)?;
+    let seq = seq.trim().parse().map_err(|_| AuditError::HeadSeq {
+        seq: seq.to_string(),
+    })?;
     if hash.len() != 64 || hex::decode(hash).is_err() {
-        bail!("the head's hash must be 64 hex characters");
+        return Err(AuditError::HeadHash);
     }
     Ok((seq, hash.to_string()))
 }

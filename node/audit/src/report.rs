@@ -497,6 +497,7 @@ mod tests {
                     measurements: vec![],
                     response_sha256: String::new(),
                     source: None,
+                    secure: None,
                 },
             ),
             entry(

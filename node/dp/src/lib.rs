@@ -12,6 +12,9 @@
 //! - [`mechanism`]: the discrete Laplace and discrete Gaussian mechanisms
 //!   (the only source of noise, DESIGN invariant 1), their scales checked
 //!   against OpenDP's privacy maps, and their accuracy.
+//! - [`distributed`]: the distributed discrete Gaussian: the share of
+//!   the noise each of `t` honest nodes adds so that their sum, released
+//!   under secure aggregation, is as private as one central release.
 //! - [`distribution`]: equal-width bins, and quantiles with confidence
 //!   intervals read off noisy histograms (post-processing only).
 //!
@@ -22,6 +25,7 @@
 #![deny(missing_docs)]
 
 pub mod accounting;
+pub mod distributed;
 pub mod distribution;
 pub mod mechanism;
 mod memo;

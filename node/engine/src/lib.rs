@@ -19,6 +19,11 @@
 //! - [`postgres`]: a PostgreSQL table or view as a dataset: the start-up
 //!   check against the declared schema and each query pushed down as one
 //!   parameterised statement; equivalence-tested against [`table`].
+//! - [`mapping`]: a partner's own columns and codes read as the declared
+//!   (standard) ones at ingest: renamed columns, value maps, country names
+//!   and ages converted, unmapped values counted per column.
+//! - [`partner_coding`]: the synthetic data in a partner's own coding, and
+//!   the mapping that reads it back (demo and tests).
 //! - [`synth`]: seeded synthetic CTDC-shaped partner datasets (the demo,
 //!   the tests and the benchmarks; never a node's real data).
 //!
@@ -28,6 +33,8 @@
 #![deny(missing_docs)]
 
 mod bits;
+pub mod mapping;
+pub mod partner_coding;
 pub mod postgres;
 #[cfg(test)]
 mod privacy_tests;

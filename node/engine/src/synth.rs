@@ -57,7 +57,6 @@
 
 use std::io::Write;
 
-use anyhow::Context;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -678,18 +677,44 @@ pub fn ctdc_columns() -> Vec<ColumnSpec> {
     cols
 }
 
+/// Why a synthetic CSV could not be written: the writer it was given
+/// failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SynthError {
+    /// Writing or flushing the CSV failed.
+    #[error("{what}: {error}")]
+    Write {
+        /// What was being written (`writing the synthetic CSV header`,
+        /// `writing a synthetic CSV row`).
+        what: &'static str,
+        /// The CSV writer's error (an I/O error of the output, usually).
+        error: csv::Error,
+    },
+    /// Flushing the CSV to its output failed.
+    #[error("flushing the synthetic CSV: {0}")]
+    Flush(std::io::Error),
+}
+
 /// Writes `rows` rows (plus a header row) of CSV for `partner` with `seed`.
 /// Deterministic for `(partner, rows, seed)`.
 ///
 /// Writes through a `csv::Writer`, which buffers (64 KiB) before each write
 /// to `out`, so `out` need not be buffered; rows borrow pre-rendered cells
 /// and do not allocate.
-pub fn write_csv<W: Write>(partner: Partner, rows: usize, seed: u64, out: W) -> anyhow::Result<()> {
+pub fn write_csv<W: Write>(
+    partner: Partner,
+    rows: usize,
+    seed: u64,
+    out: W,
+) -> Result<(), SynthError> {
     let mut wtr = csv::WriterBuilder::new()
         .buffer_capacity(1 << 16)
         .from_writer(out);
     wtr.write_record(ctdc_columns().iter().map(|c| c.name.as_str()))
-        .context("writing the synthetic CSV header")?;
+        .map_err(|error| SynthError::Write {
+            what: "writing the synthetic CSV header",
+            error,
+        })?;
     let sampler = Sampler::new(partner);
     let nums = Numbers::new();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -697,10 +722,12 @@ pub fn write_csv<W: Write>(partner: Partner, rows: usize, seed: u64, out: W) -> 
     for _ in 0..rows {
         let case = sampler.case(&mut rng);
         render(&case, &nums, &mut row);
-        wtr.write_record(row)
-            .context("writing a synthetic CSV row")?;
+        wtr.write_record(row).map_err(|error| SynthError::Write {
+            what: "writing a synthetic CSV row",
+            error,
+        })?;
     }
-    wtr.flush().context("flushing the synthetic CSV")?;
+    wtr.flush().map_err(SynthError::Flush)?;
     Ok(())
 }
 

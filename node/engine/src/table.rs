@@ -32,7 +32,9 @@ use std::sync::OnceLock;
 
 use crate::bits::{self, KeyBits};
 use fedq_dp::mechanism::{Exact, ExactKeyCounts};
-use fedq_plan::plan::{cell_count, Bucket, CmpOp, MeasurementSpec, Plan, Predicate, MISSING_KEY};
+use fedq_plan::plan::{
+    cell_count, Bucket, CmpOp, KeyRule, MeasurementSpec, Plan, Predicate, MISSING_KEY,
+};
 use fedq_plan::schema::{Column, Schema, MISSING};
 
 /// An unsigned code type a column can be packed in.
@@ -776,15 +778,37 @@ impl Table {
         Some(cells)
     }
 
-    /// Every row's key in a CASE bucket: the label of the first branch
-    /// whose condition is TRUE for it, else the ELSE label, else missing
-    /// (the bucket's last key).
+    /// Every row's key in a per-row key: in a CASE bucket, the label of
+    /// the first branch whose condition is TRUE for it, else the ELSE
+    /// label; in a number key, the key of its value
+    /// ([`fedq_plan::plan::NumberKey::key`]); else missing (the bucket's
+    /// last key).
     fn bucket_codes(&self, b: &Bucket) -> Vec<u32> {
         let n = self.len();
         let missing = b.labels.len() as u32;
-        let mut codes = vec![b.otherwise.map_or(missing, |o| o as u32); n];
+        let (branches, otherwise) = match &b.rule {
+            KeyRule::Case {
+                branches,
+                otherwise,
+            } => (branches, otherwise),
+            KeyRule::Number(k) => {
+                // Row at a time over the columns the expression reads.
+                let columns = k.expr.columns();
+                let values: Vec<Vec<i64>> = columns.iter().map(|&c| self.values(c)).collect();
+                return (0..n)
+                    .map(|i| {
+                        let value = |c: usize| {
+                            let at = columns.iter().position(|&x| x == c)?;
+                            Some(values[at][i]).filter(|&v| v != MISSING)
+                        };
+                        k.expr.eval(&value).map_or(missing, |v| k.key(v) as u32)
+                    })
+                    .collect();
+            }
+        };
+        let mut codes = vec![otherwise.map_or(missing, |o| o as u32); n];
         // Later branches first, so that earlier ones take precedence.
-        for (p, label) in b.branches.iter().rev() {
+        for (p, label) in branches.iter().rev() {
             let rows = self.rows_where(p, true);
             for (w, &word) in rows.iter().enumerate() {
                 let mut x = word;
@@ -1381,6 +1405,49 @@ mod tests {
             1, MISSING, 10,
         ]);
         t
+    }
+
+    /// A per-row number's keys: each value of its derived bounds, or
+    /// `BIN` ranges read off `bin_edges`; a missing value is (missing).
+    #[test]
+    fn number_keys_count_each_row_in_its_value_or_range() {
+        let t = table();
+        // m: 5, 7, missing, 3, 10 over declared 0..10.
+        let p = plan(
+            "SELECT m / 4 + f AS k, COUNT(*) FROM t GROUP BY k",
+            &t.schema,
+            100,
+        )
+        .unwrap();
+        // m / 4 is 0..2, plus a flag 0..1: keys 0..3.
+        assert_eq!(
+            cell_keys(&p, &t.schema),
+            vec![
+                vec!["0"],
+                vec!["1"],
+                vec!["2"],
+                vec!["3"],
+                vec![MISSING_KEY]
+            ]
+        );
+        // Rows: 5/4+1 = 2, 7/4+0 = 1, missing, 3/4+1 = 1, 10/4 + missing.
+        assert_eq!(t.exact_values(&p)[0], vec![0, 2, 1, 0, 2]);
+        let p = plan(
+            "SELECT g, BIN(m, 3), COUNT(*), SUM(m) FROM t GROUP BY 1, 2",
+            &t.schema,
+            100,
+        )
+        .unwrap();
+        let edges = fedq_dp::distribution::bin_edges(0, 10, 3);
+        assert_eq!(edges, [0, 4, 8, 11]);
+        let keys = cell_keys(&p, &t.schema);
+        assert_eq!(keys[0], ["a", "[0, 4)"]);
+        assert_eq!(keys[2], ["a", "[8, 10]"]);
+        // a: 5 -> [4, 8), 7 -> [4, 8); b: missing, 10 -> [8, 10];
+        // (missing) g: 3 -> [0, 4).
+        let exact = t.exact_values(&p);
+        assert_eq!(exact[0], vec![0, 2, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0]);
+        assert_eq!(exact[1], vec![0, 12, 0, 0, 0, 0, 10, 0, 3, 0, 0, 0]);
     }
 
     #[test]

@@ -11,8 +11,11 @@
 //!
 //! Tree `audit`: `head` → JSON [`Head`]; `e` + seq (u64 BE) → JSON [`Entry`].
 
-use anyhow::anyhow;
-use sled::transaction::{ConflictableTransactionError, UnabortableTransactionError};
+use sled::transaction::{
+    ConflictableTransactionError, TransactionError, UnabortableTransactionError,
+};
+
+use crate::store::StoreError;
 
 pub use fedq_audit::*;
 
@@ -50,6 +53,25 @@ pub fn append_in<E>(
     })?;
     tx.insert("head", head_bytes)?;
     Ok(new_head)
+}
+
+/// The storage error of a sled transaction that never aborts (its only
+/// failures are storage failures).
+pub(crate) fn storage(e: TransactionError<()>) -> sled::Error {
+    match e {
+        TransactionError::Storage(e) => e,
+        TransactionError::Abort(()) => {
+            sled::Error::ReportableBug("a write that never aborts was aborted".into())
+        }
+    }
+}
+
+/// A stored audit entry this build cannot read.
+fn unreadable(why: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        what: "a stored audit entry is unreadable".into(),
+        why: why.to_string(),
+    }
 }
 
 /// The audit log over the store's `audit` tree.
@@ -93,18 +115,21 @@ impl AuditLog {
     }
 
     /// Appends one event on its own (not tied to a ledger write).
-    pub fn append(&self, event: Event) -> anyhow::Result<Head> {
+    pub fn append(&self, event: Event) -> Result<Head, StoreError> {
         let _appending = self.appending();
-        self.fault.check().map_err(|e| anyhow!("{e}"))?;
+        self.fault.check()?;
         self.tree
             .transaction(|tx| append_in::<()>(tx, &self.key, event.clone()))
-            .map_err(|e| anyhow!("cannot append to the audit log: {e:?}"))
+            .map_err(|e| StoreError::Write {
+                what: "cannot append to the audit log",
+                error: storage(e),
+            })
     }
 
     /// Appends `events`, in order, in one commit (all or none).
-    pub fn append_all(&self, events: &[Event]) -> anyhow::Result<Option<Head>> {
+    pub fn append_all(&self, events: &[Event]) -> Result<Option<Head>, StoreError> {
         let _appending = self.appending();
-        self.fault.check().map_err(|e| anyhow!("{e}"))?;
+        self.fault.check()?;
         self.tree
             .transaction(|tx| {
                 let mut head = None;
@@ -113,18 +138,20 @@ impl AuditLog {
                 }
                 Ok(head)
             })
-            .map_err(|e| anyhow!("cannot append to the audit log: {e:?}"))
+            .map_err(|e| StoreError::Write {
+                what: "cannot append to the audit log",
+                error: storage(e),
+            })
     }
 
     /// The limits recorded by the latest `node_started` entry, if any.
-    pub fn last_limits(&self) -> anyhow::Result<Option<Vec<DatasetLimits>>> {
+    pub fn last_limits(&self) -> Result<Option<Vec<DatasetLimits>>, StoreError> {
         for item in self.tree.range(entry_key(0)..).rev() {
             let (k, v) = item?;
             if k.first() != Some(&b'e') {
                 continue;
             }
-            let e: Entry = serde_json::from_slice(&v)
-                .map_err(|e| anyhow!("a stored audit entry is unreadable: {e}"))?;
+            let e: Entry = serde_json::from_slice(&v).map_err(unreadable)?;
             // An event this version cannot read (a newer node's) is not
             // a start record it could compare limits with.
             if let Ok(Event::NodeStarted { limits, .. }) = e.event() {
@@ -135,7 +162,7 @@ impl AuditLog {
     }
 
     /// The latest head, if the log is not empty.
-    pub fn head(&self) -> anyhow::Result<Option<Head>> {
+    pub fn head(&self) -> Result<Option<Head>, StoreError> {
         Ok(self
             .tree
             .get("head")?
@@ -144,7 +171,7 @@ impl AuditLog {
 
     /// Entries from `since` on, in order, as the JSON lines stored (and
     /// exported: an export is these bytes, so it verifies bit for bit).
-    pub fn lines(&self, since: u64) -> impl Iterator<Item = anyhow::Result<String>> + '_ {
+    pub fn lines(&self, since: u64) -> impl Iterator<Item = Result<String, StoreError>> + '_ {
         self.tree
             .range(entry_key(since)..)
             .filter(|r| {
@@ -154,17 +181,17 @@ impl AuditLog {
             })
             .map(|r| {
                 let (_, v) = r?;
-                String::from_utf8(v.to_vec())
-                    .map_err(|_| anyhow!("a stored audit entry is not UTF-8"))
+                String::from_utf8(v.to_vec()).map_err(|_| StoreError::Corrupt {
+                    what: "a stored audit entry".into(),
+                    why: "not UTF-8".into(),
+                })
             })
     }
 
     /// Entries from `since` on, in order (the stored lines, read).
-    pub fn entries(&self, since: u64) -> impl Iterator<Item = anyhow::Result<Entry>> + '_ {
-        self.lines(since).map(|line| {
-            serde_json::from_str::<Entry>(&line?)
-                .map_err(|e| anyhow!("a stored audit entry is unreadable: {e}"))
-        })
+    pub fn entries(&self, since: u64) -> impl Iterator<Item = Result<Entry, StoreError>> + '_ {
+        self.lines(since)
+            .map(|line| serde_json::from_str::<Entry>(&line?).map_err(unreadable))
     }
 }
 
@@ -280,6 +307,7 @@ mod tests {
                 }],
                 response_sha256: "r".into(),
                 source: None,
+                secure: None,
             },
             Event::Replayed {
                 analyst: "a".into(),

@@ -36,6 +36,19 @@ pub const EXIT_STORE_FAILED: u8 = 75;
 #[error("the node's store failed ({0}); it refuses every write until the node restarts (the restart completes an interrupted ledger write)")]
 pub struct StoreFailed(pub String);
 
+/// Whether `e` is the store's fault, or a ledger or store error caused by
+/// it: the error a node exits with [`EXIT_STORE_FAILED`] after. Checks the
+/// one error, not its sources (walk `anyhow::Error::chain` for those).
+pub fn is_store_failure(e: &(dyn std::error::Error + 'static)) -> bool {
+    use crate::ledger::{GrantError, LedgerError};
+    use crate::store::StoreError;
+    let store = |s: &StoreError| s.fault().is_some();
+    e.is::<StoreFailed>()
+        || e.downcast_ref::<StoreError>().is_some_and(store)
+        || matches!(e.downcast_ref::<LedgerError>(), Some(LedgerError::Store(s)) if store(s))
+        || matches!(e.downcast_ref::<GrantError>(), Some(GrantError::Store(s)) if store(s))
+}
+
 /// Set once, by the first failed commit or flush of a store; shared by
 /// every handle on that store.
 #[derive(Clone)]
@@ -251,6 +264,22 @@ mod tests {
             .build()
             .unwrap();
         assert_eq!(rt.block_on(f.failed()).0, "disk full");
+    }
+
+    /// The server's exit code depends on this: 75 after the fault, however
+    /// the error reached it.
+    #[test]
+    fn errors_caused_by_the_fault_are_store_failures() {
+        use crate::ledger::{GrantError, LedgerError};
+        use crate::store::StoreError;
+        let failed = StoreFailed("disk full".into());
+        assert!(is_store_failure(&failed));
+        assert!(is_store_failure(&StoreError::NotDurable(failed.clone())));
+        assert!(is_store_failure(&LedgerError::from(failed.clone())));
+        assert!(is_store_failure(&GrantError::from(failed)));
+        let other = StoreError::Thread(std::io::Error::other("no threads"));
+        assert!(!is_store_failure(&other));
+        assert!(!is_store_failure(&LedgerError::from(other)));
     }
 
     #[test]

@@ -28,7 +28,8 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::fault::fail_point::{FailPoints, Point};
-use crate::fault::Fault;
+use crate::fault::{Fault, StoreFailed};
+use crate::store::StoreError;
 
 /// Shares `fsync`s among concurrent writers of one sled database.
 ///
@@ -111,7 +112,7 @@ impl State {
 impl GroupCommit {
     /// Group commit over `db`, whose log file is `log`, with a fault of
     /// its own; starts the flusher thread.
-    pub fn new(db: sled::Db, log: std::fs::File) -> anyhow::Result<GroupCommit> {
+    pub fn new(db: sled::Db, log: std::fs::File) -> Result<GroupCommit, StoreError> {
         GroupCommit::with_fault(db, log, Fault::default(), FailPoints::default())
     }
 
@@ -121,7 +122,7 @@ impl GroupCommit {
         log: std::fs::File,
         fault: Fault,
         fail: FailPoints,
-    ) -> anyhow::Result<GroupCommit> {
+    ) -> Result<GroupCommit, StoreError> {
         let shared = Arc::new(Shared {
             db,
             log,
@@ -135,7 +136,8 @@ impl GroupCommit {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name("fedq-flush".into())
-                .spawn(move || shared.run())?
+                .spawn(move || shared.run())
+                .map_err(StoreError::Thread)?
         };
         Ok(GroupCommit {
             shared,
@@ -145,7 +147,7 @@ impl GroupCommit {
 
     /// Blocks until everything this thread wrote to the database before
     /// calling is durable.
-    pub fn wait_durable(&self) -> anyhow::Result<()> {
+    pub fn wait_durable(&self) -> Result<(), StoreError> {
         let ticket = self.ticket();
         self.wait(ticket)
     }
@@ -165,15 +167,16 @@ impl GroupCommit {
     /// Returns once a `sled::Db::flush` followed by an `fdatasync` of
     /// sled's log, both begun after `ticket` was taken, have completed
     /// without error; fails if the flush that covered it failed.
-    pub fn wait(&self, ticket: Ticket) -> anyhow::Result<()> {
+    pub fn wait(&self, ticket: Ticket) -> Result<(), StoreError> {
         let mut st = self.shared.lock();
         loop {
             if let Some(outcome) = st.outcome(&ticket) {
                 return outcome.map_err(|()| {
-                    anyhow::Error::new(self.shared.fault.check().err().unwrap_or_else(|| {
-                        crate::fault::StoreFailed("flushing the store to disk failed".into())
-                    }))
-                    .context("nothing was made durable")
+                    StoreError::NotDurable(
+                        self.shared.fault.check().err().unwrap_or_else(|| {
+                            StoreFailed("flushing the store to disk failed".into())
+                        }),
+                    )
                 });
             }
             st = self
@@ -212,7 +215,7 @@ impl Shared {
             // may depend on what failed.
             let result = match self.fault.check() {
                 Ok(()) => self.flush(),
-                Err(e) => Err(e.into()),
+                Err(e) => Err(StoreError::Failed(e)),
             };
             tracing::debug!(target: "fedq_node::timing", batch, us = began.elapsed().as_micros() as u64, "group flush");
             st = self.lock();
@@ -221,7 +224,7 @@ impl Shared {
                 Ok(()) => st.durable = st.durable.max(covers),
                 Err(e) => {
                     self.fault
-                        .set(format!("flushing the store to disk failed: {e:#}"));
+                        .set(format!("flushing the store to disk failed: {e}"));
                     st.failed = st.failed.max(covers);
                 }
             }
@@ -230,14 +233,14 @@ impl Shared {
     }
 
     /// One flush: sled writes its buffers, then the log file is synced.
-    fn flush(&self) -> anyhow::Result<()> {
+    fn flush(&self) -> Result<(), StoreError> {
         let began = std::time::Instant::now();
         if self.fail.hit(Point::Flush) {
-            return Err(FailPoints::error(Point::Flush).into());
+            return Err(sled::Error::Io(FailPoints::error(Point::Flush)).into());
         }
         self.db.flush()?;
         let sled_us = began.elapsed().as_micros() as u64;
-        self.log.sync_data()?;
+        self.log.sync_data().map_err(sled::Error::Io)?;
         // Durations only, for the benchmarks (`fedq_node::timing`).
         tracing::debug!(target: "fedq_node::timing", sled_us, fdatasync_us = (began.elapsed().as_micros() as u64).saturating_sub(sled_us), "flush");
         Ok(())

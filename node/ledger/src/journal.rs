@@ -29,9 +29,25 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 
-use anyhow::{bail, Context};
 use sled::transaction::{TransactionalTree, UnabortableTransactionError};
 use sled::IVec;
+
+/// Why [`Journal::replay`] could not complete an interrupted write.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// sled failed to read the journal or to apply its writes.
+    #[error("cannot complete the ledger write that the last stop interrupted: {0}")]
+    Sled(#[from] sled::Error),
+    /// The journal's value cannot be decoded: nothing was applied, and the
+    /// value is kept.
+    #[error(
+        "the store's ledger journal is unreadable ({why}); restore the store from a backup (see deploy/README.md)"
+    )]
+    Unreadable {
+        /// What is wrong with it (`truncated`, `trailing bytes`).
+        why: &'static str,
+    },
+}
 
 /// Reads and writes of a ledger write, inside a sled transaction or an
 /// [`Overlay`]: the hot path and the transactional paths share one code.
@@ -193,13 +209,11 @@ impl Journal {
 
     /// Completes a write set that a crash interrupted, if any, and makes it
     /// durable. Returns how many keys it wrote (0: nothing was pending).
-    pub fn replay(&self) -> anyhow::Result<usize> {
+    pub fn replay(&self) -> Result<usize, JournalError> {
         let Some(bytes) = self.tree.get(PENDING)? else {
             return Ok(0);
         };
-        let sets = decode(&bytes).context(
-            "the store's ledger journal is unreadable; restore the store from a backup (see deploy/README.md)",
-        )?;
+        let sets = decode(&bytes).map_err(|why| JournalError::Unreadable { why })?;
         let mut n = 0;
         for (name, writes) in sets {
             let tree = self.db.open_tree(name)?;
@@ -240,20 +254,24 @@ fn encode(sets: &[(&sled::Tree, Vec<(IVec, IVec)>)]) -> Vec<u8> {
     out
 }
 
-#[allow(clippy::type_complexity)]
-fn decode(mut b: &[u8]) -> anyhow::Result<Vec<(Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>)>> {
-    fn u32_at(b: &mut &[u8]) -> anyhow::Result<usize> {
+/// One tree's writes in a journal value: the tree's name, then its
+/// `(key, value)` pairs.
+type TreeWrites = (Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>);
+
+/// Decodes [`encode`]'s value, or says what is wrong with it.
+fn decode(mut b: &[u8]) -> Result<Vec<TreeWrites>, &'static str> {
+    fn u32_at(b: &mut &[u8]) -> Result<usize, &'static str> {
         if b.len() < 4 {
-            bail!("truncated");
+            return Err("truncated");
         }
         let n = u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize;
         *b = &b[4..];
         Ok(n)
     }
-    fn bytes(b: &mut &[u8]) -> anyhow::Result<Vec<u8>> {
+    fn bytes(b: &mut &[u8]) -> Result<Vec<u8>, &'static str> {
         let n = u32_at(b)?;
         if b.len() < n {
-            bail!("truncated");
+            return Err("truncated");
         }
         let v = b[..n].to_vec();
         *b = &b[n..];
@@ -273,7 +291,7 @@ fn decode(mut b: &[u8]) -> anyhow::Result<Vec<(Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>)
         sets.push((name, writes));
     }
     if !b.is_empty() {
-        bail!("trailing bytes");
+        return Err("trailing bytes");
     }
     Ok(sets)
 }
@@ -438,7 +456,7 @@ mod tests {
             .tree
             .insert(PENDING, &[0, 0, 0, 1, 0, 0][..])
             .unwrap();
-        let e = format!("{:#}", journal.replay().unwrap_err());
+        let e = journal.replay().unwrap_err().to_string();
         assert!(
             e.contains("journal is unreadable") && e.contains("backup"),
             "{e}"

@@ -49,10 +49,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use sha2::{Digest, Sha256};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
-use crate::audit::{append_in, AuditLog, Decimal, Event, Head, ReleasedMeasurement};
+use crate::audit::{append_in, storage, AuditLog, Decimal, Event, Head, ReleasedMeasurement};
+use crate::fault::StoreFailed;
 use crate::journal::{Kv, Overlay};
 use crate::limits::BudgetLimits;
-use crate::store::decode_u64;
+use crate::store::{decode_u64, StoreError};
 use fedq_dp::accounting::Measure;
 
 /// Nano-epsilon per epsilon.
@@ -314,20 +315,74 @@ pub enum LedgerError {
     /// Refused by the ledger's checks; nothing was written.
     #[error(transparent)]
     Refused(#[from] Refusal),
-    /// A write or flush failed; nothing more is written until a restart.
-    #[error("{0:#}")]
-    Store(anyhow::Error),
+    /// A read, write or flush failed; after a failed write or flush
+    /// nothing more is written until a restart.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
-impl From<anyhow::Error> for LedgerError {
-    fn from(e: anyhow::Error) -> Self {
-        LedgerError::Store(e)
+impl From<StoreFailed> for LedgerError {
+    fn from(e: StoreFailed) -> Self {
+        LedgerError::Store(e.into())
     }
 }
 
-impl From<crate::fault::StoreFailed> for LedgerError {
-    fn from(e: crate::fault::StoreFailed) -> Self {
-        LedgerError::Store(e.into())
+/// Why [`Ledger::grant`] granted nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum GrantError {
+    /// The amount is zero, negative or not finite.
+    #[error("a grant must be a positive, finite {unit} (got {amount})")]
+    NotPositive {
+        /// `epsilon` or `rho`: the dataset's measure.
+        unit: &'static str,
+        /// The amount asked.
+        amount: f64,
+    },
+    /// The store failed (see [`crate::fault`]).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<StoreFailed> for GrantError {
+    fn from(e: StoreFailed) -> Self {
+        GrantError::Store(e.into())
+    }
+}
+
+/// Why a dataset's recorded measure cannot be read, or disagrees with the
+/// configuration ([`Ledger::check_measures`]).
+#[derive(Debug, thiserror::Error)]
+pub enum MeasureError {
+    /// The ledger records a measure this build does not know.
+    #[error("the ledger of dataset {dataset:?} records an unknown measure {name:?}")]
+    Unknown {
+        /// The dataset.
+        dataset: String,
+        /// The recorded name.
+        name: String,
+    },
+    /// The configuration names another measure than the one the ledger
+    /// has spent in.
+    #[error(
+        "dataset {dataset:?} is configured with measure = {configured:?}, but its budget ledger has already spent in measure {recorded:?}; \
+mixing measures in one ledger would be unsound, so the node will not start. Set measure = {recorded:?} again (or serve the data under a new dataset name with its own ledger)"
+    )]
+    Mixed {
+        /// The dataset.
+        dataset: String,
+        /// The measure in the configuration.
+        configured: &'static str,
+        /// The measure the ledger has spent in.
+        recorded: &'static str,
+    },
+    /// The store failed a read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<sled::Error> for MeasureError {
+    fn from(e: sled::Error) -> Self {
+        MeasureError::Store(e.into())
     }
 }
 
@@ -376,6 +431,7 @@ impl Debit<'_> {
             dataset: self.dataset,
             query_id: self.query_id,
             digest: self.digest,
+            secure: None,
         }
     }
 }
@@ -392,6 +448,8 @@ pub struct ReleaseOf<'a> {
     pub query_id: &'a str,
     /// The query's digest.
     pub digest: [u8; 32],
+    /// For a secure-aggregation release, its round (logged with it).
+    pub secure: Option<&'a fedq_audit::SecureRound>,
 }
 
 /// A debit held for a two-phase query or a database source: the SQL kept
@@ -445,10 +503,10 @@ impl Job {
     fn fail(&self, e: &sled::Error) {
         match self {
             Job::Debit(j) => {
-                let _ = j.done.set(Err(e.clone()));
+                let _ = j.done.set(DebitOutcome::Failed(e.clone()));
             }
             Job::Release(j) => {
-                let _ = j.done.set(Err(format!("{e:?}")));
+                let _ = j.done.set(Err(e.clone()));
             }
         }
     }
@@ -468,8 +526,18 @@ struct DebitJob {
     hold: Option<(String, u64, (f64, f64))>,
     /// The query's `query_received` entry, logged first when it commits.
     received: Option<Event>,
-    #[allow(clippy::type_complexity)]
-    done: Arc<OnceLock<Result<Result<Admission, Refusal>, sled::Error>>>,
+    done: Arc<OnceLock<DebitOutcome>>,
+}
+
+/// How a queued debit was decided ([`Ledger::combine`]).
+#[derive(Clone)]
+enum DebitOutcome {
+    /// Checked and written (or recognised as a retry).
+    Admitted(Admission),
+    /// Refused by the checks; nothing of it was written.
+    Refused(Refusal),
+    /// The shared write failed in storage.
+    Failed(sled::Error),
 }
 
 /// A release waiting to be recorded, and where its outcome goes.
@@ -480,7 +548,7 @@ struct ReleaseJob {
     /// The response to store, without its audit head.
     response: fedq_proto::v1::QueryResponse,
     /// The audit head after its entry, or why the batch failed.
-    done: Arc<OnceLock<Result<Head, String>>>,
+    done: Arc<OnceLock<Result<Head, sled::Error>>>,
 }
 
 /// One analyst's standing on one dataset, read inside a ledger write.
@@ -697,7 +765,7 @@ impl Ledger {
     /// later write is refused; [`crate::fault`]) and returns it, which
     /// names the first failure (sled's own error loses its text when a
     /// shared write's outcome is cloned to each of its callers).
-    fn failed(&self, e: sled::Error) -> anyhow::Error {
+    fn failed(&self, e: sled::Error) -> StoreError {
         self.store
             .fault()
             .set(format!("a ledger write failed: {e}"));
@@ -705,6 +773,16 @@ impl Ledger {
             Err(failed) => failed.into(),
             Ok(()) => e.into(),
         }
+    }
+
+    /// A write made in a sled transaction that never aborts failed in
+    /// storage: sets the store's fault and says what was being written.
+    fn write_failed(&self, what: &'static str, e: TransactionError<()>) -> StoreError {
+        let error = storage(e);
+        self.store
+            .fault()
+            .set(format!("a ledger write failed: {error}"));
+        StoreError::Write { what, error }
     }
 
     /// The store's fault: set once a ledger write or flush failed, after
@@ -769,7 +847,10 @@ impl Ledger {
             Ok(Admission::Replay(bytes)) => return Ok(Computed::Replay(bytes)),
             Ok(Admission::Debited(b, d) | Admission::Resume(b, d)) => (b, d),
             Ok(Admission::Held(_)) => {
-                return Err(anyhow::anyhow!("a debit without a hold was held").into())
+                return Err(StoreError::from(sled::Error::ReportableBug(
+                    "a debit without a hold was held".into(),
+                ))
+                .into())
             }
             Err(TransactionError::Abort(refusal)) => return Err(refusal.into()),
             Err(TransactionError::Storage(e)) => return Err(self.failed(e).into()),
@@ -842,8 +923,10 @@ impl Ledger {
                 match job {
                     Job::Debit(job) => {
                         let decided = match self.debit_one(&tx, &atx, job) {
-                            Ok(admission) => Ok(admission),
-                            Err(ConflictableTransactionError::Abort(refusal)) => Err(refusal),
+                            Ok(admission) => DebitOutcome::Admitted(admission),
+                            Err(ConflictableTransactionError::Abort(refusal)) => {
+                                DebitOutcome::Refused(refusal)
+                            }
                             Err(ConflictableTransactionError::Storage(e)) => return Err(e),
                             Err(ConflictableTransactionError::Conflict) => {
                                 return Err(sled::Error::ReportableBug(
@@ -852,7 +935,7 @@ impl Ledger {
                             }
                         };
                         settle.push(Box::new(move || {
-                            let _ = job.done.set(Ok(decided));
+                            let _ = job.done.set(decided);
                         }));
                     }
                     Job::Release(job) => {
@@ -920,9 +1003,9 @@ impl Ledger {
             || done.get().is_some(),
         );
         let outcome = match done.get().cloned() {
-            Some(Ok(Ok(admission))) => Ok(admission),
-            Some(Ok(Err(refusal))) => Err(TransactionError::Abort(refusal)),
-            Some(Err(e)) => Err(TransactionError::Storage(e)),
+            Some(DebitOutcome::Admitted(admission)) => Ok(admission),
+            Some(DebitOutcome::Refused(refusal)) => Err(TransactionError::Abort(refusal)),
+            Some(DebitOutcome::Failed(e)) => Err(TransactionError::Storage(e)),
             None => Err(TransactionError::Storage(sled::Error::ReportableBug(
                 "a queued debit was never decided".into(),
             ))),
@@ -1075,12 +1158,13 @@ impl Ledger {
         measurements: Vec<ReleasedMeasurement>,
         source: Option<&str>,
         response: &mut fedq_proto::v1::QueryResponse,
-    ) -> anyhow::Result<Head> {
+    ) -> Result<Head, StoreError> {
         let ReleaseOf {
             analyst,
             dataset,
             query_id,
             digest,
+            secure,
         } = *of;
         use prost::Message;
         let response_sha256 = hex::encode(Sha256::digest(response.encode_to_vec()));
@@ -1092,6 +1176,7 @@ impl Ledger {
             measurements,
             response_sha256,
             source: source.map(str::to_string),
+            secure: secure.cloned(),
         };
         let done = Arc::new(OnceLock::new());
         self.combine(
@@ -1106,8 +1191,18 @@ impl Ledger {
         );
         let head = match done.get() {
             Some(Ok(head)) => head.clone(),
-            Some(Err(e)) => anyhow::bail!("cannot record the release: {e}"),
-            None => anyhow::bail!("cannot record the release: it was not committed"),
+            Some(Err(e)) => {
+                return Err(StoreError::Write {
+                    what: "cannot record the release",
+                    error: e.clone(),
+                })
+            }
+            None => {
+                return Err(StoreError::Write {
+                    what: "cannot record the release",
+                    error: sled::Error::ReportableBug("it was not committed".into()),
+                })
+            }
         };
         self.store.wait_durable()?;
         response.audit_head = Some(head.to_proto());
@@ -1264,7 +1359,7 @@ impl Ledger {
         analyst: &str,
         query_id: &str,
         now_ms: u64,
-    ) -> anyhow::Result<Option<Reservation>> {
+    ) -> Result<Option<Reservation>, StoreError> {
         let rec = self
             .tree
             .get(query_key(analyst, query_id))?
@@ -1283,7 +1378,7 @@ impl Ledger {
         query_id: &str,
         reason: &str,
         now_ms: Option<u64>,
-    ) -> anyhow::Result<f64> {
+    ) -> Result<f64, StoreError> {
         let guard = self.admit_lock.lock().unwrap_or_else(|p| p.into_inner());
         // After a failed commit or flush nothing more is written: the
         // trees may hold part of a write only the restart completes.
@@ -1338,13 +1433,8 @@ impl Ledger {
                 )?;
                 Ok(r.nano)
             })
-            .map_err(|e| {
-                // Only storage fails these writes (nothing aborts them).
-                self.store
-                    .fault()
-                    .set(format!("a ledger write failed: {e:?}"));
-                anyhow::anyhow!("cannot return the reservation: {e:?}")
-            })?;
+            // Only storage fails these writes (nothing aborts them).
+            .map_err(|e| self.write_failed("cannot return the reservation", e))?;
         drop(guard);
         if returned > 0 {
             self.store.wait_durable()?;
@@ -1353,7 +1443,7 @@ impl Ledger {
     }
 
     /// Returns every reservation that expired by `now_ms`. Returns how many.
-    pub fn expire_due(&self, now_ms: u64) -> anyhow::Result<usize> {
+    pub fn expire_due(&self, now_ms: u64) -> Result<usize, StoreError> {
         let mut due = Vec::new();
         for item in self
             .tree
@@ -1382,7 +1472,7 @@ impl Ledger {
     /// stay in the audit log. Releases stored before the replay window
     /// existed are first indexed as kept from now. Returns how many were
     /// removed. Nothing here is a privacy event: no audit entry, no budget.
-    pub fn expire_releases(&self, kept_before_ms: u64) -> anyhow::Result<usize> {
+    pub fn expire_releases(&self, kept_before_ms: u64) -> Result<usize, StoreError> {
         self.index_unkept_releases()?;
         let mut n = 0;
         loop {
@@ -1423,12 +1513,7 @@ impl Ledger {
                     }
                     Ok::<_, ConflictableTransactionError<()>>(removed)
                 })
-                .map_err(|e| {
-                    self.store
-                        .fault()
-                        .set(format!("a ledger write failed: {e:?}"));
-                    anyhow::anyhow!("cannot remove expired stored releases: {e:?}")
-                })?;
+                .map_err(|e| self.write_failed("cannot remove expired stored releases", e))?;
             drop(guard);
             n += removed;
         }
@@ -1437,7 +1522,7 @@ impl Ledger {
     /// Indexes, once, the releases stored before the replay window existed
     /// (no `kept/` key) as kept from now, so they expire a window after
     /// the upgrade.
-    fn index_unkept_releases(&self) -> anyhow::Result<()> {
+    fn index_unkept_releases(&self) -> Result<(), StoreError> {
         if self.tree.contains_key(KEPT_INDEXED)? {
             return Ok(());
         }
@@ -1469,13 +1554,13 @@ impl Ledger {
         dataset: &str,
         amount: f64,
         measure: Measure,
-    ) -> anyhow::Result<f64> {
+    ) -> Result<f64, GrantError> {
         let epsilon = amount;
         if !(epsilon.is_finite() && epsilon > 0.0) {
-            anyhow::bail!(
-                "a grant must be a positive, finite {} (got {epsilon})",
-                measure.unit()
-            );
+            return Err(GrantError::NotPositive {
+                unit: measure.unit(),
+                amount: epsilon,
+            });
         }
         let guard = self.admit_lock.lock().unwrap_or_else(|p| p.into_inner());
         // After a failed commit or flush nothing more is written: the
@@ -1502,13 +1587,8 @@ impl Ledger {
                 )?;
                 Ok(after)
             })
-            .map_err(|e| {
-                // Only storage fails these writes (nothing aborts them).
-                self.store
-                    .fault()
-                    .set(format!("a ledger write failed: {e:?}"));
-                anyhow::anyhow!("cannot record the grant: {e:?}")
-            })?;
+            // Only storage fails these writes (nothing aborts them).
+            .map_err(|e| self.write_failed("cannot record the grant", e))?;
         drop(guard);
         self.store.wait_durable()?;
         Ok(from_nano(total))
@@ -1520,7 +1600,7 @@ impl Ledger {
         analyst: &str,
         dataset: &str,
         limits: &BudgetLimits,
-    ) -> anyhow::Result<BudgetState> {
+    ) -> Result<BudgetState, StoreError> {
         let a = self
             .tree
             .get(analyst_key(dataset, analyst))?
@@ -1605,7 +1685,7 @@ fn grant_key(dataset: &str, analyst: &str) -> String {
 /// Every analyst with a ledger entry on `dataset`, for `budget show`.
 impl Ledger {
     /// `(analyst, spent, granted)` for every analyst known on `dataset`.
-    pub fn analysts(&self, dataset: &str) -> anyhow::Result<Vec<(String, f64, f64)>> {
+    pub fn analysts(&self, dataset: &str) -> Result<Vec<(String, f64, f64)>, StoreError> {
         let mut out: Vec<(String, f64, f64)> = Vec::new();
         let prefix = format!("spent/analyst/{dataset}/");
         for item in self.tree.scan_prefix(prefix.as_bytes()) {
@@ -1635,14 +1715,16 @@ impl Ledger {
     /// The measure `dataset`'s ledger has spent or granted in, if any:
     /// the recorded one, else pure when anything was spent or granted
     /// (ledgers from before zCDP), else none.
-    pub fn recorded_measure(&self, dataset: &str) -> anyhow::Result<Option<Measure>> {
+    pub fn recorded_measure(&self, dataset: &str) -> Result<Option<Measure>, MeasureError> {
         if let Some(v) = self.tree.get(measure_key(dataset))? {
             let name = String::from_utf8_lossy(&v).into_owned();
-            return Measure::parse(&name).map(Some).ok_or_else(|| {
-                anyhow::anyhow!(
-                    "the ledger of dataset {dataset:?} records an unknown measure {name:?}"
-                )
-            });
+            return match Measure::parse(&name) {
+                Some(m) => Ok(Some(m)),
+                None => Err(MeasureError::Unknown {
+                    dataset: dataset.to_string(),
+                    name,
+                }),
+            };
         }
         let used = self.tree.get(dataset_key(dataset))?.is_some()
             || self
@@ -1659,17 +1741,15 @@ impl Ledger {
     pub fn check_measures<'a>(
         &self,
         configured: impl IntoIterator<Item = (&'a str, Measure)>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), MeasureError> {
         for (dataset, measure) in configured {
             if let Some(recorded) = self.recorded_measure(dataset)? {
                 if recorded != measure {
-                    anyhow::bail!(
-                        "dataset {dataset:?} is configured with measure = {:?}, but its budget ledger has already spent in measure {:?}; \
-mixing measures in one ledger would be unsound, so the node will not start. Set measure = {:?} again (or serve the data under a new dataset name with its own ledger)",
-                        measure.name(),
-                        recorded.name(),
-                        recorded.name()
-                    );
+                    return Err(MeasureError::Mixed {
+                        dataset: dataset.to_string(),
+                        configured: measure.name(),
+                        recorded: recorded.name(),
+                    });
                 }
             }
         }
@@ -1698,36 +1778,93 @@ fn query_key(analyst: &str, query_id: &str) -> String {
 mod tests {
     use super::*;
 
-    /// A ledger call's outcome as the tests below read it: the store's
-    /// failure apart from the ledger's refusal.
-    fn nest<T>(r: Result<T, LedgerError>) -> anyhow::Result<Result<T, Refusal>> {
+    /// A ledger call's outcome as the tests below read it: the value or
+    /// the ledger's refusal. The store never fails in these tests unless
+    /// one arms a fail point, and those call the ledger directly.
+    fn refused<T>(r: Result<T, LedgerError>) -> Result<T, Refusal> {
         match r {
-            Ok(t) => Ok(Ok(t)),
-            Err(LedgerError::Refused(r)) => Ok(Err(r)),
-            Err(LedgerError::Store(e)) => Err(e),
+            Ok(t) => Ok(t),
+            Err(LedgerError::Refused(r)) => Err(r),
+            Err(LedgerError::Store(e)) => panic!("the store failed: {e}"),
         }
     }
 
-    fn debit<'a>(
+    /// One request of the tests below: who asks, for which query, how
+    /// much. As a hold ([`Ask::hold`]) it keeps `SELECT 1` and asks the
+    /// same amount in the dataset's measure.
+    #[derive(Clone, Copy)]
+    struct Ask<'a> {
+        analyst: &'a str,
+        dataset: &'a str,
+        query_id: &'a str,
+        digest: [u8; 32],
+        amount: f64,
+        limits: &'a BudgetLimits,
+        /// When a hold or reservation expires (ms since the Unix epoch).
+        expires_ms: u64,
+        /// The query's `query_received` entry, logged with the debit.
+        received: Option<&'a Event>,
+    }
+
+    /// A request of `amount` by `analyst` on `dataset` under `query_id`,
+    /// holding (if held) until far in the future, with no receipt.
+    fn ask<'a>(
         (analyst, dataset, query_id): (&'a str, &'a str, &'a str),
         digest: [u8; 32],
-        (amount, keys_delta): (f64, f64),
+        amount: f64,
         limits: &'a BudgetLimits,
-        received: Option<&'a Event>,
-    ) -> Debit<'a> {
-        Debit {
+    ) -> Ask<'a> {
+        Ask {
             analyst,
             dataset,
             query_id,
             digest,
             amount,
-            keys_delta,
             limits,
-            received,
+            expires_ms: u64::MAX / 2,
+            received: None,
         }
     }
 
-    /// The ledger's calls with their arguments in a row, for the tests.
+    impl<'a> Ask<'a> {
+        /// Held or reserved until `expires_ms`.
+        fn expiring(self, expires_ms: u64) -> Ask<'a> {
+            Ask { expires_ms, ..self }
+        }
+
+        /// With its `query_received` entry.
+        fn received(self, received: &'a Event) -> Ask<'a> {
+            Ask {
+                received: Some(received),
+                ..self
+            }
+        }
+
+        /// The debit asked.
+        fn debit(&self) -> Debit<'a> {
+            Debit {
+                analyst: self.analyst,
+                dataset: self.dataset,
+                query_id: self.query_id,
+                digest: self.digest,
+                amount: self.amount,
+                keys_delta: 0.0,
+                limits: self.limits,
+                received: self.received,
+            }
+        }
+
+        /// The hold or reservation asked.
+        fn hold(&self) -> Hold<'a> {
+            Hold {
+                sql: "SELECT 1",
+                expires_ms: self.expires_ms,
+                request: (self.amount, 0.0),
+            }
+        }
+    }
+
+    /// The ledger's calls on an [`Ask`], for the tests.
     impl Ledger {
         fn t_admit(
             &self,
@@ -1737,87 +1874,25 @@ mod tests {
             digest: [u8; 32],
             amount: f64,
             limits: &BudgetLimits,
-        ) -> anyhow::Result<Result<Admission, Refusal>> {
-            let d = debit(
-                (analyst, dataset, query_id),
-                digest,
-                (amount, 0.0),
-                limits,
-                None,
-            );
-            nest(self.admit(&d))
+        ) -> Result<Admission, Refusal> {
+            let a = ask((analyst, dataset, query_id), digest, amount, limits);
+            refused(self.admit(&a.debit()))
         }
 
-        #[allow(clippy::too_many_arguments)]
         fn t_admit_overlapping<R>(
             &self,
-            analyst: &str,
-            dataset: &str,
-            query_id: &str,
-            digest: [u8; 32],
-            cost: (f64, f64),
-            limits: &BudgetLimits,
-            received: Option<&Event>,
+            a: &Ask<'_>,
             meanwhile: impl FnOnce() -> R,
-        ) -> anyhow::Result<Result<Computed<R>, Refusal>> {
-            let d = debit((analyst, dataset, query_id), digest, cost, limits, received);
-            nest(self.admit_overlapping(&d, meanwhile))
+        ) -> Result<Computed<R>, Refusal> {
+            refused(self.admit_overlapping(&a.debit(), meanwhile))
         }
 
-        #[allow(clippy::too_many_arguments)]
-        fn t_hold(
-            &self,
-            analyst: &str,
-            dataset: &str,
-            query_id: &str,
-            digest: [u8; 32],
-            amount: f64,
-            request: (f64, f64),
-            limits: &BudgetLimits,
-            (sql, expires_ms): (&str, u64),
-            received: Option<&Event>,
-        ) -> anyhow::Result<Result<Admission, Refusal>> {
-            let d = debit(
-                (analyst, dataset, query_id),
-                digest,
-                (amount, 0.0),
-                limits,
-                received,
-            );
-            let h = Hold {
-                sql,
-                expires_ms,
-                request,
-            };
-            nest(self.hold(&d, &h))
+        fn t_hold(&self, a: &Ask<'_>) -> Result<Admission, Refusal> {
+            refused(self.hold(&a.debit(), &a.hold()))
         }
 
-        #[allow(clippy::too_many_arguments)]
-        fn t_reserve(
-            &self,
-            analyst: &str,
-            dataset: &str,
-            query_id: &str,
-            digest: [u8; 32],
-            amount: f64,
-            request: (f64, f64),
-            limits: &BudgetLimits,
-            sql: &str,
-            expires_ms: u64,
-        ) -> anyhow::Result<Result<ReserveOutcome, Refusal>> {
-            let d = debit(
-                (analyst, dataset, query_id),
-                digest,
-                (amount, 0.0),
-                limits,
-                None,
-            );
-            let h = Hold {
-                sql,
-                expires_ms,
-                request,
-            };
-            nest(self.reserve(&d, &h))
+        fn t_reserve(&self, a: &Ask<'_>) -> Result<ReserveOutcome, Refusal> {
+            refused(self.reserve(&a.debit(), &a.hold()))
         }
 
         fn t_commit(
@@ -1825,29 +1900,17 @@ mod tests {
             analyst: &str,
             query_id: &str,
             now_ms: u64,
-        ) -> anyhow::Result<Result<Committed, Refusal>> {
-            nest(self.commit(analyst, query_id, now_ms))
+        ) -> Result<Committed, Refusal> {
+            refused(self.commit(analyst, query_id, now_ms))
         }
 
-        #[allow(clippy::too_many_arguments)]
+        /// Records the release (no measurements, no source) of `a`'s debit.
         fn t_record_release(
             &self,
-            durable: Durable,
-            analyst: &str,
-            query_id: &str,
-            dataset: &str,
-            digest: [u8; 32],
-            measurements: Vec<ReleasedMeasurement>,
-            source: Option<&str>,
+            a: &Ask<'_>,
             response: &mut fedq_proto::v1::QueryResponse,
-        ) -> anyhow::Result<Head> {
-            let of = ReleaseOf {
-                analyst,
-                dataset,
-                query_id,
-                digest,
-            };
-            self.record_release(durable, &of, measurements, source, response)
+        ) -> Result<Head, StoreError> {
+            self.record_release(Durable(()), &a.debit().release_of(), vec![], None, response)
         }
     }
 
@@ -1868,21 +1931,13 @@ mod tests {
         let l = limits();
         let calls = std::cell::Cell::new(0);
         let admit = |id: &str, digest: u8, amount: f64| {
-            ledger
-                .t_admit_overlapping(
-                    "alice",
-                    "cases",
-                    id,
-                    [digest; 32],
-                    (amount, 0.0),
-                    &l,
-                    None,
-                    || {
-                        calls.set(calls.get() + 1);
-                        42
-                    },
-                )
-                .unwrap()
+            ledger.t_admit_overlapping(
+                &ask(("alice", "cases", id), [digest; 32], amount, &l),
+                || {
+                    calls.set(calls.get() + 1);
+                    42
+                },
+            )
         };
         let flushes = ledger.store.group_flushes();
         let Ok(Computed::Debited(b, _, 42)) = admit("q1", 1, 0.6) else {
@@ -1913,13 +1968,7 @@ mod tests {
         // Released: a retry replays, nothing computed.
         ledger
             .t_record_release(
-                Durable(()),
-                "alice",
-                "q1",
-                "cases",
-                [1; 32],
-                Vec::new(),
-                None,
+                &ask(("alice", "cases", "q1"), [1; 32], 0.0, &l),
                 &mut fedq_proto::v1::QueryResponse::default(),
             )
             .unwrap();
@@ -1962,18 +2011,10 @@ mod tests {
                 .collect()
         };
         for (id, amount) in [("q1", 0.6), ("q2", 0.6)] {
-            let _ = ledger
-                .t_admit_overlapping(
-                    "alice",
-                    "cases",
-                    id,
-                    [1; 32],
-                    (amount, 0.0),
-                    &l,
-                    Some(&received(id)),
-                    || (),
-                )
-                .unwrap();
+            let _ = ledger.t_admit_overlapping(
+                &ask(("alice", "cases", id), [1; 32], amount, &l).received(&received(id)),
+                || (),
+            );
         }
         assert_eq!(
             kinds(&ledger),
@@ -1985,7 +2026,6 @@ mod tests {
         );
     }
 
-    /// How many entries of `kind` the ledger's audit log holds.
     /// After a journaled write failed part-way, every writer (debits,
     /// reservations, give-backs, grants, commits) is refused, though the
     /// disk takes writes again, until the restart replays it; then the
@@ -2001,60 +2041,42 @@ mod tests {
         {
             let ledger = test_ledger(dir.path());
             ledger
-                .t_reserve(
-                    "bob",
-                    "cases",
-                    "r1",
-                    [3; 32],
-                    0.2,
-                    (0.2, 0.0),
-                    &l,
-                    "SELECT 1",
-                    far,
-                )
-                .unwrap()
+                .t_reserve(&ask(("bob", "cases", "r1"), [3; 32], 0.2, &l).expiring(far))
                 .unwrap();
             // The journal value and one key land, then the disk is full.
             fail_point::arm(&store_dir, Point::JournalWrite, 2, u64::MAX);
-            assert!(ledger
-                .t_admit("alice", "cases", "q1", [1; 32], 0.5, &l)
-                .is_err());
+            assert!(matches!(
+                ledger.admit(&ask(("alice", "cases", "q1"), [1; 32], 0.5, &l).debit()),
+                Err(LedgerError::Store(_))
+            ));
             assert!(ledger.fault().is_set());
             // The disk takes writes again; the node has not restarted.
             fail_point::disarm(&store_dir);
-            let refused = |e: anyhow::Error| {
-                let e = format!("{e:#}");
+            fn refuses_every_write(e: impl std::fmt::Display) {
+                let e = e.to_string();
                 assert!(e.contains("refuses every write"), "{e}");
-            };
-            refused(
-                ledger
-                    .t_reserve(
-                        "carol",
-                        "cases",
-                        "r2",
-                        [4; 32],
-                        0.1,
-                        (0.1, 0.0),
-                        &l,
-                        "SELECT 1",
-                        far,
-                    )
-                    .unwrap_err(),
-            );
-            refused(
+            }
+            let carol = ask(("carol", "cases", "r2"), [4; 32], 0.1, &l).expiring(far);
+            refuses_every_write(ledger.reserve(&carol.debit(), &carol.hold()).unwrap_err());
+            refuses_every_write(
                 ledger
                     .give_back("bob", "r1", "cancelled", None)
                     .unwrap_err(),
             );
-            refused(
+            refuses_every_write(
                 ledger
                     .grant("alice", "cases", 1.0, Measure::Pure)
                     .unwrap_err(),
             );
-            refused(ledger.t_commit("bob", "r1", 0).unwrap_err());
-            refused(
+            let e = ledger.commit("bob", "r1", 0).unwrap_err();
+            assert!(
+                matches!(&e, LedgerError::Store(s) if s.fault().is_some()),
+                "{e:?}"
+            );
+            refuses_every_write(e);
+            refuses_every_write(
                 ledger
-                    .t_admit("alice", "cases", "q2", [2; 32], 0.1, &l)
+                    .admit(&ask(("alice", "cases", "q2"), [2; 32], 0.1, &l).debit())
                     .unwrap_err(),
             );
             assert_eq!(ledger.tree.get(grant_key("cases", "alice")).unwrap(), None);
@@ -2078,6 +2100,7 @@ mod tests {
         assert_eq!(logged(&ledger, "reservation_returned"), 0);
     }
 
+    /// How many entries of `kind` the ledger's audit log holds.
     fn logged(ledger: &Ledger, kind: &str) -> usize {
         ledger
             .audit
@@ -2102,9 +2125,8 @@ mod tests {
                     (0..4u8)
                         .map(|i| {
                             let id = format!("q{t}-{i}");
-                            let outcome = ledger
-                                .t_admit("alice", "cases", &id, [t * 4 + i; 32], 0.1, &l)
-                                .unwrap();
+                            let outcome =
+                                ledger.t_admit("alice", "cases", &id, [t * 4 + i; 32], 0.1, &l);
                             (id, t * 4 + i, outcome)
                         })
                         .collect::<Vec<_>>()
@@ -2132,9 +2154,7 @@ mod tests {
         // Each debited id resumes under its own debit; a refused one is
         // refused again (it left no record).
         for (id, digest, o) in &outcomes {
-            let again = ledger
-                .t_admit("alice", "cases", id, [*digest; 32], 0.1, &l)
-                .unwrap();
+            let again = ledger.t_admit("alice", "cases", id, [*digest; 32], 0.1, &l);
             match o {
                 Ok(_) => assert!(matches!(again, Ok(Admission::Resume(..))), "{id}"),
                 Err(_) => assert!(matches!(again, Err(Refusal::AnalystBudget { .. })), "{id}"),
@@ -2164,7 +2184,7 @@ mod tests {
                         let digest = [t * 8 + i; 32];
                         assert!(matches!(
                             ledger.t_admit("alice", "cases", &id, digest, 0.01, &l),
-                            Ok(Ok(Admission::Debited(..)))
+                            Ok(Admission::Debited(..))
                         ));
                         let mut response = fedq_proto::v1::QueryResponse {
                             query_id: id.clone(),
@@ -2173,13 +2193,7 @@ mod tests {
                         };
                         let head = ledger
                             .t_record_release(
-                                Durable(()),
-                                "alice",
-                                &id,
-                                "cases",
-                                digest,
-                                vec![],
-                                None,
+                                &ask(("alice", "cases", &id), digest, 0.0, &l),
                                 &mut response,
                             )
                             .unwrap();
@@ -2200,7 +2214,7 @@ mod tests {
         assert_eq!(seqs.len(), 128, "every release has its own audit entry");
         assert_eq!(logged(&ledger, "released"), 128);
         for (id, digest, head) in &heads {
-            let Ok(Ok(Admission::Replay(bytes))) =
+            let Ok(Admission::Replay(bytes)) =
                 ledger.t_admit("alice", "cases", id, *digest, 0.01, &l)
             else {
                 panic!("{id} replays");
@@ -2223,18 +2237,7 @@ mod tests {
         let l = limits();
         let spent = |ledger: &Ledger| ledger.state("alice", "cases", &l).unwrap().spent_by_analyst;
         let held = ledger
-            .t_hold(
-                "alice",
-                "cases",
-                "q1",
-                [1; 32],
-                0.5,
-                (0.5, 0.0),
-                &l,
-                ("SELECT 1", 10_000),
-                None,
-            )
-            .unwrap()
+            .t_hold(&ask(("alice", "cases", "q1"), [1; 32], 0.5, &l).expiring(10_000))
             .unwrap();
         assert!(matches!(held, Admission::Held(_)));
         assert_eq!(spent(&ledger), 0.5);
@@ -2247,47 +2250,25 @@ mod tests {
         );
         assert_eq!(spent(&ledger), 0.0);
         assert!(
-            ledger.t_commit("alice", "q1", 0).unwrap().is_err(),
+            ledger.t_commit("alice", "q1", 0).is_err(),
             "given back: no commit"
         );
 
         // The same id runs afresh, and commits.
         ledger
-            .t_hold(
-                "alice",
-                "cases",
-                "q1",
-                [1; 32],
-                0.5,
-                (0.5, 0.0),
-                &l,
-                ("SELECT 1", 10_000),
-                None,
-            )
-            .unwrap()
+            .t_hold(&ask(("alice", "cases", "q1"), [1; 32], 0.5, &l).expiring(10_000))
             .unwrap();
-        let (admission, r, _) = ledger.t_commit("alice", "q1", 0).unwrap().unwrap();
+        let (admission, r, _) = ledger.t_commit("alice", "q1", 0).unwrap();
         assert!(matches!(admission, Admission::Resume(..)) && r.is_some());
         assert_eq!(ledger.give_back("alice", "q1", "late", None).unwrap(), 0.0);
         assert_eq!(spent(&ledger), 0.5);
 
         // Expired by the sweeper before the answer came: nothing to commit.
         ledger
-            .t_hold(
-                "alice",
-                "cases",
-                "q2",
-                [2; 32],
-                0.25,
-                (0.25, 0.0),
-                &l,
-                ("SELECT 1", 1_000),
-                None,
-            )
-            .unwrap()
+            .t_hold(&ask(("alice", "cases", "q2"), [2; 32], 0.25, &l).expiring(1_000))
             .unwrap();
         assert_eq!(ledger.expire_due(1_000).unwrap(), 1);
-        assert!(ledger.t_commit("alice", "q2", 1_001).unwrap().is_err());
+        assert!(ledger.t_commit("alice", "q2", 1_001).is_err());
         assert_eq!(spent(&ledger), 0.5);
         let kinds: Vec<String> = ledger
             .audit
@@ -2313,11 +2294,9 @@ mod tests {
         let l = limits();
         ledger
             .t_admit("alice", "cases", "q1", [1; 32], 1.0, &l)
-            .unwrap()
             .unwrap();
         assert!(ledger
             .t_admit("alice", "cases", "q2", [2; 32], 0.3, &l)
-            .unwrap()
             .is_err());
         assert_eq!(
             ledger.grant("alice", "cases", 0.5, Measure::Pure).unwrap(),
@@ -2325,7 +2304,6 @@ mod tests {
         );
         ledger
             .t_admit("alice", "cases", "q2", [2; 32], 0.3, &l)
-            .unwrap()
             .unwrap();
         let kinds: Vec<String> = ledger
             .audit
@@ -2358,7 +2336,6 @@ mod tests {
         let l = limits();
         let a = ledger
             .t_admit("alice", "cases", "q1", [1; 32], 0.6, &l)
-            .unwrap()
             .unwrap();
         assert!(
             matches!(a, Admission::Debited(s, _) if (s.remaining_for_analyst - 0.4).abs() < 1e-9)
@@ -2366,21 +2343,18 @@ mod tests {
         // Over alice's own limit: refused, nothing written.
         let r = ledger
             .t_admit("alice", "cases", "q2", [2; 32], 0.5, &l)
-            .unwrap()
             .unwrap_err();
         assert!(matches!(r, Refusal::AnalystBudget { .. }), "{r}");
         assert!((ledger.state("alice", "cases", &l).unwrap().spent_by_analyst - 0.6).abs() < 1e-9);
         // Same id, different query: refused.
         let r = ledger
             .t_admit("alice", "cases", "q1", [9; 32], 0.1, &l)
-            .unwrap()
             .unwrap_err();
         assert_eq!(r, Refusal::IdReused("q1".into()));
         // Same id, same query, not yet released: resume without a new debit.
         assert!(matches!(
             ledger
                 .t_admit("alice", "cases", "q1", [1; 32], 0.6, &l)
-                .unwrap()
                 .unwrap(),
             Admission::Resume(..)
         ));
@@ -2389,34 +2363,22 @@ mod tests {
             ..Default::default()
         };
         let head = ledger
-            .t_record_release(
-                Durable(()),
-                "alice",
-                "q1",
-                "cases",
-                [1; 32],
-                vec![],
-                None,
-                &mut resp,
-            )
+            .t_record_release(&ask(("alice", "cases", "q1"), [1; 32], 0.0, &l), &mut resp)
             .unwrap();
         assert_eq!(resp.audit_head, Some(head.to_proto()));
         use prost::Message;
         assert_eq!(
             ledger
                 .t_admit("alice", "cases", "q1", [1; 32], 0.6, &l)
-                .unwrap()
                 .unwrap(),
             Admission::Replay(resp.encode_to_vec())
         );
         // Bob hits the dataset total (1.5) before his own limit.
         ledger
             .t_admit("bob", "cases", "q1", [3; 32], 0.8, &l)
-            .unwrap()
             .unwrap();
         let r = ledger
             .t_admit("bob", "cases", "q2", [4; 32], 0.2, &l)
-            .unwrap()
             .unwrap_err();
         assert!(matches!(r, Refusal::DatasetBudget { .. }), "{r}");
     }
@@ -2437,23 +2399,13 @@ mod tests {
         for id in ["q1", "q2"] {
             ledger
                 .t_admit("alice", "cases", id, [1; 32], 0.5, &l)
-                .unwrap()
                 .unwrap();
             let mut resp = fedq_proto::v1::QueryResponse {
                 query_id: id.into(),
                 ..Default::default()
             };
             ledger
-                .t_record_release(
-                    Durable(()),
-                    "alice",
-                    id,
-                    "cases",
-                    [1; 32],
-                    vec![],
-                    None,
-                    &mut resp,
-                )
+                .t_record_release(&ask(("alice", "cases", id), [1; 32], 0.0, &l), &mut resp)
                 .unwrap();
         }
         // A release stored before the index existed (no `kept/` key).
@@ -2471,7 +2423,6 @@ mod tests {
         assert!(matches!(
             ledger
                 .t_admit("alice", "cases", "q1", [1; 32], 0.5, &l)
-                .unwrap()
                 .unwrap(),
             Admission::Replay(_)
         ));
@@ -2482,37 +2433,23 @@ mod tests {
         assert_eq!(ledger.expire_releases(unix_ms()).unwrap(), 0, "done once");
         let r = ledger
             .t_admit("alice", "cases", "q1", [1; 32], 0.5, &l)
-            .unwrap()
             .unwrap_err();
         assert!(
             matches!(&r, Refusal::ReplayExpired { query_id, released_ms } if query_id == "q1" && *released_ms <= before),
             "{r:?}"
         );
         let r = ledger
-            .t_reserve(
-                "alice",
-                "cases",
-                "q2",
-                [1; 32],
-                0.5,
-                (0.5, 0.0),
-                &l,
-                "SELECT 1",
-                before + 60_000,
-            )
-            .unwrap()
+            .t_reserve(&ask(("alice", "cases", "q2"), [1; 32], 0.5, &l).expiring(before + 60_000))
             .unwrap_err();
         assert!(matches!(r, Refusal::ReplayExpired { .. }), "{r:?}");
-        let r = ledger.t_commit("alice", "q2", before).unwrap().unwrap_err();
+        let r = ledger.t_commit("alice", "q2", before).unwrap_err();
         assert!(matches!(r, Refusal::ReplayExpired { .. }), "{r:?}");
         let r = ledger
             .t_admit("alice", "cases", "q1", [9; 32], 0.5, &l)
-            .unwrap()
             .unwrap_err();
         assert_eq!(r, Refusal::IdReused("q1".into()));
         let r = ledger
             .t_admit("bob", "cases", "old", [7; 32], 0.5, &l)
-            .unwrap()
             .unwrap_err();
         assert!(matches!(r, Refusal::ReplayExpired { .. }), "{r:?}");
         assert_eq!(
@@ -2540,7 +2477,6 @@ mod tests {
         ledger.check_measures([("cases", Measure::Pure)]).unwrap();
         ledger
             .t_admit("alice", "cases", "q1", [1; 32], 0.25, &l)
-            .unwrap()
             .unwrap();
         assert_eq!(
             ledger.recorded_measure("cases").unwrap(),
@@ -2579,7 +2515,6 @@ mod tests {
         // Refusals are stated in rho.
         let r = ledger
             .t_admit("alice", "cases", "q2", [2; 32], 0.8, &l)
-            .unwrap()
             .unwrap_err();
         assert!(r.to_string().starts_with("rho 0.8 exceeds"), "{r}");
     }
@@ -2590,7 +2525,6 @@ mod tests {
         let ledger = test_ledger(dir.path());
         ledger
             .t_admit("alice", "cases", "q1", [1; 32], 0.25, &limits())
-            .unwrap()
             .unwrap();
         // As a ledger written before measures were recorded.
         ledger.tree.remove(measure_key("cases")).unwrap();
@@ -2619,7 +2553,6 @@ mod tests {
             .filter(|i| {
                 ledger
                     .t_admit("a", "d", &format!("q{i}"), [*i as u8; 32], 0.1, &l)
-                    .unwrap()
                     .is_ok()
             })
             .count();

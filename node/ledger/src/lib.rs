@@ -18,6 +18,11 @@
 //!   write stops every writer; test fail points), and [`audit`] (the audit
 //!   log's store; its format is `fedq-audit`, re-exported there).
 //!
+//! Errors are typed: [`store::StoreError`] for the storage layer (the
+//! store's fault among them), [`journal::JournalError`] for the replay at
+//! open, and [`ledger::LedgerError`] (a refusal, or the store's error),
+//! [`ledger::GrantError`] and [`ledger::MeasureError`] for the policy.
+//!
 //! Depends on `fedq-dp` (measures and conversions), `fedq-audit` (entries),
 //! `fedq-plan` and `fedq-engine` (the rows the store keeps); nothing of the
 //! server.

@@ -17,12 +17,12 @@
 //! An ingest is one `apply_batch` on `data` followed by a flush: it lands
 //! whole or not at all.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Context};
-
+use crate::fault::StoreFailed;
 use crate::group_commit::GroupCommit;
+use crate::journal::JournalError;
 use fedq_engine::table::{encode_chunk, Table};
 use fedq_plan::schema::Schema;
 
@@ -38,6 +38,130 @@ const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 /// a handful of values (about 2 MB each for the CTDC schema), small enough
 /// that encoding one is cheap.
 pub const CHUNK_ROWS: usize = 65_536;
+
+/// Why the store could not do what it was asked. Every message names what
+/// failed and, where there is one, what the operator can do; a variant
+/// carrying a lower-level error includes its text, so `{}` alone is the
+/// whole story (nothing is repeated by `{:#}`).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// sled failed a read or a write.
+    #[error(transparent)]
+    Sled(#[from] sled::Error),
+    /// sled could not open the database at `path`.
+    #[error("cannot open store {}: {error}", path.display())]
+    Open {
+        /// The store's directory.
+        path: PathBuf,
+        /// sled's error.
+        error: sled::Error,
+    },
+    /// Another process holds the store's lock.
+    #[error("cannot open store {}: it is in use by another process ({error}); stop the running fedq-node first", path.display())]
+    Locked {
+        /// The store's directory.
+        path: PathBuf,
+        /// The locking error, as the system reported it.
+        error: std::io::Error,
+    },
+    /// The store was written by a build with another on-disk layout.
+    #[error(
+        "store {} has format version {found}, this build reads version {FORMAT_VERSION}; \
+         run the fedq-node version that wrote it, or migrate the store (see deploy/README.md); nothing was changed",
+        path.display()
+    )]
+    Format {
+        /// The store's directory.
+        path: PathBuf,
+        /// The version recorded in the store.
+        found: u64,
+    },
+    /// A file of the store could not be opened or read.
+    #[error("cannot open {what} of store {}: {error}", path.display())]
+    Io {
+        /// What it is (`the log`).
+        what: &'static str,
+        /// The store's directory.
+        path: PathBuf,
+        /// The system's error.
+        error: std::io::Error,
+    },
+    /// The flusher thread of the group commit could not be started.
+    #[error("cannot start the store's flusher thread: {0}")]
+    Thread(std::io::Error),
+    /// The ledger's journal, read when the store opens, failed.
+    #[error("store {}: {error}", path.display())]
+    Journal {
+        /// The store's directory.
+        path: PathBuf,
+        /// What the journal's replay reported.
+        error: JournalError,
+    },
+    /// A stored value is not what this build wrote: the store is damaged.
+    #[error("{what}: {why}; the store is damaged")]
+    Corrupt {
+        /// What was read (`dataset "cases"`, `a stored audit entry`).
+        what: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// Rows were offered for a dataset ingested under another schema.
+    #[error(
+        "dataset {dataset:?} in this store was ingested under a different schema; \
+         keep the schema it was ingested with, or ingest into a new store"
+    )]
+    IngestSchema {
+        /// The dataset.
+        dataset: String,
+    },
+    /// The configured schema differs from the one the stored rows were
+    /// ingested under.
+    #[error(
+        "dataset {dataset:?}: the schema in node.toml differs from the one its rows were ingested under; \
+         restore the previous schema, or ingest into a new store"
+    )]
+    SchemaChanged {
+        /// The dataset.
+        dataset: String,
+    },
+    /// Rows could not be encoded for storage.
+    #[error("dataset {dataset:?}: cannot encode rows for the store: {why}")]
+    Encode {
+        /// The dataset.
+        dataset: String,
+        /// The encoder's reason.
+        why: String,
+    },
+    /// A write of the named kind failed in storage (and, for a ledger
+    /// write, set the store's fault: [`crate::fault`]).
+    #[error("{what}: {error}")]
+    Write {
+        /// What was being written (`writing the ingest batch`, `cannot
+        /// record the grant`).
+        what: &'static str,
+        /// sled's error.
+        error: sled::Error,
+    },
+    /// The store failed an earlier write or flush and refuses every write
+    /// until the node restarts ([`crate::fault`]).
+    #[error(transparent)]
+    Failed(#[from] StoreFailed),
+    /// The flush that was to make a write durable failed, or the store had
+    /// failed before it: the write may be lost.
+    #[error("nothing was made durable: {0}")]
+    NotDurable(StoreFailed),
+}
+
+impl StoreError {
+    /// The store's fault, when this error is (or follows from) it: the
+    /// node must stop and be restarted ([`crate::fault::EXIT_STORE_FAILED`]).
+    pub fn fault(&self) -> Option<&StoreFailed> {
+        match self {
+            StoreError::Failed(f) | StoreError::NotDurable(f) => Some(f),
+            _ => None,
+        }
+    }
+}
 
 /// An open store. Cloning shares the same database.
 #[derive(Clone)]
@@ -60,7 +184,7 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the store at `dir`. Fails clearly when
     /// another process holds it or it was written by an incompatible build.
-    pub fn open(dir: &Path) -> anyhow::Result<Store> {
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
         let db = open_with_retry(dir)?;
         let data = db.open_tree("data")?;
         let ledger = db.open_tree("ledger")?;
@@ -73,11 +197,10 @@ impl Store {
             Some(v) => {
                 let found = decode_u64(&v);
                 if found != FORMAT_VERSION {
-                    bail!(
-                        "store {} has format version {found}, this build reads version {FORMAT_VERSION}; \
-                         run the fedq-node version that wrote it, or migrate the store (see deploy/README.md); nothing was changed",
-                        dir.display()
-                    );
+                    return Err(StoreError::Format {
+                        path: dir.to_path_buf(),
+                        found,
+                    });
                 }
             }
         }
@@ -86,9 +209,10 @@ impl Store {
         let fault = crate::fault::Fault::default();
         let fail = crate::fault::fail_point::FailPoints::for_store(dir);
         let journal = crate::journal::Journal::open_with(&db, fault.clone(), fail.clone())?;
-        let replayed = journal
-            .replay()
-            .with_context(|| format!("store {}", dir.display()))?;
+        let replayed = journal.replay().map_err(|error| StoreError::Journal {
+            path: dir.to_path_buf(),
+            error,
+        })?;
         if replayed > 0 {
             tracing::warn!(
                 keys = replayed,
@@ -96,8 +220,11 @@ impl Store {
             );
         }
         // sled's log, synced by the group commit (see `group_commit.rs`).
-        let log = std::fs::File::open(dir.join("db"))
-            .with_context(|| format!("cannot open the log of store {}", dir.display()))?;
+        let log = std::fs::File::open(dir.join("db")).map_err(|error| StoreError::Io {
+            what: "the log",
+            path: dir.to_path_buf(),
+            error,
+        })?;
         Ok(Store {
             commits: Arc::new(GroupCommit::with_fault(
                 db.clone(),
@@ -122,14 +249,14 @@ impl Store {
     }
 
     /// Forces everything written so far to disk.
-    pub fn flush(&self) -> anyhow::Result<()> {
+    pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         Ok(())
     }
 
     /// Blocks until everything this thread wrote so far is durable, sharing
     /// the flush with concurrent callers (see [`crate::group_commit`]).
-    pub fn wait_durable(&self) -> anyhow::Result<()> {
+    pub fn wait_durable(&self) -> Result<(), StoreError> {
         self.commits.wait_durable()
     }
 
@@ -141,7 +268,7 @@ impl Store {
     }
 
     /// Blocks until the write `ticket` was taken after is durable.
-    pub fn wait(&self, ticket: crate::group_commit::Ticket) -> anyhow::Result<()> {
+    pub fn wait(&self, ticket: crate::group_commit::Ticket) -> Result<(), StoreError> {
         self.commits.wait(ticket)
     }
 
@@ -152,7 +279,7 @@ impl Store {
 
     /// The schema digest a dataset's rows were ingested under, if any rows
     /// were ever ingested.
-    pub fn schema_digest(&self, dataset: &str) -> anyhow::Result<Option<String>> {
+    pub fn schema_digest(&self, dataset: &str) -> Result<Option<String>, StoreError> {
         Ok(self
             .data
             .get(format!("meta/{dataset}/schema"))?
@@ -160,7 +287,7 @@ impl Store {
     }
 
     /// Whether a file with this digest was already ingested into `dataset`.
-    pub fn was_ingested(&self, dataset: &str, file_sha256: &str) -> anyhow::Result<bool> {
+    pub fn was_ingested(&self, dataset: &str, file_sha256: &str) -> Result<bool, StoreError> {
         Ok(self
             .data
             .contains_key(format!("ingest/{dataset}/{file_sha256}"))?)
@@ -177,15 +304,14 @@ impl Store {
         codes: &[i64],
         labels: &[(usize, i64, String)],
         file_sha256: &str,
-    ) -> anyhow::Result<u64> {
+    ) -> Result<u64, StoreError> {
         let width = schema.columns.len();
         let digest = schema.digest();
         if let Some(stored) = self.schema_digest(dataset)? {
             if stored != digest {
-                bail!(
-                    "dataset {dataset:?} in this store was ingested under a different schema; \
-                     keep the schema it was ingested with, or ingest into a new store"
-                );
+                return Err(StoreError::IngestSchema {
+                    dataset: dataset.to_string(),
+                });
             }
         }
         let rows_before = self.get_u64(&format!("meta/{dataset}/rows"))?;
@@ -193,7 +319,10 @@ impl Store {
         let mut batch = sled::Batch::default();
         let mut chunk_id = chunks_before;
         for chunk in codes.chunks(CHUNK_ROWS * width) {
-            let bytes = encode_chunk(schema, chunk).map_err(anyhow::Error::msg)?;
+            let bytes = encode_chunk(schema, chunk).map_err(|why| StoreError::Encode {
+                dataset: dataset.to_string(),
+                why,
+            })?;
             batch.insert(rows_key(dataset, chunk_id), bytes);
             chunk_id += 1;
         }
@@ -222,34 +351,43 @@ impl Store {
         );
         self.data
             .apply_batch(batch)
-            .context("writing the ingest batch")?;
-        self.flush().context("flushing the ingest to disk")?;
+            .map_err(|error| StoreError::Write {
+                what: "writing the ingest batch",
+                error,
+            })?;
+        self.db.flush().map_err(|error| StoreError::Write {
+            what: "flushing the ingest to disk",
+            error,
+        })?;
         Ok(rows_before + added)
     }
 
     /// Loads a dataset into memory. Refuses rows stored under a different
     /// schema than the one now declared.
-    pub fn load_table(&self, dataset: &str, schema: &Schema) -> anyhow::Result<Table> {
+    pub fn load_table(&self, dataset: &str, schema: &Schema) -> Result<Table, StoreError> {
         let mut table = Table::new(schema.clone());
         let Some(stored) = self.schema_digest(dataset)? else {
             return Ok(table);
         };
         if stored != schema.digest() {
-            bail!(
-                "dataset {dataset:?}: the schema in node.toml differs from the one its rows were ingested under; \
-                 restore the previous schema, or ingest into a new store"
-            );
+            return Err(StoreError::SchemaChanged {
+                dataset: dataset.to_string(),
+            });
         }
         let prefix = format!("rows/{dataset}/");
         for item in self.data.scan_prefix(prefix.as_bytes()) {
             let (_, v) = item?;
-            table
-                .append_chunk(&v)
-                .map_err(|why| anyhow!("dataset {dataset:?}: {why}; the store is damaged"))?;
+            table.append_chunk(&v).map_err(|why| StoreError::Corrupt {
+                what: format!("dataset {dataset:?}"),
+                why,
+            })?;
         }
         let expected = self.get_u64(&format!("meta/{dataset}/rows"))?;
         if !table.has_rows(expected) {
-            return Err(anyhow!("dataset {dataset:?}: stored row count does not match its chunks; the store is damaged"));
+            return Err(StoreError::Corrupt {
+                what: format!("dataset {dataset:?}"),
+                why: "stored row count does not match its chunks".into(),
+            });
         }
         for (i, c) in schema.columns.iter().enumerate() {
             if let fedq_plan::schema::Column::Open { name } = c {
@@ -271,7 +409,7 @@ impl Store {
         Ok(table)
     }
 
-    fn get_u64(&self, key: &str) -> anyhow::Result<u64> {
+    fn get_u64(&self, key: &str) -> Result<u64, StoreError> {
         Ok(self.data.get(key)?.map(|v| decode_u64(&v)).unwrap_or(0))
     }
 }
@@ -298,7 +436,7 @@ pub fn decode_u64(v: &[u8]) -> u64 {
 /// sled holds an exclusive lock on the store; when a node restarts within
 /// the same process its previous instance may still be releasing it, so
 /// retry briefly before reporting that another process has it.
-fn open_with_retry(dir: &Path) -> anyhow::Result<sled::Db> {
+fn open_with_retry(dir: &Path) -> Result<sled::Db, StoreError> {
     let mut last = None;
     for _ in 0..50 {
         match sled::Config::new()
@@ -319,12 +457,16 @@ fn open_with_retry(dir: &Path) -> anyhow::Result<sled::Db> {
                 last = Some(e);
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
-            Err(e) => return Err(anyhow!("cannot open store {}: {e}", dir.display())),
+            Err(error) => {
+                return Err(StoreError::Open {
+                    path: dir.to_path_buf(),
+                    error,
+                })
+            }
         }
     }
-    Err(anyhow!(
-        "cannot open store {}: it is in use by another process ({}); stop the running fedq-node first",
-        dir.display(),
-        last.map(|e| e.to_string()).unwrap_or_default()
-    ))
+    Err(StoreError::Locked {
+        path: dir.to_path_buf(),
+        error: last.unwrap_or_else(|| std::io::Error::other("the lock is held")),
+    })
 }

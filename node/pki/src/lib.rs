@@ -15,9 +15,8 @@
 
 #![deny(missing_docs)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
@@ -27,6 +26,135 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer};
 use serde::{Deserialize, Serialize};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+/// Why a certificate, key, request or revocation list could not be read,
+/// made or accepted. Each message names the file (and the configuration
+/// key, `tls.crl` or `tls.cert`, where there is one) and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// A file could not be read.
+    #[error("{prefix}cannot read {}: {error}", path.display())]
+    Read {
+        /// The configuration key the file was named by, with `: ` (or
+        /// empty).
+        prefix: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The system's error.
+        error: std::io::Error,
+    },
+    /// A file could not be written.
+    #[error("cannot write {}: {error}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The system's error.
+        error: std::io::Error,
+    },
+    /// A file could not be replaced by its new version.
+    #[error("cannot replace {}: {error}", path.display())]
+    Replace {
+        /// The file.
+        path: PathBuf,
+        /// The system's error.
+        error: std::io::Error,
+    },
+    /// The CA's key file holds no private key.
+    #[error("{}: not a private key: {error}", path.display())]
+    NotAKey {
+        /// The key file.
+        path: PathBuf,
+        /// rcgen's error.
+        error: rcgen::Error,
+    },
+    /// The CA's certificate file holds no CA certificate.
+    #[error("{}: not a CA certificate: {error}", path.display())]
+    NotACa {
+        /// The certificate file.
+        path: PathBuf,
+        /// rcgen's error.
+        error: rcgen::Error,
+    },
+    /// A certificate signing request does not parse.
+    #[error("not a certificate signing request: {0}")]
+    NotARequest(rcgen::Error),
+    /// Making or signing a certificate or a revocation list failed.
+    #[error(transparent)]
+    Rcgen(#[from] rcgen::Error),
+    /// The CA's revocation record does not parse.
+    #[error("{} is not a revocation record: {error}", path.display())]
+    NotARecord {
+        /// The record (`revoked.json`).
+        path: PathBuf,
+        /// The parser's error.
+        error: serde_json::Error,
+    },
+    /// The CA's revocation record could not be written out.
+    #[error("cannot encode the revocation record: {0}")]
+    Encode(serde_json::Error),
+    /// Text given as a serial number is not one.
+    #[error(
+        "{text:?} is neither a certificate file nor a serial number in hex (at most 20 bytes)"
+    )]
+    Serial {
+        /// The text given.
+        text: String,
+    },
+    /// A `tls.crl` file holds no PEM revocation list.
+    #[error(
+        "tls.crl: {} holds no PEM revocation list (-----BEGIN X509 CRL-----); make one with `fedq ca revoke`",
+        path.display()
+    )]
+    NoCrl {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A revocation list in a `tls.crl` file does not parse.
+    #[error("tls.crl: {} holds a revocation list that does not parse: {why}", path.display())]
+    BadCrl {
+        /// The file.
+        path: PathBuf,
+        /// The parser's error.
+        why: String,
+    },
+    /// A revocation list was not issued by the federation CA.
+    #[error("tls.crl: {} was issued by {issuer}, not by the federation CA in tls.ca", path.display())]
+    CrlIssuer {
+        /// The file.
+        path: PathBuf,
+        /// The list's issuer, as a distinguished name.
+        issuer: String,
+    },
+    /// The node's certificate is not PEM.
+    #[error("tls.cert is not a PEM certificate")]
+    NotPem,
+    /// The node's certificate is not valid for the node's name.
+    #[error(
+        "node.name in node.toml is {node_name:?}, but the node's certificate (tls.cert) is valid only for {} (CN {cn:?}); coordinators verify the node by node.name, so every connection would fail. Set node.name to a name the certificate carries, or have the CA issue a certificate for {node_name:?}",
+        describe_names(.names)
+    )]
+    NodeName {
+        /// `node.name` in node.toml.
+        node_name: String,
+        /// The certificate's subject CN.
+        cn: String,
+        /// The DNS and IP names the certificate is valid for.
+        names: Vec<String>,
+    },
+}
+
+/// The names of [`PkiError::NodeName`], as its message lists them.
+fn describe_names(names: &[String]) -> String {
+    if names.is_empty() {
+        "no name at all (it has no DNS or IP subject alternative name)".to_string()
+    } else {
+        names
+            .iter()
+            .map(|n| format!("{n:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
 
 /// Role of a certificate holder, carried in the subject's OU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,20 +253,23 @@ impl Authority {
     }
 
     /// Loads a CA written by [`Authority::save`] (`ca.pem`, `ca.key`).
-    pub fn load(dir: &Path) -> anyhow::Result<Authority> {
-        use anyhow::Context;
-        let cert = std::fs::read_to_string(dir.join("ca.pem"))
-            .with_context(|| format!("cannot read {}", dir.join("ca.pem").display()))?;
-        let key_pem = std::fs::read_to_string(dir.join("ca.key"))
-            .with_context(|| format!("cannot read {}", dir.join("ca.key").display()))?;
-        let key = KeyPair::from_pem(&key_pem).map_err(|e| {
-            anyhow::anyhow!("{}: not a private key: {e}", dir.join("ca.key").display())
+    pub fn load(dir: &Path) -> Result<Authority, PkiError> {
+        let read = |path: PathBuf| {
+            std::fs::read_to_string(&path).map_err(|error| PkiError::Read {
+                prefix: "",
+                path,
+                error,
+            })
+        };
+        let cert = read(dir.join("ca.pem"))?;
+        let key_pem = read(dir.join("ca.key"))?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|error| PkiError::NotAKey {
+            path: dir.join("ca.key"),
+            error,
         })?;
-        let issuer = Issuer::from_ca_cert_pem(&cert, key).map_err(|e| {
-            anyhow::anyhow!(
-                "{}: not a CA certificate: {e}",
-                dir.join("ca.pem").display()
-            )
+        let issuer = Issuer::from_ca_cert_pem(&cert, key).map_err(|error| PkiError::NotACa {
+            path: dir.join("ca.pem"),
+            error,
         })?;
         Ok(Authority {
             issuer,
@@ -210,7 +341,7 @@ impl Authority {
         name: &str,
         csr_pem: &str,
         days: u32,
-    ) -> anyhow::Result<String> {
+    ) -> Result<String, PkiError> {
         self.sign_request_with_names(role, name, &[], csr_pem, days)
     }
 
@@ -223,9 +354,9 @@ impl Authority {
         also: &[String],
         csr_pem: &str,
         days: u32,
-    ) -> anyhow::Result<String> {
+    ) -> Result<String, PkiError> {
         let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
-            .map_err(|e| anyhow::anyhow!("not a certificate signing request: {e}"))?;
+            .map_err(PkiError::NotARequest)?;
         let now = std::time::SystemTime::now();
         let (nb, na) = (
             now - std::time::Duration::from_secs(3600),
@@ -249,7 +380,7 @@ impl Authority {
 
     /// Signs a revocation list naming every serial in `list`, valid (for
     /// tools that enforce it; nodes do not) for a year. PEM.
-    pub fn revocation_list(&self, list: &RevocationList) -> anyhow::Result<String> {
+    pub fn revocation_list(&self, list: &RevocationList) -> Result<String, PkiError> {
         let now = std::time::SystemTime::now();
         let year = std::time::Duration::from_secs(365 * 86_400);
         let mut revoked_certs = Vec::with_capacity(list.revoked.len());
@@ -310,13 +441,18 @@ impl RevocationList {
     pub const CRL_FILE: &'static str = "crl.pem";
 
     /// Reads `dir/revoked.json`, or an empty list if there is none yet.
-    pub fn load(dir: &Path) -> anyhow::Result<RevocationList> {
+    pub fn load(dir: &Path) -> Result<RevocationList, PkiError> {
         let path = dir.join(Self::FILE);
         match std::fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text)
-                .map_err(|e| anyhow::anyhow!("{} is not a revocation record: {e}", path.display())),
+            Ok(text) => {
+                serde_json::from_str(&text).map_err(|error| PkiError::NotARecord { path, error })
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(RevocationList::default()),
-            Err(e) => Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
+            Err(error) => Err(PkiError::Read {
+                prefix: "",
+                path,
+                error,
+            }),
         }
     }
 
@@ -343,10 +479,10 @@ impl RevocationList {
     /// Signs a new list with `ca` (the next CRL number) and writes the
     /// record and `crl.pem` into `dir`, each replaced atomically. Returns
     /// the path of `crl.pem`.
-    pub fn publish(&mut self, ca: &Authority, dir: &Path) -> anyhow::Result<std::path::PathBuf> {
+    pub fn publish(&mut self, ca: &Authority, dir: &Path) -> Result<PathBuf, PkiError> {
         self.crl_number += 1;
         let pem = ca.revocation_list(self)?;
-        let record = serde_json::to_string_pretty(self)? + "\n";
+        let record = serde_json::to_string_pretty(self).map_err(PkiError::Encode)? + "\n";
         replace_file(&dir.join(Self::FILE), record.as_bytes())?;
         let crl = dir.join(Self::CRL_FILE);
         replace_file(&crl, pem.as_bytes())?;
@@ -356,12 +492,16 @@ impl RevocationList {
 
 /// Writes through a temporary file and a rename, so a node reading the
 /// file meanwhile sees the old list or the new one, never half of one.
-fn replace_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+fn replace_file(path: &Path, bytes: &[u8]) -> Result<(), PkiError> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)
-        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .map_err(|e| anyhow::anyhow!("cannot replace {}: {e}", path.display()))
+    std::fs::write(&tmp, bytes).map_err(|error| PkiError::Write {
+        path: tmp.clone(),
+        error,
+    })?;
+    std::fs::rename(&tmp, path).map_err(|error| PkiError::Replace {
+        path: path.to_path_buf(),
+        error,
+    })
 }
 
 /// A serial number as lowercase hex without leading zero bytes (how
@@ -376,7 +516,7 @@ pub fn serial_hex(serial: &[u8]) -> String {
 
 /// Parses a serial number written in hex, with or without `:` separators
 /// (as `openssl x509 -serial` and browsers print it).
-pub fn parse_serial(text: &str) -> anyhow::Result<Vec<u8>> {
+pub fn parse_serial(text: &str) -> Result<Vec<u8>, PkiError> {
     let digits: String = text
         .trim()
         .trim_start_matches("serial=")
@@ -391,10 +531,8 @@ pub fn parse_serial(text: &str) -> anyhow::Result<Vec<u8>> {
     let bytes = hex::decode(&digits)
         .ok()
         .filter(|b| !b.is_empty() && b.len() <= 20)
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "{text:?} is neither a certificate file nor a serial number in hex (at most 20 bytes)"
-            )
+        .ok_or_else(|| PkiError::Serial {
+            text: text.to_string(),
         })?;
     let first = bytes
         .iter()
@@ -499,19 +637,19 @@ pub fn crl_stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
 pub fn load_crls(
     path: &Path,
     ca_certs: &[CertificateDer<'static>],
-) -> anyhow::Result<Vec<CertificateRevocationListDer<'static>>> {
-    let bytes =
-        std::fs::read(path).with_context(|| format!("tls.crl: cannot read {}", path.display()))?;
+) -> Result<Vec<CertificateRevocationListDer<'static>>, PkiError> {
+    let bytes = std::fs::read(path).map_err(|error| PkiError::Read {
+        prefix: "tls.crl: ",
+        path: path.to_path_buf(),
+        error,
+    })?;
     let crls: Vec<CertificateRevocationListDer<'static>> =
         CertificateRevocationListDer::pem_slice_iter(&bytes)
             .collect::<Result<_, _>>()
             .ok()
             .filter(|c: &Vec<_>| !c.is_empty())
-            .ok_or_else(|| {
-                anyhow!(
-                    "tls.crl: {} holds no PEM revocation list (-----BEGIN X509 CRL-----); make one with `fedq ca revoke`",
-                    path.display()
-                )
+            .ok_or_else(|| PkiError::NoCrl {
+                path: path.to_path_buf(),
             })?;
     let subjects: Vec<Vec<u8>> = ca_certs
         .iter()
@@ -524,18 +662,15 @@ pub fn load_crls(
     for crl in &crls {
         let (_, parsed) =
             x509_parser::revocation_list::CertificateRevocationList::from_der(crl.as_ref())
-                .map_err(|e| {
-                    anyhow!(
-                        "tls.crl: {} holds a revocation list that does not parse: {e}",
-                        path.display()
-                    )
+                .map_err(|e| PkiError::BadCrl {
+                    path: path.to_path_buf(),
+                    why: e.to_string(),
                 })?;
         if !subjects.iter().any(|s| s == parsed.issuer().as_raw()) {
-            bail!(
-                "tls.crl: {} was issued by {}, not by the federation CA in tls.ca",
-                path.display(),
-                parsed.issuer()
-            );
+            return Err(PkiError::CrlIssuer {
+                path: path.to_path_buf(),
+                issuer: parsed.issuer().to_string(),
+            });
         }
     }
     Ok(crls)
@@ -591,11 +726,11 @@ pub fn server_names(der: &[u8]) -> Vec<String> {
 /// name starts, and then every client fails on the name (issue 16, item 6);
 /// this check makes `serve` (and `check`) refuse it first, saying what the
 /// certificate names and what `node.toml` says.
-pub fn check_node_name(cert_pem: &[u8], node_name: &str) -> anyhow::Result<()> {
+pub fn check_node_name(cert_pem: &[u8], node_name: &str) -> Result<(), PkiError> {
     let der = std::str::from_utf8(cert_pem)
         .ok()
         .and_then(der_from_pem)
-        .ok_or_else(|| anyhow::anyhow!("tls.cert is not a PEM certificate"))?;
+        .ok_or(PkiError::NotPem)?;
     let names = server_names(&der);
     let wanted = node_name.trim_end_matches('.');
     let wanted_ip = wanted.parse::<std::net::IpAddr>().ok();
@@ -607,18 +742,11 @@ pub fn check_node_name(cert_pem: &[u8], node_name: &str) -> anyhow::Result<()> {
         return Ok(());
     }
     let cn = caller_from_der(&der).map(|c| c.name).unwrap_or_default();
-    anyhow::bail!(
-        "node.name in node.toml is {node_name:?}, but the node's certificate (tls.cert) is valid only for {} (CN {cn:?}); coordinators verify the node by node.name, so every connection would fail. Set node.name to a name the certificate carries, or have the CA issue a certificate for {node_name:?}",
-        if names.is_empty() {
-            "no name at all (it has no DNS or IP subject alternative name)".to_string()
-        } else {
-            names
-                .iter()
-                .map(|n| format!("{n:?}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        }
-    )
+    Err(PkiError::NodeName {
+        node_name: node_name.to_string(),
+        cn,
+        names,
+    })
 }
 
 /// Reads CN and OU from a DER certificate.

@@ -12,6 +12,8 @@
 //! - [`plan`]: SQL (via `sqlparser`) to a typed, validated [`plan::Plan`]:
 //!   the filter, the GROUP BY, the measurements with their bounds and
 //!   sensitivities, and the cells they release ([`plan::cell_keys`]).
+//! - [`standard`]: the federation's data standard (a versioned data
+//!   dictionary every node follows) and its canonical digest.
 //! - [`lookup`]: public lookup tables (country to region) a query may join
 //!   to its dataset by key, planned as CASE buckets and IN lists.
 //!
@@ -23,3 +25,4 @@
 pub mod lookup;
 pub mod plan;
 pub mod schema;
+pub mod standard;

@@ -342,6 +342,10 @@ pub struct Schema {
     /// The person-level privacy unit, if the dataset declares one; else
     /// the unit is one record.
     pub person: Option<PersonUnit>,
+    /// Public lookup tables the dataset declares, joinable by key like the
+    /// built-in ones ([`crate::lookup`]); published in `Describe`. Not
+    /// part of [`Schema::digest`]: they change no stored code.
+    pub lookups: Vec<crate::lookup::Lookup>,
 }
 
 impl Schema {
@@ -460,7 +464,53 @@ impl Schema {
         Ok(Schema {
             columns,
             person: None,
+            lookups: Vec::new(),
         })
+    }
+
+    /// Declares the dataset's public lookup tables (each validated by
+    /// [`crate::lookup::Lookup::new`]): their names must differ from each
+    /// other's and from the built-in tables' (case-insensitively).
+    pub fn with_lookups(mut self, lookups: Vec<crate::lookup::Lookup>) -> Result<Schema, String> {
+        for (i, t) in lookups.iter().enumerate() {
+            if lookups[..i]
+                .iter()
+                .any(|o| o.name.eq_ignore_ascii_case(&t.name))
+            {
+                return Err(format!("lookup table {:?} is declared twice", t.name));
+            }
+            if crate::lookup::public_table(&t.name).is_some() {
+                return Err(format!(
+                    "lookup table {:?} has a built-in table's name; choose another",
+                    t.name
+                ));
+            }
+        }
+        self.lookups = lookups;
+        Ok(self)
+    }
+
+    /// The lookup table a query may join as `name`: the dataset's own
+    /// first, then a built-in one.
+    pub fn lookup(&self, name: &str) -> Option<crate::lookup::Lookup> {
+        self.lookups
+            .iter()
+            .find(|t| t.name.eq_ignore_ascii_case(name))
+            .cloned()
+            .or_else(|| crate::lookup::public_table(name).map(|t| t.to_lookup()))
+    }
+
+    /// The names of every table a query may join.
+    pub fn lookup_names(&self) -> Vec<String> {
+        self.lookups
+            .iter()
+            .map(|t| t.name.clone())
+            .chain(
+                crate::lookup::PUBLIC_TABLES
+                    .iter()
+                    .map(|t| t.name.to_string()),
+            )
+            .collect()
     }
 
     /// Declares a person-level privacy unit: `column` (a CSV header, not

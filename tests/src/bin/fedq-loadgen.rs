@@ -378,6 +378,7 @@ async fn fanout(
 ) -> anyhow::Result<()> {
     let n = fed.config.nodes.len();
     let opts = || fedq::run::QueryOptions {
+        secure: false,
         epsilon,
         rho: 0.0,
         dry_run: false,

@@ -190,6 +190,7 @@ impl Node for SimNode {
             .unwrap()
             .insert((self.name.clone(), q.query_id.clone()), q.clone());
         Ok(Response::new(PrepareResponse {
+            round_key: Default::default(),
             query_id: q.query_id.clone(),
             epsilon_reserved: q.epsilon,
             rho_reserved: q.rho,
@@ -317,6 +318,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         defaults: Defaults {
             timeout_secs: 60.0,
             heads_file: cli.dir.join("fedq-heads.json"),
+            secure: false,
         },
         nodes,
         base_dir: cli.dir.clone(),

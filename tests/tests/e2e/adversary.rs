@@ -1361,9 +1361,16 @@ impl World {
         );
         let got = if prepare {
             let query = (!no_query).then(|| req.proto(&id, dry_run));
-            rpc(&what, c.prepare(PrepareRequest { query, hold_ms }))
-                .await?
-                .map(|_| ())
+            rpc(
+                &what,
+                c.prepare(PrepareRequest {
+                    query,
+                    hold_ms,
+                    secure_aggregation: Default::default(),
+                }),
+            )
+            .await?
+            .map(|_| ())
         } else {
             rpc(&what, c.query(req.proto(&id, dry_run)))
                 .await?
@@ -1413,6 +1420,7 @@ impl World {
         let got = rpc(
             "Prepare",
             c.prepare(PrepareRequest {
+                secure_aggregation: Default::default(),
                 query: Some(req.proto(&id, false)),
                 hold_ms,
             }),
@@ -1551,6 +1559,7 @@ impl World {
         let got = rpc(
             &what,
             c.commit(CommitRequest {
+                participants: Default::default(),
                 query_id: id.clone(),
             }),
         )
@@ -1694,6 +1703,7 @@ impl World {
             1 => {
                 let mut c = self.client(AUDITOR);
                 let p = PrepareRequest {
+                    secure_aggregation: Default::default(),
                     query: Some(req.proto("aud-2", false)),
                     hold_ms: 60_000,
                 };
@@ -1705,6 +1715,7 @@ impl World {
                 let r = rpc(
                     "auditor Commit",
                     c.commit(CommitRequest {
+                        participants: Default::default(),
                         query_id: some_reserved.clone(),
                     }),
                 )

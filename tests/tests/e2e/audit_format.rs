@@ -113,6 +113,7 @@ async fn ordinary_and_non_finite_queries_leave_a_log_that_verifies_and_a_node_th
         };
         let e = alice
             .prepare(fedq_proto::v1::PrepareRequest {
+                secure_aggregation: Default::default(),
                 query: Some(rho),
                 hold_ms: 5000,
             })

@@ -19,6 +19,7 @@ const SQL: &str = "SELECT gender, COUNT(*) FROM cases GROUP BY gender";
 
 fn opts(epsilon: f64, calls: Calls) -> QueryOptions {
     QueryOptions {
+        secure: false,
         epsilon,
         rho: 0.0,
         dry_run: false,
@@ -203,6 +204,7 @@ async fn an_uncommitted_reservation_expires_and_returns_its_budget() {
     let id = new_query_id();
     let r = c
         .prepare(PrepareRequest {
+            secure_aggregation: Default::default(),
             query: Some(QueryRequest {
                 query_id: id.clone(),
                 sql: SQL.into(),
@@ -229,7 +231,10 @@ async fn an_uncommitted_reservation_expires_and_returns_its_budget() {
         vec!["reserved", "reservation_returned"]
     );
     let e = c
-        .commit(fedq_proto::v1::CommitRequest { query_id: id })
+        .commit(fedq_proto::v1::CommitRequest {
+            query_id: id,
+            participants: Default::default(),
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);

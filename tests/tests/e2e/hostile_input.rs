@@ -599,7 +599,7 @@ proptest! {
         let s = schema();
         match plan_on_stack(sql.clone(), max_cells, 64 << 20) {
             Ok(p) => check_plan(&p, &s, max_cells)?,
-            Err(e) => prop_assert!(!e.0.trim().is_empty(), "empty error for {:?}", sql),
+            Err(e) => prop_assert!(!e.message().trim().is_empty(), "empty error for {:?}", sql),
         }
     }
 }

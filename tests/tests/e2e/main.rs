@@ -25,5 +25,8 @@ mod released_keys;
 mod replay_window;
 mod request_codes;
 mod researcher_sql;
+mod secure;
+mod standard;
 mod trust;
+mod wan;
 mod zcdp;

@@ -194,6 +194,7 @@ async fn start_liar(
 
 fn opts(query_id: &str, epsilon: f64) -> QueryOptions {
     QueryOptions {
+        secure: false,
         epsilon,
         rho: 0.0,
         dry_run: false,

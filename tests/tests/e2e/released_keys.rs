@@ -319,6 +319,7 @@ async fn open_values_filter_silently_and_the_delta_budget_is_enforced() {
     }
     let e = client
         .prepare(PrepareRequest {
+            secure_aggregation: Default::default(),
             query: Some(request(GROUPED)),
             hold_ms: 5000,
         })

@@ -348,6 +348,7 @@ async fn a_typo_is_said_once_before_any_node_is_asked() {
         ("SELECT COUNT(*) FROM case", "did you mean \"cases\"?"),
     ] {
         let opts = QueryOptions {
+            secure: false,
             epsilon: 0.5,
             rho: 0.0,
             dry_run: false,
@@ -619,6 +620,7 @@ async fn spent(f: &Federation) -> Vec<f64> {
 /// As `fedq query` asks (`fedq::query::ask`: UNION ALL included).
 async fn ask_written(f: &Federation, sql: &str, epsilon: f64) -> fedq::query::Answer {
     let opts = fedq::run::QueryOptions {
+        secure: false,
         epsilon,
         rho: 0.0,
         dry_run: false,
@@ -727,6 +729,7 @@ async fn a_file_of_disjoint_queries_gives_each_the_whole_epsilon() {
         "SELECT COUNT(*) FROM cases WHERE gender = 'Male'".to_string(),
     ];
     let opts = fedq::run::QueryOptions {
+        secure: false,
         epsilon: 0.5,
         rho: 0.0,
         dry_run: false,
@@ -895,4 +898,257 @@ async fn a_public_lookup_table_joins_by_key() {
     let outcomes = f.query(req, Duration::from_secs(30)).await;
     let e = format!("{}", outcomes[0].result.as_ref().expect_err("refused"));
     assert!(e.contains("public lookup table"), "{e}");
+}
+
+/// Sends `sql` (no post-processing) to every node and combines the
+/// answers with `1 - 1e-6` intervals: a correct interval misses the truth
+/// about once in a million, so a test checking a few dozen never flakes,
+/// and a wrong key or a wrong count fails it.
+async fn ask_wide(fed: &Federation, sql: &str, epsilon: f64) -> Combined {
+    let req = QueryRequest {
+        query_id: new_query_id(),
+        sql: sql.into(),
+        epsilon,
+        ..Default::default()
+    };
+    let outcomes = fed.query(req.clone(), Duration::from_secs(60)).await;
+    let c = combine_at(sql, &req.query_id, epsilon, &outcomes, 1e-6);
+    assert!(
+        c.nodes.iter().all(|n| n.failure.is_none()),
+        "{sql}: {:?}",
+        c.nodes
+    );
+    c
+}
+
+/// GROUP BY a per-row number (`traffickMonths / 12`, by alias and by
+/// position) and `BIN(traffickMonths, k)`, as researchers write them:
+/// every key of the domain derived from the declared bounds (0 to 120
+/// months) comes back, (missing) included, each count's interval holding
+/// the truth read from the CSVs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_by_arithmetic_and_bins_return_every_derived_key() {
+    let fed = TestFederation::start(&PARTNERS, roomy_budget()).await;
+    let f = fed.federation("alice");
+    // Truth per month value (None: missing), from the CSVs.
+    let mut months: std::collections::HashMap<Option<i64>, i64> = Default::default();
+    for n in &fed.nodes {
+        for (k, v) in exact_counts(&n.csv, &["traffickMonths"], |_| true) {
+            *months.entry(k[0].parse::<i64>().ok()).or_insert(0) += v;
+        }
+    }
+    let truth = |key: &dyn Fn(i64) -> String, label: &str| -> i64 {
+        months
+            .iter()
+            .filter(|(m, _)| match m {
+                Some(m) => key((*m).clamp(0, 120)) == label,
+                None => label == "(missing)",
+            })
+            .map(|(_, v)| v)
+            .sum()
+    };
+    let check = |c: &Combined, key: &dyn Fn(i64) -> String, labels: &[String]| {
+        let keys: Vec<&str> = c.rows.iter().map(|r| r.key[0].as_str()).collect();
+        assert_eq!(keys, labels, "every key, in order, then (missing)");
+        for r in &c.rows {
+            let e = r.estimates[0].as_ref().expect("a count");
+            let want = truth(key, &r.key[0]) as f64;
+            assert!(
+                e.ci_low <= want && want <= e.ci_high,
+                "{}: {e:?} against {want}",
+                r.key[0]
+            );
+        }
+    };
+
+    let years = |m: i64| (m / 12).to_string();
+    let mut labels: Vec<String> = (0..=10).map(|y| y.to_string()).collect();
+    labels.push("(missing)".into());
+    for sql in [
+        "SELECT traffickMonths / 12 AS years, COUNT(*) FROM cases GROUP BY years",
+        "SELECT traffickMonths / 12, COUNT(*) FROM cases GROUP BY 1",
+    ] {
+        let c = ask_wide(&f, sql, 1.0).await;
+        check(&c, &years, &labels);
+    }
+    assert!(months.keys().any(|m| m.is_some_and(|m| m >= 24)));
+
+    // Bins read off the edges here (not bin_of): [0, 11), ..., [110, 120].
+    let edges: Vec<i64> = (0..=11).map(|i| (i * 121 + 10) / 11).collect();
+    let bin = |m: i64| {
+        let i = edges
+            .windows(2)
+            .position(|w| w[0] <= m && m < w[1])
+            .unwrap();
+        if i == 10 {
+            format!("[{}, 120]", edges[i])
+        } else {
+            format!("[{}, {})", edges[i], edges[i + 1])
+        }
+    };
+    let mut labels: Vec<String> = (0..=120).map(bin).collect();
+    labels.dedup();
+    assert_eq!(labels.len(), 11);
+    assert_eq!(labels[0], "[0, 11)");
+    labels.push("(missing)".into());
+    let c = ask_wide(
+        &f,
+        "SELECT BIN(traffickMonths, 11) AS months, COUNT(*) FROM cases GROUP BY months",
+        1.0,
+    )
+    .await;
+    assert_eq!(c.group_by, ["months"]);
+    check(&c, &bin, &labels);
+
+    // Past the key limit: refused before anything is spent, saying what
+    // to write.
+    let req = QueryRequest {
+        query_id: new_query_id(),
+        sql: "SELECT COUNT(*) FROM cases GROUP BY traffickMonths * 100".into(),
+        epsilon: 0.1,
+        ..Default::default()
+    };
+    let outcomes = f.query(req, Duration::from_secs(30)).await;
+    let e = format!("{}", outcomes[0].result.as_ref().expect_err("refused"));
+    assert!(e.contains("BIN(traffickMonths * 100, k)"), "{e}");
+}
+
+/// A dry run of a `--file` set over provably disjoint records plans what
+/// the real run does: one grouped query at the whole epsilon (not the
+/// even split), nothing spent, and a note saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_of_a_disjoint_file_shows_the_whole_epsilon() {
+    let fed = TestFederation::start(&PARTNERS, roomy_budget()).await;
+    let f = fed.federation("alice");
+    let queries = [
+        "SELECT BIN(traffickMonths, 4), COUNT(*) FROM cases WHERE gender = 'Female' GROUP BY 1"
+            .to_string(),
+        "SELECT BIN(traffickMonths, 4), COUNT(*) FROM cases WHERE gender = 'Male' GROUP BY 1"
+            .to_string(),
+    ];
+    let opts = fedq::run::QueryOptions {
+        secure: false,
+        epsilon: 0.5,
+        rho: 0.0,
+        dry_run: true,
+        calls: fedq::client::Calls {
+            timeout: Duration::from_secs(60),
+            retries: 1,
+        },
+        min_nodes: None,
+        query_id: new_query_id(),
+    };
+    let before = spent(&f).await;
+    let answers = fedq::compose::ask_set(&f, &queries, &opts)
+        .await
+        .expect("disjoint: planned as one");
+    assert_eq!(spent(&f).await, before, "a dry run spends nothing");
+    assert_eq!(answers.len(), 2);
+    for a in &answers {
+        let a = a.as_ref().expect("planned");
+        assert!(a.combined.dry_run);
+        assert!(a.sent.contains("GROUP BY part"), "{}", a.sent);
+        let note = a.combined.post_processing.as_deref().unwrap_or_default();
+        assert!(
+            note.starts_with("dry run") && note.contains("parallel composition"),
+            "{note}"
+        );
+        for o in &a.outcomes {
+            let r = o.result.as_ref().expect("accepted");
+            assert!(!r.measurements.is_empty());
+            for m in &r.measurements {
+                assert!((m.epsilon - 0.5).abs() < 1e-12, "the whole epsilon: {m:?}");
+            }
+        }
+    }
+    // Overlapping queries are not merged: the dry run, like the real run,
+    // asks each with an even share.
+    let overlapping = [
+        queries[0].clone(),
+        "SELECT BIN(traffickMonths, 4), COUNT(*) FROM cases WHERE isForcedLabour = 1 GROUP BY 1"
+            .to_string(),
+    ];
+    assert!(fedq::compose::ask_set(&f, &overlapping, &opts)
+        .await
+        .is_none());
+}
+
+/// A lookup table a partner declares for its dataset in node.toml
+/// (`[[datasets.lookups]]`) is published in Describe, so the coordinator
+/// plans the same join and checks the answers against it; it joins by key
+/// like `regions`, each zone's count holding the truth read from the CSVs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_table_declared_in_node_toml_joins_by_key() {
+    use fedq_plan::schema::Column;
+    let mut fed = TestFederation::start(&PARTNERS, roomy_budget()).await;
+    let schema =
+        fedq_plan::schema::Schema::from_specs("cases", &fedq_engine::synth::ctdc_columns())
+            .unwrap();
+    let (_, Column::Categorical { domain, .. }) = schema.column("citizenship").unwrap() else {
+        panic!("citizenship is categorical")
+    };
+    // Every third citizenship has no zone (an INNER join drops it).
+    let zone_of = |i: usize| match i % 3 {
+        0 => Some("north"),
+        1 => Some("south"),
+        _ => None,
+    };
+    let rows: std::collections::BTreeMap<String, String> = domain
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| zone_of(i).map(|z| (c.clone(), z.to_string())))
+        .collect();
+    for i in 0..fed.nodes.len() {
+        fed.stop_node(i).await;
+        fed.nodes[i].config.datasets[0].lookups = vec![fedq_node::config::LookupConfig {
+            name: "zones".into(),
+            key: "country".into(),
+            value: "zone".into(),
+            rows: rows.clone(),
+        }];
+        fed.start_node(i).await;
+    }
+    let f = fed.federation("alice");
+    let mut truth = std::collections::HashMap::new();
+    for n in &fed.nodes {
+        for (k, v) in exact_counts(&n.csv, &["citizenship"], |_| true) {
+            if let Some(z) = rows.get(&k[0]) {
+                *truth.entry(z.clone()).or_insert(0i64) += v;
+            }
+        }
+    }
+    let c = ask_wide(
+        &f,
+        "SELECT z.zone, COUNT(*) FROM cases JOIN zones z ON z.country = citizenship GROUP BY z.zone",
+        1.0,
+    )
+    .await;
+    assert_eq!(c.group_by, ["zone"]);
+    // Values in order of first appearance over the sorted keys, then
+    // (missing).
+    let mut order: Vec<&str> = Vec::new();
+    for z in rows.values() {
+        if !order.contains(&z.as_str()) {
+            order.push(z);
+        }
+    }
+    order.push("(missing)");
+    let keys: Vec<&str> = c.rows.iter().map(|r| r.key[0].as_str()).collect();
+    assert_eq!(keys, order);
+    for r in &c.rows {
+        let e = r.estimates[0].as_ref().unwrap();
+        let want = truth.get(&r.key[0]).copied().unwrap_or(0) as f64;
+        assert!(
+            e.ci_low <= want && want <= e.ci_high,
+            "{}: {e:?} against {want}",
+            r.key[0]
+        );
+    }
+    // Published with the schema.
+    let described = f.describe(Duration::from_secs(10)).await;
+    for d in &described {
+        let ds = &d.result.as_ref().expect("described").datasets[0];
+        assert_eq!(ds.lookups.len(), 1);
+        assert_eq!(ds.lookups[0].name, "zones");
+    }
 }

@@ -368,6 +368,7 @@ async fn restarts_keep_rho_spent_and_a_measure_change_is_refused_at_start() {
                                                           // A two-phase query reserves and commits rho.
     let prepared = alice
         .prepare(fedq_proto::v1::PrepareRequest {
+            secure_aggregation: Default::default(),
             query: Some(rho_query("s3", 0.02)),
             hold_ms: 10_000,
         })
@@ -377,6 +378,7 @@ async fn restarts_keep_rho_spent_and_a_measure_change_is_refused_at_start() {
     assert_eq!(prepared.rho_reserved, 0.02);
     let committed = alice
         .commit(fedq_proto::v1::CommitRequest {
+            participants: Default::default(),
             query_id: "s3".into(),
         })
         .await
@@ -613,6 +615,7 @@ async fn the_coordinator_shows_the_mechanism_and_both_costs() {
         retries: 1,
     };
     let opts = |dry_run: bool| QueryOptions {
+        secure: false,
         epsilon: 0.0,
         rho: 0.05,
         dry_run,

@@ -323,6 +323,16 @@ const QUERIES: &[&str] = &[
     "SELECT SUM(-traffickMonths + 3), AVG(-(isForcedLabour - 1)) FROM cases",
     "SELECT r.region, COUNT(*), AVG(traffickMonths) FROM cases JOIN regions r ON r.country = CountryOfExploitation WHERE r.region <> 'Asia' GROUP BY r.region",
     "SELECT o.region AS origin, d.region AS destination, COUNT(*) FROM cases LEFT JOIN regions o ON citizenship = o.country LEFT JOIN regions d ON d.country = CountryOfExploitation WHERE o.region IS NULL OR d.region IS NOT NULL GROUP BY 1, 2",
+    // GROUP BY a per-row number (one key per value of its derived
+    // bounds) and BIN ranges over declared or derived bounds.
+    "SELECT traffickMonths / 12 AS years, COUNT(*), AVG(traffickMonths) FROM cases GROUP BY years",
+    "SELECT yearOfRegistration - 2000, gender, COUNT(*) FROM cases WHERE isForcedLabour = 1 GROUP BY 1, 2",
+    "SELECT COALESCE(traffickMonths, -1) / 24 AS d, SUM(isSexualExploit) FROM cases GROUP BY d",
+    "SELECT -traffickMonths / 7 + isSexualExploit AS x, COUNT(*) FROM cases GROUP BY x",
+    "SELECT BIN(traffickMonths, 11) AS m, COUNT(*), SUM(isForcedLabour) FROM cases GROUP BY m",
+    "SELECT gender, BIN(yearOfRegistration - 2000, 4), COUNT(*) FROM cases WHERE traffickMonths > 3 GROUP BY 1, 2",
+    "SELECT BIN(traffickMonths * 2 - yearOfRegistration, 9) AS x, AVG(traffickMonths) FROM cases GROUP BY x",
+    "SELECT BIN(isForcedLabour, 2), BIN(traffickMonths, 121), COUNT(*) FROM cases GROUP BY 1, 2",
 ];
 
 /// With a person-level unit, the push-down's `ROW_NUMBER()` stage keeps
@@ -392,7 +402,8 @@ fn push_down_equals_the_embedded_engine() {
     });
 }
 
-/// A random query in the SQL subset: 0 to 2 GROUP BY columns, random
+/// A random query in the SQL subset: 0 to 2 GROUP BY columns and
+/// sometimes a per-row number key (arithmetic or BIN), random
 /// measurements, a random WHERE of depth up to 3.
 fn random_query(rng: &mut ChaCha8Rng, schema: &Schema) -> String {
     let groupable: Vec<&Column> = schema
@@ -406,14 +417,37 @@ fn random_query(rng: &mut ChaCha8Rng, schema: &Schema) -> String {
         // Flags are numbers too (0 and 1).
         .filter(|c| matches!(c, Column::Integer { .. } | Column::Boolean { .. }))
         .collect();
-    let mut group: Vec<&str> = Vec::new();
+    let mut group: Vec<String> = Vec::new();
     for _ in 0..rng.random_range(0..3) {
         let c = groupable[rng.random_range(0..groupable.len())].name();
-        if !group.contains(&c) {
-            group.push(c);
+        if !group.iter().any(|g| g == c) {
+            group.push(c.to_string());
         }
     }
-    let mut items: Vec<String> = group.iter().map(|g| g.to_string()).collect();
+    if rng.random_bool(0.3) {
+        // At most one number key: at most 61 keys, so the cells stay
+        // within the test's limit.
+        let c = integers[rng.random_range(0..integers.len())];
+        let values = match c {
+            Column::Integer { min, max, .. } => max - min + 1,
+            _ => 2,
+        };
+        let key = if rng.random_bool(0.5) {
+            format!(
+                "BIN({}, {})",
+                c.name(),
+                rng.random_range(1..=values.min(12))
+            )
+        } else {
+            let k = match rng.random_range(-30..30) {
+                k if (-1..=1).contains(&k) => 7,
+                k => k,
+            };
+            format!("{} / {k} + {}", c.name(), rng.random_range(-3..3))
+        };
+        group.insert(rng.random_range(0..=group.len()), key);
+    }
+    let mut items: Vec<String> = group.clone();
     items.push("COUNT(*)".into());
     for _ in 0..rng.random_range(0..3) {
         let any = schema.columns[rng.random_range(0..schema.columns.len())].name();

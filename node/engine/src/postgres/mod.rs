@@ -85,6 +85,60 @@ impl std::fmt::Display for SourceError {
     }
 }
 
+impl std::error::Error for SourceError {}
+
+/// Why a dataset's `[datasets.source]` cannot be used ([`PgSource::new`]).
+/// Every message names the dataset and the setting at fault, and never
+/// the database URL (it may hold a password).
+#[derive(Debug, thiserror::Error)]
+pub enum PgConfigError {
+    /// `source.url_file` could not be read.
+    #[error("dataset {dataset:?}: cannot read source.url_file {}: {error}", path.display())]
+    UrlFile {
+        /// The dataset.
+        dataset: String,
+        /// The file.
+        path: std::path::PathBuf,
+        /// The system's error.
+        error: std::io::Error,
+    },
+    /// `source.url_env` names an unset (or non-UTF-8) variable.
+    #[error(
+        "dataset {dataset:?}: environment variable {var} (source.url_env) is not set or not UTF-8"
+    )]
+    UrlEnv {
+        /// The dataset.
+        dataset: String,
+        /// The variable.
+        var: String,
+    },
+    /// Neither `source.url_file` nor `source.url_env` is set.
+    #[error("dataset {dataset:?}: source needs url_file or url_env")]
+    NoUrl {
+        /// The dataset.
+        dataset: String,
+    },
+    /// The URL does not parse (its text is withheld).
+    #[error(
+        "dataset {dataset:?}: the database URL does not parse (expected postgres://user@host:port/database; details withheld: it may hold a password)"
+    )]
+    UrlSyntax {
+        /// The dataset.
+        dataset: String,
+    },
+    /// `source.ca` cannot be read or used.
+    #[error("dataset {dataset:?}: {why}")]
+    Ca {
+        /// The dataset.
+        dataset: String,
+        /// What is wrong, naming the file.
+        why: String,
+    },
+    /// `source.table` is not a plain `table` or `schema.table`.
+    #[error("{0}")]
+    Table(String),
+}
+
 /// A connected client and the database type of every declared column.
 struct Connected {
     client: Client,
@@ -120,8 +174,7 @@ impl PgSource {
         schema: Schema,
         src: &SourceConfig,
         base: &Path,
-    ) -> anyhow::Result<PgSource> {
-        let at = format!("dataset {dataset:?}");
+    ) -> Result<PgSource, PgConfigError> {
         let url = match (&src.url_file, &src.url_env) {
             (Some(file), _) => {
                 let path = if file.is_absolute() {
@@ -130,23 +183,26 @@ impl PgSource {
                     base.join(file)
                 };
                 std::fs::read_to_string(&path)
-                    .map_err(|e| {
-                        anyhow::anyhow!("{at}: cannot read source.url_file {}: {e}", path.display())
+                    .map_err(|error| PgConfigError::UrlFile {
+                        dataset: dataset.to_string(),
+                        path: path.clone(),
+                        error,
                     })?
                     .trim()
                     .to_string()
             }
-            (None, Some(var)) => std::env::var(var).map_err(|_| {
-                anyhow::anyhow!(
-                    "{at}: environment variable {var} (source.url_env) is not set or not UTF-8"
-                )
+            (None, Some(var)) => std::env::var(var).map_err(|_| PgConfigError::UrlEnv {
+                dataset: dataset.to_string(),
+                var: var.clone(),
             })?,
-            (None, None) => anyhow::bail!("{at}: source needs url_file or url_env"),
+            (None, None) => {
+                return Err(PgConfigError::NoUrl {
+                    dataset: dataset.to_string(),
+                })
+            }
         };
-        let mut config: Config = url.parse().map_err(|_| {
-            anyhow::anyhow!(
-                "{at}: the database URL does not parse (expected postgres://user@host:port/database; details withheld: it may hold a password)"
-            )
+        let mut config: Config = url.parse().map_err(|_| PgConfigError::UrlSyntax {
+            dataset: dataset.to_string(),
         })?;
         config.application_name("fedq-node");
         config.connect_timeout(Duration::from_millis(src.statement_timeout_ms));
@@ -158,11 +214,14 @@ impl PgSource {
                     base.join(ca)
                 };
                 config.ssl_mode(tokio_postgres::config::SslMode::Require);
-                Some(tls_connector(&path).map_err(|e| anyhow::anyhow!("{at}: {e}"))?)
+                Some(tls_connector(&path).map_err(|why| PgConfigError::Ca {
+                    dataset: dataset.to_string(),
+                    why,
+                })?)
             }
             None => None,
         };
-        let (schema_name, table) = src.table_parts().map_err(anyhow::Error::msg)?;
+        let (schema_name, table) = src.table_parts().map_err(PgConfigError::Table)?;
         Ok(PgSource {
             dataset: dataset.to_string(),
             relation: Relation {

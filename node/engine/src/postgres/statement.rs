@@ -31,7 +31,7 @@ use std::fmt::Write as _;
 
 use tokio_postgres::types::ToSql;
 
-use fedq_plan::plan::{MeasurementSpec, Plan, Predicate, RowExpr};
+use fedq_plan::plan::{KeyRule, MeasurementSpec, Plan, Predicate, RowExpr};
 use fedq_plan::schema::{Column, Schema};
 
 /// How a declared column is stored in the database, as found by the
@@ -197,11 +197,11 @@ pub fn build(plan: &Plan, schema: &Schema, db: &[DbType], relation: &Relation) -
     // The columns the query touches, each once, in declaration order.
     let mut used: Vec<usize> = Vec::new();
     for &g in &plan.group_by {
-        match plan.bucket(g) {
-            Some(b) => b
-                .branches
+        match plan.bucket(g).map(|b| &b.rule) {
+            Some(KeyRule::Case { branches, .. }) => branches
                 .iter()
                 .for_each(|(c, _)| predicate_columns(c, &mut used)),
+            Some(KeyRule::Number(k)) => used.extend(k.expr.columns()),
             None => used.push(g),
         }
     }
@@ -257,21 +257,40 @@ pub fn build(plan: &Plan, schema: &Schema, db: &[DbType], relation: &Relation) -
     let mut items: Vec<String> = plan
         .group_by
         .iter()
-        .map(|&i| match plan.bucket(i) {
+        .map(|&i| match plan.bucket(i).map(|b| &b.rule) {
             // A CASE bucket's key: the first TRUE branch's label index,
             // else the ELSE label's, else NULL (missing), as the engine.
-            Some(b) => {
+            Some(KeyRule::Case {
+                branches,
+                otherwise,
+            }) => {
                 let mut k = String::from("(CASE");
-                for (c, label) in &b.branches {
+                for (c, label) in branches {
                     k.push_str(" WHEN ");
                     predicate(c, &mut p, &mut k);
                     let _ = write!(k, " THEN {label}");
                 }
-                if let Some(o) = b.otherwise {
+                if let Some(o) = otherwise {
                     let _ = write!(k, " ELSE {o}");
                 }
                 k.push_str(" END)::bigint");
                 k
+            }
+            // A number's key: its value clamped to the bounds, as an
+            // offset from the lower bound, or its bin
+            // `floor((v - min) k / (max - min + 1))`
+            // (`fedq_dp::distribution::bin_of`, exact in numeric); NULL
+            // (missing) when the value is, as the engine. (LEAST and
+            // GREATEST skip NULLs, hence the CASE.)
+            Some(KeyRule::Number(k)) => {
+                let v = row_expr(&k.expr, &mut p);
+                let (min, max) = (p.int(k.min), p.int(k.max));
+                let range = i128::from(k.max) - i128::from(k.min) + 1;
+                let bins = k.bins.map_or(range, i128::from);
+                let (bins, range) = (p.int(bins as i64), p.int(range as i64));
+                format!(
+                    "(CASE WHEN {v} IS NULL THEN NULL ELSE div((LEAST(GREATEST({v}, {min}), {max}) - {min}) * {bins}, {range}) END)::bigint"
+                )
             }
             None => match &schema.columns[i] {
                 Column::Integer { min, .. } => format!("({} - {})", code(i), p.int(*min)),
