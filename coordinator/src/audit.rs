@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context};
+use crate::error::AuditError;
 use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use fedq_proto::v1::{DescribeRequest, ExportAuditRequest, QueryResponse};
 use serde::{Deserialize, Serialize};
@@ -62,23 +62,35 @@ pub struct HeadsFile {
 
 impl HeadsFile {
     /// Reads the file, or an empty one if it does not exist yet.
-    pub fn load(path: &Path) -> anyhow::Result<HeadsFile> {
+    pub fn load(path: &Path) -> Result<HeadsFile, AuditError> {
         match std::fs::read_to_string(path) {
-            Ok(text) => serde_json::from_str(&text)
-                .with_context(|| format!("{} is not a valid heads file", path.display())),
+            Ok(text) => serde_json::from_str(&text).map_err(|e| AuditError::Format {
+                path: path.to_path_buf(),
+                why: e.to_string(),
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HeadsFile::default()),
-            Err(e) => Err(anyhow!("cannot read {}: {e}", path.display())),
+            Err(source) => Err(AuditError::File {
+                what: "cannot read",
+                path: path.to_path_buf(),
+                source,
+            }),
         }
     }
 
     /// Writes atomically (temporary file, then rename).
-    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+    pub fn save(&self, path: &Path) -> Result<(), AuditError> {
         let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_string_pretty(self)? + "\n")
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::fs::rename(&tmp, path)
-            .with_context(|| format!("cannot replace {}", path.display()))?;
-        Ok(())
+        let text = serde_json::to_string_pretty(self).expect("heads serialise") + "\n";
+        std::fs::write(&tmp, text).map_err(|source| AuditError::File {
+            what: "cannot write",
+            path: tmp.clone(),
+            source,
+        })?;
+        std::fs::rename(&tmp, path).map_err(|source| AuditError::File {
+            what: "cannot replace",
+            path: path.to_path_buf(),
+            source,
+        })
     }
 
     /// Nodes that answered with a head but have no key pinned yet: their
@@ -184,8 +196,8 @@ fn short(hex: &str) -> &str {
     hex.trim().get(..16).unwrap_or(hex.trim())
 }
 
-fn parse_key(hex: &str) -> anyhow::Result<VerifyingKey> {
-    Ok(fedq_audit::parse_public_key(hex)?)
+fn parse_key(hex: &str) -> Result<VerifyingKey, fedq_audit::AuditError> {
+    fedq_audit::parse_public_key(hex)
 }
 
 /// Why `head`'s signature (ed25519 over the 32 hash bytes, as the node
@@ -219,7 +231,7 @@ fn head_problem(key: &VerifyingKey, head: &SeenHead) -> Option<&'static str> {
 pub async fn screen_answers(
     fed: &Federation,
     outcomes: &mut [Outcome<QueryResponse>],
-) -> anyhow::Result<Vec<String>> {
+) -> Result<Vec<String>, AuditError> {
     if !outcomes
         .iter()
         .any(|o| matches!(&o.result, Ok(r) if r.audit_head.is_some()))
@@ -254,27 +266,31 @@ pub async fn pull(
     node: &str,
     since: u64,
     timeout: Duration,
-) -> anyhow::Result<(String, String)> {
+) -> Result<(String, String), AuditError> {
+    let at = |why: String| AuditError::Node {
+        node: node.to_string(),
+        why,
+    };
     let mut client = fed
         .client(node, timeout)
         .await
-        .map_err(|f| anyhow!("{node}: {f}"))?;
+        .map_err(|f| at(f.to_string()))?;
     let public_key = client
         .describe(DescribeRequest {})
         .await
-        .map_err(|s| anyhow!("{node}: {}", status_failure(s)))?
+        .map_err(|s| at(status_failure(s).to_string()))?
         .into_inner()
         .audit_public_key;
     let mut stream = client
         .export_audit(ExportAuditRequest { since_seq: since })
         .await
-        .map_err(|s| anyhow!("{node}: {}", status_failure(s)))?
+        .map_err(|s| at(status_failure(s).to_string()))?
         .into_inner();
     let mut text = String::new();
     while let Some(line) = stream
         .message()
         .await
-        .map_err(|s| anyhow!("{node}: {}", status_failure(s)))?
+        .map_err(|s| at(status_failure(s).to_string()))?
     {
         text.push_str(&line.json);
         text.push('\n');

@@ -7,7 +7,6 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use fedq_proto::v1::node_client::NodeClient;
 use fedq_proto::v1::{
     BudgetRequest, BudgetResponse, DescribeRequest, DescribeResponse, QueryRequest, QueryResponse,
@@ -141,16 +140,19 @@ pub const DESCRIBE_TTL: Duration = Duration::from_secs(30);
 
 impl Federation {
     /// Loads the file and the TLS material it names.
-    pub fn load(path: &std::path::Path) -> anyhow::Result<Federation> {
+    pub fn load(path: &std::path::Path) -> Result<Federation, crate::error::SetupError> {
         Federation::from_config(FederationConfig::load(path)?)
     }
 
     /// Loads the TLS material named in `config`.
-    pub fn from_config(config: FederationConfig) -> anyhow::Result<Federation> {
-        let read = |p: &std::path::Path, what: &str| {
+    pub fn from_config(config: FederationConfig) -> Result<Federation, crate::error::SetupError> {
+        let read = |p: &std::path::Path, what: &'static str| {
             let path = config.resolve(p);
-            std::fs::read(&path)
-                .with_context(|| format!("cannot read the {what} {}", path.display()))
+            std::fs::read(&path).map_err(|source| crate::error::SetupError::Read {
+                what,
+                path,
+                source,
+            })
         };
         let tls = crate::tls::ClientTls::load(
             &read(&config.tls.ca, "federation CA certificate")?,
@@ -316,14 +318,7 @@ impl Federation {
     /// running counts when it has taken longer than every finished one).
     pub fn progress(&self) -> crate::progress::Snapshot {
         let r = self.links.round.lock().unwrap_or_else(|p| p.into_inner());
-        let waiting = self
-            .links
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(n, t)| (n.clone(), t.elapsed()))
-            .max_by_key(|(_, t)| *t);
+        let waiting = self.pending().into_iter().max_by_key(|(_, t)| *t);
         let (slowest, slowest_waiting) = match (&r.slowest, waiting) {
             (Some(done), Some(w)) if w.1 <= done.1 => (Some(done.clone()), false),
             (_, Some(w)) => (Some(w), true),

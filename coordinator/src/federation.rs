@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context};
+use crate::error::SetupError;
 use serde::{Deserialize, Serialize};
 
 /// The whole federation file.
@@ -77,36 +77,42 @@ pub struct NodeEntry {
 
 impl FederationConfig {
     /// Reads and validates a federation file.
-    pub fn load(path: &Path) -> anyhow::Result<FederationConfig> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read federation file {}", path.display()))?;
-        let mut cfg: FederationConfig = toml::from_str(&text)
-            .map_err(|e| anyhow!("invalid federation file {}: {e}", path.display()))?;
+    pub fn load(path: &Path) -> Result<FederationConfig, SetupError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SetupError::Read {
+            what: "federation file",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let bail = |why: String| -> Result<FederationConfig, SetupError> {
+            Err(SetupError::Invalid {
+                path: path.to_path_buf(),
+                why,
+            })
+        };
+        let mut cfg: FederationConfig = match toml::from_str(&text) {
+            Ok(c) => c,
+            Err(e) => return bail(format!("invalid federation file: {e}")),
+        };
         cfg.base_dir = path
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
         if cfg.nodes.is_empty() {
-            bail!("{}: no [[nodes]] listed", path.display());
+            return bail("no [[nodes]] listed".into());
         }
         for (i, n) in cfg.nodes.iter().enumerate() {
             if cfg.nodes[..i].iter().any(|o| o.name == n.name) {
-                bail!("{}: node {:?} is listed twice", path.display(), n.name);
+                return bail(format!("node {:?} is listed twice", n.name));
             }
             if !n.endpoint.starts_with("https://") {
-                bail!(
-                    "{}: node {:?} endpoint {:?} must start with https:// (every connection is mutual TLS)",
-                    path.display(),
-                    n.name,
-                    n.endpoint
-                );
+                return bail(format!(
+                    "node {:?} endpoint {:?} must start with https:// (every connection is mutual TLS)",
+                    n.name, n.endpoint
+                ));
             }
         }
         if !(cfg.defaults.timeout_secs.is_finite() && cfg.defaults.timeout_secs > 0.0) {
-            bail!(
-                "{}: defaults.timeout_secs must be a positive number of seconds",
-                path.display()
-            );
+            return bail("defaults.timeout_secs must be a positive number of seconds".into());
         }
         Ok(cfg)
     }

@@ -39,6 +39,7 @@ pub mod client;
 pub mod combine;
 pub mod compose;
 mod distribution;
+pub mod error;
 pub mod federation;
 pub mod output;
 pub mod post;

@@ -1,5 +1,6 @@
 //! Rendering results for people (tables) and scripts (JSON, CSV).
 
+use crate::error::OutputError;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, CellAlignment, Table};
 use fedq_proto::v1::{column_schema::Kind, BudgetResponse, DescribeResponse};
 
@@ -52,8 +53,16 @@ fn interval(e: &Estimate) -> String {
     format!("[{}, {}]", number(e.ci_low), number(e.ci_high))
 }
 
+/// The text a CSV writer holds.
+fn csv_text(w: csv::Writer<Vec<u8>>) -> Result<String, OutputError> {
+    let bytes = w
+        .into_inner()
+        .map_err(|e| OutputError::Other(format!("cannot finish the CSV: {e}")))?;
+    String::from_utf8(bytes).map_err(|e| OutputError::Other(format!("the CSV is not UTF-8: {e}")))
+}
+
 /// Renders a combined result.
-pub fn render(c: &Combined, format: Format) -> anyhow::Result<String> {
+pub fn render(c: &Combined, format: Format) -> Result<String, OutputError> {
     render_with(c, format, false)
 }
 
@@ -78,17 +87,17 @@ fn bar(v: f64, max: f64, width: usize) -> String {
 /// fails; if it does (a bug, or an answer the checks missed), nothing is
 /// printed and `fedq` exits with an error rather than show a result whose
 /// uncertainty is meaningless.
-pub fn check_intervals(c: &Combined) -> anyhow::Result<()> {
+pub fn check_intervals(c: &Combined) -> Result<(), OutputError> {
     for r in &c.rows {
         for (e, label) in r.estimates.iter().zip(&c.outputs) {
             let Some(e) = e else { continue };
             if !(e.ci_low.is_finite() && e.ci_high.is_finite() && e.ci_low <= e.ci_high) {
-                anyhow::bail!(
+                return Err(OutputError::Other(format!(
                     "refusing to show the result: the 95% interval of {label} for {:?} is [{}, {}], which is not a valid interval (please report this)",
                     r.key,
                     e.ci_low,
                     e.ci_high
-                );
+                )));
             }
         }
     }
@@ -98,7 +107,7 @@ pub fn check_intervals(c: &Combined) -> anyhow::Result<()> {
 /// Renders a combined result; with `bars`, a GROUP BY table gets a small
 /// bar chart of its first aggregate (for terminals). Refuses a result
 /// holding an invalid interval ([`check_intervals`]).
-pub fn render_with(c: &Combined, format: Format, bars: bool) -> anyhow::Result<String> {
+pub fn render_with(c: &Combined, format: Format, bars: bool) -> Result<String, OutputError> {
     check_intervals(c)?;
     match format {
         Format::Json => Ok(serde_json::to_string_pretty(c)? + "\n"),
@@ -125,7 +134,7 @@ pub fn render_with(c: &Combined, format: Format, bars: bool) -> anyhow::Result<S
                 rec.push(r.nodes.join(" "));
                 w.write_record(&rec)?;
             }
-            Ok(String::from_utf8(w.into_inner()?)?)
+            csv_text(w)
         }
         Format::Table => {
             let mut out = String::new();
@@ -276,7 +285,7 @@ pub fn render_with(c: &Combined, format: Format, bars: bool) -> anyhow::Result<S
 pub fn render_schemas(
     outcomes: &[Outcome<DescribeResponse>],
     format: Format,
-) -> anyhow::Result<String> {
+) -> Result<String, OutputError> {
     if format == Format::Json {
         let v: Vec<serde_json::Value> = outcomes
             .iter()
@@ -393,7 +402,7 @@ pub fn render_schemas(
         }
     }
     if format == Format::Csv {
-        return Ok(String::from_utf8(w.into_inner()?)?);
+        return csv_text(w);
     }
     Ok(out)
 }
@@ -406,7 +415,7 @@ pub fn render_schemas(
 pub fn render_schema_diff(
     outcomes: &[Outcome<DescribeResponse>],
     format: Format,
-) -> anyhow::Result<String> {
+) -> Result<String, OutputError> {
     let diffs = crate::standard::differences(outcomes);
     match format {
         Format::Json => Ok(serde_json::to_string_pretty(&diffs)? + "\n"),
@@ -423,7 +432,7 @@ pub fn render_schema_diff(
                     ])?;
                 }
             }
-            Ok(String::from_utf8(w.into_inner()?)?)
+            csv_text(w)
         }
         Format::Table => {
             let mut out = String::new();
@@ -495,7 +504,7 @@ fn column_parts(kind: Option<&Kind>) -> ColumnParts {
 pub fn render_budgets(
     outcomes: &[Outcome<BudgetResponse>],
     format: Format,
-) -> anyhow::Result<String> {
+) -> Result<String, OutputError> {
     if format == Format::Json {
         let mut v: Vec<serde_json::Value> = Vec::new();
         for o in outcomes {
@@ -575,7 +584,7 @@ pub fn render_plan(
     sql: &str,
     outcomes: &[Outcome<fedq_proto::v1::QueryResponse>],
     format: Format,
-) -> anyhow::Result<String> {
+) -> Result<String, OutputError> {
     let answered: Vec<&fedq_proto::v1::QueryResponse> = outcomes
         .iter()
         .filter_map(|o| o.result.as_ref().ok())
@@ -678,7 +687,7 @@ pub fn render_plan(
                     hw.to_string(),
                 ])?;
             }
-            Ok(String::from_utf8(w.into_inner()?)?)
+            csv_text(w)
         }
         Format::Table => {
             let mut t = Table::new();
@@ -755,7 +764,7 @@ pub fn render_nodes(
     fed: &crate::client::Federation,
     outcomes: &[Outcome<DescribeResponse>],
     format: Format,
-) -> anyhow::Result<String> {
+) -> Result<String, OutputError> {
     let rows: Vec<[String; 7]> = fed
         .config
         .nodes
@@ -800,7 +809,7 @@ fn render_rows<const N: usize>(
     header: &[&str; N],
     rows: &[[String; N]],
     format: Format,
-) -> anyhow::Result<String> {
+) -> Result<String, OutputError> {
     match format {
         Format::Json => {
             let v: Vec<serde_json::Value> = rows
@@ -825,7 +834,7 @@ fn render_rows<const N: usize>(
             for r in rows {
                 w.write_record(r)?;
             }
-            Ok(String::from_utf8(w.into_inner()?)?)
+            csv_text(w)
         }
         Format::Table => {
             let mut t = Table::new();

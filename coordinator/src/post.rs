@@ -750,8 +750,15 @@ fn order(a: &Row, b: &Row, col: Column, desc: bool) -> Ordering {
         }
         Column::Key(i) => {
             let (x, y) = (&a.key[i], &b.key[i]);
-            match (x.parse::<f64>(), y.parse::<f64>()) {
-                (Ok(x), Ok(y)) => x.total_cmp(&y),
+            // Numbers by value; BIN ranges (`[low, high)`) by their low end.
+            let number = |k: &str| {
+                k.parse::<f64>().ok().or_else(|| {
+                    let low = k.strip_prefix('[')?.split(',').next()?;
+                    low.trim().parse::<f64>().ok()
+                })
+            };
+            match (number(x), number(y)) {
+                (Some(x), Some(y)) => x.total_cmp(&y),
                 _ => x.cmp(y),
             }
         }
@@ -874,6 +881,25 @@ mod tests {
         );
         assert_eq!(p.limit, Some(10));
         assert_eq!(p.round, vec![(Target("AVG(TRAFFICKMONTHS)".into()), 1)]);
+    }
+
+    #[test]
+    fn bin_ranges_and_numbers_order_by_value() {
+        let row = |k: &str| Row {
+            key: vec![k.to_string()],
+            estimates: Vec::new(),
+            nodes: Vec::new(),
+        };
+        let mut rows: Vec<Row> = ["[13, 25)", "[108, 120]", "[0, 13)", "(missing)"]
+            .map(row)
+            .into();
+        rows.sort_by(|a, b| order(a, b, Column::Key(0), false));
+        let keys: Vec<&str> = rows.iter().map(|r| r.key[0].as_str()).collect();
+        assert_eq!(keys, ["(missing)", "[0, 13)", "[13, 25)", "[108, 120]"]);
+        let mut rows: Vec<Row> = ["10", "9", "-1"].map(row).into();
+        rows.sort_by(|a, b| order(a, b, Column::Key(0), true));
+        let keys: Vec<&str> = rows.iter().map(|r| r.key[0].as_str()).collect();
+        assert_eq!(keys, ["10", "9", "-1"]);
     }
 
     #[test]

@@ -132,6 +132,12 @@ pub struct EpsilonChoice {
     pub nodes: usize,
 }
 
+/// Why no epsilon could be chosen for a target interval (nothing was
+/// spent: the choice is made from a dry run).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct TargetError(pub String);
+
 /// The smallest epsilon (3 significant digits, rounded up) whose expected
 /// combined 95% CI half-width is at most `target` for every measurement of
 /// `written`, from a dry run (nothing spent, nothing data-dependent), capped
@@ -141,11 +147,13 @@ pub async fn epsilon_for_target(
     written: &str,
     target: f64,
     calls: Calls,
-) -> anyhow::Result<EpsilonChoice> {
+) -> Result<EpsilonChoice, TargetError> {
     if !(target.is_finite() && target > 0.0) {
-        anyhow::bail!("the target CI must be a positive number (got {target})");
+        return Err(TargetError(format!(
+            "the target CI must be a positive number (got {target})"
+        )));
     }
-    let (sent, _) = crate::post::split(written).map_err(anyhow::Error::msg)?;
+    let (sent, _) = crate::post::split(written).map_err(TargetError)?;
     let probe = 1e-3;
     let opts = QueryOptions {
         secure: false,
@@ -158,7 +166,7 @@ pub async fn epsilon_for_target(
     };
     let outcomes = run_query(fed, &sent, &opts)
         .await
-        .map_err(|q| anyhow::anyhow!("{q}"))?;
+        .map_err(|q| TargetError(q.to_string()))?;
     let plans: Vec<&QueryResponse> = outcomes
         .iter()
         .filter_map(|o| o.result.as_ref().ok())
@@ -168,7 +176,10 @@ pub async fn epsilon_for_target(
             .iter()
             .filter_map(|o| o.result.as_ref().err().map(|f| format!("{}: {f}", o.node)))
             .collect();
-        anyhow::bail!("no node accepted the dry run:\n  {}", why.join("\n  "));
+        return Err(TargetError(format!(
+            "no node accepted the dry run:\n  {}",
+            why.join("\n  ")
+        )));
     }
     let cap = plans
         .iter()
@@ -199,10 +210,10 @@ pub async fn epsilon_for_target(
             .fold(0.0, f64::max)
     };
     if !cap.is_finite() || half_width(cap) > target {
-        anyhow::bail!(
+        return Err(TargetError(format!(
             "even epsilon {cap} (the most a node allows you now) gives an expected 95% CI of ± {:.1}; ask for a wider target CI",
             half_width(cap)
-        );
+        )));
     }
     let (mut lo, mut hi) = (1e-6_f64, cap);
     for _ in 0..60 {

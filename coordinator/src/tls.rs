@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use anyhow::{anyhow, Context};
+use crate::error::SetupError;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -58,19 +58,20 @@ impl ClientTls {
         cert: &[u8],
         key: &[u8],
         crl: Option<PathBuf>,
-    ) -> anyhow::Result<ClientTls> {
+    ) -> Result<ClientTls, SetupError> {
+        let tls = |m: String| SetupError::Tls(m);
         let ca_certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(ca)
             .collect::<Result<_, _>>()
             .ok()
             .filter(|c: &Vec<_>| !c.is_empty())
-            .ok_or_else(|| anyhow!("tls.ca holds no PEM certificate"))?;
+            .ok_or_else(|| tls("tls.ca holds no PEM certificate".into()))?;
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert)
             .collect::<Result<_, _>>()
             .ok()
             .filter(|c: &Vec<_>| !c.is_empty())
-            .ok_or_else(|| anyhow!("tls.cert holds no PEM certificate"))?;
+            .ok_or_else(|| tls("tls.cert holds no PEM certificate".into()))?;
         let key = PrivateKeyDer::from_pem_slice(key)
-            .map_err(|e| anyhow!("tls.key holds no PEM private key: {e}"))?;
+            .map_err(|e| tls(format!("tls.key holds no PEM private key: {e}")))?;
         let tls = ClientTls {
             ca_certs,
             chain,
@@ -85,11 +86,12 @@ impl ClientTls {
     }
 
     /// The configuration with the revocation list as it is now.
-    fn build(&self) -> anyhow::Result<Built> {
+    fn build(&self) -> Result<Built, SetupError> {
+        let tls = |m: String| SetupError::Tls(m);
         let mut roots = RootCertStore::empty();
         let (added, _) = roots.add_parsable_certificates(self.ca_certs.iter().cloned());
         if added == 0 {
-            return Err(anyhow!("tls.ca: no usable CA certificate"));
+            return Err(tls("tls.ca: no usable CA certificate".into()));
         }
         let mut verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
             Arc::new(roots),
@@ -98,18 +100,22 @@ impl ClientTls {
         let mut crl_stamp = None;
         if let Some(path) = &self.crl {
             crl_stamp = fedq_pki::crl_stamp(path);
-            let crls = fedq_pki::load_crls(path, &self.ca_certs)?;
+            let crls = fedq_pki::load_crls(path, &self.ca_certs).map_err(|e| tls(e.to_string()))?;
             verifier = verifier.with_crls(crls).only_check_end_entity_revocation();
         }
         let verifier = verifier
             .build()
-            .map_err(|e| anyhow!("tls.crl: the revocation list cannot be used: {e}"))?;
+            .map_err(|e| tls(format!("tls.crl: the revocation list cannot be used: {e}")))?;
         let mut config = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
-            .context("TLS protocol versions")?
+            .map_err(|e| tls(format!("TLS protocol versions: {e}")))?
             .with_webpki_verifier(verifier)
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
-            .context("tls.cert and tls.key do not form a usable client identity")?;
+            .map_err(|e| {
+                tls(format!(
+                    "tls.cert and tls.key do not form a usable client identity: {e}"
+                ))
+            })?;
         config.alpn_protocols = vec![b"h2".to_vec()];
         // Nodes never resume sessions (a resumed session skips their
         // client-certificate check); do not offer to.

@@ -68,7 +68,7 @@ fn envelope(result: Result<Value, Raised>) -> String {
 }
 
 /// Turns rendered JSON (from [`fedq::output`]) back into a value.
-fn parsed(text: anyhow::Result<String>) -> Result<Value, Raised> {
+fn parsed(text: Result<String, fedq::error::OutputError>) -> Result<Value, Raised> {
     let text = text.map_err(|e| Raised::new("federation", format!("{e:#}")))?;
     serde_json::from_str(&text).map_err(|e| Raised::new("federation", e.to_string()))
 }

@@ -30,7 +30,7 @@ const STANDARD_FILE: &str = "standards/ctdc-cases-1.0.toml";
 
 /// The partner that exports its records in its own coding and maps them
 /// onto the standard ([`fedq_engine::partner_coding`]).
-const MAPPING_PARTNER: &str = "ngo-north";
+const MAPPING_PARTNER: &str = "hotline-central";
 
 /// The demo's partners: name, kind, rows and seed.
 const PARTNERS: [(&str, Partner, usize, u64); 3] = [

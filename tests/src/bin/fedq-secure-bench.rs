@@ -118,14 +118,25 @@ struct Timing {
     cpu_ms: f64,
 }
 
+/// How a query is run.
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    /// One phase (`Query` on every node).
+    OnePhase,
+    /// Two phases (`Prepare`, then `Commit`; `min_nodes` = k).
+    TwoPhase,
+    /// Secure aggregation (two phases with round keys and masked shares).
+    Secure,
+}
+
 async fn measure(
     coordinator: &fedq::client::Federation,
     k: usize,
-    secure: bool,
+    mode: Mode,
     args: &Args,
 ) -> anyhow::Result<Timing> {
     let opts = || QueryOptions {
-        secure,
+        secure: matches!(mode, Mode::Secure),
         epsilon: 0.0,
         rho: args.rho,
         dry_run: false,
@@ -133,7 +144,10 @@ async fn measure(
             timeout: Duration::from_secs(60),
             retries: 0,
         },
-        min_nodes: Some(k),
+        min_nodes: match mode {
+            Mode::OnePhase => None,
+            Mode::TwoPhase | Mode::Secure => Some(k),
+        },
         query_id: new_query_id(),
     };
     let mut wall = Vec::with_capacity(args.queries);
@@ -144,13 +158,13 @@ async fn measure(
         let (c0, t0) = (cpu(), Instant::now());
         let outcomes = run_query(coordinator, SQL, &o)
             .await
-            .map_err(|e| anyhow!("{k} nodes, secure {secure}: {e}"))?;
+            .map_err(|e| anyhow!("{k} nodes, {mode:?}: {e}"))?;
         let took = t0.elapsed();
         let used = cpu() - c0;
         let c = combine_at(SQL, &o.query_id, 0.0, &outcomes, 0.05);
         if c.partial {
             return Err(anyhow!(
-                "{k} nodes, secure {secure}: not every node answered: {:?}",
+                "{k} nodes, {mode:?}: not every node answered: {:?}",
                 c.nodes
             ));
         }
@@ -174,14 +188,24 @@ async fn measure(
     })
 }
 
-/// The combined 95% half-width of `k` shares calibrated for `t` honest
-/// participants (one cell of the 40-cell release, L2 sensitivity 1).
-fn secure_half_width(k: usize, t: u32, rho: f64) -> anyhow::Result<f64> {
-    let share = share_scale(1, rho, t, CELLS).map_err(|e| anyhow!(e))?;
-    Ok(noise_sum_half_width(
-        &vec![Noise::DiscreteGaussian { scale: share }; k],
-        0.05,
+/// The combined 95% half-width and the standard deviation of the sum of
+/// `k` shares calibrated for `t` honest participants (one cell of the
+/// 40-cell release, L2 sensitivity 1).
+fn secure_noise(k: usize, t: u32, rho: f64) -> anyhow::Result<(f64, f64)> {
+    let share = Noise::DiscreteGaussian {
+        scale: share_scale(1, rho, t, CELLS).map_err(|e| anyhow!(e))?,
+    };
+    Ok((
+        noise_sum_half_width(&vec![share; k], 0.05),
+        (k as f64 * share.variance()).sqrt(),
     ))
+}
+
+/// The standard deviation of the sum of `k` central releases (today's
+/// mode: each node adds a whole release's noise).
+fn plain_sd(k: usize, rho: f64) -> anyhow::Result<f64> {
+    let central = Noise::for_rho(1, rho).map_err(|e| anyhow!(e))?;
+    Ok((k as f64 * central.variance()).sqrt())
 }
 
 async fn federation_figures(args: &Args) -> anyhow::Result<()> {
@@ -203,9 +227,12 @@ async fn federation_figures(args: &Args) -> anyhow::Result<()> {
         }
         eprintln!("{k} nodes up in {:.1} s", t0.elapsed().as_secs_f64());
         let coordinator = fed.federation("bench");
-        let plain = measure(&coordinator, k, false, args).await?;
-        let secure = measure(&coordinator, k, true, args).await?;
-        let cautious = secure_half_width(k, 3.min(k as u32), args.rho)?;
+        let one = measure(&coordinator, k, Mode::OnePhase, args).await?;
+        let plain = measure(&coordinator, k, Mode::TwoPhase, args).await?;
+        let secure = measure(&coordinator, k, Mode::Secure, args).await?;
+        let (_, secure_sd) = secure_noise(k, k as u32, args.rho)?;
+        let (cautious, cautious_sd) = secure_noise(k, 3.min(k as u32), args.rho)?;
+        let today_sd = plain_sd(k, args.rho)?;
         let central = Noise::for_rho(1, args.rho)
             .map_err(|e| anyhow!(e))?
             .half_width(0.05)
@@ -215,16 +242,17 @@ async fn federation_figures(args: &Args) -> anyhow::Result<()> {
             plain.half_width, secure.half_width, plain.p50_ms, secure.p50_ms
         );
         accuracy.push(format!(
-            "| {k} | {:.2} | {:.2} | {:.2}x | {:.2} | {:.2} | {cautious:.2} | {:.2}x |",
+            "| {k} | {:.0} (sd {today_sd:.2}) | {:.0} (sd {secure_sd:.2}) | {:.2}x ({:.2}x) | {:.2} | {central:.0} | {cautious:.0} (sd {cautious_sd:.2}) | {:.2}x |",
             plain.half_width,
             secure.half_width,
             plain.half_width / secure.half_width,
+            today_sd / secure_sd,
             (k as f64).sqrt(),
-            central,
-            plain.half_width / cautious,
+            today_sd / cautious_sd,
         ));
         latency.push(format!(
-            "| {k} | {:.1} | {:.1} | {:.1} | {:.1} | {:+.1} | {:.1} | {:.1} | {:+.1} |",
+            "| {k} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:+.1} | {:.1} | {:.1} | {:+.1} |",
+            one.p50_ms,
             plain.p50_ms,
             plain.p90_ms,
             secure.p50_ms,
@@ -242,17 +270,32 @@ async fn federation_figures(args: &Args) -> anyhow::Result<()> {
         "\nAccuracy: 95% half-width of one cell of `{SQL}` (40 cells), rho {} per node\n",
         args.rho
     );
-    println!("| nodes k | today (each node a whole release) | secure, min_honest = k | gain | sqrt(k) | one central release | secure, min_honest = 3 (computed) | gain at min_honest 3 |");
+    println!("| nodes k | today (each node a whole release) | secure, min_honest = k | gain in half-width (in sd) | sqrt(k) | one central release | secure, min_honest = 3 (computed) | gain in sd at min_honest 3 |");
     println!("|---|---|---|---|---|---|---|---|");
     for l in &accuracy {
         println!("{l}");
+    }
+    println!("\nGain in noise sd (today / secure with min_honest = k) by per-node rho, computed from `share_scale` (40 cells, L2 sensitivity 1)\n");
+    println!("| rho | k = 3 | 10 | 30 | 64 |");
+    println!("|---|---|---|---|---|");
+    for rho in [0.5, 0.05, 0.005] {
+        let mut line = format!("| {rho} |");
+        for k in [3usize, 10, 30, 64] {
+            let (_, sd) = secure_noise(k, k as u32, rho)?;
+            line.push_str(&format!(
+                " {:.2}x (sqrt {:.2}) |",
+                plain_sd(k, rho)? / sd,
+                (k as f64).sqrt()
+            ));
+        }
+        println!("{line}");
     }
     println!(
         "\nLatency and CPU per query ({} queries per mode and size, after one warm-up; CPU of the whole process: nodes and coordinator)\n",
         args.queries
     );
-    println!("| nodes | plain two-phase p50 ms | p90 ms | secure p50 ms | p90 ms | secure - plain p50 | plain CPU ms/query | secure CPU ms/query | extra CPU ms |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| nodes | one-phase p50 ms | plain two-phase p50 ms | p90 ms | secure p50 ms | p90 ms | secure - two-phase p50 | two-phase CPU ms/query | secure CPU ms/query | extra CPU ms |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for l in &latency {
         println!("{l}");
     }
@@ -331,9 +374,9 @@ fn masking_figures(args: &Args) -> anyhow::Result<()> {
     let values: Vec<i64> = (0..CELLS as i64).collect();
     println!("\nPairwise masking on one node, a 40-value release (median of repeated runs)\n");
     println!(
-        "| participants k | check all k announcements ms | mask ms | total ms | per peer ms |"
+        "| participants k | check all k announcements ms | mask ms | total ms | per peer ms | announcements relayed to each node, KB |"
     );
-    println!("|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|");
     for &k in &args.mask_sizes {
         if k < 2 {
             continue;
@@ -378,10 +421,15 @@ fn masking_figures(args: &Args) -> anyhow::Result<()> {
         if masked == 0 {
             return Err(anyhow!("{k} participants: masking failed"));
         }
+        let relayed: usize = members
+            .iter()
+            .map(|a| a.node.len() + a.certificate.len() + a.key.len() + a.signature.len())
+            .sum();
         println!(
-            "| {k} | {check_ms:.2} | {mask_ms:.2} | {:.2} | {:.3} |",
+            "| {k} | {check_ms:.2} | {mask_ms:.2} | {:.2} | {:.3} | {:.0} |",
             check_ms + mask_ms,
-            (check_ms + mask_ms) / (k - 1) as f64
+            (check_ms + mask_ms) / (k - 1) as f64,
+            relayed as f64 / 1000.0
         );
     }
     Ok(())

@@ -47,10 +47,10 @@ async fn invalid_queries_are_refused_clearly_and_spend_nothing() {
             "SELECT *",
         ),
         (
-            "SELECT COUNT(*) FROM cases GROUP BY traffickMonths / 12",
+            "SELECT COUNT(*) FROM cases GROUP BY traffickMonths * 100",
             0.5,
             Code::InvalidArgument,
-            "per-row expressions",
+            "BIN(traffickMonths * 100, k)",
         ),
         (
             "SELECT COUNT(*) FROM cases WHERE gender = 'female'",

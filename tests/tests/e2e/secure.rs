@@ -595,7 +595,7 @@ async fn different_participant_sets_for_different_nodes_fail_closed() {
     );
 
     // Each node spent its one release, and logged the set it answered.
-    for i in 0..3 {
+    for (i, answer) in answers.iter().enumerate() {
         assert!(
             (spent(&fed, i, "frank").await - 0.3).abs() < 1e-9,
             "node {i}"
@@ -618,7 +618,7 @@ async fn different_participant_sets_for_different_nodes_fail_closed() {
             &["node-0", "node-1", "node-2"]
         };
         assert_eq!(rounds[0].participants, want, "node {i}");
-        assert_eq!(rounds[0].participant_set, answers[i].participant_set);
+        assert_eq!(rounds[0].participant_set, answer.participant_set);
     }
 }
 

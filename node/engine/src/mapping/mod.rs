@@ -195,13 +195,17 @@ impl Mapper {
                 Some(f) => f.trim().to_string(),
                 None => col.name().to_string(),
             };
-            if matches!(col, Column::Open { .. } | Column::PersonId { .. })
-                && (!m.values.is_empty() || m.convert.is_some())
-            {
-                return Err(format!(
-                    "{at}: {} can only be renamed (`from`); its values are kept as written",
-                    col.kind_name()
-                ));
+            if matches!(col, Column::Open { .. } | Column::PersonId { .. }) {
+                if !m.values.is_empty() || m.convert.is_some() || m.unmapped != Unmapped::Missing {
+                    return Err(format!(
+                        "{at}: {} can only be renamed (`from`); its values are kept as written",
+                        col.kind_name()
+                    ));
+                }
+                // Renamed only: read as declared (a missing person
+                // identifier stays an error).
+                rules.push(Rule { source, map: None });
+                continue;
             }
             let mut values = HashMap::new();
             for (from, to) in &m.values {
@@ -644,6 +648,19 @@ mod tests {
             assert!(e.contains(says), "{says}: {e}");
         }
         assert!(toml::from_str::<Mapping>("[gender]\nunmapped = \"drop\"").is_err());
+        // A person identifier can be renamed, and stays required.
+        let person = s.clone().with_person_unit("caseId", 2).unwrap();
+        let e = Mapper::compile(
+            "cases",
+            &person,
+            &mapping("[caseId]\nvalues = { a = \"b\" }"),
+        )
+        .unwrap_err();
+        assert!(e.contains("can only be renamed"), "{e}");
+        let m = Mapper::compile("cases", &person, &mapping("[caseId]\nfrom = \"id\"")).unwrap();
+        let last = person.columns.len() - 1;
+        assert_eq!((m.source(last), m.is_mapped(last)), ("id", false));
+        assert_eq!(m.map(last, &person.columns[last], ""), None);
     }
 
     /// The generated table: unique codes, and no name for two countries.

@@ -82,16 +82,6 @@ impl NumberKey {
         }
     }
 
-    /// How many keys it has (without the (missing) key).
-    pub fn keys(&self) -> u64 {
-        self.bins.unwrap_or(self.values())
-    }
-
-    /// How many integers its bounds hold.
-    fn values(&self) -> u64 {
-        (i128::from(self.max) - i128::from(self.min) + 1) as u64
-    }
-
     /// The keys' labels: each value; or each range as the integers it
     /// holds, `[low, high)` (`fedq_dp::distribution::bin_edges`), the
     /// last closed at the upper bound: `[120, 132]`.
