@@ -51,35 +51,9 @@ pub struct PostProcess {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target(String);
 
-/// A comparison of HAVING.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cmp {
-    /// `=`
-    Eq,
-    /// `<>`
-    Ne,
-    /// `<`
-    Lt,
-    /// `<=`
-    Le,
-    /// `>`
-    Gt,
-    /// `>=`
-    Ge,
-}
-
-impl Cmp {
-    fn holds(self, v: f64, x: f64) -> bool {
-        match self {
-            Cmp::Eq => v == x,
-            Cmp::Ne => v != x,
-            Cmp::Lt => v < x,
-            Cmp::Le => v <= x,
-            Cmp::Gt => v > x,
-            Cmp::Ge => v >= x,
-        }
-    }
-}
+/// A comparison of HAVING: the planner's comparison operators, applied
+/// to noisy values.
+pub type Cmp = fedq_plan::plan::CmpOp;
 
 fn norm(text: &str) -> String {
     text.chars()

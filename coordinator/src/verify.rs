@@ -347,7 +347,7 @@ fn expect(request: &QueryRequest, ds: &DatasetSchema) -> Result<Expected, Disagr
         (Asked::Epsilon(e), Measure::Pure) => e,
         (Asked::Rho(r), Measure::Zcdp) => r,
         (Asked::Epsilon(e), Measure::Zcdp) => {
-            accounting::pure_to_zcdp(e).map_err(Disagreement::Plan)?
+            accounting::pure_to_zcdp(e).map_err(|e| Disagreement::Plan(e.into()))?
         }
         (Asked::Rho(_), Measure::Pure) => return Err(Disagreement::Plan(
             "a rho query on a dataset whose ledger is pure epsilon-DP, which the node must refuse"
@@ -358,7 +358,7 @@ fn expect(request: &QueryRequest, ds: &DatasetSchema) -> Result<Expected, Disagr
     // answer: see `check_released_keys`.
     let (cost_epsilon, cost_delta) = measure
         .equivalent(cost, ds.delta)
-        .map_err(Disagreement::Plan)?;
+        .map_err(|e| Disagreement::Plan(e.into()))?;
     let mut measurements = Vec::with_capacity(m);
     for (i, spec) in plan.measurements.iter().enumerate() {
         let (bins, bin_edges) = match spec {
@@ -827,7 +827,7 @@ fn check_released_keys(expected: &Expected, answer: &QueryResponse) -> Result<f6
     };
     let threshold = noise
         .key_threshold(expected.plan.contribution_bound, k.delta)
-        .map_err(Disagreement::ReleasedKeys)?;
+        .map_err(|e| Disagreement::ReleasedKeys(e.into()))?;
     if k.threshold != threshold {
         return bad(format!(
             "threshold {} where delta {:e} gives {threshold}",

@@ -31,13 +31,64 @@
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::NodeConfig;
 use fedq_ledger::audit::{self, AuditKey, AuditLog, Head};
 use fedq_ledger::store::{Store, StoreError, FORMAT_VERSION};
+
+/// Why a backup, a restore or a high-water check did not happen; the
+/// message says what is wrong and what to do (nothing was changed unless
+/// it says otherwise).
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    /// Refused, saying why and what to do.
+    #[error("{0}")]
+    Refused(String),
+    /// An operation failed: what was being done, and why (the cause's
+    /// text is in the message, not repeated as a source).
+    #[error("{what}: {cause}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause, in words.
+        cause: String,
+    },
+}
+
+impl BackupError {
+    fn io(what: impl Into<String>, cause: impl std::fmt::Display) -> Self {
+        BackupError::Io {
+            what: what.into(),
+            cause: cause.to_string(),
+        }
+    }
+}
+
+impl From<std::io::Error> for BackupError {
+    fn from(e: std::io::Error) -> Self {
+        BackupError::io("file operation", e)
+    }
+}
+
+impl From<serde_json::Error> for BackupError {
+    fn from(e: serde_json::Error) -> Self {
+        BackupError::io("JSON", e)
+    }
+}
+
+impl From<fedq_audit::AuditError> for BackupError {
+    fn from(e: fedq_audit::AuditError) -> Self {
+        BackupError::Refused(e.to_string())
+    }
+}
+
+impl From<fedq_ledger::store::StoreError> for BackupError {
+    fn from(e: fedq_ledger::store::StoreError) -> Self {
+        BackupError::Refused(e.to_string())
+    }
+}
 
 /// Name of the manifest inside a backup directory.
 pub const MANIFEST: &str = "manifest.json";
@@ -155,18 +206,18 @@ pub fn high_water_path(config: &NodeConfig) -> PathBuf {
 }
 
 /// Reads the node's high-water mark (none if it was never recorded).
-pub fn read_high_water(config: &NodeConfig) -> anyhow::Result<Option<Mark>> {
+pub fn read_high_water(config: &NodeConfig) -> Result<Option<Mark>, BackupError> {
     let path = high_water_path(config);
     match std::fs::read_to_string(&path) {
         Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| {
-            anyhow!(
+            BackupError::Refused(format!(
                 "the high-water mark {} is unreadable ({e}); it must hold {{\"seq\":N,\"hash\":\"...\"}}. \
                  Restore it from a copy, or see deploy/README.md (\"High-water mark\")",
                 path.display()
-            )
+            ))
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(anyhow!("cannot read the high-water mark {}: {e}", path.display())),
+        Err(e) => Err(BackupError::Refused(format!("cannot read the high-water mark {}: {e}", path.display()))),
     }
 }
 
@@ -178,19 +229,19 @@ pub fn read_high_water(config: &NodeConfig) -> anyhow::Result<Option<Mark>> {
 /// node's back (an old copy would hand back spent budget), and the node must
 /// not serve from it. The log must contain the mark's entry with the mark's
 /// hash; a longer log raises the mark. An empty log with no mark is fine.
-pub fn raise_high_water(config: &NodeConfig, audit: &AuditLog) -> anyhow::Result<()> {
+pub fn raise_high_water(config: &NodeConfig, audit: &AuditLog) -> Result<(), BackupError> {
     let head = audit.head()?.as_ref().map(Mark::from);
     let mark = read_high_water(config)?;
     if let Some(mark) = &mark {
         check_contains(audit, head.as_ref(), mark).map_err(|why| {
-            anyhow!(
+            BackupError::Refused(format!(
                 "store {}: {why}. The node has reached audit entry {} before (high-water mark in {}), \
                  so this store was rolled back or replaced, and serving from it would hand back spent \
                  privacy budget. Restore the latest backup with `fedq-node restore`; see deploy/README.md",
                 store_dir(config).display(),
                 mark.seq,
                 high_water_path(config).display()
-            )
+            ))
         })?;
     }
     match (head, mark) {
@@ -202,26 +253,27 @@ pub fn raise_high_water(config: &NodeConfig, audit: &AuditLog) -> anyhow::Result
 
 /// Copies a stopped node's store, audit key and a manifest into `out`, which
 /// must not exist or be empty. Raises the high-water mark to the store's head.
-pub fn backup(config: &NodeConfig, out: &Path) -> anyhow::Result<BackupReport> {
+pub fn backup(config: &NodeConfig, out: &Path) -> Result<BackupReport, BackupError> {
     if out.exists() {
-        let mut entries =
-            std::fs::read_dir(out).with_context(|| format!("cannot read {}", out.display()))?;
+        let mut entries = std::fs::read_dir(out)
+            .map_err(|e| BackupError::io(format!("cannot read {}", out.display()), e))?;
         if entries.next().is_some() {
-            bail!(
+            return Err(BackupError::Refused(format!(
                 "{} is not empty; give a new directory for each backup (e.g. one named by date)",
                 out.display()
-            );
+            )));
         }
     }
     let dir = store_dir(config);
     if !dir.exists() {
-        bail!(
+        return Err(BackupError::Refused(format!(
             "store {} does not exist: nothing to back up (check node.store in node.toml)",
             dir.display()
-        );
+        )));
     }
     let store = open_stopped(&dir)?;
-    let audit = crate::service::open_audit(config, &store)?;
+    let audit = crate::service::open_audit(config, &store)
+        .map_err(|e| BackupError::io("opening the audit log", e))?;
     let head = audit.head()?.as_ref().map(Mark::from);
     let audit_public_key = audit.key.public_hex();
     let ledger = fedq_ledger::ledger::Ledger::new(store.clone(), std::sync::Arc::new(audit));
@@ -244,14 +296,16 @@ pub fn backup(config: &NodeConfig, out: &Path) -> anyhow::Result<BackupReport> {
     }
     store
         .flush()
-        .context("flushing the store before copying it")?;
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+        .map_err(|e| BackupError::io("flushing the store before copying it", e))?;
+    std::fs::create_dir_all(out)
+        .map_err(|e| BackupError::io(format!("cannot create {}", out.display()), e))?;
     // The store stays open (and so locked) while it is copied: no node can
     // start on it and write half-way through the copy.
     let mut files = Vec::new();
     copy_tree(&dir, &out.join("store"), "store", &mut files)?;
     let keys = out.join("keys");
-    std::fs::create_dir_all(&keys).with_context(|| format!("cannot create {}", keys.display()))?;
+    std::fs::create_dir_all(&keys)
+        .map_err(|e| BackupError::io(format!("cannot create {}", keys.display()), e))?;
     for (from, name) in [
         (config.resolve(&config.audit.key), "audit.key"),
         (config.resolve(&config.audit.public_key), "audit.pub"),
@@ -295,41 +349,41 @@ pub fn backup(config: &NodeConfig, out: &Path) -> anyhow::Result<BackupReport> {
 /// Replaces a stopped node's store with the backup in `from`, or refuses
 /// (changing nothing) when the backup is damaged, was made by another node,
 /// by an incompatible build, or is older than what the node has reached.
-pub fn restore(config: &NodeConfig, from: &Path) -> anyhow::Result<RestoreReport> {
+pub fn restore(config: &NodeConfig, from: &Path) -> Result<RestoreReport, BackupError> {
     let manifest = read_manifest(from)?;
     if manifest.backup_version != BACKUP_VERSION {
-        bail!(
+        return Err(BackupError::Refused(format!(
             "{}: backup layout version {} is not {BACKUP_VERSION}, the one this fedq-node reads; \
              restore it with the fedq-node version that wrote it ({}); nothing was changed",
             from.display(),
             manifest.backup_version,
             manifest.fedq_node_version
-        );
+        )));
     }
     if manifest.store_format != FORMAT_VERSION {
-        bail!(
+        return Err(BackupError::Refused(format!(
             "{}: the backed-up store has format version {}, this build reads version {FORMAT_VERSION}; \
              restore it with fedq-node {} (which wrote it), then upgrade as deploy/README.md describes; \
              nothing was changed",
             from.display(),
             manifest.store_format,
             manifest.fedq_node_version
-        );
+        )));
     }
     check_files(from, &manifest)?;
     let backup_key =
         AuditKey::load_or_create(&from.join("keys/audit.key"), &from.join("keys/audit.pub"))?;
     if backup_key.public_hex() != manifest.audit_public_key {
-        bail!(
+        return Err(BackupError::Refused(format!(
             "{}: keys/audit.key does not match the manifest's audit public key; the backup is damaged; \
              nothing was changed",
             from.display()
-        );
+        )));
     }
     let node_key = node_public_key(config)?;
     if let Some(node_key) = &node_key {
         if *node_key != manifest.audit_public_key {
-            bail!(
+            return Err(BackupError::Refused(format!(
                 "{}: this backup was made by a node with audit public key {}, but this node's key ({}) is {node_key}: \
                  it is another node's backup (manifest node name {:?}). Restore a backup of this node; \
                  nothing was changed",
@@ -337,7 +391,7 @@ pub fn restore(config: &NodeConfig, from: &Path) -> anyhow::Result<RestoreReport
                 manifest.audit_public_key,
                 config.resolve(&config.audit.public_key).display(),
                 manifest.node
-            );
+            )));
         }
     }
 
@@ -354,11 +408,11 @@ pub fn restore(config: &NodeConfig, from: &Path) -> anyhow::Result<RestoreReport
     }
     if dir.exists() {
         let current = open_stopped(&dir).map_err(|e| {
-            anyhow!(
+            BackupError::Refused(format!(
                 "{e:#}\nIf the store is damaged, move it aside (e.g. `mv {0} {0}.damaged`) and run restore again; \
                  the high-water mark still protects the ledger. Nothing was changed",
                 dir.display()
-            )
+            ))
         })?;
         let log = AuditLog::new(
             current.audit.clone(),
@@ -374,7 +428,7 @@ pub fn restore(config: &NodeConfig, from: &Path) -> anyhow::Result<RestoreReport
     let backup_seq = manifest.audit_head.as_ref().map(|h| h.seq);
     for (mark, source) in &marks {
         if backup_seq.is_none_or(|s| s < mark.seq) {
-            bail!(
+            return Err(BackupError::Refused(format!(
                 "refused: this backup ({}) ends at audit entry {}, but the node has already reached entry {} \
                  ({source}). Restoring it would hand back the privacy budget spent since. \
                  Use a backup taken at or after entry {}; nothing was changed",
@@ -382,16 +436,19 @@ pub fn restore(config: &NodeConfig, from: &Path) -> anyhow::Result<RestoreReport
                 backup_seq.map_or("(empty log)".to_string(), |s| s.to_string()),
                 mark.seq,
                 mark.seq
-            );
+            )));
         }
     }
 
     let staging = sibling(&dir, "restoring");
     if staging.exists() {
-        std::fs::remove_dir_all(&staging).with_context(|| {
-            format!(
-                "cannot remove {}, left by an interrupted restore",
-                staging.display()
+        std::fs::remove_dir_all(&staging).map_err(|e| {
+            BackupError::io(
+                format!(
+                    "cannot remove {}, left by an interrupted restore",
+                    staging.display()
+                ),
+                e,
             )
         })?;
     }
@@ -403,14 +460,22 @@ pub fn restore(config: &NodeConfig, from: &Path) -> anyhow::Result<RestoreReport
 
     let replaced = if dir.exists() {
         let aside = sibling(&dir, &format!("before-restore-{}", now_ms()));
-        std::fs::rename(&dir, &aside)
-            .with_context(|| format!("cannot move the current store {} aside", dir.display()))?;
+        std::fs::rename(&dir, &aside).map_err(|e| {
+            BackupError::io(
+                format!("cannot move the current store {} aside", dir.display()),
+                e,
+            )
+        })?;
         Some(aside)
     } else {
         None
     };
-    std::fs::rename(&staging, &dir)
-        .with_context(|| format!("cannot move the restored store into {}", dir.display()))?;
+    std::fs::rename(&staging, &dir).map_err(|e| {
+        BackupError::io(
+            format!("cannot move the restored store into {}", dir.display()),
+            e,
+        )
+    })?;
     sync_parent(&dir)?;
     let key_path = config.resolve(&config.audit.key);
     let installed_audit_key = !key_path.exists();
@@ -442,7 +507,7 @@ fn stage(
     staging: &Path,
     key: AuditKey,
     marks: &[(Mark, String)],
-) -> anyhow::Result<()> {
+) -> Result<(), BackupError> {
     for f in manifest
         .files
         .iter()
@@ -451,20 +516,21 @@ fn stage(
         let target = staging.join(&f.path["store/".len()..]);
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent)
-                .with_context(|| format!("cannot create {}", parent.display()))?;
+                .map_err(|e| BackupError::io(format!("cannot create {}", parent.display()), e))?;
         }
-        std::fs::copy(from.join(&f.path), &target)
-            .with_context(|| format!("cannot copy {} to {}", f.path, target.display()))?;
+        std::fs::copy(from.join(&f.path), &target).map_err(|e| {
+            BackupError::io(format!("cannot copy {} to {}", f.path, target.display()), e)
+        })?;
     }
     let store = Store::open(staging)?;
     let public = audit::parse_public_key(&key.public_hex())?;
     let log = AuditLog::new(store.audit.clone(), key);
     let head = log.head()?.as_ref().map(Mark::from);
     if head != manifest.audit_head {
-        bail!(
+        return Err(BackupError::Refused(format!(
             "{}: the backed-up store's audit head differs from the manifest's; the backup is damaged; nothing was changed",
             from.display()
-        );
+        )));
     }
     let mut export = String::new();
     for e in log.entries(0) {
@@ -472,18 +538,18 @@ fn stage(
         export.push('\n');
     }
     audit::verify(&export, &public, 0, None).map_err(|e| {
-        anyhow!(
+        BackupError::Refused(format!(
             "{}: the backed-up audit log does not verify ({e}); the backup is damaged; nothing was changed",
             from.display()
-        )
+        ))
     })?;
     for (mark, source) in marks {
         check_contains(&log, head.as_ref(), mark).map_err(|why| {
-            anyhow!(
+            BackupError::Refused(format!(
                 "refused: {}: {why}, which {source} recorded: the backup is not part of this node's history \
                  (a copy from before a rollback, or another store); nothing was changed",
                 from.display()
-            )
+            ))
         })?;
     }
     drop(log);
@@ -520,7 +586,7 @@ fn check_contains(log: &AuditLog, head: Option<&Mark>, mark: &Mark) -> Result<()
 }
 
 /// The node's audit public key (hex), if it has one yet.
-fn node_public_key(config: &NodeConfig) -> anyhow::Result<Option<String>> {
+fn node_public_key(config: &NodeConfig) -> Result<Option<String>, BackupError> {
     let key_path = config.resolve(&config.audit.key);
     let pub_path = config.resolve(&config.audit.public_key);
     if key_path.exists() {
@@ -531,75 +597,78 @@ fn node_public_key(config: &NodeConfig) -> anyhow::Result<Option<String>> {
     match std::fs::read_to_string(&pub_path) {
         Ok(text) => Ok(Some(text.trim().to_string())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(anyhow!("cannot read {}: {e}", pub_path.display())),
+        Err(e) => Err(BackupError::Refused(format!(
+            "cannot read {}: {e}",
+            pub_path.display()
+        ))),
     }
 }
 
 /// Reads and parses `manifest.json`.
-fn read_manifest(from: &Path) -> anyhow::Result<Manifest> {
+fn read_manifest(from: &Path) -> Result<Manifest, BackupError> {
     let path = from.join(MANIFEST);
     let text = std::fs::read_to_string(&path).map_err(|e| {
-        anyhow!(
+        BackupError::Refused(format!(
             "{} is not a complete fedq-node backup: cannot read {} ({e}); an interrupted backup has no manifest. \
              Use another backup; nothing was changed",
             from.display(),
             path.display()
-        )
+        ))
     })?;
     serde_json::from_str(&text).map_err(|e| {
-        anyhow!(
+        BackupError::Refused(format!(
             "{}: not a fedq-node backup manifest ({e}); nothing was changed",
             path.display()
-        )
+        ))
     })
 }
 
 /// Checks every file the manifest lists against its size and digest.
-fn check_files(from: &Path, manifest: &Manifest) -> anyhow::Result<()> {
+fn check_files(from: &Path, manifest: &Manifest) -> Result<(), BackupError> {
     for f in &manifest.files {
         let safe = Path::new(&f.path)
             .components()
             .all(|c| matches!(c, std::path::Component::Normal(_)));
         if !safe {
-            bail!(
+            return Err(BackupError::Refused(format!(
                 "{}: the manifest lists {:?}, which is outside the backup; refused, nothing was changed",
                 from.display(),
                 f.path
-            );
+            )));
         }
         let (bytes, sha256) = digest(&from.join(&f.path)).map_err(|e| {
-            anyhow!(
+            BackupError::Refused(format!(
                 "{}: {e:#}; the backup is incomplete; nothing was changed",
                 from.display()
-            )
+            ))
         })?;
         if bytes != f.bytes || sha256 != f.sha256 {
-            bail!(
+            return Err(BackupError::Refused(format!(
                 "{}: {} differs from the manifest (size or SHA-256); the backup is damaged; nothing was changed",
                 from.display(),
                 f.path
-            );
+            )));
         }
     }
     for needed in ["keys/audit.key", "keys/audit.pub"] {
         if !manifest.files.iter().any(|f| f.path == needed) {
-            bail!(
+            return Err(BackupError::Refused(format!(
                 "{}: the manifest does not list {needed}; the backup is incomplete; nothing was changed",
                 from.display()
-            );
+            )));
         }
     }
     Ok(())
 }
 
 /// Opens the store of a stopped node, saying so clearly when it is running.
-fn open_stopped(dir: &Path) -> anyhow::Result<Store> {
+fn open_stopped(dir: &Path) -> Result<Store, BackupError> {
     Store::open(dir).map_err(|e| match e {
-        StoreError::Locked { .. } => anyhow!(
+        StoreError::Locked { .. } => BackupError::Refused(format!(
             "store {} is in use: stop the node first (e.g. `systemctl stop fedq-node`), then run this again; \
              nothing was changed",
             dir.display()
-        ),
+        )),
         e => e.into(),
     })
 }
@@ -620,7 +689,7 @@ fn sibling(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
-fn write_high_water(config: &NodeConfig, mark: &Mark) -> anyhow::Result<()> {
+fn write_high_water(config: &NodeConfig, mark: &Mark) -> Result<(), BackupError> {
     write_durably(
         &high_water_path(config),
         (serde_json::to_string(mark)? + "\n").as_bytes(),
@@ -629,25 +698,26 @@ fn write_high_water(config: &NodeConfig, mark: &Mark) -> anyhow::Result<()> {
 
 /// Writes `path` through a temporary file, an fsync and a rename, so a crash
 /// leaves the old contents or the new, never a torn file.
-fn write_durably(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), BackupError> {
     use std::io::Write as _;
     let tmp = sibling(path, "tmp");
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    let mut f = std::fs::File::create(&tmp)
+        .map_err(|e| BackupError::io(format!("cannot write {}", tmp.display()), e))?;
     f.write_all(bytes)
         .and_then(|()| f.sync_all())
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+        .map_err(|e| BackupError::io(format!("cannot write {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| BackupError::io(format!("cannot write {}", path.display()), e))?;
     sync_parent(path)
 }
 
 /// Makes a rename in `path`'s directory durable.
-fn sync_parent(path: &Path) -> anyhow::Result<()> {
+fn sync_parent(path: &Path) -> Result<(), BackupError> {
     #[cfg(unix)]
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::File::open(parent)
             .and_then(|d| d.sync_all())
-            .with_context(|| format!("cannot sync {}", parent.display()))?;
+            .map_err(|e| BackupError::io(format!("cannot sync {}", parent.display()), e))?;
     }
     #[cfg(not(unix))]
     let _ = path;
@@ -655,20 +725,26 @@ fn sync_parent(path: &Path) -> anyhow::Result<()> {
 }
 
 /// Copies a directory of regular files and directories, recording digests.
-fn copy_tree(from: &Path, to: &Path, rel: &str, files: &mut Vec<FileDigest>) -> anyhow::Result<()> {
-    std::fs::create_dir_all(to).with_context(|| format!("cannot create {}", to.display()))?;
+fn copy_tree(
+    from: &Path,
+    to: &Path,
+    rel: &str,
+    files: &mut Vec<FileDigest>,
+) -> Result<(), BackupError> {
+    std::fs::create_dir_all(to)
+        .map_err(|e| BackupError::io(format!("cannot create {}", to.display()), e))?;
     let mut entries = std::fs::read_dir(from)
-        .with_context(|| format!("cannot read {}", from.display()))?
+        .map_err(|e| BackupError::io(format!("cannot read {}", from.display()), e))?
         .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("cannot read {}", from.display()))?;
+        .map_err(|e| BackupError::io(format!("cannot read {}", from.display()), e))?;
     entries.sort_by_key(|e| e.file_name());
     for entry in entries {
         let name = entry.file_name();
         let name_str = name.to_str().ok_or_else(|| {
-            anyhow!(
+            BackupError::Refused(format!(
                 "{}: file name {name:?} is not UTF-8; the store directory holds a foreign file",
                 from.display()
-            )
+            ))
         })?;
         let kind = entry.file_type()?;
         let child_rel = format!("{rel}/{name_str}");
@@ -677,21 +753,30 @@ fn copy_tree(from: &Path, to: &Path, rel: &str, files: &mut Vec<FileDigest>) -> 
         } else if kind.is_file() {
             copy_file(&entry.path(), &to.join(&name), &child_rel, files)?;
         } else {
-            bail!(
+            return Err(BackupError::Refused(format!(
                 "{}: neither a file nor a directory; the store directory must hold only sled's files",
                 entry.path().display()
-            );
+            )));
         }
     }
     Ok(())
 }
 
-fn copy_file(from: &Path, to: &Path, rel: &str, files: &mut Vec<FileDigest>) -> anyhow::Result<()> {
-    std::fs::copy(from, to)
-        .with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
+fn copy_file(
+    from: &Path,
+    to: &Path,
+    rel: &str,
+    files: &mut Vec<FileDigest>,
+) -> Result<(), BackupError> {
+    std::fs::copy(from, to).map_err(|e| {
+        BackupError::io(
+            format!("cannot copy {} to {}", from.display(), to.display()),
+            e,
+        )
+    })?;
     std::fs::File::open(to)
         .and_then(|f| f.sync_all())
-        .with_context(|| format!("cannot sync {}", to.display()))?;
+        .map_err(|e| BackupError::io(format!("cannot sync {}", to.display()), e))?;
     let (bytes, sha256) = digest(to)?;
     files.push(FileDigest {
         path: rel.to_string(),
@@ -702,11 +787,13 @@ fn copy_file(from: &Path, to: &Path, rel: &str, files: &mut Vec<FileDigest>) -> 
 }
 
 /// Copies a key file into place durably.
-fn install(from: &Path, to: &Path) -> anyhow::Result<()> {
+fn install(from: &Path, to: &Path) -> Result<(), BackupError> {
     if let Some(dir) = to.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| BackupError::io(format!("cannot create {}", dir.display()), e))?;
     }
-    let bytes = std::fs::read(from).with_context(|| format!("cannot read {}", from.display()))?;
+    let bytes = std::fs::read(from)
+        .map_err(|e| BackupError::io(format!("cannot read {}", from.display()), e))?;
     write_durably(to, &bytes)
 }
 
@@ -717,9 +804,11 @@ fn copy_secret(
     to: &Path,
     rel: &str,
     files: &mut Vec<FileDigest>,
-) -> anyhow::Result<()> {
-    let bytes = std::fs::read(from).with_context(|| format!("cannot read {}", from.display()))?;
-    fedq_pki::write_secret(to, &bytes).with_context(|| format!("cannot write {}", to.display()))?;
+) -> Result<(), BackupError> {
+    let bytes = std::fs::read(from)
+        .map_err(|e| BackupError::io(format!("cannot read {}", from.display()), e))?;
+    fedq_pki::write_secret(to, &bytes)
+        .map_err(|e| BackupError::io(format!("cannot write {}", to.display()), e))?;
     let (bytes, sha256) = digest(to)?;
     files.push(FileDigest {
         path: rel.to_string(),
@@ -732,29 +821,32 @@ fn copy_secret(
 /// Copies a secret into place durably (a temporary file created
 /// owner-only, an fsync, a rename): never readable by others, not even
 /// between the write and a `chmod`.
-fn install_secret(from: &Path, to: &Path) -> anyhow::Result<()> {
+fn install_secret(from: &Path, to: &Path) -> Result<(), BackupError> {
     if let Some(dir) = to.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| BackupError::io(format!("cannot create {}", dir.display()), e))?;
     }
-    let bytes = std::fs::read(from).with_context(|| format!("cannot read {}", from.display()))?;
+    let bytes = std::fs::read(from)
+        .map_err(|e| BackupError::io(format!("cannot read {}", from.display()), e))?;
     let tmp = sibling(to, "tmp");
     fedq_pki::write_secret(&tmp, &bytes)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, to).with_context(|| format!("cannot write {}", to.display()))?;
+        .map_err(|e| BackupError::io(format!("cannot write {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, to)
+        .map_err(|e| BackupError::io(format!("cannot write {}", to.display()), e))?;
     sync_parent(to)
 }
 
 /// Size and SHA-256 of a file.
-fn digest(path: &Path) -> anyhow::Result<(u64, String)> {
-    let mut f =
-        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+fn digest(path: &Path) -> Result<(u64, String), BackupError> {
+    let mut f = std::fs::File::open(path)
+        .map_err(|e| BackupError::io(format!("cannot read {}", path.display()), e))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     let mut bytes = 0u64;
     loop {
         let n = f
             .read(&mut buf)
-            .with_context(|| format!("cannot read {}", path.display()))?;
+            .map_err(|e| BackupError::io(format!("cannot read {}", path.display()), e))?;
         if n == 0 {
             break;
         }

@@ -16,6 +16,38 @@ pub use fedq_engine::mapping::{ColumnMapping, Mapping};
 use fedq_plan::schema::{ColumnSpec, Schema};
 use fedq_plan::standard::{Followed, Standard};
 
+/// Why node.toml cannot be used: the message names the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Refused, saying what is wrong and what to do.
+    #[error("{0}")]
+    Refused(String),
+    /// An operation failed: what was being done, and why (the cause's
+    /// text is in the message, not repeated as a source).
+    #[error("{what}: {cause}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause, in words.
+        cause: String,
+    },
+}
+
+impl From<std::io::Error> for ConfigError {
+    fn from(e: std::io::Error) -> Self {
+        ConfigError::io("file operation", e)
+    }
+}
+
+impl ConfigError {
+    fn io(what: impl Into<String>, cause: impl std::fmt::Display) -> Self {
+        ConfigError::Io {
+            what: what.into(),
+            cause: cause.to_string(),
+        }
+    }
+}
+
 /// The whole node configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -460,11 +492,13 @@ impl DatasetConfig {
 
 impl NodeConfig {
     /// Reads and validates a config file.
-    pub fn load(path: &Path) -> anyhow::Result<NodeConfig> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("cannot read node config {}: {e}", path.display()))?;
-        let mut cfg: NodeConfig = toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("invalid node config {}: {e}", path.display()))?;
+    pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::Refused(format!("cannot read node config {}: {e}", path.display()))
+        })?;
+        let mut cfg: NodeConfig = toml::from_str(&text).map_err(|e| {
+            ConfigError::Refused(format!("invalid node config {}: {e}", path.display()))
+        })?;
         cfg.source_sha256 = hex::encode(sha2::Sha256::digest(text.as_bytes()));
         cfg.base_dir = path
             .parent()
@@ -472,7 +506,9 @@ impl NodeConfig {
             .unwrap_or_else(|| PathBuf::from("."));
         cfg.apply_standards()
             .and_then(|()| cfg.validate())
-            .map_err(|e| anyhow::anyhow!("invalid node config {}: {e}", path.display()))?;
+            .map_err(|e| {
+                ConfigError::Refused(format!("invalid node config {}: {e}", path.display()))
+            })?;
         Ok(cfg)
     }
 
@@ -743,7 +779,7 @@ mod tests {
 
     /// A node.toml following the shipped standard, in a directory with a
     /// copy of it.
-    fn following(dir: &Path, extra: &str) -> anyhow::Result<NodeConfig> {
+    fn following(dir: &Path, extra: &str) -> Result<NodeConfig, ConfigError> {
         std::fs::write(
             dir.join("ctdc.toml"),
             include_str!("../../deploy/standards/ctdc-cases-1.0.toml"),

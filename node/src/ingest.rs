@@ -17,12 +17,55 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Context};
 use sha2::{Digest, Sha256};
 
 use fedq_engine::mapping::{ColumnCoverage, CoverageCounter, Mapped, Mapper, Mapping, Unmapped};
 use fedq_ledger::store::Store;
 use fedq_plan::schema::{Column, Schema, MISSING};
+
+/// Why an ingest stored nothing: the message names the file, line, column or value at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// Refused, saying what is wrong and what to do.
+    #[error("{0}")]
+    Refused(String),
+    /// An operation failed: what was being done, and why (the cause's
+    /// text is in the message, not repeated as a source).
+    #[error("{what}: {cause}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause, in words.
+        cause: String,
+    },
+}
+
+impl IngestError {
+    fn io(what: impl Into<String>, cause: impl std::fmt::Display) -> Self {
+        IngestError::Io {
+            what: what.into(),
+            cause: cause.to_string(),
+        }
+    }
+}
+
+impl From<std::io::Error> for IngestError {
+    fn from(e: std::io::Error) -> Self {
+        IngestError::io("file operation", e)
+    }
+}
+
+impl From<fedq_ledger::store::StoreError> for IngestError {
+    fn from(e: fedq_ledger::store::StoreError) -> Self {
+        IngestError::Refused(e.to_string())
+    }
+}
+
+impl From<fedq_audit::AuditError> for IngestError {
+    fn from(e: fedq_audit::AuditError) -> Self {
+        IngestError::Refused(e.to_string())
+    }
+}
 
 /// What an ingest did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,8 +93,8 @@ pub fn ingest_csv(
     schema: &Schema,
     csv_path: &Path,
     allow_duplicate: bool,
-) -> anyhow::Result<IngestReport> {
-    let mapper = Mapper::compile(dataset, schema, &Mapping::new()).map_err(|e| anyhow!(e))?;
+) -> Result<IngestReport, IngestError> {
+    let mapper = Mapper::compile(dataset, schema, &Mapping::new()).map_err(IngestError::Refused)?;
     ingest_with(
         store,
         None,
@@ -75,8 +118,8 @@ pub fn ingest_csv_audited(
     schema: &Schema,
     csv_path: &Path,
     allow_duplicate: bool,
-) -> anyhow::Result<IngestReport> {
-    let mapper = Mapper::compile(dataset, schema, &Mapping::new()).map_err(|e| anyhow!(e))?;
+) -> Result<IngestReport, IngestError> {
+    let mapper = Mapper::compile(dataset, schema, &Mapping::new()).map_err(IngestError::Refused)?;
     ingest_with(
         store,
         Some(audit),
@@ -98,8 +141,8 @@ pub fn ingest_mapped_audited(
     mapping: &Mapping,
     csv_path: &Path,
     allow_duplicate: bool,
-) -> anyhow::Result<IngestReport> {
-    let mapper = Mapper::compile(dataset, schema, mapping).map_err(|e| anyhow!(e))?;
+) -> Result<IngestReport, IngestError> {
+    let mapper = Mapper::compile(dataset, schema, mapping).map_err(IngestError::Refused)?;
     ingest_with(
         store,
         Some(audit),
@@ -119,15 +162,16 @@ fn ingest_with(
     mapper: &Mapper,
     csv_path: &Path,
     allow_duplicate: bool,
-) -> anyhow::Result<IngestReport> {
+) -> Result<IngestReport, IngestError> {
     let file = csv_path.display();
-    let bytes = std::fs::read(csv_path).map_err(|e| anyhow!("cannot read {file}: {e}"))?;
+    let bytes = std::fs::read(csv_path)
+        .map_err(|e| IngestError::Refused(format!("cannot read {file}: {e}")))?;
     let file_sha256 = hex::encode(Sha256::digest(&bytes));
     if !allow_duplicate && store.was_ingested(dataset, &file_sha256)? {
-        bail!(
+        return Err(IngestError::Refused(format!(
             "{file} (sha256 {file_sha256}) was already ingested into dataset {dataset:?}; \
              ingesting it again would count its records twice (pass --allow-duplicate if that is really intended); nothing was stored"
-        );
+        )));
     }
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(true)
@@ -135,7 +179,7 @@ fn ingest_with(
         .from_reader(bytes.as_slice());
     let headers = reader
         .headers()
-        .map_err(|e| anyhow!("{file}: cannot read the header line: {e}"))?
+        .map_err(|e| IngestError::Refused(format!("{file}: cannot read the header line: {e}")))?
         .clone();
     // Position of each declared column in the CSV.
     let mut positions = Vec::with_capacity(schema.columns.len());
@@ -143,27 +187,27 @@ fn ingest_with(
         let source = mapper.source(i);
         let pos = headers.iter().position(|h| h.trim() == source).ok_or_else(|| {
             if source == col.name() {
-                anyhow!(
+                IngestError::Refused(format!(
                     "{file}:1: the header has no column {:?}, which dataset {dataset:?} declares; rename it in the file or name your column in [datasets.mapping.{}] from; nothing was stored",
                     col.name(),
                     col.name()
-                )
+                ))
             } else {
-                anyhow!(
+                IngestError::Refused(format!(
                     "{file}:1: the header has no column {source:?}, which [datasets.mapping.{}] reads {:?} from; nothing was stored",
                     col.name(),
                     col.name()
-                )
+                ))
             }
         })?;
         positions.push(pos);
     }
     for (i, h) in headers.iter().enumerate() {
         if headers.iter().take(i).any(|o| o.trim() == h.trim()) {
-            bail!(
+            return Err(IngestError::Refused(format!(
                 "{file}:1: column {} appears twice in the header; nothing was stored",
                 fedq_plan::schema::excerpt(h)
-            );
+            )));
         }
     }
     let ignored_columns: Vec<String> = headers
@@ -194,7 +238,9 @@ fn ingest_with(
                     csv::ErrorKind::Utf8 { .. } => "the row is not valid UTF-8".to_string(),
                     _ => e.to_string(),
                 };
-                bail!("{file}:{line}: {what}; nothing was stored");
+                return Err(IngestError::Refused(format!(
+                    "{file}:{line}: {what}; nothing was stored"
+                )));
             }
         }
         for (ci, ((col, enc), &pos)) in schema
@@ -211,14 +257,14 @@ fn ingest_with(
                 Some(Mapped::Unmapped(Unmapped::Missing)) => Some(None),
                 Some(Mapped::Unmapped(Unmapped::Error)) => {
                     let line = record.position().map(|p| line_of(&bytes, p)).unwrap_or(0);
-                    bail!(
+                    return Err(IngestError::Refused(format!(
                         "{file}:{line}: column {:?} (read as {:?}): the value {} is not in [datasets.mapping.{}] and is not {}; add it to the mapping's values (or set unmapped = \"missing\"); nothing was stored",
                         mapper.source(ci),
                         col.name(),
                         fedq_plan::schema::excerpt(cell.trim()),
                         col.name(),
                         col.expectation()
-                    );
+                    )));
                 }
             };
             if let Some(m) = mapped {
@@ -238,11 +284,11 @@ fn ingest_with(
                 // spelling the fast path does not know, the code).
                 None => col.encode(cell).map_err(|why| {
                     let line = record.position().map(|p| line_of(&bytes, p)).unwrap_or(0);
-                    anyhow!(
+                    IngestError::Refused(format!(
                         "{file}:{line}: column {:?}: {why}; expected {}; nothing was stored",
                         col.name(),
                         col.expectation()
-                    )
+                    ))
                 })?,
             };
             if code != MISSING && matches!(col, Column::Open { .. }) {
@@ -278,11 +324,13 @@ fn ingest_with(
                 rows_total: None,
                 file_sha256: file_sha256.clone(),
             })
-            .context("logging the ingest in the audit log; nothing was stored")?;
+            .map_err(|e| {
+                IngestError::io("logging the ingest in the audit log; nothing was stored", e)
+            })?;
         audit
             .tree
             .flush()
-            .context("flushing the audit log; nothing was stored")?;
+            .map_err(|e| IngestError::io("flushing the audit log; nothing was stored", e))?;
     }
     let rows_total = store.append_rows(dataset, schema, &codes, &labels, &file_sha256)?;
     Ok(IngestReport {

@@ -518,7 +518,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(fedq_node::server::exit_code(&e))
+            ExitCode::from(fedq_node::server::exit_code(e.as_ref()))
         }
     }
 }
@@ -533,7 +533,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .thread_stack_size(8 << 20)
                 .build()?;
-            rt.block_on(fedq_node::server::serve_until(cfg, shutdown_signal()))
+            Ok(rt.block_on(fedq_node::server::serve_until(cfg, shutdown_signal()))?)
         }
         Command::Ingest {
             config,

@@ -17,9 +17,75 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Context};
-
 use crate::config::NodeConfig;
+
+/// Why the node cannot start (or `check` fails): the message names the config field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum PreflightError {
+    /// Refused, saying what is wrong and what to do.
+    #[error("{0}")]
+    Refused(String),
+    /// An operation failed: what was being done, and why (the cause's
+    /// text is in the message, not repeated as a source).
+    #[error("{what}: {cause}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause, in words.
+        cause: String,
+    },
+}
+
+impl From<crate::backup::BackupError> for PreflightError {
+    fn from(e: crate::backup::BackupError) -> Self {
+        PreflightError::Refused(e.to_string())
+    }
+}
+
+impl From<fedq_ledger::ledger::MeasureError> for PreflightError {
+    fn from(e: fedq_ledger::ledger::MeasureError) -> Self {
+        PreflightError::Refused(e.to_string())
+    }
+}
+
+impl PreflightError {
+    fn io(what: impl Into<String>, cause: impl std::fmt::Display) -> Self {
+        PreflightError::Io {
+            what: what.into(),
+            cause: cause.to_string(),
+        }
+    }
+}
+
+impl From<std::io::Error> for PreflightError {
+    fn from(e: std::io::Error) -> Self {
+        PreflightError::io("file operation", e)
+    }
+}
+
+impl From<fedq_ledger::store::StoreError> for PreflightError {
+    fn from(e: fedq_ledger::store::StoreError) -> Self {
+        PreflightError::Refused(e.to_string())
+    }
+}
+
+impl From<fedq_audit::AuditError> for PreflightError {
+    fn from(e: fedq_audit::AuditError) -> Self {
+        PreflightError::Refused(e.to_string())
+    }
+}
+
+impl From<crate::tls::TlsError> for PreflightError {
+    fn from(e: crate::tls::TlsError) -> Self {
+        PreflightError::Refused(e.to_string())
+    }
+}
+
+impl From<crate::config::ConfigError> for PreflightError {
+    fn from(e: crate::config::ConfigError) -> Self {
+        PreflightError::Refused(e.to_string())
+    }
+}
 
 /// What [`preflight`] found, for `serve` to use and `check` to print.
 pub struct Preflight {
@@ -42,7 +108,7 @@ pub enum Rows {
 }
 
 /// Checks everything `serve` needs before serving; see the module's doc.
-pub fn preflight(cfg: &NodeConfig, rows: Rows) -> anyhow::Result<Preflight> {
+pub fn preflight(cfg: &NodeConfig, rows: Rows) -> Result<Preflight, PreflightError> {
     let mut checked = Vec::new();
     let tls = crate::tls::load(cfg)?;
     checked.push(format!(
@@ -54,24 +120,24 @@ pub fn preflight(cfg: &NodeConfig, rows: Rows) -> anyhow::Result<Preflight> {
     let key = audit_key(cfg, &mut checked)?;
     for d in &cfg.datasets {
         d.schema()
-            .map_err(|e| anyhow!("dataset {:?}: {e}", d.name))?;
+            .map_err(|e| PreflightError::Refused(format!("dataset {:?}: {e}", d.name)))?;
     }
     let dir = cfg.resolve(&cfg.node.store);
     match std::fs::metadata(&dir) {
-        Ok(m) if !m.is_dir() => bail!(
+        Ok(m) if !m.is_dir() => return Err(PreflightError::Refused(format!(
             "node.store: {} is a file, not a directory; point node.store at the store directory (or at a new path, where one is created)",
             dir.display()
-        ),
+        ))),
         Ok(_) => check_store(cfg, &dir, key, rows, &mut checked)?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let parent = creatable(&dir).with_context(|| format!("node.store {}", dir.display()))?;
+            let parent = creatable(&dir).map_err(|e| PreflightError::io(format!("node.store {}", dir.display()), e))?;
             checked.push(format!(
                 "node.store: {} does not exist yet; it will be created in {} (nothing ingested)",
                 dir.display(),
                 parent.display()
             ));
         }
-        Err(e) => bail!("node.store: cannot read {}: {e}", dir.display()),
+        Err(e) => return Err(PreflightError::Refused(format!("node.store: cannot read {}: {e}", dir.display()))),
     }
     Ok(Preflight { tls, checked })
 }
@@ -81,19 +147,19 @@ pub fn preflight(cfg: &NodeConfig, rows: Rows) -> anyhow::Result<Preflight> {
 fn audit_key(
     cfg: &NodeConfig,
     checked: &mut Vec<String>,
-) -> anyhow::Result<Option<fedq_ledger::audit::AuditKey>> {
+) -> Result<Option<fedq_ledger::audit::AuditKey>, PreflightError> {
     let path = cfg.resolve(&cfg.audit.key);
     match std::fs::metadata(&path) {
-        Ok(m) if m.is_dir() => bail!(
+        Ok(m) if m.is_dir() => Err(PreflightError::Refused(format!(
             "audit.key: {} is a directory, not a key file",
             path.display()
-        ),
+        ))),
         Ok(_) => {
             let key = fedq_ledger::audit::AuditKey::load_or_create(
                 &path,
                 &cfg.resolve(&cfg.audit.public_key),
             )
-            .context("audit.key")?;
+            .map_err(|e| PreflightError::io("audit.key", e))?;
             checked.push(format!(
                 "audit.key: {} read (public key {})",
                 path.display(),
@@ -102,8 +168,8 @@ fn audit_key(
             Ok(Some(key))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let parent =
-                creatable(&path).with_context(|| format!("audit.key {}", path.display()))?;
+            let parent = creatable(&path)
+                .map_err(|e| PreflightError::io(format!("audit.key {}", path.display()), e))?;
             checked.push(format!(
                 "audit.key: {} does not exist yet; serve creates it in {}",
                 path.display(),
@@ -111,7 +177,10 @@ fn audit_key(
             ));
             Ok(None)
         }
-        Err(e) => bail!("audit.key: cannot read {}: {e}", path.display()),
+        Err(e) => Err(PreflightError::Refused(format!(
+            "audit.key: cannot read {}: {e}",
+            path.display()
+        ))),
     }
 }
 
@@ -123,9 +192,9 @@ fn check_store(
     key: Option<fedq_ledger::audit::AuditKey>,
     rows: Rows,
     checked: &mut Vec<String>,
-) -> anyhow::Result<()> {
+) -> Result<(), PreflightError> {
     if std::fs::read_dir(dir)
-        .with_context(|| format!("node.store: cannot read {}", dir.display()))?
+        .map_err(|e| PreflightError::io(format!("node.store: cannot read {}", dir.display()), e))?
         .next()
         .is_none()
     {
@@ -135,19 +204,20 @@ fn check_store(
         ));
         return Ok(());
     }
-    let store = fedq_ledger::store::Store::open(dir).context("node.store")?;
+    let store =
+        fedq_ledger::store::Store::open(dir).map_err(|e| PreflightError::io("node.store", e))?;
     for d in cfg.datasets.iter().filter(|d| d.source.is_none()) {
         let schema = d
             .schema()
-            .map_err(|e| anyhow!("dataset {:?}: {e}", d.name))?;
+            .map_err(|e| PreflightError::Refused(format!("dataset {:?}: {e}", d.name)))?;
         if let Some(stored) = store.schema_digest(&d.name)? {
             if stored != schema.digest() {
-                bail!(
+                return Err(PreflightError::Refused(format!(
                     "dataset {:?}: its columns in node.toml differ from the schema its rows were ingested under (store {}); \
                      restore the previous columns, or ingest into a new store",
                     d.name,
                     dir.display()
-                );
+                )));
             }
         }
         if rows == Rows::Load {
@@ -162,7 +232,9 @@ fn check_store(
         let audit = Arc::new(fedq_ledger::audit::AuditLog::new(store.audit.clone(), key));
         // The audit log's last start entry is readable (serve reads it to
         // log what changed)...
-        audit.last_limits().context("the store's audit log")?;
+        audit
+            .last_limits()
+            .map_err(|e| PreflightError::io("the store's audit log", e))?;
         // ... the store was not rolled back below what the node reached ...
         crate::backup::raise_high_water(cfg, &audit)?;
         // ... and no dataset changed its privacy measure.
@@ -182,7 +254,7 @@ fn check_store(
 
 /// The nearest existing ancestor of `path`, if it is a directory (so that
 /// `serve` can create `path` in it).
-fn creatable(path: &Path) -> anyhow::Result<PathBuf> {
+fn creatable(path: &Path) -> Result<PathBuf, PreflightError> {
     let mut at = path.parent();
     while let Some(p) = at {
         let p = if p.as_os_str().is_empty() {
@@ -192,12 +264,16 @@ fn creatable(path: &Path) -> anyhow::Result<PathBuf> {
         };
         match std::fs::metadata(p) {
             Ok(m) if m.is_dir() => return Ok(p.to_path_buf()),
-            Ok(_) => bail!(
-                "cannot be created: {} is a file, not a directory",
-                p.display()
-            ),
+            Ok(_) => {
+                return Err(PreflightError::Refused(format!(
+                    "cannot be created: {} is a file, not a directory",
+                    p.display()
+                )))
+            }
             Err(_) => at = p.parent(),
         }
     }
-    bail!("cannot be created: no parent directory exists")
+    Err(PreflightError::Refused(
+        "cannot be created: no parent directory exists".to_string(),
+    ))
 }

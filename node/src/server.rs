@@ -15,7 +15,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use anyhow::Context;
 use fedq_proto::v1::node_server::NodeServer;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -23,6 +22,86 @@ use tonic::transport::Server;
 
 use crate::config::NodeConfig;
 use crate::service::{NodeService, NodeState};
+
+/// Why a node could not start, or stopped: the message says what and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Refused, saying what is wrong and what to do.
+    #[error("{0}")]
+    Refused(String),
+    /// The store failed while serving: the node stopped so that a restart
+    /// completes the interrupted write (exit code 75, [`exit_code`]).
+    #[error(
+        "node {node} stopped: restart it (the supervisor does) to complete the interrupted write"
+    )]
+    Stopped {
+        /// The node.
+        node: String,
+        /// The store's fault.
+        #[source]
+        fault: fedq_ledger::fault::StoreFailed,
+    },
+    /// An operation failed: what was being done, and why (the cause's
+    /// text is in the message, not repeated as a source).
+    #[error("{what}: {cause}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause, in words.
+        cause: String,
+    },
+}
+
+impl ServeError {
+    fn io(what: impl Into<String>, cause: impl std::fmt::Display) -> Self {
+        ServeError::Io {
+            what: what.into(),
+            cause: cause.to_string(),
+        }
+    }
+}
+
+impl From<std::io::Error> for ServeError {
+    fn from(e: std::io::Error) -> Self {
+        ServeError::io("I/O", e)
+    }
+}
+
+impl From<crate::preflight::PreflightError> for ServeError {
+    fn from(e: crate::preflight::PreflightError) -> Self {
+        ServeError::Refused(e.to_string())
+    }
+}
+
+impl From<crate::service::StartError> for ServeError {
+    fn from(e: crate::service::StartError) -> Self {
+        ServeError::Refused(e.to_string())
+    }
+}
+
+impl From<crate::backup::BackupError> for ServeError {
+    fn from(e: crate::backup::BackupError) -> Self {
+        ServeError::Refused(e.to_string())
+    }
+}
+
+impl From<fedq_audit::AuditError> for ServeError {
+    fn from(e: fedq_audit::AuditError) -> Self {
+        ServeError::Refused(e.to_string())
+    }
+}
+
+impl From<tonic::transport::Error> for ServeError {
+    fn from(e: tonic::transport::Error) -> Self {
+        ServeError::io("the gRPC server", e)
+    }
+}
+
+impl From<tokio::task::JoinError> for ServeError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        ServeError::io("the node's task", e)
+    }
+}
 
 /// How long a node whose store failed keeps answering NOT_SERVING before
 /// it stops: long enough for a health check or load balancer to see it,
@@ -37,42 +116,49 @@ pub struct RunningNode {
     /// The node's name.
     pub name: String,
     shutdown: Option<oneshot::Sender<()>>,
-    task: JoinHandle<anyhow::Result<()>>,
+    task: JoinHandle<Result<(), ServeError>>,
 }
 
 impl RunningNode {
     /// Stops accepting, lets in-flight requests finish and waits.
-    pub async fn stop(mut self) -> anyhow::Result<()> {
+    pub async fn stop(mut self) -> Result<(), ServeError> {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        (&mut self.task).await.context("node task panicked")?
+        (&mut self.task)
+            .await
+            .map_err(|e| ServeError::io("node task panicked", e))?
     }
 
     /// Waits until the node stops by itself (its store failed, say) and
     /// returns why, without asking it to stop.
-    pub async fn wait(mut self) -> anyhow::Result<()> {
-        (&mut self.task).await.context("node task panicked")?
+    pub async fn wait(mut self) -> Result<(), ServeError> {
+        (&mut self.task)
+            .await
+            .map_err(|e| ServeError::io("node task panicked", e))?
     }
 }
 
 /// The exit code of `fedq-node serve` for the error it stopped with:
 /// [`fedq_ledger::fault::EXIT_STORE_FAILED`] after a failed store write or
 /// flush, 1 for anything else.
-pub fn exit_code(e: &anyhow::Error) -> u8 {
-    if e.chain().any(fedq_ledger::fault::is_store_failure) {
-        fedq_ledger::fault::EXIT_STORE_FAILED
-    } else {
-        1
+pub fn exit_code(e: &(dyn std::error::Error + 'static)) -> u8 {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if fedq_ledger::fault::is_store_failure(c) {
+            return fedq_ledger::fault::EXIT_STORE_FAILED;
+        }
+        cause = c.source();
     }
+    1
 }
 
 /// Opens the store, loads the datasets, binds and serves in the background.
-pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
+pub async fn start(config: NodeConfig) -> Result<RunningNode, ServeError> {
     let (tx, rx) = oneshot::channel();
     let listener = tokio::net::TcpListener::bind(config.node.listen)
         .await
-        .with_context(|| format!("cannot listen on {}", config.node.listen))?;
+        .map_err(|e| ServeError::io(format!("cannot listen on {}", config.node.listen), e))?;
     let addr = listener.local_addr()?;
     let name = config.node.name.clone();
     let task = tokio::spawn(serve_on(config, listener, async {
@@ -90,10 +176,10 @@ pub async fn start(config: NodeConfig) -> anyhow::Result<RunningNode> {
 pub async fn serve_until(
     config: NodeConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+) -> Result<(), ServeError> {
     let listener = tokio::net::TcpListener::bind(config.node.listen)
         .await
-        .with_context(|| format!("cannot listen on {}", config.node.listen))?;
+        .map_err(|e| ServeError::io(format!("cannot listen on {}", config.node.listen), e))?;
     serve_on(config, listener, shutdown).await
 }
 
@@ -101,17 +187,17 @@ async fn serve_on(
     config: NodeConfig,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+) -> Result<(), ServeError> {
     let max_request = config.limits.max_request_bytes;
     let name = config.node.name.clone();
     let addr = listener.local_addr()?;
     // The checks `fedq-node check` runs, and the TLS configuration.
     let (mut state, tls) = tokio::task::spawn_blocking(move || {
         let pre = crate::preflight::preflight(&config, crate::preflight::Rows::SchemaOnly)?;
-        anyhow::Ok((NodeState::open(config)?, pre.tls))
+        Ok::<_, ServeError>((NodeState::open(config)?, pre.tls))
     })
     .await
-    .context("loading the store panicked")??;
+    .map_err(|e| ServeError::io("loading the store panicked", e))??;
     state.secagg = tls.secagg();
     // Refuse a store rolled back below the ledger's high-water mark (that
     // would hand back spent budget), then log the start and raise the mark.
@@ -175,10 +261,11 @@ async fn serve_on(
     // would make the restart refuse the store as rolled back).
     if let Err(failed) = final_state.ledger.fault().check() {
         drop(final_state);
-        served.context("the gRPC server failed")?;
-        return Err(anyhow::Error::new(failed).context(format!(
-            "node {name} stopped: restart it (the supervisor does) to complete the interrupted write"
-        )));
+        served.map_err(|e| ServeError::io("the gRPC server failed", e))?;
+        return Err(ServeError::Stopped {
+            node: name,
+            fault: failed,
+        });
     }
     // Refusals still being counted are logged before the store closes.
     final_state.flush_refusals(true);
@@ -186,7 +273,7 @@ async fn serve_on(
         tracing::error!(error = %e, "cannot raise the ledger's high-water mark at shutdown");
     }
     drop(final_state);
-    served.context("the gRPC server failed")?;
+    served.map_err(|e| ServeError::io("the gRPC server failed", e))?;
     tracing::info!(node = %name, "stopped");
     Ok(())
 }

@@ -37,6 +37,72 @@ use fedq_plan::plan::{self, Plan};
 use fedq_plan::schema::Schema;
 use fedq_proto::query_digest;
 
+/// Why the node's state could not be opened or its start logged.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Refused, saying what is wrong and what to do.
+    #[error("{0}")]
+    Refused(String),
+    /// An operation failed: what was being done, and why (the cause's
+    /// text is in the message, not repeated as a source).
+    #[error("{what}: {cause}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause, in words.
+        cause: String,
+    },
+}
+
+impl From<fedq_engine::postgres::PgConfigError> for StartError {
+    fn from(e: fedq_engine::postgres::PgConfigError) -> Self {
+        StartError::Refused(e.to_string())
+    }
+}
+
+impl From<fedq_ledger::ledger::MeasureError> for StartError {
+    fn from(e: fedq_ledger::ledger::MeasureError) -> Self {
+        StartError::Refused(e.to_string())
+    }
+}
+
+impl From<sled::Error> for StartError {
+    fn from(e: sled::Error) -> Self {
+        StartError::io("flushing the audit log", e)
+    }
+}
+
+impl StartError {
+    fn io(what: impl Into<String>, cause: impl std::fmt::Display) -> Self {
+        StartError::Io {
+            what: what.into(),
+            cause: cause.to_string(),
+        }
+    }
+
+    fn refused(why: impl std::fmt::Display) -> Self {
+        StartError::Refused(why.to_string())
+    }
+}
+
+impl From<std::io::Error> for StartError {
+    fn from(e: std::io::Error) -> Self {
+        StartError::io("file operation", e)
+    }
+}
+
+impl From<fedq_ledger::store::StoreError> for StartError {
+    fn from(e: fedq_ledger::store::StoreError) -> Self {
+        StartError::Refused(e.to_string())
+    }
+}
+
+impl From<fedq_audit::AuditError> for StartError {
+    fn from(e: fedq_audit::AuditError) -> Self {
+        StartError::Refused(e.to_string())
+    }
+}
+
 /// What this node can do, reported in `Describe` so coordinators can adapt.
 pub const CAPABILITIES: &[&str] = &[
     "count",
@@ -105,11 +171,11 @@ pub struct NodeState {
 
 impl NodeState {
     /// Opens the store and loads every configured dataset into memory.
-    pub fn open(config: NodeConfig) -> anyhow::Result<NodeState> {
+    pub fn open(config: NodeConfig) -> Result<NodeState, StartError> {
         let store = Store::open(&config.resolve(&config.node.store))?;
         let mut datasets = HashMap::new();
         for d in &config.datasets {
-            let schema = d.schema().map_err(anyhow::Error::msg)?;
+            let schema = d.schema().map_err(StartError::refused)?;
             let source = match &d.source {
                 None => Source::Embedded(Arc::new(store.load_table(&d.name, &schema)?)),
                 Some(src) => Source::Postgres(Arc::new(PgSource::new(
@@ -154,7 +220,7 @@ impl NodeState {
     /// operator must fix the configuration or the database); an unreachable
     /// database does not: the node starts, that dataset's queries fail with
     /// a clear error and spend nothing, and each query tries again.
-    pub async fn check_sources(&self) -> anyhow::Result<()> {
+    pub async fn check_sources(&self) -> Result<(), StartError> {
         for (name, ds) in &self.datasets {
             let Source::Postgres(pg) = &ds.source else {
                 continue;
@@ -163,7 +229,9 @@ impl NodeState {
                 Ok(()) => {
                     tracing::info!(dataset = %name, table = %pg.relation(), "database source checked")
                 }
-                Err(SourceError::Mismatch(why)) => anyhow::bail!("{why}"),
+                Err(SourceError::Mismatch(why)) => {
+                    return Err(StartError::Refused(why.to_string()))
+                }
                 Err(e) => tracing::warn!(
                     dataset = %name,
                     table = %pg.relation(),
@@ -182,7 +250,7 @@ impl NodeState {
 
     /// Records that the node started, with its version, config digest and
     /// budget limits, and flushes.
-    pub fn log_start(&self) -> anyhow::Result<()> {
+    pub fn log_start(&self) -> Result<(), StartError> {
         let current: Vec<DatasetLimits> = self
             .config
             .datasets
@@ -323,7 +391,7 @@ fn who_of(r: &crate::tls::HandshakeRefusal) -> (&str, &str) {
 }
 
 /// Opens the node's audit log, creating its key on first use.
-pub fn open_audit(config: &NodeConfig, store: &Store) -> anyhow::Result<AuditLog> {
+pub fn open_audit(config: &NodeConfig, store: &Store) -> Result<AuditLog, StartError> {
     let key = AuditKey::load_or_create(
         &config.resolve(&config.audit.key),
         &config.resolve(&config.audit.public_key),
@@ -516,6 +584,7 @@ impl Asked {
             Asked::Epsilon(e) => Noise::for_epsilon(l1, e / m as f64),
             Asked::Rho(r) => Noise::for_rho(l2, r / m as f64),
         }
+        .map_err(String::from)
     }
 
     /// What the query costs in the dataset's measure: an epsilon on a pure
@@ -526,7 +595,7 @@ impl Asked {
         match (self, measure) {
             (Asked::Epsilon(e), Measure::Pure) => Ok(e),
             (Asked::Rho(r), Measure::Zcdp) => Ok(r),
-            (Asked::Epsilon(e), Measure::Zcdp) => accounting::pure_to_zcdp(e),
+            (Asked::Epsilon(e), Measure::Zcdp) => accounting::pure_to_zcdp(e).map_err(String::from),
             (Asked::Rho(_), Measure::Pure) => Err(format!(
                 "dataset {dataset:?} accounts its budget in pure epsilon-DP on this node, and a rho (zCDP) cost cannot be converted to pure DP; ask with epsilon (fedq query --epsilon) instead"
             )),
@@ -1218,7 +1287,7 @@ fn release(
                     .ok_or_else(|| internal(format!("unknown mechanism {}", m.mechanism)))?;
                 m.values = noise
                     .release(&values)
-                    .map_err(|e| noise_failed(&q.query_id, &e))?;
+                    .map_err(|e| noise_failed(&q.query_id, &e.to_string()))?;
             }
         }
     }

@@ -32,7 +32,6 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{anyhow, bail, Context};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -51,6 +50,39 @@ use tokio_rustls::server::TlsStream;
 
 use crate::config::NodeConfig;
 use fedq_pki::{caller_from_der, check_node_name, load_crls, serial_hex};
+
+/// Why the node's TLS set-up cannot be used: the message names the
+/// `[tls]` key and the file at fault, and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A `[tls]` file or the certificates in it are not usable.
+    #[error("{0}")]
+    Refused(String),
+    /// An operation failed: what was being done, and why (the cause's
+    /// text is in the message, not repeated as a source).
+    #[error("{what}: {cause}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause, in words.
+        cause: String,
+    },
+}
+
+impl TlsError {
+    fn io(what: impl Into<String>, cause: impl std::fmt::Display) -> Self {
+        TlsError::Io {
+            what: what.into(),
+            cause: cause.to_string(),
+        }
+    }
+}
+
+impl From<fedq_pki::PkiError> for TlsError {
+    fn from(e: fedq_pki::PkiError) -> Self {
+        TlsError::Refused(e.to_string())
+    }
+}
 
 /// How often the verifier looks at the CRL file (its modification time and
 /// size) for a new list.
@@ -104,15 +136,39 @@ pub struct SecAggIdentity {
     /// The node certificate, DER.
     pub certificate: Vec<u8>,
     verifier: Arc<ClientVerifier>,
+    /// The last verifier built, with the revocation list's file stamp it
+    /// was built from: rebuilt only when the file changes.
+    built: Mutex<Option<(CrlStamp, NodeVerifier)>>,
 }
+
+/// A revocation list file's stamp (`fedq_pki::crl_stamp`).
+type CrlStamp = Option<(std::time::SystemTime, u64)>;
+/// A verifier of node certificates.
+type NodeVerifier = Arc<dyn rustls::client::danger::ServerCertVerifier>;
 
 impl SecAggIdentity {
     /// A verifier of node certificates (serverAuth, for their name)
     /// against the federation CA and the revocation list as it is on disk
-    /// now: what a round checks its participants with.
-    pub fn node_verifier(
-        &self,
-    ) -> anyhow::Result<Arc<dyn rustls::client::danger::ServerCertVerifier>> {
+    /// now: what a round checks its participants with. Kept while the
+    /// list's file is unchanged.
+    pub fn node_verifier(&self) -> Result<NodeVerifier, TlsError> {
+        let stamp = self
+            .verifier
+            .crl
+            .as_ref()
+            .and_then(|c| fedq_pki::crl_stamp(&c.path));
+        let mut built = self.built.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((s, v)) = &*built {
+            if *s == stamp {
+                return Ok(Arc::clone(v));
+            }
+        }
+        let v = self.build_node_verifier()?;
+        *built = Some((stamp, Arc::clone(&v)));
+        Ok(v)
+    }
+
+    fn build_node_verifier(&self) -> Result<NodeVerifier, TlsError> {
         let v = &self.verifier;
         let mut b = rustls::client::WebPkiServerVerifier::builder_with_provider(
             Arc::clone(&v.roots),
@@ -120,11 +176,12 @@ impl SecAggIdentity {
         );
         if let Some(crl) = &v.crl {
             let crls = load_crls(&crl.path, &v.ca_certs)
-                .map_err(|e| anyhow!("tls.crl {}: {e}", crl.path.display()))?;
+                .map_err(|e| TlsError::Refused(format!("tls.crl {}: {e}", crl.path.display())))?;
             b = b.with_crls(crls).only_check_end_entity_revocation();
         }
-        let v: Arc<dyn rustls::client::danger::ServerCertVerifier> =
-            b.build().map_err(|e| anyhow!("tls.ca: {e}"))?;
+        let v: Arc<dyn rustls::client::danger::ServerCertVerifier> = b
+            .build()
+            .map_err(|e| TlsError::Refused(format!("tls.ca: {e}")))?;
         Ok(v)
     }
 }
@@ -156,11 +213,11 @@ fn provider() -> Arc<CryptoProvider> {
 
 /// Reads and checks the node's TLS files (`[tls]`) and builds the server
 /// configuration. Errors name the `[tls]` key and the file at fault.
-pub fn load(cfg: &NodeConfig) -> anyhow::Result<ServerTls> {
-    let read = |key: &str, p: &Path| -> anyhow::Result<(PathBuf, Vec<u8>)> {
+pub fn load(cfg: &NodeConfig) -> Result<ServerTls, TlsError> {
+    let read = |key: &str, p: &Path| -> Result<(PathBuf, Vec<u8>), TlsError> {
         let path = cfg.resolve(p);
         let bytes = std::fs::read(&path)
-            .with_context(|| format!("tls.{key}: cannot read {}", path.display()))?;
+            .map_err(|e| TlsError::io(format!("tls.{key}: cannot read {}", path.display()), e))?;
         Ok((path, bytes))
     };
     let (cert_path, cert_pem) = read("cert", &cfg.tls.cert)?;
@@ -171,34 +228,39 @@ pub fn load(cfg: &NodeConfig) -> anyhow::Result<ServerTls> {
         .collect::<Result<_, _>>()
         .ok()
         .filter(|c: &Vec<_>| !c.is_empty())
-        .ok_or_else(|| anyhow!("tls.cert: {} holds no PEM certificate", cert_path.display()))?;
+        .ok_or_else(|| {
+            TlsError::Refused(format!(
+                "tls.cert: {} holds no PEM certificate",
+                cert_path.display()
+            ))
+        })?;
     let key: PrivateKeyDer<'static> = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| {
-        anyhow!(
+        TlsError::Refused(format!(
             "tls.key: {} holds no PEM private key (PKCS#8, SEC1 or PKCS#1)",
             key_path.display()
-        )
+        ))
     })?;
     let ca_certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&ca_pem)
         .collect::<Result<_, _>>()
-        .map_err(|_| anyhow!("tls.ca: {} is not PEM", ca_path.display()))?;
+        .map_err(|_| TlsError::Refused(format!("tls.ca: {} is not PEM", ca_path.display())))?;
     let mut roots = RootCertStore::empty();
     let (added, _) = roots.add_parsable_certificates(ca_certs.iter().cloned());
     if added == 0 {
-        bail!(
+        return Err(TlsError::Refused(format!(
             "tls.ca: {} holds no usable CA certificate (the federation CA, PEM)",
             ca_path.display()
-        );
+        )));
     }
     let roots = Arc::new(roots);
 
     check_node_name(&cert_pem, &cfg.node.name)
-        .with_context(|| format!("tls.cert {}", cert_path.display()))?;
+        .map_err(|e| TlsError::io(format!("tls.cert {}", cert_path.display()), e))?;
 
     // The certificate alone first, so that its own faults are not blamed
     // on the revocation list.
     check_own_certificate(&chain, &roots, &cfg.node.name, None)
         .map_err(|e| e.into_error(None))
-        .with_context(|| format!("tls.cert {}", cert_path.display()))?;
+        .map_err(|e| TlsError::io(format!("tls.cert {}", cert_path.display()), e))?;
     let crl = match &cfg.tls.crl {
         Some(p) => {
             let path = cfg.resolve(p);
@@ -225,6 +287,7 @@ pub fn load(cfg: &NodeConfig) -> anyhow::Result<ServerTls> {
             signer,
             certificate: chain[0].to_vec(),
             verifier: Arc::clone(&verifier),
+            built: Mutex::new(None),
         })),
         Err(e) => {
             tracing::warn!(key = %key_path.display(), error = %e, "secure aggregation unavailable: the node key cannot sign round keys");
@@ -233,15 +296,15 @@ pub fn load(cfg: &NodeConfig) -> anyhow::Result<ServerTls> {
     };
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?
+        .map_err(|e| TlsError::io("TLS protocol versions", e))?
         .with_client_cert_verifier(Arc::clone(&verifier) as Arc<dyn ClientCertVerifier>)
         .with_single_cert(chain, key)
         .map_err(|e| {
-            anyhow!(
+            TlsError::Refused(format!(
                 "tls.key {} does not go with tls.cert {}: {e}",
                 key_path.display(),
                 cert_path.display()
-            )
+            ))
         })?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     // No resumption: a resumed session is not re-verified, so a client
@@ -266,12 +329,12 @@ enum OwnCertProblem {
 }
 
 impl OwnCertProblem {
-    fn into_error(self, crl: Option<&Path>) -> anyhow::Error {
+    fn into_error(self, crl: Option<&Path>) -> TlsError {
         let crl = crl.map(|p| p.display().to_string()).unwrap_or_default();
         match self {
-            OwnCertProblem::Revoked => anyhow!("the node's own certificate is revoked by the revocation list tls.crl {crl}; the CA must issue it a new one"),
-            OwnCertProblem::BadCrl(e) => anyhow!("tls.crl {crl}: the revocation list does not verify with the federation CA in tls.ca ({e}); is it signed by that CA?"),
-            OwnCertProblem::Other(e) => anyhow!("{e}"),
+            OwnCertProblem::Revoked => TlsError::Refused(format!("the node's own certificate is revoked by the revocation list tls.crl {crl}; the CA must issue it a new one")),
+            OwnCertProblem::BadCrl(e) => TlsError::Refused(format!("tls.crl {crl}: the revocation list does not verify with the federation CA in tls.ca ({e}); is it signed by that CA?")),
+            OwnCertProblem::Other(e) => TlsError::Refused(e.to_string()),
         }
     }
 }
@@ -364,12 +427,12 @@ impl std::fmt::Debug for ClientVerifier {
 fn webpki_verifier(
     roots: &Arc<RootCertStore>,
     crls: Vec<CertificateRevocationListDer<'static>>,
-) -> anyhow::Result<Arc<dyn ClientCertVerifier>> {
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
     WebPkiClientVerifier::builder_with_provider(Arc::clone(roots), provider())
         .with_crls(crls)
         .only_check_end_entity_revocation()
         .build()
-        .map_err(|e| anyhow!("{e}"))
+        .map_err(|e| TlsError::Refused(format!("{e}")))
 }
 
 impl ClientVerifier {
@@ -378,7 +441,7 @@ impl ClientVerifier {
         ca_certs: Vec<CertificateDer<'static>>,
         crl: Option<(PathBuf, Vec<CertificateRevocationListDer<'static>>)>,
         own: Option<OwnCertificate>,
-    ) -> anyhow::Result<ClientVerifier> {
+    ) -> Result<ClientVerifier, TlsError> {
         let (crl_file, crls) = match crl {
             Some((path, crls)) => (
                 Some(CrlFile {
@@ -393,8 +456,8 @@ impl ClientVerifier {
             None => (None, Vec::new()),
         };
         let inner = webpki_verifier(&roots, crls).map_err(|e| match &crl_file {
-            Some(c) => anyhow!("tls.crl {}: {e}", c.path.display()),
-            None => anyhow!("tls.ca: {e}"),
+            Some(c) => TlsError::Refused(format!("tls.crl {}: {e}", c.path.display())),
+            None => TlsError::Refused(format!("tls.ca: {e}")),
         })?;
         Ok(ClientVerifier {
             hints: inner.root_hint_subjects().to_vec(),
@@ -433,7 +496,7 @@ impl ClientVerifier {
         }
         st.stamp = now;
         match load_crls(&crl.path, &self.ca_certs)
-            .map_err(anyhow::Error::from)
+            .map_err(TlsError::from)
             .and_then(|crls| {
             if let Some(own) = &self.own {
                 match check_own_certificate(&own.chain, &self.roots, &own.name, Some(&crls)) {

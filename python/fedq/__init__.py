@@ -177,9 +177,10 @@ class Federation:
         to retry without spending twice. ``timeout`` (seconds per node,
         retries included; default: the federation file's) and ``retries``
         as in ``fedq query``. ``secure`` (with ``rho``): secure aggregation,
-        each node adding a masked share of the noise, so the combined
-        interval is about sqrt(nodes) times narrower and only the sum is
-        ever seen (nodes whose datasets allow it; two phases).
+        each node adding a masked share of the noise calibrated for the
+        fewest honest participants it relies on (``min_honest``), so the
+        combined interval is up to sqrt(min_honest) times narrower and only
+        the sum is ever seen (nodes whose datasets allow it; two phases).
         """
         payload = _unwrap(
             self._native.query(

@@ -198,29 +198,8 @@ impl TestFederation {
 
     /// A coordinator federation over all nodes, as analyst `analyst`.
     pub fn federation(&self, analyst: &str) -> Federation {
-        let (cert, key) = self.client_cert(Role::Analyst, analyst);
-        let config = FederationConfig {
-            tls: ClientTls {
-                ca: self.dir.path().join("ca/ca.pem"),
-                cert,
-                key,
-                crl: None,
-            },
-            defaults: Defaults {
-                timeout_secs: 30.0,
-                ..Defaults::default()
-            },
-            nodes: self
-                .nodes
-                .iter()
-                .map(|n| NodeEntry {
-                    name: n.name.clone(),
-                    endpoint: format!("https://{}", n.config.node.listen),
-                })
-                .collect(),
-            base_dir: self.dir.path().to_path_buf(),
-        };
-        Federation::from_config(config).unwrap()
+        let all: Vec<usize> = (0..self.nodes.len()).collect();
+        self.federation_of(analyst, &all)
     }
 
     /// Node `i`'s whole audit log, pulled over gRPC as auditor "auditor"

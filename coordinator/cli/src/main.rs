@@ -130,8 +130,9 @@ struct QueryArgs {
     #[arg(long)]
     min_nodes: Option<usize>,
     /// Secure aggregation (with --rho): each node adds only a share of the
-    /// noise and masks its answer, so the combined answer carries about one
-    /// release's noise instead of one per node, and only the sum is ever
+    /// noise, calibrated for the fewest honest participants its dataset
+    /// relies on (min_honest), and masks its answer: the combined interval
+    /// is up to sqrt(min_honest) times narrower, and only the sum is ever
     /// seen. Nodes whose datasets allow it only; two phases.
     #[arg(long)]
     secure: bool,

@@ -14,6 +14,7 @@
 //! `make_zCDP_to_approxDP` privacy profile). Nothing converts zCDP to pure
 //! DP: that is impossible, so a pure ledger refuses rho queries.
 
+use crate::error::DpError;
 use std::cmp::Ordering;
 use std::fmt;
 use std::ops::Neg;
@@ -66,7 +67,7 @@ impl Measure {
 
     /// The (epsilon, delta)-DP equivalent of `amount` in this measure:
     /// `(epsilon, 0)` for pure DP; for zCDP, OpenDP's conversion at `delta`.
-    pub fn equivalent(self, amount: f64, delta: f64) -> Result<(f64, f64), String> {
+    pub fn equivalent(self, amount: f64, delta: f64) -> Result<(f64, f64), DpError> {
         match self {
             Measure::Pure => Ok((amount, 0.0)),
             Measure::Zcdp => Ok((zcdp_to_approx(amount, delta)?, delta)),
@@ -82,11 +83,11 @@ impl fmt::Display for Measure {
 
 /// The rho of an epsilon-DP release: `epsilon^2 / 2`, computed as OpenDP's
 /// `make_pureDP_to_zCDP` computes it (rounding up).
-pub fn pure_to_zcdp(epsilon: f64) -> Result<f64, String> {
+pub fn pure_to_zcdp(epsilon: f64) -> Result<f64, DpError> {
     epsilon
         .inf_powi(2.into())
         .and_then(|e2| e2.inf_div(&2.0))
-        .map_err(|e| format!("cannot convert epsilon {epsilon} to rho: {:?}", e.variant))
+        .map_err(|e| DpError::opendp(format!("cannot convert epsilon {epsilon} to rho"), e))
 }
 
 /// The epsilon at which rho-zCDP implies (epsilon, delta)-DP: OpenDP's
@@ -99,7 +100,7 @@ pub fn pure_to_zcdp(epsilon: f64) -> Result<f64, String> {
 /// OpenDP's own privacy profile otherwise (see [`certain_order`]). OpenDP's
 /// own takes a few milliseconds: each of its ~60 steps evaluates the
 /// profile in big-float arithmetic.
-pub fn zcdp_to_approx(rho: f64, delta: f64) -> Result<f64, String> {
+pub fn zcdp_to_approx(rho: f64, delta: f64) -> Result<f64, DpError> {
     if rho == 0.0 {
         return Ok(0.0);
     }
@@ -110,7 +111,7 @@ pub fn zcdp_to_approx(rho: f64, delta: f64) -> Result<f64, String> {
 
 /// [`zcdp_to_approx`] as OpenDP computes it, with nothing remembered and no
 /// shortcut: the reference the fast one is tested and benchmarked against.
-pub fn zcdp_to_approx_opendp(rho: f64, delta: f64) -> Result<f64, String> {
+pub fn zcdp_to_approx_opendp(rho: f64, delta: f64) -> Result<f64, DpError> {
     if rho == 0.0 {
         return Ok(0.0);
     }
@@ -119,10 +120,10 @@ pub fn zcdp_to_approx_opendp(rho: f64, delta: f64) -> Result<f64, String> {
         .map_err(|e| conversion_error(rho, delta, e))
 }
 
-fn conversion_error(rho: f64, delta: f64, e: opendp::error::Error) -> String {
-    format!(
-        "cannot convert rho {rho} to (epsilon, {delta})-DP: {:?}",
-        e.variant
+fn conversion_error(rho: f64, delta: f64, e: opendp::error::Error) -> DpError {
+    DpError::opendp(
+        format!("cannot convert rho {rho} to (epsilon, {delta})-DP"),
+        e,
     )
 }
 

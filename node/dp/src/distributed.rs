@@ -32,6 +32,7 @@
 //! negative-binomial sampler, which OpenDP does not provide, so it is
 //! refused (the noise must come from OpenDP, DESIGN invariant 1).
 
+use crate::error::DpError;
 use std::f64::consts::PI;
 
 /// The τ of Theorem 1 for the sum of `n` shares of parameter `sigma`: how
@@ -60,15 +61,21 @@ pub fn rho_of_sum(l2: i64, sigma: f64, n: u32, dim: usize) -> f64 {
 /// vector of dimension `dim` and L2 sensitivity `l2` ρ-zCDP. Starts from
 /// the Gaussian value `l2 / sqrt(2 ρ t)` (τ = 0) and grows σ until τ's
 /// term fits too, then bisects.
-pub fn share_scale(l2: i64, rho: f64, t: u32, dim: usize) -> Result<f64, String> {
+pub fn share_scale(l2: i64, rho: f64, t: u32, dim: usize) -> Result<f64, DpError> {
     if !(rho.is_finite() && rho > 0.0) {
-        return Err(format!("rho must be positive and finite, got {rho}"));
+        return Err(DpError::Invalid(format!(
+            "rho must be positive and finite, got {rho}"
+        )));
     }
     if t == 0 {
-        return Err("the number of honest participants must be at least 1".into());
+        return Err(DpError::Invalid(
+            "the number of honest participants must be at least 1".into(),
+        ));
     }
     if l2 <= 0 {
-        return Err(format!("the L2 sensitivity must be positive, got {l2}"));
+        return Err(DpError::Invalid(format!(
+            "the L2 sensitivity must be positive, got {l2}"
+        )));
     }
     let fits = |s: f64| rho_of_sum(l2, s, t, dim) <= rho;
     let mut low = l2 as f64 / (2.0 * rho * t as f64).sqrt();
@@ -84,9 +91,9 @@ pub fn share_scale(l2: i64, rho: f64, t: u32, dim: usize) -> Result<f64, String>
         }
     }
     if !fits(high) {
-        return Err(format!(
+        return Err(DpError::Invalid(format!(
             "no share scale makes {t} shares of a {dim}-value release {rho}-zCDP"
-        ));
+        )));
     }
     while (high - low) / high > 1e-9 {
         let mid = (low + high) / 2.0;

@@ -15,6 +15,7 @@
 //! - [`distributed`]: the distributed discrete Gaussian: the share of
 //!   the noise each of `t` honest nodes adds so that their sum, released
 //!   under secure aggregation, is as private as one central release.
+//! - [`error`]: [`error::DpError`], what could not be computed and why.
 //! - [`distribution`]: equal-width bins, and quantiles with confidence
 //!   intervals read off noisy histograms (post-processing only).
 //!
@@ -27,5 +28,6 @@
 pub mod accounting;
 pub mod distributed;
 pub mod distribution;
+pub mod error;
 pub mod mechanism;
 mod memo;

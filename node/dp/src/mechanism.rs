@@ -22,6 +22,7 @@
 //! `Measurement` is neither `Send` nor `Sync` in OpenDP 0.16, so it is built
 //! and invoked inside the caller's (blocking) task and never stored.
 
+use crate::error::DpError;
 use opendp::domains::{AtomDomain, MapDomain, VectorDomain};
 use opendp::measurements::{
     make_gaussian, make_gaussian_threshold, make_laplace, make_laplace_threshold,
@@ -54,14 +55,14 @@ pub enum Noise {
 
 impl Noise {
     /// Discrete Laplace noise giving `epsilon`-DP at L1 sensitivity `l1`.
-    pub fn for_epsilon(l1: i64, epsilon: f64) -> Result<Noise, String> {
+    pub fn for_epsilon(l1: i64, epsilon: f64) -> Result<Noise, DpError> {
         Ok(Noise::DiscreteLaplace {
             scale: discrete_laplace_scale(l1, epsilon)?,
         })
     }
 
     /// Discrete Gaussian noise giving `rho`-zCDP at L2 sensitivity `l2`.
-    pub fn for_rho(l2: i64, rho: f64) -> Result<Noise, String> {
+    pub fn for_rho(l2: i64, rho: f64) -> Result<Noise, DpError> {
         Ok(Noise::DiscreteGaussian {
             scale: discrete_gaussian_scale(l2, rho)?,
         })
@@ -94,7 +95,7 @@ impl Noise {
     /// Adds this noise to each value, with OpenDP. On failure returns a
     /// message that contains no value of the input. The only way out of an
     /// [`Exact`].
-    pub fn release(&self, exact: &Exact) -> Result<Vec<i64>, String> {
+    pub fn release(&self, exact: &Exact) -> Result<Vec<i64>, DpError> {
         match *self {
             Noise::DiscreteLaplace { scale } => release_discrete_laplace(&exact.0, scale),
             Noise::DiscreteGaussian { scale } => release_discrete_gaussian(&exact.0, scale),
@@ -111,7 +112,7 @@ impl Noise {
 
     /// Half-width `a` of the `1 - alpha` interval of one value,
     /// `P[|noise| >= a] <= alpha`, from `opendp::accuracy`.
-    pub fn half_width(&self, alpha: f64) -> Result<f64, String> {
+    pub fn half_width(&self, alpha: f64) -> Result<f64, DpError> {
         match *self {
             Noise::DiscreteLaplace { scale } => discrete_laplace_half_width(scale, alpha),
             Noise::DiscreteGaussian { scale } => discrete_gaussian_half_width(scale, alpha),
@@ -167,27 +168,28 @@ fn measurement(scale: f64) -> opendp::error::Fallible<VectorLaplace> {
 
 /// The smallest scale (up to float rounding) whose OpenDP privacy map gives
 /// a loss of at most `epsilon` for a vector of L1 sensitivity `sensitivity`.
-pub fn discrete_laplace_scale(sensitivity: i64, epsilon: f64) -> Result<f64, String> {
+pub fn discrete_laplace_scale(sensitivity: i64, epsilon: f64) -> Result<f64, DpError> {
     if !(epsilon.is_finite() && epsilon > 0.0) {
-        return Err(format!(
+        return Err(DpError::Invalid(format!(
             "epsilon must be positive and finite, got {epsilon}"
-        ));
+        )));
     }
     let mut scale = sensitivity as f64 / epsilon;
     // OpenDP rounds its map conservatively (upwards); nudge the scale up
     // until the reported loss fits.
     for _ in 0..64 {
-        let m = measurement(scale)
-            .map_err(|e| format!("cannot build the mechanism: {:?}", e.variant))?;
+        let m = measurement(scale).map_err(|e| DpError::opendp("cannot build the mechanism", e))?;
         let loss = m
             .map(&sensitivity)
-            .map_err(|e| format!("cannot compute the privacy loss: {:?}", e.variant))?;
+            .map_err(|e| DpError::opendp("cannot compute the privacy loss", e))?;
         if loss <= epsilon {
             return Ok(scale);
         }
         scale *= 1.0 + 1e-12;
     }
-    Err(format!("no discrete Laplace scale fits epsilon {epsilon}"))
+    Err(DpError::NoScale(format!(
+        "no discrete Laplace scale fits epsilon {epsilon}"
+    )))
 }
 
 /// OpenDP's vector discrete Gaussian measurement under zCDP.
@@ -210,31 +212,34 @@ fn gaussian(scale: f64) -> opendp::error::Fallible<VectorGaussian> {
 /// The smallest scale (up to float rounding) whose OpenDP privacy map gives
 /// a loss of at most `rho` (zCDP) for a vector of L2 sensitivity `l2`:
 /// about `l2 / sqrt(2 rho)`.
-pub fn discrete_gaussian_scale(l2: i64, rho: f64) -> Result<f64, String> {
+pub fn discrete_gaussian_scale(l2: i64, rho: f64) -> Result<f64, DpError> {
     if !(rho.is_finite() && rho > 0.0) {
-        return Err(format!("rho must be positive and finite, got {rho}"));
+        return Err(DpError::Invalid(format!(
+            "rho must be positive and finite, got {rho}"
+        )));
     }
     let mut scale = l2 as f64 / (2.0 * rho).sqrt();
     for _ in 0..64 {
-        let m =
-            gaussian(scale).map_err(|e| format!("cannot build the mechanism: {:?}", e.variant))?;
+        let m = gaussian(scale).map_err(|e| DpError::opendp("cannot build the mechanism", e))?;
         let loss = m
             .map(&l2)
-            .map_err(|e| format!("cannot compute the privacy loss: {:?}", e.variant))?;
+            .map_err(|e| DpError::opendp("cannot compute the privacy loss", e))?;
         if loss <= rho {
             return Ok(scale);
         }
         scale *= 1.0 + 1e-12;
     }
-    Err(format!("no discrete Gaussian scale fits rho {rho}"))
+    Err(DpError::NoScale(format!(
+        "no discrete Gaussian scale fits rho {rho}"
+    )))
 }
 
 /// Adds discrete Gaussian noise of `scale` to each value, with OpenDP.
 /// On failure returns a message that contains no value of the input.
-fn release_discrete_gaussian(exact: &Vec<i64>, scale: f64) -> Result<Vec<i64>, String> {
-    let m = gaussian(scale).map_err(|e| format!("cannot build the mechanism: {:?}", e.variant))?;
+fn release_discrete_gaussian(exact: &Vec<i64>, scale: f64) -> Result<Vec<i64>, DpError> {
+    let m = gaussian(scale).map_err(|e| DpError::opendp("cannot build the mechanism", e))?;
     m.invoke(exact)
-        .map_err(|e| format!("the noise sampler failed ({:?})", e.variant))
+        .map_err(|e| DpError::opendp("the noise sampler failed", e))
 }
 
 /// Below this scale, discrete Gaussian quantities are computed by summing
@@ -345,7 +350,7 @@ fn erfc(x: f64) -> f64 {
 /// terms), about a millisecond at ordinary scales and once per answered
 /// measurement, so results are remembered by `(scale, alpha)` (an answer's
 /// scale depends only on the query's cost and sensitivity).
-pub fn discrete_gaussian_half_width(scale: f64, alpha: f64) -> Result<f64, String> {
+pub fn discrete_gaussian_half_width(scale: f64, alpha: f64) -> Result<f64, DpError> {
     static MEMO: std::sync::OnceLock<crate::memo::Memo> = std::sync::OnceLock::new();
     MEMO.get_or_init(|| crate::memo::Memo::new(4096))
         .get_or(scale, alpha, || {
@@ -353,14 +358,14 @@ pub fn discrete_gaussian_half_width(scale: f64, alpha: f64) -> Result<f64, Strin
         })
 }
 
-fn discrete_gaussian_half_width_uncached(scale: f64, alpha: f64) -> Result<f64, String> {
+fn discrete_gaussian_half_width_uncached(scale: f64, alpha: f64) -> Result<f64, DpError> {
     let exact = scale <= 1e5;
     let r = if exact {
         opendp::accuracy::discrete_gaussian_scale_to_accuracy(scale, alpha)
     } else {
         opendp::accuracy::gaussian_scale_to_accuracy(scale, alpha).map(|a| a.ceil() + 1.0)
     };
-    r.map_err(|e| format!("cannot compute the accuracy: {:?}", e.variant))
+    r.map_err(|e| DpError::opendp("cannot compute the accuracy", e))
 }
 
 /// Tail `P[X >= k]` of discrete Laplace noise with `scale` t, `q = e^{-1/t}`:
@@ -376,11 +381,10 @@ pub fn discrete_laplace_upper_tail(scale: f64, k: i64) -> f64 {
 
 /// Adds discrete Laplace noise of `scale` to each value, with OpenDP.
 /// On failure returns a message that contains no value of the input.
-fn release_discrete_laplace(exact: &Vec<i64>, scale: f64) -> Result<Vec<i64>, String> {
-    let m =
-        measurement(scale).map_err(|e| format!("cannot build the mechanism: {:?}", e.variant))?;
+fn release_discrete_laplace(exact: &Vec<i64>, scale: f64) -> Result<Vec<i64>, DpError> {
+    let m = measurement(scale).map_err(|e| DpError::opendp("cannot build the mechanism", e))?;
     m.invoke(exact)
-        .map_err(|e| format!("the noise sampler failed ({:?})", e.variant))
+        .map_err(|e| DpError::opendp("the noise sampler failed", e))
 }
 
 /// Variance of discrete Laplace noise with `scale` t:
@@ -392,9 +396,9 @@ pub fn discrete_laplace_variance(scale: f64) -> f64 {
 
 /// Half-width `a` of the `1 - alpha` confidence interval of one value:
 /// `P[|noise| >= a] <= alpha`, from `opendp::accuracy`.
-pub fn discrete_laplace_half_width(scale: f64, alpha: f64) -> Result<f64, String> {
+pub fn discrete_laplace_half_width(scale: f64, alpha: f64) -> Result<f64, DpError> {
     opendp::accuracy::discrete_laplacian_scale_to_accuracy(scale, alpha)
-        .map_err(|e| format!("cannot compute the accuracy: {:?}", e.variant))
+        .map_err(|e| DpError::opendp("cannot compute the accuracy", e))
 }
 
 /// Exact aggregates on their way to a mechanism (one value per released
@@ -484,11 +488,12 @@ impl Noise {
     /// any of the unit's keys passes. (The epsilon/rho part is not taken
     /// from this map: it is the plain mechanism's at L1/L2 `bound`, as for
     /// every measurement.)
-    pub fn threshold_delta(&self, bound: i64, threshold: i64) -> Result<f64, String> {
-        let keys = u32::try_from(bound).map_err(|_| "the contribution bound is too large")?;
+    pub fn threshold_delta(&self, bound: i64, threshold: i64) -> Result<f64, DpError> {
+        let keys = u32::try_from(bound)
+            .map_err(|_| DpError::Invalid("the contribution bound is too large".into()))?;
         let shifted = bound.saturating_add(1);
         let d_in = (keys, shifted, shifted);
-        let fail = |e: opendp::error::Error| format!("OpenDP threshold map: {:?}", e.variant);
+        let fail = |e: opendp::error::Error| DpError::opendp("OpenDP threshold map", e);
         let (_, delta) = match *self {
             Noise::DiscreteLaplace { scale } => laplace_keys(scale, threshold)
                 .and_then(|m| m.map(&d_in))
@@ -504,11 +509,13 @@ impl Noise {
     /// delta of at most `delta` (found by bisection over OpenDP's map,
     /// which only shrinks as the threshold grows). Public: depends only on
     /// the noise, the bound and the dataset's declared delta.
-    pub fn key_threshold(&self, bound: i64, delta: f64) -> Result<i64, String> {
+    pub fn key_threshold(&self, bound: i64, delta: f64) -> Result<i64, DpError> {
         if !(delta > 0.0 && delta < 1.0) {
-            return Err(format!("keys_delta must be in (0, 1), not {delta}"));
+            return Err(DpError::Invalid(format!(
+                "keys_delta must be in (0, 1), not {delta}"
+            )));
         }
-        let ok = |t: i64| -> Result<bool, String> { Ok(self.threshold_delta(bound, t)? <= delta) };
+        let ok = |t: i64| -> Result<bool, DpError> { Ok(self.threshold_delta(bound, t)? <= delta) };
         // The threshold must exceed the (shifted) L-inf sensitivity.
         let mut lo = bound + 1;
         if ok(lo)? {
@@ -517,9 +524,9 @@ impl Noise {
         let mut hi = bound.saturating_add(64);
         while !ok(hi)? {
             if hi > 1 << 50 {
-                return Err(format!(
+                return Err(DpError::Invalid(format!(
                     "no threshold reaches keys_delta {delta} at this noise scale"
-                ));
+                )));
             }
             hi = hi.saturating_mul(2);
         }
@@ -542,10 +549,9 @@ impl Noise {
         &self,
         counts: &ExactKeyCounts,
         threshold: i64,
-    ) -> Result<KeyCounts, String> {
+    ) -> Result<KeyCounts, DpError> {
         let counts = &counts.0;
-        let fail =
-            |e: opendp::error::Error| format!("the threshold mechanism failed ({:?})", e.variant);
+        let fail = |e: opendp::error::Error| DpError::opendp("the threshold mechanism failed", e);
         match *self {
             Noise::DiscreteLaplace { scale } => laplace_keys(scale, threshold)
                 .and_then(|m| m.invoke(counts))

@@ -1,13 +1,14 @@
 //! Results of costly pure functions of two `f64` arguments, remembered
 //! by their bits (the same arguments always give the same result).
 
+use crate::error::DpError;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 /// Remembered results by `(a, b)` bits; when full, it forgets them all and
 /// starts again (the working set of a node is a handful of costs).
 pub(crate) struct Memo {
-    map: Mutex<HashMap<(u64, u64), Result<f64, String>>>,
+    map: Mutex<HashMap<(u64, u64), Result<f64, DpError>>>,
     capacity: usize,
 }
 
@@ -25,8 +26,8 @@ impl Memo {
         &self,
         a: f64,
         b: f64,
-        f: impl FnOnce() -> Result<f64, String>,
-    ) -> Result<f64, String> {
+        f: impl FnOnce() -> Result<f64, DpError>,
+    ) -> Result<f64, DpError> {
         let key = (a.to_bits(), b.to_bits());
         if let Some(hit) = self.lock().get(&key) {
             return hit.clone();
@@ -46,7 +47,7 @@ impl Memo {
         self.lock().len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(u64, u64), Result<f64, String>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(u64, u64), Result<f64, DpError>>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -2,7 +2,9 @@
 //! engine with person-level truncation, OpenDP noise): two neighbouring
 //! datasets differing by one person, many releases of each, and the
 //! empirical privacy loss of simple events compared with the claimed
-//! epsilon. Also the person-level bound at the engine layer.
+//! epsilon; the same for the federated sum of secure aggregation's
+//! discrete Gaussian shares, in zCDP's Rényi terms. Also the
+//! person-level bound at the engine layer.
 
 use crate::table::Table;
 use fedq_dp::distribution;

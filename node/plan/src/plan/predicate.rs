@@ -96,8 +96,9 @@ pub enum Predicate {
 }
 
 impl CmpOp {
-    /// Whether `a op b` holds.
-    pub fn holds(self, a: i64, b: i64) -> bool {
+    /// Whether `a op b` holds (codes in WHERE; noisy values in the
+    /// coordinator's HAVING).
+    pub fn holds<T: PartialOrd>(self, a: T, b: T) -> bool {
         match self {
             CmpOp::Eq => a == b,
             CmpOp::Ne => a != b,
