@@ -15,10 +15,11 @@
 //! [`epsilon_for_target`] is `--target-ci`: the smallest epsilon whose
 //! expected combined interval is narrow enough, from a dry run.
 
+use fedq_dp::mechanism::Noise;
 use fedq_proto::v1::QueryResponse;
 
 use crate::client::{new_query_id, Calls, Federation, Outcome};
-use crate::combine::{combine, combine_at, sum_half_width, Combined, ALPHA};
+use crate::combine::{combine, combine_at, noise_sum_half_width, sum_half_width, Combined, ALPHA};
 use crate::run::{run_query, QueryOptions, RunError};
 
 /// What a query gave: the combined result and every node's answer.
@@ -231,4 +232,114 @@ pub async fn epsilon_for_target(
         half_width: half_width(epsilon),
         nodes: plans.len(),
     })
+}
+
+/// The rho [`secure_rho_for_target`] picked.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SecureChoice {
+    /// Rho per node (3 significant digits, rounded up).
+    pub rho: f64,
+    /// The expected combined 95% CI half-width with secure aggregation.
+    pub half_width: f64,
+    /// The same rho's half-width without secure aggregation (every node
+    /// adding a whole release's noise), for comparison.
+    pub plain_half_width: f64,
+    /// Nodes that accepted the dry run it was computed from.
+    pub nodes: usize,
+}
+
+/// The smallest rho per node (3 significant digits, rounded up) whose
+/// expected combined 95% CI half-width with secure aggregation
+/// (`--secure`) is at most `target` for every measurement of `written`,
+/// from a rho dry run (nothing spent), capped by the most every node
+/// allows the analyst now. `None` when some node cannot take part (a pure
+/// DP dataset, or one without `[datasets.secure_aggregation]`): what
+/// `--target-ci` shows beside its epsilon, so the gain is seen before
+/// anything is spent.
+pub async fn secure_rho_for_target(
+    fed: &Federation,
+    written: &str,
+    target: f64,
+    calls: Calls,
+) -> Result<Option<SecureChoice>, TargetError> {
+    if !(target.is_finite() && target > 0.0) {
+        return Err(TargetError(format!(
+            "the target CI must be a positive number (got {target})"
+        )));
+    }
+    let (sent, _) = crate::post::split(written).map_err(TargetError)?;
+    let opts = QueryOptions {
+        secure: false,
+        epsilon: 0.0,
+        rho: 1e-3,
+        dry_run: true,
+        calls,
+        min_nodes: None,
+        query_id: new_query_id(),
+    };
+    let outcomes = run_query(fed, &sent, &opts)
+        .await
+        .map_err(|q| TargetError(q.to_string()))?;
+    if outcomes.iter().any(|o| o.result.is_err()) {
+        return Ok(None);
+    }
+    let plans: Vec<&QueryResponse> = outcomes
+        .iter()
+        .filter_map(|o| o.result.as_ref().ok())
+        .collect();
+    if plans.is_empty() || plans.iter().any(|r| r.min_honest == 0) {
+        return Ok(None);
+    }
+    let cap = plans
+        .iter()
+        .filter_map(|r| {
+            r.budget
+                .as_ref()
+                .map(|b| b.per_query_max.min(b.remaining_for_analyst))
+        })
+        .fold(f64::INFINITY, f64::min);
+    let m = plans[0].measurements.len();
+    // The half-widths at rho per node: each measurement gets rho / m, its
+    // share scale from each node's own min_honest; the worst measurement.
+    let widths = |rho: f64| -> Option<(f64, f64)> {
+        let mut worst = (0.0f64, 0.0f64);
+        for i in 0..m {
+            let mut shares = Vec::new();
+            let mut whole = Vec::new();
+            for r in &plans {
+                let x = r.measurements.get(i)?;
+                let values = r.cells.len().max(1) * x.bins.max(1) as usize;
+                let l2 = x.l2_sensitivity as i64;
+                let s = crate::secure::share_noise(l2, rho / m as f64, r.min_honest, values)?;
+                shares.push(s);
+                whole.push(Noise::for_rho(l2, rho / m as f64).ok()?);
+            }
+            worst.0 = worst.0.max(noise_sum_half_width(&shares, ALPHA));
+            worst.1 = worst.1.max(noise_sum_half_width(&whole, ALPHA));
+        }
+        Some(worst)
+    };
+    let fits = |rho: f64| widths(rho).is_some_and(|w| w.0 <= target);
+    if !cap.is_finite() || !fits(cap) {
+        return Ok(None);
+    }
+    let (mut lo, mut hi) = (1e-9_f64, cap);
+    for _ in 0..60 {
+        let mid = (lo * hi).sqrt();
+        if fits(mid) {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    let digits = 10f64.powi(2 - hi.log10().floor() as i32);
+    let rho = ((hi * digits).ceil() / digits).min(cap);
+    Ok(
+        widths(rho).map(|(half_width, plain_half_width)| SecureChoice {
+            rho,
+            half_width,
+            plain_half_width,
+            nodes: plans.len(),
+        }),
+    )
 }

@@ -209,6 +209,15 @@ pub fn abandon(outcomes: &mut [Outcome<QueryResponse>], why: &str) {
     }
 }
 
+/// The noise of one node's share of a release of `rho` (L2 sensitivity
+/// `l2`, `values` values) calibrated for `min_honest` honest participants;
+/// `None` if no scale fits.
+pub fn share_noise(l2: i64, rho: f64, min_honest: u32, values: usize) -> Option<Noise> {
+    fedq_dp::distributed::share_scale(l2, rho, min_honest, values)
+        .ok()
+        .map(|scale| Noise::DiscreteGaussian { scale })
+}
+
 /// The combined 95% half-width measurement `label` would have with secure
 /// aggregation, from a dry run's answers: `None` unless every answer is a
 /// rho (discrete Gaussian) plan from a node that offers secure aggregation

@@ -482,6 +482,16 @@ async fn query(args: QueryArgs) -> anyhow::Result<u8> {
                 "epsilon {} per node gives an expected combined 95% CI of ± {:.1} (target ± {w}) over {} node(s)",
                 choice.epsilon, choice.half_width, choice.nodes
             );
+            // Side by side: what secure aggregation would need, when every
+            // node offers it (zCDP datasets with the policy).
+            if let Ok(Some(s)) =
+                fedq::query::secure_rho_for_target(&fed, &queries[0], w, calls).await
+            {
+                eprintln!(
+                    "with --secure, rho {} per node gives ± {:.1} (without --secure that rho gives ± {:.1}); ask with --secure --rho {} to use it",
+                    s.rho, s.half_width, s.plain_half_width, s.rho
+                );
+            }
             if !yes {
                 confirm(&format!("spend epsilon {} per node?", choice.epsilon))?;
             }

@@ -111,6 +111,37 @@ async fn the_sum_carries_one_release_of_noise_and_covers_the_truth() {
     let coordinator = fed.federation("alice");
     let truth = truth(&fed, &[0, 1, 2]);
 
+    // --target-ci shows secure aggregation beside its epsilon: the rho it
+    // would need, with the interval that rho gives with and without it,
+    // from a dry run (nothing spent).
+    let calls = Calls {
+        timeout: Duration::from_secs(30),
+        retries: 0,
+    };
+    let pick = fedq::query::secure_rho_for_target(&coordinator, SQL, 8.0, calls)
+        .await
+        .unwrap()
+        .expect("every node offers secure aggregation");
+    assert!(pick.half_width <= 8.0, "{pick:?}");
+    assert!(pick.plain_half_width > 1.5 * pick.half_width, "{pick:?}");
+    assert_eq!(pick.nodes, 3);
+    let dry = run_query(
+        &coordinator,
+        SQL,
+        &QueryOptions {
+            dry_run: true,
+            ..options(false, pick.rho)
+        },
+    )
+    .await
+    .unwrap();
+    let plans: Vec<_> = dry.iter().map(|o| o.result.as_ref().unwrap()).collect();
+    assert_eq!(
+        fedq::secure::dry_run_half_width(&plans, "COUNT(*)"),
+        Some(pick.half_width)
+    );
+    assert_eq!(spent(&fed, 0, "alice").await, 0.0);
+
     let secure = options(true, RHO);
     let outcomes = run_query(&coordinator, SQL, &secure).await.unwrap();
     for o in &outcomes {
@@ -357,6 +388,18 @@ async fn rounds_nodes_do_not_accept_spend_nothing() {
     for i in 0..3 {
         assert_eq!(spent(&fed, i, "dave").await, 0.0, "node {i}");
     }
+    // Node 2 offers no secure aggregation: --target-ci shows no secure
+    // figure.
+    let calls = Calls {
+        timeout: Duration::from_secs(30),
+        retries: 0,
+    };
+    assert_eq!(
+        fedq::query::secure_rho_for_target(&coordinator, SQL, 8.0, calls)
+            .await
+            .unwrap(),
+        None
+    );
     // An epsilon query cannot be aggregated securely: refused before
     // anything is sent.
     let mut eps = options(true, 0.0);
