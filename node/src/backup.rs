@@ -38,32 +38,11 @@ use crate::config::NodeConfig;
 use fedq_ledger::audit::{self, AuditKey, AuditLog, Head};
 use fedq_ledger::store::{Store, StoreError, FORMAT_VERSION};
 
-/// Why a backup, a restore or a high-water check did not happen; the
-/// message says what is wrong and what to do (nothing was changed unless
-/// it says otherwise).
-#[derive(Debug, thiserror::Error)]
-pub enum BackupError {
-    /// Refused, saying why and what to do.
-    #[error("{0}")]
-    Refused(String),
-    /// An operation failed: what was being done, and why (the cause's
-    /// text is in the message, not repeated as a source).
-    #[error("{what}: {cause}")]
-    Io {
-        /// What was being done.
-        what: String,
-        /// The cause, in words.
-        cause: String,
-    },
-}
-
-impl BackupError {
-    fn io(what: impl Into<String>, cause: impl std::fmt::Display) -> Self {
-        BackupError::Io {
-            what: what.into(),
-            cause: cause.to_string(),
-        }
-    }
+crate::error::stage_error! {
+    /// Why a backup, a restore or a high-water check did not happen; the
+    /// message says what is wrong and what to do (nothing was changed unless
+    /// it says otherwise).
+    BackupError {}
 }
 
 impl From<std::io::Error> for BackupError {

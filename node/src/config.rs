@@ -16,35 +16,15 @@ pub use fedq_engine::mapping::{ColumnMapping, Mapping};
 use fedq_plan::schema::{ColumnSpec, Schema};
 use fedq_plan::standard::{Followed, Standard};
 
-/// Why node.toml cannot be used: the message names the file and the key.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// Refused, saying what is wrong and what to do.
-    #[error("{0}")]
-    Refused(String),
-    /// An operation failed: what was being done, and why (the cause's
-    /// text is in the message, not repeated as a source).
-    #[error("{what}: {cause}")]
-    Io {
-        /// What was being done.
-        what: String,
-        /// The cause, in words.
-        cause: String,
-    },
+crate::error::stage_error! {
+    /// Why node.toml cannot be used: the message names the file and the key.
+    ConfigError {
+    }
 }
 
 impl From<std::io::Error> for ConfigError {
     fn from(e: std::io::Error) -> Self {
         ConfigError::io("file operation", e)
-    }
-}
-
-impl ConfigError {
-    fn io(what: impl Into<String>, cause: impl std::fmt::Display) -> Self {
-        ConfigError::Io {
-            what: what.into(),
-            cause: cause.to_string(),
-        }
     }
 }
 

@@ -23,29 +23,9 @@ use fedq_engine::mapping::{ColumnCoverage, CoverageCounter, Mapped, Mapper, Mapp
 use fedq_ledger::store::Store;
 use fedq_plan::schema::{Column, Schema, MISSING};
 
-/// Why an ingest stored nothing: the message names the file, line, column or value at fault.
-#[derive(Debug, thiserror::Error)]
-pub enum IngestError {
-    /// Refused, saying what is wrong and what to do.
-    #[error("{0}")]
-    Refused(String),
-    /// An operation failed: what was being done, and why (the cause's
-    /// text is in the message, not repeated as a source).
-    #[error("{what}: {cause}")]
-    Io {
-        /// What was being done.
-        what: String,
-        /// The cause, in words.
-        cause: String,
-    },
-}
-
-impl IngestError {
-    fn io(what: impl Into<String>, cause: impl std::fmt::Display) -> Self {
-        IngestError::Io {
-            what: what.into(),
-            cause: cause.to_string(),
-        }
+crate::error::stage_error! {
+    /// Why an ingest stored nothing: the message names the file, line, column or value at fault.
+    IngestError {
     }
 }
 

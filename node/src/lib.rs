@@ -33,6 +33,8 @@
 
 #![deny(missing_docs)]
 
+mod error;
+
 pub mod backup;
 pub mod config;
 pub mod ingest;

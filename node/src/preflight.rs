@@ -19,21 +19,10 @@ use std::sync::Arc;
 
 use crate::config::NodeConfig;
 
-/// Why the node cannot start (or `check` fails): the message names the config field at fault.
-#[derive(Debug, thiserror::Error)]
-pub enum PreflightError {
-    /// Refused, saying what is wrong and what to do.
-    #[error("{0}")]
-    Refused(String),
-    /// An operation failed: what was being done, and why (the cause's
-    /// text is in the message, not repeated as a source).
-    #[error("{what}: {cause}")]
-    Io {
-        /// What was being done.
-        what: String,
-        /// The cause, in words.
-        cause: String,
-    },
+crate::error::stage_error! {
+    /// Why the node cannot start (or `check` fails): the message names the config field at fault.
+    PreflightError {
+    }
 }
 
 impl From<crate::backup::BackupError> for PreflightError {
@@ -45,15 +34,6 @@ impl From<crate::backup::BackupError> for PreflightError {
 impl From<fedq_ledger::ledger::MeasureError> for PreflightError {
     fn from(e: fedq_ledger::ledger::MeasureError) -> Self {
         PreflightError::Refused(e.to_string())
-    }
-}
-
-impl PreflightError {
-    fn io(what: impl Into<String>, cause: impl std::fmt::Display) -> Self {
-        PreflightError::Io {
-            what: what.into(),
-            cause: cause.to_string(),
-        }
     }
 }
 

@@ -23,41 +23,21 @@ use tonic::transport::Server;
 use crate::config::NodeConfig;
 use crate::service::{NodeService, NodeState};
 
-/// Why a node could not start, or stopped: the message says what and what to do.
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    /// Refused, saying what is wrong and what to do.
-    #[error("{0}")]
-    Refused(String),
-    /// The store failed while serving: the node stopped so that a restart
-    /// completes the interrupted write (exit code 75, [`exit_code`]).
-    #[error(
-        "node {node} stopped: restart it (the supervisor does) to complete the interrupted write"
-    )]
-    Stopped {
-        /// The node.
-        node: String,
-        /// The store's fault.
-        #[source]
-        fault: fedq_ledger::fault::StoreFailed,
-    },
-    /// An operation failed: what was being done, and why (the cause's
-    /// text is in the message, not repeated as a source).
-    #[error("{what}: {cause}")]
-    Io {
-        /// What was being done.
-        what: String,
-        /// The cause, in words.
-        cause: String,
-    },
-}
-
-impl ServeError {
-    fn io(what: impl Into<String>, cause: impl std::fmt::Display) -> Self {
-        ServeError::Io {
-            what: what.into(),
-            cause: cause.to_string(),
-        }
+crate::error::stage_error! {
+    /// Why a node could not start, or stopped: the message says what and what to do.
+    ServeError {
+        /// The store failed while serving: the node stopped so that a restart
+        /// completes the interrupted write (exit code 75, [`exit_code`]).
+        #[error(
+            "node {node} stopped: restart it (the supervisor does) to complete the interrupted write"
+        )]
+        Stopped {
+            /// The node.
+            node: String,
+            /// The store's fault.
+            #[source]
+            fault: fedq_ledger::fault::StoreFailed,
+        },
     }
 }
 

@@ -37,21 +37,10 @@ use fedq_plan::plan::{self, Plan};
 use fedq_plan::schema::Schema;
 use fedq_proto::query_digest;
 
-/// Why the node's state could not be opened or its start logged.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    /// Refused, saying what is wrong and what to do.
-    #[error("{0}")]
-    Refused(String),
-    /// An operation failed: what was being done, and why (the cause's
-    /// text is in the message, not repeated as a source).
-    #[error("{what}: {cause}")]
-    Io {
-        /// What was being done.
-        what: String,
-        /// The cause, in words.
-        cause: String,
-    },
+crate::error::stage_error! {
+    /// Why the node's state could not be opened or its start logged.
+    StartError {
+    }
 }
 
 impl From<fedq_engine::postgres::PgConfigError> for StartError {
@@ -73,13 +62,6 @@ impl From<sled::Error> for StartError {
 }
 
 impl StartError {
-    fn io(what: impl Into<String>, cause: impl std::fmt::Display) -> Self {
-        StartError::Io {
-            what: what.into(),
-            cause: cause.to_string(),
-        }
-    }
-
     fn refused(why: impl std::fmt::Display) -> Self {
         StartError::Refused(why.to_string())
     }

@@ -51,31 +51,10 @@ use tokio_rustls::server::TlsStream;
 use crate::config::NodeConfig;
 use fedq_pki::{caller_from_der, check_node_name, load_crls, serial_hex};
 
-/// Why the node's TLS set-up cannot be used: the message names the
-/// `[tls]` key and the file at fault, and what to do.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    /// A `[tls]` file or the certificates in it are not usable.
-    #[error("{0}")]
-    Refused(String),
-    /// An operation failed: what was being done, and why (the cause's
-    /// text is in the message, not repeated as a source).
-    #[error("{what}: {cause}")]
-    Io {
-        /// What was being done.
-        what: String,
-        /// The cause, in words.
-        cause: String,
-    },
-}
-
-impl TlsError {
-    fn io(what: impl Into<String>, cause: impl std::fmt::Display) -> Self {
-        TlsError::Io {
-            what: what.into(),
-            cause: cause.to_string(),
-        }
-    }
+crate::error::stage_error! {
+    /// Why the node's TLS set-up cannot be used: the message names the
+    /// `[tls]` key and the file at fault, and what to do.
+    TlsError {}
 }
 
 impl From<fedq_pki::PkiError> for TlsError {
