@@ -399,6 +399,79 @@ fn push_down_equals_the_embedded_engine() {
                 .unwrap_or_else(|e| panic!("{sql}: {e}"));
             assert_eq!(db, loaded.table.exact_values(&p), "{sql}");
         }
+        assert_eq!(pg.coded_again(), 0, "every key was read raw");
+    });
+}
+
+/// Categorical keys are grouped by their raw text and coded in the node:
+/// hundreds of distinct stray labels (each missing to the engine) all land
+/// on the missing key, and a table with more raw groups than the cap is
+/// asked again with its keys coded in the database, with the same answer.
+#[test]
+fn raw_labels_land_on_missing_and_too_many_are_coded_in_the_database() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let url = test_database_url();
+    let dir = tempfile::tempdir().unwrap();
+    rt.block_on(async {
+        let client = connect(&url).await;
+        let loaded = load(&client, 6_000, 31).await;
+        // Every gender and citizenship the engine holds as missing becomes
+        // a label of its own in the database.
+        let mut strays = 0;
+        for name in ["gender", "citizenship"] {
+            let i = loaded.schema.index_of(name).unwrap();
+            let Column::Categorical { domain, .. } = &loaded.schema.columns[i] else {
+                unreachable!()
+            };
+            strays += client
+                .execute(
+                    &format!(
+                        "UPDATE {} SET {name} = 'stray ' || ctid::text WHERE {name} IS NULL OR NOT ({name} = ANY($1::text[]))",
+                        loaded.relation
+                    ),
+                    &[domain],
+                )
+                .await
+                .unwrap();
+        }
+        assert!(strays > 60, "only {strays} stray labels");
+        let queries = [
+            "SELECT gender, COUNT(*) FROM cases GROUP BY gender",
+            "SELECT gender, citizenship, COUNT(*), SUM(traffickMonths) FROM cases WHERE isForcedLabour = 1 OR gender IS NULL GROUP BY gender, citizenship",
+            "SELECT citizenship, HISTOGRAM(traffickMonths, 4) FROM cases WHERE NOT citizenship IN ('US', 'PH') GROUP BY citizenship",
+            "SELECT citizenship, gender, VARIANCE(traffickMonths), COUNT(*) FILTER (WHERE gender IS NOT NULL) FROM cases GROUP BY 1, 2",
+        ];
+        // At the usual cap every query is answered from raw labels; at 30
+        // (4 rows per cell, the floor, is 16 for gender's 3 labels and
+        // missing) the GROUP BY gender has too many, and is asked again;
+        // the others may be (`None`: not checked).
+        for (cap, coded_again) in [
+            (statement::RAW_GROUPS_MIN, [Some(false); 4]),
+            (30, [Some(true), None, None, None]),
+        ] {
+            let pg = source(&url, &loaded, dir.path()).with_raw_groups(cap);
+            pg.connect().await.unwrap();
+            for (sql, again) in queries.iter().zip(coded_again) {
+                let p = plan(sql, &loaded.schema, 100_000).unwrap();
+                let before = pg.coded_again();
+                let db = pg
+                    .exact_values(&p)
+                    .await
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"));
+                assert_eq!(db, loaded.table.exact_values(&p), "{sql} (cap {cap})");
+                if let Some(again) = again {
+                    assert_eq!(
+                        pg.coded_again() > before,
+                        again,
+                        "{sql}: asked again with coded keys at cap {cap}"
+                    );
+                }
+            }
+        }
     });
 }
 

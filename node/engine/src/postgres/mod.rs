@@ -15,6 +15,7 @@
 pub mod statement;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -164,6 +165,12 @@ pub struct PgSource {
     /// connection serves every query of the dataset; the lock is held only
     /// to connect or to clone the handle.
     conn: tokio::sync::Mutex<Option<Arc<Connected>>>,
+    /// The fewest raw groups a statement takes before its keys are coded
+    /// in the database instead ([`statement::RAW_GROUPS_MIN`]; lower in
+    /// tests).
+    raw_groups: usize,
+    /// How many queries had more raw groups than that and were asked again.
+    coded_again: AtomicU64,
 }
 
 impl PgSource {
@@ -233,7 +240,22 @@ impl PgSource {
             tls,
             statement_timeout: Duration::from_millis(src.statement_timeout_ms),
             conn: tokio::sync::Mutex::new(None),
+            raw_groups: statement::RAW_GROUPS_MIN,
+            coded_again: AtomicU64::new(0),
         })
+    }
+
+    /// How many queries found more raw groups than a statement takes, and
+    /// were asked again with their keys coded in the database.
+    pub fn coded_again(&self) -> u64 {
+        self.coded_again.load(Ordering::Relaxed)
+    }
+
+    /// Lowers the raw-group cap (tests of the fallback).
+    #[cfg(test)]
+    pub(crate) fn with_raw_groups(mut self, n: usize) -> PgSource {
+        self.raw_groups = n;
+        self
     }
 
     /// The configured table, as written in `node.toml`.
@@ -352,7 +374,40 @@ impl PgSource {
 
     async fn exact_within(&self, plan: &Plan) -> Result<Vec<Vec<i64>>, SourceError> {
         let c = self.connected().await?;
-        let st = statement::build(plan, &self.schema, &c.types, &self.relation);
+        let st = statement::build_with(
+            plan,
+            &self.schema,
+            &c.types,
+            &self.relation,
+            Some(self.raw_groups),
+        );
+        let rows = self.run(&c, &st).await?;
+        let rows = match st.cap {
+            // More raw groups than expected (a column of free text): ask
+            // again with the keys coded in the database.
+            Some(cap) if rows.len() > cap => {
+                self.coded_again.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    dataset = %self.dataset,
+                    cap,
+                    "more raw groups than the push-down takes; the keys are coded in the database instead"
+                );
+                let coded =
+                    statement::build_with(plan, &self.schema, &c.types, &self.relation, None);
+                self.run(&c, &coded).await?
+            }
+            _ => rows,
+        };
+        statement::assemble(plan, rows).map_err(SourceError::Failed)
+    }
+
+    /// Runs a statement and reads its rows: each key as
+    /// [`statement::Statement::keys`] says, each value from its text.
+    async fn run(
+        &self,
+        c: &Connected,
+        st: &statement::Statement,
+    ) -> Result<Vec<statement::ResultRow>, SourceError> {
         let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
             st.params.iter().map(|p| p.as_sql()).collect();
         let rows = c
@@ -368,21 +423,29 @@ impl PgSource {
                     self.failed(&e)
                 }
             })?;
-        let keys = plan.group_by.len();
+        let keys = st.keys.len();
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
-            let parse = || -> Result<statement::ResultRow, tokio_postgres::Error> {
-                let k = (0..keys)
-                    .map(|i| row.try_get::<_, Option<i64>>(i))
-                    .collect::<Result<_, _>>()?;
-                let v = (keys..row.len())
-                    .map(|i| row.try_get::<_, i64>(i))
-                    .collect::<Result<_, _>>()?;
-                Ok((k, v))
-            };
-            out.push(parse().map_err(|e| self.failed(&e))?);
+            let mut k = Vec::with_capacity(keys);
+            for (i, read) in st.keys.iter().enumerate() {
+                k.push(
+                    match read {
+                        statement::KeyRead::Label(_) => {
+                            row.try_get::<_, Option<&str>>(i).map(|l| read.label(l))
+                        }
+                        _ => row.try_get::<_, Option<i64>>(i).map(|v| read.number(v)),
+                    }
+                    .map_err(|e| self.failed(&e))?,
+                );
+            }
+            let mut v = Vec::with_capacity(row.len() - keys);
+            for i in keys..row.len() {
+                let text = row.try_get::<_, &str>(i).map_err(|e| self.failed(&e))?;
+                v.push(statement::parse_value(text).map_err(SourceError::Failed)?);
+            }
+            out.push((k, v));
         }
-        statement::assemble(plan, out).map_err(SourceError::Failed)
+        Ok(out)
     }
 
     fn unreachable(&self, e: &tokio_postgres::Error) -> SourceError {

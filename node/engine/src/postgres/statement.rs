@@ -13,25 +13,43 @@
 //! The statement has stages, each a common table expression read by the
 //! next:
 //!
-//! 1. `src`: one row per database row, each needed column turned into the
-//!    engine's code (`NULL` = missing): a categorical value becomes its index
-//!    in the declared domain (anything outside the domain, `''` and `'-99'`
-//!    included, is missing); an integer is clamped to its declared bounds
-//!    (`-99` and `NULL` are missing); a boolean is 0/1 (from a boolean column,
-//!    or an integer column holding 0/1; anything else is missing).
+//! 1. `src`: one row per database row, with each needed column twice: its
+//!    raw value `r<i>` (text compared byte for byte, `COLLATE "C"`) and its
+//!    engine code `c<i>` (`NULL` = missing): a categorical value becomes
+//!    its index in the declared domain (anything outside the domain, `''`
+//!    and `'-99'` included, is missing); an integer is clamped to its
+//!    declared bounds (`-99` and `NULL` are missing); a boolean is 0/1
+//!    (from a boolean column, or an integer column holding 0/1; anything
+//!    else is missing). PostgreSQL inlines the stage, so only what the
+//!    query reads is computed, row by row.
 //! 2. (reserved) per-person contribution bounding: see [`rows_stage`].
-//! 3. The aggregation: the WHERE clause over codes with PostgreSQL's own
-//!    three-valued logic (which is the engine's: a comparison on `NULL` is
-//!    unknown, `NOT` keeps unknown, `IS NULL` is never unknown), GROUP BY
-//!    the codes, one count or clamped sum per measurement. Only non-empty
-//!    cells come back; [`assemble`] fills the rest with 0 in the engine's
-//!    cell order.
+//! 3. The aggregation, written so that the database does what it does
+//!    fastest, on raw values (issue 22; measured in BENCHMARKS.md):
+//!    - conditions (WHERE, `COUNT(*) FILTER`, CASE buckets) are written in
+//!      negation normal form over raw values: each atom is TRUE exactly
+//!      when the engine's atom over codes is TRUE ([`atom`]), and AND and
+//!      OR over three-valued logic are TRUE exactly when the same formula
+//!      over "is TRUE" is, so the rows kept are the engine's;
+//!    - a categorical GROUP BY column is grouped by its raw text, and each
+//!      returned label is coded in the node ([`KeyRead::Label`]): labels
+//!      outside the domain land on the missing key, and the rows that
+//!      land on one cell are added up ([`assemble`]). A table with more
+//!      raw groups than [`Statement::cap`] is asked again with the keys
+//!      coded in the database ([`build_with`]), so a column of free text
+//!      costs one extra statement, never unbounded memory;
+//!    - every value comes back as exact integer text (`numeric`, no
+//!      overflow), is added in `i128` and saturated to `i64` like the
+//!      engine's.
+//!
+//!    Only non-empty cells come back; [`assemble`] fills the rest with 0
+//!    in the engine's cell order.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 
 use tokio_postgres::types::ToSql;
 
-use fedq_plan::plan::{KeyRule, MeasurementSpec, Plan, Predicate, RowExpr};
+use fedq_plan::plan::{CmpOp, KeyRule, MeasurementSpec, Plan, Predicate, RowExpr};
 use fedq_plan::schema::{Column, Schema};
 
 /// How a declared column is stored in the database, as found by the
@@ -51,8 +69,12 @@ pub enum DbType {
 pub enum Param {
     /// `$n::bigint`.
     Int(i64),
+    /// `$n::integer`.
+    Int4(i32),
     /// `$n::bigint[]`.
     Ints(Vec<i64>),
+    /// `$n::text`.
+    Text(String),
     /// `$n::text[]`.
     Texts(Vec<String>),
 }
@@ -62,11 +84,61 @@ impl Param {
     pub fn as_sql(&self) -> &(dyn ToSql + Sync) {
         match self {
             Param::Int(v) => v,
+            Param::Int4(v) => v,
             Param::Ints(v) => v,
+            Param::Text(v) => v,
             Param::Texts(v) => v,
         }
     }
 }
+
+/// How one GROUP BY key of a result row is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyRead {
+    /// A `bigint` code computed by the database (`NULL`: missing).
+    Code,
+    /// The raw text of a categorical column: its code is its index in the
+    /// declared domain (this map, byte for byte); `NULL` or any other text
+    /// is missing.
+    Label(HashMap<String, i64>),
+    /// The raw value of a flag, as `bigint` (a `boolean` as 0 or 1): 0 and
+    /// 1 are its codes, anything else is missing.
+    Flag,
+    /// The raw value of an integer column, as `bigint`: `NULL` and `-99`
+    /// are missing; its key is the value clamped to the bounds, as an
+    /// offset from the lower one.
+    Integer {
+        /// Declared lower bound.
+        min: i64,
+        /// Declared upper bound.
+        max: i64,
+    },
+}
+
+impl KeyRead {
+    /// The code of a raw label (`None`: missing).
+    pub fn label(&self, label: Option<&str>) -> Option<i64> {
+        match self {
+            KeyRead::Label(codes) => label.and_then(|l| codes.get(l).copied()),
+            _ => None,
+        }
+    }
+
+    /// The key of a `bigint` result (`None`: missing).
+    pub fn number(&self, v: Option<i64>) -> Option<i64> {
+        match (self, v) {
+            (KeyRead::Code, v) => v,
+            (KeyRead::Flag, Some(v @ (0 | 1))) => Some(v),
+            (KeyRead::Integer { min, max }, Some(v)) if v != MISSING_INT => {
+                Some(v.clamp(*min, *max) - min)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// How a missing integer is spelt in a database column, as in CSV files.
+const MISSING_INT: i64 = -99;
 
 /// A statement and its parameters, `$1` first.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,7 +147,19 @@ pub struct Statement {
     pub sql: String,
     /// The bound values.
     pub params: Vec<Param>,
+    /// How each GROUP BY key of a result row is read, in order.
+    pub keys: Vec<KeyRead>,
+    /// With raw keys: the most rows the statement is expected to return.
+    /// It asks for one more (`LIMIT`); a result that long means the raw
+    /// values are too many, and the caller asks again with
+    /// [`build_with`]`(.., None)`, whose rows are at most the plan's
+    /// cells.
+    pub cap: Option<usize>,
 }
+
+/// The fewest raw groups a statement with raw keys accepts before the
+/// keys are coded in the database instead (see [`Statement::cap`]).
+pub const RAW_GROUPS_MIN: usize = 20_000;
 
 /// Where a dataset's rows are in the database.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,9 +196,17 @@ impl Params {
         self.0.push(Param::Int(v));
         format!("${}::bigint", self.0.len())
     }
+    fn int4(&mut self, v: i32) -> String {
+        self.0.push(Param::Int4(v));
+        format!("${}::integer", self.0.len())
+    }
     fn ints(&mut self, v: Vec<i64>) -> String {
         self.0.push(Param::Ints(v));
         format!("${}::bigint[]", self.0.len())
+    }
+    fn text(&mut self, v: String) -> String {
+        self.0.push(Param::Text(v));
+        format!("${}::text", self.0.len())
     }
     fn texts(&mut self, v: Vec<String>) -> String {
         self.0.push(Param::Texts(v));
@@ -125,6 +217,22 @@ impl Params {
 /// The code column of declared column `i` in the `src` stage.
 fn code(i: usize) -> String {
     format!("c{i}")
+}
+
+/// The raw value column of declared column `i` in the `src` stage.
+fn raw(i: usize) -> String {
+    format!("r{i}")
+}
+
+/// The SQL of column `i`'s raw value: text compared byte for byte (the
+/// `C` collation: a case-insensitive collation must not merge labels the
+/// engine tells apart), other types as stored.
+fn raw_expr(column: &Column, db: DbType) -> String {
+    let q = quote(column.name());
+    match db {
+        DbType::Text => format!("{q}::text COLLATE \"C\""),
+        DbType::Integer | DbType::Boolean => q,
+    }
 }
 
 /// The SQL computing column `i`'s code from its database value.
@@ -191,8 +299,24 @@ fn rows_stage(schema: &Schema, p: &mut Params) -> (Option<String>, &'static str)
 }
 
 /// Builds the statement computing `plan`'s exact aggregates over
-/// `relation`. `db` holds the database type of every declared column.
+/// `relation`, categorical keys grouped by their raw text. `db` holds the
+/// database type of every declared column.
 pub fn build(plan: &Plan, schema: &Schema, db: &[DbType], relation: &Relation) -> Statement {
+    build_with(plan, schema, db, relation, Some(RAW_GROUPS_MIN))
+}
+
+/// As [`build`], with categorical keys grouped by raw text when
+/// `raw_groups` is given (the cap is at least that, and at least four rows
+/// per cell: [`Statement::cap`]); with `None`, every key is coded in the
+/// database (one row per non-empty cell at most: the fallback for tables
+/// with more raw values than the cap).
+pub fn build_with(
+    plan: &Plan,
+    schema: &Schema,
+    db: &[DbType],
+    relation: &Relation,
+    raw_groups: Option<usize>,
+) -> Statement {
     let mut p = Params::default();
     // The columns the query touches, each once, in declaration order.
     let mut used: Vec<usize> = Vec::new();
@@ -238,10 +362,13 @@ pub fn build(plan: &Plan, schema: &Schema, db: &[DbType], relation: &Relation) -
         if k > 0 {
             sql.push_str(", ");
         }
+        let column = &schema.columns[i];
         let _ = write!(
             sql,
-            "{} AS {}",
-            code_expr(&schema.columns[i], db[i], &mut p),
+            "{} AS {}, {} AS {}",
+            raw_expr(column, db[i]),
+            raw(i),
+            code_expr(column, db[i], &mut p),
             code(i)
         );
     }
@@ -250,14 +377,16 @@ pub fn build(plan: &Plan, schema: &Schema, db: &[DbType], relation: &Relation) -
     if let Some(stage) = stage {
         let _ = write!(sql, ", {stage}");
     }
+    let cx = Cx { schema, db };
 
     sql.push_str(" SELECT ");
+    let mut keys = Vec::with_capacity(plan.group_by.len());
     // A key is its column's code; an integer column's code is its value,
     // whose key is its offset from the lower bound (as the engine's).
-    let mut items: Vec<String> = plan
-        .group_by
-        .iter()
-        .map(|&i| match plan.bucket(i).map(|b| &b.rule) {
+    let mut items: Vec<String> = Vec::with_capacity(plan.group_by.len());
+    let mut groups: Vec<String> = Vec::with_capacity(plan.group_by.len());
+    for &i in &plan.group_by {
+        let (item, read) = match plan.bucket(i).map(|b| &b.rule) {
             // A CASE bucket's key: the first TRUE branch's label index,
             // else the ELSE label's, else NULL (missing), as the engine.
             Some(KeyRule::Case {
@@ -267,14 +396,14 @@ pub fn build(plan: &Plan, schema: &Schema, db: &[DbType], relation: &Relation) -
                 let mut k = String::from("(CASE");
                 for (c, label) in branches {
                     k.push_str(" WHEN ");
-                    predicate(c, &mut p, &mut k);
+                    cx.predicate(c, false, &mut p, &mut k);
                     let _ = write!(k, " THEN {label}");
                 }
                 if let Some(o) = otherwise {
                     let _ = write!(k, " ELSE {o}");
                 }
                 k.push_str(" END)::bigint");
-                k
+                (k, KeyRead::Code)
             }
             // A number's key: its value clamped to the bounds, as an
             // offset from the lower bound, or its bin
@@ -288,52 +417,82 @@ pub fn build(plan: &Plan, schema: &Schema, db: &[DbType], relation: &Relation) -
                 let range = i128::from(k.max) - i128::from(k.min) + 1;
                 let bins = k.bins.map_or(range, i128::from);
                 let (bins, range) = (p.int(bins as i64), p.int(range as i64));
-                format!(
-                    "(CASE WHEN {v} IS NULL THEN NULL ELSE div((LEAST(GREATEST({v}, {min}), {max}) - {min}) * {bins}, {range}) END)::bigint"
+                (
+                    format!(
+                        "(CASE WHEN {v} IS NULL THEN NULL ELSE div((LEAST(GREATEST({v}, {min}), {max}) - {min}) * {bins}, {range}) END)::bigint"
+                    ),
+                    KeyRead::Code,
                 )
             }
-            None => match &schema.columns[i] {
-                Column::Integer { min, .. } => format!("({} - {})", code(i), p.int(*min)),
-                _ => code(i),
+            // A declared column: grouped by its raw value and coded in the
+            // node (cast to bigint after grouping, once per group), or,
+            // without raw keys, coded in the database.
+            None => match (&schema.columns[i], db[i], raw_groups.is_some()) {
+                (Column::Categorical { domain, .. }, DbType::Text, true) => (
+                    raw(i),
+                    KeyRead::Label(
+                        domain
+                            .iter()
+                            .enumerate()
+                            .map(|(k, l)| (l.clone(), k as i64))
+                            .collect(),
+                    ),
+                ),
+                (Column::Integer { min, max, .. }, _, true) => (
+                    format!("{}::bigint", raw(i)),
+                    KeyRead::Integer {
+                        min: *min,
+                        max: *max,
+                    },
+                ),
+                (Column::Boolean { .. }, DbType::Boolean, true) => {
+                    (format!("{}::integer::bigint", raw(i)), KeyRead::Flag)
+                }
+                (Column::Boolean { .. }, _, true) => (format!("{}::bigint", raw(i)), KeyRead::Flag),
+                (Column::Integer { min, .. }, _, false) => {
+                    (format!("({} - {})", code(i), p.int(*min)), KeyRead::Code)
+                }
+                _ => (code(i), KeyRead::Code),
             },
-        })
-        .collect();
-    // Values saturate to i64 like the engine's.
-    let saturate = |x: String| {
-        format!(
-            "GREATEST(LEAST(COALESCE({x}, 0), 9223372036854775807), -9223372036854775808)::bigint"
-        )
-    };
+        };
+        // Raw keys are grouped by the raw column itself; coded ones by
+        // their place in the SELECT list.
+        groups.push(if matches!(read, KeyRead::Code) {
+            (items.len() + 1).to_string()
+        } else {
+            raw(i)
+        });
+        items.push(item);
+        keys.push(read);
+    }
+    // Every value as the text of an exact integer (numeric: no overflow);
+    // the node adds and saturates them (see `assemble`).
+    let total = |x: String| format!("COALESCE({x}, 0)::text");
     for m in &plan.measurements {
         match m {
-            MeasurementSpec::CountRows => items.push("COUNT(*)".to_string()),
+            MeasurementSpec::CountRows => items.push("COUNT(*)::text".to_string()),
             MeasurementSpec::CountWhere { condition, .. } => {
                 // COUNT skips the NULL of rows the condition is not TRUE for.
                 let mut c = String::from("COUNT(CASE WHEN ");
-                predicate(condition, &mut p, &mut c);
-                c.push_str(" THEN 1 END)");
+                cx.predicate(condition, false, &mut p, &mut c);
+                c.push_str(" THEN 1 END)::text");
                 items.push(c);
             }
             MeasurementSpec::CountPresent { column } => {
-                items.push(format!("COUNT({})", code(*column)))
+                let mut c = String::from("COUNT(*) FILTER (WHERE ");
+                cx.present(*column, true, &mut p, &mut c);
+                c.push_str(")::text");
+                items.push(c)
             }
             MeasurementSpec::Sum { column, min, max } => {
-                let c = code(*column);
-                // SUM(bigint) is numeric, NULL over no value (LEAST and GREATEST
-                // skip NULLs, so COALESCE first): 0 and saturated to i64 like
-                // the engine.
-                items.push(saturate(format!(
-                    "SUM(CASE WHEN {c} IS NOT NULL THEN LEAST(GREATEST({c}, {}), {}) END)",
-                    p.int(*min),
-                    p.int(*max)
-                )))
+                items.push(total(cx.sum(*column, *min, *max, &mut p)))
             }
             MeasurementSpec::SumOf { expr, min, max, .. } => {
                 // In numeric (no overflow); clamped to the derived bounds
                 // like the engine. LEAST and GREATEST skip NULLs, so a NULL
                 // expression is kept NULL by the CASE (it adds nothing).
                 let x = row_expr(expr, &mut p);
-                items.push(saturate(format!(
+                items.push(total(format!(
                     "SUM(CASE WHEN {x} IS NOT NULL THEN LEAST(GREATEST({x}, {}), {}) END)",
                     p.int(*min),
                     p.int(*max)
@@ -341,7 +500,7 @@ pub fn build(plan: &Plan, schema: &Schema, db: &[DbType], relation: &Relation) -
             }
             MeasurementSpec::CountOf { expr, .. } => {
                 let x = row_expr(expr, &mut p);
-                items.push(format!("COUNT({x})"))
+                items.push(format!("COUNT({x})::text"))
             }
             MeasurementSpec::SumSquares {
                 column,
@@ -357,7 +516,7 @@ pub fn build(plan: &Plan, schema: &Schema, db: &[DbType], relation: &Relation) -
                     p.int(*max),
                     p.int(*center)
                 );
-                items.push(saturate(format!(
+                items.push(total(format!(
                     "SUM(CASE WHEN {c} IS NOT NULL THEN {d} * {d} END)"
                 )))
             }
@@ -374,7 +533,7 @@ pub fn build(plan: &Plan, schema: &Schema, db: &[DbType], relation: &Relation) -
                 let (lo, k, range) = (p.int(*min), p.int(*bins as i64), p.int(max - min + 1));
                 for b in 0..*bins {
                     items.push(format!(
-                        "COUNT(*) FILTER (WHERE {c} IS NOT NULL AND (({c} - {lo}) * {k}) / {range} = {})",
+                        "COUNT(*) FILTER (WHERE {c} IS NOT NULL AND (({c} - {lo}) * {k}) / {range} = {})::text",
                         p.int(b as i64)
                     ));
                 }
@@ -385,13 +544,23 @@ pub fn build(plan: &Plan, schema: &Schema, db: &[DbType], relation: &Relation) -
     let _ = write!(sql, " FROM {from}");
     if let Some(f) = &plan.filter {
         sql.push_str(" WHERE ");
-        predicate(f, &mut p, &mut sql);
+        cx.predicate(f, false, &mut p, &mut sql);
     }
-    if !plan.group_by.is_empty() {
-        let keys: Vec<String> = (1..=plan.group_by.len()).map(|k| k.to_string()).collect();
-        let _ = write!(sql, " GROUP BY {}", keys.join(", "));
+    if !groups.is_empty() {
+        let _ = write!(sql, " GROUP BY {}", groups.join(", "));
     }
-    Statement { sql, params: p.0 }
+    let cap = raw_groups
+        .filter(|_| keys.iter().any(|k| !matches!(k, KeyRead::Code)))
+        .map(|min| min.max(fedq_plan::plan::cell_count(plan).saturating_mul(4)));
+    if let Some(cap) = cap {
+        let _ = write!(sql, " LIMIT {}", p.int(cap.saturating_add(1) as i64));
+    }
+    Statement {
+        sql,
+        params: p.0,
+        keys,
+        cap,
+    }
 }
 
 /// A per-row expression over the codes of `src` (an integer's code is its
@@ -428,91 +597,333 @@ fn predicate_columns(f: &Predicate, out: &mut Vec<usize>) {
     }
 }
 
-/// Writes the WHERE condition over codes. Recursion is bounded by the
-/// plan's nesting limit ([`fedq_plan::plan::MAX_WHERE_DEPTH`]).
-fn predicate(f: &Predicate, p: &mut Params, sql: &mut String) {
-    match f {
-        Predicate::And(a, b) | Predicate::Or(a, b) => {
-            sql.push('(');
-            predicate(a, p, sql);
-            sql.push_str(if matches!(f, Predicate::And(..)) {
-                " AND "
-            } else {
-                " OR "
-            });
-            predicate(b, p, sql);
-            sql.push(')');
+/// What the condition writer needs: the declared columns and how each is
+/// stored.
+struct Cx<'a> {
+    schema: &'a Schema,
+    db: &'a [DbType],
+}
+
+/// An atom's test on one column's code, before negation.
+enum Test<'a> {
+    Cmp(CmpOp, i64),
+    In(&'a [i64]),
+    Between(i64, i64),
+}
+
+impl Test<'_> {
+    /// Whether a (present) code passes.
+    fn holds(&self, code: i64) -> bool {
+        match *self {
+            Test::Cmp(op, v) => op.holds(code, v),
+            Test::In(values) => values.contains(&code),
+            Test::Between(lo, hi) => lo <= code && code <= hi,
         }
-        Predicate::Not(a) => {
-            sql.push_str("(NOT ");
-            predicate(a, p, sql);
-            sql.push(')');
+    }
+
+    /// The codes in `[lo, hi]` that pass, as sorted, disjoint, non-adjacent
+    /// inclusive ranges (in `i128`: a literal can be `i64::MAX`).
+    fn ranges(&self, lo: i64, hi: i64) -> Vec<(i128, i128)> {
+        let (lo, hi) = (i128::from(lo), i128::from(hi));
+        let mut r: Vec<(i128, i128)> = match *self {
+            Test::Cmp(op, v) => {
+                let v = i128::from(v);
+                match op {
+                    CmpOp::Eq => vec![(v, v)],
+                    CmpOp::Ne => vec![(lo, v - 1), (v + 1, hi)],
+                    CmpOp::Lt => vec![(lo, v - 1)],
+                    CmpOp::Le => vec![(lo, v)],
+                    CmpOp::Gt => vec![(v + 1, hi)],
+                    CmpOp::Ge => vec![(v, hi)],
+                }
+            }
+            Test::In(values) => values
+                .iter()
+                .map(|&v| (i128::from(v), i128::from(v)))
+                .collect(),
+            Test::Between(a, b) => vec![(i128::from(a), i128::from(b))],
+        };
+        for x in &mut r {
+            *x = (x.0.max(lo), x.1.min(hi));
         }
-        Predicate::Cmp { column, op, value } => {
-            let _ = write!(sql, "({} {} {})", code(*column), op.sql(), p.int(*value));
+        r.retain(|&(a, b)| a <= b);
+        merge(r)
+    }
+}
+
+/// Sorts ranges and joins the overlapping or adjacent ones.
+fn merge(mut r: Vec<(i128, i128)>) -> Vec<(i128, i128)> {
+    r.sort_unstable();
+    let mut out: Vec<(i128, i128)> = Vec::with_capacity(r.len());
+    for (a, b) in r {
+        match out.last_mut() {
+            Some(last) if a <= last.1 + 1 => last.1 = last.1.max(b),
+            _ => out.push((a, b)),
         }
-        Predicate::Columns {
-            left,
-            op,
-            right,
-            relabel,
-        } => {
-            // Categories by label: the left code mapped to the right's
-            // (arrays are 1-based; a NULL subscript gives NULL, so a
-            // missing value leaves the comparison unknown, as in the
-            // engine). Numbers compare their (clamped) values.
-            let l = match relabel {
-                Some(m) => format!("({})[({} + 1)::integer]", p.ints(m.clone()), code(*left)),
-                None => code(*left),
-            };
-            let _ = write!(sql, "({l} {} {})", op.sql(), code(*right));
+    }
+    out
+}
+
+/// The ranges of `[lo, hi]` outside `r` (sorted, disjoint).
+fn complement(r: &[(i128, i128)], lo: i64, hi: i64) -> Vec<(i128, i128)> {
+    let mut out = Vec::new();
+    let mut next = i128::from(lo);
+    for &(a, b) in r {
+        if a > next {
+            out.push((next, a - 1));
         }
-        Predicate::In {
-            column,
-            values,
-            negated,
-        } => {
-            // A non-empty array without NULLs: NULL = ANY(...) is unknown,
-            // as the engine's IN on a missing value.
-            let not = if *negated { "NOT " } else { "" };
-            let _ = write!(
+        next = b + 1;
+    }
+    if next <= i128::from(hi) {
+        out.push((next, i128::from(hi)));
+    }
+    out
+}
+
+impl Cx<'_> {
+    /// Writes condition `f` (negated when `negate`) over the raw values,
+    /// in negation normal form: the result is TRUE for exactly the rows
+    /// the engine's condition over codes is TRUE for, which is all that
+    /// WHERE, FILTER and CASE WHEN look at. Negation is pushed to the
+    /// atoms (De Morgan holds in three-valued logic), and each atom is
+    /// written by [`Cx::atom`]. Recursion is bounded by the plan's nesting
+    /// limit ([`fedq_plan::plan::MAX_WHERE_DEPTH`]).
+    fn predicate(&self, f: &Predicate, negate: bool, p: &mut Params, sql: &mut String) {
+        match f {
+            Predicate::And(a, b) | Predicate::Or(a, b) => {
+                let and = matches!(f, Predicate::And(..)) != negate;
+                sql.push('(');
+                self.predicate(a, negate, p, sql);
+                sql.push_str(if and { " AND " } else { " OR " });
+                self.predicate(b, negate, p, sql);
+                sql.push(')');
+            }
+            Predicate::Not(a) => self.predicate(a, !negate, p, sql),
+            Predicate::Cmp { column, op, value } => {
+                self.atom(*column, &Test::Cmp(*op, *value), negate, p, sql)
+            }
+            Predicate::In {
+                column,
+                values,
+                negated,
+            } => self.atom(*column, &Test::In(values), negate != *negated, p, sql),
+            Predicate::Between {
+                column,
+                low,
+                high,
+                negated,
+            } => self.atom(
+                *column,
+                &Test::Between(*low, *high),
+                negate != *negated,
+                p,
                 sql,
-                "({not}({} = ANY({})))",
-                code(*column),
-                p.ints(values.clone())
-            );
+            ),
+            Predicate::IsMissing { column, negated } => {
+                self.present(*column, negate != *negated, p, sql)
+            }
+            Predicate::Columns {
+                left,
+                op,
+                right,
+                relabel,
+            } => {
+                // Over codes, with the database's three-valued NOT, which
+                // is the engine's: categories by label (the left code
+                // mapped to the right's; arrays are 1-based, and a NULL
+                // subscript gives NULL, so a missing value leaves the
+                // comparison unknown), numbers by (clamped) value.
+                let l = match relabel {
+                    Some(m) => format!("({})[({} + 1)::integer]", p.ints(m.clone()), code(*left)),
+                    None => code(*left),
+                };
+                let not = if negate { "NOT " } else { "" };
+                let _ = write!(sql, "({not}({l} {} {}))", op.sql(), code(*right));
+            }
         }
-        Predicate::Between {
-            column,
-            low,
-            high,
-            negated,
-        } => {
-            let not = if *negated { "NOT " } else { "" };
-            let _ = write!(
-                sql,
-                "({} {not}BETWEEN {} AND {})",
-                code(*column),
-                p.int(*low),
-                p.int(*high)
-            );
+    }
+
+    /// The sum over rows of column `i`'s code clamped to `[min, max]`,
+    /// missing values adding nothing (NULL over no value). On an integer
+    /// column, straight from the raw value: its code is the value clamped
+    /// to the declared bounds `[a, b]`, and clamping twice is clamping once
+    /// to `[min(max(a, min), max), max(min(b, max), min)]`. When both ends
+    /// fit in `integer`, so does every value, and PostgreSQL sums them in
+    /// `bigint` (its `SUM(bigint)` adds in `numeric`, several times slower);
+    /// `2^31` values each under `2^31` cannot overflow it.
+    fn sum(&self, i: usize, min: i64, max: i64, p: &mut Params) -> String {
+        let (x, a, b, filter) = match &self.schema.columns[i] {
+            Column::Integer { min: a, max: b, .. } => {
+                (raw(i), *a, *b, format!(" FILTER (WHERE {} <> -99)", raw(i)))
+            }
+            // A flag's code is 0 or 1 (NULL when missing).
+            _ => (code(i), 0, 1, String::new()),
+        };
+        let lo = a.max(min).min(max);
+        let hi = b.min(max).max(min);
+        match (i32::try_from(lo), i32::try_from(hi)) {
+            (Ok(lo), Ok(hi)) => format!(
+                "SUM(LEAST(GREATEST({x}, {}), {})::integer){filter}",
+                p.int4(lo),
+                p.int4(hi)
+            ),
+            _ => format!(
+                "SUM(LEAST(GREATEST({x}::bigint, {}), {})){filter}",
+                p.int(lo),
+                p.int(hi)
+            ),
         }
-        Predicate::IsMissing { column, negated } => {
-            let not = if *negated { "NOT " } else { "" };
-            let _ = write!(sql, "({} IS {not}NULL)", code(*column));
+    }
+
+    /// Writes a condition TRUE exactly when column `i`'s value is present
+    /// (`present`), or exactly when it is missing. Never unknown.
+    fn present(&self, i: usize, present: bool, p: &mut Params, sql: &mut String) {
+        let r = raw(i);
+        let test = match (&self.schema.columns[i], self.db[i]) {
+            (Column::Categorical { domain, .. }, DbType::Text) => {
+                format!("{r} = ANY({})", p.texts(domain.clone()))
+            }
+            (Column::Integer { .. }, _) => format!("{r} <> -99"),
+            (Column::Boolean { .. }, DbType::Boolean) => format!("{r} IS NOT NULL"),
+            (Column::Boolean { .. }, _) => format!("{r} IN (0, 1)"),
+            _ => format!("{} IS NOT NULL", code(i)),
+        };
+        if present {
+            let _ = write!(sql, "({test})");
+        } else {
+            let _ = write!(sql, "(({test}) IS NOT TRUE)");
+        }
+    }
+
+    /// Writes a condition over column `i`'s raw value that is TRUE exactly
+    /// when its code is present and passes `test` (fails it, when
+    /// `negate`): the engine's atom is TRUE exactly then, since an atom on
+    /// a missing value is unknown either way. The passing codes are found
+    /// in the node from the declared domain or bounds, so the database
+    /// compares raw values with parameters only:
+    ///
+    /// - a category: its text against the labels of the passing codes;
+    /// - a flag: the stored boolean, or the integer 0 or 1;
+    /// - an integer: raw ranges; an integer's code is its value clamped to
+    ///   the bounds, so a passing range that reaches a bound reaches on
+    ///   past it, and `-99` (missing) is excluded where a range covers it.
+    fn atom(&self, i: usize, test: &Test, negate: bool, p: &mut Params, sql: &mut String) {
+        let r = raw(i);
+        let passing = |n: usize| -> Vec<usize> {
+            (0..n).filter(|&c| test.holds(c as i64) != negate).collect()
+        };
+        match (&self.schema.columns[i], self.db[i]) {
+            (Column::Categorical { domain, .. }, DbType::Text) => {
+                let codes = passing(domain.len());
+                match codes.as_slice() {
+                    [] => sql.push_str("FALSE"),
+                    [c] => {
+                        let _ = write!(sql, "({r} = {})", p.text(domain[*c].clone()));
+                    }
+                    _ => {
+                        let labels = codes.iter().map(|&c| domain[c].clone()).collect();
+                        let _ = write!(sql, "({r} = ANY({}))", p.texts(labels));
+                    }
+                }
+            }
+            (Column::Boolean { .. }, db) => {
+                let text = match (passing(2).as_slice(), db) {
+                    ([], _) => "FALSE".to_string(),
+                    ([0, 1], _) => return self.present(i, true, p, sql),
+                    ([c], DbType::Boolean) => format!("({r} = {})", *c == 1),
+                    ([c], _) => format!("({r} = {c})"),
+                    _ => unreachable!("two codes"),
+                };
+                sql.push_str(&text);
+            }
+            (Column::Integer { min, max, .. }, _) => {
+                let mut ranges = test.ranges(*min, *max);
+                if negate {
+                    ranges = complement(&ranges, *min, *max);
+                }
+                if ranges.is_empty() {
+                    sql.push_str("FALSE");
+                    return;
+                }
+                let (lo, hi) = (i128::from(*min), i128::from(*max));
+                let parts: Vec<String> = ranges
+                    .iter()
+                    .map(|&(a, b)| {
+                        let mut c = Vec::new();
+                        // Within i64: the ranges lie in the bounds.
+                        if a > lo {
+                            c.push(format!("{r} >= {}", p.int(a as i64)));
+                        }
+                        if b < hi {
+                            c.push(format!("{r} <= {}", p.int(b as i64)));
+                        }
+                        // -99 is missing: keep it out where the raw range
+                        // would take it in.
+                        if (a == lo || a <= -99) && (b == hi || b >= -99) {
+                            c.push(format!("{r} <> -99"));
+                        }
+                        format!("({})", c.join(" AND "))
+                    })
+                    .collect();
+                let _ = write!(sql, "({})", parts.join(" OR "));
+            }
+            // Anything else (not expected in conditions): over codes.
+            _ => {
+                let mut coded = String::new();
+                let _ = write!(coded, "{}", code(i));
+                let not = if negate { "NOT " } else { "" };
+                let cond = match test {
+                    Test::Cmp(op, v) => format!("{coded} {} {}", op.sql(), p.int(*v)),
+                    Test::In(values) => format!("{coded} = ANY({})", p.ints(values.to_vec())),
+                    Test::Between(a, b) => {
+                        format!("{coded} BETWEEN {} AND {}", p.int(*a), p.int(*b))
+                    }
+                };
+                let _ = write!(sql, "({not}({cond}))");
+            }
         }
     }
 }
 
 /// One result row: each GROUP BY column's code (`None`: missing), then one
-/// value per measurement.
-pub type ResultRow = (Vec<Option<i64>>, Vec<i64>);
+/// value per measurement (histograms: one per bin).
+pub type ResultRow = (Vec<Option<i64>>, Vec<i128>);
+
+/// A value of the statement: the text of an exact integer (`numeric`
+/// prints one with no fraction, or with a zero fraction). Beyond `i128`
+/// it saturates (no sum of declared bounds comes near).
+pub fn parse_value(text: &str) -> Result<i128, String> {
+    let whole = match text.split_once('.') {
+        Some((w, f)) if f.bytes().all(|b| b == b'0') => w,
+        Some(_) => return Err("the database returned a value that is not a whole number".into()),
+        None => text,
+    };
+    match whole.parse::<i128>() {
+        Ok(v) => Ok(v),
+        Err(_)
+            if !whole.is_empty()
+                && whole
+                    .trim_start_matches('-')
+                    .bytes()
+                    .all(|b| b.is_ascii_digit()) =>
+        {
+            Ok(if whole.starts_with('-') {
+                i128::MIN
+            } else {
+                i128::MAX
+            })
+        }
+        Err(_) => Err("the database returned a value that is not a number".into()),
+    }
+}
 
 /// Places the statement's rows in the engine's cell order (mixed radix over
 /// the GROUP BY columns, first most significant, each column's missing key
-/// last; see [`fedq_plan::plan::cell_keys`]), with 0 for cells no row fell in.
-/// A key outside its declared domain means the statement is wrong: an
-/// error, never a guess.
+/// last; see [`fedq_plan::plan::cell_keys`]), with 0 for cells no row fell
+/// in. Several rows can land on one cell (raw labels outside the domain
+/// all land on the missing key): their values are added, in `i128`, and
+/// each total saturates to `i64` like the engine's. A key outside its
+/// declared domain means the statement is wrong: an error, never a guess.
 pub fn assemble(plan: &Plan, rows: Vec<ResultRow>) -> Result<Vec<Vec<i64>>, String> {
     let cells = fedq_plan::plan::cell_count(plan);
     let widths: Vec<usize> = plan
@@ -520,7 +931,7 @@ pub fn assemble(plan: &Plan, rows: Vec<ResultRow>) -> Result<Vec<Vec<i64>>, Stri
         .iter()
         .map(MeasurementSpec::values_per_cell)
         .collect();
-    let mut out: Vec<Vec<i64>> = widths.iter().map(|w| vec![0i64; cells * w]).collect();
+    let mut sums: Vec<Vec<i128>> = widths.iter().map(|w| vec![0i128; cells * w]).collect();
     for (keys, values) in rows {
         if keys.len() != plan.group_by.len() || values.len() != widths.iter().sum::<usize>() {
             return Err("the database returned a row of the wrong shape".into());
@@ -536,13 +947,20 @@ pub fn assemble(plan: &Plan, rows: Vec<ResultRow>) -> Result<Vec<Vec<i64>>, Stri
         }
         // Each measurement's values for the cell (histograms: one per bin).
         let mut values = values.into_iter();
-        for (m, &w) in out.iter_mut().zip(&widths) {
+        for (m, &w) in sums.iter_mut().zip(&widths) {
             for (slot, v) in m[cell * w..(cell + 1) * w].iter_mut().zip(values.by_ref()) {
-                *slot = v;
+                *slot = slot.saturating_add(v);
             }
         }
     }
-    Ok(out)
+    Ok(sums
+        .into_iter()
+        .map(|m| {
+            m.into_iter()
+                .map(|v| v.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64)
+                .collect()
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -616,7 +1034,7 @@ mod tests {
         );
         assert!(st.sql.contains(r#"FROM "public"."cases""#), "{}", st.sql);
         assert!(st.params.contains(&Param::Int(41)));
-        assert!(st.params.contains(&Param::Ints(vec![1])));
+        assert!(st.params.contains(&Param::Text("Male".into())));
         assert!(st
             .params
             .contains(&Param::Texts(vec!["Female".into(), "Male".into()])));
