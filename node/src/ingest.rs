@@ -8,6 +8,10 @@
 //! ingest`, never sent anywhere), or, with `unmapped = "error"`, fail the
 //! whole ingest naming the file, line, column and value.
 //!
+//! [`dry_run`] (`fedq-node check --dataset NAME --csv FILE`) reads a file
+//! by the very same code (one `validate` for both) and stores nothing: no
+//! row, no audit entry, no record that the file was seen.
+//!
 //! Errors name the file, the line, the column and what was expected. The
 //! message quotes only the offending cell of the partner's own file, on the
 //! partner's own machine, and at most its first
@@ -134,6 +138,51 @@ pub fn ingest_mapped_audited(
     )
 }
 
+/// What [`dry_run`] found: what an ingest of the file would add, read,
+/// mapped and validated exactly as [`ingest_mapped_audited`] reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DryRunReport {
+    /// Rows an ingest of the file would add.
+    pub rows: u64,
+    /// SHA-256 of the file.
+    pub file_sha256: String,
+    /// Whether this very file was already ingested into the dataset (an
+    /// ingest would then be refused without `allow_duplicate`).
+    pub already_ingested: bool,
+    /// CSV columns that are not declared and would not be stored.
+    pub ignored_columns: Vec<String>,
+    /// Per declared column, as [`IngestReport::coverage`].
+    pub coverage: Vec<ColumnCoverage>,
+}
+
+/// Reads `csv_path` through `mapping` exactly as [`ingest_mapped_audited`]
+/// would (same parsing, mapping and validation, by the same code, failing
+/// with the same errors) and stores nothing: no row, no audit entry, no
+/// record of the file. `store` (when the node has one) is only asked
+/// whether the file was ingested before.
+pub fn dry_run(
+    store: Option<&Store>,
+    dataset: &str,
+    schema: &Schema,
+    mapping: &Mapping,
+    csv_path: &Path,
+) -> Result<DryRunReport, IngestError> {
+    let mapper = Mapper::compile(dataset, schema, mapping).map_err(IngestError::Refused)?;
+    let (bytes, file_sha256) = read_file(csv_path)?;
+    let already_ingested = match store {
+        Some(store) => store.was_ingested(dataset, &file_sha256)?,
+        None => false,
+    };
+    let rows = validate(csv_path, &bytes, dataset, schema, &mapper)?;
+    Ok(DryRunReport {
+        rows: rows.count(),
+        file_sha256,
+        already_ingested,
+        ignored_columns: rows.ignored_columns,
+        coverage: rows.coverage,
+    })
+}
+
 fn ingest_with(
     store: &Store,
     audit: Option<&fedq_ledger::audit::AuditLog>,
@@ -143,20 +192,85 @@ fn ingest_with(
     csv_path: &Path,
     allow_duplicate: bool,
 ) -> Result<IngestReport, IngestError> {
-    let file = csv_path.display();
-    let bytes = std::fs::read(csv_path)
-        .map_err(|e| IngestError::Refused(format!("cannot read {file}: {e}")))?;
-    let file_sha256 = hex::encode(Sha256::digest(&bytes));
+    let (bytes, file_sha256) = read_file(csv_path)?;
     if !allow_duplicate && store.was_ingested(dataset, &file_sha256)? {
         return Err(IngestError::Refused(format!(
-            "{file} (sha256 {file_sha256}) was already ingested into dataset {dataset:?}; \
-             ingesting it again would count its records twice (pass --allow-duplicate if that is really intended); nothing was stored"
+            "{} (sha256 {file_sha256}) was already ingested into dataset {dataset:?}; \
+             ingesting it again would count its records twice (pass --allow-duplicate if that is really intended); nothing was stored",
+            csv_path.display()
         )));
     }
+    let rows = validate(csv_path, &bytes, dataset, schema, mapper)?;
+    drop(bytes);
+    let rows_added = rows.count();
+    if let Some(audit) = audit {
+        audit
+            .append(fedq_ledger::audit::Event::Ingested {
+                dataset: dataset.to_string(),
+                rows: None,
+                rows_total: None,
+                file_sha256: file_sha256.clone(),
+            })
+            .map_err(|e| {
+                IngestError::io("logging the ingest in the audit log; nothing was stored", e)
+            })?;
+        audit
+            .tree
+            .flush()
+            .map_err(|e| IngestError::io("flushing the audit log; nothing was stored", e))?;
+    }
+    let rows_total = store.append_rows(dataset, schema, &rows.codes, &rows.labels, &file_sha256)?;
+    Ok(IngestReport {
+        rows_added,
+        rows_total,
+        file_sha256,
+        ignored_columns: rows.ignored_columns,
+        coverage: rows.coverage,
+    })
+}
+
+/// A file's bytes and their SHA-256 (hex).
+fn read_file(csv_path: &Path) -> Result<(Vec<u8>, String), IngestError> {
+    let bytes = std::fs::read(csv_path)
+        .map_err(|e| IngestError::Refused(format!("cannot read {}: {e}", csv_path.display())))?;
+    let file_sha256 = hex::encode(Sha256::digest(&bytes));
+    Ok((bytes, file_sha256))
+}
+
+/// A file's rows, read, mapped and validated: what an ingest stores.
+struct Validated {
+    /// Row-major codes, one per declared column.
+    codes: Vec<i64>,
+    /// (column, code, text) of the open-domain values seen.
+    labels: Vec<(usize, i64, String)>,
+    /// Declared columns count, to turn `codes` into rows.
+    width: usize,
+    ignored_columns: Vec<String>,
+    coverage: Vec<ColumnCoverage>,
+}
+
+impl Validated {
+    fn count(&self) -> u64 {
+        (self.codes.len() / self.width) as u64
+    }
+}
+
+/// Reads, maps and validates every row of `bytes` (the contents of
+/// `csv_path`): the one definition of what ingest (and its dry run) makes
+/// of a file. Errors name the file, line, column and value, and say that
+/// nothing was stored.
+fn validate(
+    csv_path: &Path,
+    bytes: &[u8],
+    dataset: &str,
+    schema: &Schema,
+    mapper: &Mapper,
+) -> Result<Validated, IngestError> {
+    let file = csv_path.display();
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(true)
         .flexible(false)
-        .from_reader(bytes.as_slice());
+        .from_reader(bytes);
     let headers = reader
         .headers()
         .map_err(|e| IngestError::Refused(format!("{file}: cannot read the header line: {e}")))?
@@ -208,7 +322,7 @@ fn ingest_with(
             Ok(false) => break,
             Ok(true) => {}
             Err(e) => {
-                let line = e.position().map(|p| line_of(&bytes, p)).unwrap_or(0);
+                let line = e.position().map(|p| line_of(bytes, p)).unwrap_or(0);
                 let what = match e.kind() {
                     csv::ErrorKind::UnequalLengths {
                         expected_len, len, ..
@@ -236,7 +350,7 @@ fn ingest_with(
                 Some(Mapped::Code(code)) => Some(Some(code)),
                 Some(Mapped::Unmapped(Unmapped::Missing)) => Some(None),
                 Some(Mapped::Unmapped(Unmapped::Error)) => {
-                    let line = record.position().map(|p| line_of(&bytes, p)).unwrap_or(0);
+                    let line = record.position().map(|p| line_of(bytes, p)).unwrap_or(0);
                     return Err(IngestError::Refused(format!(
                         "{file}:{line}: column {:?} (read as {:?}): the value {} is not in [datasets.mapping.{}] and is not {}; add it to the mapping's values (or set unmapped = \"missing\"); nothing was stored",
                         mapper.source(ci),
@@ -263,7 +377,7 @@ fn ingest_with(
                 // The slow path gives the exact error message (or, for a
                 // spelling the fast path does not know, the code).
                 None => col.encode(cell).map_err(|why| {
-                    let line = record.position().map(|p| line_of(&bytes, p)).unwrap_or(0);
+                    let line = record.position().map(|p| line_of(bytes, p)).unwrap_or(0);
                     IngestError::Refused(format!(
                         "{file}:{line}: column {:?}: {why}; expected {}; nothing was stored",
                         col.name(),
@@ -295,28 +409,10 @@ fn ingest_with(
         .into_iter()
         .map(|((c, code), t)| (c, code, t))
         .collect();
-    let rows_added = (codes.len() / schema.columns.len()) as u64;
-    if let Some(audit) = audit {
-        audit
-            .append(fedq_ledger::audit::Event::Ingested {
-                dataset: dataset.to_string(),
-                rows: None,
-                rows_total: None,
-                file_sha256: file_sha256.clone(),
-            })
-            .map_err(|e| {
-                IngestError::io("logging the ingest in the audit log; nothing was stored", e)
-            })?;
-        audit
-            .tree
-            .flush()
-            .map_err(|e| IngestError::io("flushing the audit log; nothing was stored", e))?;
-    }
-    let rows_total = store.append_rows(dataset, schema, &codes, &labels, &file_sha256)?;
-    Ok(IngestReport {
-        rows_added,
-        rows_total,
-        file_sha256,
+    Ok(Validated {
+        codes,
+        labels,
+        width: schema.columns.len(),
         ignored_columns,
         coverage,
     })

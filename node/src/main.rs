@@ -40,7 +40,8 @@ fn return_freed_memory_at_once() {
     after_help = "Exit codes: 0 success, 1 error (the message says what and what to do), 2 bad command line, \
 75 serve stopped because its store failed a write (a full disk, say; restart it once fixed: deploy/README.md).\n\n\
 Typical set-up:\n  fedq-node synth --partner ngo --rows 20000 --seed 1 --out cases.csv\n  \
-fedq-node check --config node.toml\n  fedq-node ingest --config node.toml --dataset cases --csv cases.csv\n  \
+fedq-node check --config node.toml\n  \
+fedq-node check --config node.toml --dataset cases --csv cases.csv   (a dry run: coverage, nothing stored)\n  fedq-node ingest --config node.toml --dataset cases --csv cases.csv\n  \
 fedq-node serve --config node.toml"
 )]
 struct Cli {
@@ -92,11 +93,26 @@ A dataset with [datasets.mapping] reads your own columns and codes through it; t
     /// Check everything `serve` needs, by the checks `serve` runs (node.toml,
     /// TLS key, certificate and CA, the audit key, the store and the schema
     /// its rows were ingested under, each database source: reachable, with
-    /// the declared columns) without serving.
+    /// the declared columns) without serving. With --dataset and --csv, also
+    /// a dry run of `ingest`: the file read through the dataset's mapping,
+    /// its coverage printed, nothing stored.
+    #[command(after_help = "Examples:\n  fedq-node check --config node.toml\n  \
+fedq-node check --config node.toml --dataset cases --csv export-2026-11.csv\n\n\
+With --dataset and --csv, check reads the file exactly as `ingest` would (same parsing, [datasets.mapping] and validation) \
+and prints the rows it would add and the coverage per column (coded, missing, unmapped and the commonest unmapped values), \
+for you only; it stores nothing, writes nothing to the audit log and does not record the file as ingested. \
+A bad row, or a value a mapping with unmapped = \"error\" lacks, fails it with ingest's message (file:line, column, value). \
+Stop the node first: check opens the store.")]
     Check {
         /// Path to node.toml.
         #[arg(long)]
         config: PathBuf,
+        /// With --csv: the dataset to dry-run an ingest into, as declared in node.toml.
+        #[arg(long, requires = "csv")]
+        dataset: Option<String>,
+        /// With --dataset: the CSV file to read as `ingest` would, storing nothing.
+        #[arg(long, requires = "dataset")]
+        csv: Option<PathBuf>,
     },
     /// Audit log: export, verify offline, summarise, report.
     #[command(subcommand)]
@@ -274,6 +290,39 @@ fn open_node(
     let store = fedq_ledger::store::Store::open(&cfg.resolve(&cfg.node.store))?;
     let audit = fedq_node::service::open_audit(&cfg, &store)?;
     Ok((cfg, store, audit))
+}
+
+/// The dataset `name` of `cfg`, or an error listing the declared ones.
+fn declared_dataset<'a>(
+    cfg: &'a NodeConfig,
+    config: &std::path::Path,
+    name: &str,
+) -> anyhow::Result<&'a fedq_node::config::DatasetConfig> {
+    cfg.dataset(name).ok_or_else(|| {
+        anyhow!(
+            "dataset {name:?} is not declared in {}; declared: {}",
+            config.display(),
+            cfg.datasets
+                .iter()
+                .map(|d| d.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })
+}
+
+/// What `ingest` (and `check --csv`, its dry run) prints of a file, for
+/// the operator only (never sent to analysts): per column, where it was
+/// read from and how many cells were coded, missing in the file, or
+/// unmapped (and so stored as missing); then the undeclared columns.
+fn print_coverage(coverage: &[fedq_engine::mapping::ColumnCoverage], ignored_columns: &[String]) {
+    println!("coverage per column:");
+    for c in coverage {
+        println!("  {c}");
+    }
+    if !ignored_columns.is_empty() {
+        println!("ignored undeclared columns: {}", ignored_columns.join(", "));
+    }
 }
 
 /// Reads entries from an export file or a stopped node's store.
@@ -542,17 +591,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             allow_duplicate,
         } => {
             let cfg = NodeConfig::load(&config)?;
-            let ds = cfg.dataset(&dataset).ok_or_else(|| {
-                anyhow!(
-                    "dataset {dataset:?} is not declared in {}; declared: {}",
-                    config.display(),
-                    cfg.datasets
-                        .iter()
-                        .map(|d| d.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            })?;
+            let ds = declared_dataset(&cfg, &config, &dataset)?;
             if let Some(src) = &ds.source {
                 bail!(
                     "dataset {dataset:?} answers from the database table {} ([datasets.source] in {}); there is nothing to ingest",
@@ -583,19 +622,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     f.name, f.version, f.digest
                 );
             }
-            // Per column, for you only (never sent to analysts): where it
-            // was read from, and how many cells were coded, missing in
-            // your file, or unmapped (and so stored as missing).
-            println!("coverage per column:");
-            for c in &r.coverage {
-                println!("  {c}");
-            }
-            if !r.ignored_columns.is_empty() {
-                println!(
-                    "ignored undeclared columns: {}",
-                    r.ignored_columns.join(", ")
-                );
-            }
+            print_coverage(&r.coverage, &r.ignored_columns);
             Ok(())
         }
         Command::Init { config } => {
@@ -641,8 +668,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Check { config } => {
+        Command::Check {
+            config,
+            dataset,
+            csv,
+        } => {
             let cfg = NodeConfig::load(&config)?;
+            // The dry run's dataset, refused before anything is checked if
+            // it is not one a CSV is ingested into (clap makes --dataset
+            // and --csv come together).
+            let dry_run = match (&dataset, &csv) {
+                (Some(name), Some(file)) => {
+                    let ds = declared_dataset(&cfg, &config, name)?;
+                    if let Some(src) = &ds.source {
+                        bail!(
+                            "dataset {name:?} answers from the database table {} ([datasets.source] in {}); it has no CSV ingest, so there is no file to check: \
+                             drop --dataset and --csv (check then checks the table's columns), and map your coding in a view over the table",
+                            src.table,
+                            config.display()
+                        );
+                    }
+                    Some((ds, file))
+                }
+                _ => None,
+            };
             // What `serve` checks before serving, by the same function.
             let pre = fedq_node::preflight::preflight(&cfg, fedq_node::preflight::Rows::Load)?;
             for line in &pre.checked {
@@ -696,6 +745,50 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     Err(fedq_engine::postgres::SourceError::Mismatch(why)) => bail!("{why}"),
                     Err(e) => bail!("dataset {:?}: {} ({})", d.name, e.public(), e.detail()),
                 }
+            }
+            // The dry run: the file read, mapped and validated by ingest's
+            // own code; nothing stored, logged or recorded as ingested.
+            if let Some((ds, file)) = dry_run {
+                let schema = ds.schema().map_err(anyhow::Error::msg)?;
+                // Asked only whether the file was ingested before; an
+                // absent or empty store is not created.
+                let dir = cfg.resolve(&cfg.node.store);
+                let exists = std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_some());
+                let store = if exists {
+                    Some(fedq_ledger::store::Store::open(&dir)?)
+                } else {
+                    None
+                };
+                let r = fedq_node::ingest::dry_run(
+                    store.as_ref(),
+                    &ds.name,
+                    &schema,
+                    &ds.mapping,
+                    file,
+                )
+                .map_err(|e| {
+                    let e = e.to_string();
+                    if e.contains("nothing was stored") {
+                        anyhow!(e)
+                    } else {
+                        anyhow!("{e}; nothing was stored")
+                    }
+                })?;
+                drop(store);
+                println!(
+                    "dry run: ingesting {} into {:?} would add {} rows; file sha256 {}; nothing was stored",
+                    file.display(),
+                    ds.name,
+                    r.rows,
+                    r.file_sha256
+                );
+                if r.already_ingested {
+                    println!(
+                        "note: this very file was already ingested into {:?}; ingest refuses it again unless you pass --allow-duplicate (its records would count twice)",
+                        ds.name
+                    );
+                }
+                print_coverage(&r.coverage, &r.ignored_columns);
             }
             println!(
                 "{}: node {:?}, {} dataset(s), listening on {}: OK",

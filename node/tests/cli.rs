@@ -267,16 +267,13 @@ fn an_ingest_error_quotes_a_huge_cell_in_short() {
     assert!(out.contains("gender"), "the column is named: {out}");
 }
 
-/// A node following the shipped standard with a partner mapping: `check`
-/// states the standard and how each column is read, `ingest` prints the
-/// coverage per column (the unmapped spellings counted, for the operator),
-/// and a value a strict map lacks fails the ingest naming file, line and
-/// value, storing nothing.
-#[test]
-fn check_and_ingest_report_the_standard_and_the_mapping_coverage() {
+/// A node following the shipped CTDC standard, read through the partner
+/// mapping of `fedq_engine::partner_coding` (with strict yes/no flags), its
+/// keys created and nothing ingested; and a 400-row export in the partner's
+/// own coding. Returns the config, the export and how many of its genders
+/// are "unknown" (unmapped).
+fn mapped_node(d: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, usize) {
     use fedq_pki::{Authority, Role};
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
     let at = |p: &std::path::Path| p.to_str().unwrap().to_string();
     let ca = Authority::generate("cli test CA").unwrap();
     ca.issue(Role::Node, "node-a")
@@ -329,6 +326,20 @@ fn check_and_ingest_report_the_standard_and_the_mapping_coverage() {
     assert!(unknowns > 0);
     let (code, out) = node(&["init", "--config", &at(&config)]);
     assert_eq!(code, 0, "{out}");
+    (config, local, unknowns)
+}
+
+/// A node following the shipped standard with a partner mapping: `check`
+/// states the standard and how each column is read, `ingest` prints the
+/// coverage per column (the unmapped spellings counted, for the operator),
+/// and a value a strict map lacks fails the ingest naming file, line and
+/// value, storing nothing.
+#[test]
+fn check_and_ingest_report_the_standard_and_the_mapping_coverage() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let at = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let (config, local, unknowns) = mapped_node(d);
 
     let (code, out) = node(&["check", "--config", &at(&config)]);
     assert_eq!(code, 0, "{out}");
@@ -391,4 +402,319 @@ fn check_and_ingest_report_the_standard_and_the_mapping_coverage() {
         "{out}"
     );
     assert!(out.contains("ageBroad <- age: "), "{out}");
+}
+
+/// The stopped node's store and config (the test must drop the store
+/// before running the binary again: the store is opened exclusively).
+fn open_store(
+    config: &std::path::Path,
+) -> (fedq_node::config::NodeConfig, fedq_ledger::store::Store) {
+    let cfg = fedq_node::config::NodeConfig::load(config).unwrap();
+    let store = fedq_ledger::store::Store::open(&cfg.resolve(&cfg.node.store)).unwrap();
+    (cfg, store)
+}
+
+/// Whether the stopped node's dataset `cases` holds exactly `rows` rows,
+/// loaded as `serve` loads them.
+fn holds_rows(config: &std::path::Path, rows: u64) -> bool {
+    let (cfg, store) = open_store(config);
+    let schema = cfg.dataset("cases").unwrap().schema().unwrap();
+    store.load_table("cases", &schema).unwrap().has_rows(rows)
+}
+
+/// The stopped node's audit head: sequence number and hash.
+fn audit_head(config: &std::path::Path) -> Option<(u64, String)> {
+    let (cfg, store) = open_store(config);
+    let audit = fedq_node::service::open_audit(&cfg, &store).unwrap();
+    audit.head().unwrap().map(|h| (h.seq, h.hash))
+}
+
+/// The coverage block `ingest` and `check --csv` print: the heading, one
+/// line per column, and the ignored columns.
+fn coverage_lines(out: &str) -> Vec<String> {
+    out.lines()
+        .skip_while(|l| *l != "coverage per column:")
+        .take_while(|l| {
+            *l == "coverage per column:"
+                || l.starts_with("  ")
+                || l.starts_with("ignored undeclared columns:")
+        })
+        .map(String::from)
+        .collect()
+}
+
+/// The header and the rows of a CSV file, by line.
+fn header_and_rows(csv: &std::path::Path) -> (String, Vec<String>) {
+    let text = std::fs::read_to_string(csv).unwrap();
+    let mut lines = text.lines().map(String::from);
+    let header = lines.next().unwrap();
+    (header, lines.collect())
+}
+
+fn write_csv(path: &std::path::Path, header: &str, rows: &[String]) {
+    std::fs::write(path, format!("{header}\n{}\n", rows.join("\n"))).unwrap();
+}
+
+/// `check --dataset --csv` reads a partner-coded file as `ingest` would
+/// and prints the rows it would add and the very coverage lines the real
+/// ingest of the file then prints; it creates no store, adds no row, writes
+/// no audit entry and does not record the file (the real ingest is not
+/// refused as a duplicate afterwards).
+#[test]
+fn check_csv_dry_runs_ingest_with_its_coverage_storing_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let at = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let (config, local, _) = mapped_node(d);
+    let (header, rows) = header_and_rows(&local);
+    assert_eq!(rows.len(), 400);
+    let first = d.join("first.csv");
+    let second = d.join("second.csv");
+    write_csv(&first, &header, &rows[..150]);
+    write_csv(&second, &header, &rows[150..]);
+    let second_unknowns = rows[150..]
+        .iter()
+        .filter(|l| l.split(',').nth(2) == Some("unknown"))
+        .count();
+    assert!(second_unknowns > 0);
+    let run = |cmd: &str, csv: &std::path::Path| {
+        node(&[
+            cmd,
+            "--config",
+            &at(&config),
+            "--dataset",
+            "cases",
+            "--csv",
+            &at(csv),
+        ])
+    };
+
+    // No store yet: the dry run creates none.
+    let (code, out) = run("check", &first);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!(
+            "dry run: ingesting {} into \"cases\" would add 150 rows; file sha256 ",
+            first.display()
+        )),
+        "{out}"
+    );
+    assert!(out.contains("; nothing was stored"), "{out}");
+    assert!(out.contains(": OK"), "{out}");
+    assert!(!d.join("store").exists(), "the dry run created a store");
+
+    let (code, out) = run("ingest", &first);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("ingested 150 rows into \"cases\" (150 rows in total)"),
+        "{out}"
+    );
+    let head = audit_head(&config);
+    assert!(head.is_some(), "the ingest is in the audit log");
+    assert!(holds_rows(&config, 150));
+
+    let (code, dry) = run("check", &second);
+    assert_eq!(code, 0, "{dry}");
+    assert!(dry.contains("would add 250 rows"), "{dry}");
+    assert!(
+        dry.contains(&format!("\"unknown\" x{second_unknowns}")),
+        "the unmapped values are counted: {dry}"
+    );
+    assert!(!dry.contains("already ingested"), "{dry}");
+    assert_eq!(
+        audit_head(&config),
+        head,
+        "the dry run wrote no audit entry"
+    );
+    assert!(holds_rows(&config, 150), "the dry run stored no row");
+
+    // Not recorded as ingested: the real ingest goes ahead, and reports
+    // the same coverage.
+    let (code, real) = run("ingest", &second);
+    assert_eq!(code, 0, "{real}");
+    assert!(
+        real.contains("ingested 250 rows into \"cases\" (400 rows in total)"),
+        "{real}"
+    );
+    let coverage = coverage_lines(&real);
+    assert!(coverage.len() > 10, "{real}");
+    assert!(
+        coverage.iter().any(|l| l.starts_with("  gender <- sex: ")),
+        "{real}"
+    );
+    assert_eq!(
+        coverage_lines(&dry),
+        coverage,
+        "dry run: {dry}\ningest: {real}"
+    );
+    assert!(holds_rows(&config, 400));
+    assert_ne!(audit_head(&config), head);
+
+    // A file already ingested: the dry run still reports it, and says that
+    // ingest would refuse it.
+    let head = audit_head(&config);
+    let (code, out) = run("check", &second);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("already ingested into \"cases\"") && out.contains("--allow-duplicate"),
+        "{out}"
+    );
+    assert_eq!(coverage_lines(&out), coverage);
+    assert_eq!(audit_head(&config), head);
+    assert!(holds_rows(&config, 400));
+}
+
+/// A malformed row, or a value a strict map (`unmapped = "error"`) lacks,
+/// fails `check --csv` with ingest's own message, naming the file, line and
+/// value, and changes nothing in the store.
+#[test]
+fn check_csv_fails_as_ingest_would_naming_the_line_and_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let at = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let (config, local, _) = mapped_node(d);
+    let (header, rows) = header_and_rows(&local);
+    let first = d.join("first.csv");
+    write_csv(&first, &header, &rows[..100]);
+    let run = |cmd: &str, csv: &std::path::Path| {
+        node(&[
+            cmd,
+            "--config",
+            &at(&config),
+            "--dataset",
+            "cases",
+            "--csv",
+            &at(csv),
+        ])
+    };
+    let (code, out) = run("ingest", &first);
+    assert_eq!(code, 0, "{out}");
+    let head = audit_head(&config);
+    assert!(head.is_some());
+    assert!(holds_rows(&config, 100));
+
+    let mut rest: Vec<String> = rows[100..].to_vec();
+    // Line 11 (the header is line 1): a yes/no flag the map lacks.
+    let before = rest[9].clone();
+    rest[9] = before.replacen(",yes,", ",oui,", 1);
+    if rest[9] == before {
+        rest[9] = before.replacen(",no,", ",oui,", 1);
+    }
+    assert_ne!(rest[9], before, "the row has a yes/no flag: {before}");
+    let strict = d.join("strict.csv");
+    write_csv(&strict, &header, &rest);
+    // Line 6: one field short.
+    let mut rest: Vec<String> = rows[100..].to_vec();
+    rest[4] = rest[4].rsplit_once(',').unwrap().0.to_string();
+    let short = d.join("short.csv");
+    write_csv(&short, &header, &rest);
+
+    for (bad, line, says) in [
+        (
+            &strict,
+            11,
+            "the value \"oui\" is not in [datasets.mapping.",
+        ),
+        (&short, 6, "fields, the header has"),
+    ] {
+        let (code, out) = run("check", bad);
+        assert_eq!(code, 1, "{out}");
+        let error = error_line(&out);
+        assert!(
+            error.starts_with(&format!("error: {}:{line}: ", bad.display())),
+            "{out}"
+        );
+        assert!(error.contains(says), "{out}");
+        assert!(error.ends_with("nothing was stored"), "{out}");
+        assert!(!out.contains("would add") && !out.contains(": OK"), "{out}");
+        assert_eq!(audit_head(&config), head, "{}", bad.display());
+        assert!(holds_rows(&config, 100), "{}", bad.display());
+        // The very message ingest gives.
+        let (code, ingest_out) = run("ingest", bad);
+        assert_eq!(code, 1, "{ingest_out}");
+        assert_eq!(error_line(&ingest_out), error);
+        assert_eq!(audit_head(&config), head);
+        assert!(holds_rows(&config, 100));
+    }
+}
+
+/// `check --csv` is refused for a dataset answered from a database (it has
+/// no CSV ingest) and, as `ingest` refuses it, for an undeclared dataset;
+/// --dataset and --csv come together.
+#[test]
+fn check_csv_is_refused_for_a_database_source_or_an_unknown_dataset() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let at = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    std::fs::write(
+        d.join("ctdc.toml"),
+        include_str!("../../deploy/standards/ctdc-cases-1.0.toml"),
+    )
+    .unwrap();
+    let config = d.join("node.toml");
+    let dataset = |name: &str| {
+        format!(
+            "[[datasets]]\nname = \"{name}\"\n\
+             [datasets.budget]\nper_analyst = 1.0\ntotal = 10.0\nper_query_max = 1.0\n\
+             [datasets.standard]\nfile = \"ctdc.toml\"\nversion = \"1.0\"\ndataset = \"cases\"\n"
+        )
+    };
+    std::fs::write(
+        &config,
+        format!(
+            "[node]\nname = \"node-a\"\nlisten = \"127.0.0.1:0\"\nstore = \"store\"\n\
+             [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/node.pem\"\nkey = \"certs/node.key\"\n\
+             {}{}\
+             [datasets.source]\nkind = \"postgres\"\ntable = \"public.cases\"\nurl_env = \"FEDQ_CLI_TEST_NO_DB\"\n",
+            dataset("cases"),
+            dataset("hotline")
+        ),
+    )
+    .unwrap();
+    let csv = d.join("export.csv");
+    std::fs::write(&csv, "gender\nFemale\n").unwrap();
+    let run = |cmd: &str, name: &str| {
+        node(&[
+            cmd,
+            "--config",
+            &at(&config),
+            "--dataset",
+            name,
+            "--csv",
+            &at(&csv),
+        ])
+    };
+
+    let (code, out) = run("check", "hotline");
+    assert_eq!(code, 1, "{out}");
+    let error = error_line(&out);
+    assert!(
+        error.contains("dataset \"hotline\" answers from the database table public.cases ([datasets.source] in ")
+            && error.contains("it has no CSV ingest"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("coverage per column") && !out.contains(": OK"),
+        "{out}"
+    );
+    assert!(!d.join("store").exists());
+
+    let (code, out) = run("check", "case");
+    assert_eq!(code, 1, "{out}");
+    let error = error_line(&out);
+    assert!(
+        error.contains("dataset \"case\" is not declared in ")
+            && error.ends_with("declared: cases, hotline"),
+        "{out}"
+    );
+    let (code, ingest_out) = run("ingest", "case");
+    assert_eq!(code, 1, "{ingest_out}");
+    assert_eq!(error_line(&ingest_out), error, "the message ingest gives");
+
+    let (code, out) = node(&["check", "--config", &at(&config), "--dataset", "cases"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("--csv"), "{out}");
+    let (code, out) = node(&["check", "--config", &at(&config), "--csv", &at(&csv)]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("--dataset"), "{out}");
 }
