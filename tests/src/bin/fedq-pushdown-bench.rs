@@ -497,8 +497,8 @@ async fn main() -> anyhow::Result<()> {
             .iter()
             .map(|r| (r.get(0), r.get(1)))
             .collect();
-        let db_types =
-            check_columns("cases", &relation_sql, &schema, &found).map_err(|e| anyhow!("{e}"))?;
+        let db_types = check_columns("cases", &relation_sql, &schema, &[], &found)
+            .map_err(|e| anyhow!("{e}"))?;
         let relation = Relation {
             schema: Some("public".to_string()),
             table: table.clone(),

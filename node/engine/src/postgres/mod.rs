@@ -12,6 +12,7 @@
 //! is never logged: errors are redacted ([`redact`]) and carry no values
 //! of the database.
 
+pub mod mapped;
 pub mod statement;
 
 use std::path::Path;
@@ -22,6 +23,7 @@ use std::time::Duration;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config};
 
+use crate::mapping::{Mapper, Mapping};
 use crate::source::SourceConfig;
 use fedq_dp::mechanism::Exact;
 use fedq_plan::plan::Plan;
@@ -135,6 +137,9 @@ pub enum PgConfigError {
         /// What is wrong, naming the file.
         why: String,
     },
+    /// `[datasets.mapping]` does not compile against the schema.
+    #[error("{0}")]
+    Mapping(String),
     /// `source.table` is not a plain `table` or `schema.table`.
     #[error("{0}")]
     Table(String),
@@ -150,8 +155,15 @@ struct Connected {
 pub struct PgSource {
     /// Dataset name (for messages).
     dataset: String,
-    /// The declared schema the statement is built from.
+    /// The declared schema (what the node's answers are in).
     schema: Schema,
+    /// The declared schema with each column named as in the database (a
+    /// mapping's `from`): what statements are built from.
+    sql_schema: Schema,
+    /// The dataset's partner mapping, if any ([`mapped`]).
+    mapper: Option<Mapper>,
+    /// Per declared column: whether the mapping maps its values.
+    mapped: Vec<bool>,
     /// Where the rows are.
     relation: Relation,
     /// Parsed connection settings (holds the password; never printed).
@@ -229,8 +241,12 @@ impl PgSource {
             None => None,
         };
         let (schema_name, table) = src.table_parts().map_err(PgConfigError::Table)?;
+        let mapped = vec![false; schema.columns.len()];
         Ok(PgSource {
             dataset: dataset.to_string(),
+            sql_schema: schema.clone(),
+            mapper: None,
+            mapped,
             relation: Relation {
                 schema: schema_name.map(str::to_string),
                 table: table.to_string(),
@@ -243,6 +259,35 @@ impl PgSource {
             raw_groups: statement::RAW_GROUPS_MIN,
             coded_again: AtomicU64::new(0),
         })
+    }
+
+    /// Reads the partner's own columns and coding through `mapping`
+    /// (`[datasets.mapping]`): renamed columns by their own names, mapped
+    /// columns through the same [`Mapper`] as CSV ingest, in the node
+    /// ([`mapped`]). An empty mapping changes nothing.
+    pub fn with_mapping(mut self, mapping: &Mapping) -> Result<PgSource, PgConfigError> {
+        if mapping.is_empty() {
+            return Ok(self);
+        }
+        let mapper = Mapper::compile(&self.dataset, &self.schema, mapping)
+            .map_err(PgConfigError::Mapping)?;
+        let mut sql_schema = self.schema.clone();
+        for (i, c) in sql_schema.columns.iter_mut().enumerate() {
+            let name = mapper.source(i).to_string();
+            match c {
+                Column::Categorical { name: n, .. }
+                | Column::Integer { name: n, .. }
+                | Column::Open { name: n }
+                | Column::Boolean { name: n }
+                | Column::PersonId { name: n } => *n = name,
+            }
+        }
+        self.mapped = (0..self.schema.columns.len())
+            .map(|i| mapper.is_mapped(i))
+            .collect();
+        self.sql_schema = sql_schema;
+        self.mapper = Some(mapper);
+        Ok(self)
     }
 
     /// How many queries found more raw groups than a statement takes, and
@@ -347,8 +392,14 @@ impl PgSource {
             .iter()
             .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
             .collect();
-        check_columns(&self.dataset, &self.relation(), &self.schema, &found)
-            .map_err(SourceError::Mismatch)
+        check_columns(
+            &self.dataset,
+            &self.relation(),
+            &self.sql_schema,
+            &self.mapped,
+            &found,
+        )
+        .map_err(SourceError::Mismatch)
     }
 
     /// The exact aggregates of `plan`, computed by the database, in the
@@ -374,9 +425,14 @@ impl PgSource {
 
     async fn exact_within(&self, plan: &Plan) -> Result<Vec<Vec<i64>>, SourceError> {
         let c = self.connected().await?;
+        if let Some(mapper) = &self.mapper {
+            if mapped::touches(plan, &self.sql_schema, &self.mapped) {
+                return self.exact_mapped(&c, plan, mapper).await;
+            }
+        }
         let st = statement::build_with(
             plan,
-            &self.schema,
+            &self.sql_schema,
             &c.types,
             &self.relation,
             Some(self.raw_groups),
@@ -393,12 +449,84 @@ impl PgSource {
                     "more raw groups than the push-down takes; the keys are coded in the database instead"
                 );
                 let coded =
-                    statement::build_with(plan, &self.schema, &c.types, &self.relation, None);
+                    statement::build_with(plan, &self.sql_schema, &c.types, &self.relation, None);
                 self.run(&c, &coded).await?
             }
             _ => rows,
         };
         statement::assemble(plan, rows).map_err(SourceError::Failed)
+    }
+
+    /// A query reading mapped columns: the database groups, the node maps
+    /// ([`mapped`]).
+    async fn exact_mapped(
+        &self,
+        c: &Connected,
+        plan: &Plan,
+        mapper: &Mapper,
+    ) -> Result<Vec<Vec<i64>>, SourceError> {
+        let st = mapped::build(
+            plan,
+            &self.sql_schema,
+            &c.types,
+            &self.mapped,
+            &self.relation,
+        );
+        let rows = self.query(c, &st.sql, &st.params).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let mut groups = Vec::with_capacity(st.groups.len());
+            for (i, g) in st.groups.iter().enumerate() {
+                let v = match g {
+                    mapped::Group::Truth => row.try_get::<_, bool>(i).map(mapped::GroupValue::Bool),
+                    mapped::Group::Mapped(_) | mapped::Group::Key(statement::KeyRead::Label(_)) => {
+                        row.try_get::<_, Option<String>>(i)
+                            .map(mapped::GroupValue::Text)
+                    }
+                    mapped::Group::Value(col)
+                        if matches!(self.schema.columns[*col], Column::Categorical { .. }) =>
+                    {
+                        row.try_get::<_, Option<String>>(i)
+                            .map(mapped::GroupValue::Text)
+                    }
+                    _ => row
+                        .try_get::<_, Option<i64>>(i)
+                        .map(mapped::GroupValue::Int),
+                }
+                .map_err(|e| self.failed(&e))?;
+                groups.push(v);
+            }
+            let n = st.groups.len();
+            let count = row.try_get::<_, &str>(n).map_err(|e| self.failed(&e))?;
+            let count = statement::parse_value(count).map_err(SourceError::Failed)?;
+            let mut values = Vec::with_capacity(row.len() - n - 1);
+            for i in n + 1..row.len() {
+                let text = row.try_get::<_, &str>(i).map_err(|e| self.failed(&e))?;
+                values.push(statement::parse_value(text).map_err(SourceError::Failed)?);
+            }
+            out.push((groups, count, values));
+        }
+        mapped::assemble(&st, plan, &self.schema, mapper, out).map_err(SourceError::Failed)
+    }
+
+    /// Sends one statement; a cancelled one is a timeout.
+    async fn query(
+        &self,
+        c: &Connected,
+        sql: &str,
+        params: &[statement::Param],
+    ) -> Result<Vec<tokio_postgres::Row>, SourceError> {
+        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            params.iter().map(|p| p.as_sql()).collect();
+        c.client.query(sql, &params).await.map_err(|e| {
+            if e.code() == Some(&SqlState::QUERY_CANCELED) {
+                SourceError::Timeout
+            } else if c.client.is_closed() {
+                self.unreachable(&e)
+            } else {
+                self.failed(&e)
+            }
+        })
     }
 
     /// Runs a statement and reads its rows: each key as
@@ -408,21 +536,7 @@ impl PgSource {
         c: &Connected,
         st: &statement::Statement,
     ) -> Result<Vec<statement::ResultRow>, SourceError> {
-        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-            st.params.iter().map(|p| p.as_sql()).collect();
-        let rows = c
-            .client
-            .query(st.sql.as_str(), &params)
-            .await
-            .map_err(|e| {
-                if e.code() == Some(&SqlState::QUERY_CANCELED) {
-                    SourceError::Timeout
-                } else if c.client.is_closed() {
-                    self.unreachable(&e)
-                } else {
-                    self.failed(&e)
-                }
-            })?;
+        let rows = self.query(c, &st.sql, &st.params).await?;
         let keys = st.keys.len();
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
@@ -519,7 +633,7 @@ fn tls_connector(path: &Path) -> Result<tokio_postgres_rustls::MakeRustlsConnect
 }
 
 /// What database types a declared column accepts.
-fn compatible(column: &Column, data_type: &str) -> Option<DbType> {
+fn compatible(column: &Column, data_type: &str, mapped: bool) -> Option<DbType> {
     let t = match data_type {
         "text" | "character varying" | "character" => DbType::Text,
         "smallint" | "integer" | "bigint" => DbType::Integer,
@@ -527,6 +641,8 @@ fn compatible(column: &Column, data_type: &str) -> Option<DbType> {
         _ => return None,
     };
     match (column, t) {
+        // A mapped column is read as text, whatever its type.
+        _ if mapped => Some(t),
         (Column::Categorical { .. }, DbType::Text)
         | (Column::Integer { .. }, DbType::Integer)
         | (Column::Boolean { .. }, DbType::Boolean | DbType::Integer)
@@ -541,6 +657,7 @@ pub fn check_columns(
     dataset: &str,
     relation: &str,
     schema: &Schema,
+    mapped: &[bool],
     found: &[(String, String)],
 ) -> Result<Vec<DbType>, String> {
     if found.is_empty() {
@@ -550,8 +667,14 @@ pub fn check_columns(
     }
     let mut types = Vec::new();
     let mut problems = Vec::new();
-    for c in &schema.columns {
+    for (i, c) in schema.columns.iter().enumerate() {
+        let mapped = mapped.get(i).copied().unwrap_or(false);
         let (kind, wants) = match c {
+            // Read as text and mapped in the node.
+            _ if mapped => (
+                "mapped ([datasets.mapping])",
+                "text, character varying, character, smallint, integer, bigint or boolean",
+            ),
             Column::Categorical { .. } | Column::Open { .. } => {
                 ("categorical", "text, character varying or character")
             }
@@ -571,7 +694,7 @@ pub fn check_columns(
                     .unwrap_or_default();
                 problems.push(format!("column {} is missing from {relation}{hint}", c.name()));
             }
-            Some((_, t)) => match compatible(c, t) {
+            Some((_, t)) => match compatible(c, t, mapped) {
                 Some(db) => types.push(db),
                 None => problems.push(format!(
                     "column {} is declared {kind} but the database column is {t} (a {kind} column needs {wants})",
@@ -635,7 +758,7 @@ mod check_tests {
             ("flag".to_string(), "smallint".to_string()),
             ("GONE".to_string(), "boolean".to_string()),
         ];
-        let e = check_columns("cases", "public.cases", &schema, &found).unwrap_err();
+        let e = check_columns("cases", "public.cases", &schema, &[], &found).unwrap_err();
         assert!(
             e.contains(
                 "column ageBroad is declared categorical but the database column is integer"
@@ -647,7 +770,7 @@ mod check_tests {
             "{e}"
         );
         assert!(!e.contains("flag"), "{e}");
-        assert!(check_columns("cases", "t", &schema, &[])
+        assert!(check_columns("cases", "t", &schema, &[], &[])
             .unwrap_err()
             .contains("does not exist"));
     }

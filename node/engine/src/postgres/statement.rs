@@ -189,38 +189,38 @@ pub fn quote(ident: &str) -> String {
 
 /// Collects parameters and hands out their placeholders.
 #[derive(Default)]
-struct Params(Vec<Param>);
+pub(super) struct Params(pub(super) Vec<Param>);
 
 impl Params {
-    fn int(&mut self, v: i64) -> String {
+    pub(super) fn int(&mut self, v: i64) -> String {
         self.0.push(Param::Int(v));
         format!("${}::bigint", self.0.len())
     }
-    fn int4(&mut self, v: i32) -> String {
+    pub(super) fn int4(&mut self, v: i32) -> String {
         self.0.push(Param::Int4(v));
         format!("${}::integer", self.0.len())
     }
-    fn ints(&mut self, v: Vec<i64>) -> String {
+    pub(super) fn ints(&mut self, v: Vec<i64>) -> String {
         self.0.push(Param::Ints(v));
         format!("${}::bigint[]", self.0.len())
     }
-    fn text(&mut self, v: String) -> String {
+    pub(super) fn text(&mut self, v: String) -> String {
         self.0.push(Param::Text(v));
         format!("${}::text", self.0.len())
     }
-    fn texts(&mut self, v: Vec<String>) -> String {
+    pub(super) fn texts(&mut self, v: Vec<String>) -> String {
         self.0.push(Param::Texts(v));
         format!("${}::text[]", self.0.len())
     }
 }
 
 /// The code column of declared column `i` in the `src` stage.
-fn code(i: usize) -> String {
+pub(super) fn code(i: usize) -> String {
     format!("c{i}")
 }
 
 /// The raw value column of declared column `i` in the `src` stage.
-fn raw(i: usize) -> String {
+pub(super) fn raw(i: usize) -> String {
     format!("r{i}")
 }
 
@@ -318,7 +318,57 @@ pub fn build_with(
     raw_groups: Option<usize>,
 ) -> Statement {
     let mut p = Params::default();
-    // The columns the query touches, each once, in declaration order.
+    let used = used_columns(plan, schema);
+    let (mut sql, from) = src_stage(schema, db, &used, &[], relation, &mut p);
+    let cx = Cx { schema, db };
+
+    sql.push_str(" SELECT ");
+    let mut keys = Vec::with_capacity(plan.group_by.len());
+    // A key is its column's code; an integer column's code is its value,
+    // whose key is its offset from the lower bound (as the engine's).
+    let mut items: Vec<String> = Vec::with_capacity(plan.group_by.len());
+    let mut groups: Vec<String> = Vec::with_capacity(plan.group_by.len());
+    for &i in &plan.group_by {
+        let (item, read) = key_sql(plan, i, &cx, raw_groups.is_some(), &mut p);
+        // Raw keys are grouped by the raw column itself; coded ones by
+        // their place in the SELECT list.
+        groups.push(if matches!(read, KeyRead::Code) {
+            (items.len() + 1).to_string()
+        } else {
+            raw(i)
+        });
+        items.push(item);
+        keys.push(read);
+    }
+    for m in &plan.measurements {
+        measurement_sql(m, &cx, &mut p, &mut items);
+    }
+    sql.push_str(&items.join(", "));
+    let _ = write!(sql, " FROM {from}");
+    if let Some(f) = &plan.filter {
+        sql.push_str(" WHERE ");
+        cx.predicate(f, false, &mut p, &mut sql);
+    }
+    if !groups.is_empty() {
+        let _ = write!(sql, " GROUP BY {}", groups.join(", "));
+    }
+    let cap = raw_groups
+        .filter(|_| keys.iter().any(|k| !matches!(k, KeyRead::Code)))
+        .map(|min| min.max(fedq_plan::plan::cell_count(plan).saturating_mul(4)));
+    if let Some(cap) = cap {
+        let _ = write!(sql, " LIMIT {}", p.int(cap.saturating_add(1) as i64));
+    }
+    Statement {
+        sql,
+        params: p.0,
+        keys,
+        cap,
+    }
+}
+
+/// The columns `plan` touches, each once, in declaration order (every
+/// column with a person-level unit: truncation orders by all of them).
+pub(super) fn used_columns(plan: &Plan, schema: &Schema) -> Vec<usize> {
     let mut used: Vec<usize> = Vec::new();
     for &g in &plan.group_by {
         match plan.bucket(g).map(|b| &b.rule) {
@@ -354,6 +404,21 @@ pub fn build_with(
     used.sort_unstable();
     used.dedup();
 
+    used
+}
+
+/// `WITH src AS (...)[, bounded AS (...)]` for the `used` columns, and the
+/// stage the aggregation reads. A column with a partner mapping
+/// (`mapped[i]`) gives only its raw text (the node maps it); its code is
+/// never computed in the database.
+pub(super) fn src_stage(
+    schema: &Schema,
+    db: &[DbType],
+    used: &[usize],
+    mapped: &[bool],
+    relation: &Relation,
+    p: &mut Params,
+) -> (String, &'static str) {
     let mut sql = String::from("WITH src AS (SELECT ");
     if used.is_empty() {
         sql.push_str("1 AS one");
@@ -363,203 +428,194 @@ pub fn build_with(
             sql.push_str(", ");
         }
         let column = &schema.columns[i];
+        if mapped.get(i).copied().unwrap_or(false) {
+            let _ = write!(
+                sql,
+                "{}::text COLLATE \"C\" AS {}, NULL::bigint AS {}",
+                quote(column.name()),
+                raw(i),
+                code(i)
+            );
+            continue;
+        }
         let _ = write!(
             sql,
             "{} AS {}, {} AS {}",
             raw_expr(column, db[i]),
             raw(i),
-            code_expr(column, db[i], &mut p),
+            code_expr(column, db[i], p),
             code(i)
         );
     }
     let _ = write!(sql, " FROM {})", relation.quoted());
-    let (stage, from) = rows_stage(schema, &mut p);
+    let (stage, from) = rows_stage(schema, p);
     if let Some(stage) = stage {
         let _ = write!(sql, ", {stage}");
     }
-    let cx = Cx { schema, db };
+    (sql, from)
+}
 
-    sql.push_str(" SELECT ");
-    let mut keys = Vec::with_capacity(plan.group_by.len());
-    // A key is its column's code; an integer column's code is its value,
-    // whose key is its offset from the lower bound (as the engine's).
-    let mut items: Vec<String> = Vec::with_capacity(plan.group_by.len());
-    let mut groups: Vec<String> = Vec::with_capacity(plan.group_by.len());
-    for &i in &plan.group_by {
-        let (item, read) = match plan.bucket(i).map(|b| &b.rule) {
-            // A CASE bucket's key: the first TRUE branch's label index,
-            // else the ELSE label's, else NULL (missing), as the engine.
-            Some(KeyRule::Case {
-                branches,
-                otherwise,
-            }) => {
-                let mut k = String::from("(CASE");
-                for (c, label) in branches {
-                    k.push_str(" WHEN ");
-                    cx.predicate(c, false, &mut p, &mut k);
-                    let _ = write!(k, " THEN {label}");
-                }
-                if let Some(o) = otherwise {
-                    let _ = write!(k, " ELSE {o}");
-                }
-                k.push_str(" END)::bigint");
-                (k, KeyRead::Code)
+/// GROUP BY key `i` of `plan` as the fast path writes it: its SELECT item
+/// and how the node reads it. With `raw_keys`, a declared column is grouped
+/// by its raw value and coded in the node.
+pub(super) fn key_sql(
+    plan: &Plan,
+    i: usize,
+    cx: &Cx,
+    raw_keys: bool,
+    p: &mut Params,
+) -> (String, KeyRead) {
+    match plan.bucket(i).map(|b| &b.rule) {
+        // A CASE bucket's key: the first TRUE branch's label index,
+        // else the ELSE label's, else NULL (missing), as the engine.
+        Some(KeyRule::Case {
+            branches,
+            otherwise,
+        }) => {
+            let mut k = String::from("(CASE");
+            for (c, label) in branches {
+                k.push_str(" WHEN ");
+                cx.predicate(c, false, p, &mut k);
+                let _ = write!(k, " THEN {label}");
             }
-            // A number's key: its value clamped to the bounds, as an
-            // offset from the lower bound, or its bin
-            // `floor((v - min) k / (max - min + 1))`
-            // (`fedq_dp::distribution::bin_of`, exact in numeric); NULL
-            // (missing) when the value is, as the engine. (LEAST and
-            // GREATEST skip NULLs, hence the CASE.)
-            Some(KeyRule::Number(k)) => {
-                let v = row_expr(&k.expr, &mut p);
-                let (min, max) = (p.int(k.min), p.int(k.max));
-                let range = i128::from(k.max) - i128::from(k.min) + 1;
-                let bins = k.bins.map_or(range, i128::from);
-                let (bins, range) = (p.int(bins as i64), p.int(range as i64));
-                (
-                    format!(
-                        "(CASE WHEN {v} IS NULL THEN NULL ELSE div((LEAST(GREATEST({v}, {min}), {max}) - {min}) * {bins}, {range}) END)::bigint"
-                    ),
-                    KeyRead::Code,
-                )
+            if let Some(o) = otherwise {
+                let _ = write!(k, " ELSE {o}");
             }
-            // A declared column: grouped by its raw value and coded in the
-            // node (cast to bigint after grouping, once per group), or,
-            // without raw keys, coded in the database.
-            None => match (&schema.columns[i], db[i], raw_groups.is_some()) {
-                (Column::Categorical { domain, .. }, DbType::Text, true) => (
-                    raw(i),
-                    KeyRead::Label(
-                        domain
-                            .iter()
-                            .enumerate()
-                            .map(|(k, l)| (l.clone(), k as i64))
-                            .collect(),
-                    ),
+            k.push_str(" END)::bigint");
+            (k, KeyRead::Code)
+        }
+        // A number's key: its value clamped to the bounds, as an
+        // offset from the lower bound, or its bin
+        // `floor((v - min) k / (max - min + 1))`
+        // (`fedq_dp::distribution::bin_of`, exact in numeric); NULL
+        // (missing) when the value is, as the engine. (LEAST and
+        // GREATEST skip NULLs, hence the CASE.)
+        Some(KeyRule::Number(k)) => {
+            let v = row_expr(&k.expr, p);
+            let (min, max) = (p.int(k.min), p.int(k.max));
+            let range = i128::from(k.max) - i128::from(k.min) + 1;
+            let bins = k.bins.map_or(range, i128::from);
+            let (bins, range) = (p.int(bins as i64), p.int(range as i64));
+            (
+                format!(
+                    "(CASE WHEN {v} IS NULL THEN NULL ELSE div((LEAST(GREATEST({v}, {min}), {max}) - {min}) * {bins}, {range}) END)::bigint"
                 ),
-                (Column::Integer { min, max, .. }, _, true) => (
-                    format!("{}::bigint", raw(i)),
-                    KeyRead::Integer {
-                        min: *min,
-                        max: *max,
-                    },
+                KeyRead::Code,
+            )
+        }
+        // A declared column: grouped by its raw value and coded in the
+        // node (cast to bigint after grouping, once per group), or,
+        // without raw keys, coded in the database.
+        None => match (&cx.schema.columns[i], cx.db[i], raw_keys) {
+            (Column::Categorical { domain, .. }, DbType::Text, true) => (
+                raw(i),
+                KeyRead::Label(
+                    domain
+                        .iter()
+                        .enumerate()
+                        .map(|(k, l)| (l.clone(), k as i64))
+                        .collect(),
                 ),
-                (Column::Boolean { .. }, DbType::Boolean, true) => {
-                    (format!("{}::integer::bigint", raw(i)), KeyRead::Flag)
-                }
-                (Column::Boolean { .. }, _, true) => (format!("{}::bigint", raw(i)), KeyRead::Flag),
-                (Column::Integer { min, .. }, _, false) => {
-                    (format!("({} - {})", code(i), p.int(*min)), KeyRead::Code)
-                }
-                _ => (code(i), KeyRead::Code),
-            },
-        };
-        // Raw keys are grouped by the raw column itself; coded ones by
-        // their place in the SELECT list.
-        groups.push(if matches!(read, KeyRead::Code) {
-            (items.len() + 1).to_string()
-        } else {
-            raw(i)
-        });
-        items.push(item);
-        keys.push(read);
+            ),
+            (Column::Integer { min, max, .. }, _, true) => (
+                format!("{}::bigint", raw(i)),
+                KeyRead::Integer {
+                    min: *min,
+                    max: *max,
+                },
+            ),
+            (Column::Boolean { .. }, DbType::Boolean, true) => {
+                (format!("{}::integer::bigint", raw(i)), KeyRead::Flag)
+            }
+            (Column::Boolean { .. }, _, true) => (format!("{}::bigint", raw(i)), KeyRead::Flag),
+            (Column::Integer { min, .. }, _, false) => {
+                (format!("({} - {})", code(i), p.int(*min)), KeyRead::Code)
+            }
+            _ => (code(i), KeyRead::Code),
+        },
     }
+}
+
+/// Writes measurement `m`'s SELECT items (a histogram: one per bin) to
+/// `items`.
+pub(super) fn measurement_sql(
+    m: &MeasurementSpec,
+    cx: &Cx,
+    p: &mut Params,
+    items: &mut Vec<String>,
+) {
     // Every value as the text of an exact integer (numeric: no overflow);
     // the node adds and saturates them (see `assemble`).
     let total = |x: String| format!("COALESCE({x}, 0)::text");
-    for m in &plan.measurements {
-        match m {
-            MeasurementSpec::CountRows => items.push("COUNT(*)::text".to_string()),
-            MeasurementSpec::CountWhere { condition, .. } => {
-                // COUNT skips the NULL of rows the condition is not TRUE for.
-                let mut c = String::from("COUNT(CASE WHEN ");
-                cx.predicate(condition, false, &mut p, &mut c);
-                c.push_str(" THEN 1 END)::text");
-                items.push(c);
-            }
-            MeasurementSpec::CountPresent { column } => {
-                let mut c = String::from("COUNT(*) FILTER (WHERE ");
-                cx.present(*column, true, &mut p, &mut c);
-                c.push_str(")::text");
-                items.push(c)
-            }
-            MeasurementSpec::Sum { column, min, max } => {
-                items.push(total(cx.sum(*column, *min, *max, &mut p)))
-            }
-            MeasurementSpec::SumOf { expr, min, max, .. } => {
-                // In numeric (no overflow); clamped to the derived bounds
-                // like the engine. LEAST and GREATEST skip NULLs, so a NULL
-                // expression is kept NULL by the CASE (it adds nothing).
-                let x = row_expr(expr, &mut p);
-                items.push(total(format!(
-                    "SUM(CASE WHEN {x} IS NOT NULL THEN LEAST(GREATEST({x}, {}), {}) END)",
-                    p.int(*min),
-                    p.int(*max)
-                )))
-            }
-            MeasurementSpec::CountOf { expr, .. } => {
-                let x = row_expr(expr, &mut p);
-                items.push(format!("COUNT({x})::text"))
-            }
-            MeasurementSpec::SumSquares {
-                column,
-                center,
-                min,
-                max,
-            } => {
-                // Squares in numeric: declared bounds reach 2^40.
-                let c = code(*column);
-                let d = format!(
-                    "(LEAST(GREATEST({c}, {}), {}) - {})::numeric",
-                    p.int(*min),
-                    p.int(*max),
-                    p.int(*center)
-                );
-                items.push(total(format!(
-                    "SUM(CASE WHEN {c} IS NOT NULL THEN {d} * {d} END)"
-                )))
-            }
-            MeasurementSpec::Histogram {
-                column,
-                min,
-                max,
-                bins,
-            } => {
-                // One count per bin, in bin order: value v (clamped in
-                // `src`) falls in bin floor((v - min) bins / (max - min + 1)),
-                // as `fedq_dp::distribution::bin_of`.
-                let c = code(*column);
-                let (lo, k, range) = (p.int(*min), p.int(*bins as i64), p.int(max - min + 1));
-                for b in 0..*bins {
-                    items.push(format!(
-                        "COUNT(*) FILTER (WHERE {c} IS NOT NULL AND (({c} - {lo}) * {k}) / {range} = {})::text",
-                        p.int(b as i64)
-                    ));
-                }
+    match m {
+        MeasurementSpec::CountRows => items.push("COUNT(*)::text".to_string()),
+        MeasurementSpec::CountWhere { condition, .. } => {
+            // COUNT skips the NULL of rows the condition is not TRUE for.
+            let mut c = String::from("COUNT(CASE WHEN ");
+            cx.predicate(condition, false, p, &mut c);
+            c.push_str(" THEN 1 END)::text");
+            items.push(c);
+        }
+        MeasurementSpec::CountPresent { column } => {
+            let mut c = String::from("COUNT(*) FILTER (WHERE ");
+            cx.present(*column, true, p, &mut c);
+            c.push_str(")::text");
+            items.push(c)
+        }
+        MeasurementSpec::Sum { column, min, max } => {
+            items.push(total(cx.sum(*column, *min, *max, p)))
+        }
+        MeasurementSpec::SumOf { expr, min, max, .. } => {
+            // In numeric (no overflow); clamped to the derived bounds
+            // like the engine. LEAST and GREATEST skip NULLs, so a NULL
+            // expression is kept NULL by the CASE (it adds nothing).
+            let x = row_expr(expr, p);
+            items.push(total(format!(
+                "SUM(CASE WHEN {x} IS NOT NULL THEN LEAST(GREATEST({x}, {}), {}) END)",
+                p.int(*min),
+                p.int(*max)
+            )))
+        }
+        MeasurementSpec::CountOf { expr, .. } => {
+            let x = row_expr(expr, p);
+            items.push(format!("COUNT({x})::text"))
+        }
+        MeasurementSpec::SumSquares {
+            column,
+            center,
+            min,
+            max,
+        } => {
+            // Squares in numeric: declared bounds reach 2^40.
+            let c = code(*column);
+            let d = format!(
+                "(LEAST(GREATEST({c}, {}), {}) - {})::numeric",
+                p.int(*min),
+                p.int(*max),
+                p.int(*center)
+            );
+            items.push(total(format!(
+                "SUM(CASE WHEN {c} IS NOT NULL THEN {d} * {d} END)"
+            )))
+        }
+        MeasurementSpec::Histogram {
+            column,
+            min,
+            max,
+            bins,
+        } => {
+            // One count per bin, in bin order: value v (clamped in
+            // `src`) falls in bin floor((v - min) bins / (max - min + 1)),
+            // as `fedq_dp::distribution::bin_of`.
+            let c = code(*column);
+            let (lo, k, range) = (p.int(*min), p.int(*bins as i64), p.int(max - min + 1));
+            for b in 0..*bins {
+                items.push(format!(
+                    "COUNT(*) FILTER (WHERE {c} IS NOT NULL AND (({c} - {lo}) * {k}) / {range} = {})::text",
+                    p.int(b as i64)
+                ));
             }
         }
-    }
-    sql.push_str(&items.join(", "));
-    let _ = write!(sql, " FROM {from}");
-    if let Some(f) = &plan.filter {
-        sql.push_str(" WHERE ");
-        cx.predicate(f, false, &mut p, &mut sql);
-    }
-    if !groups.is_empty() {
-        let _ = write!(sql, " GROUP BY {}", groups.join(", "));
-    }
-    let cap = raw_groups
-        .filter(|_| keys.iter().any(|k| !matches!(k, KeyRead::Code)))
-        .map(|min| min.max(fedq_plan::plan::cell_count(plan).saturating_mul(4)));
-    if let Some(cap) = cap {
-        let _ = write!(sql, " LIMIT {}", p.int(cap.saturating_add(1) as i64));
-    }
-    Statement {
-        sql,
-        params: p.0,
-        keys,
-        cap,
     }
 }
 
@@ -567,7 +623,7 @@ pub fn build_with(
 /// clamped value, a flag's 0 or 1, NULL when missing), in `numeric` so
 /// that nothing overflows; NULL propagates as in the engine. Integer
 /// division truncates toward zero, as the engine's.
-fn row_expr(e: &RowExpr, p: &mut Params) -> String {
+pub(super) fn row_expr(e: &RowExpr, p: &mut Params) -> String {
     match e {
         RowExpr::Column(c) => format!("{}::numeric", code(*c)),
         RowExpr::Const(k) => format!("{}::numeric", p.int(*k)),
@@ -582,7 +638,7 @@ fn row_expr(e: &RowExpr, p: &mut Params) -> String {
     }
 }
 
-fn predicate_columns(f: &Predicate, out: &mut Vec<usize>) {
+pub(super) fn predicate_columns(f: &Predicate, out: &mut Vec<usize>) {
     match f {
         Predicate::And(a, b) | Predicate::Or(a, b) => {
             predicate_columns(a, out);
@@ -599,13 +655,13 @@ fn predicate_columns(f: &Predicate, out: &mut Vec<usize>) {
 
 /// What the condition writer needs: the declared columns and how each is
 /// stored.
-struct Cx<'a> {
-    schema: &'a Schema,
-    db: &'a [DbType],
+pub(super) struct Cx<'a> {
+    pub(super) schema: &'a Schema,
+    pub(super) db: &'a [DbType],
 }
 
 /// An atom's test on one column's code, before negation.
-enum Test<'a> {
+pub(super) enum Test<'a> {
     Cmp(CmpOp, i64),
     In(&'a [i64]),
     Between(i64, i64),
@@ -613,7 +669,7 @@ enum Test<'a> {
 
 impl Test<'_> {
     /// Whether a (present) code passes.
-    fn holds(&self, code: i64) -> bool {
+    pub(super) fn holds(&self, code: i64) -> bool {
         match *self {
             Test::Cmp(op, v) => op.holds(code, v),
             Test::In(values) => values.contains(&code),
@@ -688,7 +744,7 @@ impl Cx<'_> {
     /// atoms (De Morgan holds in three-valued logic), and each atom is
     /// written by [`Cx::atom`]. Recursion is bounded by the plan's nesting
     /// limit ([`fedq_plan::plan::MAX_WHERE_DEPTH`]).
-    fn predicate(&self, f: &Predicate, negate: bool, p: &mut Params, sql: &mut String) {
+    pub(super) fn predicate(&self, f: &Predicate, negate: bool, p: &mut Params, sql: &mut String) {
         match f {
             Predicate::And(a, b) | Predicate::Or(a, b) => {
                 let and = matches!(f, Predicate::And(..)) != negate;
@@ -777,7 +833,7 @@ impl Cx<'_> {
 
     /// Writes a condition TRUE exactly when column `i`'s value is present
     /// (`present`), or exactly when it is missing. Never unknown.
-    fn present(&self, i: usize, present: bool, p: &mut Params, sql: &mut String) {
+    pub(super) fn present(&self, i: usize, present: bool, p: &mut Params, sql: &mut String) {
         let r = raw(i);
         let test = match (&self.schema.columns[i], self.db[i]) {
             (Column::Categorical { domain, .. }, DbType::Text) => {
@@ -807,7 +863,14 @@ impl Cx<'_> {
     /// - an integer: raw ranges; an integer's code is its value clamped to
     ///   the bounds, so a passing range that reaches a bound reaches on
     ///   past it, and `-99` (missing) is excluded where a range covers it.
-    fn atom(&self, i: usize, test: &Test, negate: bool, p: &mut Params, sql: &mut String) {
+    pub(super) fn atom(
+        &self,
+        i: usize,
+        test: &Test,
+        negate: bool,
+        p: &mut Params,
+        sql: &mut String,
+    ) {
         let r = raw(i);
         let passing = |n: usize| -> Vec<usize> {
             (0..n).filter(|&c| test.holds(c as i64) != negate).collect()
