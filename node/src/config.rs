@@ -631,10 +631,36 @@ impl NodeConfig {
             }
             fedq_engine::mapping::Mapper::compile(&d.name, &schema, &d.mapping)?;
             if d.source.is_some() && !d.mapping.is_empty() {
-                return Err(format!(
-                    "dataset {:?}: [datasets.mapping] applies when CSV files are ingested; a database source reads the declared coding, so map in a view over your table (deploy/README.md, \"Answering from a PostgreSQL database\") and remove the mapping",
-                    d.name
-                ));
+                // A database source reads mapped columns as text and maps
+                // them in the node (fedq_engine::postgres::mapped): the
+                // partner's column names go into SQL, and only categories
+                // and flags are mapped there.
+                let at = |c: &str| format!("dataset {:?}: [datasets.mapping.{c}]", d.name);
+                for (column, m) in &d.mapping {
+                    if let Some(from) = &m.from {
+                        if !is_plain_identifier(from.trim()) {
+                            return Err(format!(
+                                "{}: from = {from:?} is not a plain identifier; a database source needs the database's column name (letters, digits and '_')",
+                                at(column)
+                            ));
+                        }
+                    }
+                    let integer = schema.index_of(column).is_some_and(|i| {
+                        matches!(schema.columns[i], fedq_plan::schema::Column::Integer { .. })
+                    });
+                    if integer && (!m.values.is_empty() || m.convert.is_some()) {
+                        return Err(format!(
+                            "{}: a database source maps categories and flags; for an integer column use `from` only, or compute it in a view over your table (deploy/README.md, \"Answering from a PostgreSQL database\")",
+                            at(column)
+                        ));
+                    }
+                }
+                if d.privacy_unit.is_some() {
+                    return Err(format!(
+                        "dataset {:?}: a database source with [datasets.mapping] and a person-level privacy unit is not supported (the truncation orders each person's records by their codes in the database); map in a view over your table instead",
+                        d.name
+                    ));
+                }
             }
             if let Some(source) = &d.source {
                 source.validate(&d.name, &d.columns)?;
@@ -820,18 +846,26 @@ file = "ctdc.toml"
             let e = format!("{:#}", following(dir.path(), extra).unwrap_err());
             assert!(e.contains(says), "{says}: {e}");
         }
-        // A mapping is for CSV ingest; a database source maps in a view.
-        let e = format!(
-            "{:#}",
-            following(
-                dir.path(),
-                &format!(
-                    "[datasets.source]\nkind = \"postgres\"\ntable = \"cases\"\nurl_env = \"DB\"\n{mapping}"
-                )
-            )
-            .unwrap_err()
-        );
-        assert!(e.contains("map in a view"), "{e}");
+        // A database source reads the shipped mapping too (mapped in the
+        // node); what it cannot map is refused naming the key.
+        let db = "[datasets.source]\nkind = \"postgres\"\ntable = \"cases\"\nurl_env = \"DB\"\n";
+        following(dir.path(), &format!("{db}{mapping}")).unwrap();
+        for (extra, says) in [
+            (
+                "[datasets.mapping.gender]\nfrom = \"sex; DROP\"\n",
+                "is not a plain identifier",
+            ),
+            (
+                "[datasets.mapping.traffickMonths]\nvalues = { none = \"0\" }\n",
+                "for an integer column use `from` only",
+            ),
+        ] {
+            let e = format!(
+                "{:#}",
+                following(dir.path(), &format!("{db}{extra}")).unwrap_err()
+            );
+            assert!(e.contains(says), "{says}: {e}");
+        }
         std::fs::remove_file(dir.path().join("ctdc.toml")).unwrap();
         let e = format!(
             "{:#}",

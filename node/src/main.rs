@@ -732,7 +732,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for d in &cfg.datasets {
                 let Some(src) = &d.source else { continue };
                 let schema = d.schema().map_err(anyhow::Error::msg)?;
-                let pg = fedq_engine::postgres::PgSource::new(&d.name, schema, src, &cfg.base_dir)?;
+                let pg = fedq_engine::postgres::PgSource::new(&d.name, schema, src, &cfg.base_dir)?
+                    .with_mapping(&d.mapping)?;
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?;
@@ -744,6 +745,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     ),
                     Err(fedq_engine::postgres::SourceError::Mismatch(why)) => bail!("{why}"),
                     Err(e) => bail!("dataset {:?}: {} ({})", d.name, e.public(), e.detail()),
+                }
+                if !d.mapping.is_empty() {
+                    // The mapping over the table's own values, as ingest
+                    // reports it over a file.
+                    let (coverage, strict) = rt.block_on(pg.coverage()).map_err(|e| {
+                        anyhow!("dataset {:?}: {} ({})", d.name, e.public(), e.detail())
+                    })?;
+                    println!(
+                        "dataset {:?}: mapping over database table {}:",
+                        d.name,
+                        pg.relation()
+                    );
+                    print_coverage(&coverage, &[]);
+                    if !strict.is_empty() {
+                        bail!(
+                            "dataset {:?}: {}; add them to the mapping's values, or set unmapped = \"missing\" (queries read them as missing meanwhile)",
+                            d.name,
+                            strict.join("; ")
+                        );
+                    }
                 }
             }
             // The dry run: the file read, mapped and validated by ingest's

@@ -160,12 +160,10 @@ impl NodeState {
             let schema = d.schema().map_err(StartError::refused)?;
             let source = match &d.source {
                 None => Source::Embedded(Arc::new(store.load_table(&d.name, &schema)?)),
-                Some(src) => Source::Postgres(Arc::new(PgSource::new(
-                    &d.name,
-                    schema.clone(),
-                    src,
-                    &config.base_dir,
-                )?)),
+                Some(src) => Source::Postgres(Arc::new(
+                    PgSource::new(&d.name, schema.clone(), src, &config.base_dir)?
+                        .with_mapping(&d.mapping)?,
+                )),
             };
             datasets.insert(
                 d.name.clone(),

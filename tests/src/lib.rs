@@ -101,7 +101,21 @@ impl TestFederation {
     /// "auditor" may export the log. `adjust` may change the config (the
     /// source, say) before the node starts.
     pub async fn start_postgres(
+        synth: (Partner, usize, u64),
+        budget: BudgetLimits,
+        adjust: impl FnOnce(&mut NodeConfig),
+    ) -> TestFederation {
+        Self::start_postgres_with(synth, false, budget, adjust).await
+    }
+
+    /// As [`TestFederation::start_postgres`]; with `partner_coded`, the
+    /// table holds the partner's own coding of the same records
+    /// ([`load_partner_coded_into_postgres`]) and the dataset reads it
+    /// through the shipped mapping (`fedq_engine::partner_coding`). The
+    /// node's `csv` stays the standard-coded original, for exact values.
+    pub async fn start_postgres_with(
         (partner, rows, seed): (Partner, usize, u64),
+        partner_coded: bool,
         budget: BudgetLimits,
         adjust: impl FnOnce(&mut NodeConfig),
     ) -> TestFederation {
@@ -116,7 +130,11 @@ impl TestFederation {
         let csv = node_dir.join("cases.csv");
         std::fs::create_dir_all(&node_dir).unwrap();
         synth::write_csv(partner, rows, seed, std::fs::File::create(&csv).unwrap()).unwrap();
-        let table = load_csv_into_postgres(&url, &csv).await;
+        let table = if partner_coded {
+            load_partner_coded_into_postgres(&url, &csv).await
+        } else {
+            load_csv_into_postgres(&url, &csv).await
+        };
         std::fs::write(node_dir.join("db.url"), &url).unwrap();
         let mut config = node_config(&ca, &node_dir, &name, budget);
         config.datasets[0].source = Some(SourceConfig {
@@ -128,6 +146,9 @@ impl TestFederation {
             statement_timeout_ms: 10_000,
         });
         config.audit.auditors = vec!["auditor".into()];
+        if partner_coded {
+            config.datasets[0].mapping = partner_mapping();
+        }
         adjust(&mut config);
         let node = TestNode {
             name,
@@ -421,6 +442,92 @@ pub async fn load_csv_into_postgres(url: &str, csv_path: &Path) -> String {
             .map(|p| p.as_ref() as &(dyn ToSql + Sync))
             .collect();
         client.execute(&insert, &refs).await.unwrap();
+    }
+    format!("{ns}.cases")
+}
+
+/// The shipped partner mapping (`fedq_engine::partner_coding::MAPPING_TOML`).
+pub fn partner_mapping() -> fedq_engine::mapping::Mapping {
+    #[derive(serde::Deserialize)]
+    struct File {
+        datasets: Datasets,
+    }
+    #[derive(serde::Deserialize)]
+    struct Datasets {
+        mapping: fedq_engine::mapping::Mapping,
+    }
+    toml::from_str::<File>(fedq_engine::partner_coding::MAPPING_TOML)
+        .expect("the shipped mapping parses")
+        .datasets
+        .mapping
+}
+
+/// Loads the partner's own coding of a standard-coded CSV
+/// (`fedq_engine::partner_coding::recode`: `sex` F/M/T, ages in years,
+/// country names, yes/no flags) into a fresh table: every column as text,
+/// then ages and the declared numbers as integers. Returns
+/// `"schema.table"`.
+pub async fn load_partner_coded_into_postgres(url: &str, csv_path: &Path) -> String {
+    use fedq_plan::schema::Column;
+    use tokio_postgres::types::ToSql;
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut partner = Vec::new();
+    fedq_engine::partner_coding::recode(std::fs::File::open(csv_path).unwrap(), &mut partner)
+        .unwrap();
+    let schema = Schema::from_specs("cases", &synth::ctdc_columns()).unwrap();
+    let client = database_client(url).await;
+    let ns = format!(
+        "e2e_partner_{}_{}",
+        std::process::id(),
+        SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let mut reader = csv::Reader::from_reader(partner.as_slice());
+    let headers: Vec<String> = reader.headers().unwrap().iter().map(String::from).collect();
+    let mut columns: Vec<Vec<Option<String>>> = vec![Vec::new(); headers.len()];
+    for r in reader.records() {
+        for (k, v) in r.unwrap().iter().enumerate() {
+            columns[k].push((!v.is_empty()).then(|| v.to_string()));
+        }
+    }
+    let defs: Vec<String> = headers.iter().map(|h| format!("\"{h}\" text")).collect();
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA {ns}; CREATE TABLE {ns}.cases ({})",
+            defs.join(", ")
+        ))
+        .await
+        .unwrap();
+    let casts: Vec<String> = (1..=headers.len())
+        .map(|k| format!("${k}::text[]"))
+        .collect();
+    let params: Vec<&(dyn ToSql + Sync)> =
+        columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {ns}.cases SELECT * FROM unnest({})",
+                casts.join(", ")
+            ),
+            &params,
+        )
+        .await
+        .unwrap();
+    for h in &headers {
+        let numeric = h == "age"
+            || schema.index_of(h).is_some_and(|i| {
+                matches!(
+                    schema.columns[i],
+                    Column::Integer { .. } | Column::Boolean { .. }
+                )
+            });
+        if numeric {
+            client
+                .batch_execute(&format!(
+                    "ALTER TABLE {ns}.cases ALTER COLUMN \"{h}\" TYPE integer USING \"{h}\"::integer"
+                ))
+                .await
+                .unwrap();
+        }
     }
     format!("{ns}.cases")
 }

@@ -565,6 +565,46 @@ fn mapped_columns_read_from_the_database_equal_the_engine() {
                 .unwrap_or_else(|e| panic!("{sql}: {e}"));
             assert_eq!(db, loaded.table.exact_values(&p), "{sql}");
         }
+
+        // The operator's coverage, from the table's own values: every row
+        // counted once per mapped column, the stray spellings named.
+        let (coverage, strict) = pg.coverage().await.unwrap();
+        let names: Vec<&str> = coverage.iter().map(|c| c.column.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "gender",
+                "ageBroad",
+                "citizenship",
+                "CountryOfExploitation",
+                "isForcedLabour",
+                "isSexualExploit"
+            ]
+        );
+        for c in &coverage {
+            assert_eq!(c.coded + c.missing + c.unmapped, 12_000, "{c:?}");
+        }
+        let citizenship = &coverage[2];
+        assert_eq!(citizenship.source, "nationality");
+        assert!(
+            citizenship.unmapped > 0 && citizenship.unmapped_values[0].0 == "Atlantis",
+            "{citizenship:?}"
+        );
+        assert!(strict.is_empty(), "{strict:?}");
+        // A flag the mapping cannot place, under unmapped = "error": named.
+        client
+            .execute(
+                &format!("UPDATE {ns}.cases SET forced_labour = 'maybe' WHERE ctid = (SELECT MIN(ctid) FROM {ns}.cases)"),
+                &[],
+            )
+            .await
+            .unwrap();
+        let (_, strict) = pg.coverage().await.unwrap();
+        assert_eq!(strict.len(), 1, "{strict:?}");
+        assert!(
+            strict[0].contains("isForcedLabour") && strict[0].contains("\"maybe\" (1 rows)"),
+            "{strict:?}"
+        );
     });
 }
 

@@ -23,10 +23,11 @@ use std::time::Duration;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config};
 
-use crate::mapping::{Mapper, Mapping};
+use crate::mapping::{ColumnCoverage, Mapped, Mapper, Mapping, Unmapped};
 use crate::source::SourceConfig;
 use fedq_dp::mechanism::Exact;
 use fedq_plan::plan::Plan;
+use fedq_plan::schema::MISSING;
 use fedq_plan::schema::{Column, Schema};
 use statement::{DbType, Relation};
 
@@ -288,6 +289,70 @@ impl PgSource {
         self.sql_schema = sql_schema;
         self.mapper = Some(mapper);
         Ok(self)
+    }
+
+    /// The mapping's coverage over the table, for the operator (`fedq-node
+    /// check`; never for analysts): per mapped column, the rows coded,
+    /// missing and unmapped, and the commonest unmapped values, as CSV
+    /// ingest reports them. The second list names each value a strict
+    /// column (`unmapped = "error"`) cannot place: a database source has no
+    /// ingest to fail, so its queries read such values as missing, and
+    /// `check` fails on them instead.
+    pub async fn coverage(&self) -> Result<(Vec<ColumnCoverage>, Vec<String>), SourceError> {
+        let Some(mapper) = &self.mapper else {
+            return Ok((Vec::new(), Vec::new()));
+        };
+        let c = self.connected().await?;
+        let mut out = Vec::new();
+        let mut strict = Vec::new();
+        for (i, column) in self.schema.columns.iter().enumerate() {
+            if !self.mapped[i] {
+                continue;
+            }
+            let source = self.sql_schema.columns[i].name();
+            let sql = format!(
+                "SELECT {}::text, COUNT(*) FROM {} GROUP BY 1 LIMIT $1::bigint",
+                statement::quote(source),
+                self.relation.quoted()
+            );
+            let limit = mapped::MAPPED_GROUPS_MAX as i64;
+            let rows = self
+                .query(&c, &sql, &[statement::Param::Int(limit)])
+                .await?;
+            let mut cov = ColumnCoverage {
+                column: column.name().to_string(),
+                source: source.to_string(),
+                mapped: true,
+                ..ColumnCoverage::default()
+            };
+            let mut unmapped = Vec::new();
+            for row in rows {
+                let raw: Option<String> = row.try_get(0).map_err(|e| self.failed(&e))?;
+                let n: i64 = row.try_get(1).map_err(|e| self.failed(&e))?;
+                let n = n as u64;
+                match raw.as_deref().map(|t| mapper.map(i, column, t)) {
+                    None | Some(Some(Mapped::Code(MISSING))) => cov.missing += n,
+                    Some(Some(Mapped::Unmapped(policy))) => {
+                        cov.unmapped += n;
+                        let t = raw.unwrap_or_default().trim().to_string();
+                        if policy == Unmapped::Error {
+                            strict.push(format!(
+                                "column {:?} (read from {source:?}): the value {t:?} ({n} rows) is not in [datasets.mapping.{}]",
+                                column.name(),
+                                column.name()
+                            ));
+                        }
+                        unmapped.push((t, n));
+                    }
+                    Some(_) => cov.coded += n,
+                }
+            }
+            unmapped.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            unmapped.truncate(crate::mapping::UNMAPPED_SHOWN);
+            cov.unmapped_values = unmapped;
+            out.push(cov);
+        }
+        Ok((out, strict))
     }
 
     /// How many queries found more raw groups than a statement takes, and
