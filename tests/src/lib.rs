@@ -448,88 +448,26 @@ pub async fn load_csv_into_postgres(url: &str, csv_path: &Path) -> String {
 
 /// The shipped partner mapping (`fedq_engine::partner_coding::MAPPING_TOML`).
 pub fn partner_mapping() -> fedq_engine::mapping::Mapping {
-    #[derive(serde::Deserialize)]
-    struct File {
-        datasets: Datasets,
-    }
-    #[derive(serde::Deserialize)]
-    struct Datasets {
-        mapping: fedq_engine::mapping::Mapping,
-    }
-    toml::from_str::<File>(fedq_engine::partner_coding::MAPPING_TOML)
-        .expect("the shipped mapping parses")
-        .datasets
-        .mapping
+    fedq_engine::partner_coding::mapping()
 }
 
 /// Loads the partner's own coding of a standard-coded CSV
-/// (`fedq_engine::partner_coding::recode`: `sex` F/M/T, ages in years,
-/// country names, yes/no flags) into a fresh table: every column as text,
-/// then ages and the declared numbers as integers. Returns
-/// `"schema.table"`.
+/// (`fedq_engine::partner_coding::recode`) into a fresh table
+/// (`partner_coding::load_into_postgres`). Returns `"schema.table"`.
 pub async fn load_partner_coded_into_postgres(url: &str, csv_path: &Path) -> String {
-    use fedq_plan::schema::Column;
-    use tokio_postgres::types::ToSql;
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let mut partner = Vec::new();
     fedq_engine::partner_coding::recode(std::fs::File::open(csv_path).unwrap(), &mut partner)
         .unwrap();
-    let schema = Schema::from_specs("cases", &synth::ctdc_columns()).unwrap();
     let client = database_client(url).await;
     let ns = format!(
         "e2e_partner_{}_{}",
         std::process::id(),
         SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     );
-    let mut reader = csv::Reader::from_reader(partner.as_slice());
-    let headers: Vec<String> = reader.headers().unwrap().iter().map(String::from).collect();
-    let mut columns: Vec<Vec<Option<String>>> = vec![Vec::new(); headers.len()];
-    for r in reader.records() {
-        for (k, v) in r.unwrap().iter().enumerate() {
-            columns[k].push((!v.is_empty()).then(|| v.to_string()));
-        }
-    }
-    let defs: Vec<String> = headers.iter().map(|h| format!("\"{h}\" text")).collect();
-    client
-        .batch_execute(&format!(
-            "CREATE SCHEMA {ns}; CREATE TABLE {ns}.cases ({})",
-            defs.join(", ")
-        ))
+    fedq_engine::partner_coding::load_into_postgres(&client, &ns, &partner)
         .await
-        .unwrap();
-    let casts: Vec<String> = (1..=headers.len())
-        .map(|k| format!("${k}::text[]"))
-        .collect();
-    let params: Vec<&(dyn ToSql + Sync)> =
-        columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
-    client
-        .execute(
-            &format!(
-                "INSERT INTO {ns}.cases SELECT * FROM unnest({})",
-                casts.join(", ")
-            ),
-            &params,
-        )
-        .await
-        .unwrap();
-    for h in &headers {
-        let numeric = h == "age"
-            || schema.index_of(h).is_some_and(|i| {
-                matches!(
-                    schema.columns[i],
-                    Column::Integer { .. } | Column::Boolean { .. }
-                )
-            });
-        if numeric {
-            client
-                .batch_execute(&format!(
-                    "ALTER TABLE {ns}.cases ALTER COLUMN \"{h}\" TYPE integer USING \"{h}\"::integer"
-                ))
-                .await
-                .unwrap();
-        }
-    }
-    format!("{ns}.cases")
+        .unwrap()
 }
 
 /// Exact counts per GROUP BY key straight from a CSV file, computed here

@@ -131,6 +131,95 @@ pub fn recode(input: impl Read, out: impl Write) -> Result<(), csv::Error> {
     Ok(())
 }
 
+/// [`MAPPING_TOML`], parsed.
+pub fn mapping() -> crate::mapping::Mapping {
+    #[derive(serde::Deserialize)]
+    struct File {
+        datasets: Datasets,
+    }
+    #[derive(serde::Deserialize)]
+    struct Datasets {
+        mapping: crate::mapping::Mapping,
+    }
+    toml::from_str::<File>(MAPPING_TOML)
+        .expect("the shipped mapping parses")
+        .datasets
+        .mapping
+}
+
+/// Loads a file written by [`recode`] into a new table `<namespace>.cases`
+/// (the schema is created), as a partner's own database might hold it:
+/// every column as text, except ages (`age`) and the standard's numbers,
+/// which are `integer`. Returns `"<namespace>.cases"`. For tests and
+/// benchmarks of database sources read through [`MAPPING_TOML`];
+/// `namespace` must be a plain identifier.
+pub async fn load_into_postgres(
+    client: &tokio_postgres::Client,
+    namespace: &str,
+    partner_csv: &[u8],
+) -> Result<String, tokio_postgres::Error> {
+    use fedq_plan::schema::{Column, Schema};
+    use tokio_postgres::types::ToSql;
+    let schema = Schema::from_specs("cases", &crate::synth::ctdc_columns())
+        .expect("the synthetic schema is valid");
+    let mut reader = csv::Reader::from_reader(partner_csv);
+    let headers: Vec<String> = match reader.headers() {
+        Ok(h) => h.iter().map(String::from).collect(),
+        Err(_) => Vec::new(),
+    };
+    let mut columns: Vec<Vec<Option<String>>> = vec![Vec::new(); headers.len()];
+    for r in reader.records().map_while(Result::ok) {
+        for (k, v) in r.iter().enumerate() {
+            columns[k].push((!v.is_empty()).then(|| v.to_string()));
+        }
+    }
+    let quote = crate::postgres::statement::quote;
+    let table = format!("{namespace}.cases");
+    let defs: Vec<String> = headers
+        .iter()
+        .map(|h| {
+            let numeric = h == "age"
+                || schema.index_of(h).is_some_and(|i| {
+                    matches!(
+                        schema.columns[i],
+                        Column::Integer { .. } | Column::Boolean { .. }
+                    )
+                });
+            format!("{} {}", quote(h), if numeric { "integer" } else { "text" })
+        })
+        .collect();
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA {namespace}; CREATE TABLE {table} ({})",
+            defs.join(", ")
+        ))
+        .await?;
+    // Text in, cast per column (an empty cell is NULL).
+    let casts: Vec<String> = defs
+        .iter()
+        .enumerate()
+        .map(|(k, d)| {
+            if d.ends_with(" integer") {
+                format!("${}::text[]::integer[]", k + 1)
+            } else {
+                format!("${}::text[]", k + 1)
+            }
+        })
+        .collect();
+    let params: Vec<&(dyn ToSql + Sync)> =
+        columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {table} SELECT * FROM unnest({})",
+                casts.join(", ")
+            ),
+            &params,
+        )
+        .await?;
+    Ok(table)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -243,6 +243,19 @@ async fn insert(client: &Client, ns: &str, schema: &Schema, rows: &[Vec<Cell>]) 
         .unwrap();
 }
 
+/// Runs a test on a one-worker runtime, with the test server's URL and a
+/// temporary directory.
+fn with_database<F: std::future::Future<Output = ()>>(
+    test: impl FnOnce(String, tempfile::TempDir) -> F,
+) {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(test(test_database_url(), tempfile::tempdir().unwrap()))
+}
+
 pub(crate) async fn connect(url: &str) -> Client {
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
@@ -340,14 +353,7 @@ const QUERIES: &[&str] = &[
 /// the other columns' codes, missing last).
 #[test]
 fn push_down_truncates_per_person_like_the_engine() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let url = test_database_url();
-    let dir = tempfile::tempdir().unwrap();
-    rt.block_on(async {
+    with_database(|url, dir| async move {
         let client = connect(&url).await;
         let loaded = load_with(&client, 8_000, 21, Some(2)).await;
         let pg = source(&url, &loaded, dir.path());
@@ -369,14 +375,7 @@ fn push_down_truncates_per_person_like_the_engine() {
 
 #[test]
 fn push_down_equals_the_embedded_engine() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let url = test_database_url();
-    let dir = tempfile::tempdir().unwrap();
-    rt.block_on(async {
+    with_database(|url, dir| async move {
         let client = connect(&url).await;
         let loaded = load(&client, 20_000, 11).await;
         let pg = source(&url, &loaded, dir.path());
@@ -413,14 +412,7 @@ fn push_down_equals_the_embedded_engine() {
 /// table is refused by the start-up check, naming the columns.
 #[test]
 fn mapped_columns_read_from_the_database_equal_the_engine() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let url = test_database_url();
-    let dir = tempfile::tempdir().unwrap();
-    rt.block_on(async {
+    with_database(|url, dir| async move {
         let client = connect(&url).await;
         let schema = Schema::from_specs("cases", &crate::synth::ctdc_columns()).unwrap();
         let mut standard = Vec::new();
@@ -440,9 +432,7 @@ fn mapped_columns_read_from_the_database_equal_the_engine() {
         }
         table.append_row_major(&codes);
 
-        // The database: the partner's file, every column as text, then
-        // numbers as numbers (ages included: a mapped column of another
-        // type is read as text).
+        // The database: the partner's file as it is.
         let ns = format!(
             "mapped_{}_{}",
             std::process::id(),
@@ -451,53 +441,9 @@ fn mapped_columns_read_from_the_database_equal_the_engine() {
                 .unwrap()
                 .as_nanos()
         );
-        let mut reader = csv::Reader::from_reader(partner.as_slice());
-        let headers: Vec<String> = reader.headers().unwrap().iter().map(String::from).collect();
-        let mut columns: Vec<Vec<Option<String>>> = vec![Vec::new(); headers.len()];
-        for r in reader.records() {
-            for (k, v) in r.unwrap().iter().enumerate() {
-                columns[k].push((!v.is_empty()).then(|| v.to_string()));
-            }
-        }
-        let defs: Vec<String> = headers
-            .iter()
-            .map(|h| format!("{} text", statement::quote(h)))
-            .collect();
-        client
-            .batch_execute(&format!(
-                "CREATE SCHEMA {ns}; CREATE TABLE {ns}.cases ({})",
-                defs.join(", ")
-            ))
+        let relation = crate::partner_coding::load_into_postgres(&client, &ns, &partner)
             .await
             .unwrap();
-        let casts: Vec<String> = (1..=headers.len()).map(|k| format!("${k}::text[]")).collect();
-        let params: Vec<&(dyn ToSql + Sync)> =
-            columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
-        client
-            .execute(
-                &format!("INSERT INTO {ns}.cases SELECT * FROM unnest({})", casts.join(", ")),
-                &params,
-            )
-            .await
-            .unwrap();
-        for h in &headers {
-            let numeric = h == "age"
-                || schema.index_of(h).is_some_and(|i| {
-                    matches!(
-                        schema.columns[i],
-                        Column::Integer { .. } | Column::Boolean { .. }
-                    )
-                });
-            if numeric {
-                client
-                    .batch_execute(&format!(
-                        "ALTER TABLE {ns}.cases ALTER COLUMN {q} TYPE integer USING {q}::integer",
-                        q = statement::quote(h)
-                    ))
-                    .await
-                    .unwrap();
-            }
-        }
         // Spellings no mapping places: missing to the node (the engine's
         // original has them missing too).
         let mut strays = 0;
@@ -512,22 +458,11 @@ fn mapped_columns_read_from_the_database_equal_the_engine() {
         }
         assert!(strays > 100, "{strays} stray spellings");
 
-        #[derive(serde::Deserialize)]
-        struct File {
-            datasets: Datasets,
-        }
-        #[derive(serde::Deserialize)]
-        struct Datasets {
-            mapping: crate::mapping::Mapping,
-        }
-        let mapping = toml::from_str::<File>(crate::partner_coding::MAPPING_TOML)
-            .unwrap()
-            .datasets
-            .mapping;
+        let mapping = crate::partner_coding::mapping();
         let loaded = Loaded {
             schema: schema.clone(),
             table,
-            relation: format!("{ns}.cases"),
+            relation,
         };
         // Without the mapping the partner's table does not match.
         let plain = source(&url, &loaded, dir.path());
@@ -614,14 +549,7 @@ fn mapped_columns_read_from_the_database_equal_the_engine() {
 /// asked again with its keys coded in the database, with the same answer.
 #[test]
 fn raw_labels_land_on_missing_and_too_many_are_coded_in_the_database() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let url = test_database_url();
-    let dir = tempfile::tempdir().unwrap();
-    rt.block_on(async {
+    with_database(|url, dir| async move {
         let client = connect(&url).await;
         let loaded = load(&client, 6_000, 31).await;
         // Every gender and citizenship the engine holds as missing becomes
