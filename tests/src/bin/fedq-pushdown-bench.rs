@@ -41,21 +41,68 @@
 //! of every hand-written query and of every push-down statement (built
 //! with `statement::build`, its parameters bound as the node binds them).
 //!
+//! `--partner-coded` measures a partner's database in its OWN coding,
+//! read through a `[datasets.mapping]` (`fedq_engine::postgres::mapped`).
+//! The same synthetic rows, rewritten by `fedq_engine::partner_coding::recode`
+//! on their way in (generator, recoder and parser are threads joined by
+//! pipes: nothing is held whole), are loaded into `public.bench22p_<rows>`:
+//! the partner's columns (`sex` F/M/T, `age` in years, `nationality` and
+//! `country_of_exploitation` as English country names, `forced_labour` and
+//! `sexual_exploitation` yes/no, the rest under their standard names), all
+//! `text` except `age` and the declared integer and boolean columns, which
+//! are `integer` (a missing number stored as the standard load stores it).
+//! The push-down is `PgSource::with_mapping` of the shipped mapping
+//! (`partner_coding::MAPPING_TOML`), asked the same fedq SQL (it is in the
+//! standard's terms); the database groups by the raw values and the node
+//! maps them. The hand-written side is what the partner's analyst would
+//! write against their own table for the same answer, the mapping spelt out
+//! in SQL (`{sex}` and `{age}` below are built from the mapping's `gender`
+//! values and from the `ageBroad` domain of `ctdc_columns()`):
+//!
+//! | shape | hand-written, partner-coded |
+//! |---|---|
+//! | A | `SELECT {sex}, {age}, COUNT(*) FROM {t} WHERE forced_labour = 'yes' GROUP BY 1, 2` |
+//! | B | `SELECT nationality, COUNT(*) FROM {t} GROUP BY nationality` |
+//! | C | `SELECT COUNT(*) FROM {t} WHERE age BETWEEN 0 AND 17 AND "yearOfRegistration" BETWEEN 2010 AND 2020` |
+//! | D | `SELECT {sex}, COUNT(*), SUM("traffickMonths"), COUNT("traffickMonths") FROM {t} WHERE sexual_exploitation = 'yes' GROUP BY 1` |
+//! | E | `SELECT country_of_exploitation, CASE forced_labour WHEN 'yes' THEN 1 WHEN 'no' THEN 0 END, COUNT(*) FROM {t} WHERE sex = 'F' OR sexual_exploitation = 'no' GROUP BY 1, 2` |
+//!
+//! with `{sex}` = `CASE sex WHEN 'F' THEN 'Female' WHEN 'M' THEN 'Male'
+//! WHEN 'T' THEN 'Trans/Transgender/NonConforming' END` and `{age}` =
+//! `CASE WHEN age BETWEEN 0 AND 8 THEN '0--8' ... WHEN age >= 48 THEN
+//! '48+' END`. Where they differ from the mapping (none of it occurs in
+//! the synthetic rows, so the groups and counts are the push-down's):
+//! the mapping matches values after trimming and ignoring case (`' f'`
+//! is Female to it, NULL to the CASE); it reads an age over 150 as
+//! missing (`age >= 48` takes it); the countries are grouped and compared
+//! by the partner's names, as an analyst would, not converted (one name
+//! per country here, so the same number of groups; a table spelling one
+//! country two ways would split it); the missing countries (`-99`) are a
+//! group of their own, as in the standard-coded hand queries, where the
+//! push-down maps them to missing; and D's sums take `-99` months as the
+//! standard-coded hand query does. E's `NOT isSexualExploit = 1` is
+//! `sexual_exploitation = 'no'` (and `"isSexualExploit" = 0` in the
+//! standard-coded hand query): the engine's NOT keeps no missing rows. `--explain` prints the mapped statement of the push-down
+//! (`postgres::mapped::build` over the renamed schema).
+//!
 //! A server: `scripts/pg-test-server.sh start DIR` (its last line is the
 //! URL). Example (release build; run it on a quiet machine):
 //!
 //! ```text
 //! export FEDQ_TEST_POSTGRES=$(bash scripts/pg-test-server.sh start /tmp/pgbench/pg | tail -1)
 //! cargo run --release -p fedq-tests --bin fedq-pushdown-bench -- --rows 1000000 --rounds 11
+//! cargo run --release -p fedq-tests --bin fedq-pushdown-bench -- --rows 1000000 --rounds 11 --partner-coded
 //! ```
 
-use std::io::BufReader;
+use std::io::{BufReader, BufWriter};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context};
 use clap::Parser;
+use fedq_engine::mapping::{Mapper, Mapping};
+use fedq_engine::partner_coding::recode;
 use fedq_engine::postgres::statement::{self, Relation};
-use fedq_engine::postgres::{check_columns, PgSource};
+use fedq_engine::postgres::{check_columns, mapped, PgSource};
 use fedq_engine::source::{SourceConfig, SourceKind};
 use fedq_engine::synth::{ctdc_columns, write_csv, Partner};
 use fedq_plan::plan::{plan, Plan};
@@ -95,14 +142,22 @@ struct Args {
     /// Also print EXPLAIN (ANALYZE, BUFFERS) of every query, both versions.
     #[arg(long)]
     explain: bool,
+    /// Measure a table in the partner's own coding (`bench22p_<rows>`,
+    /// loaded through `partner_coding::recode`), read through the shipped
+    /// mapping, against hand-written SQL on the partner's columns.
+    #[arg(long)]
+    partner_coded: bool,
 }
 
-/// One query shape: the analyst's SQL and its hand-written equivalent
-/// (`{t}` stands for the table).
+/// One query shape: the analyst's SQL and its hand-written equivalents
+/// over the standard-coded and the partner-coded table (`{t}` stands for
+/// the table; `{sex}` and `{age}` for the partner's gender and age band,
+/// [`partner_hand`]).
 struct Shape {
     name: &'static str,
     fedq: &'static str,
     hand: &'static str,
+    partner: &'static str,
 }
 
 const SHAPES: [Shape; 5] = [
@@ -110,37 +165,94 @@ const SHAPES: [Shape; 5] = [
         name: "A",
         fedq: "SELECT gender, ageBroad, COUNT(*) FROM cases WHERE isForcedLabour = 1 GROUP BY gender, ageBroad",
         hand: r#"SELECT gender, "ageBroad", COUNT(*) FROM {t} WHERE "isForcedLabour" = 1 GROUP BY 1, 2"#,
+        partner: r#"SELECT {sex}, {age}, COUNT(*) FROM {t} WHERE forced_labour = 'yes' GROUP BY 1, 2"#,
     },
     Shape {
         name: "B",
         fedq: "SELECT citizenship, COUNT(*) FROM cases GROUP BY citizenship",
         hand: "SELECT citizenship, COUNT(*) FROM {t} GROUP BY citizenship",
+        partner: "SELECT nationality, COUNT(*) FROM {t} GROUP BY nationality",
     },
     Shape {
         name: "C",
         fedq: "SELECT COUNT(*) FROM cases WHERE ageBroad IN ('0--8', '9--17') AND yearOfRegistration BETWEEN 2010 AND 2020",
         hand: r#"SELECT COUNT(*) FROM {t} WHERE "ageBroad" IN ('0--8', '9--17') AND "yearOfRegistration" BETWEEN 2010 AND 2020"#,
+        partner: r#"SELECT COUNT(*) FROM {t} WHERE age BETWEEN 0 AND 17 AND "yearOfRegistration" BETWEEN 2010 AND 2020"#,
     },
     Shape {
         name: "D",
         fedq: "SELECT gender, COUNT(*), AVG(traffickMonths) FROM cases WHERE isSexualExploit = 1 GROUP BY gender",
         hand: r#"SELECT gender, COUNT(*), SUM("traffickMonths"), COUNT("traffickMonths") FROM {t} WHERE "isSexualExploit" = 1 GROUP BY gender"#,
+        partner: r#"SELECT {sex}, COUNT(*), SUM("traffickMonths"), COUNT("traffickMonths") FROM {t} WHERE sexual_exploitation = 'yes' GROUP BY 1"#,
     },
     Shape {
         name: "E",
         fedq: "SELECT CountryOfExploitation, isForcedLabour, COUNT(*) FROM cases WHERE gender = 'Female' OR NOT isSexualExploit = 1 GROUP BY 1, 2",
-        hand: r#"SELECT "CountryOfExploitation", "isForcedLabour", COUNT(*) FROM {t} WHERE gender = 'Female' OR NOT "isSexualExploit" = 1 GROUP BY 1, 2"#,
+        hand: r#"SELECT "CountryOfExploitation", "isForcedLabour", COUNT(*) FROM {t} WHERE gender = 'Female' OR "isSexualExploit" = 0 GROUP BY 1, 2"#,
+        partner: r#"SELECT country_of_exploitation, CASE forced_labour WHEN 'yes' THEN 1 WHEN 'no' THEN 0 END, COUNT(*) FROM {t} WHERE sex = 'F' OR sexual_exploitation = 'no' GROUP BY 1, 2"#,
     },
 ];
 
-/// The database type of a declared column.
-fn db_type(c: &Column) -> anyhow::Result<(&'static str, Type)> {
-    Ok(match c {
-        Column::Categorical { .. } => ("text", Type::TEXT),
-        Column::Boolean { .. } => ("smallint", Type::INT2),
-        Column::Integer { .. } => ("integer", Type::INT4),
-        _ => bail!("column {} has no database type in this bench", c.name()),
-    })
+/// How one CSV column is stored in the bench table.
+#[derive(Clone)]
+enum Store {
+    /// `text`, as the CSV has it.
+    Text,
+    /// `smallint`: a declared flag (the standard-coded table).
+    Small(Column),
+    /// `integer`: a declared column read by its own parsing, or (`None`) a
+    /// number the schema does not declare (the partner's `age`).
+    Int(Option<Column>),
+}
+
+impl Store {
+    /// How the standard-coded table stores declared column `c`.
+    fn standard(c: &Column) -> anyhow::Result<Store> {
+        Ok(match c {
+            Column::Categorical { .. } => Store::Text,
+            Column::Boolean { .. } => Store::Small(c.clone()),
+            Column::Integer { .. } => Store::Int(Some(c.clone())),
+            _ => bail!("column {} has no database type in this bench", c.name()),
+        })
+    }
+
+    /// How the partner-coded table stores the partner's column `name`:
+    /// `age` and the declared integer and boolean columns kept under their
+    /// standard names as `integer`, every other column as `text`.
+    fn partner(name: &str, schema: &Schema) -> Store {
+        if name == "age" {
+            return Store::Int(None);
+        }
+        match schema.index_of(name).map(|i| &schema.columns[i]) {
+            Some(c @ (Column::Integer { .. } | Column::Boolean { .. })) => {
+                Store::Int(Some(c.clone()))
+            }
+            _ => Store::Text,
+        }
+    }
+
+    fn db_type(&self) -> (&'static str, Type) {
+        match self {
+            Store::Text => ("text", Type::TEXT),
+            Store::Small(_) => ("smallint", Type::INT2),
+            Store::Int(_) => ("integer", Type::INT4),
+        }
+    }
+
+    /// A CSV cell as stored: text as it is; a number by the column's own
+    /// parsing (if declared), a missing one as its raw number (`-99`) or
+    /// else `NULL`.
+    fn parse(&self, raw: &str) -> Cell {
+        let number = |c: Option<&Column>| match c.map(|c| c.encode(raw)) {
+            Some(Ok(v)) if v != MISSING => Some(v),
+            _ => raw.trim().parse::<i64>().ok(),
+        };
+        match self {
+            Store::Text => Cell::Text(raw.to_string()),
+            Store::Small(c) => Cell::Small(number(Some(c)).and_then(|v| i16::try_from(v).ok())),
+            Store::Int(c) => Cell::Int(number(c.as_ref()).and_then(|v| i32::try_from(v).ok())),
+        }
+    }
 }
 
 /// One database cell.
@@ -158,20 +270,92 @@ impl Cell {
             Cell::Int(v) => v,
         }
     }
+}
 
-    /// A CSV cell as stored: text as it is; a number by the column's own
-    /// parsing, a missing one as its raw number (`-99`) or else `NULL`.
-    fn parse(c: &Column, raw: &str) -> Cell {
-        let number = || match c.encode(raw) {
-            Ok(v) if v != MISSING => Some(v),
-            _ => raw.trim().parse::<i64>().ok(),
-        };
-        match c {
-            Column::Boolean { .. } => Cell::Small(number().and_then(|v| i16::try_from(v).ok())),
-            Column::Integer { .. } => Cell::Int(number().and_then(|v| i32::try_from(v).ok())),
-            _ => Cell::Text(raw.to_string()),
-        }
+/// The header `recode` writes for the synthetic CSV (the partner's column
+/// names, in the CSV's order).
+fn partner_header() -> anyhow::Result<Vec<String>> {
+    let mut standard = Vec::new();
+    write_csv(Partner::CaseManagement, 0, 0, &mut standard)?;
+    let mut partner = Vec::new();
+    recode(standard.as_slice(), &mut partner)?;
+    Ok(csv::Reader::from_reader(partner.as_slice())
+        .headers()?
+        .iter()
+        .map(str::to_string)
+        .collect())
+}
+
+/// An SQL identifier: bare when lower case, else quoted.
+fn ident(name: &str) -> String {
+    let bare = name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if bare {
+        name.to_string()
+    } else {
+        statement::quote(name)
     }
+}
+
+/// An SQL string literal.
+fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// The partner's analyst's query for `template`: `{t}` the table, `{sex}`
+/// the mapping's gender values spelt out as a CASE over the partner's
+/// column, `{age}` the bands of the declared `ageBroad` domain as a CASE
+/// over the partner's ages.
+fn partner_hand(
+    template: &str,
+    schema: &Schema,
+    mapping: &Mapping,
+    relation: &str,
+) -> anyhow::Result<String> {
+    let gender = mapping
+        .get("gender")
+        .ok_or_else(|| anyhow!("the shipped mapping has no gender"))?;
+    let sex = ident(gender.from.as_deref().unwrap_or("gender"));
+    let whens: Vec<String> = gender
+        .values
+        .iter()
+        .map(|(from, to)| format!("WHEN {} THEN {}", literal(from), literal(to)))
+        .collect();
+    let sex_case = format!("CASE {sex} {} END", whens.join(" "));
+
+    let age_from = mapping
+        .get("ageBroad")
+        .and_then(|m| m.from.as_deref())
+        .ok_or_else(|| anyhow!("the shipped mapping does not rename ageBroad"))?;
+    let age = ident(age_from);
+    let Some(Column::Categorical { domain, .. }) =
+        schema.index_of("ageBroad").map(|i| &schema.columns[i])
+    else {
+        bail!("the schema has no categorical ageBroad");
+    };
+    let mut whens = Vec::new();
+    for band in domain {
+        let test = if let Some(lo) = band.strip_suffix('+') {
+            format!("{age} >= {}", lo.trim().parse::<i64>()?)
+        } else {
+            let (lo, hi) = band
+                .split_once("--")
+                .ok_or_else(|| anyhow!("age band {band:?} is neither a--b nor a+"))?;
+            format!(
+                "{age} BETWEEN {} AND {}",
+                lo.trim().parse::<i64>()?,
+                hi.trim().parse::<i64>()?
+            )
+        };
+        whens.push(format!("WHEN {test} THEN {}", literal(band)));
+    }
+    let age_case = format!("CASE {} END", whens.join(" "));
+    Ok(template
+        .replace("{t}", relation)
+        .replace("{sex}", &sex_case)
+        .replace("{age}", &age_case))
 }
 
 /// Rows in `public.<table>`, or `None` if there is no such table.
@@ -191,16 +375,24 @@ async fn existing_rows(client: &Client, table: &str) -> anyhow::Result<Option<i6
     Ok(Some(row.get(0)))
 }
 
-/// (Re)creates `public.<table>` and loads the synthetic rows into it,
-/// streaming: a thread writes the CSV into a pipe, another parses it into
-/// batches, and the batches go out by binary `COPY`.
-async fn load(client: &Client, schema: &Schema, table: &str, args: &Args) -> anyhow::Result<()> {
+/// (Re)creates `public.<table>` with `columns` (the CSV's header, in order,
+/// and how each is stored) and loads the synthetic rows into it,
+/// streaming: a thread writes the CSV into a pipe, with `partner` another
+/// recodes it into a second pipe (`partner_coding::recode`), another parses
+/// it into batches, and the batches go out by binary `COPY`.
+async fn load(
+    client: &Client,
+    columns: &[(String, Store)],
+    table: &str,
+    args: &Args,
+    partner: bool,
+) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let mut defs = Vec::new();
     let mut types = Vec::new();
-    for c in &schema.columns {
-        let (name, ty) = db_type(c)?;
-        defs.push(format!("{} {name}", statement::quote(c.name())));
+    for (name, store) in columns {
+        let (db, ty) = store.db_type();
+        defs.push(format!("{} {db}", statement::quote(name)));
         types.push(ty);
     }
     client
@@ -215,14 +407,27 @@ async fn load(client: &Client, schema: &Schema, table: &str, args: &Args) -> any
     let generator = std::thread::spawn(move || {
         write_csv(Partner::CaseManagement, rows, seed, pipe_out).map_err(anyhow::Error::from)
     });
+    let (csv_in, recoder) = if partner {
+        let (recoded_in, recoded_out) = std::io::pipe()?;
+        let recoder = std::thread::spawn(move || {
+            recode(
+                BufReader::with_capacity(1 << 16, pipe_in),
+                BufWriter::with_capacity(1 << 16, recoded_out),
+            )
+            .map_err(anyhow::Error::from)
+        });
+        (recoded_in, Some(recoder))
+    } else {
+        (pipe_in, None)
+    };
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Vec<Cell>>>(4);
-    let columns = schema.columns.clone();
+    let columns = columns.to_vec();
     let parser = std::thread::spawn(move || -> anyhow::Result<()> {
-        let mut reader = csv::Reader::from_reader(BufReader::with_capacity(1 << 16, pipe_in));
+        let mut reader = csv::Reader::from_reader(BufReader::with_capacity(1 << 16, csv_in));
         let header: Vec<String> = reader.headers()?.iter().map(str::to_string).collect();
-        let names: Vec<&str> = columns.iter().map(Column::name).collect();
+        let names: Vec<&str> = columns.iter().map(|(n, _)| n.as_str()).collect();
         if header != names {
-            bail!("the synthetic CSV's columns {header:?} are not the schema's {names:?}");
+            bail!("the synthetic CSV's columns {header:?} are not the table's {names:?}");
         }
         let mut batch = Vec::with_capacity(BATCH);
         for record in reader.records() {
@@ -231,7 +436,7 @@ async fn load(client: &Client, schema: &Schema, table: &str, args: &Args) -> any
                 columns
                     .iter()
                     .zip(record.iter())
-                    .map(|(c, raw)| Cell::parse(c, raw))
+                    .map(|((_, store), raw)| store.parse(raw))
                     .collect(),
             );
             if batch.len() == BATCH {
@@ -272,15 +477,32 @@ async fn load(client: &Client, schema: &Schema, table: &str, args: &Args) -> any
     }
     .await;
     drop(rx);
-    let parsed = parser
-        .join()
-        .map_err(|_| anyhow!("the CSV parser panicked"))?;
-    let generated = generator
-        .join()
-        .map_err(|_| anyhow!("the CSV generator panicked"))?;
-    parsed.context("parsing the synthetic CSV")?;
-    generated.context("generating the synthetic CSV")?;
-    let copied = copied.context("COPY into the bench table")?;
+    // One stage failing makes the others fail too (a closed pipe or
+    // channel): every failure is reported, the cause among them.
+    let mut failed = Vec::new();
+    let mut check = |what: &str, r: std::thread::Result<anyhow::Result<()>>| match r {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => failed.push(format!("{what}: {e:#}")),
+        Err(_) => failed.push(format!("{what}: panicked")),
+    };
+    check("parsing the synthetic CSV", parser.join());
+    if let Some(recoder) = recoder {
+        check(
+            "recoding the synthetic CSV (partner_coding::recode)",
+            recoder.join(),
+        );
+    }
+    check("generating the synthetic CSV", generator.join());
+    let copied = match copied {
+        Ok(n) => n,
+        Err(e) => {
+            failed.push(format!("COPY into the bench table: {e:#}"));
+            0
+        }
+    };
+    if !failed.is_empty() {
+        bail!("loading public.{table} failed: {}", failed.join("; "));
+    }
     if copied != args.rows as u64 {
         bail!("COPY wrote {copied} rows, {} expected", args.rows);
     }
@@ -383,7 +605,24 @@ async fn main() -> anyhow::Result<()> {
     });
 
     let schema = Schema::from_specs("cases", &ctdc_columns()).map_err(|e| anyhow!("{e}"))?;
-    let table = format!("bench22_{}", args.rows);
+    let mapping = fedq_tests::partner_mapping();
+    let (table, columns) = if args.partner_coded {
+        let columns: Vec<(String, Store)> = partner_header()?
+            .into_iter()
+            .map(|h| {
+                let store = Store::partner(&h, &schema);
+                (h, store)
+            })
+            .collect();
+        (format!("bench22p_{}", args.rows), columns)
+    } else {
+        let columns = schema
+            .columns
+            .iter()
+            .map(|c| Ok((c.name().to_string(), Store::standard(c)?)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        (format!("bench22_{}", args.rows), columns)
+    };
     match existing_rows(&client, &table).await? {
         Some(n) if n == args.rows as i64 && !args.reload => {
             eprintln!("public.{table} holds {n} rows: not reloaded");
@@ -397,7 +636,7 @@ async fn main() -> anyhow::Result<()> {
                     None => "new".to_string(),
                 }
             );
-            load(&client, &schema, &table, &args).await?;
+            load(&client, &columns, &table, &args, args.partner_coded).await?;
         }
     }
 
@@ -411,7 +650,10 @@ async fn main() -> anyhow::Result<()> {
         ca: None,
         statement_timeout_ms: 120_000,
     };
-    let source = PgSource::new("cases", schema.clone(), &src, dir.path())?;
+    let mut source = PgSource::new("cases", schema.clone(), &src, dir.path())?;
+    if args.partner_coded {
+        source = source.with_mapping(&mapping)?;
+    }
     source.connect().await?;
 
     let relation_sql = format!("public.{table}");
@@ -422,7 +664,11 @@ async fn main() -> anyhow::Result<()> {
             plan(s.fedq, &schema, MAX_CELLS)
                 .map_err(|e| anyhow!("shape {} does not plan: {e}", s.name))?,
         );
-        hands.push(s.hand.replace("{t}", &relation_sql));
+        hands.push(if args.partner_coded {
+            partner_hand(s.partner, &schema, &mapping, &relation_sql)?
+        } else {
+            s.hand.replace("{t}", &relation_sql)
+        });
     }
 
     // Warm-up: one run of each; also shows what each returns.
@@ -456,8 +702,13 @@ async fn main() -> anyhow::Result<()> {
 
     let version = show(&client, "server_version").await?;
     let workers = show(&client, "max_parallel_workers_per_gather").await?;
+    let coding = if args.partner_coded {
+        "partner-coded table, read through the shipped mapping"
+    } else {
+        "standard-coded table"
+    };
     println!(
-        "\nPush-down against hand-written SQL, {} rows (`public.{table}`, seed {}), \
+        "\nPush-down against hand-written SQL, {coding}, {} rows (`public.{table}`, seed {}), \
          PostgreSQL {version}, max_parallel_workers_per_gather {workers}, \
          {} rounds after a warm-up; load average {load_start} at start, {load_end} at end\n",
         args.rows, args.seed, args.rounds
@@ -482,8 +733,11 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     println!();
-    for s in &SHAPES {
+    for (i, s) in SHAPES.iter().enumerate() {
         println!("- {}: `{}`", s.name, s.fedq);
+        if args.partner_coded {
+            println!("  - hand: `{}`", hands[i]);
+        }
     }
 
     if args.explain {
@@ -497,7 +751,30 @@ async fn main() -> anyhow::Result<()> {
             .iter()
             .map(|r| (r.get(0), r.get(1)))
             .collect();
-        let db_types = check_columns("cases", &relation_sql, &schema, &[], &found)
+        // The schema as the push-down builds its statements from: each
+        // column under its name in the table, and which are mapped (as
+        // `PgSource::with_mapping` derives them).
+        let (sql_schema, mapped_flags) = if args.partner_coded {
+            let mapper = Mapper::compile("cases", &schema, &mapping).map_err(|e| anyhow!("{e}"))?;
+            let mut renamed = schema.clone();
+            for (i, c) in renamed.columns.iter_mut().enumerate() {
+                let source = mapper.source(i).to_string();
+                match c {
+                    Column::Categorical { name, .. }
+                    | Column::Integer { name, .. }
+                    | Column::Open { name }
+                    | Column::Boolean { name }
+                    | Column::PersonId { name } => *name = source,
+                }
+            }
+            let flags: Vec<bool> = (0..schema.columns.len())
+                .map(|i| mapper.is_mapped(i))
+                .collect();
+            (renamed, flags)
+        } else {
+            (schema.clone(), Vec::new())
+        };
+        let db_types = check_columns("cases", &relation_sql, &sql_schema, &mapped_flags, &found)
             .map_err(|e| anyhow!("{e}"))?;
         let relation = Relation {
             schema: Some("public".to_string()),
@@ -509,16 +786,21 @@ async fn main() -> anyhow::Result<()> {
                 s.name, hands[i]
             );
             println!("```text\n{}\n```", explain(&client, &hands[i], &[]).await?);
-            let st = statement::build(&plans[i], &schema, &db_types, &relation);
-            let params: Vec<&(dyn ToSql + Sync)> = st.params.iter().map(|p| p.as_sql()).collect();
+            let (kind, sql, st_params) = if args.partner_coded
+                && mapped::touches(&plans[i], &sql_schema, &mapped_flags)
+            {
+                let st = mapped::build(&plans[i], &sql_schema, &db_types, &mapped_flags, &relation);
+                ("push-down (mapped)", st.sql, st.params)
+            } else {
+                let st = statement::build(&plans[i], &sql_schema, &db_types, &relation);
+                ("push-down", st.sql, st.params)
+            };
+            let params: Vec<&(dyn ToSql + Sync)> = st_params.iter().map(|p| p.as_sql()).collect();
             println!(
-                "\n#### {}: push-down\n\n```sql\n{}\n```\n\nparameters: {:?}\n",
-                s.name, st.sql, st.params
+                "\n#### {}: {kind}\n\n```sql\n{sql}\n```\n\nparameters: {st_params:?}\n",
+                s.name
             );
-            println!(
-                "```text\n{}\n```",
-                explain(&client, &st.sql, &params).await?
-            );
+            println!("```text\n{}\n```", explain(&client, &sql, &params).await?);
         }
     }
     Ok(())

@@ -424,7 +424,8 @@ pub fn build(
     let mut measures = Vec::with_capacity(plan.measurements.len());
     for m in &plan.measurements {
         let node = match m {
-            MeasurementSpec::CountRows => false,
+            // The group's row count, already selected.
+            MeasurementSpec::CountRows => true,
             MeasurementSpec::CountWhere { condition, .. } => {
                 let mut columns = Vec::new();
                 predicate_columns(condition, &mut columns);
