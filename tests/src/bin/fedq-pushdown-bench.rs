@@ -99,10 +99,10 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context};
 use clap::Parser;
-use fedq_engine::mapping::{Mapper, Mapping};
+use fedq_engine::mapping::Mapping;
 use fedq_engine::partner_coding::recode;
-use fedq_engine::postgres::statement::{self, Relation};
-use fedq_engine::postgres::{check_columns, mapped, PgSource};
+use fedq_engine::postgres::statement;
+use fedq_engine::postgres::PgSource;
 use fedq_engine::source::{SourceConfig, SourceKind};
 use fedq_engine::synth::{ctdc_columns, write_csv, Partner};
 use fedq_plan::plan::{plan, Plan};
@@ -741,59 +741,19 @@ async fn main() -> anyhow::Result<()> {
     }
 
     if args.explain {
-        let found: Vec<(String, String)> = client
-            .query(
-                "SELECT column_name::text, data_type::text FROM information_schema.columns \
-                 WHERE table_schema = 'public' AND table_name = $1::text",
-                &[&table],
-            )
-            .await?
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
-        // The schema as the push-down builds its statements from: each
-        // column under its name in the table, and which are mapped (as
-        // `PgSource::with_mapping` derives them).
-        let (sql_schema, mapped_flags) = if args.partner_coded {
-            let mapper = Mapper::compile("cases", &schema, &mapping).map_err(|e| anyhow!("{e}"))?;
-            let mut renamed = schema.clone();
-            for (i, c) in renamed.columns.iter_mut().enumerate() {
-                let source = mapper.source(i).to_string();
-                match c {
-                    Column::Categorical { name, .. }
-                    | Column::Integer { name, .. }
-                    | Column::Open { name }
-                    | Column::Boolean { name }
-                    | Column::PersonId { name } => *name = source,
-                }
-            }
-            let flags: Vec<bool> = (0..schema.columns.len())
-                .map(|i| mapper.is_mapped(i))
-                .collect();
-            (renamed, flags)
-        } else {
-            (schema.clone(), Vec::new())
-        };
-        let db_types = check_columns("cases", &relation_sql, &sql_schema, &mapped_flags, &found)
-            .map_err(|e| anyhow!("{e}"))?;
-        let relation = Relation {
-            schema: Some("public".to_string()),
-            table: table.clone(),
-        };
         for (i, s) in SHAPES.iter().enumerate() {
             println!(
                 "\n#### {}: hand-written\n\n```sql\n{}\n```\n",
                 s.name, hands[i]
             );
             println!("```text\n{}\n```", explain(&client, &hands[i], &[]).await?);
-            let (kind, sql, st_params) = if args.partner_coded
-                && mapped::touches(&plans[i], &sql_schema, &mapped_flags)
-            {
-                let st = mapped::build(&plans[i], &sql_schema, &db_types, &mapped_flags, &relation);
-                ("push-down (mapped)", st.sql, st.params)
+            // What `exact` sends: the mapped statement when the plan reads
+            // a mapped column, else the fast path's.
+            let (sql, st_params) = source.statement(&plans[i]).await?;
+            let kind = if args.partner_coded {
+                "push-down (partner-coded table)"
             } else {
-                let st = statement::build(&plans[i], &sql_schema, &db_types, &relation);
-                ("push-down", st.sql, st.params)
+                "push-down"
             };
             let params: Vec<&(dyn ToSql + Sync)> = st_params.iter().map(|p| p.as_sql()).collect();
             println!(

@@ -115,6 +115,8 @@ struct Rule {
 struct Compiled {
     /// Lower-cased, trimmed partner value to code.
     values: HashMap<String, i64>,
+    /// The partner values as written in `node.toml` (trimmed).
+    written: Vec<String>,
     convert: Option<Convert>,
     unmapped: Unmapped,
     /// What the map and conversion say, for `check`.
@@ -299,6 +301,7 @@ impl Mapper {
             rules.push(Rule {
                 source,
                 map: Some(Compiled {
+                    written: m.values.keys().map(|k| k.trim().to_string()).collect(),
                     values,
                     convert,
                     unmapped: m.unmapped,
@@ -322,6 +325,51 @@ impl Mapper {
     /// What the mapping of column `i` does, in words (for `check`).
     pub fn summary(&self, i: usize) -> Option<&str> {
         self.rules[i].map.as_ref().map(|m| m.summary.as_str())
+    }
+
+    /// Spellings of mapped column `i` whose code is known in advance, each
+    /// with the code [`Mapper::map`] gives it (`None`: missing or
+    /// unmapped): the mapping's values as written and normalised, the
+    /// declared labels, the spellings of "missing", and what a conversion
+    /// reads (country names, aliases and codes as written in ISO 3166-1,
+    /// and normalised; whole years 0 to 150). A database source filters
+    /// rows with these exact spellings before the node maps the rest
+    /// (`postgres::mapped`). Empty if column `i` has no mapping.
+    pub fn spellings(&self, i: usize, column: &Column) -> Vec<(String, Option<i64>)> {
+        let Some(m) = self.rules[i].map.as_ref() else {
+            return Vec::new();
+        };
+        let mut all: Vec<String> = m.written.clone();
+        all.extend(m.values.keys().cloned());
+        all.extend(MISSING_SPELLINGS.iter().map(|s| s.to_string()));
+        if let Column::Categorical { domain, .. } = column {
+            all.extend(domain.iter().cloned());
+        }
+        match &m.convert {
+            Some(Convert::Country(t)) => {
+                all.extend(t.keys().cloned());
+                for (a2, a3, names) in countries::COUNTRIES {
+                    all.extend([a2.to_string(), a3.to_string()]);
+                    all.extend(names.iter().map(|n| n.to_string()));
+                }
+                all.extend(countries::ALIASES.iter().map(|(a, _)| a.to_string()));
+            }
+            Some(Convert::Bands(_) | Convert::Majority { .. }) => {
+                all.extend((0..=150).map(|y: i64| y.to_string()))
+            }
+            None => {}
+        }
+        all.sort_unstable();
+        all.dedup();
+        all.into_iter()
+            .map(|s| {
+                let code = match self.map(i, column, &s) {
+                    Some(Mapped::Code(c)) if c != MISSING => Some(c),
+                    _ => None,
+                };
+                (s, code)
+            })
+            .collect()
     }
 
     /// Reads one cell of mapped column `i` (`column` is the declared

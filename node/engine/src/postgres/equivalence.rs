@@ -450,6 +450,8 @@ fn mapped_columns_read_from_the_database_equal_the_engine() {
         for update in [
             "sex = 'stray ' || ctid::text WHERE sex IS NULL OR sex IN ('unknown', '-99')",
             "nationality = 'Atlantis' WHERE nationality IS NULL OR nationality = '-99'",
+            // Both spellings of a missing age: -99 and NULL.
+            "age = NULL WHERE age = -99 AND \"yearOfRegistration\" % 2 = 0",
         ] {
             strays += client
                 .execute(&format!("UPDATE {ns}.cases SET {update}"), &[])
@@ -481,6 +483,10 @@ fn mapped_columns_read_from_the_database_equal_the_engine() {
         let random: Vec<String> = (0..250).map(|_| random_query(&mut rng, &schema)).collect();
         // Measurements of mapped columns, computed in the node.
         const MAPPED: &[&str] = &[
+            // Top-level conjuncts on mapped columns, which also filter the
+            // rows of known spellings in the database (NULL ages included).
+            "SELECT gender, COUNT(*) FROM cases WHERE ageBroad IS NULL AND isForcedLabour = 1 GROUP BY gender",
+            "SELECT COUNT(*), SUM(traffickMonths) FROM cases WHERE NOT ageBroad IN ('0--8', '48+') AND citizenship IS NOT NULL AND NOT isSexualExploit = 1",
             "SELECT gender, VARIANCE(isForcedLabour), SUM(isSexualExploit), COUNT(isForcedLabour), COUNT(ageBroad) FROM cases GROUP BY gender",
             "SELECT HISTOGRAM(traffickMonths, 4) FROM cases WHERE citizenship <> CountryOfExploitation",
             "SELECT citizenship, AVG(isForcedLabour + traffickMonths), COUNT(*) FILTER (WHERE ageBroad IS NULL OR isSexualExploit = 0) FROM cases WHERE ageBroad IN ('9--17') OR traffickMonths > 12 GROUP BY citizenship",

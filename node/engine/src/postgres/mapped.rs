@@ -92,6 +92,23 @@ impl CodeTest {
     }
 }
 
+/// One atom on a column's code, as TRUE or not.
+enum Atom {
+    /// Present and passing the test (failing it, when negated).
+    Test(CodeTest, bool),
+    /// Present (missing, when false).
+    Present(bool),
+}
+
+impl Atom {
+    fn passes(&self, code: Option<i64>) -> bool {
+        match self {
+            Atom::Test(t, negate) => code.is_some_and(|c| t.holds(c) != *negate),
+            Atom::Present(present) => code.is_some() == *present,
+        }
+    }
+}
+
 /// A condition the node evaluates per group, in negation normal form: TRUE
 /// exactly when the engine's condition is TRUE for the group's rows.
 #[derive(Debug, Clone)]
@@ -203,6 +220,7 @@ pub fn touches(plan: &Plan, schema: &Schema, mapped: &[bool]) -> bool {
 struct Builder<'a> {
     cx: Cx<'a>,
     mapped: &'a [bool],
+    spellings: &'a [Vec<(String, Option<i64>)>],
     p: Params,
     groups: Vec<Group>,
     items: Vec<String>,
@@ -245,6 +263,72 @@ impl Builder<'_> {
             self.push(item, Group::Value(i))
         };
         self.decoded.insert(i, g);
+    }
+
+    /// A condition for the database's WHERE that drops only rows failing
+    /// `f` (a conjunct of the WHERE that the node evaluates), when `f` is
+    /// an atom on a mapped column: the rows whose raw value is one of the
+    /// column's known spellings ([`Mapper::spellings`]) whose code fails
+    /// the atom. Rows with other spellings stay, for the node to map. The
+    /// node evaluates `f` on every group all the same.
+    fn prefilter(&mut self, f: &Predicate, negate: bool) -> Option<String> {
+        let (column, atom) = match f {
+            Predicate::Not(a) => return self.prefilter(a, !negate),
+            Predicate::Cmp { column, op, value } => {
+                (*column, Atom::Test(CodeTest::Cmp(*op, *value), negate))
+            }
+            Predicate::In {
+                column,
+                values,
+                negated,
+            } => (
+                *column,
+                Atom::Test(CodeTest::In(values.clone()), negate != *negated),
+            ),
+            Predicate::Between {
+                column,
+                low,
+                high,
+                negated,
+            } => (
+                *column,
+                Atom::Test(CodeTest::Between(*low, *high), negate != *negated),
+            ),
+            Predicate::IsMissing { column, negated } => {
+                (*column, Atom::Present(negate != *negated))
+            }
+            _ => return None,
+        };
+        let passes = |c: Option<i64>| atom.passes(c);
+        if !self.is_mapped(column) {
+            return None;
+        }
+        let failing: Vec<&String> = self
+            .spellings
+            .get(column)?
+            .iter()
+            .filter(|(_, code)| !passes(*code))
+            .map(|(s, _)| s)
+            .collect();
+        if failing.is_empty() {
+            return None;
+        }
+        let r = raw(column);
+        let list = match self.cx.db[column] {
+            // Only the spellings PostgreSQL prints for a number.
+            DbType::Integer => self.p.ints(
+                failing
+                    .iter()
+                    .filter_map(|s| s.parse::<i64>().ok().filter(|v| v.to_string() == **s))
+                    .collect(),
+            ),
+            DbType::Text | DbType::Boolean => self.p.texts(failing.into_iter().cloned().collect()),
+        };
+        Some(if passes(None) {
+            format!("({r} IS NULL OR NOT ({r} = ANY({list})))")
+        } else {
+            format!("(NOT ({r} = ANY({list})))")
+        })
     }
 
     /// A group column saying whether `sql` is TRUE.
@@ -340,6 +424,7 @@ pub fn build(
     schema: &Schema,
     db: &[DbType],
     mapped: &[bool],
+    spellings: &[Vec<(String, Option<i64>)>],
     relation: &Relation,
 ) -> MappedStatement {
     let mut p = Params::default();
@@ -348,6 +433,7 @@ pub fn build(
     let mut b = Builder {
         cx: Cx { schema, db },
         mapped,
+        spellings,
         p,
         groups: Vec::new(),
         items: Vec::new(),
@@ -410,6 +496,9 @@ pub fn build(
         let mut columns = Vec::new();
         predicate_columns(c, &mut columns);
         if b.touches(&columns) {
+            if let Some(pre) = b.prefilter(c, false) {
+                sql_where.push(pre);
+            }
             node_where.push(b.cond(c, false));
         } else {
             let mut s = String::new();

@@ -165,6 +165,9 @@ pub struct PgSource {
     mapper: Option<Mapper>,
     /// Per declared column: whether the mapping maps its values.
     mapped: Vec<bool>,
+    /// Per declared column: its known spellings and their codes
+    /// ([`Mapper::spellings`]; empty when not mapped).
+    spellings: Vec<Vec<(String, Option<i64>)>>,
     /// Where the rows are.
     relation: Relation,
     /// Parsed connection settings (holds the password; never printed).
@@ -247,6 +250,7 @@ impl PgSource {
             dataset: dataset.to_string(),
             sql_schema: schema.clone(),
             mapper: None,
+            spellings: vec![Vec::new(); mapped.len()],
             mapped,
             relation: Relation {
                 schema: schema_name.map(str::to_string),
@@ -285,6 +289,13 @@ impl PgSource {
         }
         self.mapped = (0..self.schema.columns.len())
             .map(|i| mapper.is_mapped(i))
+            .collect();
+        self.spellings = self
+            .schema
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| mapper.spellings(i, c))
             .collect();
         self.sql_schema = sql_schema;
         self.mapper = Some(mapper);
@@ -522,6 +533,36 @@ impl PgSource {
         statement::assemble(plan, rows).map_err(SourceError::Failed)
     }
 
+    /// The statement [`PgSource::exact`] sends first for `plan`, and its
+    /// parameters (for `EXPLAIN` in benchmarks and by operators; its
+    /// values are the plan's literals and declared bounds, never rows).
+    /// Connects if needed.
+    pub async fn statement(
+        &self,
+        plan: &Plan,
+    ) -> Result<(String, Vec<statement::Param>), SourceError> {
+        let c = self.connected().await?;
+        if self.mapper.is_some() && mapped::touches(plan, &self.sql_schema, &self.mapped) {
+            let st = mapped::build(
+                plan,
+                &self.sql_schema,
+                &c.types,
+                &self.mapped,
+                &self.spellings,
+                &self.relation,
+            );
+            return Ok((st.sql, st.params));
+        }
+        let st = statement::build_with(
+            plan,
+            &self.sql_schema,
+            &c.types,
+            &self.relation,
+            Some(self.raw_groups),
+        );
+        Ok((st.sql, st.params))
+    }
+
     /// A query reading mapped columns: the database groups, the node maps
     /// ([`mapped`]).
     async fn exact_mapped(
@@ -535,6 +576,7 @@ impl PgSource {
             &self.sql_schema,
             &c.types,
             &self.mapped,
+            &self.spellings,
             &self.relation,
         );
         let rows = self.query(c, &st.sql, &st.params).await?;
@@ -544,6 +586,10 @@ impl PgSource {
             for (i, g) in st.groups.iter().enumerate() {
                 let v = match g {
                     mapped::Group::Truth => row.try_get::<_, bool>(i).map(mapped::GroupValue::Bool),
+                    // A number read as the database prints it.
+                    mapped::Group::Mapped(col) if c.types[*col] == DbType::Integer => row
+                        .try_get::<_, Option<i64>>(i)
+                        .map(|v| mapped::GroupValue::Text(v.map(|v| v.to_string()))),
                     mapped::Group::Mapped(_) | mapped::Group::Key(statement::KeyRead::Label(_)) => {
                         row.try_get::<_, Option<String>>(i)
                             .map(mapped::GroupValue::Text)

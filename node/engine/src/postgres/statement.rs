@@ -429,9 +429,15 @@ pub(super) fn src_stage(
         }
         let column = &schema.columns[i];
         if mapped.get(i).copied().unwrap_or(false) {
+            // Text byte for byte; an integer column (ages in years) as a
+            // number, printed in the node as PostgreSQL prints it.
+            let cast = match db[i] {
+                DbType::Integer => "bigint",
+                DbType::Text | DbType::Boolean => "text COLLATE \"C\"",
+            };
             let _ = write!(
                 sql,
-                "{}::text COLLATE \"C\" AS {}, NULL::bigint AS {}",
+                "{}::{cast} AS {}, NULL::bigint AS {}",
                 quote(column.name()),
                 raw(i),
                 code(i)
