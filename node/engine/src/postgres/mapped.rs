@@ -265,15 +265,49 @@ impl Builder<'_> {
         self.decoded.insert(i, g);
     }
 
-    /// A condition for the database's WHERE that drops only rows failing
-    /// `f` (a conjunct of the WHERE that the node evaluates), when `f` is
-    /// an atom on a mapped column: the rows whose raw value is one of the
+    /// A condition for the database's WHERE that drops only rows for
+    /// which `f` (negated when `negate`; a conjunct the node evaluates) is
+    /// not TRUE; `None`: no such condition (keep every row). Parts that
+    /// touch no mapped column are written exactly ([`Cx::predicate`]); an
+    /// atom on a mapped column drops the rows whose raw value is one of the
     /// column's known spellings ([`Mapper::spellings`]) whose code fails
-    /// the atom. Rows with other spellings stay, for the node to map. The
-    /// node evaluates `f` on every group all the same.
+    /// it; AND keeps what it can, OR needs all its parts (in negation
+    /// normal form, like [`Builder::cond`]). Rows with other spellings
+    /// stay, for the node to map; the node evaluates `f` on every group
+    /// all the same.
     fn prefilter(&mut self, f: &Predicate, negate: bool) -> Option<String> {
+        let mut columns = Vec::new();
+        predicate_columns(f, &mut columns);
+        if !self.touches(&columns) {
+            let mut sql = String::new();
+            self.cx.predicate(f, negate, &mut self.p, &mut sql);
+            return Some(sql);
+        }
+        match f {
+            Predicate::And(a, b) | Predicate::Or(a, b) => {
+                let and = matches!(f, Predicate::And(..)) != negate;
+                let mark = self.p.0.len();
+                let (a, b) = (self.prefilter(a, negate), self.prefilter(b, negate));
+                match (a, b, and) {
+                    (Some(a), Some(b), true) => Some(format!("({a} AND {b})")),
+                    (Some(a), Some(b), false) => Some(format!("({a} OR {b})")),
+                    (a, b, true) => a.or(b),
+                    (_, _, false) => {
+                        // The part written is dropped: so are its
+                        // parameters (an unused one has no type).
+                        self.p.0.truncate(mark);
+                        None
+                    }
+                }
+            }
+            Predicate::Not(a) => self.prefilter(a, !negate),
+            _ => self.spelling_filter(f, negate),
+        }
+    }
+
+    /// [`Builder::prefilter`] of one atom on a mapped column.
+    fn spelling_filter(&mut self, f: &Predicate, negate: bool) -> Option<String> {
         let (column, atom) = match f {
-            Predicate::Not(a) => return self.prefilter(a, !negate),
             Predicate::Cmp { column, op, value } => {
                 (*column, Atom::Test(CodeTest::Cmp(*op, *value), negate))
             }
@@ -314,20 +348,46 @@ impl Builder<'_> {
             return None;
         }
         let r = raw(column);
-        let list = match self.cx.db[column] {
-            // Only the spellings PostgreSQL prints for a number.
-            DbType::Integer => self.p.ints(
-                failing
+        let fails = match self.cx.db[column] {
+            // Only the spellings PostgreSQL prints for a number, as ranges
+            // (ages: a band's complement is one or two ranges).
+            DbType::Integer => {
+                let mut v: Vec<i64> = failing
                     .iter()
                     .filter_map(|s| s.parse::<i64>().ok().filter(|v| v.to_string() == **s))
-                    .collect(),
+                    .collect();
+                v.sort_unstable();
+                let mut ranges: Vec<(i64, i64)> = Vec::new();
+                for x in v {
+                    match ranges.last_mut() {
+                        Some(last) if x == last.1 + 1 => last.1 = x,
+                        _ => ranges.push((x, x)),
+                    }
+                }
+                if ranges.is_empty() {
+                    return None;
+                }
+                let parts: Vec<String> = ranges
+                    .into_iter()
+                    .map(|(a, b)| {
+                        if a == b {
+                            format!("{r} = {}", self.p.int(a))
+                        } else {
+                            format!("{r} BETWEEN {} AND {}", self.p.int(a), self.p.int(b))
+                        }
+                    })
+                    .collect();
+                parts.join(" OR ")
+            }
+            DbType::Text | DbType::Boolean => format!(
+                "{r} = ANY({})",
+                self.p.texts(failing.into_iter().cloned().collect())
             ),
-            DbType::Text | DbType::Boolean => self.p.texts(failing.into_iter().cloned().collect()),
         };
         Some(if passes(None) {
-            format!("({r} IS NULL OR NOT ({r} = ANY({list})))")
+            format!("({r} IS NULL OR NOT ({fails}))")
         } else {
-            format!("(NOT ({r} = ANY({list})))")
+            format!("(NOT ({fails}))")
         })
     }
 
