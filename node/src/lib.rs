@@ -16,6 +16,8 @@
 //!
 //! - [`config`]: `node.toml`, the partner's single configuration file.
 //! - [`ingest`]: CSV → validated rows → one atomic, durable store commit.
+//! - [`migrate`]: a stopped node's stored rows translated in place to a new
+//!   minor version of its columns, logged first; ledger and log kept.
 //! - [`backup`]: backup and restore of a stopped node's store, never over
 //!   a newer ledger.
 //! - [`refusals`]: refused requests counted, and logged as bounded
@@ -38,6 +40,7 @@ mod error;
 pub mod backup;
 pub mod config;
 pub mod ingest;
+pub mod migrate;
 pub mod preflight;
 pub mod refusals;
 pub mod secure;

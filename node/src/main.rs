@@ -42,7 +42,8 @@ fn return_freed_memory_at_once() {
 Typical set-up:\n  fedq-node synth --partner ngo --rows 20000 --seed 1 --out cases.csv\n  \
 fedq-node check --config node.toml\n  \
 fedq-node check --config node.toml --dataset cases --csv cases.csv   (a dry run: coverage, nothing stored)\n  fedq-node ingest --config node.toml --dataset cases --csv cases.csv\n  \
-fedq-node serve --config node.toml"
+fedq-node serve --config node.toml\n\n\
+New version of the federation's standard: fedq-node migrate --config node.toml --previous node.toml.old (see migrate --help)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -80,6 +81,29 @@ A dataset with [datasets.mapping] reads your own columns and codes through it; t
         /// Ingest a file even though the very same file was ingested before.
         #[arg(long)]
         allow_duplicate: bool,
+    },
+    /// Translate a stopped node's stored rows, in place, to the columns
+    /// node.toml now declares (a new minor version of the federation's
+    /// standard: columns or categories added), keeping its budget ledger
+    /// and audit log. All or nothing; logged in the audit log first.
+    #[command(
+        after_help = "Example (moving to standard 1.1):\n  systemctl stop fedq-node\n  cp node.toml node.toml.old\n  \
+(install standards/ctdc-cases-1.1.toml beside 1.0; in node.toml set file and version = \"1.1\")\n  \
+fedq-node migrate --config node.toml --previous node.toml.old\n  fedq-node check --config node.toml\n  systemctl start fedq-node\n\n\
+--previous gives the columns the rows were stored under (the store keeps only their digest): it must match them exactly. \
+Columns are matched by name: a column only node.toml declares is missing in every stored row, a category keeps its label \
+(re-coded where its position moved), an integer must lie within the new bounds. A dropped or retyped column, a dropped category \
+that stored rows use or a value outside new bounds would change what the rows mean (a major-version change): migrate refuses, \
+naming the column, and changes nothing. Per dataset, a `migrated` audit entry is made durable before the rows are replaced in \
+one atomic write; budgets spent are untouched. Running it again finishes an interrupted run."
+    )]
+    Migrate {
+        /// Path to node.toml, with the new columns (or standard version).
+        #[arg(long)]
+        config: PathBuf,
+        /// The node.toml as it was before the change (a copy kept for this).
+        #[arg(long)]
+        previous: PathBuf,
     },
     /// Create the node's keys where missing (TLS key and certificate signing
     /// request, audit key) and say what to send to the federation CA.
@@ -623,6 +647,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             print_coverage(&r.coverage, &r.ignored_columns);
+            Ok(())
+        }
+        Command::Migrate { config, previous } => {
+            let cfg = NodeConfig::load(&config)?;
+            let old = NodeConfig::load(&previous).context("--previous")?;
+            let report = fedq_node::migrate::migrate(&cfg, &config, &old, &previous)?;
+            for d in &report {
+                println!("{d}");
+            }
+            let migrated = report
+                .iter()
+                .filter(|d| matches!(d.outcome, fedq_node::migrate::Outcome::Migrated(_)))
+                .count();
+            if migrated == 0 {
+                println!("nothing was changed");
+            } else {
+                println!(
+                    "migrated {migrated} dataset(s) in place; budgets spent and the audit log carry over. \
+                     Now run: fedq-node check --config {}",
+                    config.display()
+                );
+            }
             Ok(())
         }
         Command::Init { config } => {

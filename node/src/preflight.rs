@@ -194,7 +194,7 @@ fn check_store(
             if stored != schema.digest() {
                 return Err(PreflightError::Refused(format!(
                     "dataset {:?}: its columns in node.toml differ from the schema its rows were ingested under (store {}); \
-                     restore the previous columns, or ingest into a new store",
+                     restore the previous columns, or translate the stored rows with `fedq-node migrate --config <this file> --previous <the node.toml they were stored under>`",
                     d.name,
                     dir.display()
                 )));

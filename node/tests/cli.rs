@@ -22,6 +22,7 @@ fn help_lists_the_commands_with_exit_codes() {
     for cmd in [
         "serve",
         "ingest",
+        "migrate",
         "init",
         "check",
         "audit",

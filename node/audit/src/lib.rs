@@ -19,9 +19,10 @@
 //!
 //! The map:
 //!
-//! - this module: [`Event`], [`Entry`], [`entry_hash`], [`Head`],
-//!   [`AuditKey`] (the node's signing key and [`AuditKey::seal`], which
-//!   makes the next entry), [`verify`], [`parse_public_key`], [`parse_head`].
+//! - this module: [`Event`] (with [`StandardVersion`]), [`Entry`],
+//!   [`entry_hash`], [`Head`], [`AuditKey`] (the node's signing key and
+//!   [`AuditKey::seal`], which makes the next entry), [`verify`],
+//!   [`parse_public_key`], [`parse_head`].
 //! - [`decimal`]: numbers in events as exact decimal strings.
 //! - [`report`]: summaries of a verified log and the self-contained HTML
 //!   report for auditors.
@@ -123,6 +124,26 @@ pub enum Event {
         rows_total: Option<u64>,
         /// SHA-256 of the ingested file.
         file_sha256: String,
+    },
+    /// A dataset's stored rows were translated, in place, to new columns
+    /// (`fedq-node migrate`, a new minor version of its standard: columns
+    /// and categories added, categories re-coded by label). Logged, and
+    /// made durable, before the rows are replaced. The ledger is
+    /// untouched. No row count: it is an exact statistic (see
+    /// [`Event::Ingested`]).
+    Migrated {
+        /// Dataset.
+        dataset: String,
+        /// Digest of the schema the rows were stored under.
+        from_schema: String,
+        /// Digest of the schema they are stored under now.
+        to_schema: String,
+        /// The standard the dataset followed before, when it followed one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from_standard: Option<StandardVersion>,
+        /// The standard it follows now, when it follows one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to_standard: Option<StandardVersion>,
     },
     /// A query arrived (before any check).
     QueryReceived {
@@ -317,6 +338,7 @@ impl Event {
             Event::NodeStarted { .. } => "node_started",
             Event::LimitsChanged { .. } => "limits_changed",
             Event::Ingested { .. } => "ingested",
+            Event::Migrated { .. } => "migrated",
             Event::QueryReceived { .. } => "query_received",
             Event::Refused { .. } => "refused",
             Event::Refusals { .. } => "refusals",
@@ -328,6 +350,17 @@ impl Event {
             Event::BudgetGranted { .. } => "budget_granted",
         }
     }
+}
+
+/// A data standard's name and version, as a [`Event::Migrated`] entry
+/// states them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StandardVersion {
+    /// The standard's name, e.g. `ctdc-cases`.
+    pub name: String,
+    /// Its version, `MAJOR.MINOR`.
+    pub version: String,
 }
 
 /// The round a secure-aggregation release took part in: what an auditor
@@ -786,4 +819,73 @@ pub fn parse_head(s: &str) -> Result<(u64, String), AuditError> {
         return Err(AuditError::HeadHash);
     }
     Ok((seq, hash.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `migrated` event's JSON is part of the export format: an
+    /// auditor's program reads these exact keys, and an entry carrying it
+    /// verifies like any other.
+    #[test]
+    fn a_migrated_entry_has_its_documented_shape_and_verifies() {
+        let digest = |c: char| c.to_string().repeat(64);
+        let event = Event::Migrated {
+            dataset: "cases".into(),
+            from_schema: digest('a'),
+            to_schema: digest('b'),
+            from_standard: Some(StandardVersion {
+                name: "ctdc-cases".into(),
+                version: "1.0".into(),
+            }),
+            to_standard: Some(StandardVersion {
+                name: "ctdc-cases".into(),
+                version: "1.1".into(),
+            }),
+        };
+        assert_eq!(
+            serde_json::to_string(&event).unwrap(),
+            format!(
+                "{{\"type\":\"migrated\",\"dataset\":\"cases\",\"from_schema\":\"{}\",\"to_schema\":\"{}\",\
+                 \"from_standard\":{{\"name\":\"ctdc-cases\",\"version\":\"1.0\"}},\
+                 \"to_standard\":{{\"name\":\"ctdc-cases\",\"version\":\"1.1\"}}}}",
+                digest('a'),
+                digest('b')
+            )
+        );
+        assert_eq!(event.kind(), "migrated");
+        // Without a standard, the keys are left out.
+        let plain = Event::Migrated {
+            dataset: "cases".into(),
+            from_schema: digest('a'),
+            to_schema: digest('b'),
+            from_standard: None,
+            to_standard: None,
+        };
+        let json = serde_json::to_string(&plain).unwrap();
+        assert!(!json.contains("standard"), "{json}");
+        assert_eq!(serde_json::from_str::<Event>(&json).unwrap(), plain);
+
+        let key = AuditKey {
+            signing: SigningKey::from_bytes(&[7; 32]),
+        };
+        let first = key.seal(None, &plain).unwrap();
+        let head = Head {
+            seq: first.seq,
+            hash: first.hash.clone(),
+            sig: first.sig.clone(),
+        };
+        let second = key.seal(Some(&head), &event).unwrap();
+        let export = [&first, &second]
+            .iter()
+            .map(|e| serde_json::to_string(e).unwrap())
+            .collect::<Vec<_>>()
+            .join("\n");
+        let public = parse_public_key(&key.public_hex()).unwrap();
+        let verified = verify(&export, &public, 0, None).unwrap();
+        assert_eq!(verified.entries, 2);
+        let read: Entry = serde_json::from_str(export.lines().nth(1).unwrap()).unwrap();
+        assert_eq!(read.event().unwrap(), event);
+    }
 }

@@ -158,7 +158,7 @@ pub fn summarize(entries: &[Entry]) -> Vec<SummaryRow> {
             } => {
                 rows.entry(row(analyst, dataset)).or_default().granted += epsilon.value();
             }
-            Event::Ingested { .. } | Event::Replayed { .. } => {}
+            Event::Ingested { .. } | Event::Migrated { .. } | Event::Replayed { .. } => {}
         }
     }
     rows.into_iter()
@@ -533,6 +533,19 @@ mod tests {
                     measure: String::new(),
                 },
             ),
+            // A migration of the rows spends and grants nothing, and
+            // leaves the budget as it was.
+            entry(
+                7,
+                5000,
+                Event::Migrated {
+                    dataset: "cases".into(),
+                    from_schema: "a".repeat(64),
+                    to_schema: "b".repeat(64),
+                    from_standard: None,
+                    to_standard: None,
+                },
+            ),
         ];
         let rows = summarize(&entries);
         assert_eq!(rows.len(), 1);
@@ -542,6 +555,10 @@ mod tests {
         assert!((r.remaining.unwrap() - 1.1).abs() < 1e-12);
         let page = html("n<1>", &entries, "verified");
         assert!(page.contains("<svg") && page.contains("n&lt;1&gt;"));
+        assert!(
+            page.contains("<td>migrated</td>"),
+            "listed among the events"
+        );
         assert!(
             !page.contains("<script") && !page.contains("src="),
             "self-contained"

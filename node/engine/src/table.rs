@@ -1061,6 +1061,49 @@ pub fn encode_chunk(schema: &Schema, codes: &[i64]) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
+/// Decodes one stored chunk (see [`encode_chunk`]) into row-major codes
+/// under `schema`: the encoder's inverse, by the same layout (each
+/// column's offsets from its base, its span meaning missing). Fails on a
+/// chunk that is truncated, has trailing bytes, a width that is not 1, 2,
+/// 4 or 8, or an offset past the span.
+pub fn decode_chunk(schema: &Schema, bytes: &[u8]) -> Result<Vec<i64>, String> {
+    let truncated = || "a stored chunk is truncated".to_string();
+    let (head, mut rest) = bytes.split_first_chunk::<4>().ok_or_else(truncated)?;
+    let rows = u32::from_le_bytes(*head) as usize;
+    let width = schema.columns.len();
+    let mut codes = vec![MISSING; rows * width];
+    for (c, column) in schema.columns.iter().enumerate() {
+        let (base, span) = layout(column);
+        let (&w, body) = rest.split_first().ok_or_else(truncated)?;
+        let w = usize::from(w);
+        if !matches!(w, 1 | 2 | 4 | 8) {
+            return Err(format!("a stored chunk packs a column in {w} bytes"));
+        }
+        let n = rows * w;
+        let values = body.get(..n).ok_or_else(truncated)?;
+        for (row, v) in values.chunks_exact(w).enumerate() {
+            let mut le = [0u8; 8];
+            le[..w].copy_from_slice(v);
+            let offset = u64::from_le_bytes(le);
+            codes[row * width + c] = match offset.cmp(&span) {
+                std::cmp::Ordering::Less => base + offset as i64,
+                std::cmp::Ordering::Equal => MISSING,
+                std::cmp::Ordering::Greater => {
+                    return Err(format!(
+                        "a stored value of column {:?} lies outside its declared domain or bounds",
+                        column.name()
+                    ))
+                }
+            };
+        }
+        rest = &body[n..];
+    }
+    if !rest.is_empty() {
+        return Err("a stored chunk has trailing bytes".into());
+    }
+    Ok(codes)
+}
+
 /// Writes the offsets of `values` in `T`'s width (the `&[T]` only picks
 /// the width).
 fn write_column<'a, T: Code>(

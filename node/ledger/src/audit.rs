@@ -239,6 +239,16 @@ mod tests {
                 rows_total: None,
                 file_sha256: "f".into(),
             },
+            Event::Migrated {
+                dataset: "cases".into(),
+                from_schema: "a".repeat(64),
+                to_schema: format!("{n:064x}"),
+                from_standard: Some(fedq_audit::StandardVersion {
+                    name: "ctdc-cases".into(),
+                    version: "1.0".into(),
+                }),
+                to_standard: None,
+            },
             Event::QueryReceived {
                 analyst: "a/b \"c\"".into(),
                 query_id: "q".into(),

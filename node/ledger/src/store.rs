@@ -15,15 +15,18 @@
 //! - tree `audit`: see [`crate::audit`].
 //!
 //! An ingest is one `apply_batch` on `data` followed by a flush: it lands
-//! whole or not at all.
+//! whole or not at all. So is a migration of a dataset's rows to new
+//! columns ([`Store::replace_rows`], `fedq-node migrate`): every chunk
+//! re-encoded and the new schema digest, in one batch.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::fault::fail_point::{FailPoints, Point};
 use crate::fault::StoreFailed;
 use crate::group_commit::GroupCommit;
 use crate::journal::JournalError;
-use fedq_engine::table::{encode_chunk, Table};
+use fedq_engine::table::{decode_chunk, encode_chunk, Table};
 use fedq_plan::schema::Schema;
 
 /// Version of the on-disk layout. A node refuses a store written with a
@@ -108,7 +111,8 @@ pub enum StoreError {
     /// Rows were offered for a dataset ingested under another schema.
     #[error(
         "dataset {dataset:?} in this store was ingested under a different schema; \
-         keep the schema it was ingested with, or ingest into a new store"
+         keep the schema it was ingested with, or (a new version of its columns) \
+         translate the stored rows first with `fedq-node migrate` (deploy/README.md)"
     )]
     IngestSchema {
         /// The dataset.
@@ -118,11 +122,21 @@ pub enum StoreError {
     /// ingested under.
     #[error(
         "dataset {dataset:?}: the schema in node.toml differs from the one its rows were ingested under; \
-         restore the previous schema, or ingest into a new store"
+         restore the previous schema, or (a new version of its columns) translate the stored rows \
+         with `fedq-node migrate` (deploy/README.md)"
     )]
     SchemaChanged {
         /// The dataset.
         dataset: String,
+    },
+    /// A migration's translation of the stored rows failed
+    /// ([`Store::replace_rows`]); nothing was written.
+    #[error("dataset {dataset:?}: cannot translate the stored rows: {why}; nothing was changed")]
+    Translate {
+        /// The dataset.
+        dataset: String,
+        /// The translation's reason.
+        why: String,
     },
     /// Rows could not be encoded for storage.
     #[error("dataset {dataset:?}: cannot encode rows for the store: {why}")]
@@ -179,6 +193,10 @@ pub struct Store {
     /// Set by the first failed ledger commit or flush; every writer
     /// checks it ([`crate::fault`]).
     fault: crate::fault::Fault,
+    /// Test-only failure injection ([`crate::fault::fail_point`]): the
+    /// batch of [`Store::replace_rows`] fails at [`Point::Flush`] as a
+    /// full disk fails it, before any of it is written.
+    fail: FailPoints,
 }
 
 impl Store {
@@ -207,7 +225,7 @@ impl Store {
         // A ledger write that a crash interrupted is completed before
         // anything reads the ledger.
         let fault = crate::fault::Fault::default();
-        let fail = crate::fault::fail_point::FailPoints::for_store(dir);
+        let fail = FailPoints::for_store(dir);
         let journal = crate::journal::Journal::open_with(&db, fault.clone(), fail.clone())?;
         let replayed = journal.replay().map_err(|error| StoreError::Journal {
             path: dir.to_path_buf(),
@@ -230,8 +248,9 @@ impl Store {
                 db.clone(),
                 log,
                 fault.clone(),
-                fail,
+                fail.clone(),
             )?),
+            fail,
             fault,
             db,
             data,
@@ -362,6 +381,128 @@ impl Store {
         Ok(rows_before + added)
     }
 
+    /// Reads the rows of `dataset`, one stored chunk at a time in storage
+    /// order, as row-major codes under `schema` (as ingest encoded them:
+    /// `schema.columns.len()` codes a row, [`MISSING`] for missing), and
+    /// hands each chunk to `f`. `schema` must be the one the rows were
+    /// stored under (its digest the stored one), else nothing is read.
+    /// A chunk that does not decode, or chunks that do not add up to the
+    /// stored row count, are reported as damage.
+    pub fn scan_rows(
+        &self,
+        dataset: &str,
+        schema: &Schema,
+        mut f: impl FnMut(&[i64]),
+    ) -> Result<(), StoreError> {
+        self.scan_chunks(dataset, schema, |_, codes| f(codes))
+    }
+
+    /// [`Store::scan_rows`], with each chunk's key.
+    fn scan_chunks(
+        &self,
+        dataset: &str,
+        schema: &Schema,
+        mut f: impl FnMut(sled::IVec, &[i64]),
+    ) -> Result<(), StoreError> {
+        let Some(stored) = self.schema_digest(dataset)? else {
+            return Ok(());
+        };
+        if stored != schema.digest() {
+            return Err(StoreError::SchemaChanged {
+                dataset: dataset.to_string(),
+            });
+        }
+        let damaged = |why: String| StoreError::Corrupt {
+            what: format!("dataset {dataset:?}"),
+            why,
+        };
+        let mut rows = 0u64;
+        for item in self.data.scan_prefix(format!("rows/{dataset}/").as_bytes()) {
+            let (k, v) = item?;
+            let codes = decode_chunk(schema, &v).map_err(damaged)?;
+            rows += (codes.len() / schema.columns.len()) as u64;
+            f(k, &codes);
+        }
+        if rows != self.get_u64(&format!("meta/{dataset}/rows"))? {
+            return Err(damaged("stored row count does not match its chunks".into()));
+        }
+        Ok(())
+    }
+
+    /// Replaces the rows of `dataset`, stored under `from`, by the same
+    /// rows under `to` (a new version of its columns, `fedq-node
+    /// migrate`): each stored chunk is read ([`Store::scan_rows`]),
+    /// `translate`d from row-major codes under `from` to row-major codes
+    /// under `to` (the same rows, in the same order), and encoded again by
+    /// the ingest's chunk encoder; every new chunk and `to`'s digest go in
+    /// one atomic batch, then a flush. The row and chunk counts, the
+    /// ingested files' markers and the labels of open-domain values (kept
+    /// by column name) stay as they are; the ledger and the audit log are
+    /// not touched. If `translate` fails on any chunk, or a translated
+    /// chunk does not encode under `to`, nothing is written.
+    pub fn replace_rows(
+        &self,
+        dataset: &str,
+        from: &Schema,
+        to: &Schema,
+        mut translate: impl FnMut(&[i64]) -> Result<Vec<i64>, String>,
+    ) -> Result<(), StoreError> {
+        if self.schema_digest(dataset)?.is_none() {
+            // No rows were ever stored: nothing to replace, no digest to set.
+            return Ok(());
+        }
+        let width = to.columns.len();
+        let mut batch = sled::Batch::default();
+        let mut failed = None;
+        self.scan_chunks(dataset, from, |key, codes| {
+            if failed.is_some() {
+                return;
+            }
+            let rows = codes.len() / from.columns.len();
+            let encoded = translate(codes).and_then(|new| {
+                if new.len() != rows * width {
+                    return Err(format!(
+                        "{rows} rows were translated into {} codes, not {rows} rows of {width}",
+                        new.len()
+                    ));
+                }
+                encode_chunk(to, &new)
+            });
+            match encoded {
+                // The same key: the chunk is replaced where it was.
+                Ok(bytes) => batch.insert(key, bytes),
+                Err(why) => failed = Some(why),
+            }
+        })?;
+        if let Some(why) = failed {
+            return Err(StoreError::Translate {
+                dataset: dataset.to_string(),
+                why,
+            });
+        }
+        batch.insert(
+            format!("meta/{dataset}/schema").as_bytes(),
+            to.digest().as_bytes(),
+        );
+        if self.fail.hit(Point::Flush) {
+            return Err(StoreError::Write {
+                what: "writing the migrated rows",
+                error: sled::Error::Io(FailPoints::error(Point::Flush)),
+            });
+        }
+        self.data
+            .apply_batch(batch)
+            .map_err(|error| StoreError::Write {
+                what: "writing the migrated rows",
+                error,
+            })?;
+        self.db.flush().map_err(|error| StoreError::Write {
+            what: "flushing the migrated rows to disk",
+            error,
+        })?;
+        Ok(())
+    }
+
     /// Loads a dataset into memory. Refuses rows stored under a different
     /// schema than the one now declared.
     pub fn load_table(&self, dataset: &str, schema: &Schema) -> Result<Table, StoreError> {
@@ -469,4 +610,271 @@ fn open_with_retry(dir: &Path) -> Result<sled::Db, StoreError> {
         path: dir.to_path_buf(),
         error: last.unwrap_or_else(|| std::io::Error::other("the lock is held")),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use fedq_plan::schema::{open_code, ColumnSpec, ColumnType, MISSING};
+
+    fn spec(name: &str, kind: ColumnType) -> ColumnSpec {
+        ColumnSpec {
+            name: name.into(),
+            kind,
+            domain: None,
+            min: None,
+            max: None,
+            open: None,
+            bins: None,
+        }
+    }
+
+    fn categorical(name: &str, domain: &[&str]) -> ColumnSpec {
+        ColumnSpec {
+            domain: Some(domain.iter().map(|d| d.to_string()).collect()),
+            ..spec(name, ColumnType::Categorical)
+        }
+    }
+
+    fn integer(name: &str, min: i64, max: i64) -> ColumnSpec {
+        ColumnSpec {
+            min: Some(min),
+            max: Some(max),
+            ..spec(name, ColumnType::Integer)
+        }
+    }
+
+    fn open(name: &str) -> ColumnSpec {
+        ColumnSpec {
+            open: Some(true),
+            ..spec(name, ColumnType::Categorical)
+        }
+    }
+
+    /// Every kind of column, packed in every width (1, 2, 4 and 8 bytes).
+    fn every_kind() -> Schema {
+        let wide: Vec<String> = (0..300).map(|i| format!("v{i}")).collect();
+        let wide: Vec<&str> = wide.iter().map(String::as_str).collect();
+        Schema::from_specs(
+            "d",
+            &[
+                categorical("small", &["a", "b", "c"]),
+                categorical("wide", &wide),
+                integer("year", 2002, 2025),
+                integer("big", -(1 << 40), 1 << 40),
+                integer("mid", -5, 70_000),
+                spec("flag", ColumnType::Boolean),
+                open("place"),
+            ],
+        )
+        .unwrap()
+        .with_person_unit("person", 3)
+        .unwrap()
+    }
+
+    /// The decoder reads back exactly what the ingest's encoder wrote,
+    /// missing values and the ends of every domain and bound included:
+    /// it restates the table's packing, and this keeps the two in step.
+    #[test]
+    fn a_chunk_decodes_to_the_codes_it_was_encoded_from() {
+        let schema = every_kind();
+        let rows: Vec<[i64; 8]> = vec![
+            [0, 0, 2002, -(1 << 40), -5, 0, open_code("Kyiv"), 1],
+            [2, 299, 2025, 1 << 40, 70_000, 1, open_code(""), i64::MAX],
+            [MISSING; 8],
+            [1, 150, 2013, 0, 0, MISSING, MISSING, 12_345],
+        ];
+        let codes: Vec<i64> = rows.iter().flatten().copied().collect();
+        let bytes = encode_chunk(&schema, &codes).unwrap();
+        assert_eq!(decode_chunk(&schema, &bytes).unwrap(), codes);
+        assert!(decode_chunk(&schema, &bytes[..bytes.len() - 1])
+            .unwrap_err()
+            .contains("truncated"));
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(decode_chunk(&schema, &longer)
+            .unwrap_err()
+            .contains("trailing"));
+        // An offset past a column's span (here the first column's, 3 is
+        // its missing code) is damage, not a value.
+        let mut bad = bytes;
+        bad[5] = 4;
+        assert!(decode_chunk(&schema, &bad)
+            .unwrap_err()
+            .contains("column \"small\""));
+    }
+
+    fn old_schema() -> Schema {
+        Schema::from_specs(
+            "cases",
+            &[
+                categorical("source", &["Hotline", "NGO"]),
+                integer("months", 0, 120),
+                open("place"),
+            ],
+        )
+        .unwrap()
+    }
+
+    /// A new category in front (every stored code moves) and a new flag.
+    fn new_schema() -> Schema {
+        Schema::from_specs(
+            "cases",
+            &[
+                categorical("source", &["Government", "Hotline", "NGO"]),
+                integer("months", 0, 120),
+                open("place"),
+                spec("isAbduction", ColumnType::Boolean),
+            ],
+        )
+        .unwrap()
+    }
+
+    /// Old rows to new ones, as `fedq-node migrate` translates them.
+    fn translate(codes: &[i64]) -> Result<Vec<i64>, String> {
+        Ok(codes
+            .chunks(3)
+            .flat_map(|r| {
+                let source = if r[0] == MISSING { MISSING } else { r[0] + 1 };
+                [source, r[1], r[2], MISSING]
+            })
+            .collect())
+    }
+
+    /// A store with `rows` old rows ingested in two files (two chunks).
+    fn stored(dir: &Path, rows: usize) -> (Store, Vec<i64>) {
+        let store = Store::open(dir).unwrap();
+        let schema = old_schema();
+        let codes: Vec<i64> = (0..rows as i64)
+            .flat_map(|i| {
+                [
+                    if i % 7 == 0 { MISSING } else { i % 2 },
+                    i % 121,
+                    open_code(if i % 2 == 0 { "Odesa" } else { "Lviv" }),
+                ]
+            })
+            .collect();
+        let labels = [
+            (2, open_code("Odesa"), "Odesa".to_string()),
+            (2, open_code("Lviv"), "Lviv".to_string()),
+        ];
+        let half = codes.len() / 2 / 3 * 3;
+        store
+            .append_rows("cases", &schema, &codes[..half], &labels, "file-1")
+            .unwrap();
+        store
+            .append_rows("cases", &schema, &codes[half..], &labels, "file-2")
+            .unwrap();
+        (store, codes)
+    }
+
+    fn rows_of(store: &Store, schema: &Schema) -> Vec<i64> {
+        let mut all = Vec::new();
+        store
+            .scan_rows("cases", schema, |c| all.extend_from_slice(c))
+            .unwrap();
+        all
+    }
+
+    #[test]
+    fn replacing_rows_translates_every_chunk_and_keeps_counts_markers_and_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, codes) = stored(dir.path(), 1001);
+        assert_eq!(rows_of(&store, &old_schema()), codes);
+        let (old, new) = (old_schema(), new_schema());
+        store.replace_rows("cases", &old, &new, translate).unwrap();
+
+        assert_eq!(store.schema_digest("cases").unwrap(), Some(new.digest()));
+        assert_eq!(rows_of(&store, &new), translate(&codes).unwrap());
+        assert!(store.was_ingested("cases", "file-1").unwrap());
+        assert!(store.was_ingested("cases", "file-2").unwrap());
+        drop(store);
+        // Reopened, the rows load under the new schema only, with their
+        // count and the open column's labels.
+        let store = Store::open(dir.path()).unwrap();
+        let table = store.load_table("cases", &new).unwrap();
+        assert!(table.has_rows(1001));
+        assert_eq!(
+            table.open_label(2, open_code("Lviv") as u64).as_deref(),
+            Some("Lviv")
+        );
+        assert!(matches!(
+            store.load_table("cases", &old),
+            Err(StoreError::SchemaChanged { .. })
+        ));
+        // Rows are still appended after the replaced chunks.
+        let more = translate(&codes[..30]).unwrap();
+        assert_eq!(
+            store
+                .append_rows("cases", &new, &more, &[], "file-3")
+                .unwrap(),
+            1011
+        );
+    }
+
+    /// The bytes of every key of tree `data`.
+    fn dump(store: &Store) -> Vec<(Vec<u8>, Vec<u8>)> {
+        store
+            .data
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.unwrap();
+                (k.to_vec(), v.to_vec())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_failed_translation_a_wrong_schema_or_a_failed_write_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = stored(dir.path(), 500);
+        let before = dump(&store);
+        let (old, new) = (old_schema(), new_schema());
+
+        // The translation fails on the second chunk, after the first
+        // was translated: nothing of either is written.
+        let mut seen = 0;
+        let e = store
+            .replace_rows("cases", &old, &new, |c| {
+                seen += 1;
+                if seen == 2 {
+                    Err("no".into())
+                } else {
+                    translate(c)
+                }
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no; nothing was changed"), "{e}");
+        assert_eq!(seen, 2);
+        // A translation that drops a row.
+        let e = store
+            .replace_rows("cases", &old, &new, |c| {
+                translate(c).map(|t| t[4..].to_vec())
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("translated into"), "{e}");
+        // Rows read under a schema they were not stored under.
+        assert!(matches!(
+            store.replace_rows("cases", &new, &old, |c| Ok(c.to_vec())),
+            Err(StoreError::SchemaChanged { .. })
+        ));
+        // The batch's write fails as on a full disk.
+        crate::fault::fail_point::arm(dir.path(), Point::Flush, 0, 1);
+        let e = store
+            .replace_rows("cases", &old, &new, translate)
+            .unwrap_err()
+            .to_string();
+        crate::fault::fail_point::disarm(dir.path());
+        assert!(e.contains("no space left on device"), "{e}");
+        assert_eq!(dump(&store), before);
+
+        // Without a stored row there is nothing to replace and no digest
+        // to set.
+        store.replace_rows("other", &old, &new, translate).unwrap();
+        assert_eq!(store.schema_digest("other").unwrap(), None);
+        assert_eq!(dump(&store), before);
+    }
 }
