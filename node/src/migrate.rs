@@ -756,32 +756,7 @@ mod tests {
 
     use fedq_plan::schema::{ColumnSpec, ColumnType};
 
-    fn spec(name: &str, kind: ColumnType) -> ColumnSpec {
-        ColumnSpec {
-            name: name.into(),
-            kind,
-            domain: None,
-            min: None,
-            max: None,
-            open: None,
-            bins: None,
-        }
-    }
-
-    fn categorical(name: &str, domain: &[&str]) -> ColumnSpec {
-        ColumnSpec {
-            domain: Some(domain.iter().map(|d| d.to_string()).collect()),
-            ..spec(name, ColumnType::Categorical)
-        }
-    }
-
-    fn integer(name: &str, min: i64, max: i64) -> ColumnSpec {
-        ColumnSpec {
-            min: Some(min),
-            max: Some(max),
-            ..spec(name, ColumnType::Integer)
-        }
-    }
+    use ColumnSpec as C;
 
     fn schema(columns: &[ColumnSpec]) -> Schema {
         Schema::from_specs("cases", columns).unwrap()
@@ -804,17 +779,17 @@ mod tests {
     #[test]
     fn columns_are_matched_by_name_categories_by_label_and_new_columns_are_missing() {
         let old = schema(&[
-            categorical("source", &["Hotline", "NGO", "Unused"]),
-            integer("months", 0, 120),
-            spec("flag", ColumnType::Boolean),
+            C::categorical("source", &["Hotline", "NGO", "Unused"]),
+            C::integer("months", 0, 120),
+            C::new("flag", ColumnType::Boolean),
         ]);
         // Reordered, a category in front, one nobody used dropped, wider
         // bounds, a new column in the middle.
         let new = schema(&[
-            spec("flag", ColumnType::Boolean),
-            spec("isAbduction", ColumnType::Boolean),
-            categorical("source", &["Government", "NGO", "Hotline"]),
-            integer("months", -1, 240),
+            C::new("flag", ColumnType::Boolean),
+            C::new("isAbduction", ColumnType::Boolean),
+            C::categorical("source", &["Government", "NGO", "Hotline"]),
+            C::integer("months", -1, 240),
         ]);
         let (t, refused) = translate(&old, &new);
         assert!(refused.is_empty(), "{refused:?}");
@@ -860,12 +835,12 @@ mod tests {
     #[test]
     fn a_used_category_dropped_or_a_value_outside_new_bounds_is_counted_by_value() {
         let old = schema(&[
-            categorical("gender", &["Female", "Male", "Trans"]),
-            integer("months", 0, 120),
+            C::categorical("gender", &["Female", "Male", "Trans"]),
+            C::integer("months", 0, 120),
         ]);
         let new = schema(&[
-            categorical("gender", &["Female", "Trans"]),
-            integer("months", 0, 60),
+            C::categorical("gender", &["Female", "Trans"]),
+            C::integer("months", 0, 60),
         ]);
         let (t, refused) = translate(&old, &new);
         assert!(refused.is_empty(), "{refused:?}");
@@ -894,16 +869,16 @@ mod tests {
     #[test]
     fn a_dropped_retyped_or_person_column_is_refused_by_name() {
         let old = schema(&[
-            categorical("gender", &["Female", "Male"]),
-            integer("age", 0, 120),
-            spec("gone", ColumnType::Boolean),
+            C::categorical("gender", &["Female", "Male"]),
+            C::integer("age", 0, 120),
+            C::new("gone", ColumnType::Boolean),
         ]);
         let new = schema(&[
             ColumnSpec {
                 open: Some(true),
-                ..spec("gender", ColumnType::Categorical)
+                ..C::new("gender", ColumnType::Categorical)
             },
-            categorical("age", &["0-17", "18+"]),
+            C::categorical("age", &["0-17", "18+"]),
         ])
         .with_person_unit("person", 2)
         .unwrap();

@@ -618,37 +618,12 @@ mod tests {
 
     use fedq_plan::schema::{open_code, ColumnSpec, ColumnType, MISSING};
 
-    fn spec(name: &str, kind: ColumnType) -> ColumnSpec {
-        ColumnSpec {
-            name: name.into(),
-            kind,
-            domain: None,
-            min: None,
-            max: None,
-            open: None,
-            bins: None,
-        }
-    }
-
-    fn categorical(name: &str, domain: &[&str]) -> ColumnSpec {
-        ColumnSpec {
-            domain: Some(domain.iter().map(|d| d.to_string()).collect()),
-            ..spec(name, ColumnType::Categorical)
-        }
-    }
-
-    fn integer(name: &str, min: i64, max: i64) -> ColumnSpec {
-        ColumnSpec {
-            min: Some(min),
-            max: Some(max),
-            ..spec(name, ColumnType::Integer)
-        }
-    }
+    use ColumnSpec as C;
 
     fn open(name: &str) -> ColumnSpec {
         ColumnSpec {
             open: Some(true),
-            ..spec(name, ColumnType::Categorical)
+            ..C::new(name, ColumnType::Categorical)
         }
     }
 
@@ -659,12 +634,12 @@ mod tests {
         Schema::from_specs(
             "d",
             &[
-                categorical("small", &["a", "b", "c"]),
-                categorical("wide", &wide),
-                integer("year", 2002, 2025),
-                integer("big", -(1 << 40), 1 << 40),
-                integer("mid", -5, 70_000),
-                spec("flag", ColumnType::Boolean),
+                C::categorical("small", &["a", "b", "c"]),
+                C::categorical("wide", &wide),
+                C::integer("year", 2002, 2025),
+                C::integer("big", -(1 << 40), 1 << 40),
+                C::integer("mid", -5, 70_000),
+                C::new("flag", ColumnType::Boolean),
                 open("place"),
             ],
         )
@@ -709,8 +684,8 @@ mod tests {
         Schema::from_specs(
             "cases",
             &[
-                categorical("source", &["Hotline", "NGO"]),
-                integer("months", 0, 120),
+                C::categorical("source", &["Hotline", "NGO"]),
+                C::integer("months", 0, 120),
                 open("place"),
             ],
         )
@@ -722,10 +697,10 @@ mod tests {
         Schema::from_specs(
             "cases",
             &[
-                categorical("source", &["Government", "Hotline", "NGO"]),
-                integer("months", 0, 120),
+                C::categorical("source", &["Government", "Hotline", "NGO"]),
+                C::integer("months", 0, 120),
                 open("place"),
-                spec("isAbduction", ColumnType::Boolean),
+                C::new("isAbduction", ColumnType::Boolean),
             ],
         )
         .unwrap()

@@ -65,6 +65,39 @@ pub struct ColumnSpec {
     pub bins: Option<u32>,
 }
 
+impl ColumnSpec {
+    /// A column of `kind` with nothing else declared (a flag, a person
+    /// identifier; others need their domain or bounds).
+    pub fn new(name: &str, kind: ColumnType) -> ColumnSpec {
+        ColumnSpec {
+            name: name.into(),
+            kind,
+            domain: None,
+            min: None,
+            max: None,
+            open: None,
+            bins: None,
+        }
+    }
+
+    /// A categorical column with its domain.
+    pub fn categorical(name: &str, domain: &[&str]) -> ColumnSpec {
+        ColumnSpec {
+            domain: Some(domain.iter().map(|d| d.to_string()).collect()),
+            ..ColumnSpec::new(name, ColumnType::Categorical)
+        }
+    }
+
+    /// An integer column with its bounds.
+    pub fn integer(name: &str, min: i64, max: i64) -> ColumnSpec {
+        ColumnSpec {
+            min: Some(min),
+            max: Some(max),
+            ..ColumnSpec::new(name, ColumnType::Integer)
+        }
+    }
+}
+
 /// Quantile bins of an integer column that declares none.
 pub const DEFAULT_BINS: u64 = 100;
 
@@ -650,15 +683,7 @@ mod tests {
     use super::*;
 
     fn spec(name: &str, kind: ColumnType) -> ColumnSpec {
-        ColumnSpec {
-            open: None,
-            name: name.into(),
-            kind,
-            domain: None,
-            min: None,
-            max: None,
-            bins: None,
-        }
+        ColumnSpec::new(name, kind)
     }
 
     #[test]

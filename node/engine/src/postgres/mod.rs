@@ -501,18 +501,10 @@ impl PgSource {
 
     async fn exact_within(&self, plan: &Plan) -> Result<Vec<Vec<i64>>, SourceError> {
         let c = self.connected().await?;
-        if let Some(mapper) = &self.mapper {
-            if mapped::touches(plan, &self.sql_schema, &self.mapped) {
-                return self.exact_mapped(&c, plan, mapper).await;
-            }
+        if let (Some(mapper), Some(st)) = (&self.mapper, self.mapped_statement(&c, plan)) {
+            return self.exact_mapped(&c, plan, mapper, &st).await;
         }
-        let st = statement::build_with(
-            plan,
-            &self.sql_schema,
-            &c.types,
-            &self.relation,
-            Some(self.raw_groups),
-        );
+        let st = self.fast_statement(&c, plan, Some(self.raw_groups));
         let rows = self.run(&c, &st).await?;
         let rows = match st.cap {
             // More raw groups than expected (a column of free text): ask
@@ -524,8 +516,7 @@ impl PgSource {
                     cap,
                     "more raw groups than the push-down takes; the keys are coded in the database instead"
                 );
-                let coded =
-                    statement::build_with(plan, &self.sql_schema, &c.types, &self.relation, None);
+                let coded = self.fast_statement(&c, plan, None);
                 self.run(&c, &coded).await?
             }
             _ => rows,
@@ -542,25 +533,40 @@ impl PgSource {
         plan: &Plan,
     ) -> Result<(String, Vec<statement::Param>), SourceError> {
         let c = self.connected().await?;
-        if self.mapper.is_some() && mapped::touches(plan, &self.sql_schema, &self.mapped) {
-            let st = mapped::build(
+        Ok(match self.mapped_statement(&c, plan) {
+            Some(st) => (st.sql, st.params),
+            None => {
+                let st = self.fast_statement(&c, plan, Some(self.raw_groups));
+                (st.sql, st.params)
+            }
+        })
+    }
+
+    /// The statement of a plan reading a mapped column ([`mapped`]); `None`
+    /// when it reads none.
+    fn mapped_statement(&self, c: &Connected, plan: &Plan) -> Option<mapped::MappedStatement> {
+        self.mapper.as_ref()?;
+        mapped::touches(plan, &self.sql_schema, &self.mapped).then(|| {
+            mapped::build(
                 plan,
                 &self.sql_schema,
                 &c.types,
                 &self.mapped,
                 &self.spellings,
                 &self.relation,
-            );
-            return Ok((st.sql, st.params));
-        }
-        let st = statement::build_with(
-            plan,
-            &self.sql_schema,
-            &c.types,
-            &self.relation,
-            Some(self.raw_groups),
-        );
-        Ok((st.sql, st.params))
+            )
+        })
+    }
+
+    /// The fast path's statement: raw keys with at least `raw_groups`
+    /// groups, or keys coded in the database (`None`).
+    fn fast_statement(
+        &self,
+        c: &Connected,
+        plan: &Plan,
+        raw_groups: Option<usize>,
+    ) -> statement::Statement {
+        statement::build_with(plan, &self.sql_schema, &c.types, &self.relation, raw_groups)
     }
 
     /// A query reading mapped columns: the database groups, the node maps
@@ -570,15 +576,8 @@ impl PgSource {
         c: &Connected,
         plan: &Plan,
         mapper: &Mapper,
+        st: &mapped::MappedStatement,
     ) -> Result<Vec<Vec<i64>>, SourceError> {
-        let st = mapped::build(
-            plan,
-            &self.sql_schema,
-            &c.types,
-            &self.mapped,
-            &self.spellings,
-            &self.relation,
-        );
         let rows = self.query(c, &st.sql, &st.params).await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
@@ -617,7 +616,7 @@ impl PgSource {
             }
             out.push((groups, count, values));
         }
-        mapped::assemble(&st, plan, &self.schema, mapper, out).map_err(SourceError::Failed)
+        mapped::assemble(st, plan, &self.schema, mapper, out).map_err(SourceError::Failed)
     }
 
     /// Sends one statement; a cancelled one is a timeout.
