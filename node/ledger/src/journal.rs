@@ -300,8 +300,12 @@ fn decode(mut b: &[u8]) -> Result<Vec<TreeWrites>, &'static str> {
 mod tests {
     use super::*;
 
+    /// Opens (or reopens) the store's database. sled may still be
+    /// releasing the lock of a handle just dropped, so retry as the store
+    /// does (a plain open failed here once in CI with "could not acquire
+    /// lock" under load).
     fn db(dir: &std::path::Path) -> sled::Db {
-        sled::Config::new().path(dir).open().unwrap()
+        crate::store::open_with_retry(dir).unwrap()
     }
 
     #[test]

@@ -577,7 +577,7 @@ pub fn decode_u64(v: &[u8]) -> u64 {
 /// sled holds an exclusive lock on the store; when a node restarts within
 /// the same process its previous instance may still be releasing it, so
 /// retry briefly before reporting that another process has it.
-fn open_with_retry(dir: &Path) -> Result<sled::Db, StoreError> {
+pub(crate) fn open_with_retry(dir: &Path) -> Result<sled::Db, StoreError> {
     let mut last = None;
     for _ in 0..50 {
         match sled::Config::new()
