@@ -57,9 +57,6 @@ pub enum Group {
     Value(usize),
     /// Whether a condition written in SQL is TRUE for the group's rows.
     Truth,
-    /// An atom on mapped column `i`, as [`Builder::spelled`] writes it:
-    /// `'T'`, `'F'`, or `'~'` and the raw text to map.
-    Spelled(usize, Atom),
 }
 
 /// One group's column as read from the database.
@@ -78,13 +75,10 @@ pub enum GroupValue {
 pub type MappedRow = (Vec<GroupValue>, i128, Vec<i128>);
 
 /// A test on a code, owned.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CodeTest {
-    /// `code op value`.
+#[derive(Debug, Clone)]
+enum CodeTest {
     Cmp(CmpOp, i64),
-    /// `code IN (values)`.
     In(Vec<i64>),
-    /// `code BETWEEN low AND high`.
     Between(i64, i64),
 }
 
@@ -98,38 +92,8 @@ impl CodeTest {
     }
 }
 
-/// `f` as one atom on a column's code (negated when `negate`), if it is
-/// one.
-fn atom_of(f: &Predicate, negate: bool) -> Option<(usize, Atom)> {
-    Some(match f {
-        Predicate::Cmp { column, op, value } => {
-            (*column, Atom::Test(CodeTest::Cmp(*op, *value), negate))
-        }
-        Predicate::In {
-            column,
-            values,
-            negated,
-        } => (
-            *column,
-            Atom::Test(CodeTest::In(values.clone()), negate != *negated),
-        ),
-        Predicate::Between {
-            column,
-            low,
-            high,
-            negated,
-        } => (
-            *column,
-            Atom::Test(CodeTest::Between(*low, *high), negate != *negated),
-        ),
-        Predicate::IsMissing { column, negated } => (*column, Atom::Present(negate != *negated)),
-        _ => return None,
-    })
-}
-
 /// One atom on a column's code, as TRUE or not.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Atom {
+enum Atom {
     /// Present and passing the test (failing it, when negated).
     Test(CodeTest, bool),
     /// Present (missing, when false).
@@ -343,7 +307,33 @@ impl Builder<'_> {
 
     /// [`Builder::prefilter`] of one atom on a mapped column.
     fn spelling_filter(&mut self, f: &Predicate, negate: bool) -> Option<String> {
-        let (column, atom) = atom_of(f, negate)?;
+        let (column, atom) = match f {
+            Predicate::Cmp { column, op, value } => {
+                (*column, Atom::Test(CodeTest::Cmp(*op, *value), negate))
+            }
+            Predicate::In {
+                column,
+                values,
+                negated,
+            } => (
+                *column,
+                Atom::Test(CodeTest::In(values.clone()), negate != *negated),
+            ),
+            Predicate::Between {
+                column,
+                low,
+                high,
+                negated,
+            } => (
+                *column,
+                Atom::Test(CodeTest::Between(*low, *high), negate != *negated),
+            ),
+            Predicate::IsMissing { column, negated } => {
+                (*column, Atom::Present(negate != *negated))
+            }
+            _ => return None,
+        };
+        let passes = |c: Option<i64>| atom.passes(c);
         if !self.is_mapped(column) {
             return None;
         }
@@ -351,27 +341,18 @@ impl Builder<'_> {
             .spellings
             .get(column)?
             .iter()
-            .filter(|(_, code)| !atom.passes(*code))
+            .filter(|(_, code)| !passes(*code))
             .map(|(s, _)| s)
             .collect();
-        let fails = self.member(column, &failing)?;
+        if failing.is_empty() {
+            return None;
+        }
         let r = raw(column);
-        Some(if atom.passes(None) {
-            format!("({r} IS NULL OR NOT ({fails}))")
-        } else {
-            format!("(NOT ({fails}))")
-        })
-    }
-
-    /// SQL TRUE exactly when mapped column `i`'s raw value is one of
-    /// `spellings` (`None` for none): text compared byte for byte; for an
-    /// integer column, the spellings PostgreSQL prints for a number, as
-    /// ranges (ages: a band or its complement is one or two ranges).
-    fn member(&mut self, i: usize, spellings: &[&String]) -> Option<String> {
-        let r = raw(i);
-        match self.cx.db[i] {
+        let fails = match self.cx.db[column] {
+            // Only the spellings PostgreSQL prints for a number, as ranges
+            // (ages: a band's complement is one or two ranges).
             DbType::Integer => {
-                let mut v: Vec<i64> = spellings
+                let mut v: Vec<i64> = failing
                     .iter()
                     .filter_map(|s| s.parse::<i64>().ok().filter(|v| v.to_string() == **s))
                     .collect();
@@ -396,53 +377,18 @@ impl Builder<'_> {
                         }
                     })
                     .collect();
-                Some(format!("({})", parts.join(" OR ")))
+                parts.join(" OR ")
             }
-            DbType::Text | DbType::Boolean if spellings.is_empty() => None,
-            DbType::Text | DbType::Boolean => Some(format!(
-                "({r} = ANY({}))",
-                self.p
-                    .texts(spellings.iter().map(|s| s.to_string()).collect())
-            )),
-        }
-    }
-
-    /// A group column for an atom on mapped column `i` whose raw value the
-    /// node does not otherwise need: `'T'` where the raw value is a known
-    /// spelling passing the atom, `'F'` where it is one failing it, else
-    /// `'~'` and the raw text (NULL for NULL), which the node maps. Fewer
-    /// groups than the raw spellings, and the database compares each row
-    /// with two hashed lists at most. `None`: no spelling is known.
-    fn spelled(&mut self, i: usize, atom: Atom) -> Option<usize> {
-        let (pass, fail): (Vec<&String>, Vec<&String>) = {
-            let known = self.spellings.get(i)?;
-            let pass = known
-                .iter()
-                .filter(|(_, c)| atom.passes(*c))
-                .map(|(s, _)| s)
-                .collect();
-            let fail = known
-                .iter()
-                .filter(|(_, c)| !atom.passes(*c))
-                .map(|(s, _)| s)
-                .collect();
-            (pass, fail)
+            DbType::Text | DbType::Boolean => format!(
+                "{r} = ANY({})",
+                self.p.texts(failing.into_iter().cloned().collect())
+            ),
         };
-        let mark = self.p.0.len();
-        let (pass, fail) = (self.member(i, &pass), self.member(i, &fail));
-        if pass.is_none() && fail.is_none() {
-            self.p.0.truncate(mark);
-            return None;
-        }
-        let mut sql = String::from("CASE");
-        if let Some(pass) = pass {
-            sql.push_str(&format!(" WHEN {pass} THEN 'T'"));
-        }
-        if let Some(fail) = fail {
-            sql.push_str(&format!(" WHEN {fail} THEN 'F'"));
-        }
-        sql.push_str(&format!(" ELSE '~' || {}::text END", raw(i)));
-        Some(self.push(sql, Group::Spelled(i, atom)))
+        Some(if passes(None) {
+            format!("({r} IS NULL OR NOT ({fails}))")
+        } else {
+            format!("(NOT ({fails}))")
+        })
     }
 
     /// A group column saying whether `sql` is TRUE.
@@ -459,15 +405,6 @@ impl Builder<'_> {
             let mut sql = String::new();
             self.cx.predicate(f, negate, &mut self.p, &mut sql);
             return Cond::Sql(self.truth(sql));
-        }
-        // An atom on a mapped column whose raw value nothing else needs:
-        // its truth per known spelling, computed by the database.
-        if let Some((column, a)) = atom_of(f, negate) {
-            if !self.decoded.contains_key(&column) {
-                if let Some(g) = self.spelled(column, a) {
-                    return Cond::Sql(g);
-                }
-            }
         }
         let atom = |b: &mut Self, column: usize, test: CodeTest, negate: bool| {
             b.decode(column);
@@ -769,26 +706,6 @@ pub fn assemble(
                     codes[*i] = code_of(*i, &schema.columns[*i], mapper, v)?
                 }
                 (Group::Truth, GroupValue::Bool(t)) => truths[g] = *t,
-                (Group::Spelled(i, atom), GroupValue::Text(t)) => {
-                    truths[g] = match t.as_deref() {
-                        Some("T") => true,
-                        Some("F") => false,
-                        Some(x) => match x.strip_prefix('~') {
-                            Some(x) => atom.passes(code_of(
-                                *i,
-                                &schema.columns[*i],
-                                mapper,
-                                &GroupValue::Text(Some(x.to_string())),
-                            )?),
-                            None => {
-                                return Err(
-                                    "the database returned an unexpected spelling mark".into()
-                                )
-                            }
-                        },
-                        None => atom.passes(None),
-                    }
-                }
                 _ => return Err("the database returned a value of an unexpected type".into()),
             }
         }

@@ -589,11 +589,10 @@ impl PgSource {
                     mapped::Group::Mapped(col) if c.types[*col] == DbType::Integer => row
                         .try_get::<_, Option<i64>>(i)
                         .map(|v| mapped::GroupValue::Text(v.map(|v| v.to_string()))),
-                    mapped::Group::Mapped(_)
-                    | mapped::Group::Spelled(..)
-                    | mapped::Group::Key(statement::KeyRead::Label(_)) => row
-                        .try_get::<_, Option<String>>(i)
-                        .map(mapped::GroupValue::Text),
+                    mapped::Group::Mapped(_) | mapped::Group::Key(statement::KeyRead::Label(_)) => {
+                        row.try_get::<_, Option<String>>(i)
+                            .map(mapped::GroupValue::Text)
+                    }
                     mapped::Group::Value(col)
                         if matches!(self.schema.columns[*col], Column::Categorical { .. }) =>
                     {
