@@ -54,6 +54,18 @@ fn interval(e: &Estimate) -> String {
 }
 
 /// The text a CSV writer holds.
+/// A number in CSV: as Rust prints it, and an empty field where it is
+/// not finite (an average over a noisy count at or below zero), as JSON
+/// writes `null` and the table `n/a`; never `NaN`, which spreadsheets and
+/// CSV readers take as a number.
+fn csv_number(v: f64) -> String {
+    if v.is_finite() {
+        v.to_string()
+    } else {
+        String::new()
+    }
+}
+
 fn csv_text(w: csv::Writer<Vec<u8>>) -> Result<String, OutputError> {
     let bytes = w
         .into_inner()
@@ -125,9 +137,7 @@ pub fn render_with(c: &Combined, format: Format, bars: bool) -> Result<String, O
                 let mut rec = r.key.clone();
                 for e in &r.estimates {
                     match e {
-                        Some(e) => {
-                            rec.extend([e.value, e.ci_low, e.ci_high].map(|v| v.to_string()))
-                        }
+                        Some(e) => rec.extend([e.value, e.ci_low, e.ci_high].map(csv_number)),
                         None => rec.extend(["", "", ""].map(String::from)),
                     }
                 }
@@ -845,5 +855,57 @@ fn render_rows<const N: usize>(
             }
             Ok(format!("{t}\n"))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::combine::{Combined, Estimate, Row};
+
+    /// An estimate that is not a number (an average over a noisy count at
+    /// or below zero) is an empty CSV field, `null` in JSON and `n/a` in
+    /// the table: the three formats agree.
+    #[test]
+    fn a_value_that_is_not_a_number_is_empty_in_csv_null_in_json() {
+        let nan = Estimate {
+            value: f64::NAN,
+            ci_low: 0.0,
+            ci_high: 120.0,
+        };
+        let count = Estimate {
+            value: -3.0,
+            ci_low: -9.5,
+            ci_high: 3.5,
+        };
+        let c = Combined {
+            sql: "SELECT ageBroad, COUNT(*), AVG(traffickMonths) FROM cases GROUP BY ageBroad"
+                .into(),
+            query_id: "q".into(),
+            epsilon: 1.0,
+            rho: 0.0,
+            mechanisms: Vec::new(),
+            dataset: "cases".into(),
+            group_by: vec!["ageBroad".into()],
+            outputs: vec!["COUNT(*)".into(), "AVG(traffickMonths)".into()],
+            rows: vec![Row {
+                key: vec!["48+".into()],
+                estimates: vec![Some(count), Some(nan)],
+                nodes: vec!["a".into()],
+            }],
+            nodes: Vec::new(),
+            partial: false,
+            dry_run: false,
+            released_keys: None,
+            post_processing: None,
+        };
+        let csv_text = render(&c, Format::Csv).unwrap();
+        let line = csv_text.lines().nth(1).unwrap();
+        assert_eq!(line, "48+,-3,-9.5,3.5,,0,120,a", "{csv_text}");
+        let json: serde_json::Value =
+            serde_json::from_str(&render(&c, Format::Json).unwrap()).unwrap();
+        assert!(json["rows"][0]["estimates"][1]["value"].is_null(), "{json}");
+        let table = render(&c, Format::Table).unwrap();
+        assert!(table.contains("n/a"), "{table}");
     }
 }
