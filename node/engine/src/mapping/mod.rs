@@ -32,7 +32,7 @@
 
 pub mod countries;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -335,16 +335,23 @@ impl Mapper {
     /// and normalised; whole years 0 to 150). A database source filters
     /// rows with these exact spellings before the node maps the rest
     /// (`postgres::mapped`). Empty if column `i` has no mapping.
+    ///
+    /// The likeliest spellings come first, so that a filter testing them
+    /// in turn stops early on most rows: the partner's values as written
+    /// in the mapping (sorted), the declared labels, the spellings of
+    /// missing, then the rest.
     pub fn spellings(&self, i: usize, column: &Column) -> Vec<(String, Option<i64>)> {
         let Some(m) = self.rules[i].map.as_ref() else {
             return Vec::new();
         };
         let mut all: Vec<String> = m.written.clone();
-        all.extend(m.values.keys().cloned());
-        all.extend(MISSING_SPELLINGS.iter().map(|s| s.to_string()));
+        all.sort_unstable();
         if let Column::Categorical { domain, .. } = column {
             all.extend(domain.iter().cloned());
         }
+        all.extend(MISSING_SPELLINGS.iter().map(|s| s.to_string()));
+        let likeliest = all.len();
+        all.extend(m.values.keys().cloned());
         match &m.convert {
             Some(Convert::Country(t)) => {
                 all.extend(t.keys().cloned());
@@ -359,8 +366,9 @@ impl Mapper {
             }
             None => {}
         }
-        all.sort_unstable();
-        all.dedup();
+        all[likeliest..].sort_unstable();
+        let mut seen = HashSet::new();
+        all.retain(|s| seen.insert(s.clone()));
         all.into_iter()
             .map(|s| {
                 let code = match self.map(i, column, &s) {
@@ -672,6 +680,26 @@ mod tests {
             "{:?}",
             m.summary(0)
         );
+        // Each known spelling once, with the code `map` gives it, and the
+        // likeliest first (the database's filter tests them in turn).
+        let spelt = m.spellings(0, &s.columns[0]);
+        let first: Vec<&str> = spelt.iter().take(6).map(|(w, _)| w.as_str()).collect();
+        let labels: Vec<&str> = match &s.columns[0] {
+            Column::Categorical { domain, .. } => domain.iter().map(|d| d.as_str()).collect(),
+            _ => unreachable!(),
+        };
+        assert_eq!(first[..3], ["F", "M", "U"], "the partner's values first");
+        assert_eq!(first[3..], labels[..], "then the declared labels");
+        let mut seen = HashSet::new();
+        for (w, code) in &spelt {
+            assert!(seen.insert(w), "{w:?} twice");
+            let mapped = match at(0, w) {
+                Mapped::Code(c) if c != MISSING => Some(c),
+                _ => None,
+            };
+            assert_eq!(*code, mapped, "{w:?}");
+        }
+        assert!(spelt.iter().any(|(w, c)| w == "f" && *c == Some(0)));
     }
 
     #[test]

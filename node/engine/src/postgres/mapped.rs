@@ -45,6 +45,14 @@ use crate::mapping::{Mapped, Mapper};
 /// The most groups a statement over mapped columns may return.
 pub const MAPPED_GROUPS_MAX: usize = 200_000;
 
+/// A WHERE atom on a mapped text column first keeps the rows with this
+/// many of its likeliest passing spellings ([`Mapper::spellings`]).
+const ACCEPT_FIRST: usize = 2;
+
+/// Up to this many failing spellings are dropped by comparisons in turn;
+/// more, by one `= ANY` (which PostgreSQL hashes from nine elements on).
+const REJECT_CHAIN_MAX: usize = 8;
+
 /// What one GROUP BY column of a mapped statement holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Group {
@@ -379,10 +387,39 @@ impl Builder<'_> {
                     .collect();
                 parts.join(" OR ")
             }
-            DbType::Text | DbType::Boolean => format!(
-                "{r} = ANY({})",
-                self.p.texts(failing.into_iter().cloned().collect())
-            ),
+            DbType::Text | DbType::Boolean => {
+                // The spellings come likeliest first: a row with the
+                // partner's own passing spelling is kept after one or two
+                // comparisons, and one with a failing spelling is dropped
+                // at the first that matches (PostgreSQL hashes a longer
+                // list, which costs more per row than a few comparisons).
+                let accept: Vec<String> = self.spellings[column]
+                    .iter()
+                    .filter(|(_, code)| passes(*code))
+                    .take(ACCEPT_FIRST)
+                    .map(|(s, _)| format!("{r} = {}", self.p.text(s.clone())))
+                    .collect();
+                let reject = if failing.len() <= REJECT_CHAIN_MAX {
+                    let parts: Vec<String> = failing
+                        .into_iter()
+                        .map(|s| format!("{r} <> {}", self.p.text(s.clone())))
+                        .collect();
+                    format!("({})", parts.join(" AND "))
+                } else {
+                    format!(
+                        "NOT ({r} = ANY({}))",
+                        self.p.texts(failing.into_iter().cloned().collect())
+                    )
+                };
+                let mut kept = accept;
+                kept.push(reject);
+                let kept = kept.join(" OR ");
+                return Some(if passes(None) {
+                    format!("({r} IS NULL OR {kept})")
+                } else {
+                    format!("({kept})")
+                });
+            }
         };
         Some(if passes(None) {
             format!("({r} IS NULL OR NOT ({fails}))")
