@@ -49,10 +49,6 @@ pub const MAPPED_GROUPS_MAX: usize = 200_000;
 /// many of its likeliest passing spellings ([`Mapper::spellings`]).
 const ACCEPT_FIRST: usize = 2;
 
-/// Up to this many failing spellings are dropped by comparisons in turn;
-/// more, by one `= ANY` (which PostgreSQL hashes from nine elements on).
-const REJECT_CHAIN_MAX: usize = 8;
-
 /// What one GROUP BY column of a mapped statement holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Group {
@@ -399,7 +395,7 @@ impl Builder<'_> {
                     .take(ACCEPT_FIRST)
                     .map(|(s, _)| format!("{r} = {}", self.p.text(s.clone())))
                     .collect();
-                let reject = if failing.len() <= REJECT_CHAIN_MAX {
+                let reject = if failing.len() <= statement::CHAIN_MAX {
                     let parts: Vec<String> = failing
                         .into_iter()
                         .map(|s| format!("{r} <> {}", self.p.text(s.clone())))

@@ -140,6 +140,12 @@ impl KeyRead {
 /// How a missing integer is spelt in a database column, as in CSV files.
 const MISSING_INT: i64 = -99;
 
+/// A value tested against up to this many texts is compared with each in
+/// turn (`r = $1 OR r = $2 ...`); against more, by one `= ANY`, which
+/// PostgreSQL hashes from nine elements on. A few comparisons cost less
+/// per row than a hash probe (measured, BENCHMARKS.md).
+pub(super) const CHAIN_MAX: usize = 8;
+
 /// A statement and its parameters, `$1` first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Statement {
@@ -888,6 +894,13 @@ impl Cx<'_> {
                     [] => sql.push_str("FALSE"),
                     [c] => {
                         let _ = write!(sql, "({r} = {})", p.text(domain[*c].clone()));
+                    }
+                    _ if codes.len() <= CHAIN_MAX => {
+                        let parts: Vec<String> = codes
+                            .iter()
+                            .map(|&c| format!("{r} = {}", p.text(domain[c].clone())))
+                            .collect();
+                        let _ = write!(sql, "({})", parts.join(" OR "));
                     }
                     _ => {
                         let labels = codes.iter().map(|&c| domain[c].clone()).collect();
