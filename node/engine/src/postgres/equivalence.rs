@@ -492,6 +492,12 @@ fn mapped_columns_read_from_the_database_equal_the_engine() {
             "SELECT citizenship, AVG(isForcedLabour + traffickMonths), COUNT(*) FILTER (WHERE ageBroad IS NULL OR isSexualExploit = 0) FROM cases WHERE ageBroad IN ('9--17') OR traffickMonths > 12 GROUP BY citizenship",
             "SELECT BIN(isSexualExploit + isForcedLabour, 3), COUNT(*) FROM cases WHERE yearOfRegistration > 2012 AND NOT gender = 'Male' GROUP BY 1",
             "SELECT CASE WHEN gender = 'Female' AND yearOfRegistration > 2015 THEN 'f-late' WHEN citizenship = CountryOfExploitation THEN 'domestic' END AS k, COUNT(*), STDDEV(isSexualExploit) FROM cases GROUP BY k",
+            // Mapped columns the WHERE alone reads, told TRUE in the
+            // database from known spellings (a NULL age beside a stray
+            // gender spelling is for the node to decide).
+            "SELECT citizenship, COUNT(*) FROM cases WHERE ageBroad = '0--8' OR gender = 'Female' GROUP BY citizenship",
+            "SELECT isForcedLabour, COUNT(*) FROM cases WHERE (ageBroad IS NULL OR gender = 'Male') AND (yearOfRegistration < 2014 OR NOT isSexualExploit = 1) GROUP BY isForcedLabour",
+            "SELECT COUNT(*) FROM cases WHERE NOT (gender = 'Female' AND citizenship IN ('UA', 'RO')) OR ageBroad IS NOT NULL",
         ];
         for sql in QUERIES
             .iter()

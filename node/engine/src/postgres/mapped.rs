@@ -61,6 +61,11 @@ pub enum Group {
     Value(usize),
     /// Whether a condition written in SQL is TRUE for the group's rows.
     Truth,
+    /// The raw text of mapped columns read by the node's WHERE alone
+    /// (`text[]`, in this order), or NULL when the database found the
+    /// WHERE TRUE from known spellings ([`Builder::sure`]): such rows need
+    /// no more than their keys, so they group by the keys alone.
+    Residue(Vec<usize>),
 }
 
 /// One group's column as read from the database.
@@ -72,6 +77,8 @@ pub enum GroupValue {
     Int(Option<i64>),
     /// A `boolean`.
     Bool(bool),
+    /// A [`Group::Residue`]: `None` when the WHERE is known TRUE.
+    Residue(Option<Vec<Option<String>>>),
 }
 
 /// One result row: the group columns, the group's row count, and the
@@ -230,6 +237,9 @@ struct Builder<'a> {
     items: Vec<String>,
     /// Column -> its group column, for columns decoded in the node.
     decoded: HashMap<usize, usize>,
+    /// Mapped columns read by the node's WHERE alone: decoded from the
+    /// [`Group::Residue`], not grouped one by one.
+    residue: Vec<usize>,
 }
 
 impl Builder<'_> {
@@ -250,7 +260,7 @@ impl Builder<'_> {
     /// Makes column `i`'s code available to the node: its raw text when
     /// mapped, else its raw value.
     fn decode(&mut self, i: usize) {
-        if self.decoded.contains_key(&i) {
+        if self.decoded.contains_key(&i) || self.residue.contains(&i) {
             return;
         }
         let r = raw(i);
@@ -309,119 +319,130 @@ impl Builder<'_> {
         }
     }
 
-    /// [`Builder::prefilter`] of one atom on a mapped column.
+    /// [`Builder::prefilter`] of one atom on a mapped column: keeps every
+    /// row but those with a known spelling that fails it. A text column
+    /// first keeps the rows with its likeliest passing spellings, so that
+    /// most rows are decided after a comparison or two.
     fn spelling_filter(&mut self, f: &Predicate, negate: bool) -> Option<String> {
-        let (column, atom) = match f {
-            Predicate::Cmp { column, op, value } => {
-                (*column, Atom::Test(CodeTest::Cmp(*op, *value), negate))
-            }
-            Predicate::In {
-                column,
-                values,
-                negated,
-            } => (
-                *column,
-                Atom::Test(CodeTest::In(values.clone()), negate != *negated),
-            ),
-            Predicate::Between {
-                column,
-                low,
-                high,
-                negated,
-            } => (
-                *column,
-                Atom::Test(CodeTest::Between(*low, *high), negate != *negated),
-            ),
-            Predicate::IsMissing { column, negated } => {
-                (*column, Atom::Present(negate != *negated))
-            }
-            _ => return None,
-        };
-        let passes = |c: Option<i64>| atom.passes(c);
+        let (column, atom) = atom_of(f, negate)?;
         if !self.is_mapped(column) {
             return None;
         }
-        let failing: Vec<&String> = self
-            .spellings
-            .get(column)?
-            .iter()
-            .filter(|(_, code)| !passes(*code))
-            .map(|(s, _)| s)
-            .collect();
-        if failing.is_empty() {
-            return None;
-        }
+        let fails = self.spelled(column, |c| !atom.passes(c), usize::MAX)?;
         let r = raw(column);
-        let fails = match self.cx.db[column] {
-            // Only the spellings PostgreSQL prints for a number, as ranges
-            // (ages: a band's complement is one or two ranges).
-            DbType::Integer => {
-                let mut v: Vec<i64> = failing
-                    .iter()
-                    .filter_map(|s| s.parse::<i64>().ok().filter(|v| v.to_string() == **s))
-                    .collect();
-                v.sort_unstable();
-                let mut ranges: Vec<(i64, i64)> = Vec::new();
-                for x in v {
-                    match ranges.last_mut() {
-                        Some(last) if x == last.1 + 1 => last.1 = x,
-                        _ => ranges.push((x, x)),
+        let mut kept = Vec::new();
+        if atom.passes(None) {
+            kept.push(format!("{r} IS NULL"));
+        }
+        if self.cx.db[column] != DbType::Integer {
+            kept.extend(self.spelled(column, |c| atom.passes(c), ACCEPT_FIRST));
+        }
+        kept.push(format!("NOT {fails}"));
+        Some(format!("({})", kept.join(" OR ")))
+    }
+
+    /// A condition TRUE exactly when mapped column `column`'s raw value is
+    /// one of its known spellings ([`Mapper::spellings`], likeliest first;
+    /// at most `most` of them for text) whose code satisfies `wanted`, and
+    /// never for NULL; `None` if no known spelling does. Text is compared
+    /// with each in turn (past [`statement::CHAIN_MAX`], one `= ANY`); an
+    /// integer column (ages in years) is tested against the ranges of the
+    /// numbers spelt as PostgreSQL prints them.
+    fn spelled(
+        &mut self,
+        column: usize,
+        wanted: impl Fn(Option<i64>) -> bool,
+        most: usize,
+    ) -> Option<String> {
+        let known = self.spellings.get(column)?;
+        let hits = known
+            .iter()
+            .filter(|(_, code)| wanted(*code))
+            .map(|(s, _)| s);
+        let r = raw(column);
+        if self.cx.db[column] == DbType::Integer {
+            let mut v: Vec<i64> = hits
+                .filter_map(|s| s.parse::<i64>().ok().filter(|v| v.to_string() == **s))
+                .collect();
+            v.sort_unstable();
+            let mut ranges: Vec<(i64, i64)> = Vec::new();
+            for x in v {
+                match ranges.last_mut() {
+                    Some(last) if x == last.1 + 1 => last.1 = x,
+                    _ => ranges.push((x, x)),
+                }
+            }
+            if ranges.is_empty() {
+                return None;
+            }
+            let parts: Vec<String> = ranges
+                .into_iter()
+                .map(|(a, b)| {
+                    if a == b {
+                        format!("{r} = {}", self.p.int(a))
+                    } else {
+                        format!("{r} BETWEEN {} AND {}", self.p.int(a), self.p.int(b))
                     }
-                }
-                if ranges.is_empty() {
-                    return None;
-                }
-                let parts: Vec<String> = ranges
+                })
+                .collect();
+            return Some(format!("({})", parts.join(" OR ")));
+        }
+        let hits: Vec<String> = hits.take(most).cloned().collect();
+        match hits.len() {
+            0 => None,
+            n if n <= statement::CHAIN_MAX => {
+                let parts: Vec<String> = hits
                     .into_iter()
-                    .map(|(a, b)| {
-                        if a == b {
-                            format!("{r} = {}", self.p.int(a))
-                        } else {
-                            format!("{r} BETWEEN {} AND {}", self.p.int(a), self.p.int(b))
-                        }
-                    })
+                    .map(|s| format!("{r} = {}", self.p.text(s)))
                     .collect();
-                parts.join(" OR ")
+                Some(format!("({})", parts.join(" OR ")))
             }
-            DbType::Text | DbType::Boolean => {
-                // The spellings come likeliest first: a row with the
-                // partner's own passing spelling is kept after one or two
-                // comparisons, and one with a failing spelling is dropped
-                // at the first that matches (PostgreSQL hashes a longer
-                // list, which costs more per row than a few comparisons).
-                let accept: Vec<String> = self.spellings[column]
-                    .iter()
-                    .filter(|(_, code)| passes(*code))
-                    .take(ACCEPT_FIRST)
-                    .map(|(s, _)| format!("{r} = {}", self.p.text(s.clone())))
-                    .collect();
-                let reject = if failing.len() <= statement::CHAIN_MAX {
-                    let parts: Vec<String> = failing
-                        .into_iter()
-                        .map(|s| format!("{r} <> {}", self.p.text(s.clone())))
-                        .collect();
-                    format!("({})", parts.join(" AND "))
+            _ => Some(format!("({r} = ANY({}))", self.p.texts(hits))),
+        }
+    }
+
+    /// A condition TRUE only when `f` (negated when `negate`) is TRUE for
+    /// the row, as far as the database can tell without the mapping: the
+    /// parts touching no mapped column exactly ([`Cx::predicate`]); an atom
+    /// on a mapped column TRUE for the known spellings that pass it (and
+    /// NULL, when missing passes), not TRUE for any other spelling, which
+    /// the node maps; AND and OR in negation normal form, which keep
+    /// "TRUE only when TRUE". `FALSE` when the database cannot tell.
+    fn sure(&mut self, f: &Predicate, negate: bool) -> String {
+        let mut columns = Vec::new();
+        predicate_columns(f, &mut columns);
+        if !self.touches(&columns) {
+            let mut sql = String::new();
+            self.cx.predicate(f, negate, &mut self.p, &mut sql);
+            return sql;
+        }
+        match f {
+            Predicate::And(a, b) | Predicate::Or(a, b) => {
+                let op = if matches!(f, Predicate::And(..)) != negate {
+                    "AND"
                 } else {
-                    format!(
-                        "NOT ({r} = ANY({}))",
-                        self.p.texts(failing.into_iter().cloned().collect())
-                    )
+                    "OR"
                 };
-                let mut kept = accept;
-                kept.push(reject);
-                let kept = kept.join(" OR ");
-                return Some(if passes(None) {
-                    format!("({r} IS NULL OR {kept})")
-                } else {
-                    format!("({kept})")
-                });
+                let (a, b) = (self.sure(a, negate), self.sure(b, negate));
+                format!("({a} {op} {b})")
             }
-        };
-        Some(if passes(None) {
-            format!("({r} IS NULL OR NOT ({fails}))")
-        } else {
-            format!("(NOT ({fails}))")
-        })
+            Predicate::Not(a) => self.sure(a, !negate),
+            _ => {
+                let Some((column, atom)) = atom_of(f, negate) else {
+                    return "FALSE".to_string();
+                };
+                let mut parts = Vec::new();
+                if atom.passes(None) {
+                    parts.push(format!("{} IS NULL", raw(column)));
+                }
+                parts.extend(self.spelled(column, |c| atom.passes(c), usize::MAX));
+                if parts.is_empty() {
+                    "FALSE".to_string()
+                } else {
+                    format!("({})", parts.join(" OR "))
+                }
+            }
+        }
     }
 
     /// A group column saying whether `sql` is TRUE.
@@ -531,6 +552,7 @@ pub fn build(
         groups: Vec::new(),
         items: Vec::new(),
         decoded: HashMap::new(),
+        residue: Vec::new(),
     };
 
     // The keys.
@@ -577,30 +599,6 @@ pub fn build(
         });
     }
 
-    // The WHERE: its conjuncts touching no mapped column in SQL, the rest
-    // in the node.
-    let mut conjuncts = Vec::new();
-    if let Some(f) = &plan.filter {
-        flatten_and(f, &mut conjuncts);
-    }
-    let mut sql_where = Vec::new();
-    let mut node_where = Vec::new();
-    for c in conjuncts {
-        let mut columns = Vec::new();
-        predicate_columns(c, &mut columns);
-        if b.touches(&columns) {
-            if let Some(pre) = b.prefilter(c, false) {
-                sql_where.push(pre);
-            }
-            node_where.push(b.cond(c, false));
-        } else {
-            let mut s = String::new();
-            b.cx.predicate(c, false, &mut b.p, &mut s);
-            sql_where.push(s);
-        }
-    }
-    let filter = (!node_where.is_empty()).then_some(Cond::All(node_where));
-
     // The measurements.
     let mut values = Vec::new();
     let mut measures = Vec::with_capacity(plan.measurements.len());
@@ -646,6 +644,74 @@ pub fn build(
         }
     }
 
+    // The WHERE, after the keys and measurements have decoded what they
+    // read: its conjuncts touching no mapped column in SQL, the rest in the
+    // node, with the database dropping the rows of known failing spellings
+    // first ([`Builder::prefilter`]).
+    let mut conjuncts = Vec::new();
+    if let Some(f) = &plan.filter {
+        flatten_and(f, &mut conjuncts);
+    }
+    let mut sql_where = Vec::new();
+    let mut node_conjuncts = Vec::new();
+    for c in conjuncts {
+        let mut columns = Vec::new();
+        predicate_columns(c, &mut columns);
+        if b.touches(&columns) {
+            node_conjuncts.push(c);
+        } else {
+            let mut s = String::new();
+            b.cx.predicate(c, false, &mut b.p, &mut s);
+            sql_where.push(s);
+        }
+    }
+    // Mapped columns the node's WHERE alone reads go in one residue
+    // column, NULL where the database can tell the WHERE is TRUE: most
+    // rows then group by their keys alone.
+    let mut only_where = Vec::new();
+    node_conjuncts
+        .iter()
+        .for_each(|c| predicate_columns(c, &mut only_where));
+    only_where.sort_unstable();
+    only_where.dedup();
+    only_where.retain(|&i| b.is_mapped(i) && !b.decoded.contains_key(&i));
+    let mut residue = None;
+    if !only_where.is_empty() {
+        let mark = b.p.0.len();
+        let parts: Vec<String> = node_conjuncts.iter().map(|c| b.sure(c, false)).collect();
+        if parts.iter().any(|s| s == "FALSE") {
+            // Nothing to tell: its parameters go with it.
+            b.p.0.truncate(mark);
+        } else {
+            b.residue = only_where;
+            residue = Some(parts.join(" AND "));
+        }
+    }
+    let mut node_where = Vec::new();
+    for c in node_conjuncts {
+        if let Some(pre) = b.prefilter(c, false) {
+            sql_where.push(pre);
+        }
+        node_where.push(b.cond(c, false));
+    }
+    if let Some(sure) = residue {
+        let raws: Vec<String> = b
+            .residue
+            .iter()
+            .map(|&i| match b.cx.db[i] {
+                DbType::Integer => format!("{}::text COLLATE \"C\"", raw(i)),
+                DbType::Text | DbType::Boolean => raw(i),
+            })
+            .collect();
+        let item = format!(
+            "CASE WHEN {sure} THEN NULL ELSE ARRAY[{}] END",
+            raws.join(", ")
+        );
+        let columns = b.residue.clone();
+        b.push(item, Group::Residue(columns));
+    }
+    let filter = (!node_where.is_empty()).then_some(Cond::All(node_where));
+
     sql.push_str(" SELECT ");
     let mut items = b.items.clone();
     items.push("COUNT(*)::text".to_string());
@@ -669,6 +735,35 @@ pub fn build(
         filter,
         measures,
     }
+}
+
+/// Predicate `f` (negated when `negate`) as an atom on one column's code;
+/// `None` for anything else (two columns compared, AND, OR, NOT).
+fn atom_of(f: &Predicate, negate: bool) -> Option<(usize, Atom)> {
+    Some(match f {
+        Predicate::Cmp { column, op, value } => {
+            (*column, Atom::Test(CodeTest::Cmp(*op, *value), negate))
+        }
+        Predicate::In {
+            column,
+            values,
+            negated,
+        } => (
+            *column,
+            Atom::Test(CodeTest::In(values.clone()), negate != *negated),
+        ),
+        Predicate::Between {
+            column,
+            low,
+            high,
+            negated,
+        } => (
+            *column,
+            Atom::Test(CodeTest::Between(*low, *high), negate != *negated),
+        ),
+        Predicate::IsMissing { column, negated } => (*column, Atom::Present(negate != *negated)),
+        _ => return None,
+    })
 }
 
 /// The conjuncts of a top-level AND chain.
@@ -731,8 +826,22 @@ pub fn assemble(
             return Err("the database returned a row of the wrong shape".into());
         }
         let mut read: Vec<Option<i64>> = vec![None; st.groups.len()];
+        let mut sure = false;
         for (g, (kind, value)) in st.groups.iter().zip(&groups).enumerate() {
             match (kind, value) {
+                (Group::Residue(columns), GroupValue::Residue(None)) => {
+                    sure = true;
+                    columns.iter().for_each(|&i| codes[i] = None);
+                }
+                (Group::Residue(columns), GroupValue::Residue(Some(raws))) => {
+                    if raws.len() != columns.len() {
+                        return Err("the database returned a row of the wrong shape".into());
+                    }
+                    for (&i, t) in columns.iter().zip(raws) {
+                        codes[i] =
+                            code_of(i, &schema.columns[i], mapper, &GroupValue::Text(t.clone()))?;
+                    }
+                }
                 (Group::Key(k), GroupValue::Text(t)) => read[g] = k.label(t.as_deref()),
                 (Group::Key(k), GroupValue::Int(v)) => read[g] = k.number(*v),
                 (Group::Mapped(i) | Group::Value(i), v) => {
@@ -743,7 +852,7 @@ pub fn assemble(
             }
         }
         if let Some(f) = &st.filter {
-            if !f.holds(&codes, &truths) {
+            if !sure && !f.holds(&codes, &truths) {
                 continue;
             }
         }

@@ -585,6 +585,9 @@ impl PgSource {
             for (i, g) in st.groups.iter().enumerate() {
                 let v = match g {
                     mapped::Group::Truth => row.try_get::<_, bool>(i).map(mapped::GroupValue::Bool),
+                    mapped::Group::Residue(_) => row
+                        .try_get::<_, Option<Vec<Option<String>>>>(i)
+                        .map(mapped::GroupValue::Residue),
                     // A number read as the database prints it.
                     mapped::Group::Mapped(col) if c.types[*col] == DbType::Integer => row
                         .try_get::<_, Option<i64>>(i)
