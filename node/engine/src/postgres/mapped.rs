@@ -16,8 +16,13 @@
 //!    mapped column, whether it is TRUE (written by the fast path's
 //!    condition writer, [`Cx::predicate`]). It returns each group's row
 //!    count and the measurements that touch no mapped column, summed over
-//!    the group. The WHERE keeps only its conjuncts that touch no mapped
-//!    column.
+//!    the group. The WHERE keeps its conjuncts that touch no mapped column
+//!    exactly, and drops the rows whose known spellings fail the others
+//!    ([`Builder::prefilter`]). A mapped column that only the WHERE reads
+//!    is not grouped on its own: one residue column holds the raw text of
+//!    all such columns, or NULL where the database can tell from known
+//!    spellings that the WHERE is TRUE ([`Builder::sure`]), so most rows
+//!    group by their keys alone.
 //! 2. The node maps each group's raw text to codes, evaluates the rest of
 //!    the conditions over them (in negation normal form, as TRUE or not,
 //!    like the fast path), computes the keys and the measurements of mapped
