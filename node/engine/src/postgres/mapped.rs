@@ -295,11 +295,7 @@ impl Builder<'_> {
     /// stay, for the node to map; the node evaluates `f` on every group
     /// all the same.
     fn prefilter(&mut self, f: &Predicate, negate: bool) -> Option<String> {
-        let mut columns = Vec::new();
-        predicate_columns(f, &mut columns);
-        if !self.touches(&columns) {
-            let mut sql = String::new();
-            self.cx.predicate(f, negate, &mut self.p, &mut sql);
+        if let Some(sql) = self.exact(f, negate) {
             return Some(sql);
         }
         match f {
@@ -414,11 +410,7 @@ impl Builder<'_> {
     /// the node maps; AND and OR in negation normal form, which keep
     /// "TRUE only when TRUE". `FALSE` when the database cannot tell.
     fn sure(&mut self, f: &Predicate, negate: bool) -> String {
-        let mut columns = Vec::new();
-        predicate_columns(f, &mut columns);
-        if !self.touches(&columns) {
-            let mut sql = String::new();
-            self.cx.predicate(f, negate, &mut self.p, &mut sql);
+        if let Some(sql) = self.exact(f, negate) {
             return sql;
         }
         match f {
@@ -450,6 +442,19 @@ impl Builder<'_> {
         }
     }
 
+    /// Condition `f` (negated when `negate`) written exactly in SQL
+    /// ([`Cx::predicate`]) when it touches no mapped column; else `None`.
+    fn exact(&mut self, f: &Predicate, negate: bool) -> Option<String> {
+        let mut columns = Vec::new();
+        predicate_columns(f, &mut columns);
+        if self.touches(&columns) {
+            return None;
+        }
+        let mut sql = String::new();
+        self.cx.predicate(f, negate, &mut self.p, &mut sql);
+        Some(sql)
+    }
+
     /// A group column saying whether `sql` is TRUE.
     fn truth(&mut self, sql: String) -> usize {
         self.push(format!("(({sql}) IS TRUE)"), Group::Truth)
@@ -458,11 +463,7 @@ impl Builder<'_> {
     /// Condition `f` (negated when `negate`) as the node evaluates it; the
     /// parts touching no mapped column are evaluated by the database.
     fn cond(&mut self, f: &Predicate, negate: bool) -> Cond {
-        let mut columns = Vec::new();
-        predicate_columns(f, &mut columns);
-        if !self.touches(&columns) {
-            let mut sql = String::new();
-            self.cx.predicate(f, negate, &mut self.p, &mut sql);
+        if let Some(sql) = self.exact(f, negate) {
             return Cond::Sql(self.truth(sql));
         }
         let atom = |b: &mut Self, column: usize, test: CodeTest, negate: bool| {
