@@ -380,6 +380,25 @@ impl Mapper {
             .collect()
     }
 
+    /// Whether [`Mapper::spellings`] of column `i` name every whole number
+    /// that does not map to missing: a categorical column whose mapping
+    /// is a conversion from years alone (`age_to_band`, `age_to_majority`;
+    /// no `values`), which reads 0 to 150 and otherwise only the declared
+    /// labels and the spellings of missing, all among the spellings. A
+    /// database column of whole numbers read through such a mapping can
+    /// then be tested exactly in SQL (`postgres::mapped`): a number spelt
+    /// as PostgreSQL prints it and not among the spellings is missing.
+    pub fn integers_known(&self, i: usize, column: &Column) -> bool {
+        self.rules[i].map.as_ref().is_some_and(|m| {
+            m.values.is_empty()
+                && matches!(
+                    m.convert,
+                    Some(Convert::Bands(_) | Convert::Majority { .. })
+                )
+                && matches!(column, Column::Categorical { .. })
+        })
+    }
+
     /// Reads one cell of mapped column `i` (`column` is the declared
     /// column). `None` if column `i` has no mapping.
     pub fn map(&self, i: usize, column: &Column, raw: &str) -> Option<Mapped> {
@@ -700,6 +719,30 @@ mod tests {
             assert_eq!(*code, mapped, "{w:?}");
         }
         assert!(spelt.iter().any(|(w, c)| w == "f" && *c == Some(0)));
+
+        // Conversions from years alone name every whole number that maps
+        // to a code; a value map or a name conversion does not.
+        let known: Vec<bool> = (0..4).map(|i| m.integers_known(i, &s.columns[i])).collect();
+        assert_eq!(known, [false, true, true, false]);
+        for i in [1, 2] {
+            let spelt = m.spellings(i, &s.columns[i]);
+            for v in -1_000i64..=1_000 {
+                let w = v.to_string();
+                let code = match at(i, &w) {
+                    Mapped::Code(c) if c != MISSING => Some(c),
+                    _ => None,
+                };
+                let listed = spelt.iter().find(|(s, _)| *s == w).map(|(_, c)| *c);
+                assert_eq!(listed.unwrap_or(None), code, "column {i}, {w}");
+            }
+        }
+        let with_values = Mapper::compile(
+            "cases",
+            &s,
+            &mapping("[ageBroad]\nconvert = \"age_to_band\"\nvalues = { \"200\" = \"48+\" }"),
+        )
+        .unwrap();
+        assert!(!with_values.integers_known(1, &s.columns[1]));
     }
 
     #[test]

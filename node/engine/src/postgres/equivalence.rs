@@ -450,8 +450,12 @@ fn mapped_columns_read_from_the_database_equal_the_engine() {
         for update in [
             "sex = 'stray ' || ctid::text WHERE sex IS NULL OR sex IN ('unknown', '-99')",
             "nationality = 'Atlantis' WHERE nationality IS NULL OR nationality = '-99'",
-            // Both spellings of a missing age: -99 and NULL.
+            // Both spellings of a missing age: -99 and NULL; and whole
+            // numbers no band holds, missing too (a condition on ages is
+            // written exactly in SQL: these must not pass it).
             "age = NULL WHERE age = -99 AND \"yearOfRegistration\" % 2 = 0",
+            "age = 151 + \"yearOfRegistration\" % 40 WHERE age = -99 AND \"yearOfRegistration\" % 8 = 1",
+            "age = -1 - \"yearOfRegistration\" % 7 WHERE age = -99 AND \"yearOfRegistration\" % 8 = 3",
         ] {
             strays += client
                 .execute(&format!("UPDATE {ns}.cases SET {update}"), &[])
@@ -498,6 +502,11 @@ fn mapped_columns_read_from_the_database_equal_the_engine() {
             "SELECT citizenship, COUNT(*) FROM cases WHERE ageBroad = '0--8' OR gender = 'Female' GROUP BY citizenship",
             "SELECT isForcedLabour, COUNT(*) FROM cases WHERE (ageBroad IS NULL OR gender = 'Male') AND (yearOfRegistration < 2014 OR NOT isSexualExploit = 1) GROUP BY isForcedLabour",
             "SELECT COUNT(*) FROM cases WHERE NOT (gender = 'Female' AND citizenship IN ('UA', 'RO')) OR ageBroad IS NOT NULL",
+            // Conditions on ages in years, written exactly in SQL (a
+            // number no band holds is missing, like NULL and -99).
+            "SELECT gender, COUNT(*) FROM cases WHERE ageBroad IN ('0--8', '9--17') AND yearOfRegistration BETWEEN 2010 AND 2020 GROUP BY gender",
+            "SELECT isForcedLabour, COUNT(*) FROM cases WHERE ageBroad IS NULL OR NOT ageBroad IN ('48+', '18--20') GROUP BY isForcedLabour",
+            "SELECT COUNT(*) FILTER (WHERE ageBroad = '9--17' OR isSexualExploit = 1), COUNT(*) FROM cases WHERE ageBroad <> '0--8' OR (gender = 'Female' AND ageBroad IS NULL)",
         ];
         for sql in QUERIES
             .iter()

@@ -16,8 +16,11 @@
 //!    mapped column, whether it is TRUE (written by the fast path's
 //!    condition writer, [`Cx::predicate`]). It returns each group's row
 //!    count and the measurements that touch no mapped column, summed over
-//!    the group. The WHERE keeps its conjuncts that touch no mapped column
-//!    exactly, and drops the rows whose known spellings fail the others
+//!    the group. A condition on a mapped column of whole numbers whose
+//!    codes the known spellings tell (ages in years: [`Known::integers`])
+//!    is written exactly in SQL like an unmapped one ([`Builder::exact`]).
+//!    The WHERE keeps its conjuncts written exactly, and drops the rows
+//!    whose known spellings fail the others
 //!    ([`Builder::prefilter`]). A mapped column that only the WHERE reads
 //!    is not grouped on its own: one residue column holds the raw text of
 //!    all such columns, or NULL where the database can tell from known
@@ -71,6 +74,19 @@ pub enum Group {
     /// WHERE TRUE from known spellings ([`Builder::sure`]): such rows need
     /// no more than their keys, so they group by the keys alone.
     Residue(Vec<usize>),
+}
+
+/// What the node knows in advance of one column's raw values (empty when
+/// it has no mapping).
+#[derive(Debug, Clone, Default)]
+pub struct Known {
+    /// Its known spellings and their codes, likeliest first
+    /// ([`Mapper::spellings`]).
+    pub spellings: Vec<(String, Option<i64>)>,
+    /// Whether every whole number not among them is missing
+    /// ([`Mapper::integers_known`]): a database column of whole numbers is
+    /// then tested exactly in SQL ([`Builder::exact`]).
+    pub integers: bool,
 }
 
 /// One group's column as read from the database.
@@ -236,7 +252,7 @@ pub fn touches(plan: &Plan, schema: &Schema, mapped: &[bool]) -> bool {
 struct Builder<'a> {
     cx: Cx<'a>,
     mapped: &'a [bool],
-    spellings: &'a [Vec<(String, Option<i64>)>],
+    known: &'a [Known],
     p: Params,
     groups: Vec<Group>,
     items: Vec<String>,
@@ -254,6 +270,13 @@ impl Builder<'_> {
 
     fn touches(&self, columns: &[usize]) -> bool {
         columns.iter().any(|&c| self.is_mapped(c))
+    }
+
+    /// Whether mapped column `i` holds whole numbers whose codes the
+    /// database can tell exactly from the known spellings
+    /// ([`Known::integers`]).
+    fn integers_known(&self, i: usize) -> bool {
+        self.cx.db[i] == DbType::Integer && self.known.get(i).is_some_and(|k| k.integers)
     }
 
     fn push(&mut self, item: String, group: Group) -> usize {
@@ -355,7 +378,7 @@ impl Builder<'_> {
         wanted: impl Fn(Option<i64>) -> bool,
         most: usize,
     ) -> Option<String> {
-        let known = self.spellings.get(column)?;
+        let known = &self.known.get(column)?.spellings;
         let hits = known
             .iter()
             .filter(|(_, code)| wanted(*code))
@@ -442,17 +465,60 @@ impl Builder<'_> {
         }
     }
 
-    /// Condition `f` (negated when `negate`) written exactly in SQL
-    /// ([`Cx::predicate`]) when it touches no mapped column; else `None`.
+    /// Condition `f` (negated when `negate`) written exactly in SQL, TRUE
+    /// exactly when the engine's is: the parts touching no mapped column
+    /// by [`Cx::predicate`], an atom on a mapped column of whole numbers
+    /// whose codes the known spellings tell ([`Builder::integers_known`],
+    /// ages in years) as the ranges of numbers that pass, AND and OR in
+    /// negation normal form; `None` when some part needs the node (its
+    /// parameters are dropped with it).
     fn exact(&mut self, f: &Predicate, negate: bool) -> Option<String> {
+        let mark = self.p.0.len();
+        let sql = self.exact_parts(f, negate);
+        if sql.is_none() {
+            self.p.0.truncate(mark);
+        }
+        sql
+    }
+
+    fn exact_parts(&mut self, f: &Predicate, negate: bool) -> Option<String> {
         let mut columns = Vec::new();
         predicate_columns(f, &mut columns);
-        if self.touches(&columns) {
-            return None;
+        if !self.touches(&columns) {
+            let mut sql = String::new();
+            self.cx.predicate(f, negate, &mut self.p, &mut sql);
+            return Some(sql);
         }
-        let mut sql = String::new();
-        self.cx.predicate(f, negate, &mut self.p, &mut sql);
-        Some(sql)
+        match f {
+            Predicate::And(a, b) | Predicate::Or(a, b) => {
+                let op = if matches!(f, Predicate::And(..)) != negate {
+                    "AND"
+                } else {
+                    "OR"
+                };
+                let a = self.exact_parts(a, negate)?;
+                let b = self.exact_parts(b, negate)?;
+                Some(format!("({a} {op} {b})"))
+            }
+            Predicate::Not(a) => self.exact_parts(a, !negate),
+            _ => {
+                let (column, atom) = atom_of(f, negate)?;
+                if !self.integers_known(column) {
+                    return None;
+                }
+                // A number not among the known spellings, and NULL, are
+                // missing.
+                Some(if atom.passes(None) {
+                    match self.spelled(column, |c| c.is_some() && !atom.passes(c), usize::MAX) {
+                        Some(fails) => format!("({} IS NULL OR NOT {fails})", raw(column)),
+                        None => "TRUE".to_string(),
+                    }
+                } else {
+                    self.spelled(column, |c| atom.passes(c), usize::MAX)
+                        .unwrap_or_else(|| "FALSE".to_string())
+                })
+            }
+        }
     }
 
     /// A group column saying whether `sql` is TRUE.
@@ -544,7 +610,7 @@ pub fn build(
     schema: &Schema,
     db: &[DbType],
     mapped: &[bool],
-    spellings: &[Vec<(String, Option<i64>)>],
+    known: &[Known],
     relation: &Relation,
 ) -> MappedStatement {
     let mut p = Params::default();
@@ -553,7 +619,7 @@ pub fn build(
     let mut b = Builder {
         cx: Cx { schema, db },
         mapped,
-        spellings,
+        known,
         p,
         groups: Vec::new(),
         items: Vec::new(),
@@ -651,9 +717,10 @@ pub fn build(
     }
 
     // The WHERE, after the keys and measurements have decoded what they
-    // read: its conjuncts touching no mapped column in SQL, the rest in the
-    // node, with the database dropping the rows of known failing spellings
-    // first ([`Builder::prefilter`]).
+    // read: its conjuncts the database can tell exactly in SQL
+    // ([`Builder::exact`]), the rest in the node, with the database
+    // dropping the rows of known failing spellings first
+    // ([`Builder::prefilter`]).
     let mut conjuncts = Vec::new();
     if let Some(f) = &plan.filter {
         flatten_and(f, &mut conjuncts);
@@ -661,14 +728,9 @@ pub fn build(
     let mut sql_where = Vec::new();
     let mut node_conjuncts = Vec::new();
     for c in conjuncts {
-        let mut columns = Vec::new();
-        predicate_columns(c, &mut columns);
-        if b.touches(&columns) {
-            node_conjuncts.push(c);
-        } else {
-            let mut s = String::new();
-            b.cx.predicate(c, false, &mut b.p, &mut s);
-            sql_where.push(s);
+        match b.exact(c, false) {
+            Some(s) => sql_where.push(s),
+            None => node_conjuncts.push(c),
         }
     }
     // Mapped columns the node's WHERE alone reads go in one residue

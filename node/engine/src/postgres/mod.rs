@@ -165,9 +165,10 @@ pub struct PgSource {
     mapper: Option<Mapper>,
     /// Per declared column: whether the mapping maps its values.
     mapped: Vec<bool>,
-    /// Per declared column: its known spellings and their codes
-    /// ([`Mapper::spellings`]; empty when not mapped).
-    spellings: Vec<Vec<(String, Option<i64>)>>,
+    /// Per declared column: what is known in advance of its raw values
+    /// ([`Mapper::spellings`], [`Mapper::integers_known`]; empty when not
+    /// mapped).
+    known: Vec<mapped::Known>,
     /// Where the rows are.
     relation: Relation,
     /// Parsed connection settings (holds the password; never printed).
@@ -250,7 +251,7 @@ impl PgSource {
             dataset: dataset.to_string(),
             sql_schema: schema.clone(),
             mapper: None,
-            spellings: vec![Vec::new(); mapped.len()],
+            known: vec![mapped::Known::default(); mapped.len()],
             mapped,
             relation: Relation {
                 schema: schema_name.map(str::to_string),
@@ -290,12 +291,15 @@ impl PgSource {
         self.mapped = (0..self.schema.columns.len())
             .map(|i| mapper.is_mapped(i))
             .collect();
-        self.spellings = self
+        self.known = self
             .schema
             .columns
             .iter()
             .enumerate()
-            .map(|(i, c)| mapper.spellings(i, c))
+            .map(|(i, c)| mapped::Known {
+                spellings: mapper.spellings(i, c),
+                integers: mapper.integers_known(i, c),
+            })
             .collect();
         self.sql_schema = sql_schema;
         self.mapper = Some(mapper);
@@ -552,7 +556,7 @@ impl PgSource {
                 &self.sql_schema,
                 &c.types,
                 &self.mapped,
-                &self.spellings,
+                &self.known,
                 &self.relation,
             )
         })
