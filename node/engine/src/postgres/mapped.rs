@@ -438,13 +438,8 @@ impl Builder<'_> {
         }
         match f {
             Predicate::And(a, b) | Predicate::Or(a, b) => {
-                let op = if matches!(f, Predicate::And(..)) != negate {
-                    "AND"
-                } else {
-                    "OR"
-                };
                 let (a, b) = (self.sure(a, negate), self.sure(b, negate));
-                format!("({a} {op} {b})")
+                format!("({a} {} {b})", junction(f, negate))
             }
             Predicate::Not(a) => self.sure(a, !negate),
             _ => {
@@ -491,14 +486,9 @@ impl Builder<'_> {
         }
         match f {
             Predicate::And(a, b) | Predicate::Or(a, b) => {
-                let op = if matches!(f, Predicate::And(..)) != negate {
-                    "AND"
-                } else {
-                    "OR"
-                };
                 let a = self.exact_parts(a, negate)?;
                 let b = self.exact_parts(b, negate)?;
-                Some(format!("({a} {op} {b})"))
+                Some(format!("({a} {} {b})", junction(f, negate)))
             }
             Predicate::Not(a) => self.exact_parts(a, !negate),
             _ => {
@@ -832,6 +822,16 @@ fn atom_of(f: &Predicate, negate: bool) -> Option<(usize, Atom)> {
         Predicate::IsMissing { column, negated } => (*column, Atom::Present(negate != *negated)),
         _ => return None,
     })
+}
+
+/// The SQL junction of AND or OR `f` (negated when `negate`) in negation
+/// normal form: `NOT (a AND b)` is `NOT a OR NOT b`.
+fn junction(f: &Predicate, negate: bool) -> &'static str {
+    if matches!(f, Predicate::And(..)) != negate {
+        "AND"
+    } else {
+        "OR"
+    }
 }
 
 /// The conjuncts of a top-level AND chain.
