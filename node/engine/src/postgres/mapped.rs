@@ -412,17 +412,7 @@ impl Builder<'_> {
             return Some(format!("({})", parts.join(" OR ")));
         }
         let hits: Vec<String> = hits.take(most).cloned().collect();
-        match hits.len() {
-            0 => None,
-            n if n <= statement::CHAIN_MAX => {
-                let parts: Vec<String> = hits
-                    .into_iter()
-                    .map(|s| format!("{r} = {}", self.p.text(s)))
-                    .collect();
-                Some(format!("({})", parts.join(" OR ")))
-            }
-            _ => Some(format!("({r} = ANY({}))", self.p.texts(hits))),
-        }
+        (!hits.is_empty()).then(|| self.p.text_in(&r, hits))
     }
 
     /// A condition TRUE only when `f` (negated when `negate`) is TRUE for

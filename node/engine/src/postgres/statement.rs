@@ -218,6 +218,18 @@ impl Params {
         self.0.push(Param::Texts(v));
         format!("${}::text[]", self.0.len())
     }
+    /// `r` equal to one of `v` (not empty): compared with each in turn up
+    /// to [`CHAIN_MAX`] texts, else by one `= ANY`.
+    pub(super) fn text_in(&mut self, r: &str, v: Vec<String>) -> String {
+        if v.len() > CHAIN_MAX {
+            return format!("({r} = ANY({}))", self.texts(v));
+        }
+        let parts: Vec<String> = v
+            .into_iter()
+            .map(|t| format!("{r} = {}", self.text(t)))
+            .collect();
+        format!("({})", parts.join(" OR "))
+    }
 }
 
 /// The code column of declared column `i` in the `src` stage.
@@ -889,23 +901,14 @@ impl Cx<'_> {
         };
         match (&self.schema.columns[i], self.db[i]) {
             (Column::Categorical { domain, .. }, DbType::Text) => {
-                let codes = passing(domain.len());
-                match codes.as_slice() {
-                    [] => sql.push_str("FALSE"),
-                    [c] => {
-                        let _ = write!(sql, "({r} = {})", p.text(domain[*c].clone()));
-                    }
-                    _ if codes.len() <= CHAIN_MAX => {
-                        let parts: Vec<String> = codes
-                            .iter()
-                            .map(|&c| format!("{r} = {}", p.text(domain[c].clone())))
-                            .collect();
-                        let _ = write!(sql, "({})", parts.join(" OR "));
-                    }
-                    _ => {
-                        let labels = codes.iter().map(|&c| domain[c].clone()).collect();
-                        let _ = write!(sql, "({r} = ANY({}))", p.texts(labels));
-                    }
+                let labels: Vec<String> = passing(domain.len())
+                    .into_iter()
+                    .map(|c| domain[c].clone())
+                    .collect();
+                if labels.is_empty() {
+                    sql.push_str("FALSE");
+                } else {
+                    sql.push_str(&p.text_in(&r, labels));
                 }
             }
             (Column::Boolean { .. }, db) => {
